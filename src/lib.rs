@@ -4,6 +4,7 @@
 //! ([`model`]), preprocesses radiographs exactly as the original ([`preprocess`]) and runs them.
 
 pub mod checkpoint;
+pub mod fixtures;
 pub mod io;
 pub mod model;
 pub mod preprocess;

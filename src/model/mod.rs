@@ -1,1 +1,9 @@
-//! models
+//! EVA-X models: architecture, RoPE, fused kernels and checkpoint adaptation.
+
+pub mod adapt;
+pub mod eva_x;
+pub mod interp;
+pub mod ops;
+pub mod rope;
+
+pub use eva_x::{EvaX, EvaXConfig, Kind, LoadOptions, LoadReport, ModelError};

@@ -1,0 +1,29 @@
+//! Locating the shared reference material (`../shared`) for tests and benchmarks.
+
+use std::path::PathBuf;
+
+/// The shared folder: `$EVAX_SHARED`, else `../shared` relative to the crate root.
+pub fn shared_dir() -> PathBuf {
+    match std::env::var_os("EVAX_SHARED") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"),
+    }
+}
+
+/// The shared folder if it holds `fixtures/`; otherwise `None` with a visible skip message, or a
+/// panic under CI (`CI=true`), where the fixtures must be present.
+pub fn shared_or_skip(test: &str) -> Option<PathBuf> {
+    let dir = shared_dir();
+    if dir.join("fixtures").is_dir() {
+        return Some(dir);
+    }
+    let msg = format!(
+        "{test}: shared fixtures not found at {} (set EVAX_SHARED)",
+        dir.display()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}; they are required under CI");
+    }
+    eprintln!("SKIPPED {msg}");
+    None
+}

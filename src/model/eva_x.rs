@@ -1,0 +1,678 @@
+//! The EVA-X Vision Transformer (Ti / S / B, patch 16), configured from its checkpoint.
+//!
+//! Forward (REFERENCE.md 1): patch embedding, class token and `pos_embed`, pre-norm blocks with
+//! RoPE attention and SwiGLU MLP, then either the MIM `norm` or mean pooling + `fc_norm` + `head`.
+//! Weights are plain f32 tensors (no autograd graph) for inference.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{Device, Module, Tensor};
+
+use super::adapt::{self, EvaStateDict};
+use super::ops;
+use super::rope::{self, RopeTables};
+use crate::checkpoint::{Checkpoint, Param};
+
+/// LayerNorm epsilon used throughout EVA-X.
+pub const LN_EPS: f32 = 1e-6;
+/// RoPE reference grid of the MIM pre-training (and Ti/S fine-tuning).
+pub const DEFAULT_ROPE_GRID: f64 = 14.0;
+
+/// Errors building or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The weights do not describe a usable EVA-X model.
+    #[error("{0}")]
+    Weights(String),
+    /// The input does not fit the model.
+    #[error("{0}")]
+    Input(String),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// What a checkpoint was trained for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// Masked-image-modelling pre-training: final `norm`, `lm_head`.
+    Mim,
+    /// Fine-tuned classifier: `fc_norm`, `head`.
+    FineTuned,
+    /// Bare backbone (neither head).
+    Backbone,
+}
+
+/// The architecture, as read off the weights.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EvaXConfig {
+    /// Token width.
+    pub dim: usize,
+    /// Number of blocks.
+    pub depth: usize,
+    /// Attention heads (head_dim 64).
+    pub heads: usize,
+    /// SwiGLU hidden width.
+    pub mlp_hidden: usize,
+    /// Patch size of the stored kernel.
+    pub patch_size: usize,
+    /// `qkv` fused (Ti/S) rather than separate q/k/v projections (B).
+    pub fused_qkv: bool,
+    /// SwiGLU with a LayerNorm on the hidden activation (B).
+    pub sub_ln: bool,
+    /// Grid the `pos_embed` was trained for (rows, columns).
+    pub train_grid: (usize, usize),
+    /// RoPE reference grid r.
+    pub rope_grid: f64,
+    /// Where r came from: `"tables"`, `"default"` or `"override"`.
+    pub rope_grid_source: &'static str,
+    /// What the checkpoint is.
+    pub kind: Kind,
+    /// Classes of the head, if any.
+    pub num_classes: Option<usize>,
+}
+
+impl EvaXConfig {
+    /// Conventional name of the size (`EVA-X-Ti`, `EVA-X-S`, `EVA-X-B`) or a description.
+    pub fn variant(&self) -> String {
+        match self.dim {
+            192 => "EVA-X-Ti".into(),
+            384 => "EVA-X-S".into(),
+            768 => "EVA-X-B".into(),
+            d => format!("EVA-X (dim {d})"),
+        }
+    }
+
+    /// The preset configurations of the three released sizes (random-weight benchmarks).
+    pub fn preset(name: &str) -> Option<Self> {
+        let (dim, heads, fused_qkv, sub_ln) = match name {
+            "ti" | "tiny" => (192, 3, true, false),
+            "s" | "small" => (384, 6, true, false),
+            "b" | "base" => (768, 12, false, true),
+            _ => return None,
+        };
+        Some(EvaXConfig {
+            dim,
+            depth: 12,
+            heads,
+            mlp_hidden: dim * 4 * 2 / 3,
+            patch_size: 16,
+            fused_qkv,
+            sub_ln,
+            train_grid: (14, 14),
+            rope_grid: DEFAULT_ROPE_GRID,
+            rope_grid_source: "default",
+            kind: Kind::FineTuned,
+            num_classes: Some(14),
+        })
+    }
+}
+
+/// Options for building a model from weights.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Force the RoPE reference grid r (default: from stored tables, else 14).
+    pub rope_grid: Option<f64>,
+}
+
+/// What loading used and left.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LoadReport {
+    /// Keys present but not used by the model (including those outside the backbone).
+    pub unused: Vec<String>,
+    /// Prefix the backbone was found under.
+    pub prefix: String,
+    /// Whether timm key names were translated.
+    pub from_timm: bool,
+    /// Parameters of the model (excluding RoPE buffers).
+    pub parameters: usize,
+}
+
+/// Collects weights by key, recording what was used and what was missing.
+struct WeightSource<'a> {
+    sd: &'a BTreeMap<String, Param>,
+    used: BTreeSet<String>,
+    problems: Vec<String>,
+}
+
+impl WeightSource<'_> {
+    fn param(&mut self, key: &str, shape: &[usize]) -> Option<&Param> {
+        match self.sd.get(key) {
+            None => {
+                self.problems.push(format!("missing {key}"));
+                None
+            }
+            Some(p) if p.shape != shape => {
+                self.problems
+                    .push(format!("{key} has shape {:?}, expected {shape:?}", p.shape));
+                None
+            }
+            Some(p) => {
+                self.used.insert(key.to_owned());
+                Some(p)
+            }
+        }
+    }
+    fn tensor(&mut self, key: &str, shape: &[usize]) -> Tensor {
+        match self.param(key, shape) {
+            Some(p) => Tensor::from_slice(&p.data, shape, &Device::Cpu).expect("shape checked"),
+            None => Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).expect("alloc"),
+        }
+    }
+    fn optional(&mut self, key: &str, shape: &[usize]) -> Option<Tensor> {
+        if self.sd.contains_key(key) {
+            Some(self.tensor(key, shape))
+        } else {
+            None
+        }
+    }
+    fn layer_norm(&mut self, prefix: &str, dim: usize) -> LayerNorm {
+        LayerNorm {
+            weight: self.tensor(&format!("{prefix}.weight"), &[dim]),
+            bias: self.tensor(&format!("{prefix}.bias"), &[dim]),
+        }
+    }
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize) -> Linear {
+        Linear {
+            weight: self.tensor(&format!("{prefix}.weight"), &[out, inp]),
+            bias: Some(self.tensor(&format!("{prefix}.bias"), &[out])),
+        }
+    }
+}
+
+/// LayerNorm over the last axis (eps 1e-6).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    /// Scale.
+    pub weight: Tensor,
+    /// Shift.
+    pub bias: Tensor,
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, LN_EPS)
+    }
+}
+
+/// A dense layer `y = x W^T + b` over the last axis.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`.
+    pub bias: Option<Tensor>,
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims();
+        let k = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / k.max(1);
+        let y = x.reshape((rows, k))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap() = self.weight.dim(0)?;
+        y.reshape(shape)
+    }
+}
+
+/// One transformer block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// Pre-attention norm (`norm1`, the Grad-CAM target layer of the last block).
+    pub norm1: LayerNorm,
+    /// Fused q/k/v projection; the k part of the bias is zero.
+    pub qkv: Linear,
+    /// Attention output projection.
+    pub proj: Linear,
+    /// Pre-MLP norm.
+    pub norm2: LayerNorm,
+    /// Packed SwiGLU input projection `[x1 | x2]`.
+    pub w12: Linear,
+    /// Sub-LN on the hidden activation (B only).
+    pub ffn_ln: Option<LayerNorm>,
+    /// SwiGLU output projection.
+    pub w3: Linear,
+    heads: usize,
+}
+
+impl Block {
+    fn load(ws: &mut WeightSource, i: usize, cfg: &EvaXConfig) -> Result<Self> {
+        let (c, hdn) = (cfg.dim, cfg.mlp_hidden);
+        let p = format!("blocks.{i}");
+        let norm1 = ws.layer_norm(&format!("{p}.norm1"), c);
+        let q_bias = ws.tensor(&format!("{p}.attn.q_bias"), &[c]);
+        let v_bias = ws.tensor(&format!("{p}.attn.v_bias"), &[c]);
+        let k_bias = Tensor::zeros(c, candle_core::DType::F32, &Device::Cpu)?;
+        let qkv_w = if cfg.fused_qkv {
+            ws.tensor(&format!("{p}.attn.qkv.weight"), &[3 * c, c])
+        } else {
+            let q = ws.tensor(&format!("{p}.attn.q_proj.weight"), &[c, c]);
+            let k = ws.tensor(&format!("{p}.attn.k_proj.weight"), &[c, c]);
+            let v = ws.tensor(&format!("{p}.attn.v_proj.weight"), &[c, c]);
+            Tensor::cat(&[q, k, v], 0)?
+        };
+        let qkv = Linear {
+            weight: qkv_w,
+            bias: Some(Tensor::cat(&[q_bias, k_bias, v_bias], 0)?),
+        };
+        let proj = ws.linear(&format!("{p}.attn.proj"), c, c);
+        let norm2 = ws.layer_norm(&format!("{p}.norm2"), c);
+        let (w12, ffn_ln) = if cfg.sub_ln {
+            let w1 = ws.linear(&format!("{p}.mlp.w1"), hdn, c);
+            let w2 = ws.linear(&format!("{p}.mlp.w2"), hdn, c);
+            let w12 = Linear {
+                weight: Tensor::cat(&[w1.weight, w2.weight], 0)?,
+                bias: Some(Tensor::cat(&[w1.bias.unwrap(), w2.bias.unwrap()], 0)?),
+            };
+            (w12, Some(ws.layer_norm(&format!("{p}.mlp.ffn_ln"), hdn)))
+        } else {
+            (ws.linear(&format!("{p}.mlp.w12"), 2 * hdn, c), None)
+        };
+        let w3 = ws.linear(&format!("{p}.mlp.w3"), c, hdn);
+        Ok(Block {
+            norm1,
+            qkv,
+            proj,
+            norm2,
+            w12,
+            ffn_ln,
+            w3,
+            heads: cfg.heads,
+        })
+    }
+
+    /// `x + attn(norm1(x))`, then `+ mlp(norm2(x))`.
+    pub fn forward(&self, x: &Tensor, rope: &Arc<RopeTables>) -> Result<Tensor> {
+        let y = self.norm1.forward(x)?;
+        let a = ops::attention(&self.qkv.forward(&y)?, self.heads, rope)?;
+        let x = (x + self.proj.forward(&a)?)?;
+        let y = self.norm2.forward(&x)?;
+        let mut h = ops::swiglu(&self.w12.forward(&y)?)?;
+        if let Some(ln) = &self.ffn_ln {
+            h = ln.forward(&h)?;
+        }
+        Ok((x + self.w3.forward(&h)?)?)
+    }
+}
+
+/// Positional state for one input grid: resampled `pos_embed` and RoPE tables.
+struct GridState {
+    pos_embed: Tensor,
+    rope: Arc<RopeTables>,
+}
+
+/// An EVA-X model ready for inference.
+pub struct EvaX {
+    /// The architecture.
+    pub config: EvaXConfig,
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    cls_token: Tensor,
+    pos_embed: Param,
+    /// The transformer blocks.
+    pub blocks: Vec<Block>,
+    /// Final norm of MIM checkpoints (applied to tokens and the pooled mean).
+    pub norm: Option<LayerNorm>,
+    /// Norm of the mean patch token in fine-tuned checkpoints.
+    pub fc_norm: Option<LayerNorm>,
+    /// Classification head.
+    pub head: Option<Linear>,
+    grids: Mutex<HashMap<(usize, usize), Arc<GridState>>>,
+}
+
+/// Read the architecture off a models_eva-layout state dict.
+pub fn infer_config(sd: &BTreeMap<String, Param>, opts: &LoadOptions) -> Result<EvaXConfig> {
+    let bad = |m: String| ModelError::Weights(m);
+    let pw = sd
+        .get("patch_embed.proj.weight")
+        .ok_or_else(|| bad("missing patch_embed.proj.weight".into()))?;
+    let [dim, 3, p, p2] = pw.shape[..] else {
+        return Err(bad(format!(
+            "patch_embed.proj.weight has shape {:?}, expected [C, 3, p, p]",
+            pw.shape
+        )));
+    };
+    if p != p2 || dim % 64 != 0 {
+        return Err(bad(format!(
+            "patch_embed.proj.weight shape {:?} is not an EVA-X patch embedding",
+            pw.shape
+        )));
+    }
+    let depth = sd
+        .keys()
+        .filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map(|m| m + 1)
+        .ok_or_else(|| bad("no blocks.N.* keys: not a ViT backbone".into()))?;
+    let fused_qkv = sd.keys().any(|k| k.ends_with(".attn.qkv.weight"));
+    let sub_ln = sd.keys().any(|k| k.contains(".mlp.ffn_ln."));
+    let mlp_hidden = if let Some(w) = sd.get("blocks.0.mlp.w12.weight") {
+        w.shape[0] / 2
+    } else if let Some(w) = sd.get("blocks.0.mlp.w1.weight") {
+        w.shape[0]
+    } else {
+        return Err(bad("missing blocks.0.mlp.w12.weight (or w1): unknown MLP".into()));
+    };
+    let pos = sd
+        .get("pos_embed")
+        .ok_or_else(|| bad("missing pos_embed".into()))?;
+    let n = pos.shape.get(1).copied().unwrap_or(0);
+    let g = ((n.saturating_sub(1)) as f64).sqrt().round() as usize;
+    if pos.shape.len() != 3 || g * g + 1 != n || pos.shape[2] != dim {
+        return Err(bad(format!(
+            "pos_embed has shape {:?}, expected [1, 1 + g*g, {dim}]",
+            pos.shape
+        )));
+    }
+    let num_classes = sd.get("head.weight").map(|w| w.shape[0]);
+    let kind = if num_classes.is_some() || sd.contains_key("fc_norm.weight") {
+        Kind::FineTuned
+    } else if sd.contains_key("norm.weight") || sd.contains_key("lm_head.weight") {
+        Kind::Mim
+    } else {
+        Kind::Backbone
+    };
+    let head_dim = 64;
+    let stored = match (sd.get("rope.freqs_cos"), sd.get("rope.freqs_sin")) {
+        (Some(c), Some(s)) if c.shape.len() == 2 && c.shape[1] == head_dim => {
+            // Tables built for another grid n hold r too: angle(token 1) = r / n.
+            rope::infer_reference_grid(&c.data, &s.data, c.shape[0], head_dim)
+        }
+        _ => None,
+    };
+    let (rope_grid, rope_grid_source) = match (opts.rope_grid, stored) {
+        (Some(r), _) => (r, "override"),
+        (None, Some(r)) => (r, "tables"),
+        (None, None) => (DEFAULT_ROPE_GRID, "default"),
+    };
+    Ok(EvaXConfig {
+        dim,
+        depth,
+        heads: dim / head_dim,
+        mlp_hidden,
+        patch_size: p,
+        fused_qkv,
+        sub_ln,
+        train_grid: (g, g),
+        rope_grid,
+        rope_grid_source,
+        kind,
+        num_classes,
+    })
+}
+
+/// Keys that carry no learned parameters of the inference model (recomputed or training-only).
+fn is_ignorable(key: &str) -> bool {
+    key.ends_with("rope.freqs_cos") || key.ends_with("rope.freqs_sin")
+}
+
+impl EvaX {
+    /// Build a model from a checkpoint (any supported format and layout).
+    pub fn from_checkpoint(ck: &Checkpoint, opts: &LoadOptions) -> Result<(Self, LoadReport)> {
+        let sd = adapt::to_eva_layout(&ck.tensors).map_err(ModelError::Weights)?;
+        Self::from_eva_state_dict(&sd, opts)
+    }
+
+    /// Build a model from a state dict already in the models_eva layout.
+    pub fn from_eva_state_dict(sd: &EvaStateDict, opts: &LoadOptions) -> Result<(Self, LoadReport)> {
+        let config = infer_config(&sd.tensors, opts)?;
+        let (c, p) = (config.dim, config.patch_size);
+        let mut ws = WeightSource {
+            sd: &sd.tensors,
+            used: BTreeSet::new(),
+            problems: Vec::new(),
+        };
+        let patch_weight = ws
+            .tensor("patch_embed.proj.weight", &[c, 3, p, p])
+            .reshape((c, 3 * p * p))?;
+        let patch_bias = ws.tensor("patch_embed.proj.bias", &[c]);
+        let cls_token = ws.tensor("cls_token", &[1, 1, c]);
+        let n = 1 + config.train_grid.0 * config.train_grid.1;
+        let pos_embed = ws.param("pos_embed", &[1, n, c]).cloned();
+        let blocks = (0..config.depth)
+            .map(|i| Block::load(&mut ws, i, &config))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = if ws.sd.contains_key("norm.weight") {
+            Some(ws.layer_norm("norm", c))
+        } else {
+            None
+        };
+        let fc_norm = if ws.sd.contains_key("fc_norm.weight") {
+            Some(ws.layer_norm("fc_norm", c))
+        } else {
+            None
+        };
+        let head = match config.num_classes {
+            Some(k) => Some(Linear {
+                weight: ws.tensor("head.weight", &[k, c]),
+                bias: ws.optional("head.bias", &[k]),
+            }),
+            None => None,
+        };
+        if !ws.problems.is_empty() {
+            let shown: Vec<&str> = ws.problems.iter().take(12).map(|s| s.as_str()).collect();
+            let more = ws.problems.len().saturating_sub(shown.len());
+            return Err(ModelError::Weights(format!(
+                "weights incomplete for {} depth {}: {}{}",
+                config.variant(),
+                config.depth,
+                shown.join("; "),
+                if more > 0 { format!("; and {more} more") } else { String::new() }
+            )));
+        }
+        let parameters = ws.used.iter().map(|k| sd.tensors[k].numel()).sum();
+        let mut unused: Vec<String> = sd
+            .tensors
+            .keys()
+            .filter(|k| !ws.used.contains(*k) && !is_ignorable(k))
+            .map(|k| format!("{}{k}", sd.prefix))
+            .collect();
+        unused.extend(sd.outside.iter().cloned());
+        let model = EvaX {
+            config,
+            patch_weight,
+            patch_bias,
+            cls_token,
+            pos_embed: pos_embed.expect("checked above"),
+            blocks,
+            norm,
+            fc_norm,
+            head,
+            grids: Mutex::new(HashMap::new()),
+        };
+        let report = LoadReport {
+            unused,
+            prefix: sd.prefix.clone(),
+            from_timm: sd.from_timm,
+            parameters,
+        };
+        Ok((model, report))
+    }
+
+    /// A model with random weights of a preset configuration (for benchmarks).
+    pub fn random(config: EvaXConfig, seed: u64) -> Result<Self> {
+        let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut tensors = BTreeMap::new();
+        let mut add = |k: String, shape: Vec<usize>, std: f32| {
+            let n: usize = shape.iter().product();
+            let data = (0..n)
+                .map(|_| {
+                    rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * std
+                })
+                .collect();
+            tensors.insert(
+                k,
+                Param {
+                    dtype: crate::checkpoint::StorageDtype::F32,
+                    shape,
+                    data,
+                },
+            );
+        };
+        let (c, h, p) = (config.dim, config.mlp_hidden, config.patch_size);
+        let g = config.train_grid.0;
+        add("patch_embed.proj.weight".into(), vec![c, 3, p, p], 0.02);
+        add("patch_embed.proj.bias".into(), vec![c], 0.02);
+        add("cls_token".into(), vec![1, 1, c], 0.02);
+        add("pos_embed".into(), vec![1, 1 + g * g, c], 0.02);
+        for i in 0..config.depth {
+            let b = format!("blocks.{i}");
+            for n in ["norm1", "norm2"] {
+                add(format!("{b}.{n}.weight"), vec![c], 1.0);
+                add(format!("{b}.{n}.bias"), vec![c], 0.02);
+            }
+            if config.fused_qkv {
+                add(format!("{b}.attn.qkv.weight"), vec![3 * c, c], 0.05);
+            } else {
+                for n in ["q_proj", "k_proj", "v_proj"] {
+                    add(format!("{b}.attn.{n}.weight"), vec![c, c], 0.05);
+                }
+            }
+            add(format!("{b}.attn.q_bias"), vec![c], 0.02);
+            add(format!("{b}.attn.v_bias"), vec![c], 0.02);
+            add(format!("{b}.attn.proj.weight"), vec![c, c], 0.05);
+            add(format!("{b}.attn.proj.bias"), vec![c], 0.02);
+            if config.sub_ln {
+                for n in ["w1", "w2"] {
+                    add(format!("{b}.mlp.{n}.weight"), vec![h, c], 0.05);
+                    add(format!("{b}.mlp.{n}.bias"), vec![h], 0.02);
+                }
+                add(format!("{b}.mlp.ffn_ln.weight"), vec![h], 1.0);
+                add(format!("{b}.mlp.ffn_ln.bias"), vec![h], 0.02);
+            } else {
+                add(format!("{b}.mlp.w12.weight"), vec![2 * h, c], 0.05);
+                add(format!("{b}.mlp.w12.bias"), vec![2 * h], 0.02);
+            }
+            add(format!("{b}.mlp.w3.weight"), vec![c, h], 0.05);
+            add(format!("{b}.mlp.w3.bias"), vec![c], 0.02);
+        }
+        add("fc_norm.weight".into(), vec![c], 1.0);
+        add("fc_norm.bias".into(), vec![c], 0.02);
+        let k = config.num_classes.unwrap_or(14);
+        add("head.weight".into(), vec![k, c], 0.05);
+        add("head.bias".into(), vec![k], 0.02);
+        let sd = EvaStateDict {
+            tensors,
+            prefix: String::new(),
+            from_timm: false,
+            outside: Vec::new(),
+        };
+        let opts = LoadOptions {
+            rope_grid: Some(config.rope_grid),
+        };
+        Ok(Self::from_eva_state_dict(&sd, &opts)?.0)
+    }
+
+    /// Learned parameters of the inference model (for reporting).
+    pub fn pos_embed(&self) -> &Param {
+        &self.pos_embed
+    }
+
+    fn grid_state(&self, grid: (usize, usize)) -> Result<Arc<GridState>> {
+        let mut cache = self.grids.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = cache.get(&grid) {
+            return Ok(s.clone());
+        }
+        let pos = adapt::resample_pos_embed(&self.pos_embed, grid).map_err(ModelError::Weights)?;
+        let state = Arc::new(GridState {
+            pos_embed: pos.to_tensor(&Device::Cpu)?,
+            rope: Arc::new(RopeTables::new(grid, self.config.rope_grid, 64)),
+        });
+        cache.insert(grid, state.clone());
+        Ok(state)
+    }
+
+    /// The `pos_embed` used for an input of `grid` patches (resampled when it differs from the
+    /// training grid), `[1, 1 + gh*gw, C]`.
+    pub fn pos_embed_for(&self, grid: (usize, usize)) -> Result<Tensor> {
+        Ok(self.grid_state(grid)?.pos_embed.clone())
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<(usize, (usize, usize))> {
+        let p = self.config.patch_size;
+        let dims = x.dims();
+        match dims {
+            [b, 3, h, w] if h % p == 0 && w % p == 0 && *h > 0 && *w > 0 => Ok((*b, (h / p, w / p))),
+            _ => Err(ModelError::Input(format!(
+                "input has shape {dims:?}; expected [B, 3, H, W] with H and W multiples of {p}"
+            ))),
+        }
+    }
+
+    /// Patch embedding, class token and position embedding: `[B, 1 + gh*gw, C]`.
+    pub fn embed_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, (gh, gw)) = self.check_input(x)?;
+        let p = self.config.patch_size;
+        let c = self.config.dim;
+        let patches = x
+            .reshape((b, 3, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * gh * gw, 3 * p * p))?;
+        let tokens = patches
+            .matmul(&self.patch_weight.t()?)?
+            .broadcast_add(&self.patch_bias)?
+            .reshape((b, gh * gw, c))?;
+        let cls = self.cls_token.broadcast_as((b, 1, c))?;
+        let state = self.grid_state((gh, gw))?;
+        Ok(Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&state.pos_embed)?)
+    }
+
+    /// Token states after the first `n` blocks (`n <= depth`), before any final norm.
+    pub fn forward_blocks(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        let (_, grid) = self.check_input(x)?;
+        let rope = self.grid_state(grid)?.rope.clone();
+        let mut h = self.embed_tokens(x)?;
+        for block in self.blocks.iter().take(n) {
+            h = block.forward(&h, &rope)?;
+        }
+        Ok(h)
+    }
+
+    /// Token states after all blocks, `[B, T, C]`.
+    pub fn forward_features(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_blocks(x, self.blocks.len())
+    }
+
+    /// The representation of the token states: `pooled` `[B, C]` (norm of the mean patch token:
+    /// `norm` for MIM weights, `fc_norm` for fine-tuned ones) and `tokens` `[B, T, C]` (`norm` of
+    /// every token for MIM weights, the block output otherwise).
+    pub fn representation(&self, features: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = features.dim(1)?;
+        let mean = features.narrow(1, 1, t - 1)?.mean(1)?;
+        let (pooled, tokens) = match (&self.fc_norm, &self.norm) {
+            (Some(fc), _) => (fc.forward(&mean)?, features.clone()),
+            (None, Some(n)) => (n.forward(&mean)?, n.forward(features)?),
+            (None, None) => (mean, features.clone()),
+        };
+        Ok((pooled, tokens))
+    }
+
+    /// Class logits `[B, classes]` from pooled features; an error for a model without a head.
+    pub fn head_logits(&self, pooled: &Tensor) -> Result<Tensor> {
+        match &self.head {
+            Some(h) => Ok(h.forward(pooled)?),
+            None => Err(ModelError::Input(format!(
+                "this {:?} checkpoint has no classification head",
+                self.config.kind
+            ))),
+        }
+    }
+
+    /// Class logits for an image batch `[B, 3, H, W]`.
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let f = self.forward_features(x)?;
+        let (pooled, _) = self.representation(&f)?;
+        self.head_logits(&pooled)
+    }
+}

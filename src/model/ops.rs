@@ -1,0 +1,272 @@
+//! Fused CPU kernels for the EVA-X forward pass, as candle custom ops.
+//!
+//! - [`attention`]: q/k/v split, 2-D RoPE on patch tokens, scaled softmax attention and head
+//!   merge in one pass over a fused `qkv` activation, one GEMM pair per (image, head).
+//! - [`swiglu`]: `silu(x1) * x2` over a packed `[x1 | x2]` activation.
+//!
+//! Elementwise loops are written so that the compiler vectorises them; [`simd`] compiles them
+//! for AVX-512 / AVX2 and picks the best at run time.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Fast `exp` for f32 (Cephes-style range reduction and degree-6 polynomial, ~1 ulp over the
+/// range softmax and SiLU use); branch-free so loops over it vectorise.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let r2 = r * r;
+    let p = 1.987_569_1e-4f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let y = p * r2 + r + 1.0;
+    f32::from_bits(y.to_bits().wrapping_add(((n as i32) << 23) as u32))
+}
+
+/// Kernels compiled for several instruction sets, dispatched at run time.
+pub mod simd {
+    use super::exp_f32;
+
+    macro_rules! dispatch {
+        ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+            $(#[$doc])*
+            pub fn $name($($arg: $ty),*) {
+                #[inline(always)]
+                fn generic($($arg: $ty),*) $body
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,bmi2")]
+                    unsafe fn v4($($arg: $ty),*) { generic($($arg),*) }
+                    #[target_feature(enable = "avx2,fma,bmi2")]
+                    unsafe fn v3($($arg: $ty),*) { generic($($arg),*) }
+                    if std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("avx512bw")
+                        && std::arch::is_x86_feature_detected!("avx512vl")
+                    {
+                        // SAFETY: the CPU supports every feature v4 was compiled for.
+                        return unsafe { v4($($arg),*) };
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        // SAFETY: as above, for v3.
+                        return unsafe { v3($($arg),*) };
+                    }
+                }
+                generic($($arg),*)
+            }
+        };
+    }
+
+    dispatch! {
+        /// In-place softmax of each `n`-long row of `x`.
+        fn softmax_rows(x: &mut [f32], n: usize) {
+            for row in x.chunks_exact_mut(n) {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0.0f32;
+                for v in row.iter_mut() {
+                    *v = exp_f32(*v - max);
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+        }
+    }
+
+    dispatch! {
+        /// `out[i] = silu(x[i]) * x[h + i]` for each `2h`-long row of `x` into `h`-long rows.
+        fn swiglu_rows(x: &[f32], out: &mut [f32], h: usize) {
+            for (row, o) in x.chunks_exact(2 * h).zip(out.chunks_exact_mut(h)) {
+                let (a, b) = row.split_at(h);
+                for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                    *o = a / (1.0 + exp_f32(-a)) * b;
+                }
+            }
+        }
+    }
+
+    dispatch! {
+        /// Rotate interleaved pairs of `x` (one token, `cos.len()` wide) by the angles in
+        /// `cos`/`sin` and multiply by `scale`, writing `out`.
+        fn rope_scale(x: &[f32], cos: &[f32], sin: &[f32], scale: f32, out: &mut [f32]) {
+            for (((o, x), c), s) in out
+                .chunks_exact_mut(2)
+                .zip(x.chunks_exact(2))
+                .zip(cos.chunks_exact(2))
+                .zip(sin.chunks_exact(2))
+            {
+                o[0] = (x[0] * c[0] - x[1] * s[0]) * scale;
+                o[1] = (x[1] * c[1] + x[0] * s[1]) * scale;
+            }
+        }
+    }
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(d) => d.as_slice(),
+        _ => candle_core::bail!("{what}: expected f32"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// A raw pointer that may be shared by tasks writing disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: used only for writes to disjoint regions, synchronised by rayon's join.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// Multi-head self-attention over a fused `qkv` activation `[B, T, 3C]` (biases already added).
+/// Token 0 is the class token; tokens 1.. are patch tokens and get RoPE.
+struct Attention {
+    heads: usize,
+    rope: Arc<super::rope::RopeTables>,
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "evax-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, t, c3) = l.shape().dims3()?;
+        let qkv = contiguous_f32(s, l, "attention")?;
+        let c = c3 / 3;
+        let h = self.heads;
+        let d = c / h;
+        if c3 != 3 * c || h * d != c || d != self.rope.dim {
+            candle_core::bail!("attention: qkv width {c3} does not fit {h} heads of {}", self.rope.dim);
+        }
+        if self.rope.cos.len() != (t - 1) * d {
+            candle_core::bail!("attention: RoPE tables are for {} tokens, input has {}", self.rope.cos.len() / d, t - 1);
+        }
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; b * t * c];
+        let dst = SharedMut(out.as_mut_ptr());
+        (0..b * h).into_par_iter().for_each_init(
+            || (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * t]),
+            |(q, k, v, sc), bh| {
+                let (bi, hi) = (bh / h, bh % h);
+                let base = &qkv[bi * t * c3..(bi + 1) * t * c3];
+                for ti in 0..t {
+                    let row = &base[ti * c3..(ti + 1) * c3];
+                    let (qs, ks, vs) = (
+                        &row[hi * d..(hi + 1) * d],
+                        &row[c + hi * d..c + (hi + 1) * d],
+                        &row[2 * c + hi * d..2 * c + (hi + 1) * d],
+                    );
+                    let (qd, kd) = (&mut q[ti * d..(ti + 1) * d], &mut k[ti * d..(ti + 1) * d]);
+                    if ti == 0 {
+                        qd.iter_mut().zip(qs).for_each(|(o, &x)| *o = x * scale);
+                        kd.copy_from_slice(ks);
+                    } else {
+                        let cos = &self.rope.cos[(ti - 1) * d..ti * d];
+                        let sin = &self.rope.sin[(ti - 1) * d..ti * d];
+                        simd::rope_scale(qs, cos, sin, scale, qd);
+                        simd::rope_scale(ks, cos, sin, 1.0, kd);
+                    }
+                    v[ti * d..(ti + 1) * d].copy_from_slice(vs);
+                }
+                // SAFETY: all pointers address buffers of the sizes the strides describe.
+                unsafe {
+                    gemm::gemm(
+                        t, t, d, sc.as_mut_ptr(), 1, t as isize, false,
+                        q.as_ptr(), 1, d as isize, k.as_ptr(), d as isize, 1,
+                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    );
+                }
+                simd::softmax_rows(sc, t);
+                let o = dst;
+                // SAFETY: each (image, head) task writes its own d columns of its own image's
+                // rows of `out`; no two tasks overlap.
+                unsafe {
+                    gemm::gemm(
+                        t, d, t, o.0.add(bi * t * c + hi * d), 1, c as isize, false,
+                        sc.as_ptr(), 1, t as isize, v.as_ptr(), 1, d as isize,
+                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((b, t, c))))
+    }
+}
+
+/// Fused multi-head attention with RoPE over `qkv` `[B, T, 3C]`; returns `[B, T, C]`.
+pub fn attention(qkv: &Tensor, heads: usize, rope: &Arc<super::rope::RopeTables>) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1_no_bwd(&Attention {
+        heads,
+        rope: rope.clone(),
+    })
+}
+
+struct SwiGlu;
+
+impl CustomOp1 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "evax-swiglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "swiglu")?;
+        let dims = l.shape().dims();
+        let w = *dims.last().unwrap_or(&0);
+        if w % 2 != 0 {
+            candle_core::bail!("swiglu: odd width {w}");
+        }
+        let h = w / 2;
+        let mut out = vec![0f32; x.len() / 2];
+        let rows_per_task = (4096 / h).max(1);
+        out.par_chunks_mut(rows_per_task * h)
+            .zip(x.par_chunks(rows_per_task * w))
+            .for_each(|(o, x)| simd::swiglu_rows(x, o, h));
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap() = h;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// `silu(x1) * x2` where the last axis of `x` is `[x1 | x2]`.
+pub fn swiglu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&SwiGlu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = 0f64;
+        for i in -8000..=800 {
+            let x = i as f32 * 0.01;
+            let (got, want) = (exp_f32(x) as f64, (x as f64).exp());
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one() {
+        let mut x: Vec<f32> = (0..30).map(|i| (i as f32 * 0.7).sin() * 5.0).collect();
+        simd::softmax_rows(&mut x, 10);
+        for r in x.chunks(10) {
+            assert!((r.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Parity of the EVA-X backbones with the original PyTorch code (reference.safetensors).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use evax::checkpoint::{Checkpoint, Param};
+use evax::fixtures::shared_or_skip;
+use evax::model::{EvaX, LoadOptions};
+
+fn reference(shared: &Path) -> BTreeMap<String, Param> {
+    Checkpoint::load(shared.join("fixtures/reference.safetensors"))
+        .unwrap()
+        .tensors
+}
+
+fn model(shared: &Path, name: &str) -> EvaX {
+    let ck = Checkpoint::load(shared.join("fixtures").join(name)).unwrap();
+    EvaX::from_checkpoint(&ck, &LoadOptions::default()).unwrap().0
+}
+
+fn input(r: &BTreeMap<String, Param>, key: &str) -> Tensor {
+    r[key].to_tensor(&Device::Cpu).unwrap()
+}
+
+/// Max |a - b| between a tensor and a reference, asserting equal shapes.
+fn max_diff(got: &Tensor, want: &Param) -> f32 {
+    assert_eq!(got.dims(), want.shape.as_slice(), "shape");
+    let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    g.iter()
+        .zip(&want.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
+fn check(got: &Tensor, r: &BTreeMap<String, Param>, key: &str, tol: f32) {
+    let d = max_diff(got, &r[key]);
+    eprintln!("{key}: max abs diff {d:.3e} (tolerance {tol:.0e})");
+    assert!(d <= tol, "{key}: max abs diff {d} > {tol}");
+}
+
+#[test]
+fn ti_mim_tokens_and_pooled() {
+    let Some(s) = shared_or_skip("ti_mim_tokens_and_pooled") else { return };
+    let r = reference(&s);
+    let m = model(&s, "eva_x_ti_mim_fp16.pt");
+    let f = m.forward_features(&input(&r, "input224")).unwrap();
+    let (pooled, tokens) = m.representation(&f).unwrap();
+    check(&tokens, &r, "ti_mim/tokens", 1e-4);
+    check(&pooled, &r, "ti_mim/pooled", 1e-4);
+}
+
+#[test]
+fn ti_ft_intermediates_and_logits() {
+    let Some(s) = shared_or_skip("ti_ft_intermediates_and_logits") else { return };
+    let r = reference(&s);
+    let m = model(&s, "eva_x_ti_cxr14_ft.pth");
+    let x = input(&r, "input224");
+    check(&m.embed_tokens(&x).unwrap(), &r, "ti_ft/embed_out", 1e-5);
+    check(&m.forward_blocks(&x, 1).unwrap(), &r, "ti_ft/block0_out", 1e-4);
+    let f = m.forward_features(&x).unwrap();
+    let (pooled, _) = m.representation(&f).unwrap();
+    check(&pooled, &r, "ti_ft/prelogits", 1e-4);
+    check(&m.head_logits(&pooled).unwrap(), &r, "ti_ft/logits", 1e-4);
+}
+
+#[test]
+fn s480_ft_logits() {
+    let Some(s) = shared_or_skip("s480_ft_logits") else { return };
+    let r = reference(&s);
+    let m = model(&s, "eva_x_s_d2_covidx480_ft.pth");
+    check(&m.logits(&input(&r, "input480")).unwrap(), &r, "s480_ft/logits", 1e-4);
+}
+
+#[test]
+fn s_mim_resampled_to_480() {
+    let Some(s) = shared_or_skip("s_mim_resampled_to_480") else { return };
+    let r = reference(&s);
+    let m = model(&s, "eva_x_s_d2_mim_fp16.pt");
+    check(&m.pos_embed_for((30, 30)).unwrap(), &r, "s_mim_to480/pos_embed", 1e-5);
+    let f = m.forward_features(&input(&r, "input480")).unwrap();
+    check(&m.representation(&f).unwrap().0, &r, "s_mim_to480/pooled", 1e-4);
+}
+
+#[test]
+fn b_mim_tokens_and_pooled() {
+    let Some(s) = shared_or_skip("b_mim_tokens_and_pooled") else { return };
+    let r = reference(&s);
+    let m = model(&s, "eva_x_b_d1_mim_fp16.pt");
+    let f = m.forward_features(&input(&r, "input224")).unwrap();
+    let (pooled, tokens) = m.representation(&f).unwrap();
+    check(&tokens, &r, "b_mim/tokens", 1e-4);
+    check(&pooled, &r, "b_mim/pooled", 1e-4);
+}
+
+#[test]
+fn b_ft_rope16_logits() {
+    let Some(s) = shared_or_skip("b_ft_rope16_logits") else { return };
+    let r = reference(&s);
+    let m = model(&s, "eva_x_b_d1_cxr14_ft_rope16.pth");
+    assert_eq!(m.config.rope_grid, 16.0);
+    check(&m.logits(&input(&r, "input224")).unwrap(), &r, "b_ft_rope16/logits", 1e-4);
+}
+
+#[test]
+fn legacy_file_loads_the_same_tensors_as_zip() {
+    let Some(s) = shared_or_skip("legacy_file_loads_the_same_tensors_as_zip") else { return };
+    let zip = Checkpoint::load(s.join("fixtures/eva_x_ti_mim_fp16.pt")).unwrap();
+    let legacy = Checkpoint::load(s.join("fixtures/eva_x_ti_mim_fp16_legacy.pt")).unwrap();
+    assert_eq!(zip.format, evax::checkpoint::Format::TorchZip);
+    assert_eq!(legacy.format, evax::checkpoint::Format::TorchLegacy);
+    assert_eq!(zip.tensors.len(), 191);
+    assert_eq!(zip.tensors, legacy.tensors);
+}
