@@ -1,10 +1,14 @@
 //! evax: EVA-X chest X-ray Vision Transformers in Rust.
 //!
 //! Loads the released EVA-X checkpoints ([`checkpoint`]), builds the Ti/S/B backbones
-//! ([`model`]), preprocesses radiographs exactly as the original ([`preprocess`]) and runs them.
+//! ([`model`]), preprocesses radiographs exactly as the original ([`preprocess`]) and runs them
+//! over batches of files ([`infer`]).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod fixtures;
+pub mod infer;
 pub mod io;
+pub mod labels;
 pub mod model;
 pub mod preprocess;

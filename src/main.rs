@@ -1,3 +1,526 @@
-fn main() {
-    println!("Hello, world!");
+//! `evax`: the command line. Parses arguments and calls the library; nothing else lives here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{Device, Tensor};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use evax::checkpoint::{self, Checkpoint};
+use evax::infer::{self, Failure};
+use evax::labels::{Activation, LabelSet};
+use evax::model::{EvaX, LoadOptions, adapt, inspect, rope::RopeTables};
+use evax::preprocess::{Normalization, Preprocess};
+
+#[derive(Parser)]
+#[command(name = "evax", version, about = "EVA-X chest X-ray vision transformers: load, embed, predict")]
+struct Cli {
+    /// Compute threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// Checkpoint (.pt/.pth, zip or legacy, or .safetensors).
+    #[arg(long)]
+    weights: PathBuf,
+    /// Input size in pixels: N for N x N, or HxW (multiples of 16).
+    #[arg(long, default_value = "224", value_parser = parse_size)]
+    input_size: (usize, usize),
+    /// RoPE reference grid r (default: read from the checkpoint's tables, else 14).
+    #[arg(long)]
+    rope_grid: Option<f64>,
+    /// Top-level checkpoint entry holding the state dict (default: model, state_dict, ...).
+    #[arg(long)]
+    state_key: Option<String>,
+    /// Normalisation statistics: EVA-X's (default) or the other models' 0.5056 / 0.252.
+    #[arg(long, value_enum, default_value = "evax")]
+    norm: NormArg,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum NormArg {
+    Evax,
+    Others,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    F16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ActivationArg {
+    Sigmoid,
+    Softmax,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a checkpoint: format, dtype, architecture, input grid, RoPE r, classes, keys.
+    Info {
+        /// The checkpoint.
+        ckpt: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// RoPE reference grid r to assume.
+        #[arg(long)]
+        rope_grid: Option<f64>,
+        /// Top-level checkpoint entry holding the state dict.
+        #[arg(long)]
+        state_key: Option<String>,
+    },
+    /// Convert a checkpoint to safetensors in the EVA-X (models_eva) layout.
+    Convert {
+        /// The checkpoint.
+        ckpt: PathBuf,
+        /// Output file (.safetensors).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Resample the patch-embedding kernel to this patch size (EVA-02's 14 -> 16).
+        #[arg(long)]
+        patch_size: Option<usize>,
+        /// Stored dtype.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DtypeArg,
+        /// RoPE reference grid r to record (default: the checkpoint's).
+        #[arg(long)]
+        rope_grid: Option<f64>,
+        /// Top-level checkpoint entry holding the state dict.
+        #[arg(long)]
+        state_key: Option<String>,
+    },
+    /// Embed images: `pooled` [N, C] (and `tokens` [N, T, C]) in input order.
+    Embed {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Also write every token's representation.
+        #[arg(long)]
+        tokens: bool,
+        /// Output: .safetensors (tensors `pooled`, `tokens`) or .npy (pooled; tokens beside).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Images, folders (walked for .png/.jpg/.jpeg) or list files (.txt/.lst).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
+    /// Classify images: logits, probabilities and findings above a threshold.
+    Predict {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Class names: cxr14, chexpert, covidx3, covidx2 or a file (one a line); default from the
+        /// head's size.
+        #[arg(long)]
+        labels: Option<String>,
+        /// Override how logits become probabilities.
+        #[arg(long, value_enum)]
+        activation: Option<ActivationArg>,
+        /// Probability at or above which a class is reported as a finding.
+        #[arg(long, default_value_t = 0.5)]
+        threshold: f32,
+        /// Output: .csv or .json.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Images, folders (walked for .png/.jpg/.jpeg) or list files (.txt/.lst).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
+    /// Forward-pass speed and peak memory with random weights.
+    Bench {
+        /// Model size.
+        #[arg(long, default_value = "s")]
+        model: String,
+        /// Images per batch.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Input side in pixels.
+        #[arg(long, default_value_t = 224)]
+        input_size: usize,
+        /// Timed iterations (after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let parse = |t: &str| t.trim().parse::<usize>().map_err(|_| format!("bad size '{s}'"));
+    let (h, w) = match s.split_once(['x', 'X']) {
+        Some((h, w)) => (parse(h)?, parse(w)?),
+        None => {
+            let n = parse(s)?;
+            (n, n)
+        }
+    };
+    if h == 0 || w == 0 || h % 16 != 0 || w % 16 != 0 {
+        return Err(format!("input size {s} must be positive multiples of 16"));
+    }
+    Ok((h, w))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // The pool is built once, before any work; an error means it already exists.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cmd: Command) -> Result<ExitCode> {
+    match cmd {
+        Command::Info {
+            ckpt,
+            json,
+            rope_grid,
+            state_key,
+        } => info(&ckpt, json, rope_grid, state_key.as_deref()),
+        Command::Convert {
+            ckpt,
+            output,
+            patch_size,
+            dtype,
+            rope_grid,
+            state_key,
+        } => convert(&ckpt, &output, patch_size, dtype, rope_grid, state_key.as_deref()),
+        Command::Embed {
+            model,
+            tokens,
+            output,
+            inputs,
+        } => embed(&model, tokens, &output, &inputs),
+        Command::Predict {
+            model,
+            labels,
+            activation,
+            threshold,
+            output,
+            inputs,
+        } => predict(&model, labels.as_deref(), activation, threshold, &output, &inputs),
+        Command::Bench {
+            model,
+            batch,
+            input_size,
+            iters,
+            json,
+        } => {
+            let r = evax::bench::forward(&model, batch, input_size, iters)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "EVA-X-{} batch {} at {}px, {} threads: {:.1} img/s ({:.1} ms/batch, best {:.1} ms), \
+                     {:.0} GFLOP/s, peak RSS {:.0} MiB",
+                    r.model.to_uppercase(),
+                    r.batch,
+                    r.input_size,
+                    r.threads,
+                    r.img_per_s,
+                    r.batch_s * 1e3,
+                    r.min_batch_s * 1e3,
+                    r.gflop_per_s,
+                    r.peak_rss_mb
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn info(path: &Path, json: bool, rope_grid: Option<f64>, state_key: Option<&str>) -> Result<ExitCode> {
+    let ck = Checkpoint::load_with(path, state_key)?;
+    let i = inspect::inspect(&ck, &LoadOptions { rope_grid });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&i)?);
+    } else {
+        let dtypes: Vec<String> = i.dtypes.iter().map(|(d, n)| format!("{d} ({n} tensors)")).collect();
+        println!("file         {}", i.path);
+        println!("format       {}", i.format);
+        println!("dtype        {}", dtypes.join(", "));
+        println!("state dict   {} ({} tensors)", i.nesting.as_deref().map_or("top level".into(), |k| format!("under '{k}'")), i.tensors);
+        if !i.extras.is_empty() {
+            let e: Vec<String> = i.extras.iter().map(|(k, t)| format!("{k}: {t}")).collect();
+            println!("also holds   {}", e.join(", "));
+        }
+        if let Some(c) = &i.config {
+            println!("model        {} ({:?})", i.variant.clone().unwrap_or_default(), c.kind);
+            println!("architecture dim {}, depth {}, heads {}, MLP hidden {}, patch {}", c.dim, c.depth, c.heads, c.mlp_hidden, c.patch_size);
+            println!("attention    {}", if c.fused_qkv { "fused qkv + q_bias, v_bias" } else { "separate q/k/v projections + q_bias, v_bias" });
+            println!("MLP          {}", if c.sub_ln { "SwiGLU with sub-LN (w1, w2, ffn_ln, w3)" } else { "packed SwiGLU (w12, w3)" });
+            let (h, w) = i.input_size.unwrap_or_default();
+            println!("input        {h}x{w} (grid {}x{})", c.train_grid.0, c.train_grid.1);
+            println!("RoPE r       {} (from {})", c.rope_grid, c.rope_grid_source);
+            println!("classes      {}", c.num_classes.map_or("none".into(), |n| n.to_string()));
+        }
+        if let Some(p) = i.parameters {
+            println!("parameters   {p} ({:.2} M)", p as f64 / 1e6);
+        }
+        println!("unused keys  {}", if i.unused_keys.is_empty() { "none".into() } else { i.unused_keys.join(", ") });
+        if i.problems.is_empty() {
+            println!("missing keys none");
+        } else {
+            println!("problems     {}", i.problems.join("\n             "));
+        }
+    }
+    Ok(if i.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn convert(
+    path: &Path,
+    output: &Path,
+    patch_size: Option<usize>,
+    dtype: DtypeArg,
+    rope_grid: Option<f64>,
+    state_key: Option<&str>,
+) -> Result<ExitCode> {
+    let ck = Checkpoint::load_with(path, state_key)?;
+    let mut sd = adapt::to_eva_layout(&ck.tensors).map_err(anyhow::Error::msg)
+        .with_context(|| path.display().to_string())?;
+    let opts = LoadOptions { rope_grid };
+    // Validate that the weights build a model before writing anything.
+    let (model, report) = EvaX::from_eva_state_dict(&sd, &opts).with_context(|| path.display().to_string())?;
+    let cfg = model.config.clone();
+    if let Some(q) = patch_size {
+        let w = &sd.tensors["patch_embed.proj.weight"];
+        let resized = adapt::resample_patch_kernel(w, q).map_err(anyhow::Error::msg)?;
+        sd.tensors.insert("patch_embed.proj.weight".into(), resized);
+    }
+    // RoPE tables are recomputed in f32 for the stored grid with the model's r.
+    let rope = RopeTables::new(cfg.train_grid, cfg.rope_grid, 64);
+    let n = cfg.train_grid.0 * cfg.train_grid.1;
+    let mut out: BTreeMap<String, Tensor> = BTreeMap::new();
+    let dt = match dtype {
+        DtypeArg::F32 => candle_core::DType::F32,
+        DtypeArg::F16 => candle_core::DType::F16,
+    };
+    for (k, p) in &sd.tensors {
+        if k.ends_with("rope.freqs_cos") || k.ends_with("rope.freqs_sin") {
+            continue;
+        }
+        out.insert(k.clone(), p.to_tensor(&Device::Cpu)?.to_dtype(dt)?);
+    }
+    for (name, table) in [("rope.freqs_cos", &rope.cos), ("rope.freqs_sin", &rope.sin)] {
+        out.insert(name.into(), Tensor::from_slice(table, (n, 64), &Device::Cpu)?);
+    }
+    let meta = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("evax.source".to_string(), path.display().to_string()),
+        ("evax.rope_grid".to_string(), cfg.rope_grid.to_string()),
+        ("evax.variant".to_string(), cfg.variant()),
+    ]);
+    checkpoint::save_safetensors(&out, Some(meta), output)?;
+    eprintln!(
+        "wrote {} ({} tensors, {}, {} parameters{})",
+        output.display(),
+        out.len(),
+        match dtype {
+            DtypeArg::F32 => "f32",
+            DtypeArg::F16 => "f16",
+        },
+        report.parameters,
+        if report.unused.is_empty() { String::new() } else { format!("; {} unused keys kept", report.unused.len()) }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load_model(a: &ModelArgs) -> Result<EvaX> {
+    let ck = Checkpoint::load_with(&a.weights, a.state_key.as_deref())?;
+    let (model, _) = EvaX::from_checkpoint(&ck, &LoadOptions { rope_grid: a.rope_grid })
+        .with_context(|| a.weights.display().to_string())?;
+    Ok(model)
+}
+
+fn preprocess_for(a: &ModelArgs) -> Preprocess {
+    let norm = match a.norm {
+        NormArg::Evax => Normalization::EVAX,
+        NormArg::Others => Normalization::OTHERS,
+    };
+    Preprocess::eval(a.input_size, norm)
+}
+
+/// Print failures and turn them into the exit status.
+fn finish(failures: &[Failure], done: usize) -> ExitCode {
+    for f in failures {
+        eprintln!("failed: {}: {}", f.input.display(), f.error);
+    }
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{} of {} inputs failed", failures.len(), failures.len() + done);
+        ExitCode::from(1)
+    }
+}
+
+fn embed(a: &ModelArgs, with_tokens: bool, output: &Path, inputs: &[PathBuf]) -> Result<ExitCode> {
+    let model = load_model(a)?;
+    let pre = preprocess_for(a);
+    let (paths, mut failures) = infer::collect_inputs(inputs);
+    let pb = infer::progress(paths.len(), "embed");
+    let mut done: Vec<usize> = Vec::new();
+    let mut pooled: Vec<Tensor> = Vec::new();
+    let mut tokens: Vec<Tensor> = Vec::new();
+    failures.extend(infer::for_each_batch(&paths, &pre, a.batch, &pb, |pos, x| {
+        let f = model.forward_features(&x).map_err(|e| e.to_string())?;
+        let (p, t) = model.representation(&f).map_err(|e| e.to_string())?;
+        pooled.push(p);
+        if with_tokens {
+            tokens.push(t);
+        }
+        done.extend_from_slice(pos);
+        Ok(())
+    }));
+    if done.is_empty() {
+        finish(&failures, 0);
+        bail!("no input could be embedded");
+    }
+    let pooled = Tensor::cat(&pooled, 0)?;
+    let tokens = if with_tokens { Some(Tensor::cat(&tokens, 0)?) } else { None };
+    let names: Vec<String> = done.iter().map(|&i| paths[i].display().to_string()).collect();
+    let ext = output.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    match ext.as_str() {
+        "safetensors" => {
+            let mut out = BTreeMap::from([("pooled".to_string(), pooled)]);
+            if let Some(t) = tokens {
+                out.insert("tokens".into(), t);
+            }
+            let meta = HashMap::from([("inputs".to_string(), serde_json::to_string(&names)?)]);
+            checkpoint::save_safetensors(&out, Some(meta), output)?;
+        }
+        "npy" => {
+            write_npy(output, &pooled)?;
+            if let Some(t) = tokens {
+                write_npy(&output.with_extension("tokens.npy"), &t)?;
+            }
+            evax::io::write_atomic(&output.with_extension("inputs.txt"), (names.join("\n") + "\n").as_bytes())?;
+        }
+        _ => bail!("{}: output must end in .safetensors or .npy", output.display()),
+    }
+    eprintln!("embedded {} images -> {}", names.len(), output.display());
+    Ok(finish(&failures, names.len()))
+}
+
+fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
+    let data = t.flatten_all()?.to_vec1::<f32>()?;
+    evax::io::write_atomic(path, &evax::io::npy_f32(t.dims(), &data))
+        .with_context(|| path.display().to_string())
+}
+
+/// One image's prediction, as written to JSON.
+#[derive(serde::Serialize)]
+struct Prediction {
+    input: String,
+    logits: Vec<f32>,
+    probabilities: Vec<f32>,
+    findings: Vec<String>,
+}
+
+fn predict(
+    a: &ModelArgs,
+    labels: Option<&str>,
+    activation: Option<ActivationArg>,
+    threshold: f32,
+    output: &Path,
+    inputs: &[PathBuf],
+) -> Result<ExitCode> {
+    let ext = output.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    if ext != "csv" && ext != "json" {
+        bail!("{}: output must end in .csv or .json", output.display());
+    }
+    let model = load_model(a)?;
+    let Some(n) = model.config.num_classes else {
+        bail!("{}: checkpoint has no classification head (it is {:?}); use `evax embed`", a.weights.display(), model.config.kind);
+    };
+    let activation = activation.map(|a| match a {
+        ActivationArg::Sigmoid => Activation::Sigmoid,
+        ActivationArg::Softmax => Activation::Softmax,
+    });
+    let labels = match labels {
+        Some(spec) => LabelSet::resolve(spec, activation).map_err(anyhow::Error::msg)?,
+        None => {
+            let mut l = LabelSet::for_classes(n);
+            if let Some(act) = activation {
+                l.activation = act;
+            }
+            l
+        }
+    };
+    if labels.classes.len() != n {
+        bail!("label set '{}' has {} classes but the head has {n}", labels.name, labels.classes.len());
+    }
+    let pre = preprocess_for(a);
+    let (paths, mut failures) = infer::collect_inputs(inputs);
+    let pb = infer::progress(paths.len(), "predict");
+    let mut preds: Vec<Prediction> = Vec::new();
+    failures.extend(infer::for_each_batch(&paths, &pre, a.batch, &pb, |pos, x| {
+        let logits = model.logits(&x).map_err(|e| e.to_string())?;
+        let rows = logits.to_vec2::<f32>().map_err(|e| e.to_string())?;
+        for (&i, row) in pos.iter().zip(rows) {
+            let probs = labels.activation.apply(&row);
+            let findings = labels
+                .classes
+                .iter()
+                .zip(&probs)
+                .filter(|(_, p)| **p >= threshold)
+                .map(|(c, _)| c.clone())
+                .collect();
+            preds.push(Prediction {
+                input: paths[i].display().to_string(),
+                logits: row,
+                probabilities: probs,
+                findings,
+            });
+        }
+        Ok(())
+    }));
+    let bytes = if ext == "json" {
+        serde_json::to_vec_pretty(&preds)?
+    } else {
+        let mut s = String::from("input");
+        for c in &labels.classes {
+            s.push_str(&format!(",prob_{c}"));
+        }
+        for c in &labels.classes {
+            s.push_str(&format!(",logit_{c}"));
+        }
+        s.push_str(",findings\n");
+        for p in &preds {
+            s.push_str(&csv_field(&p.input));
+            for v in p.probabilities.iter().chain(&p.logits) {
+                s.push_str(&format!(",{v}"));
+            }
+            s.push(',');
+            s.push_str(&csv_field(&p.findings.join(";")));
+            s.push('\n');
+        }
+        s.into_bytes()
+    };
+    evax::io::write_atomic(output, &bytes).with_context(|| output.display().to_string())?;
+    eprintln!("predicted {} images -> {}", preds.len(), output.display());
+    Ok(finish(&failures, preds.len()))
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
 }

@@ -210,17 +210,14 @@ pub struct Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims();
-        let k = *dims.last().unwrap_or(&0);
-        let rows = x.elem_count() / k.max(1);
-        let y = x.reshape((rows, k))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut shape = dims.to_vec();
-        *shape.last_mut().unwrap() = self.weight.dim(0)?;
-        y.reshape(shape)
+        ops::linear(x, &self.weight, self.bias.as_ref(), None)
+    }
+}
+
+impl Linear {
+    /// `residual + x W^T + b`, fused.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        ops::linear(x, &self.weight, self.bias.as_ref(), Some(residual))
     }
 }
 
@@ -294,13 +291,13 @@ impl Block {
     pub fn forward(&self, x: &Tensor, rope: &Arc<RopeTables>) -> Result<Tensor> {
         let y = self.norm1.forward(x)?;
         let a = ops::attention(&self.qkv.forward(&y)?, self.heads, rope)?;
-        let x = (x + self.proj.forward(&a)?)?;
+        let x = self.proj.forward_add(&a, x)?;
         let y = self.norm2.forward(&x)?;
         let mut h = ops::swiglu(&self.w12.forward(&y)?)?;
         if let Some(ln) = &self.ffn_ln {
             h = ln.forward(&h)?;
         }
-        Ok((x + self.w3.forward(&h)?)?)
+        Ok(self.w3.forward_add(&h, &x)?)
     }
 }
 

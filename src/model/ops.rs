@@ -68,13 +68,35 @@ pub mod simd {
         };
     }
 
+    /// Lanes of the manual reductions (float sums do not auto-vectorise without them).
+    const LANES: usize = 16;
+
     dispatch! {
         /// In-place softmax of each `n`-long row of `x`.
         fn softmax_rows(x: &mut [f32], n: usize) {
             for row in x.chunks_exact_mut(n) {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0.0f32;
-                for v in row.iter_mut() {
+                let mut m = [f32::NEG_INFINITY; LANES];
+                let mut chunks = row.chunks_exact(LANES);
+                for c in &mut chunks {
+                    for (m, &v) in m.iter_mut().zip(c) {
+                        *m = if v > *m { v } else { *m };
+                    }
+                }
+                let max = chunks
+                    .remainder()
+                    .iter()
+                    .chain(&m)
+                    .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+                let mut s = [0f32; LANES];
+                let mut chunks = row.chunks_exact_mut(LANES);
+                for c in &mut chunks {
+                    for (s, v) in s.iter_mut().zip(c.iter_mut()) {
+                        *v = exp_f32(*v - max);
+                        *s += *v;
+                    }
+                }
+                let mut sum: f32 = s.iter().sum();
+                for v in chunks.into_remainder() {
                     *v = exp_f32(*v - max);
                     sum += *v;
                 }
@@ -244,6 +266,93 @@ impl CustomOp1 for SwiGlu {
 /// `silu(x1) * x2` where the last axis of `x` is `[x1 | x2]`.
 pub fn swiglu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&SwiGlu)
+}
+
+/// Borrow the f32 data of a contiguous CPU tensor.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => f(contiguous_f32(s, layout, "linear")?),
+        _ => candle_core::bail!("fused kernels run on the CPU only"),
+    }
+}
+
+/// `y = x W^T (+ b) (+ residual)` with the bias and residual folded into the GEMM's
+/// accumulator, so no separate elementwise pass or temporary is needed.
+struct FusedLinear<'a> {
+    w: &'a [f32],
+    out: usize,
+    bias: Option<&'a [f32]>,
+    residual: Option<&'a [f32]>,
+}
+
+impl CustomOp1 for FusedLinear<'_> {
+    fn name(&self) -> &'static str {
+        "evax-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "linear")?;
+        let dims = l.shape().dims();
+        let k = *dims.last().unwrap_or(&0);
+        let n = self.out;
+        if k == 0 || self.w.len() != n * k {
+            candle_core::bail!("linear: input width {k} does not fit a {n}x? weight of {} values", self.w.len());
+        }
+        let m = x.len() / k;
+        let mut y = vec![0f32; m * n];
+        let rows = (65536 / n).max(1);
+        match (self.residual, self.bias) {
+            (Some(r), b) => {
+                if r.len() != m * n {
+                    candle_core::bail!("linear: residual has {} values, output {}", r.len(), m * n);
+                }
+                y.par_chunks_mut(rows * n).zip(r.par_chunks(rows * n)).for_each(|(y, r)| {
+                    y.copy_from_slice(r);
+                    if let Some(b) = b {
+                        y.chunks_exact_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+                    }
+                });
+            }
+            (None, Some(b)) => y.par_chunks_mut(rows * n).for_each(|y| {
+                y.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(b));
+            }),
+            (None, None) => {}
+        }
+        let accumulate = self.residual.is_some() || self.bias.is_some();
+        // SAFETY: x is m x k (row stride k), w is n x k read as its transpose, y is m x n.
+        unsafe {
+            gemm::gemm(
+                m, n, k, y.as_mut_ptr(), 1, n as isize, accumulate,
+                x.as_ptr(), 1, k as isize, self.w.as_ptr(), k as isize, 1,
+                1.0, 1.0, false, false, false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap() = n;
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+}
+
+/// `x W^T + b (+ residual)` for `x` `[..., K]`, `w` `[N, K]`, `b` `[N]`, residual `[..., N]`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let residual = residual.map(|r| r.contiguous()).transpose()?;
+    with_f32(w, |w_data| {
+        let run = |bias: Option<&[f32]>| -> Result<Tensor> {
+            match &residual {
+                Some(r) => with_f32(r, |r| {
+                    x.apply_op1_no_bwd(&FusedLinear { w: w_data, out: w.dim(0)?, bias, residual: Some(r) })
+                }),
+                None => x.apply_op1_no_bwd(&FusedLinear { w: w_data, out: w.dim(0)?, bias, residual: None }),
+            }
+        };
+        match b {
+            Some(b) => with_f32(b, |b| run(Some(b))),
+            None => run(None),
+        }
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,91 @@
+//! Forward-pass throughput with random weights (`evax bench`).
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use crate::model::{EvaX, EvaXConfig, ModelError};
+
+/// One benchmark's settings and figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchResult {
+    /// Model preset (`ti`, `s`, `b`).
+    pub model: String,
+    /// Images per batch.
+    pub batch: usize,
+    /// Input side in pixels.
+    pub input_size: usize,
+    /// Timed iterations (after one warm-up).
+    pub iters: usize,
+    /// Threads the compute pool used.
+    pub threads: usize,
+    /// Mean seconds per batch.
+    pub batch_s: f64,
+    /// Fastest batch, seconds.
+    pub min_batch_s: f64,
+    /// Images per second at the mean.
+    pub img_per_s: f64,
+    /// Model FLOPs per image (multiply-adds x 2).
+    pub gflop_per_img: f64,
+    /// Achieved GFLOP/s at the mean.
+    pub gflop_per_s: f64,
+    /// Peak resident memory of the process (MiB).
+    pub peak_rss_mb: f64,
+}
+
+/// Forward FLOPs of one image (matrix products only).
+pub fn flops_per_image(cfg: &EvaXConfig, input: usize) -> f64 {
+    let g = input / cfg.patch_size;
+    let t = (g * g + 1) as f64;
+    let (c, h) = (cfg.dim as f64, cfg.mlp_hidden as f64);
+    let patch = 2.0 * (g * g) as f64 * c * (3 * cfg.patch_size * cfg.patch_size) as f64;
+    let block = 2.0 * t * c * 3.0 * c + 4.0 * t * t * c + 2.0 * t * c * c + 2.0 * t * c * 2.0 * h
+        + 2.0 * t * h * c;
+    patch + cfg.depth as f64 * block
+}
+
+/// Peak resident set size of this process in MiB (Linux `VmHWM`; 0 elsewhere).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Time the forward pass (features, pooling and head) of a random-weight preset.
+pub fn forward(model_name: &str, batch: usize, input: usize, iters: usize) -> Result<BenchResult, ModelError> {
+    let cfg = EvaXConfig::preset(model_name)
+        .ok_or_else(|| ModelError::Input(format!("unknown model '{model_name}' (ti, s, b)")))?;
+    if input == 0 || input % cfg.patch_size != 0 {
+        return Err(ModelError::Input(format!("input size {input} is not a multiple of {}", cfg.patch_size)));
+    }
+    let model = EvaX::random(cfg.clone(), 0)?;
+    let x = Tensor::randn(0f32, 1f32, (batch, 3, input, input), &Device::Cpu)?;
+    model.logits(&x)?; // warm-up: pools, caches, page faults
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t0 = Instant::now();
+        model.logits(&x)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let gflop = flops_per_image(&cfg, input) / 1e9;
+    Ok(BenchResult {
+        model: model_name.to_string(),
+        batch,
+        input_size: input,
+        iters: times.len(),
+        threads: rayon::current_num_threads(),
+        batch_s: mean,
+        min_batch_s: min,
+        img_per_s: batch as f64 / mean,
+        gflop_per_img: gflop,
+        gflop_per_s: gflop * batch as f64 / mean,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}

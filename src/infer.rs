@@ -1,0 +1,142 @@
+//! Batch inference over image files: input discovery, parallel preprocessing, batching, and a
+//! record of the inputs that failed (a bad file never stops the run).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+
+use crate::preprocess::Preprocess;
+
+/// File extensions taken as images when walking a folder.
+pub const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+/// File extensions taken as lists of inputs (one path a line, first field).
+pub const LIST_EXTENSIONS: [&str; 3] = ["txt", "lst", "list"];
+
+/// An input that could not be used, and why.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Failure {
+    /// The path as given or found.
+    pub input: PathBuf,
+    /// What went wrong.
+    pub error: String,
+}
+
+fn has_ext(p: &Path, exts: &[&str]) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| exts.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>, failures: &mut Vec<Failure>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            failures.push(Failure {
+                input: dir.to_path_buf(),
+                error: format!("cannot list folder: {e}"),
+            });
+            return;
+        }
+    };
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    for p in paths {
+        if p.is_dir() {
+            walk(&p, out, failures);
+        } else if has_ext(&p, &IMAGE_EXTENSIONS) {
+            out.push(p);
+        }
+    }
+}
+
+/// Expand command-line inputs: image files as given, folders walked (sorted, recursive, image
+/// extensions only), list files read (first field of each non-empty line; relative paths
+/// resolved against the list's folder when they do not exist as given).
+pub fn collect_inputs(args: &[PathBuf]) -> (Vec<PathBuf>, Vec<Failure>) {
+    let mut out = Vec::new();
+    let mut failures = Vec::new();
+    for a in args {
+        if a.is_dir() {
+            walk(a, &mut out, &mut failures);
+        } else if has_ext(a, &LIST_EXTENSIONS) {
+            match std::fs::read_to_string(a) {
+                Ok(text) => {
+                    let base = a.parent().unwrap_or(Path::new("."));
+                    for line in text.lines() {
+                        let Some(first) = line.split_whitespace().next() else { continue };
+                        let p = PathBuf::from(first);
+                        out.push(if p.is_relative() && !p.exists() { base.join(p) } else { p });
+                    }
+                }
+                Err(e) => failures.push(Failure {
+                    input: a.clone(),
+                    error: format!("cannot read list file: {e}"),
+                }),
+            }
+        } else {
+            out.push(a.clone());
+        }
+    }
+    (out, failures)
+}
+
+/// A progress bar for `n` items on stderr (hidden when stderr is not a terminal).
+pub fn progress(n: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(n as u64);
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta}}, {{per_sec}}]"
+        ))
+        .expect("static template"),
+    );
+    pb
+}
+
+/// Decode and preprocess `inputs` in batches of `batch` (in parallel), calling `run` with the
+/// positions (in `inputs`) of the images that loaded and their `[n, 3, H, W]` batch. Returns
+/// the inputs that failed, in order.
+pub fn for_each_batch(
+    inputs: &[PathBuf],
+    pre: &Preprocess,
+    batch: usize,
+    pb: &ProgressBar,
+    mut run: impl FnMut(&[usize], Tensor) -> Result<(), String>,
+) -> Vec<Failure> {
+    let (h, w) = pre.size;
+    let mut failures = Vec::new();
+    for (chunk_no, chunk) in inputs.chunks(batch.max(1)).enumerate() {
+        let start = chunk_no * batch.max(1);
+        let loaded: Vec<_> = chunk.par_iter().map(|p| pre.load(p)).collect();
+        let mut positions = Vec::with_capacity(chunk.len());
+        let mut data = Vec::with_capacity(chunk.len() * 3 * h * w);
+        for (i, r) in loaded.into_iter().enumerate() {
+            match r {
+                Ok(v) => {
+                    positions.push(start + i);
+                    data.extend_from_slice(&v);
+                }
+                Err(e) => failures.push(Failure {
+                    input: chunk[i].clone(),
+                    error: e.what,
+                }),
+            }
+        }
+        if !positions.is_empty() {
+            let n = positions.len();
+            let result = Tensor::from_vec(data, (n, 3, h, w), &Device::Cpu)
+                .map_err(|e| e.to_string())
+                .and_then(|x| run(&positions, x));
+            if let Err(e) = result {
+                failures.extend(positions.iter().map(|&i| Failure {
+                    input: inputs[i].clone(),
+                    error: e.clone(),
+                }));
+            }
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    failures
+}
