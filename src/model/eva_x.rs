@@ -177,10 +177,9 @@ impl WeightSource<'_> {
         }
     }
     fn linear(&mut self, prefix: &str, out: usize, inp: usize) -> Linear {
-        Linear {
-            weight: self.tensor(&format!("{prefix}.weight"), &[out, inp]),
-            bias: Some(self.tensor(&format!("{prefix}.bias"), &[out])),
-        }
+        let weight = self.tensor(&format!("{prefix}.weight"), &[out, inp]);
+        let bias = self.tensor(&format!("{prefix}.bias"), &[out]);
+        Linear::new(weight, Some(bias)).expect("contiguous copy")
     }
 }
 
@@ -202,22 +201,33 @@ impl Module for LayerNorm {
 /// A dense layer `y = x W^T + b` over the last axis.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out, in]`.
-    pub weight: Tensor,
+    /// `W^T` stored contiguously `[in, out]`: the layout the GEMM reads without repacking.
+    weight_t: Tensor,
     /// `[out]`.
     pub bias: Option<Tensor>,
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        ops::linear(x, &self.weight, self.bias.as_ref(), None)
+        ops::linear(x, &self.weight_t, self.bias.as_ref(), None)
     }
 }
 
 impl Linear {
+    /// A layer from its weight `[out, in]` and optional bias `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        let weight_t = weight.t()?.contiguous()?;
+        Ok(Linear { weight_t, bias })
+    }
+
+    /// The weight `[out, in]` (a transposed view).
+    pub fn weight(&self) -> candle_core::Result<Tensor> {
+        self.weight_t.t()
+    }
+
     /// `residual + x W^T + b`, fused.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
-        ops::linear(x, &self.weight, self.bias.as_ref(), Some(residual))
+        ops::linear(x, &self.weight_t, self.bias.as_ref(), Some(residual))
     }
 }
 
@@ -257,19 +267,16 @@ impl Block {
             let v = ws.tensor(&format!("{p}.attn.v_proj.weight"), &[c, c]);
             Tensor::cat(&[q, k, v], 0)?
         };
-        let qkv = Linear {
-            weight: qkv_w,
-            bias: Some(Tensor::cat(&[q_bias, k_bias, v_bias], 0)?),
-        };
+        let qkv = Linear::new(qkv_w, Some(Tensor::cat(&[q_bias, k_bias, v_bias], 0)?))?;
         let proj = ws.linear(&format!("{p}.attn.proj"), c, c);
         let norm2 = ws.layer_norm(&format!("{p}.norm2"), c);
         let (w12, ffn_ln) = if cfg.sub_ln {
             let w1 = ws.linear(&format!("{p}.mlp.w1"), hdn, c);
             let w2 = ws.linear(&format!("{p}.mlp.w2"), hdn, c);
-            let w12 = Linear {
-                weight: Tensor::cat(&[w1.weight, w2.weight], 0)?,
-                bias: Some(Tensor::cat(&[w1.bias.unwrap(), w2.bias.unwrap()], 0)?),
-            };
+            let w12 = Linear::new(
+                Tensor::cat(&[w1.weight()?, w2.weight()?], 0)?,
+                Some(Tensor::cat(&[w1.bias.unwrap(), w2.bias.unwrap()], 0)?),
+            )?;
             (w12, Some(ws.layer_norm(&format!("{p}.mlp.ffn_ln"), hdn)))
         } else {
             (ws.linear(&format!("{p}.mlp.w12"), 2 * hdn, c), None)
@@ -449,10 +456,10 @@ impl EvaX {
             None
         };
         let head = match config.num_classes {
-            Some(k) => Some(Linear {
-                weight: ws.tensor("head.weight", &[k, c]),
-                bias: ws.optional("head.bias", &[k]),
-            }),
+            Some(k) => {
+                let weight = ws.tensor("head.weight", &[k, c]);
+                Some(Linear::new(weight, ws.optional("head.bias", &[k]))?)
+            }
             None => None,
         };
         if !ws.problems.is_empty() {

@@ -277,7 +277,7 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     }
 }
 
-/// `y = x W^T (+ b) (+ residual)` with the bias and residual folded into the GEMM's
+/// `y = x Wt (+ b) (+ residual)` (`Wt` = `W^T`, `[K, N]` contiguous) with the bias and residual folded into the GEMM's
 /// accumulator, so no separate elementwise pass or temporary is needed.
 struct FusedLinear<'a> {
     w: &'a [f32],
@@ -297,7 +297,7 @@ impl CustomOp1 for FusedLinear<'_> {
         let k = *dims.last().unwrap_or(&0);
         let n = self.out;
         if k == 0 || self.w.len() != n * k {
-            candle_core::bail!("linear: input width {k} does not fit a {n}x? weight of {} values", self.w.len());
+            candle_core::bail!("linear: input width {k} does not fit a weight of {} values", self.w.len());
         }
         let m = x.len() / k;
         let mut y = vec![0f32; m * n];
@@ -320,11 +320,11 @@ impl CustomOp1 for FusedLinear<'_> {
             (None, None) => {}
         }
         let accumulate = self.residual.is_some() || self.bias.is_some();
-        // SAFETY: x is m x k (row stride k), w is n x k read as its transpose, y is m x n.
+        // SAFETY: x is m x k (row stride k), w is k x n (row stride n), y is m x n.
         unsafe {
             gemm::gemm(
                 m, n, k, y.as_mut_ptr(), 1, n as isize, accumulate,
-                x.as_ptr(), 1, k as isize, self.w.as_ptr(), k as isize, 1,
+                x.as_ptr(), 1, k as isize, self.w.as_ptr(), 1, n as isize,
                 1.0, 1.0, false, false, false,
                 gemm::Parallelism::Rayon(rayon::current_num_threads()),
             );
@@ -335,17 +335,17 @@ impl CustomOp1 for FusedLinear<'_> {
     }
 }
 
-/// `x W^T + b (+ residual)` for `x` `[..., K]`, `w` `[N, K]`, `b` `[N]`, residual `[..., N]`.
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+/// `x Wt + b (+ residual)` for `x` `[..., K]`, `wt` `[K, N]`, `b` `[N]`, residual `[..., N]`.
+pub fn linear(x: &Tensor, wt: &Tensor, b: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
     let x = x.contiguous()?;
     let residual = residual.map(|r| r.contiguous()).transpose()?;
-    with_f32(w, |w_data| {
+    with_f32(wt, |w_data| {
         let run = |bias: Option<&[f32]>| -> Result<Tensor> {
             match &residual {
                 Some(r) => with_f32(r, |r| {
-                    x.apply_op1_no_bwd(&FusedLinear { w: w_data, out: w.dim(0)?, bias, residual: Some(r) })
+                    x.apply_op1_no_bwd(&FusedLinear { w: w_data, out: wt.dim(1)?, bias, residual: Some(r) })
                 }),
-                None => x.apply_op1_no_bwd(&FusedLinear { w: w_data, out: w.dim(0)?, bias, residual: None }),
+                None => x.apply_op1_no_bwd(&FusedLinear { w: w_data, out: wt.dim(1)?, bias, residual: None }),
             }
         };
         match b {
