@@ -280,7 +280,14 @@ fn info(path: &Path, json: bool, rope_grid: Option<f64>, state_key: Option<&str>
             println!("problems     {}", i.problems.join("\n             "));
         }
     }
-    Ok(if i.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    if i.problems.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for p in &i.problems {
+            eprintln!("error: {}: {p}", path.display());
+        }
+        Ok(ExitCode::from(1))
+    }
 }
 
 fn convert(

@@ -204,9 +204,15 @@ pub enum PickleError {
     /// Nesting deeper than any checkpoint needs (or a cycle).
     #[error("pickle nests deeper than {0} levels")]
     TooDeep(usize),
+    /// Shared references that expand to more values than any checkpoint holds.
+    #[error("pickle expands to more than {0} values")]
+    TooLarge(usize),
 }
 
 const MAX_DEPTH: usize = 256;
+/// Upper bound on values produced when shared references are expanded (guards against
+/// "billion laughs" pickles).
+const MAX_VALUES: usize = 5_000_000;
 
 /// Internal value with shared, mutable containers (pickle memo semantics).
 #[derive(Clone)]
@@ -226,43 +232,44 @@ struct Obj {
 }
 
 impl V {
-    fn into_value(self, depth: usize) -> Result<Value, PickleError> {
+    fn into_value(self, depth: usize, budget: &mut usize) -> Result<Value, PickleError> {
         if depth > MAX_DEPTH {
             return Err(PickleError::TooDeep(MAX_DEPTH));
         }
+        *budget = budget.checked_sub(1).ok_or(PickleError::TooLarge(MAX_VALUES))?;
         let d = depth + 1;
         Ok(match self {
             V::Leaf(v) => v,
             V::List(l) => Value::List(
                 l.borrow()
                     .iter()
-                    .map(|v| v.clone().into_value(d))
+                    .map(|v| v.clone().into_value(d, budget))
                     .collect::<Result<_, _>>()?,
             ),
             V::Set(l) => Value::Set(
                 l.borrow()
                     .iter()
-                    .map(|v| v.clone().into_value(d))
+                    .map(|v| v.clone().into_value(d, budget))
                     .collect::<Result<_, _>>()?,
             ),
             V::Tuple(t) => Value::Tuple(
                 t.iter()
-                    .map(|v| v.clone().into_value(d))
+                    .map(|v| v.clone().into_value(d, budget))
                     .collect::<Result<_, _>>()?,
             ),
             V::Dict(m) => Value::Dict(
                 m.borrow()
                     .iter()
-                    .map(|(k, v)| Ok((k.clone().into_value(d)?, v.clone().into_value(d)?)))
+                    .map(|(k, v)| Ok((k.clone().into_value(d, budget)?, v.clone().into_value(d, budget)?)))
                     .collect::<Result<_, PickleError>>()?,
             ),
             V::Object(o) => {
                 let o = o.borrow();
                 Value::Object {
                     class: o.class.clone(),
-                    args: Box::new(o.args.clone().into_value(d)?),
+                    args: Box::new(o.args.clone().into_value(d, budget)?),
                     state: match &o.state {
-                        Some(s) => Some(Box::new(s.clone().into_value(d)?)),
+                        Some(s) => Some(Box::new(s.clone().into_value(d, budget)?)),
                         None => None,
                     },
                 }
@@ -405,7 +412,7 @@ impl<'a> Machine<'a> {
                 b'.' => {
                     // STOP
                     let v = self.pop(pos)?;
-                    return Ok((v.into_value(0)?, self.pos));
+                    return Ok((v.into_value(0, &mut { MAX_VALUES })?, self.pos));
                 }
                 b'(' => self.marks.push(self.stack.len()),
                 b'}' => self.stack.push(V::Dict(Rc::default())),
@@ -647,7 +654,7 @@ impl<'a> Machine<'a> {
                     }
                 }
                 b'Q' => {
-                    let pid = self.pop(pos)?.into_value(0)?;
+                    let pid = self.pop(pos)?.into_value(0, &mut { MAX_VALUES })?;
                     let v = loader.load(&pid).map_err(|e| self.bad(pos, e))?;
                     self.stack.push(V::Leaf(v))
                 }
@@ -829,6 +836,26 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn exponential_sharing_is_refused() {
+        // l = []; then 64 times: l = [l, l] (via memo), which would expand to 2^64 values.
+        let mut p = b"\x80\x02]q\x00".to_vec();
+        for _ in 0..64 {
+            p.extend_from_slice(b"(h\x00h\x00lq\x00");
+        }
+        p.push(b'.');
+        assert!(matches!(
+            unpickle(&p, 0, &mut KeepPersistent),
+            Err(PickleError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn self_referencing_list_is_an_error() {
+        let p = b"\x80\x02]q\x00h\x00a.";
+        assert!(unpickle(p, 0, &mut KeepPersistent).is_err());
     }
 
     #[test]

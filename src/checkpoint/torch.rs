@@ -41,7 +41,7 @@ pub fn read_zip(bytes: &[u8]) -> Result<TorchFile, String> {
         let mut f = zip
             .by_name(name)
             .map_err(|e| format!("zip entry {name}: {e}"))?;
-        let mut buf = Vec::with_capacity(f.size().min(1 << 32) as usize);
+        let mut buf = Vec::with_capacity(f.size().min(bytes.len() as u64) as usize);
         f.read_to_end(&mut buf)
             .map_err(|e| format!("zip entry {name} is truncated or corrupt: {e}"))?;
         Ok(buf)
@@ -197,6 +197,11 @@ pub fn materialize(t: &TensorRef, storage: &[u8]) -> Result<Vec<f32>, String> {
         .try_fold(t.offset, |a, (&d, &s)| a.checked_add((d - 1).checked_mul(s)?))
         .ok_or("tensor strides overflow")?;
     let avail = storage.len() / t.dtype.size();
+    if numel > avail {
+        return Err(format!(
+            "tensor of {numel} elements is larger than its storage of {avail} (broadcast views are not supported)"
+        ));
+    }
     if last >= avail {
         return Err(format!(
             "tensor view reaches element {last} of a storage holding {avail}"
