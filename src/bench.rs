@@ -39,7 +39,10 @@ pub fn flops_per_image(cfg: &EvaXConfig, input: usize) -> f64 {
     let t = (g * g + 1) as f64;
     let (c, h) = (cfg.dim as f64, cfg.mlp_hidden as f64);
     let patch = 2.0 * (g * g) as f64 * c * (3 * cfg.patch_size * cfg.patch_size) as f64;
-    let block = 2.0 * t * c * 3.0 * c + 4.0 * t * t * c + 2.0 * t * c * c + 2.0 * t * c * 2.0 * h
+    let block = 2.0 * t * c * 3.0 * c
+        + 4.0 * t * t * c
+        + 2.0 * t * c * c
+        + 2.0 * t * c * 2.0 * h
         + 2.0 * t * h * c;
     patch + cfg.depth as f64 * block
 }
@@ -57,11 +60,19 @@ pub fn peak_rss_mb() -> f64 {
 }
 
 /// Time the forward pass (features, pooling and head) of a random-weight preset.
-pub fn forward(model_name: &str, batch: usize, input: usize, iters: usize) -> Result<BenchResult, ModelError> {
+pub fn forward(
+    model_name: &str,
+    batch: usize,
+    input: usize,
+    iters: usize,
+) -> Result<BenchResult, ModelError> {
     let cfg = EvaXConfig::preset(model_name)
         .ok_or_else(|| ModelError::Input(format!("unknown model '{model_name}' (ti, s, b)")))?;
-    if input == 0 || input % cfg.patch_size != 0 {
-        return Err(ModelError::Input(format!("input size {input} is not a multiple of {}", cfg.patch_size)));
+    if input == 0 || !input.is_multiple_of(cfg.patch_size) {
+        return Err(ModelError::Input(format!(
+            "input size {input} is not a multiple of {}",
+            cfg.patch_size
+        )));
     }
     let model = EvaX::random(cfg.clone(), 0)?;
     let x = Tensor::randn(0f32, 1f32, (batch, 3, input, input), &Device::Cpu)?;

@@ -65,9 +65,15 @@ pub fn collect_inputs(args: &[PathBuf]) -> (Vec<PathBuf>, Vec<Failure>) {
                 Ok(text) => {
                     let base = a.parent().unwrap_or(Path::new("."));
                     for line in text.lines() {
-                        let Some(first) = line.split_whitespace().next() else { continue };
+                        let Some(first) = line.split_whitespace().next() else {
+                            continue;
+                        };
                         let p = PathBuf::from(first);
-                        out.push(if p.is_relative() && !p.exists() { base.join(p) } else { p });
+                        out.push(if p.is_relative() && !p.exists() {
+                            base.join(p)
+                        } else {
+                            p
+                        });
                     }
                 }
                 Err(e) => failures.push(Failure {

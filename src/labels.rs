@@ -73,10 +73,22 @@ impl LabelSet {
     /// (multi-label unless `activation` says otherwise).
     pub fn resolve(spec: &str, activation: Option<Activation>) -> Result<Self, String> {
         let (classes, default): (Vec<String>, Activation) = match spec {
-            "cxr14" => (CXR14.iter().map(|s| s.to_string()).collect(), Activation::Sigmoid),
-            "chexpert" => (CHEXPERT.iter().map(|s| s.to_string()).collect(), Activation::Sigmoid),
-            "covidx3" => (COVIDX3.iter().map(|s| s.to_string()).collect(), Activation::Softmax),
-            "covidx2" => (COVIDX2.iter().map(|s| s.to_string()).collect(), Activation::Softmax),
+            "cxr14" => (
+                CXR14.iter().map(|s| s.to_string()).collect(),
+                Activation::Sigmoid,
+            ),
+            "chexpert" => (
+                CHEXPERT.iter().map(|s| s.to_string()).collect(),
+                Activation::Sigmoid,
+            ),
+            "covidx3" => (
+                COVIDX3.iter().map(|s| s.to_string()).collect(),
+                Activation::Softmax,
+            ),
+            "covidx2" => (
+                COVIDX2.iter().map(|s| s.to_string()).collect(),
+                Activation::Softmax,
+            ),
             file => {
                 let text = std::fs::read_to_string(Path::new(file)).map_err(|e| {
                     format!("{file}: not a known label set (cxr14, chexpert, covidx3, covidx2) and not a readable file: {e}")

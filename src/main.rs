@@ -15,7 +15,11 @@ use evax::model::{EvaX, LoadOptions, adapt, inspect, rope::RopeTables};
 use evax::preprocess::{Normalization, Preprocess};
 
 #[derive(Parser)]
-#[command(name = "evax", version, about = "EVA-X chest X-ray vision transformers: load, embed, predict")]
+#[command(
+    name = "evax",
+    version,
+    about = "EVA-X chest X-ray vision transformers: load, embed, predict"
+)]
 struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long, global = true)]
@@ -156,7 +160,11 @@ enum Command {
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize), String> {
-    let parse = |t: &str| t.trim().parse::<usize>().map_err(|_| format!("bad size '{s}'"));
+    let parse = |t: &str| {
+        t.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("bad size '{s}'"))
+    };
     let (h, w) = match s.split_once(['x', 'X']) {
         Some((h, w)) => (parse(h)?, parse(w)?),
         None => {
@@ -174,7 +182,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         // The pool is built once, before any work; an error means it already exists.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
     }
     match run(cli.command) {
         Ok(code) => code,
@@ -200,7 +210,14 @@ fn run(cmd: Command) -> Result<ExitCode> {
             dtype,
             rope_grid,
             state_key,
-        } => convert(&ckpt, &output, patch_size, dtype, rope_grid, state_key.as_deref()),
+        } => convert(
+            &ckpt,
+            &output,
+            patch_size,
+            dtype,
+            rope_grid,
+            state_key.as_deref(),
+        ),
         Command::Embed {
             model,
             tokens,
@@ -214,7 +231,14 @@ fn run(cmd: Command) -> Result<ExitCode> {
             threshold,
             output,
             inputs,
-        } => predict(&model, labels.as_deref(), activation, threshold, &output, &inputs),
+        } => predict(
+            &model,
+            labels.as_deref(),
+            activation,
+            threshold,
+            &output,
+            &inputs,
+        ),
         Command::Bench {
             model,
             batch,
@@ -245,35 +269,84 @@ fn run(cmd: Command) -> Result<ExitCode> {
     }
 }
 
-fn info(path: &Path, json: bool, rope_grid: Option<f64>, state_key: Option<&str>) -> Result<ExitCode> {
+fn info(
+    path: &Path,
+    json: bool,
+    rope_grid: Option<f64>,
+    state_key: Option<&str>,
+) -> Result<ExitCode> {
     let ck = Checkpoint::load_with(path, state_key)?;
     let i = inspect::inspect(&ck, &LoadOptions { rope_grid });
     if json {
         println!("{}", serde_json::to_string_pretty(&i)?);
     } else {
-        let dtypes: Vec<String> = i.dtypes.iter().map(|(d, n)| format!("{d} ({n} tensors)")).collect();
+        let dtypes: Vec<String> = i
+            .dtypes
+            .iter()
+            .map(|(d, n)| format!("{d} ({n} tensors)"))
+            .collect();
         println!("file         {}", i.path);
         println!("format       {}", i.format);
         println!("dtype        {}", dtypes.join(", "));
-        println!("state dict   {} ({} tensors)", i.nesting.as_deref().map_or("top level".into(), |k| format!("under '{k}'")), i.tensors);
+        println!(
+            "state dict   {} ({} tensors)",
+            i.nesting
+                .as_deref()
+                .map_or("top level".into(), |k| format!("under '{k}'")),
+            i.tensors
+        );
         if !i.extras.is_empty() {
             let e: Vec<String> = i.extras.iter().map(|(k, t)| format!("{k}: {t}")).collect();
             println!("also holds   {}", e.join(", "));
         }
         if let Some(c) = &i.config {
-            println!("model        {} ({:?})", i.variant.clone().unwrap_or_default(), c.kind);
-            println!("architecture dim {}, depth {}, heads {}, MLP hidden {}, patch {}", c.dim, c.depth, c.heads, c.mlp_hidden, c.patch_size);
-            println!("attention    {}", if c.fused_qkv { "fused qkv + q_bias, v_bias" } else { "separate q/k/v projections + q_bias, v_bias" });
-            println!("MLP          {}", if c.sub_ln { "SwiGLU with sub-LN (w1, w2, ffn_ln, w3)" } else { "packed SwiGLU (w12, w3)" });
+            println!(
+                "model        {} ({:?})",
+                i.variant.clone().unwrap_or_default(),
+                c.kind
+            );
+            println!(
+                "architecture dim {}, depth {}, heads {}, MLP hidden {}, patch {}",
+                c.dim, c.depth, c.heads, c.mlp_hidden, c.patch_size
+            );
+            println!(
+                "attention    {}",
+                if c.fused_qkv {
+                    "fused qkv + q_bias, v_bias"
+                } else {
+                    "separate q/k/v projections + q_bias, v_bias"
+                }
+            );
+            println!(
+                "MLP          {}",
+                if c.sub_ln {
+                    "SwiGLU with sub-LN (w1, w2, ffn_ln, w3)"
+                } else {
+                    "packed SwiGLU (w12, w3)"
+                }
+            );
             let (h, w) = i.input_size.unwrap_or_default();
-            println!("input        {h}x{w} (grid {}x{})", c.train_grid.0, c.train_grid.1);
+            println!(
+                "input        {h}x{w} (grid {}x{})",
+                c.train_grid.0, c.train_grid.1
+            );
             println!("RoPE r       {} (from {})", c.rope_grid, c.rope_grid_source);
-            println!("classes      {}", c.num_classes.map_or("none".into(), |n| n.to_string()));
+            println!(
+                "classes      {}",
+                c.num_classes.map_or("none".into(), |n| n.to_string())
+            );
         }
         if let Some(p) = i.parameters {
             println!("parameters   {p} ({:.2} M)", p as f64 / 1e6);
         }
-        println!("unused keys  {}", if i.unused_keys.is_empty() { "none".into() } else { i.unused_keys.join(", ") });
+        println!(
+            "unused keys  {}",
+            if i.unused_keys.is_empty() {
+                "none".into()
+            } else {
+                i.unused_keys.join(", ")
+            }
+        );
         if i.problems.is_empty() {
             println!("missing keys none");
         } else {
@@ -299,11 +372,13 @@ fn convert(
     state_key: Option<&str>,
 ) -> Result<ExitCode> {
     let ck = Checkpoint::load_with(path, state_key)?;
-    let mut sd = adapt::to_eva_layout(&ck.tensors).map_err(anyhow::Error::msg)
+    let mut sd = adapt::to_eva_layout(&ck.tensors)
+        .map_err(anyhow::Error::msg)
         .with_context(|| path.display().to_string())?;
     let opts = LoadOptions { rope_grid };
     // Validate that the weights build a model before writing anything.
-    let (model, report) = EvaX::from_eva_state_dict(&sd, &opts).with_context(|| path.display().to_string())?;
+    let (model, report) =
+        EvaX::from_eva_state_dict(&sd, &opts).with_context(|| path.display().to_string())?;
     let cfg = model.config.clone();
     if let Some(q) = patch_size {
         let w = &sd.tensors["patch_embed.proj.weight"];
@@ -325,7 +400,10 @@ fn convert(
         out.insert(k.clone(), p.to_tensor(&Device::Cpu)?.to_dtype(dt)?);
     }
     for (name, table) in [("rope.freqs_cos", &rope.cos), ("rope.freqs_sin", &rope.sin)] {
-        out.insert(name.into(), Tensor::from_slice(table, (n, 64), &Device::Cpu)?);
+        out.insert(
+            name.into(),
+            Tensor::from_slice(table, (n, 64), &Device::Cpu)?,
+        );
     }
     let meta = HashMap::from([
         ("format".to_string(), "pt".to_string()),
@@ -343,15 +421,24 @@ fn convert(
             DtypeArg::F16 => "f16",
         },
         report.parameters,
-        if report.unused.is_empty() { String::new() } else { format!("; {} unused keys kept", report.unused.len()) }
+        if report.unused.is_empty() {
+            String::new()
+        } else {
+            format!("; {} unused keys kept", report.unused.len())
+        }
     );
     Ok(ExitCode::SUCCESS)
 }
 
 fn load_model(a: &ModelArgs) -> Result<EvaX> {
     let ck = Checkpoint::load_with(&a.weights, a.state_key.as_deref())?;
-    let (model, _) = EvaX::from_checkpoint(&ck, &LoadOptions { rope_grid: a.rope_grid })
-        .with_context(|| a.weights.display().to_string())?;
+    let (model, _) = EvaX::from_checkpoint(
+        &ck,
+        &LoadOptions {
+            rope_grid: a.rope_grid,
+        },
+    )
+    .with_context(|| a.weights.display().to_string())?;
     Ok(model)
 }
 
@@ -371,7 +458,11 @@ fn finish(failures: &[Failure], done: usize) -> ExitCode {
     if failures.is_empty() {
         ExitCode::SUCCESS
     } else {
-        eprintln!("{} of {} inputs failed", failures.len(), failures.len() + done);
+        eprintln!(
+            "{} of {} inputs failed",
+            failures.len(),
+            failures.len() + done
+        );
         ExitCode::from(1)
     }
 }
@@ -384,24 +475,41 @@ fn embed(a: &ModelArgs, with_tokens: bool, output: &Path, inputs: &[PathBuf]) ->
     let mut done: Vec<usize> = Vec::new();
     let mut pooled: Vec<Tensor> = Vec::new();
     let mut tokens: Vec<Tensor> = Vec::new();
-    failures.extend(infer::for_each_batch(&paths, &pre, a.batch, &pb, |pos, x| {
-        let f = model.forward_features(&x).map_err(|e| e.to_string())?;
-        let (p, t) = model.representation(&f).map_err(|e| e.to_string())?;
-        pooled.push(p);
-        if with_tokens {
-            tokens.push(t);
-        }
-        done.extend_from_slice(pos);
-        Ok(())
-    }));
+    failures.extend(infer::for_each_batch(
+        &paths,
+        &pre,
+        a.batch,
+        &pb,
+        |pos, x| {
+            let f = model.forward_features(&x).map_err(|e| e.to_string())?;
+            let (p, t) = model.representation(&f).map_err(|e| e.to_string())?;
+            pooled.push(p);
+            if with_tokens {
+                tokens.push(t);
+            }
+            done.extend_from_slice(pos);
+            Ok(())
+        },
+    ));
     if done.is_empty() {
         finish(&failures, 0);
         bail!("no input could be embedded");
     }
     let pooled = Tensor::cat(&pooled, 0)?;
-    let tokens = if with_tokens { Some(Tensor::cat(&tokens, 0)?) } else { None };
-    let names: Vec<String> = done.iter().map(|&i| paths[i].display().to_string()).collect();
-    let ext = output.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let tokens = if with_tokens {
+        Some(Tensor::cat(&tokens, 0)?)
+    } else {
+        None
+    };
+    let names: Vec<String> = done
+        .iter()
+        .map(|&i| paths[i].display().to_string())
+        .collect();
+    let ext = output
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     match ext.as_str() {
         "safetensors" => {
             let mut out = BTreeMap::from([("pooled".to_string(), pooled)]);
@@ -416,9 +524,15 @@ fn embed(a: &ModelArgs, with_tokens: bool, output: &Path, inputs: &[PathBuf]) ->
             if let Some(t) = tokens {
                 write_npy(&output.with_extension("tokens.npy"), &t)?;
             }
-            evax::io::write_atomic(&output.with_extension("inputs.txt"), (names.join("\n") + "\n").as_bytes())?;
+            evax::io::write_atomic(
+                &output.with_extension("inputs.txt"),
+                (names.join("\n") + "\n").as_bytes(),
+            )?;
         }
-        _ => bail!("{}: output must end in .safetensors or .npy", output.display()),
+        _ => bail!(
+            "{}: output must end in .safetensors or .npy",
+            output.display()
+        ),
     }
     eprintln!("embedded {} images -> {}", names.len(), output.display());
     Ok(finish(&failures, names.len()))
@@ -447,13 +561,21 @@ fn predict(
     output: &Path,
     inputs: &[PathBuf],
 ) -> Result<ExitCode> {
-    let ext = output.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = output
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     if ext != "csv" && ext != "json" {
         bail!("{}: output must end in .csv or .json", output.display());
     }
     let model = load_model(a)?;
     let Some(n) = model.config.num_classes else {
-        bail!("{}: checkpoint has no classification head (it is {:?}); use `evax embed`", a.weights.display(), model.config.kind);
+        bail!(
+            "{}: checkpoint has no classification head (it is {:?}); use `evax embed`",
+            a.weights.display(),
+            model.config.kind
+        );
     };
     let activation = activation.map(|a| match a {
         ActivationArg::Sigmoid => Activation::Sigmoid,
@@ -470,33 +592,43 @@ fn predict(
         }
     };
     if labels.classes.len() != n {
-        bail!("label set '{}' has {} classes but the head has {n}", labels.name, labels.classes.len());
+        bail!(
+            "label set '{}' has {} classes but the head has {n}",
+            labels.name,
+            labels.classes.len()
+        );
     }
     let pre = preprocess_for(a);
     let (paths, mut failures) = infer::collect_inputs(inputs);
     let pb = infer::progress(paths.len(), "predict");
     let mut preds: Vec<Prediction> = Vec::new();
-    failures.extend(infer::for_each_batch(&paths, &pre, a.batch, &pb, |pos, x| {
-        let logits = model.logits(&x).map_err(|e| e.to_string())?;
-        let rows = logits.to_vec2::<f32>().map_err(|e| e.to_string())?;
-        for (&i, row) in pos.iter().zip(rows) {
-            let probs = labels.activation.apply(&row);
-            let findings = labels
-                .classes
-                .iter()
-                .zip(&probs)
-                .filter(|(_, p)| **p >= threshold)
-                .map(|(c, _)| c.clone())
-                .collect();
-            preds.push(Prediction {
-                input: paths[i].display().to_string(),
-                logits: row,
-                probabilities: probs,
-                findings,
-            });
-        }
-        Ok(())
-    }));
+    failures.extend(infer::for_each_batch(
+        &paths,
+        &pre,
+        a.batch,
+        &pb,
+        |pos, x| {
+            let logits = model.logits(&x).map_err(|e| e.to_string())?;
+            let rows = logits.to_vec2::<f32>().map_err(|e| e.to_string())?;
+            for (&i, row) in pos.iter().zip(rows) {
+                let probs = labels.activation.apply(&row);
+                let findings = labels
+                    .classes
+                    .iter()
+                    .zip(&probs)
+                    .filter(|(_, p)| **p >= threshold)
+                    .map(|(c, _)| c.clone())
+                    .collect();
+                preds.push(Prediction {
+                    input: paths[i].display().to_string(),
+                    logits: row,
+                    probabilities: probs,
+                    findings,
+                });
+            }
+            Ok(())
+        },
+    ));
     let bytes = if ext == "json" {
         serde_json::to_vec_pretty(&preds)?
     } else {

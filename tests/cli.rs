@@ -33,7 +33,10 @@ fn s(p: &Path) -> &str {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn reference(shared: &Path, key: &str) -> Param {
@@ -46,7 +49,9 @@ fn reference(shared: &Path, key: &str) -> Param {
 
 #[test]
 fn predict_on_nih_images_gives_reference_logits() {
-    let Some(sh) = shared_or_skip("predict_on_nih_images_gives_reference_logits") else { return };
+    let Some(sh) = shared_or_skip("predict_on_nih_images_gives_reference_logits") else {
+        return;
+    };
     let dir = scratch("predict");
     let out = dir.join("pred.json");
     let nih = sh.join("data/nih");
@@ -66,7 +71,12 @@ fn predict_on_nih_images_gives_reference_logits() {
     assert_eq!(preds.len(), 3);
     let want = reference(&sh, "ti_ft/logits");
     for (i, p) in preds.iter().take(2).enumerate() {
-        assert!(p["input"].as_str().unwrap().ends_with(["00000001_000.png", "00003440_000.png"][i]));
+        assert!(
+            p["input"]
+                .as_str()
+                .unwrap()
+                .ends_with(["00000001_000.png", "00003440_000.png"][i])
+        );
         let logits: Vec<f32> = p["logits"]
             .as_array()
             .unwrap()
@@ -83,13 +93,25 @@ fn predict_on_nih_images_gives_reference_logits() {
 
 #[test]
 fn embed_on_nih_images_gives_reference_features() {
-    let Some(sh) = shared_or_skip("embed_on_nih_images_gives_reference_features") else { return };
+    let Some(sh) = shared_or_skip("embed_on_nih_images_gives_reference_features") else {
+        return;
+    };
     let dir = scratch("embed");
     let nih = sh.join("data/nih");
     let imgs = [nih.join("00000001_000.png"), nih.join("00003440_000.png")];
     for (ckpt, size, pooled_key, tokens_key) in [
-        ("eva_x_ti_mim_fp16.pt", "224", "ti_mim/pooled", Some("ti_mim/tokens")),
-        ("eva_x_b_d1_mim_fp16.pt", "224", "b_mim/pooled", Some("b_mim/tokens")),
+        (
+            "eva_x_ti_mim_fp16.pt",
+            "224",
+            "ti_mim/pooled",
+            Some("ti_mim/tokens"),
+        ),
+        (
+            "eva_x_b_d1_mim_fp16.pt",
+            "224",
+            "b_mim/pooled",
+            Some("b_mim/tokens"),
+        ),
         ("eva_x_ti_cxr14_ft.pth", "224", "ti_ft/prelogits", None),
         ("eva_x_s_d2_mim_fp16.pt", "480", "s_mim_to480/pooled", None),
     ] {
@@ -146,13 +168,18 @@ fn expect_clear_error(args: &[&str], name: &str, what: &str) {
     let err = stderr(&o);
     assert!(!o.status.success(), "{what}: succeeded");
     assert!(!err.contains("panicked"), "{what}: panicked: {err}");
-    assert!(err.contains(name), "{what}: error does not name {name}: {err}");
+    assert!(
+        err.contains(name),
+        "{what}: error does not name {name}: {err}"
+    );
     eprintln!("{what}: {}", err.trim());
 }
 
 #[test]
 fn damaged_checkpoints_give_clear_errors() {
-    let Some(sh) = shared_or_skip("damaged_checkpoints_give_clear_errors") else { return };
+    let Some(sh) = shared_or_skip("damaged_checkpoints_give_clear_errors") else {
+        return;
+    };
     let dir = scratch("damaged");
     let zip_bytes = std::fs::read(sh.join("fixtures/eva_x_ti_mim_fp16.pt")).unwrap();
     let legacy_bytes = std::fs::read(sh.join("fixtures/eva_x_ti_mim_fp16_legacy.pt")).unwrap();
@@ -160,7 +187,11 @@ fn damaged_checkpoints_give_clear_errors() {
     let truncated = dir.join("truncated.pt");
     std::fs::write(&truncated, &zip_bytes[..zip_bytes.len() / 2]).unwrap();
     let truncated_legacy = dir.join("truncated_legacy.pt");
-    std::fs::write(&truncated_legacy, &legacy_bytes[..legacy_bytes.len() - 1000]).unwrap();
+    std::fs::write(
+        &truncated_legacy,
+        &legacy_bytes[..legacy_bytes.len() - 1000],
+    )
+    .unwrap();
 
     let no_pkl = dir.join("no_pkl.pth");
     {
@@ -212,7 +243,9 @@ fn damaged_checkpoints_give_clear_errors() {
 
 #[test]
 fn damaged_images_are_listed_and_the_rest_processed() {
-    let Some(sh) = shared_or_skip("damaged_images_are_listed_and_the_rest_processed") else { return };
+    let Some(sh) = shared_or_skip("damaged_images_are_listed_and_the_rest_processed") else {
+        return;
+    };
     let dir = scratch("images");
     let good = sh.join("data/nih/00000001_000.png");
     let png = std::fs::read(&good).unwrap();
@@ -241,7 +274,10 @@ fn damaged_images_are_listed_and_the_rest_processed() {
         ("empty.jpg", "file is empty"),
         ("does_not_exist.png", "No such file"),
     ] {
-        let line = err.lines().find(|l| l.contains(name)).unwrap_or_else(|| panic!("{name} not listed: {err}"));
+        let line = err
+            .lines()
+            .find(|l| l.contains(name))
+            .unwrap_or_else(|| panic!("{name} not listed: {err}"));
         assert!(line.contains(why), "{line}");
     }
     assert!(err.contains("3 of 4 inputs failed"), "{err}");
@@ -252,8 +288,14 @@ fn damaged_images_are_listed_and_the_rest_processed() {
 
 #[test]
 fn info_json_describes_the_architecture() {
-    let Some(sh) = shared_or_skip("info_json_describes_the_architecture") else { return };
-    let o = evax(&["info", "--json", s(&sh.join("fixtures/eva_x_s_d2_covidx480_ft.pth"))]);
+    let Some(sh) = shared_or_skip("info_json_describes_the_architecture") else {
+        return;
+    };
+    let o = evax(&[
+        "info",
+        "--json",
+        s(&sh.join("fixtures/eva_x_s_d2_covidx480_ft.pth")),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["config"]["dim"], 384);
@@ -266,7 +308,9 @@ fn info_json_describes_the_architecture() {
 
 #[test]
 fn convert_round_trips_through_safetensors() {
-    let Some(sh) = shared_or_skip("convert_round_trips_through_safetensors") else { return };
+    let Some(sh) = shared_or_skip("convert_round_trips_through_safetensors") else {
+        return;
+    };
     let dir = scratch("convert");
     let out = dir.join("b.safetensors");
     let src = sh.join("fixtures/eva_x_b_d1_cxr14_ft_rope16.pth");
@@ -298,9 +342,24 @@ fn convert_round_trips_through_safetensors() {
     }
     // Patch-kernel resampling changes the kernel size and nothing else.
     let out14 = dir.join("p14.safetensors");
-    let o = evax(&["convert", s(&src), "--patch-size", "14", "--dtype", "f16", "-o", s(&out14)]);
+    let o = evax(&[
+        "convert",
+        s(&src),
+        "--patch-size",
+        "14",
+        "--dtype",
+        "f16",
+        "-o",
+        s(&out14),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let ck = Checkpoint::load(&out14).unwrap();
-    assert_eq!(ck.tensors["patch_embed.proj.weight"].shape, vec![768, 3, 14, 14]);
-    assert_eq!(ck.tensors["patch_embed.proj.weight"].dtype, evax::checkpoint::StorageDtype::F16);
+    assert_eq!(
+        ck.tensors["patch_embed.proj.weight"].shape,
+        vec![768, 3, 14, 14]
+    );
+    assert_eq!(
+        ck.tensors["patch_embed.proj.weight"].dtype,
+        evax::checkpoint::StorageDtype::F16
+    );
 }

@@ -16,7 +16,9 @@ fn reference(shared: &Path) -> BTreeMap<String, Param> {
 
 fn model(shared: &Path, name: &str) -> EvaX {
     let ck = Checkpoint::load(shared.join("fixtures").join(name)).unwrap();
-    EvaX::from_checkpoint(&ck, &LoadOptions::default()).unwrap().0
+    EvaX::from_checkpoint(&ck, &LoadOptions::default())
+        .unwrap()
+        .0
 }
 
 fn input(r: &BTreeMap<String, Param>, key: &str) -> Tensor {
@@ -41,7 +43,9 @@ fn check(got: &Tensor, r: &BTreeMap<String, Param>, key: &str, tol: f32) {
 
 #[test]
 fn ti_mim_tokens_and_pooled() {
-    let Some(s) = shared_or_skip("ti_mim_tokens_and_pooled") else { return };
+    let Some(s) = shared_or_skip("ti_mim_tokens_and_pooled") else {
+        return;
+    };
     let r = reference(&s);
     let m = model(&s, "eva_x_ti_mim_fp16.pt");
     let f = m.forward_features(&input(&r, "input224")).unwrap();
@@ -52,12 +56,19 @@ fn ti_mim_tokens_and_pooled() {
 
 #[test]
 fn ti_ft_intermediates_and_logits() {
-    let Some(s) = shared_or_skip("ti_ft_intermediates_and_logits") else { return };
+    let Some(s) = shared_or_skip("ti_ft_intermediates_and_logits") else {
+        return;
+    };
     let r = reference(&s);
     let m = model(&s, "eva_x_ti_cxr14_ft.pth");
     let x = input(&r, "input224");
     check(&m.embed_tokens(&x).unwrap(), &r, "ti_ft/embed_out", 1e-5);
-    check(&m.forward_blocks(&x, 1).unwrap(), &r, "ti_ft/block0_out", 1e-4);
+    check(
+        &m.forward_blocks(&x, 1).unwrap(),
+        &r,
+        "ti_ft/block0_out",
+        1e-4,
+    );
     let f = m.forward_features(&x).unwrap();
     let (pooled, _) = m.representation(&f).unwrap();
     check(&pooled, &r, "ti_ft/prelogits", 1e-4);
@@ -66,25 +77,46 @@ fn ti_ft_intermediates_and_logits() {
 
 #[test]
 fn s480_ft_logits() {
-    let Some(s) = shared_or_skip("s480_ft_logits") else { return };
+    let Some(s) = shared_or_skip("s480_ft_logits") else {
+        return;
+    };
     let r = reference(&s);
     let m = model(&s, "eva_x_s_d2_covidx480_ft.pth");
-    check(&m.logits(&input(&r, "input480")).unwrap(), &r, "s480_ft/logits", 1e-4);
+    check(
+        &m.logits(&input(&r, "input480")).unwrap(),
+        &r,
+        "s480_ft/logits",
+        1e-4,
+    );
 }
 
 #[test]
 fn s_mim_resampled_to_480() {
-    let Some(s) = shared_or_skip("s_mim_resampled_to_480") else { return };
+    let Some(s) = shared_or_skip("s_mim_resampled_to_480") else {
+        return;
+    };
     let r = reference(&s);
     let m = model(&s, "eva_x_s_d2_mim_fp16.pt");
-    check(&m.pos_embed_for((30, 30)).unwrap(), &r, "s_mim_to480/pos_embed", 1e-5);
+    check(
+        &m.pos_embed_for((30, 30)).unwrap(),
+        &r,
+        "s_mim_to480/pos_embed",
+        1e-5,
+    );
     let f = m.forward_features(&input(&r, "input480")).unwrap();
-    check(&m.representation(&f).unwrap().0, &r, "s_mim_to480/pooled", 1e-4);
+    check(
+        &m.representation(&f).unwrap().0,
+        &r,
+        "s_mim_to480/pooled",
+        1e-4,
+    );
 }
 
 #[test]
 fn b_mim_tokens_and_pooled() {
-    let Some(s) = shared_or_skip("b_mim_tokens_and_pooled") else { return };
+    let Some(s) = shared_or_skip("b_mim_tokens_and_pooled") else {
+        return;
+    };
     let r = reference(&s);
     let m = model(&s, "eva_x_b_d1_mim_fp16.pt");
     let f = m.forward_features(&input(&r, "input224")).unwrap();
@@ -95,16 +127,25 @@ fn b_mim_tokens_and_pooled() {
 
 #[test]
 fn b_ft_rope16_logits() {
-    let Some(s) = shared_or_skip("b_ft_rope16_logits") else { return };
+    let Some(s) = shared_or_skip("b_ft_rope16_logits") else {
+        return;
+    };
     let r = reference(&s);
     let m = model(&s, "eva_x_b_d1_cxr14_ft_rope16.pth");
     assert_eq!(m.config.rope_grid, 16.0);
-    check(&m.logits(&input(&r, "input224")).unwrap(), &r, "b_ft_rope16/logits", 1e-4);
+    check(
+        &m.logits(&input(&r, "input224")).unwrap(),
+        &r,
+        "b_ft_rope16/logits",
+        1e-4,
+    );
 }
 
 #[test]
 fn legacy_file_loads_the_same_tensors_as_zip() {
-    let Some(s) = shared_or_skip("legacy_file_loads_the_same_tensors_as_zip") else { return };
+    let Some(s) = shared_or_skip("legacy_file_loads_the_same_tensors_as_zip") else {
+        return;
+    };
     let zip = Checkpoint::load(s.join("fixtures/eva_x_ti_mim_fp16.pt")).unwrap();
     let legacy = Checkpoint::load(s.join("fixtures/eva_x_ti_mim_fp16_legacy.pt")).unwrap();
     assert_eq!(zip.format, evax::checkpoint::Format::TorchZip);

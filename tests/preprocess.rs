@@ -29,21 +29,33 @@ fn compare(got: &[f32], want: &[f32]) -> (f32, f64) {
 
 #[test]
 fn every_fixture_image_matches_pil() {
-    let Some(s) = shared_or_skip("every_fixture_image_matches_pil") else { return };
-    let refs = Checkpoint::load(s.join("fixtures/preprocess.safetensors")).unwrap().tensors;
+    let Some(s) = shared_or_skip("every_fixture_image_matches_pil") else {
+        return;
+    };
+    let refs = Checkpoint::load(s.join("fixtures/preprocess.safetensors"))
+        .unwrap()
+        .tensors;
     for (size, prefix) in [(224, "pre224"), (480, "pre480")] {
         let pre = Preprocess::eval((size, size), Normalization::EVAX);
         for name in IMAGES {
-            let Some(want) = refs.get(&format!("{prefix}/{name}")) else { continue };
+            let Some(want) = refs.get(&format!("{prefix}/{name}")) else {
+                continue;
+            };
             assert_eq!(want.shape, vec![3, size, size]);
             let got = pre.load(s.join("fixtures/images").join(name)).unwrap();
             let (max, share) = compare(&got, &want.data);
-            eprintln!("{prefix}/{name}: max abs diff {max:.3e}, {:.3}% of values differ", share * 100.0);
+            eprintln!(
+                "{prefix}/{name}: max abs diff {max:.3e}, {:.3}% of values differ",
+                share * 100.0
+            );
             if name.ends_with(".png") {
                 assert!(max <= 1e-6, "{name}: PNG must be exact, max diff {max}");
             } else {
                 // JPEG: zune-jpeg's IDCT may differ from libjpeg-turbo's by a level or two.
-                assert!(max <= 2.0 * 0.0138 + 1e-6, "{name}: max diff {max} is more than 2 levels");
+                assert!(
+                    max <= 2.0 * 0.0138 + 1e-6,
+                    "{name}: max diff {max} is more than 2 levels"
+                );
             }
         }
     }
@@ -51,8 +63,12 @@ fn every_fixture_image_matches_pil() {
 
 #[test]
 fn nih_images_give_the_reference_batches() {
-    let Some(s) = shared_or_skip("nih_images_give_the_reference_batches") else { return };
-    let r = Checkpoint::load(s.join("fixtures/reference.safetensors")).unwrap().tensors;
+    let Some(s) = shared_or_skip("nih_images_give_the_reference_batches") else {
+        return;
+    };
+    let r = Checkpoint::load(s.join("fixtures/reference.safetensors"))
+        .unwrap()
+        .tensors;
     for (size, key) in [(224, "input224"), (480, "input480")] {
         let pre = Preprocess::eval((size, size), Normalization::EVAX);
         let mut batch = Vec::new();

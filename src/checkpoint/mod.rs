@@ -75,7 +75,10 @@ impl Param {
     }
 
     /// As a candle tensor on `device`.
-    pub fn to_tensor(&self, device: &candle_core::Device) -> candle_core::Result<candle_core::Tensor> {
+    pub fn to_tensor(
+        &self,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
         candle_core::Tensor::from_slice(&self.data, self.shape.as_slice(), device)
     }
 }
@@ -100,7 +103,13 @@ pub struct Checkpoint {
 }
 
 /// Keys under which checkpoints in the wild nest their state dict, in order of preference.
-pub const STATE_DICT_KEYS: [&str; 5] = ["model", "state_dict", "module", "model_ema", "state_dict_ema"];
+pub const STATE_DICT_KEYS: [&str; 5] = [
+    "model",
+    "state_dict",
+    "module",
+    "model_ema",
+    "state_dict_ema",
+];
 
 impl Checkpoint {
     /// Read a checkpoint, choosing the state dict by the usual nesting keys.
@@ -109,7 +118,10 @@ impl Checkpoint {
     }
 
     /// Read a checkpoint; `state_key` forces which top-level entry holds the state dict.
-    pub fn load_with(path: impl AsRef<Path>, state_key: Option<&str>) -> Result<Self, CheckpointError> {
+    pub fn load_with(
+        path: impl AsRef<Path>,
+        state_key: Option<&str>,
+    ) -> Result<Self, CheckpointError> {
         let path = path.as_ref().to_path_buf();
         let bytes = std::fs::read(&path).map_err(|source| CheckpointError::Io {
             path: path.clone(),
@@ -119,7 +131,11 @@ impl Checkpoint {
     }
 
     /// Parse checkpoint bytes; `path` is used for messages.
-    pub fn from_bytes(bytes: &[u8], path: PathBuf, state_key: Option<&str>) -> Result<Self, CheckpointError> {
+    pub fn from_bytes(
+        bytes: &[u8],
+        path: PathBuf,
+        state_key: Option<&str>,
+    ) -> Result<Self, CheckpointError> {
         let invalid = |what: String| CheckpointError::Invalid {
             path: path.clone(),
             what,
@@ -139,7 +155,13 @@ impl Checkpoint {
             let head: String = bytes
                 .iter()
                 .take(16)
-                .map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' })
+                .map(|&b| {
+                    if b.is_ascii_graphic() || b == b' ' {
+                        b as char
+                    } else {
+                        '.'
+                    }
+                })
                 .collect();
             Err(invalid(format!(
                 "not a checkpoint: expected a PyTorch zip or legacy file or safetensors, \
@@ -258,7 +280,7 @@ impl Checkpoint {
                 None => counts.push((p.dtype, 1)),
             }
         }
-        counts.sort_by(|a, b| b.1.cmp(&a.1));
+        counts.sort_by_key(|c| std::cmp::Reverse(c.1));
         counts
     }
 }
@@ -303,7 +325,10 @@ fn find_state_dict<'a>(root: &'a Value, state_key: Option<&str>) -> Result<Found
             Some(Value::Dict(inner)) if is_state_dict(inner) => {
                 Ok((inner, Some(key.to_owned()), extras(key)))
             }
-            Some(other) => Err(format!("entry '{key}' is a {}, not a state dict", other.kind())),
+            Some(other) => Err(format!(
+                "entry '{key}' is a {}, not a state dict",
+                other.kind()
+            )),
             None => Err(format!("checkpoint has no entry '{key}'")),
         };
     }
@@ -317,14 +342,13 @@ fn find_state_dict<'a>(root: &'a Value, state_key: Option<&str>) -> Result<Found
             }
             // One more level, e.g. {'state_dict': {'model': {...}}}.
             let nested = Value::Dict(inner.clone());
-            if let Ok((_, Some(k2), _)) = find_state_dict(&nested, None) {
-                if let Some(Value::Dict(deep)) = inner
+            if let Ok((_, Some(k2), _)) = find_state_dict(&nested, None)
+                && let Some(Value::Dict(deep)) = inner
                     .iter()
                     .find(|(k, _)| k.as_str() == Some(&k2))
                     .map(|(_, v)| v)
-                {
-                    return Ok((deep, Some(format!("{key}.{k2}")), extras(key)));
-                }
+            {
+                return Ok((deep, Some(format!("{key}.{k2}")), extras(key)));
             }
         }
     }
@@ -370,7 +394,9 @@ mod tests {
 
     #[test]
     fn empty_file_is_an_error() {
-        let e = Checkpoint::from_bytes(b"", "e.pt".into(), None).unwrap_err().to_string();
+        let e = Checkpoint::from_bytes(b"", "e.pt".into(), None)
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "e.pt: file is empty");
     }
 }

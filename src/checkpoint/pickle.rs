@@ -236,7 +236,9 @@ impl V {
         if depth > MAX_DEPTH {
             return Err(PickleError::TooDeep(MAX_DEPTH));
         }
-        *budget = budget.checked_sub(1).ok_or(PickleError::TooLarge(MAX_VALUES))?;
+        *budget = budget
+            .checked_sub(1)
+            .ok_or(PickleError::TooLarge(MAX_VALUES))?;
         let d = depth + 1;
         Ok(match self {
             V::Leaf(v) => v,
@@ -260,7 +262,12 @@ impl V {
             V::Dict(m) => Value::Dict(
                 m.borrow()
                     .iter()
-                    .map(|(k, v)| Ok((k.clone().into_value(d, budget)?, v.clone().into_value(d, budget)?)))
+                    .map(|(k, v)| {
+                        Ok((
+                            k.clone().into_value(d, budget)?,
+                            v.clone().into_value(d, budget)?,
+                        ))
+                    })
                     .collect::<Result<_, PickleError>>()?,
             ),
             V::Object(o) => {
@@ -503,7 +510,9 @@ impl<'a> Machine<'a> {
                 }
                 b'S' => {
                     let l = self.line()?;
-                    let s = String::from_utf8_lossy(l).trim_matches(['\'', '"']).to_owned();
+                    let s = String::from_utf8_lossy(l)
+                        .trim_matches(['\'', '"'])
+                        .to_owned();
                     self.stack.push(V::Leaf(Value::Str(s)))
                 }
                 b'q' => {
@@ -647,10 +656,9 @@ impl<'a> Machine<'a> {
                 }
                 b'b' => {
                     let state = self.pop(pos)?;
-                    match self.top(pos)? {
-                        V::Object(o) => o.borrow_mut().state = Some(state),
-                        // BUILD on a dict (OrderedDict with __dict__ state) or a tensor: ignore.
-                        _ => {}
+                    // BUILD on anything but an opaque object (a dict's __dict__ state): ignore.
+                    if let V::Object(o) = self.top(pos)? {
+                        o.borrow_mut().state = Some(state);
                     }
                 }
                 b'Q' => {
@@ -660,9 +668,7 @@ impl<'a> Machine<'a> {
                 }
                 b'P' => {
                     let l = String::from_utf8_lossy(self.line()?).into_owned();
-                    let v = loader
-                        .load(&Value::Str(l))
-                        .map_err(|e| self.bad(pos, e))?;
+                    let v = loader.load(&Value::Str(l)).map_err(|e| self.bad(pos, e))?;
                     self.stack.push(V::Leaf(v))
                 }
                 _ => return Err(PickleError::UnsupportedOpcode { op, pos }),
@@ -710,9 +716,7 @@ impl<'a> Machine<'a> {
             _ => Vec::new(),
         };
         match (module, name) {
-            ("collections", "OrderedDict") | ("builtins", "dict") => {
-                Ok(V::Dict(Rc::default()))
-            }
+            ("collections", "OrderedDict") | ("builtins", "dict") => Ok(V::Dict(Rc::default())),
             ("torch._utils", "_rebuild_tensor_v2") | ("torch._utils", "_rebuild_tensor") => {
                 let t = rebuild_tensor(&arg_list).map_err(|e| self.bad(pos, e))?;
                 Ok(V::Leaf(Value::Tensor(t)))
@@ -732,7 +736,7 @@ impl<'a> Machine<'a> {
 }
 
 fn pairs(items: Vec<V>) -> Option<Vec<(V, V)>> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return None;
     }
     let mut out = Vec::with_capacity(items.len() / 2);

@@ -52,13 +52,15 @@ pub fn read_zip(bytes: &[u8]) -> Result<TorchFile, String> {
     };
     let pickle_bytes = read(&mut zip, &pkl)?;
     let mut loader = Storages::default();
-    let (root, _) = pickle::unpickle(&pickle_bytes, 0, &mut loader)
-        .map_err(|e| format!("{pkl}: {e}"))?;
+    let (root, _) =
+        pickle::unpickle(&pickle_bytes, 0, &mut loader).map_err(|e| format!("{pkl}: {e}"))?;
     let mut storages = HashMap::new();
     for (key, (dtype, len)) in loader.wanted {
         let name = format!("{prefix}data/{key}");
         if !names.contains(&name) {
-            return Err(format!("storage {key} is missing from the archive ({name})"));
+            return Err(format!(
+                "storage {key} is missing from the archive ({name})"
+            ));
         }
         let mut data = read(&mut zip, &name)?;
         let need = len * dtype.size();
@@ -194,7 +196,9 @@ pub fn materialize(t: &TensorRef, storage: &[u8]) -> Result<Vec<f32>, String> {
         .shape
         .iter()
         .zip(&t.stride)
-        .try_fold(t.offset, |a, (&d, &s)| a.checked_add((d - 1).checked_mul(s)?))
+        .try_fold(t.offset, |a, (&d, &s)| {
+            a.checked_add((d - 1).checked_mul(s)?)
+        })
         .ok_or("tensor strides overflow")?;
     let avail = storage.len() / t.dtype.size();
     if numel > avail {

@@ -53,14 +53,14 @@ pub fn to_eva_layout(tensors: &BTreeMap<String, Param>) -> Result<EvaStateDict, 
             continue;
         };
         let mut name = rest.to_owned();
-        if let Some(after) = name.strip_prefix("blocks.") {
-            if let Some((n, suffix)) = after.split_once('.') {
-                for (timm, eva) in TIMM_RENAMES {
-                    if let Some(tail) = suffix.strip_prefix(timm) {
-                        name = format!("blocks.{n}.{eva}{tail}");
-                        from_timm = true;
-                        break;
-                    }
+        if let Some(after) = name.strip_prefix("blocks.")
+            && let Some((n, suffix)) = after.split_once('.')
+        {
+            for (timm, eva) in TIMM_RENAMES {
+                if let Some(tail) = suffix.strip_prefix(timm) {
+                    name = format!("blocks.{n}.{eva}{tail}");
+                    from_timm = true;
+                    break;
                 }
             }
         }
@@ -78,7 +78,10 @@ pub fn to_eva_layout(tensors: &BTreeMap<String, Param>) -> Result<EvaStateDict, 
 /// as the original does; the class entry is kept.
 pub fn resample_pos_embed(pos: &Param, (gh, gw): (usize, usize)) -> Result<Param, String> {
     let [1, n, c] = pos.shape[..] else {
-        return Err(format!("pos_embed has shape {:?}, expected [1, 1 + g*g, C]", pos.shape));
+        return Err(format!(
+            "pos_embed has shape {:?}, expected [1, 1 + g*g, C]",
+            pos.shape
+        ));
     };
     let g = ((n - 1) as f64).sqrt().round() as usize;
     if g * g + 1 != n {

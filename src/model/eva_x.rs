@@ -353,7 +353,13 @@ pub fn infer_config(sd: &BTreeMap<String, Param>, opts: &LoadOptions) -> Result<
     }
     let depth = sd
         .keys()
-        .filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok())
+        .filter_map(|k| {
+            k.strip_prefix("blocks.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .max()
         .map(|m| m + 1)
         .ok_or_else(|| bad("no blocks.N.* keys: not a ViT backbone".into()))?;
@@ -364,7 +370,9 @@ pub fn infer_config(sd: &BTreeMap<String, Param>, opts: &LoadOptions) -> Result<
     } else if let Some(w) = sd.get("blocks.0.mlp.w1.weight") {
         w.shape[0]
     } else {
-        return Err(bad("missing blocks.0.mlp.w12.weight (or w1): unknown MLP".into()));
+        return Err(bad(
+            "missing blocks.0.mlp.w12.weight (or w1): unknown MLP".into()
+        ));
     };
     let pos = sd
         .get("pos_embed")
@@ -427,7 +435,10 @@ impl EvaX {
     }
 
     /// Build a model from a state dict already in the models_eva layout.
-    pub fn from_eva_state_dict(sd: &EvaStateDict, opts: &LoadOptions) -> Result<(Self, LoadReport)> {
+    pub fn from_eva_state_dict(
+        sd: &EvaStateDict,
+        opts: &LoadOptions,
+    ) -> Result<(Self, LoadReport)> {
         let config = infer_config(&sd.tensors, opts)?;
         let (c, p) = (config.dim, config.patch_size);
         let mut ws = WeightSource {
@@ -470,7 +481,11 @@ impl EvaX {
                 config.variant(),
                 config.depth,
                 shown.join("; "),
-                if more > 0 { format!("; and {more} more") } else { String::new() }
+                if more > 0 {
+                    format!("; and {more} more")
+                } else {
+                    String::new()
+                }
             )));
         }
         let parameters = ws.used.iter().map(|k| sd.tensors[k].numel()).sum();
@@ -504,13 +519,17 @@ impl EvaX {
 
     /// A model with random weights of a preset configuration (for benchmarks).
     pub fn random(config: EvaXConfig, seed: u64) -> Result<Self> {
-        let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut rng = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let mut tensors = BTreeMap::new();
         let mut add = |k: String, shape: Vec<usize>, std: f32| {
             let n: usize = shape.iter().product();
             let data = (0..n)
                 .map(|_| {
-                    rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    rng = rng
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * std
                 })
                 .collect();
@@ -606,7 +625,9 @@ impl EvaX {
         let p = self.config.patch_size;
         let dims = x.dims();
         match dims {
-            [b, 3, h, w] if h % p == 0 && w % p == 0 && *h > 0 && *w > 0 => Ok((*b, (h / p, w / p))),
+            [b, 3, h, w] if h % p == 0 && w % p == 0 && *h > 0 && *w > 0 => {
+                Ok((*b, (h / p, w / p)))
+            }
             _ => Err(ModelError::Input(format!(
                 "input has shape {dims:?}; expected [B, 3, H, W] with H and W multiples of {p}"
             ))),

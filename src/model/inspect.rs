@@ -2,8 +2,8 @@
 
 use crate::checkpoint::Checkpoint;
 
-use super::eva_x::{EvaX, EvaXConfig, LoadOptions};
 use super::adapt;
+use super::eva_x::{EvaX, EvaXConfig, LoadOptions};
 
 /// A checkpoint described for people and tools.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -64,7 +64,10 @@ pub fn inspect(ck: &Checkpoint, opts: &LoadOptions) -> Inspection {
     match super::eva_x::infer_config(&sd.tensors, opts) {
         Ok(cfg) => {
             out.variant = Some(cfg.variant());
-            out.input_size = Some((cfg.train_grid.0 * cfg.patch_size, cfg.train_grid.1 * cfg.patch_size));
+            out.input_size = Some((
+                cfg.train_grid.0 * cfg.patch_size,
+                cfg.train_grid.1 * cfg.patch_size,
+            ));
             out.config = Some(cfg);
         }
         Err(e) => {

@@ -53,7 +53,9 @@ pub fn resize_grid_bicubic(
                 let w = mx[ox * in_w + x];
                 if w != 0.0 {
                     let src = &data[(y * in_w + x) * channels..][..channels];
-                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d += w * s as f64);
+                    dst.iter_mut()
+                        .zip(src)
+                        .for_each(|(d, &s)| *d += w * s as f64);
                 }
             }
         }
@@ -68,7 +70,9 @@ pub fn resize_grid_bicubic(
             for ox in 0..out_w {
                 let src = &tmp[(y * out_w + ox) * channels..][..channels];
                 let dst = &mut out[(oy * out_w + ox) * channels..][..channels];
-                dst.iter_mut().zip(src).for_each(|(d, &s)| *d += (w * s) as f32);
+                dst.iter_mut()
+                    .zip(src)
+                    .for_each(|(d, &s)| *d += (w * s) as f32);
             }
         }
     }

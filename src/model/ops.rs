@@ -15,6 +15,7 @@ use rayon::prelude::*;
 /// Fast `exp` for f32 (Cephes-style range reduction and degree-6 polynomial, ~1 ulp over the
 /// range softmax and SiLU use); branch-free so loops over it vectorise.
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // Cephes' published coefficients
 pub fn exp_f32(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -172,16 +173,30 @@ impl CustomOp1 for Attention {
         let h = self.heads;
         let d = c / h;
         if c3 != 3 * c || h * d != c || d != self.rope.dim {
-            candle_core::bail!("attention: qkv width {c3} does not fit {h} heads of {}", self.rope.dim);
+            candle_core::bail!(
+                "attention: qkv width {c3} does not fit {h} heads of {}",
+                self.rope.dim
+            );
         }
         if self.rope.cos.len() != (t - 1) * d {
-            candle_core::bail!("attention: RoPE tables are for {} tokens, input has {}", self.rope.cos.len() / d, t - 1);
+            candle_core::bail!(
+                "attention: RoPE tables are for {} tokens, input has {}",
+                self.rope.cos.len() / d,
+                t - 1
+            );
         }
         let scale = 1.0 / (d as f32).sqrt();
         let mut out = vec![0f32; b * t * c];
         let dst = SharedMut(out.as_mut_ptr());
         (0..b * h).into_par_iter().for_each_init(
-            || (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * t]),
+            || {
+                (
+                    vec![0f32; t * d],
+                    vec![0f32; t * d],
+                    vec![0f32; t * d],
+                    vec![0f32; t * t],
+                )
+            },
             |(q, k, v, sc), bh| {
                 let (bi, hi) = (bh / h, bh % h);
                 let base = &qkv[bi * t * c3..(bi + 1) * t * c3];
@@ -207,9 +222,25 @@ impl CustomOp1 for Attention {
                 // SAFETY: all pointers address buffers of the sizes the strides describe.
                 unsafe {
                     gemm::gemm(
-                        t, t, d, sc.as_mut_ptr(), 1, t as isize, false,
-                        q.as_ptr(), 1, d as isize, k.as_ptr(), d as isize, 1,
-                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                        t,
+                        t,
+                        d,
+                        sc.as_mut_ptr(),
+                        1,
+                        t as isize,
+                        false,
+                        q.as_ptr(),
+                        1,
+                        d as isize,
+                        k.as_ptr(),
+                        d as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
                     );
                 }
                 simd::softmax_rows(sc, t);
@@ -218,9 +249,25 @@ impl CustomOp1 for Attention {
                 // rows of `out`; no two tasks overlap.
                 unsafe {
                     gemm::gemm(
-                        t, d, t, o.0.add(bi * t * c + hi * d), 1, c as isize, false,
-                        sc.as_ptr(), 1, t as isize, v.as_ptr(), 1, d as isize,
-                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                        t,
+                        d,
+                        t,
+                        o.0.add(bi * t * c + hi * d),
+                        1,
+                        c as isize,
+                        false,
+                        sc.as_ptr(),
+                        1,
+                        t as isize,
+                        v.as_ptr(),
+                        1,
+                        d as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
                     );
                 }
             },
@@ -230,7 +277,11 @@ impl CustomOp1 for Attention {
 }
 
 /// Fused multi-head attention with RoPE over `qkv` `[B, T, 3C]`; returns `[B, T, C]`.
-pub fn attention(qkv: &Tensor, heads: usize, rope: &Arc<super::rope::RopeTables>) -> Result<Tensor> {
+pub fn attention(
+    qkv: &Tensor,
+    heads: usize,
+    rope: &Arc<super::rope::RopeTables>,
+) -> Result<Tensor> {
     qkv.contiguous()?.apply_op1_no_bwd(&Attention {
         heads,
         rope: rope.clone(),
@@ -248,7 +299,7 @@ impl CustomOp1 for SwiGlu {
         let x = contiguous_f32(s, l, "swiglu")?;
         let dims = l.shape().dims();
         let w = *dims.last().unwrap_or(&0);
-        if w % 2 != 0 {
+        if !w.is_multiple_of(2) {
             candle_core::bail!("swiglu: odd width {w}");
         }
         let h = w / 2;
@@ -297,7 +348,10 @@ impl CustomOp1 for FusedLinear<'_> {
         let k = *dims.last().unwrap_or(&0);
         let n = self.out;
         if k == 0 || self.w.len() != n * k {
-            candle_core::bail!("linear: input width {k} does not fit a weight of {} values", self.w.len());
+            candle_core::bail!(
+                "linear: input width {k} does not fit a weight of {} values",
+                self.w.len()
+            );
         }
         let m = x.len() / k;
         let mut y = vec![0f32; m * n];
@@ -307,12 +361,15 @@ impl CustomOp1 for FusedLinear<'_> {
                 if r.len() != m * n {
                     candle_core::bail!("linear: residual has {} values, output {}", r.len(), m * n);
                 }
-                y.par_chunks_mut(rows * n).zip(r.par_chunks(rows * n)).for_each(|(y, r)| {
-                    y.copy_from_slice(r);
-                    if let Some(b) = b {
-                        y.chunks_exact_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
-                    }
-                });
+                y.par_chunks_mut(rows * n)
+                    .zip(r.par_chunks(rows * n))
+                    .for_each(|(y, r)| {
+                        y.copy_from_slice(r);
+                        if let Some(b) = b {
+                            y.chunks_exact_mut(n)
+                                .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+                        }
+                    });
             }
             (None, Some(b)) => y.par_chunks_mut(rows * n).for_each(|y| {
                 y.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(b));
@@ -323,9 +380,24 @@ impl CustomOp1 for FusedLinear<'_> {
         // SAFETY: x is m x k (row stride k), w is k x n (row stride n), y is m x n.
         unsafe {
             gemm::gemm(
-                m, n, k, y.as_mut_ptr(), 1, n as isize, accumulate,
-                x.as_ptr(), 1, k as isize, self.w.as_ptr(), 1, n as isize,
-                1.0, 1.0, false, false, false,
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                accumulate,
+                x.as_ptr(),
+                1,
+                k as isize,
+                self.w.as_ptr(),
+                1,
+                n as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
                 gemm::Parallelism::Rayon(rayon::current_num_threads()),
             );
         }
@@ -336,16 +408,31 @@ impl CustomOp1 for FusedLinear<'_> {
 }
 
 /// `x Wt + b (+ residual)` for `x` `[..., K]`, `wt` `[K, N]`, `b` `[N]`, residual `[..., N]`.
-pub fn linear(x: &Tensor, wt: &Tensor, b: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+pub fn linear(
+    x: &Tensor,
+    wt: &Tensor,
+    b: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     let residual = residual.map(|r| r.contiguous()).transpose()?;
     with_f32(wt, |w_data| {
         let run = |bias: Option<&[f32]>| -> Result<Tensor> {
             match &residual {
                 Some(r) => with_f32(r, |r| {
-                    x.apply_op1_no_bwd(&FusedLinear { w: w_data, out: wt.dim(1)?, bias, residual: Some(r) })
+                    x.apply_op1_no_bwd(&FusedLinear {
+                        w: w_data,
+                        out: wt.dim(1)?,
+                        bias,
+                        residual: Some(r),
+                    })
                 }),
-                None => x.apply_op1_no_bwd(&FusedLinear { w: w_data, out: wt.dim(1)?, bias, residual: None }),
+                None => x.apply_op1_no_bwd(&FusedLinear {
+                    w: w_data,
+                    out: wt.dim(1)?,
+                    bias,
+                    residual: None,
+                }),
             }
         };
         match b {

@@ -64,7 +64,12 @@ impl RopeTables {
 /// Recover the reference grid `r` from stored tables `[n*n, 64]` (cos, sin): the angle of the
 /// column-x part of token (0, 1) at frequency 1 is `r / n`. Rounded to an integer when it is
 /// within 0.05 of one (stored tables are often fp16).
-pub fn infer_reference_grid(cos: &[f32], sin: &[f32], tokens: usize, head_dim: usize) -> Option<f64> {
+pub fn infer_reference_grid(
+    cos: &[f32],
+    sin: &[f32],
+    tokens: usize,
+    head_dim: usize,
+) -> Option<f64> {
     let n = (tokens as f64).sqrt().round() as usize;
     if n * n != tokens || n < 2 || cos.len() != tokens * head_dim || sin.len() != cos.len() {
         return None;
@@ -75,7 +80,11 @@ pub fn infer_reference_grid(cos: &[f32], sin: &[f32], tokens: usize, head_dim: u
     if !(r.is_finite() && r > 0.0) {
         return None;
     }
-    Some(if (r - r.round()).abs() < 0.05 { r.round() } else { r })
+    Some(if (r - r.round()).abs() < 0.05 {
+        r.round()
+    } else {
+        r
+    })
 }
 
 #[cfg(test)]

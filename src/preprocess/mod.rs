@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 /// EVA-X normalisation mean (all three channels).
 pub const EVAX_MEAN: f32 = 0.491_852_43;
 /// EVA-X normalisation standard deviation.
+#[allow(clippy::excessive_precision)] // the original's literal
 pub const EVAX_STD: f32 = 0.285_093_09;
 /// Normalisation mean of the other models in the original comparisons.
 pub const OTHERS_MEAN: f32 = 0.5056;
@@ -94,17 +95,10 @@ impl Image {
 }
 
 fn decode_png(bytes: &[u8]) -> Result<Image, String> {
-    let mut dec = png::Decoder::new_with_limits(
-        Cursor::new(bytes),
-        png::Limits {
-            bytes: 1 << 31,
-        },
-    );
+    let mut dec = png::Decoder::new_with_limits(Cursor::new(bytes), png::Limits { bytes: 1 << 31 });
     dec.set_transformations(png::Transformations::EXPAND);
     let mut reader = dec.read_info().map_err(|e| format!("invalid PNG: {e}"))?;
-    let size = reader
-        .output_buffer_size()
-        .ok_or("PNG image too large")?;
+    let size = reader.output_buffer_size().ok_or("PNG image too large")?;
     let mut buf = vec![0u8; size];
     let info = reader
         .next_frame(&mut buf)
@@ -163,7 +157,11 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Image, String> {
         .decode_headers()
         .map_err(|e| format!("invalid JPEG: {e:?}"))?;
     let grey = matches!(probe.input_colorspace(), Some(ColorSpace::Luma));
-    let out = if grey { ColorSpace::Luma } else { ColorSpace::RGB };
+    let out = if grey {
+        ColorSpace::Luma
+    } else {
+        ColorSpace::RGB
+    };
     let mut dec = zune_jpeg::JpegDecoder::new_with_options(
         Cursor::new(bytes),
         opts.jpeg_set_out_colorspace(out),
@@ -328,8 +326,14 @@ mod tests {
 
     #[test]
     fn eval_sizes_follow_the_original() {
-        assert_eq!(Preprocess::eval((224, 224), Normalization::EVAX).resize_short, 256);
-        assert_eq!(Preprocess::eval((480, 480), Normalization::EVAX).resize_short, 480);
+        assert_eq!(
+            Preprocess::eval((224, 224), Normalization::EVAX).resize_short,
+            256
+        );
+        assert_eq!(
+            Preprocess::eval((480, 480), Normalization::EVAX).resize_short,
+            480
+        );
     }
 
     #[test]

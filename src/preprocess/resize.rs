@@ -45,7 +45,11 @@ fn coeffs(input: usize, output: usize) -> Coeffs {
             .map(|&k| {
                 let k = if sum != 0.0 { k / sum } else { k };
                 let s = k * (1u32 << PRECISION_BITS) as f64;
-                if k < 0.0 { (s - 0.5) as i32 } else { (s + 0.5) as i32 }
+                if k < 0.0 {
+                    (s - 0.5) as i32
+                } else {
+                    (s + 0.5) as i32
+                }
             })
             .collect();
         start.push(xmin);
