@@ -33,9 +33,10 @@ struct ModelArgs {
     /// Checkpoint (.pt/.pth, zip or legacy, or .safetensors).
     #[arg(long)]
     weights: PathBuf,
-    /// Input size in pixels: N for N x N, or HxW (multiples of 16).
-    #[arg(long, default_value = "224", value_parser = parse_size)]
-    input_size: (usize, usize),
+    /// Input size in pixels: N for N x N, or HxW (multiples of the patch size); default: the
+    /// size the checkpoint was trained at (from its pos_embed grid).
+    #[arg(long, value_parser = parse_size)]
+    input_size: Option<(usize, usize)>,
     /// RoPE reference grid r (default: read from the checkpoint's tables, else 14).
     #[arg(long)]
     rope_grid: Option<f64>,
@@ -172,8 +173,8 @@ fn parse_size(s: &str) -> Result<(usize, usize), String> {
             (n, n)
         }
     };
-    if h == 0 || w == 0 || h % 16 != 0 || w % 16 != 0 {
-        return Err(format!("input size {s} must be positive multiples of 16"));
+    if h == 0 || w == 0 {
+        return Err(format!("input size {s} must be positive"));
     }
     Ok((h, w))
 }
@@ -442,12 +443,23 @@ fn load_model(a: &ModelArgs) -> Result<EvaX> {
     Ok(model)
 }
 
-fn preprocess_for(a: &ModelArgs) -> Preprocess {
+/// The evaluation transform for the requested input size, or the checkpoint's own.
+fn preprocess_for(a: &ModelArgs, model: &EvaX) -> Result<Preprocess> {
     let norm = match a.norm {
         NormArg::Evax => Normalization::EVAX,
         NormArg::Others => Normalization::OTHERS,
     };
-    Preprocess::eval(a.input_size, norm)
+    let p = model.config.patch_size;
+    let (gh, gw) = model.config.train_grid;
+    let size = a.input_size.unwrap_or((gh * p, gw * p));
+    if !size.0.is_multiple_of(p) || !size.1.is_multiple_of(p) {
+        bail!(
+            "input size {}x{} is not a multiple of the patch size {p}",
+            size.0,
+            size.1
+        );
+    }
+    Ok(Preprocess::eval(size, norm))
 }
 
 /// Print failures and turn them into the exit status.
@@ -469,7 +481,7 @@ fn finish(failures: &[Failure], done: usize) -> ExitCode {
 
 fn embed(a: &ModelArgs, with_tokens: bool, output: &Path, inputs: &[PathBuf]) -> Result<ExitCode> {
     let model = load_model(a)?;
-    let pre = preprocess_for(a);
+    let pre = preprocess_for(a, &model)?;
     let (paths, mut failures) = infer::collect_inputs(inputs);
     let pb = infer::progress(paths.len(), "embed");
     let mut done: Vec<usize> = Vec::new();
@@ -598,7 +610,7 @@ fn predict(
             labels.classes.len()
         );
     }
-    let pre = preprocess_for(a);
+    let pre = preprocess_for(a, &model)?;
     let (paths, mut failures) = infer::collect_inputs(inputs);
     let pb = infer::progress(paths.len(), "predict");
     let mut preds: Vec<Prediction> = Vec::new();

@@ -141,6 +141,56 @@ fn b_ft_rope16_logits() {
     );
 }
 
+/// Rename models_eva keys to timm's Eva names (and put them under a prefix).
+fn to_timm(ck: &mut Checkpoint, prefix: &str) {
+    let renames = [
+        ("mlp.w12.", "mlp.fc1."),
+        ("mlp.w1.", "mlp.fc1_g."),
+        ("mlp.w2.", "mlp.fc1_x."),
+        ("mlp.w3.", "mlp.fc2."),
+        ("mlp.ffn_ln.", "mlp.norm."),
+    ];
+    let fused = ck.tensors.keys().any(|k| k.contains("attn.qkv"));
+    ck.tensors = std::mem::take(&mut ck.tensors)
+        .into_iter()
+        .map(|(mut k, v)| {
+            for (a, b) in renames {
+                k = k.replace(a, b);
+            }
+            if !fused {
+                k = k
+                    .replace("attn.q_bias", "attn.q_proj.bias")
+                    .replace("attn.v_bias", "attn.v_proj.bias");
+            }
+            (format!("{prefix}{k}"), v)
+        })
+        .collect();
+}
+
+#[test]
+fn timm_layout_and_prefixes_give_the_same_outputs() {
+    let Some(s) = shared_or_skip("timm_layout_and_prefixes_give_the_same_outputs") else {
+        return;
+    };
+    let r = reference(&s);
+    for (file, prefix, key) in [
+        ("eva_x_ti_cxr14_ft.pth", "module.", "ti_ft/logits"),
+        (
+            "eva_x_b_d1_cxr14_ft_rope16.pth",
+            "visual.",
+            "b_ft_rope16/logits",
+        ),
+    ] {
+        let mut ck = Checkpoint::load(s.join("fixtures").join(file)).unwrap();
+        to_timm(&mut ck, prefix);
+        let (m, report) = EvaX::from_checkpoint(&ck, &LoadOptions::default()).unwrap();
+        assert!(report.from_timm);
+        assert_eq!(report.prefix, prefix);
+        assert!(report.unused.is_empty(), "{:?}", report.unused);
+        check(&m.logits(&input(&r, "input224")).unwrap(), &r, key, 1e-4);
+    }
+}
+
 #[test]
 fn legacy_file_loads_the_same_tensors_as_zip() {
     let Some(s) = shared_or_skip("legacy_file_loads_the_same_tensors_as_zip") else {

@@ -384,6 +384,135 @@ pub fn save_safetensors(
 mod tests {
     use super::*;
 
+    fn tensor() -> Value {
+        Value::Tensor(pickle::TensorRef {
+            storage: "0".into(),
+            dtype: StorageDtype::F32,
+            storage_len: 1,
+            offset: 0,
+            shape: vec![1],
+            stride: vec![1],
+        })
+    }
+
+    fn dict(items: Vec<(&str, Value)>) -> Value {
+        Value::Dict(
+            items
+                .into_iter()
+                .map(|(k, v)| (Value::Str(k.into()), v))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn state_dict_is_found_under_every_usual_key() {
+        let sd = || dict(vec![("w", tensor())]);
+        let bare = sd();
+        assert_eq!(find_state_dict(&bare, None).unwrap().1, None);
+        for key in STATE_DICT_KEYS {
+            let root = dict(vec![("epoch", Value::Int(3)), (key, sd())]);
+            let (items, nesting, extras) = find_state_dict(&root, None).unwrap();
+            assert_eq!(items.len(), 1);
+            assert_eq!(nesting.as_deref(), Some(key));
+            assert_eq!(extras, vec![("epoch".to_string(), "int".to_string())]);
+        }
+        // 'model' is preferred over 'model_ema'; --state-key picks the other.
+        let both = dict(vec![("model_ema", sd()), ("model", sd())]);
+        assert_eq!(
+            find_state_dict(&both, None).unwrap().1.as_deref(),
+            Some("model")
+        );
+        assert_eq!(
+            find_state_dict(&both, Some("model_ema"))
+                .unwrap()
+                .1
+                .as_deref(),
+            Some("model_ema")
+        );
+        // Two levels: {'state_dict': {'model': {...}}}.
+        let deep = dict(vec![("state_dict", dict(vec![("model", sd())]))]);
+        assert_eq!(
+            find_state_dict(&deep, None).unwrap().1.as_deref(),
+            Some("state_dict.model")
+        );
+        let none = dict(vec![("epoch", Value::Int(1))]);
+        let e = find_state_dict(&none, None).unwrap_err();
+        assert!(e.contains("epoch (int)"), "{e}");
+    }
+
+    #[test]
+    fn module_prefix_is_stripped() {
+        let p = Param {
+            dtype: StorageDtype::F32,
+            shape: vec![1],
+            data: vec![0.0],
+        };
+        let mut ck = Checkpoint {
+            path: "x".into(),
+            format: Format::TorchZip,
+            nesting: None,
+            extras: vec![],
+            stripped_prefix: None,
+            tensors: [
+                ("module.a".to_string(), p.clone()),
+                ("module.b".to_string(), p),
+            ]
+            .into(),
+            metadata: HashMap::new(),
+        };
+        ck.strip_common_prefix();
+        assert_eq!(ck.tensors.keys().collect::<Vec<_>>(), vec!["a", "b"]);
+        assert_eq!(ck.stripped_prefix.as_deref(), Some("module."));
+    }
+
+    #[test]
+    fn bf16_and_f16_storages_decode() {
+        let t = |dtype| pickle::TensorRef {
+            storage: "0".into(),
+            dtype,
+            storage_len: 2,
+            offset: 0,
+            shape: vec![2],
+            stride: vec![1],
+        };
+        let bf: Vec<u8> = [half::bf16::from_f32(1.5), half::bf16::from_f32(-2.0)]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(
+            torch::materialize(&t(StorageDtype::BF16), &bf).unwrap(),
+            vec![1.5, -2.0]
+        );
+        let h: Vec<u8> = [half::f16::from_f32(0.25), half::f16::from_f32(3.0)]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(
+            torch::materialize(&t(StorageDtype::F16), &h).unwrap(),
+            vec![0.25, 3.0]
+        );
+        // A strided (transposed) view is gathered correctly.
+        let f: Vec<u8> = [1f32, 2., 3., 4., 5., 6.]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let tr = pickle::TensorRef {
+            storage: "0".into(),
+            dtype: StorageDtype::F32,
+            storage_len: 6,
+            offset: 0,
+            shape: vec![3, 2],
+            stride: vec![1, 3],
+        };
+        assert_eq!(
+            torch::materialize(&tr, &f).unwrap(),
+            vec![1., 4., 2., 5., 3., 6.]
+        );
+        // A view reaching past its storage is an error, not a panic.
+        let bad = pickle::TensorRef { offset: 5, ..tr };
+        assert!(torch::materialize(&bad, &f).is_err());
+    }
+
     #[test]
     fn text_file_is_not_a_checkpoint() {
         let e = Checkpoint::from_bytes(b"hello, I am a text file\n", "x.pth".into(), None)
