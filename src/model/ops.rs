@@ -31,7 +31,11 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5.000_000_1e-1;
     let y = p * r2 + r + 1.0;
-    f32::from_bits(y.to_bits().wrapping_add(((n as i32) << 23) as u32))
+    // 2^n by integer addition to the exponent; n is read off the bits of n + 1.5 * 2^23 (exact
+    // for |n| < 2^22), which vectorises where a float-to-int cast would not.
+    const MAGIC: f32 = 12_582_912.0;
+    let ni = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits());
+    f32::from_bits(y.to_bits().wrapping_add(ni << 23))
 }
 
 /// Kernels compiled for several instruction sets, dispatched at run time.
