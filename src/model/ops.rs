@@ -190,7 +190,7 @@ impl CustomOp1 for Attention {
             );
         }
         let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0f32; b * t * c];
+        let mut out: Vec<f32> = Vec::with_capacity(b * t * c);
         let dst = SharedMut(out.as_mut_ptr());
         (0..b * h).into_par_iter().for_each_init(
             || {
@@ -276,6 +276,8 @@ impl CustomOp1 for Attention {
                 }
             },
         );
+        // SAFETY: the (image, head) tasks together wrote all b * t * c elements.
+        unsafe { out.set_len(b * t * c) };
         Ok((CpuStorage::F32(out), Shape::from((b, t, c))))
     }
 }
@@ -358,29 +360,39 @@ impl CustomOp1 for FusedLinear<'_> {
             );
         }
         let m = x.len() / k;
-        let mut y = vec![0f32; m * n];
-        let rows = (65536 / n).max(1);
-        match (self.residual, self.bias) {
-            (Some(r), b) => {
-                if r.len() != m * n {
-                    candle_core::bail!("linear: residual has {} values, output {}", r.len(), m * n);
-                }
-                y.par_chunks_mut(rows * n)
-                    .zip(r.par_chunks(rows * n))
-                    .for_each(|(y, r)| {
-                        y.copy_from_slice(r);
-                        if let Some(b) = b {
-                            y.chunks_exact_mut(n)
-                                .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
-                        }
-                    });
-            }
-            (None, Some(b)) => y.par_chunks_mut(rows * n).for_each(|y| {
-                y.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(b));
-            }),
-            (None, None) => {}
+        if self.residual.is_some_and(|r| r.len() != m * n)
+            || self.bias.is_some_and(|b| b.len() != n)
+        {
+            candle_core::bail!("linear: residual or bias does not match the {m}x{n} output");
         }
-        let accumulate = self.residual.is_some() || self.bias.is_some();
+        // The accumulator starts as residual + bias, written once, in parallel.
+        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        let rows = (65536 / n).max(1);
+        let zeros = vec![0f32; n];
+        let b = self.bias.unwrap_or(&zeros);
+        let init = &mut y.spare_capacity_mut()[..m * n];
+        match self.residual {
+            Some(r) => init
+                .par_chunks_mut(rows * n)
+                .zip(r.par_chunks(rows * n))
+                .for_each(|(y, r)| {
+                    for (yr, rr) in y.chunks_exact_mut(n).zip(r.chunks_exact(n)) {
+                        for ((d, &r), &b) in yr.iter_mut().zip(rr).zip(b) {
+                            d.write(r + b);
+                        }
+                    }
+                }),
+            None => init.par_chunks_mut(rows * n).for_each(|y| {
+                for yr in y.chunks_exact_mut(n) {
+                    for (d, &b) in yr.iter_mut().zip(b) {
+                        d.write(b);
+                    }
+                }
+            }),
+        }
+        // SAFETY: all m * n elements were written above.
+        unsafe { y.set_len(m * n) };
+        let accumulate = true;
         // SAFETY: x is m x k (row stride k), w is k x n (row stride n), y is m x n.
         unsafe {
             gemm::gemm(
