@@ -11,6 +11,8 @@ use crate::model::{EvaX, EvaXConfig, ModelError};
 pub struct BenchResult {
     /// Model preset (`ti`, `s`, `b`).
     pub model: String,
+    /// Its name (`EVA-X-S`, ...).
+    pub variant: String,
     /// Images per batch.
     pub batch: usize,
     /// Input side in pixels.
@@ -88,6 +90,7 @@ pub fn forward(
     let gflop = flops_per_image(&cfg, input) / 1e9;
     Ok(BenchResult {
         model: model_name.to_string(),
+        variant: cfg.variant(),
         batch,
         input_size: input,
         iters: times.len(),

@@ -4,6 +4,8 @@
 //! ([`model`]), preprocesses radiographs exactly as the original ([`preprocess`]) and runs them
 //! over batches of files ([`infer`]).
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod checkpoint;
 pub mod fixtures;

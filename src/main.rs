@@ -265,9 +265,9 @@ fn run(cmd: Command) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "EVA-X-{} batch {} at {}px, {} threads: {:.1} img/s ({:.1} ms/batch, best {:.1} ms), \
+                    "{} batch {} at {}px, {} threads: {:.1} img/s ({:.1} ms/batch, best {:.1} ms), \
                      {:.0} GFLOP/s, peak RSS {:.0} MiB",
-                    r.model.to_uppercase(),
+                    r.variant,
                     r.batch,
                     r.input_size,
                     r.threads,

@@ -287,6 +287,73 @@ fn damaged_images_are_listed_and_the_rest_processed() {
 }
 
 #[test]
+fn list_files_and_folders_are_expanded_in_order() {
+    let Some(sh) = shared_or_skip("list_files_and_folders_are_expanded_in_order") else {
+        return;
+    };
+    let dir = scratch("lists");
+    let nih = sh.join("data/nih");
+    let list = dir.join("images.txt");
+    std::fs::write(
+        &list,
+        format!(
+            "{} 0 1\n\n{}\n",
+            nih.join("00003440_000.png").display(),
+            nih.join("00000001_000.png").display()
+        ),
+    )
+    .unwrap();
+    let out = dir.join("p.json");
+    let o = evax(&[
+        "predict",
+        "--weights",
+        s(&sh.join("fixtures/eva_x_ti_cxr14_ft.pth")),
+        "-o",
+        s(&out),
+        s(&list),
+        s(&nih),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            Path::new(p["input"].as_str().unwrap())
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "00003440_000.png",
+            "00000001_000.png",
+            "00000001_000.png",
+            "00003440_000.png",
+            "00027426_000.png"
+        ]
+    );
+}
+
+#[test]
+fn bench_json_has_the_contract_fields() {
+    let o = evax(&[
+        "bench", "--model", "ti", "--batch", "1", "--iters", "1", "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["img_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["peak_rss_mb"].as_f64().unwrap() > 0.0);
+    let o = evax(&["bench", "--model", "xl"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("unknown model 'xl'"));
+}
+
+#[test]
 fn info_json_describes_the_architecture() {
     let Some(sh) = shared_or_skip("info_json_describes_the_architecture") else {
         return;
