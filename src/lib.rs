@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod explain;
 pub mod fixtures;
 pub mod infer;
 pub mod io;

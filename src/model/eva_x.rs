@@ -225,6 +225,11 @@ impl Linear {
         self.weight_t.t()
     }
 
+    /// The transposed weight `[in, out]`, contiguous.
+    pub fn weight_t(&self) -> &Tensor {
+        &self.weight_t
+    }
+
     /// `residual + x W^T + b`, fused.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
         ops::linear(x, &self.weight_t, self.bias.as_ref(), Some(residual))
@@ -292,6 +297,11 @@ impl Block {
             w3,
             heads: cfg.heads,
         })
+    }
+
+    /// Attention heads.
+    pub fn heads(&self) -> usize {
+        self.heads
     }
 
     /// `x + attn(norm1(x))`, then `+ mlp(norm2(x))`.
@@ -613,6 +623,16 @@ impl EvaX {
         });
         cache.insert(grid, state.clone());
         Ok(state)
+    }
+
+    /// RoPE tables for an input of `grid` patches (computed once per grid).
+    pub fn rope_for(&self, grid: (usize, usize)) -> Result<Arc<RopeTables>> {
+        Ok(self.grid_state(grid)?.rope.clone())
+    }
+
+    /// The patch grid of an input batch `[B, 3, H, W]`.
+    pub fn grid_of(&self, x: &Tensor) -> Result<(usize, usize)> {
+        Ok(self.check_input(x)?.1)
     }
 
     /// The `pos_embed` used for an input of `grid` patches (resampled when it differs from the

@@ -2,6 +2,7 @@
 
 pub mod adapt;
 pub mod eva_x;
+pub mod grad;
 pub mod inspect;
 pub mod interp;
 pub mod ops;

@@ -8,6 +8,7 @@
 //! Departure from the original: 16-bit PNGs are scaled to 8 bits by their bit depth
 //! (`v * 255 / 65535`, rounded) where PIL's RGB conversion clips them to 255.
 
+pub mod bilinear;
 pub mod resize;
 
 use std::io::Cursor;

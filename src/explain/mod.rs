@@ -1,0 +1,193 @@
+//! Grad-CAM for EVA-X, computed as pytorch-grad-cam 1.5 does (REFERENCE.md 7).
+//!
+//! The model runs its fast inference path up to the target layer; from there on it is rebuilt
+//! from differentiable operations with the layer's output as a leaf variable, so one CAM costs a
+//! forward pass plus a backward pass through the layers after the target only.
+//!
+//! The CAM arithmetic works on (activation, gradient) pairs laid out on the patch grid, so a CNN
+//! backbone only has to provide those through [`CamSource`].
+
+pub mod localize;
+pub mod overlay;
+
+use candle_core::{Module, Tensor, Var};
+
+use crate::model::{EvaX, ModelError, grad};
+use crate::preprocess::bilinear::resize_bilinear;
+
+/// Which activation Grad-CAM explains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CamLayer {
+    /// The output of block `i`'s `norm1` (the original's choice for the last block).
+    Norm1(usize),
+    /// The output of block `i`.
+    Output(usize),
+}
+
+impl CamLayer {
+    /// Parse `last` (the last block's `norm1`), `blocks.N.norm1` or `blocks.N` (negative N
+    /// counts from the end) for a model of `depth` blocks.
+    pub fn parse(s: &str, depth: usize) -> Result<Self, String> {
+        if s == "last" {
+            return Ok(CamLayer::Norm1(depth - 1));
+        }
+        let rest = s
+            .strip_prefix("blocks.")
+            .ok_or_else(|| format!("layer '{s}': expected last, blocks.N.norm1 or blocks.N"))?;
+        let (n, norm1) = match rest.strip_suffix(".norm1") {
+            Some(n) => (n, true),
+            None => (rest, false),
+        };
+        let i: i64 = n.parse().map_err(|_| format!("layer '{s}': bad block index"))?;
+        let i = if i < 0 { depth as i64 + i } else { i };
+        if i < 0 || i >= depth as i64 {
+            return Err(format!("layer '{s}': the model has {depth} blocks"));
+        }
+        Ok(if norm1 {
+            CamLayer::Norm1(i as usize)
+        } else {
+            CamLayer::Output(i as usize)
+        })
+    }
+}
+
+/// Activations and gradients of one target per image, on the patch grid.
+pub struct ActivationGrads {
+    /// `[B, N, C]` activations of the patch tokens (N = gh * gw, row-major).
+    pub activations: Tensor,
+    /// `[B, N, C]` gradients of each image's target logit.
+    pub gradients: Tensor,
+    /// Patch grid.
+    pub grid: (usize, usize),
+}
+
+/// A model Grad-CAM can explain.
+pub trait CamSource {
+    /// Logits `[B, K]` of a batch, and for each of `rounds` the activations and gradients at
+    /// `layer` of the logit `targets[b][r]` of each image (images with fewer targets get a
+    /// zero gradient in that round).
+    fn activation_grads(
+        &self,
+        x: &Tensor,
+        layer: CamLayer,
+        targets: &[Vec<usize>],
+    ) -> Result<(Tensor, Vec<ActivationGrads>), ModelError>;
+}
+
+impl CamSource for EvaX {
+    fn activation_grads(
+        &self,
+        x: &Tensor,
+        layer: CamLayer,
+        targets: &[Vec<usize>],
+    ) -> Result<(Tensor, Vec<ActivationGrads>), ModelError> {
+        let (Some(fc_norm), Some(head)) = (&self.fc_norm, &self.head) else {
+            return Err(ModelError::Input(
+                "Grad-CAM needs a fine-tuned checkpoint with fc_norm and a classification head".into(),
+            ));
+        };
+        let grid = self.grid_of(x)?;
+        let tables = self.rope_for(grid)?;
+        let rope = grad::RopeTensors::new(&tables, x.device())?;
+        let (start, leaf, features) = match layer {
+            CamLayer::Norm1(i) => {
+                let xi = self.forward_blocks(x, i)?;
+                let y = Var::from_tensor(&self.blocks[i].norm1.forward(&xi)?)?;
+                let out = grad::block_from_norm1(&self.blocks[i], &xi, y.as_tensor(), &rope)?;
+                (i + 1, y, out)
+            }
+            CamLayer::Output(i) => {
+                let y = Var::from_tensor(&self.forward_blocks(x, i + 1)?)?;
+                let t = y.as_tensor().clone();
+                (i + 1, y, t)
+            }
+        };
+        let mut h = features;
+        for block in &self.blocks[start..] {
+            h = grad::block(block, &h, &rope)?;
+        }
+        let logits = grad::head_logits(&h, fc_norm, head)?;
+        let (b, k) = logits.dims2()?;
+        if targets.len() != b {
+            return Err(ModelError::Input(format!("{} target lists for {b} images", targets.len())));
+        }
+        let rounds = targets.iter().map(|t| t.len()).max().unwrap_or(0);
+        let t = leaf.as_tensor().dim(1)?;
+        let activations = leaf.as_tensor().narrow(1, 1, t - 1)?.contiguous()?;
+        let mut out = Vec::with_capacity(rounds);
+        for r in 0..rounds {
+            let mut mask = vec![0f32; b * k];
+            for (i, t) in targets.iter().enumerate() {
+                if let Some(&c) = t.get(r) {
+                    if c >= k {
+                        return Err(ModelError::Input(format!("class {c} out of range (head has {k})")));
+                    }
+                    mask[i * k + c] = 1.0;
+                }
+            }
+            let mask = Tensor::from_vec(mask, (b, k), x.device())?;
+            let loss = (&logits * &mask)?.sum_all()?;
+            let grads = loss.backward()?;
+            let g = grads
+                .get(leaf.as_tensor())
+                .ok_or_else(|| ModelError::Input("no gradient reached the CAM layer".into()))?;
+            out.push(ActivationGrads {
+                activations: activations.clone(),
+                gradients: g.narrow(1, 1, t - 1)?.contiguous()?,
+                grid,
+            });
+        }
+        Ok((logits.detach(), out))
+    }
+}
+
+/// `(x - min) / (max + 1e-7)` after subtracting the min, as pytorch-grad-cam's
+/// `scale_cam_image`.
+fn scale_unit(v: &mut [f32]) {
+    let min = v.iter().cloned().fold(f32::INFINITY, f32::min);
+    v.iter_mut().for_each(|x| *x -= min);
+    let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    v.iter_mut().for_each(|x| *x /= 1e-7 + max);
+}
+
+/// Grad-CAM maps `[H, W]` in [0, 1] for each image of a round: channel weights are the grid
+/// mean of the gradient, the map is the ReLU of the weighted activation sum, scaled to [0, 1],
+/// resized bilinearly (OpenCV) to `size`, then ReLU and scaled once more.
+pub fn cam_maps(ag: &ActivationGrads, size: (usize, usize)) -> Result<Vec<Vec<f32>>, ModelError> {
+    let a = ag.activations.to_vec3::<f32>()?;
+    let g = ag.gradients.to_vec3::<f32>()?;
+    let mut maps = Vec::with_capacity(a.len());
+    for (a, g) in a.iter().zip(&g) {
+        let n = a.len();
+        let c = a.first().map_or(0, |r| r.len());
+        let mut w = vec![0f32; c];
+        for row in g {
+            w.iter_mut().zip(row).for_each(|(w, v)| *w += v);
+        }
+        w.iter_mut().for_each(|w| *w /= n as f32);
+        let mut cam: Vec<f32> = a
+            .iter()
+            .map(|row| row.iter().zip(&w).map(|(a, w)| a * w).sum::<f32>().max(0.0))
+            .collect();
+        scale_unit(&mut cam);
+        let mut up = resize_bilinear(&cam, 1, ag.grid, size);
+        up.iter_mut().for_each(|v| *v = v.max(0.0));
+        scale_unit(&mut up);
+        maps.push(up);
+    }
+    Ok(maps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_parse() {
+        assert_eq!(CamLayer::parse("last", 12), Ok(CamLayer::Norm1(11)));
+        assert_eq!(CamLayer::parse("blocks.3.norm1", 12), Ok(CamLayer::Norm1(3)));
+        assert_eq!(CamLayer::parse("blocks.-1", 12), Ok(CamLayer::Output(11)));
+        assert!(CamLayer::parse("blocks.12", 12).is_err());
+        assert!(CamLayer::parse("head", 12).is_err());
+    }
+}

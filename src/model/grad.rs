@@ -1,0 +1,132 @@
+//! The EVA-X forward pass built only from candle operations that have a backward pass.
+//!
+//! The inference path uses fused kernels without gradients (and candle's own fused LayerNorm,
+//! softmax and RoPE have none either). Here LayerNorm, softmax and RoPE are written from
+//! primitives (RoPE's pair rotation as a product with a fixed matrix), so gradients flow to
+//! activations (Grad-CAM) and, later, to parameters.
+
+use candle_core::{D, Device, Result, Tensor};
+
+use super::eva_x::{Block, LN_EPS, LayerNorm, Linear};
+use super::rope::RopeTables;
+
+/// RoPE tables as tensors, with the pair-rotation matrix.
+#[derive(Debug, Clone)]
+pub struct RopeTensors {
+    cos: Tensor,
+    sin: Tensor,
+    rotate: Tensor,
+}
+
+impl RopeTensors {
+    /// Tensors `[N, d]` for the tables, and the `[d, d]` matrix mapping `(u0, u1, ...)` to
+    /// `(-u1, u0, ...)`.
+    pub fn new(t: &RopeTables, device: &Device) -> Result<Self> {
+        let d = t.dim;
+        let n = t.cos.len() / d;
+        let mut r = vec![0f32; d * d];
+        for i in 0..d / 2 {
+            r[(2 * i + 1) * d + 2 * i] = -1.0;
+            r[(2 * i) * d + 2 * i + 1] = 1.0;
+        }
+        Ok(RopeTensors {
+            cos: Tensor::from_slice(&t.cos, (n, d), device)?,
+            sin: Tensor::from_slice(&t.sin, (n, d), device)?,
+            rotate: Tensor::from_vec(r, (d, d), device)?,
+        })
+    }
+
+    /// Rotate `x` `[B, H, N, d]` (patch tokens only).
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let rotated = x.broadcast_matmul(&self.rotate)?;
+        x.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?
+    }
+}
+
+/// LayerNorm over the last axis from primitives.
+pub fn layer_norm(x: &Tensor, ln: &LayerNorm) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + LN_EPS as f64)?.sqrt()?)?;
+    xn.broadcast_mul(&ln.weight)?.broadcast_add(&ln.bias)
+}
+
+/// Softmax over the last axis from primitives (the shift by the max is a constant).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `x W^T + b` over the last axis.
+pub fn linear(x: &Tensor, lin: &Linear) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let wt = lin.weight_t();
+    let y = x.reshape(((), k))?.matmul(wt)?;
+    let y = match &lin.bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut shape = dims;
+    *shape.last_mut().unwrap() = wt.dim(1)?;
+    y.reshape(shape)
+}
+
+fn rope_patch_tokens(x: &Tensor, rope: &RopeTensors) -> Result<Tensor> {
+    let t = x.dim(2)?;
+    let cls = x.narrow(2, 0, 1)?;
+    let patches = rope.apply(&x.narrow(2, 1, t - 1)?)?;
+    Tensor::cat(&[&cls, &patches], 2)
+}
+
+/// Attention of a block on `y` (its `norm1` output), `[B, T, C]`.
+pub fn attention(block: &Block, y: &Tensor, rope: &RopeTensors) -> Result<Tensor> {
+    let (b, t, c) = y.dims3()?;
+    let h = block.heads();
+    let d = c / h;
+    let qkv = linear(y, &block.qkv)?
+        .reshape((b, t, 3, h, d))?
+        .permute((2, 0, 3, 1, 4))?;
+    let q = rope_patch_tokens(&qkv.get(0)?.contiguous()?, rope)?;
+    let k = rope_patch_tokens(&qkv.get(1)?.contiguous()?, rope)?;
+    let v = qkv.get(2)?.contiguous()?;
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
+    let out = softmax_last(&scores)?.matmul(&v)?;
+    let out = out.permute((0, 2, 1, 3))?.reshape((b, t, c))?;
+    linear(&out, &block.proj)
+}
+
+/// SwiGLU MLP of a block on `y` (its `norm2` output).
+pub fn mlp(block: &Block, y: &Tensor) -> Result<Tensor> {
+    let x12 = linear(y, &block.w12)?;
+    let hdn = x12.dim(D::Minus1)? / 2;
+    let mut h = (x12.narrow(D::Minus1, 0, hdn)?.silu()? * x12.narrow(D::Minus1, hdn, hdn)?)?;
+    if let Some(ln) = &block.ffn_ln {
+        h = layer_norm(&h, ln)?;
+    }
+    linear(&h, &block.w3)
+}
+
+/// A block's output from its input `x` and `y = norm1(x)` given separately, so that `y` can be
+/// a leaf whose gradient is wanted (the Grad-CAM layer).
+pub fn block_from_norm1(block: &Block, x: &Tensor, y: &Tensor, rope: &RopeTensors) -> Result<Tensor> {
+    let x = (x + attention(block, y, rope)?)?;
+    let m = mlp(block, &layer_norm(&x, &block.norm2)?)?;
+    x + m
+}
+
+/// A whole block, differentiably.
+pub fn block(block: &Block, x: &Tensor, rope: &RopeTensors) -> Result<Tensor> {
+    let y = layer_norm(x, &block.norm1)?;
+    block_from_norm1(block, x, &y, rope)
+}
+
+/// Class logits `[B, K]` from token states `[B, T, C]`: mean of the patch tokens, `fc_norm`,
+/// `head`.
+pub fn head_logits(features: &Tensor, fc_norm: &LayerNorm, head: &Linear) -> Result<Tensor> {
+    let t = features.dim(1)?;
+    let pooled = features.narrow(1, 1, t - 1)?.mean(1)?;
+    linear(&layer_norm(&pooled, fc_norm)?, head)
+}
