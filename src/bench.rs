@@ -1,9 +1,10 @@
-//! Forward-pass throughput with random weights (`evax bench`).
+//! Throughput of the forward pass and of Grad-CAM with random weights (`evax bench`).
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
+use crate::explain::{CamLayer, CamSource, cam_maps};
 use crate::model::{EvaX, EvaXConfig, ModelError};
 
 /// One benchmark's settings and figures.
@@ -61,12 +62,22 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Time the forward pass (features, pooling and head) of a random-weight preset.
-pub fn forward(
+/// What a benchmark times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// The forward pass (features, pooling and head).
+    Forward,
+    /// One Grad-CAM per image at the last block's norm1 (forward + partial backward + maps).
+    Cam,
+}
+
+/// Time a workload on a random-weight preset.
+pub fn run(
     model_name: &str,
     batch: usize,
     input: usize,
     iters: usize,
+    work: Workload,
 ) -> Result<BenchResult, ModelError> {
     let cfg = EvaXConfig::preset(model_name)
         .ok_or_else(|| ModelError::Input(format!("unknown model '{model_name}' (ti, s, b)")))?;
@@ -78,11 +89,24 @@ pub fn forward(
     }
     let model = EvaX::random(cfg.clone(), 0)?;
     let x = Tensor::randn(0f32, 1f32, (batch, 3, input, input), &Device::Cpu)?;
-    model.logits(&x)?; // warm-up: pools, caches, page faults
+    let layer = CamLayer::Norm1(cfg.depth - 1);
+    let step = || -> Result<(), ModelError> {
+        match work {
+            Workload::Forward => {
+                model.logits(&x)?;
+            }
+            Workload::Cam => {
+                let b = model.activation_grads(&x, layer, &|_, _| vec![0])?;
+                cam_maps(&b.rounds[0], (input, input))?;
+            }
+        }
+        Ok(())
+    };
+    step()?; // warm-up: pools, caches, page faults
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters.max(1) {
         let t0 = Instant::now();
-        model.logits(&x)?;
+        step()?;
         times.push(t0.elapsed().as_secs_f64());
     }
     let mean = times.iter().sum::<f64>() / times.len() as f64;

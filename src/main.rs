@@ -9,6 +9,8 @@ use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use evax::checkpoint::{self, Checkpoint};
+use evax::explain::CamLayer;
+use evax::explain::jobs::{CamEvalPreprocess, CamJob, ClassChoice};
 use evax::infer::{self, Failure};
 use evax::labels::{Activation, LabelSet};
 use evax::model::{EvaX, LoadOptions, adapt, inspect, rope::RopeTables};
@@ -55,6 +57,12 @@ struct ModelArgs {
 enum NormArg {
     Evax,
     Others,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CamPreprocessArg {
+    Original,
+    Classification,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -140,6 +148,72 @@ enum Command {
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
     },
+    /// Grad-CAM heatmaps: raw CAMs (.npy), overlays (.png) and an index (cams.json).
+    Cam {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Classes to explain, by name (repeatable); default: the top class.
+        #[arg(long = "class")]
+        classes: Vec<String>,
+        /// Explain the K highest-scoring classes of each image.
+        #[arg(long, conflicts_with = "classes")]
+        top: Option<usize>,
+        /// Class names (as for predict).
+        #[arg(long)]
+        labels: Option<String>,
+        /// Target layer: last (the last block's norm1, the original's), blocks.N.norm1 or blocks.N.
+        #[arg(long, default_value = "last")]
+        layer: String,
+        /// Skip the overlay PNGs.
+        #[arg(long)]
+        no_overlay: bool,
+        /// Output folder.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Images, folders or list files.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
+    /// Score Grad-CAM localisation against the NIH boxes as the original's get_cams.py.
+    CamEval {
+        /// Checkpoint (a CXR14 fine-tuned model).
+        #[arg(long)]
+        weights: PathBuf,
+        /// NIH BBox_List_2017.csv.
+        #[arg(long)]
+        boxes: PathBuf,
+        /// Folder holding the images (any layout; searched by file name).
+        #[arg(long)]
+        images: PathBuf,
+        /// CAM threshold.
+        #[arg(long, default_value_t = 0.5, conflicts_with = "search")]
+        threshold: f32,
+        /// Sweep t = 0.01..0.60 and report the best (the original's protocol), plus the
+        /// honest variant tuned on one half of the images and scored on the other.
+        #[arg(long)]
+        search: bool,
+        /// Seed of the honest variant's split.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Preprocessing: get_cams.py's (original) or the classification transform.
+        #[arg(long, value_enum, default_value = "original")]
+        preprocess: CamPreprocessArg,
+        /// Write overlays with the box drawn.
+        #[arg(long)]
+        overlays: bool,
+        /// Input size.
+        #[arg(long, default_value = "224", value_parser = parse_size)]
+        input_size: (usize, usize),
+        /// Target layer (as for cam).
+        #[arg(long, default_value = "last")]
+        layer: String,
+        /// Images per batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Output folder.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Forward-pass speed and peak memory with random weights.
     Bench {
         /// Model size.
@@ -157,6 +231,9 @@ enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Time Grad-CAM (forward + partial backward + map) instead of the forward pass.
+        #[arg(long)]
+        cam: bool,
     },
 }
 
@@ -253,16 +330,138 @@ fn run(cmd: Command) -> Result<ExitCode> {
             &output,
             &inputs,
         ),
+        Command::Cam {
+            model,
+            classes,
+            top,
+            labels,
+            layer,
+            no_overlay,
+            output,
+            inputs,
+        } => cam(
+            &model,
+            &classes,
+            top,
+            labels.as_deref(),
+            &layer,
+            !no_overlay,
+            &output,
+            &inputs,
+        ),
+        Command::CamEval {
+            weights,
+            boxes,
+            images,
+            threshold,
+            search,
+            seed,
+            preprocess,
+            overlays,
+            input_size,
+            layer,
+            batch,
+            output,
+        } => {
+            let ck = Checkpoint::load(&weights)?;
+            let (model, _) = EvaX::from_checkpoint(&ck, &LoadOptions::default())
+                .with_context(|| weights.display().to_string())?;
+            let job = evax::explain::jobs::CamEvalJob {
+                layer: CamLayer::parse(&layer, model.config.depth).map_err(anyhow::Error::msg)?,
+                model: &model,
+                size: input_size,
+                preprocess: match preprocess {
+                    CamPreprocessArg::Original => CamEvalPreprocess::Original,
+                    CamPreprocessArg::Classification => CamEvalPreprocess::Classification,
+                },
+                threshold,
+                search,
+                seed,
+                batch,
+                overlays,
+            };
+            let r = job
+                .run(&weights, &boxes, &images, &output)
+                .map_err(anyhow::Error::msg)?;
+            for b in &r.bad_rows {
+                eprintln!("skipped row {b}");
+            }
+            eprintln!(
+                "scored {} of {} boxes; {} boxes on {} images not found in {} (listed in {})",
+                r.boxes_scored,
+                r.boxes_total,
+                r.boxes_missing,
+                r.images_missing,
+                images.display(),
+                output.join("missing.txt").display()
+            );
+            let o = &r.result.overall;
+            println!(
+                "threshold {:.2}{}: AP25 {:.2}  AP50 {:.2}  mIoU {:.2}  mAP {:.2}  ({} boxes)",
+                r.result.threshold,
+                if r.searched {
+                    " (searched on these boxes, as the original)"
+                } else {
+                    ""
+                },
+                o.ap25 * 100.0,
+                o.ap50 * 100.0,
+                o.miou * 100.0,
+                o.map * 100.0,
+                o.boxes
+            );
+            for (f, s) in &r.result.per_finding {
+                println!(
+                    "  {f:<14} AP25 {:6.2}  AP50 {:6.2}  mIoU {:6.2}  mAP {:6.2}  ({} boxes)",
+                    s.ap25 * 100.0,
+                    s.ap50 * 100.0,
+                    s.miou * 100.0,
+                    s.map * 100.0,
+                    s.boxes
+                );
+            }
+            for f in &r.honest {
+                let o = &f.scored.overall;
+                println!(
+                    "honest: threshold {:.2} tuned on half {} ({} boxes), scored on the other: mAP {:.2}  mIoU {:.2}  ({} boxes)",
+                    f.scored.threshold,
+                    f.tuned_on_half,
+                    f.tuning_boxes,
+                    o.map * 100.0,
+                    o.miou * 100.0,
+                    o.boxes
+                );
+            }
+            Ok(finish(&r.failures, r.boxes_scored))
+        }
         Command::Bench {
             model,
             batch,
             input_size,
             iters,
             json,
+            cam,
         } => {
-            let r = evax::bench::forward(&model, batch, input_size, iters)?;
+            let work = if cam {
+                evax::bench::Workload::Cam
+            } else {
+                evax::bench::Workload::Forward
+            };
+            let r = evax::bench::run(&model, batch, input_size, iters, work)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
+            } else if cam {
+                println!(
+                    "{} Grad-CAM batch {} at {}px, {} threads: {:.1} ms per CAM ({:.1} ms/batch, best {:.1} ms), peak RSS {:.0} MiB",
+                    r.variant,
+                    r.batch,
+                    r.input_size,
+                    r.threads,
+                    r.batch_s * 1e3 / r.batch as f64,
+                    r.batch_s * 1e3,
+                    r.min_batch_s * 1e3,
+                    r.peak_rss_mb
+                );
             } else {
                 println!(
                     "{} batch {} at {}px, {} threads: {:.1} img/s ({:.1} ms/batch, best {:.1} ms), \
@@ -679,6 +878,81 @@ fn predict(
     evax::io::write_atomic(output, &bytes).with_context(|| output.display().to_string())?;
     eprintln!("predicted {} images -> {}", preds.len(), output.display());
     Ok(finish(&failures, preds.len()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cam(
+    a: &ModelArgs,
+    classes: &[String],
+    top: Option<usize>,
+    labels: Option<&str>,
+    layer: &str,
+    overlays: bool,
+    output: &Path,
+    inputs: &[PathBuf],
+) -> Result<ExitCode> {
+    let model = load_model(a)?;
+    let Some(n) = model.config.num_classes else {
+        bail!(
+            "{}: Grad-CAM needs a fine-tuned checkpoint with a classification head",
+            a.weights.display()
+        );
+    };
+    let labels = match labels {
+        Some(spec) => LabelSet::resolve(spec, None).map_err(anyhow::Error::msg)?,
+        None => LabelSet::for_classes(n),
+    };
+    if labels.classes.len() != n {
+        bail!(
+            "label set '{}' has {} classes but the head has {n}",
+            labels.name,
+            labels.classes.len()
+        );
+    }
+    let choice = if classes.is_empty() {
+        ClassChoice::Top(top.unwrap_or(1).clamp(1, n))
+    } else {
+        ClassChoice::Fixed(
+            classes
+                .iter()
+                .map(|c| {
+                    labels
+                        .classes
+                        .iter()
+                        .position(|l| l.eq_ignore_ascii_case(c))
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "unknown class '{c}'; classes are: {}",
+                                labels.classes.join(", ")
+                            )
+                        })
+                })
+                .collect::<Result<_>>()?,
+        )
+    };
+    let job = CamJob {
+        preprocess: preprocess_for(a, &model)?,
+        layer: CamLayer::parse(layer, model.config.depth).map_err(anyhow::Error::msg)?,
+        model: &model,
+        labels,
+        classes: choice,
+        batch: a.batch,
+        overlays,
+    };
+    let (paths, mut failures) = infer::collect_inputs(inputs);
+    let (records, f) = job
+        .run(&paths, output)
+        .with_context(|| output.display().to_string())?;
+    failures.extend(f);
+    eprintln!(
+        "wrote {} CAMs -> {}",
+        records.len(),
+        output.join("cams.json").display()
+    );
+    Ok(finish(
+        &failures,
+        paths.len() - failures.len().min(paths.len()),
+    ))
 }
 
 fn csv_field(s: &str) -> String {

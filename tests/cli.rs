@@ -430,3 +430,98 @@ fn convert_round_trips_through_safetensors() {
         evax::checkpoint::StorageDtype::F16
     );
 }
+
+#[test]
+fn cam_eval_scores_the_two_boxes_and_lists_the_rest() {
+    let Some(sh) = shared_or_skip("cam_eval_scores_the_two_boxes_and_lists_the_rest") else {
+        return;
+    };
+    let dir = scratch("cam-eval");
+    let o = evax(&[
+        "cam-eval",
+        "--weights",
+        s(&sh.join("fixtures/eva_x_ti_cxr14_ft.pth")),
+        "--boxes",
+        s(&sh.join("data/nih/BBox_List_2017.csv")),
+        "--images",
+        s(&sh.join("data/nih")),
+        "--search",
+        "--overlays",
+        "-o",
+        s(&dir),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("scored 2 of 984 boxes; 982 boxes"),
+        "{}",
+        stderr(&o)
+    );
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["boxes_scored"], 2);
+    assert_eq!(m["boxes_missing"], 982);
+    let t = m["result"]["threshold"].as_f64().unwrap();
+    let ti = (t * 100.0).round() as usize - 1;
+    let csv = std::fs::read_to_string(dir.join("per_box.csv")).unwrap();
+    let refs = Checkpoint::load(sh.join("fixtures/reference.safetensors"))
+        .unwrap()
+        .tensors;
+    for line in csv.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(f[0], "00003440_000.png");
+        let iou: f64 = f[7].parse().unwrap();
+        let want = refs[&format!("cam_eval/{}/iou_by_threshold", f[1])].data[ti] as f64;
+        assert!((iou - want).abs() <= 1e-3, "{line}: want {want}");
+    }
+    assert_eq!(csv.lines().count(), 3);
+    let missing = std::fs::read_to_string(dir.join("missing.txt")).unwrap();
+    assert!(!missing.contains("00003440_000.png"));
+    assert!(dir.join("overlays/00003440_000_Mass.png").is_file());
+}
+
+#[test]
+fn cam_writes_maps_overlays_and_index() {
+    let Some(sh) = shared_or_skip("cam_writes_maps_overlays_and_index") else {
+        return;
+    };
+    let dir = scratch("cam");
+    let o = evax(&[
+        "cam",
+        "--weights",
+        s(&sh.join("fixtures/eva_x_ti_cxr14_ft.pth")),
+        "--class",
+        "cardiomegaly",
+        "--class",
+        "Pneumothorax",
+        "-o",
+        s(&dir),
+        s(&sh.join("data/nih/00000001_000.png")),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let idx: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("cams.json")).unwrap()).unwrap();
+    let idx = idx.as_array().unwrap();
+    assert_eq!(idx.len(), 2);
+    assert_eq!(idx[0]["class_index"], 1);
+    // The map equals pytorch-grad-cam's (gradcam/class1 is image 0, class 1).
+    let bytes = std::fs::read(dir.join(idx[0]["cam"].as_str().unwrap())).unwrap();
+    let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let got: Vec<f32> = bytes[10 + hlen..]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert!(max_diff(&got, &reference(&sh, "gradcam/class1").data) <= 1e-3);
+    assert!(dir.join(idx[1]["overlay"].as_str().unwrap()).is_file());
+    let o = evax(&[
+        "cam",
+        "--weights",
+        s(&sh.join("fixtures/eva_x_ti_cxr14_ft.pth")),
+        "--class",
+        "Cat",
+        "-o",
+        s(&dir),
+        s(&sh.join("data/nih/00000001_000.png")),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("unknown class 'Cat'"));
+}

@@ -7,6 +7,7 @@
 //! The CAM arithmetic works on (activation, gradient) pairs laid out on the patch grid, so a CNN
 //! backbone only has to provide those through [`CamSource`].
 
+pub mod jobs;
 pub mod localize;
 pub mod overlay;
 
@@ -38,7 +39,9 @@ impl CamLayer {
             Some(n) => (n, true),
             None => (rest, false),
         };
-        let i: i64 = n.parse().map_err(|_| format!("layer '{s}': bad block index"))?;
+        let i: i64 = n
+            .parse()
+            .map_err(|_| format!("layer '{s}': bad block index"))?;
         let i = if i < 0 { depth as i64 + i } else { i };
         if i < 0 || i >= depth as i64 {
             return Err(format!("layer '{s}': the model has {depth} blocks"));
@@ -61,17 +64,27 @@ pub struct ActivationGrads {
     pub grid: (usize, usize),
 }
 
+/// The result of one Grad-CAM batch.
+pub struct CamBatch {
+    /// Logits `[B, K]`.
+    pub logits: Vec<Vec<f32>>,
+    /// Target classes of each image.
+    pub targets: Vec<Vec<usize>>,
+    /// One entry per round of targets.
+    pub rounds: Vec<ActivationGrads>,
+}
+
 /// A model Grad-CAM can explain.
 pub trait CamSource {
-    /// Logits `[B, K]` of a batch, and for each of `rounds` the activations and gradients at
-    /// `layer` of the logit `targets[b][r]` of each image (images with fewer targets get a
-    /// zero gradient in that round).
+    /// Logits `[B, K]` of a batch, the target classes `choose(b, logits_b)` picked for each
+    /// image, and for each round r the activations and gradients at `layer` of the logit of
+    /// each image's r-th target (images with fewer targets get a zero gradient in that round).
     fn activation_grads(
         &self,
         x: &Tensor,
         layer: CamLayer,
-        targets: &[Vec<usize>],
-    ) -> Result<(Tensor, Vec<ActivationGrads>), ModelError>;
+        choose: &dyn Fn(usize, &[f32]) -> Vec<usize>,
+    ) -> Result<CamBatch, ModelError>;
 }
 
 impl CamSource for EvaX {
@@ -79,11 +92,12 @@ impl CamSource for EvaX {
         &self,
         x: &Tensor,
         layer: CamLayer,
-        targets: &[Vec<usize>],
-    ) -> Result<(Tensor, Vec<ActivationGrads>), ModelError> {
+        choose: &dyn Fn(usize, &[f32]) -> Vec<usize>,
+    ) -> Result<CamBatch, ModelError> {
         let (Some(fc_norm), Some(head)) = (&self.fc_norm, &self.head) else {
             return Err(ModelError::Input(
-                "Grad-CAM needs a fine-tuned checkpoint with fc_norm and a classification head".into(),
+                "Grad-CAM needs a fine-tuned checkpoint with fc_norm and a classification head"
+                    .into(),
             ));
         };
         let grid = self.grid_of(x)?;
@@ -108,9 +122,12 @@ impl CamSource for EvaX {
         }
         let logits = grad::head_logits(&h, fc_norm, head)?;
         let (b, k) = logits.dims2()?;
-        if targets.len() != b {
-            return Err(ModelError::Input(format!("{} target lists for {b} images", targets.len())));
-        }
+        let logit_rows = logits.to_vec2::<f32>()?;
+        let targets: Vec<Vec<usize>> = logit_rows
+            .iter()
+            .enumerate()
+            .map(|(i, l)| choose(i, l))
+            .collect();
         let rounds = targets.iter().map(|t| t.len()).max().unwrap_or(0);
         let t = leaf.as_tensor().dim(1)?;
         let activations = leaf.as_tensor().narrow(1, 1, t - 1)?.contiguous()?;
@@ -120,7 +137,9 @@ impl CamSource for EvaX {
             for (i, t) in targets.iter().enumerate() {
                 if let Some(&c) = t.get(r) {
                     if c >= k {
-                        return Err(ModelError::Input(format!("class {c} out of range (head has {k})")));
+                        return Err(ModelError::Input(format!(
+                            "class {c} out of range (head has {k})"
+                        )));
                     }
                     mask[i * k + c] = 1.0;
                 }
@@ -137,7 +156,11 @@ impl CamSource for EvaX {
                 grid,
             });
         }
-        Ok((logits.detach(), out))
+        Ok(CamBatch {
+            logits: logit_rows,
+            targets,
+            rounds: out,
+        })
     }
 }
 
@@ -185,7 +208,10 @@ mod tests {
     #[test]
     fn layers_parse() {
         assert_eq!(CamLayer::parse("last", 12), Ok(CamLayer::Norm1(11)));
-        assert_eq!(CamLayer::parse("blocks.3.norm1", 12), Ok(CamLayer::Norm1(3)));
+        assert_eq!(
+            CamLayer::parse("blocks.3.norm1", 12),
+            Ok(CamLayer::Norm1(3))
+        );
         assert_eq!(CamLayer::parse("blocks.-1", 12), Ok(CamLayer::Output(11)));
         assert!(CamLayer::parse("blocks.12", 12).is_err());
         assert!(CamLayer::parse("head", 12).is_err());

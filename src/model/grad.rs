@@ -111,7 +111,12 @@ pub fn mlp(block: &Block, y: &Tensor) -> Result<Tensor> {
 
 /// A block's output from its input `x` and `y = norm1(x)` given separately, so that `y` can be
 /// a leaf whose gradient is wanted (the Grad-CAM layer).
-pub fn block_from_norm1(block: &Block, x: &Tensor, y: &Tensor, rope: &RopeTensors) -> Result<Tensor> {
+pub fn block_from_norm1(
+    block: &Block,
+    x: &Tensor,
+    y: &Tensor,
+    rope: &RopeTensors,
+) -> Result<Tensor> {
     let x = (x + attention(block, y, rope)?)?;
     let m = mlp(block, &layer_norm(&x, &block.norm2)?)?;
     x + m

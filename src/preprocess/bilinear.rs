@@ -18,7 +18,12 @@ fn taps(input: usize, output: usize) -> Vec<(usize, usize, f32)> {
 }
 
 /// Resize `planes` channel-first planes of `h x w` (`[planes, h, w]`) to `oh x ow`.
-pub fn resize_bilinear(data: &[f32], planes: usize, (h, w): (usize, usize), (oh, ow): (usize, usize)) -> Vec<f32> {
+pub fn resize_bilinear(
+    data: &[f32],
+    planes: usize,
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+) -> Vec<f32> {
     assert_eq!(data.len(), planes * h * w, "plane size");
     let ty = taps(h, oh);
     let tx = taps(w, ow);

@@ -218,7 +218,7 @@ pub struct Preprocess {
 }
 
 /// Python's `round` (half to even) for non-negative halves.
-fn round_half_even(x: f64) -> usize {
+pub(crate) fn round_half_even(x: f64) -> usize {
     let r = x.round();
     let r = if (x - x.trunc() - 0.5).abs() < 1e-12 && (r as i64) % 2 != 0 {
         r - 1.0
@@ -290,7 +290,11 @@ impl Preprocess {
 
     /// The full transform into a `[3, H, W]` f32 buffer (channel-first).
     pub fn apply(&self, img: &Image) -> Vec<f32> {
-        let crop = self.resize_crop(img);
+        self.normalize(&self.resize_crop(img))
+    }
+
+    /// `ToTensor` + `Normalize` of an already resized and cropped 8-bit image.
+    pub fn normalize(&self, crop: &Image) -> Vec<f32> {
         let (h, w) = self.size;
         let mut lut = [0f32; 256];
         for (v, l) in lut.iter_mut().enumerate() {
@@ -311,6 +315,27 @@ impl Preprocess {
     pub fn load(&self, path: impl AsRef<Path>) -> Result<Vec<f32>, ImageError> {
         Ok(self.apply(&Image::open(path)?))
     }
+}
+
+/// The Grad-CAM scoring transform of the original's `get_cams.py` (REFERENCE.md 7): the whole
+/// image to [0, 1] floats, resized straight to `size` bilinearly (no antialiasing), normalised.
+/// Returns `[3, H, W]`.
+pub fn cam_eval_input(img: &Image, size: (usize, usize), norm: Normalization) -> Vec<f32> {
+    let (w, h, c) = (img.width, img.height, img.channels);
+    let mut planes = vec![0f32; c * h * w];
+    for ch in 0..c {
+        for i in 0..h * w {
+            planes[ch * h * w + i] = img.data[i * c + ch] as f32 / 255.0;
+        }
+    }
+    let resized = bilinear::resize_bilinear(&planes, c, (h, w), size);
+    let plane = size.0 * size.1;
+    let mut out = Vec::with_capacity(3 * plane);
+    for ch in 0..3 {
+        let src = &resized[(if c == 1 { 0 } else { ch }) * plane..][..plane];
+        out.extend(src.iter().map(|v| (v - norm.mean) / norm.std));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -1,0 +1,561 @@
+//! The batch jobs behind `evax cam` and `evax cam-eval`: streaming over images with bounded
+//! memory, writing CAMs, overlays, indexes and metrics.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use super::localize::{self, BoxMapping, NihBox, ScoredBox, Scores};
+use super::overlay::{Rgb, show_cam_on_image};
+use super::{CamLayer, CamSource, cam_maps};
+use crate::infer::{Failure, progress};
+use crate::labels::LabelSet;
+use crate::model::EvaX;
+use crate::preprocess::{Image, Normalization, Preprocess, cam_eval_input};
+
+/// Which classes to explain.
+#[derive(Debug, Clone)]
+pub enum ClassChoice {
+    /// These class indices for every image.
+    Fixed(Vec<usize>),
+    /// The K highest-scoring classes of each image.
+    Top(usize),
+}
+
+/// One written CAM, as listed in `cams.json`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CamRecord {
+    /// The input image.
+    pub input: String,
+    /// Class name.
+    pub class: String,
+    /// Class index in the head.
+    pub class_index: usize,
+    /// The class logit.
+    pub logit: f32,
+    /// Its probability under the label set's activation.
+    pub probability: f32,
+    /// The CAM `[H, W]` as .npy (relative to the output folder).
+    pub cam: String,
+    /// The overlay PNG (relative to the output folder), if written.
+    pub overlay: Option<String>,
+}
+
+/// Settings of `evax cam`.
+pub struct CamJob<'a> {
+    /// The model.
+    pub model: &'a EvaX,
+    /// Evaluation transform.
+    pub preprocess: Preprocess,
+    /// Class names and activation.
+    pub labels: LabelSet,
+    /// Classes to explain.
+    pub classes: ClassChoice,
+    /// Target layer.
+    pub layer: CamLayer,
+    /// Images per batch.
+    pub batch: usize,
+    /// Write overlay PNGs.
+    pub overlays: bool,
+}
+
+fn file_stem(p: &Path) -> String {
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into())
+}
+
+fn safe_name(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl CamJob<'_> {
+    /// Compute and write CAMs for `inputs` into `out_dir`; returns the records and failures.
+    pub fn run(
+        &self,
+        inputs: &[PathBuf],
+        out_dir: &Path,
+    ) -> std::io::Result<(Vec<CamRecord>, Vec<Failure>)> {
+        std::fs::create_dir_all(out_dir)?;
+        let (h, w) = self.preprocess.size;
+        let pb = progress(inputs.len(), "cam");
+        let mut records = Vec::new();
+        let mut failures = Vec::new();
+        let mut used_stems: HashMap<String, usize> = HashMap::new();
+        for chunk in inputs.chunks(self.batch.max(1)) {
+            let loaded: Vec<_> = chunk
+                .par_iter()
+                .map(|p| {
+                    let img = Image::open(p)?;
+                    let crop = self.preprocess.resize_crop(&img);
+                    let x = self.preprocess.normalize(&crop);
+                    Ok::<_, crate::preprocess::ImageError>((crop, x))
+                })
+                .collect();
+            let mut ok = Vec::new();
+            let mut data = Vec::new();
+            for (p, r) in chunk.iter().zip(loaded) {
+                match r {
+                    Ok((crop, x)) => {
+                        data.extend_from_slice(&x);
+                        ok.push((p, crop));
+                    }
+                    Err(e) => failures.push(Failure {
+                        input: p.clone(),
+                        error: e.what,
+                    }),
+                }
+            }
+            pb.inc(chunk.len() as u64);
+            if ok.is_empty() {
+                continue;
+            }
+            let result = Tensor::from_vec(data, (ok.len(), 3, h, w), &Device::Cpu)
+                .map_err(|e| e.to_string())
+                .and_then(|x| {
+                    let choose = |_: usize, logits: &[f32]| match &self.classes {
+                        ClassChoice::Fixed(c) => c.clone(),
+                        ClassChoice::Top(k) => {
+                            let mut idx: Vec<usize> = (0..logits.len()).collect();
+                            idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+                            idx.truncate(*k);
+                            idx
+                        }
+                    };
+                    self.model
+                        .activation_grads(&x, self.layer, &choose)
+                        .map_err(|e| e.to_string())
+                });
+            let batch = match result {
+                Ok(b) => b,
+                Err(e) => {
+                    failures.extend(ok.iter().map(|(p, _)| Failure {
+                        input: (*p).clone(),
+                        error: e.clone(),
+                    }));
+                    continue;
+                }
+            };
+            let maps: Vec<Vec<Vec<f32>>> = batch
+                .rounds
+                .iter()
+                .map(|r| cam_maps(r, (h, w)))
+                .collect::<Result<_, _>>()
+                .map_err(std::io::Error::other)?;
+            for (i, (path, crop)) in ok.iter().enumerate() {
+                let stem = file_stem(path);
+                let n = used_stems.entry(stem.clone()).or_insert(0);
+                *n += 1;
+                let stem = if *n == 1 { stem } else { format!("{stem}-{n}") };
+                let probs = self.labels.activation.apply(&batch.logits[i]);
+                for (r, &class) in batch.targets[i].iter().enumerate() {
+                    let cam = &maps[r][i];
+                    let name = self
+                        .labels
+                        .classes
+                        .get(class)
+                        .cloned()
+                        .unwrap_or_else(|| format!("class_{class}"));
+                    let base = format!("{}_{}", safe_name(&stem), safe_name(&name));
+                    let npy = format!("{base}.npy");
+                    crate::io::write_atomic(
+                        &out_dir.join(&npy),
+                        &crate::io::npy_f32(&[h, w], cam),
+                    )?;
+                    let overlay = if self.overlays {
+                        let png = format!("{base}.png");
+                        let mut pic = show_cam_on_image(&Rgb::from_image(crop), cam);
+                        let scale = (512 / h.max(w)).max(1);
+                        if scale > 1 {
+                            pic = pic.upscale(scale);
+                        }
+                        pic.caption(
+                            &format!("{name} {:.2}", probs[class]),
+                            (pic.width / 140).clamp(1, 4),
+                        );
+                        pic.save_png(&out_dir.join(&png))?;
+                        Some(png)
+                    } else {
+                        None
+                    };
+                    records.push(CamRecord {
+                        input: path.display().to_string(),
+                        class: name,
+                        class_index: class,
+                        logit: batch.logits[i][class],
+                        probability: probs[class],
+                        cam: npy,
+                        overlay,
+                    });
+                }
+            }
+        }
+        pb.finish_and_clear();
+        let index = serde_json::to_vec_pretty(&records).map_err(std::io::Error::other)?;
+        crate::io::write_atomic(&out_dir.join("cams.json"), &index)?;
+        Ok((records, failures))
+    }
+}
+
+/// Which preprocessing `cam-eval` scores with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CamEvalPreprocess {
+    /// `get_cams.py`: the whole image bilinearly to the input size, 0.5056 / 0.252.
+    Original,
+    /// The classification transform (resize shorter side, centre crop, EVA-X statistics).
+    Classification,
+}
+
+/// Settings of `evax cam-eval`.
+pub struct CamEvalJob<'a> {
+    /// The model.
+    pub model: &'a EvaX,
+    /// Input size.
+    pub size: (usize, usize),
+    /// Preprocessing.
+    pub preprocess: CamEvalPreprocess,
+    /// Fixed threshold (used unless `search`).
+    pub threshold: f32,
+    /// Sweep 0.01..0.60 and report the best, plus the honest split.
+    pub search: bool,
+    /// Seed of the image split.
+    pub seed: u64,
+    /// Images per batch.
+    pub batch: usize,
+    /// Write overlays with the box drawn.
+    pub overlays: bool,
+    /// Target layer.
+    pub layer: CamLayer,
+}
+
+/// Metrics of one scoring.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Scored {
+    /// Threshold used.
+    pub threshold: f32,
+    /// Over all boxes.
+    pub overall: Scores,
+    /// Per finding.
+    pub per_finding: BTreeMap<String, Scores>,
+}
+
+/// One fold of the honest variant: threshold tuned on one half of the images, scored on the
+/// other.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HonestFold {
+    /// Half the threshold was chosen on (0 or 1).
+    pub tuned_on_half: usize,
+    /// Boxes in the tuning half.
+    pub tuning_boxes: usize,
+    /// Scores on the other half at the tuned threshold.
+    pub scored: Scored,
+}
+
+/// Everything `cam-eval` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CamEvalReport {
+    /// Weights evaluated.
+    pub weights: String,
+    /// Preprocessing used.
+    pub preprocess: String,
+    /// Whether the threshold was searched on the evaluation boxes (the original's protocol).
+    pub searched: bool,
+    /// The scores at the reported threshold.
+    pub result: Scored,
+    /// The honest variant (with `--search`): two folds.
+    pub honest: Vec<HonestFold>,
+    /// Boxes in the CSV.
+    pub boxes_total: usize,
+    /// Boxes scored.
+    pub boxes_scored: usize,
+    /// Boxes whose image was not found.
+    pub boxes_missing: usize,
+    /// Images named in the CSV but not found.
+    pub images_missing: usize,
+    /// Malformed CSV rows.
+    pub bad_rows: Vec<String>,
+    /// Images that could not be read.
+    pub failures: Vec<Failure>,
+}
+
+/// Index image files under `dir` by file name (any depth; the NIH download's
+/// `images_001/images/` layout included).
+fn index_images(dir: &Path) -> HashMap<String, PathBuf> {
+    let (paths, _) = crate::infer::collect_inputs(&[dir.to_path_buf()]);
+    paths
+        .into_iter()
+        .filter_map(|p| Some((p.file_name()?.to_string_lossy().into_owned(), p)))
+        .collect()
+}
+
+impl CamEvalJob<'_> {
+    fn scored(&self, boxes: &[&ScoredBox], ti: usize, t: f32) -> Scored {
+        let (overall, per_finding) = localize::report(boxes, ti);
+        Scored {
+            threshold: t,
+            overall,
+            per_finding,
+        }
+    }
+
+    /// Score every box of `boxes_csv` whose image is in `images`; write `metrics.json`,
+    /// `per_box.csv`, `missing.txt` (and overlays) into `out_dir`.
+    pub fn run(
+        &self,
+        weights: &Path,
+        boxes_csv: &Path,
+        images: &Path,
+        out_dir: &Path,
+    ) -> Result<CamEvalReport, String> {
+        std::fs::create_dir_all(out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+        let (boxes, bad) = localize::read_boxes(boxes_csv)?;
+        let files = index_images(images);
+        let mut by_image: BTreeMap<String, Vec<NihBox>> = BTreeMap::new();
+        for b in &boxes {
+            by_image.entry(b.image.clone()).or_default().push(b.clone());
+        }
+        let mut missing = Vec::new();
+        let mut present = Vec::new();
+        for (name, bs) in by_image {
+            match files.get(&name) {
+                Some(p) => present.push((p.clone(), bs)),
+                None => missing.extend(bs.iter().map(|b| b.image.clone())),
+            }
+        }
+        let mut grid = localize::thresholds();
+        grid.push(self.threshold);
+        let fixed_ti = grid.len() - 1;
+        let (h, w) = self.size;
+        let overlay_dir = out_dir.join("overlays");
+        if self.overlays {
+            std::fs::create_dir_all(&overlay_dir).map_err(|e| e.to_string())?;
+        }
+        let pb = progress(present.len(), "cam-eval");
+        let mut scored: Vec<ScoredBox> = Vec::new();
+        let mut failures = Vec::new();
+        for chunk in present.chunks(self.batch.max(1)) {
+            let loaded: Vec<_> = chunk
+                .par_iter()
+                .map(|(p, _)| {
+                    let img = Image::open(p)?;
+                    Ok::<_, crate::preprocess::ImageError>(self.prepare(&img))
+                })
+                .collect();
+            let mut ok = Vec::new();
+            let mut data = Vec::new();
+            for ((p, bs), r) in chunk.iter().zip(loaded) {
+                match r {
+                    Ok((x, pic, mapping)) => {
+                        data.extend_from_slice(&x);
+                        ok.push((p, bs, pic, mapping));
+                    }
+                    Err(e) => failures.push(Failure {
+                        input: p.clone(),
+                        error: e.what,
+                    }),
+                }
+            }
+            pb.inc(chunk.len() as u64);
+            if ok.is_empty() {
+                continue;
+            }
+            let x = Tensor::from_vec(data, (ok.len(), 3, h, w), &Device::Cpu)
+                .map_err(|e| e.to_string())?;
+            let classes: Vec<Vec<usize>> = ok
+                .iter()
+                .map(|(_, bs, _, _)| {
+                    let mut c: Vec<usize> = bs
+                        .iter()
+                        .filter_map(|b| localize::finding_class(&b.finding))
+                        .collect();
+                    c.sort_unstable();
+                    c.dedup();
+                    c
+                })
+                .collect();
+            let batch = self
+                .model
+                .activation_grads(&x, self.layer, &|i, _| classes[i].clone())
+                .map_err(|e| e.to_string())?;
+            let maps: Vec<Vec<Vec<f32>>> = batch
+                .rounds
+                .iter()
+                .map(|r| cam_maps(r, (h, w)))
+                .collect::<Result<_, _>>()
+                .map_err(|e| e.to_string())?;
+            for (i, (_, bs, pic, mapping)) in ok.iter().enumerate() {
+                for b in bs.iter() {
+                    let class = localize::finding_class(&b.finding).expect("validated");
+                    let r = batch.targets[i]
+                        .iter()
+                        .position(|&c| c == class)
+                        .expect("requested");
+                    let cam = &maps[r][i];
+                    let pixels = mapping.map(&b.bbox);
+                    let ious = grid
+                        .iter()
+                        .map(|&t| localize::iou(cam, (h, w), &pixels, t))
+                        .collect();
+                    if self.overlays {
+                        let mut o = show_cam_on_image(pic, cam);
+                        o.rect(pixels.x, pixels.y, pixels.w, pixels.h, 1, [0, 255, 0]);
+                        let k = (512 / h.max(w)).max(1);
+                        let mut o = if k > 1 { o.upscale(k) } else { o };
+                        o.caption(&b.finding, (o.width / 140).clamp(1, 4));
+                        let name = format!(
+                            "{}_{}.png",
+                            safe_name(&file_stem(Path::new(&b.image))),
+                            safe_name(&b.finding)
+                        );
+                        o.save_png(&overlay_dir.join(name))
+                            .map_err(|e| e.to_string())?;
+                    }
+                    scored.push(ScoredBox {
+                        nih: b.clone(),
+                        pixels,
+                        ious,
+                    });
+                }
+            }
+        }
+        pb.finish_and_clear();
+        let all: Vec<&ScoredBox> = scored.iter().collect();
+        let (result, honest) = if self.search && !all.is_empty() {
+            let ti = localize::best_threshold(&all);
+            let mut folds = Vec::new();
+            for half in 0..2 {
+                let tune: Vec<&ScoredBox> = all
+                    .iter()
+                    .copied()
+                    .filter(|b| localize::half_of(&b.nih.image, self.seed) == half)
+                    .collect();
+                let test: Vec<&ScoredBox> = all
+                    .iter()
+                    .copied()
+                    .filter(|b| localize::half_of(&b.nih.image, self.seed) != half)
+                    .collect();
+                if tune.is_empty() || test.is_empty() {
+                    continue;
+                }
+                let t = localize::best_threshold(&tune);
+                folds.push(HonestFold {
+                    tuned_on_half: half,
+                    tuning_boxes: tune.len(),
+                    scored: self.scored(&test, t, grid[t]),
+                });
+            }
+            (self.scored(&all, ti, grid[ti]), folds)
+        } else {
+            (self.scored(&all, fixed_ti, self.threshold), Vec::new())
+        };
+        let ti = grid
+            .iter()
+            .position(|&t| t == result.threshold)
+            .unwrap_or(fixed_ti);
+        let mut csv = String::from("image,finding,x,y,w,h,threshold,iou\n");
+        for b in &scored {
+            csv.push_str(&format!(
+                "{},{},{},{},{},{},{},{}\n",
+                b.nih.image,
+                b.nih.finding,
+                b.pixels.x,
+                b.pixels.y,
+                b.pixels.w,
+                b.pixels.h,
+                result.threshold,
+                b.ious[ti]
+            ));
+        }
+        let write = |name: &str, bytes: &[u8]| {
+            crate::io::write_atomic(&out_dir.join(name), bytes)
+                .map_err(|e| format!("{}: {e}", out_dir.join(name).display()))
+        };
+        write("per_box.csv", csv.as_bytes())?;
+        let mut miss = missing.clone();
+        miss.dedup();
+        write(
+            "missing.txt",
+            (miss.join("\n") + if miss.is_empty() { "" } else { "\n" }).as_bytes(),
+        )?;
+        let report = CamEvalReport {
+            weights: weights.display().to_string(),
+            preprocess: match self.preprocess {
+                CamEvalPreprocess::Original => "original".into(),
+                CamEvalPreprocess::Classification => "classification".into(),
+            },
+            searched: self.search,
+            result,
+            honest,
+            boxes_total: boxes.len() + bad.len(),
+            boxes_scored: scored.len(),
+            boxes_missing: missing.len(),
+            images_missing: miss.len(),
+            bad_rows: bad
+                .iter()
+                .map(|b| format!("{}:{}: {}", boxes_csv.display(), b.line, b.what))
+                .collect(),
+            failures,
+        };
+        write(
+            "metrics.json",
+            &serde_json::to_vec_pretty(&report).map_err(|e| e.to_string())?,
+        )?;
+        Ok(report)
+    }
+
+    /// The model input, the picture for overlays, and how boxes map onto the CAM.
+    fn prepare(&self, img: &Image) -> (Vec<f32>, Rgb, BoxMapping) {
+        let (h, w) = self.size;
+        match self.preprocess {
+            CamEvalPreprocess::Original => {
+                let x = cam_eval_input(img, self.size, Normalization::OTHERS);
+                let shown: Vec<u8> = x[..h * w]
+                    .iter()
+                    .map(|v| {
+                        ((v * Normalization::OTHERS.std + Normalization::OTHERS.mean) * 255.0)
+                            .round()
+                            .clamp(0.0, 255.0) as u8
+                    })
+                    .collect();
+                let pic = Rgb::from_image(&Image {
+                    width: w,
+                    height: h,
+                    channels: 1,
+                    data: shown,
+                });
+                let mapping = BoxMapping {
+                    scale: w as f64 / img.width as f64,
+                    offset: (0, 0),
+                };
+                (x, pic, mapping)
+            }
+            CamEvalPreprocess::Classification => {
+                let pre = Preprocess::eval(self.size, Normalization::EVAX);
+                let crop = pre.resize_crop(img);
+                let scale = pre.resize_short as f64 / img.width.min(img.height) as f64;
+                let (nw, nh) = (
+                    (img.width as f64 * scale) as i64,
+                    (img.height as f64 * scale) as i64,
+                );
+                let half =
+                    |d: i64| crate::preprocess::round_half_even(d.max(0) as f64 / 2.0) as i64;
+                let offset = (half(nw - w as i64), half(nh - h as i64));
+                (
+                    pre.normalize(&crop),
+                    Rgb::from_image(&crop),
+                    BoxMapping { scale, offset },
+                )
+            }
+        }
+    }
+}
