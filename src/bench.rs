@@ -127,3 +127,51 @@ pub fn run(
         peak_rss_mb: peak_rss_mb(),
     })
 }
+
+/// Input-pipeline throughput: decode + preprocess of one image file, repeated.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PipelineResult {
+    /// The image.
+    pub image: String,
+    /// Images processed.
+    pub images: usize,
+    /// Threads used.
+    pub threads: usize,
+    /// Images per second.
+    pub img_per_s: f64,
+    /// Share of the time spent decoding (single-threaded measurement).
+    pub decode_share: f64,
+}
+
+/// Time decoding and the evaluation transform of `path` at `size`, `n` times over the thread
+/// pool (the file is read from disk each time, as a dataset would be).
+pub fn pipeline(path: &std::path::Path, size: usize, n: usize) -> Result<PipelineResult, String> {
+    use crate::preprocess::{Image, Normalization, Preprocess};
+    use rayon::prelude::*;
+    let pre = Preprocess::eval((size, size), Normalization::EVAX);
+    pre.load(path).map_err(|e| e.to_string())?;
+    // Split of one image's cost, single-threaded.
+    let reps = 10;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        Image::open(path).map_err(|e| e.to_string())?;
+    }
+    let decode = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        pre.load(path).map_err(|e| e.to_string())?;
+    }
+    let total = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    (0..n)
+        .into_par_iter()
+        .try_for_each(|_| pre.load(path).map(|_| ()).map_err(|e| e.to_string()))?;
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(PipelineResult {
+        image: path.display().to_string(),
+        images: n,
+        threads: rayon::current_num_threads(),
+        img_per_s: n as f64 / secs,
+        decode_share: decode / total,
+    })
+}

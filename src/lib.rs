@@ -15,3 +15,4 @@ pub mod io;
 pub mod labels;
 pub mod model;
 pub mod preprocess;
+pub mod simd;

@@ -234,6 +234,9 @@ enum Command {
         /// Time Grad-CAM (forward + partial backward + map) instead of the forward pass.
         #[arg(long)]
         cam: bool,
+        /// Time the input pipeline (decode + preprocessing) on this image instead.
+        #[arg(long, conflicts_with = "cam")]
+        pipeline: Option<PathBuf>,
     },
 }
 
@@ -441,7 +444,25 @@ fn run(cmd: Command) -> Result<ExitCode> {
             iters,
             json,
             cam,
+            pipeline,
         } => {
+            if let Some(image) = pipeline {
+                let n = iters.max(1) * 100;
+                let r = evax::bench::pipeline(&image, input_size, n).map_err(anyhow::Error::msg)?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "pipeline {} -> {input_size}: {:.0} img/s on {} threads ({} images; decoding is {:.0} % of the work)",
+                        r.image,
+                        r.img_per_s,
+                        r.threads,
+                        r.images,
+                        r.decode_share * 100.0
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let work = if cam {
                 evax::bench::Workload::Cam
             } else {

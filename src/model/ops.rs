@@ -41,37 +41,7 @@ pub fn exp_f32(x: f32) -> f32 {
 /// Kernels compiled for several instruction sets, dispatched at run time.
 pub mod simd {
     use super::exp_f32;
-
-    macro_rules! dispatch {
-        ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
-            $(#[$doc])*
-            pub fn $name($($arg: $ty),*) {
-                #[inline(always)]
-                fn generic($($arg: $ty),*) $body
-                #[cfg(target_arch = "x86_64")]
-                {
-                    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,bmi2")]
-                    unsafe fn v4($($arg: $ty),*) { generic($($arg),*) }
-                    #[target_feature(enable = "avx2,fma,bmi2")]
-                    unsafe fn v3($($arg: $ty),*) { generic($($arg),*) }
-                    if std::arch::is_x86_feature_detected!("avx512f")
-                        && std::arch::is_x86_feature_detected!("avx512bw")
-                        && std::arch::is_x86_feature_detected!("avx512vl")
-                    {
-                        // SAFETY: the CPU supports every feature v4 was compiled for.
-                        return unsafe { v4($($arg),*) };
-                    }
-                    if std::arch::is_x86_feature_detected!("avx2")
-                        && std::arch::is_x86_feature_detected!("fma")
-                    {
-                        // SAFETY: as above, for v3.
-                        return unsafe { v3($($arg),*) };
-                    }
-                }
-                generic($($arg),*)
-            }
-        };
-    }
+    use crate::dispatch;
 
     /// Lanes of the manual reductions (float sums do not auto-vectorise without them).
     const LANES: usize = 16;

@@ -255,37 +255,43 @@ impl Preprocess {
         } else {
             ((s as f64 * w as f64 / h as f64) as usize, s)
         };
-        let resized = if (nw, nh) == (w, h) {
-            img.clone()
-        } else {
-            Image {
-                width: nw,
-                height: nh,
-                channels: img.channels,
-                data: resize::resize_bicubic(&img.data, (w, h), img.channels, (nw, nh)),
-            }
-        };
         let (ch, cw) = self.size;
-        if ch > nh || cw > nw {
-            // torchvision pads with zeros when the crop is larger than the image.
-            let mut padded = Image {
-                width: cw.max(nw),
-                height: ch.max(nh),
-                channels: img.channels,
-                data: vec![0; cw.max(nw) * ch.max(nh) * img.channels],
-            };
-            let (left, top) = ((padded.width - nw) / 2, (padded.height - nh) / 2);
-            for y in 0..nh {
-                let c = img.channels;
-                let dst = ((top + y) * padded.width + left) * c;
-                padded.data[dst..dst + nw * c]
-                    .copy_from_slice(&resized.data[y * nw * c..(y + 1) * nw * c]);
+        if ch <= nh && cw <= nw {
+            let top = round_half_even((nh - ch) as f64 / 2.0);
+            let left = round_half_even((nw - cw) as f64 / 2.0);
+            if (nw, nh) == (w, h) {
+                return img.crop(left, top, cw, ch);
             }
-            return padded.crop((padded.width - cw) / 2, (padded.height - ch) / 2, cw, ch);
+            // Only the window the crop keeps is resampled.
+            let data = resize::resize_bicubic_window(
+                &img.data,
+                (w, h),
+                img.channels,
+                (nw, nh),
+                (left, top, cw, ch),
+            );
+            return Image {
+                width: cw,
+                height: ch,
+                channels: img.channels,
+                data,
+            };
         }
-        let top = round_half_even((nh - ch) as f64 / 2.0);
-        let left = round_half_even((nw - cw) as f64 / 2.0);
-        resized.crop(left, top, cw, ch)
+        // torchvision pads with zeros when the crop is larger than the image.
+        let resized = resize::resize_bicubic(&img.data, (w, h), img.channels, (nw, nh));
+        let c = img.channels;
+        let mut padded = Image {
+            width: cw.max(nw),
+            height: ch.max(nh),
+            channels: c,
+            data: vec![0; cw.max(nw) * ch.max(nh) * c],
+        };
+        let (left, top) = ((padded.width - nw) / 2, (padded.height - nh) / 2);
+        for y in 0..nh {
+            let dst = ((top + y) * padded.width + left) * c;
+            padded.data[dst..dst + nw * c].copy_from_slice(&resized[y * nw * c..(y + 1) * nw * c]);
+        }
+        padded.crop((padded.width - cw) / 2, (padded.height - ch) / 2, cw, ch)
     }
 
     /// The full transform into a `[3, H, W]` f32 buffer (channel-first).
