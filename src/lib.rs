@@ -13,6 +13,8 @@ pub mod fixtures;
 pub mod infer;
 pub mod io;
 pub mod labels;
+pub mod metrics;
 pub mod model;
 pub mod preprocess;
+pub mod rng;
 pub mod simd;
