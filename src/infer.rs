@@ -100,9 +100,61 @@ pub fn progress(n: usize, what: &str) -> ProgressBar {
     pb
 }
 
-/// Decode and preprocess `inputs` in batches of `batch` (in parallel), calling `run` with the
-/// positions (in `inputs`) of the images that loaded and their `[n, 3, H, W]` batch. Returns
-/// the inputs that failed, in order.
+/// One preprocessed batch.
+pub struct Batch {
+    /// Positions (in the input list) of the images that loaded, in order.
+    pub positions: Vec<usize>,
+    /// Their `[n, 3, H, W]` data.
+    pub data: Vec<f32>,
+    /// Inputs of this batch that failed.
+    pub failures: Vec<Failure>,
+    /// Inputs this batch covered (loaded or failed).
+    pub covered: usize,
+}
+
+/// Batches of preprocessed images, decoded in parallel on a background thread while the caller
+/// works on the previous batch. At most `PREFETCH` batches wait in memory; batches arrive in
+/// input order.
+pub fn batches(
+    inputs: Vec<(usize, PathBuf)>,
+    pre: Preprocess,
+    batch: usize,
+) -> impl Iterator<Item = Batch> {
+    const PREFETCH: usize = 2;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(PREFETCH);
+    std::thread::spawn(move || {
+        let plane = 3 * pre.size.0 * pre.size.1;
+        for chunk in inputs.chunks(batch.max(1)) {
+            let loaded: Vec<_> = chunk.par_iter().map(|(_, p)| pre.load(p)).collect();
+            let mut b = Batch {
+                positions: Vec::with_capacity(chunk.len()),
+                data: Vec::with_capacity(chunk.len() * plane),
+                failures: Vec::new(),
+                covered: chunk.len(),
+            };
+            for ((i, p), r) in chunk.iter().zip(loaded) {
+                match r {
+                    Ok(v) => {
+                        b.positions.push(*i);
+                        b.data.extend_from_slice(&v);
+                    }
+                    Err(e) => b.failures.push(Failure {
+                        input: p.clone(),
+                        error: e.what,
+                    }),
+                }
+            }
+            if tx.send(b).is_err() {
+                return; // the consumer stopped
+            }
+        }
+    });
+    rx.into_iter()
+}
+
+/// Decode and preprocess `inputs` in batches of `batch` (in parallel, prefetched), calling `run`
+/// with the positions (in `inputs`) of the images that loaded and their `[n, 3, H, W]` batch.
+/// Returns the inputs that failed, in order.
 pub fn for_each_batch(
     inputs: &[PathBuf],
     pre: &Preprocess,
@@ -112,36 +164,22 @@ pub fn for_each_batch(
 ) -> Vec<Failure> {
     let (h, w) = pre.size;
     let mut failures = Vec::new();
-    for (chunk_no, chunk) in inputs.chunks(batch.max(1)).enumerate() {
-        let start = chunk_no * batch.max(1);
-        let loaded: Vec<_> = chunk.par_iter().map(|p| pre.load(p)).collect();
-        let mut positions = Vec::with_capacity(chunk.len());
-        let mut data = Vec::with_capacity(chunk.len() * 3 * h * w);
-        for (i, r) in loaded.into_iter().enumerate() {
-            match r {
-                Ok(v) => {
-                    positions.push(start + i);
-                    data.extend_from_slice(&v);
-                }
-                Err(e) => failures.push(Failure {
-                    input: chunk[i].clone(),
-                    error: e.what,
-                }),
-            }
-        }
-        if !positions.is_empty() {
-            let n = positions.len();
-            let result = Tensor::from_vec(data, (n, 3, h, w), &Device::Cpu)
+    let indexed: Vec<(usize, PathBuf)> = inputs.iter().cloned().enumerate().collect();
+    for b in batches(indexed, *pre, batch) {
+        failures.extend(b.failures);
+        if !b.positions.is_empty() {
+            let n = b.positions.len();
+            let result = Tensor::from_vec(b.data, (n, 3, h, w), &Device::Cpu)
                 .map_err(|e| e.to_string())
-                .and_then(|x| run(&positions, x));
+                .and_then(|x| run(&b.positions, x));
             if let Err(e) = result {
-                failures.extend(positions.iter().map(|&i| Failure {
+                failures.extend(b.positions.iter().map(|&i| Failure {
                     input: inputs[i].clone(),
                     error: e.clone(),
                 }));
             }
         }
-        pb.inc(chunk.len() as u64);
+        pb.inc(b.covered as u64);
     }
     pb.finish_and_clear();
     failures

@@ -8,6 +8,8 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod data;
+pub mod eval;
 pub mod explain;
 pub mod fixtures;
 pub mod infer;

@@ -9,6 +9,9 @@ use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use evax::checkpoint::{self, Checkpoint};
+use evax::data::{
+    self, DatasetKind, LoadOptions as DataOptions, Split, chexpert::UncertaintyPolicy,
+};
 use evax::explain::CamLayer;
 use evax::explain::jobs::{CamEvalPreprocess, CamJob, ClassChoice};
 use evax::infer::{self, Failure};
@@ -51,6 +54,121 @@ struct ModelArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 16)]
     batch: usize,
+}
+
+#[derive(clap::Args, Clone)]
+struct DataArgs {
+    /// Dataset: cxr14, chexpert, covidx3 or covidx4.
+    #[arg(long)]
+    dataset: String,
+    /// The dataset's folder (images anywhere below it; lists and CSVs at its top).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// List / CSV file (default: the split's usual file in the data folder).
+    #[arg(long)]
+    list: Option<PathBuf>,
+    /// Split (default: test for cxr14 and covidx3, valid for chexpert, val for covidx4).
+    #[arg(long)]
+    split: Option<String>,
+    /// CheXpert uncertain labels: original (U-Ones for Edema and Atelectasis, U-Zeros for the
+    /// rest), ones, zeros or ignore.
+    #[arg(long, default_value = "original")]
+    uncertainty: String,
+    /// ChestX-ray14 Data_Entry_2017*.csv[.gz] for name-only lists (default: found in the data folder).
+    #[arg(long)]
+    data_entry: Option<PathBuf>,
+    /// Missing images and malformed rows are errors.
+    #[arg(long)]
+    strict: bool,
+}
+
+impl DataArgs {
+    fn kind(&self) -> Result<DatasetKind> {
+        DatasetKind::parse(&self.dataset).map_err(anyhow::Error::msg)
+    }
+
+    fn options(&self) -> Result<DataOptions> {
+        Ok(DataOptions {
+            policy: UncertaintyPolicy::parse(&self.uncertainty).map_err(anyhow::Error::msg)?,
+            data_entry: self.data_entry.clone(),
+            strict: self.strict,
+        })
+    }
+
+    fn load(&self) -> Result<Split> {
+        let kind = self.kind()?;
+        let split = self.split.clone().unwrap_or_else(|| {
+            match kind {
+                DatasetKind::Cxr14 | DatasetKind::Covidx3 => "test",
+                DatasetKind::Chexpert => "valid",
+                DatasetKind::Covidx4 => "val",
+            }
+            .to_string()
+        });
+        let s = data::load_split(
+            kind,
+            &self.data_dir,
+            &split,
+            self.list.as_deref(),
+            &self.options()?,
+        )?;
+        for p in &s.problems {
+            eprintln!("bad row: {p}");
+        }
+        for m in s.missing.iter().take(10) {
+            eprintln!(
+                "missing: {} ({}:{})",
+                m.path.display(),
+                s.list.display(),
+                m.line
+            );
+        }
+        if s.missing.len() > 10 {
+            eprintln!("missing: ... and {} more", s.missing.len() - 10);
+        }
+        if s.samples.is_empty() {
+            bail!("{}: no usable images", s.list.display());
+        }
+        Ok(s)
+    }
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Verify a dataset folder: lists, counts the original checks, missing and extra images,
+    /// ChestX-ray14 labels against Data_Entry.
+    Check {
+        /// Dataset.
+        #[arg(long)]
+        dataset: String,
+        /// The dataset's folder.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// ChestX-ray14 Data_Entry_2017*.csv[.gz] (default: found in the data folder).
+        #[arg(long)]
+        data_entry: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prepare a dataset as the original does, by linking: ChestX-ray14's images_001..012/images
+    /// into one folder.
+    Prepare {
+        /// Dataset.
+        #[arg(long)]
+        dataset: String,
+        /// The downloaded dataset.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Output folder.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Label prevalence per class of a split.
+    Stats {
+        #[command(flatten)]
+        data: DataArgs,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -213,6 +331,28 @@ enum Command {
         /// Output folder.
         #[arg(short, long)]
         output: PathBuf,
+    },
+    /// Evaluate on a dataset split with the original's protocol (AUROC, mAUC, bootstrap CI;
+    /// accuracy and confusion for COVIDx); resumable.
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Bootstrap resamples for the confidence intervals (0: none).
+        #[arg(long, default_value_t = 1000)]
+        bootstrap: usize,
+        /// Bootstrap seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output folder (y_pred.npy, y_gt.npy, metrics.json, report.md).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Dataset tools: check a layout, prepare it, label statistics.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
     },
     /// Forward-pass speed and peak memory with random weights.
     Bench {
@@ -437,6 +577,43 @@ fn run(cmd: Command) -> Result<ExitCode> {
             }
             Ok(finish(&r.failures, r.boxes_scored))
         }
+        Command::Eval {
+            model,
+            data,
+            bootstrap,
+            seed,
+            output,
+        } => {
+            let m = load_model(&model)?;
+            let split = data.load()?;
+            let job = evax::eval::EvalJob {
+                model: &m,
+                weights: model.weights.clone(),
+                split: &split,
+                preprocess: preprocess_for(&model, &m)?,
+                batch: model.batch,
+                bootstrap,
+                seed,
+            };
+            let r = job.run(&output).map_err(anyhow::Error::msg)?;
+            print!("{}", evax::eval::markdown(&r));
+            if r.resumed > 0 {
+                eprintln!(
+                    "resumed: {} predictions reused from the interrupted run",
+                    r.resumed
+                );
+            }
+            eprintln!("wrote {}", output.join("metrics.json").display());
+            // Missing images were listed when the split was read; unreadable ones fail the run.
+            let unreadable: Vec<Failure> = r
+                .skipped
+                .iter()
+                .filter(|f| f.error != evax::eval::NOT_FOUND)
+                .cloned()
+                .collect();
+            Ok(finish(&unreadable, r.images))
+        }
+        Command::Data { command } => data_command(command),
         Command::Bench {
             model,
             batch,
@@ -974,6 +1151,122 @@ fn cam(
         &failures,
         paths.len() - failures.len().min(paths.len()),
     ))
+}
+
+fn data_command(cmd: DataCommand) -> Result<ExitCode> {
+    match cmd {
+        DataCommand::Check {
+            dataset,
+            data_dir,
+            data_entry,
+            json,
+        } => {
+            let kind = DatasetKind::parse(&dataset).map_err(anyhow::Error::msg)?;
+            let opts = DataOptions {
+                data_entry,
+                ..Default::default()
+            };
+            let r = data::check::check(kind, &data_dir, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("{} in {}: {} image files", r.dataset, r.data_dir, r.images);
+                if let Some(n) = r.images_expected {
+                    println!(
+                        "  images: {} (the original expects {n}){}",
+                        r.images,
+                        if r.images == n { "" } else { "  MISMATCH" }
+                    );
+                }
+                for s in &r.splits {
+                    match &s.error {
+                        Some(e) => println!("  {}: {e}", s.split),
+                        None => {
+                            println!(
+                                "  {}: {} rows in {} (expected {}), {} images found, {} missing, {} malformed rows{}",
+                                s.split,
+                                s.rows + s.skipped,
+                                s.list.as_deref().unwrap_or("?"),
+                                s.expected.map_or("?".into(), |n| n.to_string()),
+                                s.found,
+                                s.missing_count,
+                                s.problem_count,
+                                if s.skipped > 0 {
+                                    format!(", {} lateral views skipped", s.skipped)
+                                } else {
+                                    String::new()
+                                }
+                            );
+                            for m in &s.missing {
+                                println!("    missing {m}");
+                            }
+                            for p in &s.problems {
+                                println!("    {p}");
+                            }
+                            if let Some([same, differ, absent]) = s.data_entry {
+                                println!(
+                                    "    labels vs Data_Entry: {same} agree, {differ} differ, {absent} not in Data_Entry"
+                                );
+                            }
+                        }
+                    }
+                }
+                if r.extra_count > 0 {
+                    println!(
+                        "  {} images are in no list, e.g. {}",
+                        r.extra_count,
+                        r.extra.join(", ")
+                    );
+                }
+                println!("{}", if r.ok { "OK" } else { "NOT OK: see above" });
+            }
+            Ok(if r.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        DataCommand::Prepare {
+            dataset,
+            data_dir,
+            output,
+        } => {
+            match DatasetKind::parse(&dataset).map_err(anyhow::Error::msg)? {
+                DatasetKind::Cxr14 => {
+                    let n = data::check::prepare_cxr14(&data_dir, &output)?;
+                    eprintln!("linked {n} images into {}", output.join("images").display());
+                }
+                k => eprintln!(
+                    "{}: nothing to prepare; evax reads the downloaded layout directly",
+                    k.name()
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DataCommand::Stats { data } => {
+            let s = data.load()?;
+            let classes = s.kind.classes();
+            println!(
+                "{} ({} images{})",
+                s.list.display(),
+                s.samples.len(),
+                if s.missing.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} missing images counted too", s.missing.len())
+                }
+            );
+            let all: Vec<data::Sample> = s.samples.iter().chain(&s.missing).cloned().collect();
+            println!("| class | positives | labelled | prevalence |\n|---|---|---|---|");
+            for (c, (pos, n)) in classes.iter().zip(data::prevalence(&all, classes.len())) {
+                println!(
+                    "| {c} | {pos} | {n} | {:.2} % |",
+                    100.0 * pos as f64 / n.max(1) as f64
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 fn csv_field(s: &str) -> String {

@@ -14,10 +14,13 @@ pub struct RankedClass {
     runs: Vec<usize>,
     /// The binary label of each row.
     positive: Vec<bool>,
+    /// False for rows whose label is NaN (left out, e.g. CheXpert's `ignore` policy).
+    valid: Vec<bool>,
 }
 
 impl RankedClass {
-    /// Sort one class's scores (O(n log n)); NaN scores sort last.
+    /// Sort one class's scores (O(n log n)); NaN scores sort last; rows with a NaN label are
+    /// left out.
     pub fn new(y_true: &[f64], y_score: &[f64]) -> Self {
         let mut order: Vec<usize> = (0..y_score.len()).collect();
         order.sort_by(|&a, &b| y_score[a].total_cmp(&y_score[b]));
@@ -31,6 +34,7 @@ impl RankedClass {
             order,
             runs,
             positive: y_true.iter().map(|&v| v > 0.5).collect(),
+            valid: y_true.iter().map(|v| !v.is_nan()).collect(),
         }
     }
 
@@ -46,6 +50,9 @@ impl RankedClass {
         for &end in &self.runs {
             let (mut p, mut n) = (0.0, 0.0);
             for &r in &self.order[start..end] {
+                if !self.valid[r] {
+                    continue;
+                }
                 if self.positive[r] {
                     p += w(r);
                 } else {
@@ -154,7 +161,7 @@ pub fn bootstrap(
     resamples: usize,
     seed: u64,
 ) -> Bootstrap {
-    let n = if k == 0 { 0 } else { y_true.len() / k };
+    let n = y_true.len().checked_div(k).unwrap_or(0);
     let ranked: Vec<RankedClass> = (0..k)
         .map(|c| RankedClass::new(&column(y_true, k, c), &column(y_score, k, c)))
         .collect();
@@ -299,6 +306,13 @@ mod tests {
         }
         let a = RankedClass::new(&y, &s).auroc(Some(&w)).unwrap();
         assert!((a - auroc(&yy, &ss).unwrap()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn nan_labels_are_left_out() {
+        let y = [1.0, f64::NAN, 0.0, 0.0];
+        let s = [0.9, 0.0, 0.2, 0.3];
+        assert_eq!(auroc(&y, &s), Some(1.0));
     }
 
     #[test]

@@ -1,0 +1,568 @@
+//! Datasets and `evax eval`: the original's files, malformed inputs, and end-to-end runs on small
+//! datasets the tests build in each layout.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use evax::checkpoint::{Checkpoint, save_safetensors};
+use evax::data::{self, DatasetKind, LoadOptions, cxr14};
+use evax::fixtures::shared_or_skip;
+
+fn evax(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_evax"))
+        .args(args)
+        .output()
+        .expect("run evax")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("evax-data-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn read_npy(p: &Path) -> (Vec<usize>, Vec<f32>) {
+    let b = std::fs::read(p).unwrap();
+    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+    let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
+    let shape_txt = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    let shape = shape_txt
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    let data = b[10 + hlen..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (shape, data)
+}
+
+/// A synthetic radiograph-like PNG (grey, `bits` 8 or 16).
+fn synth_png(path: &Path, w: u32, h: u32, seed: u32, bits: u8) {
+    let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
+    let mut buf = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut buf, w, h);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(if bits == 16 {
+            png::BitDepth::Sixteen
+        } else {
+            png::BitDepth::Eight
+        });
+        let mut wr = enc.write_header().unwrap();
+        let mut data = Vec::new();
+        for y in 0..h {
+            for x in 0..w {
+                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+                let lung = (((x as f32 / w as f32 - 0.5).abs() * 4.0).sin() * 80.0) as i32;
+                let v =
+                    (100 + lung + (y * 60 / h) as i32 + (state >> 28) as i32).clamp(0, 255) as u16;
+                if bits == 16 {
+                    data.extend_from_slice(&(v * 257).to_be_bytes());
+                } else {
+                    data.push(v as u8);
+                }
+            }
+        }
+        wr.write_image_data(&data).unwrap();
+    }
+    std::fs::write(path, buf).unwrap();
+}
+
+#[test]
+fn official_cxr14_lists_agree_with_data_entry() {
+    let Some(sh) = shared_or_skip("official_cxr14_lists_agree_with_data_entry") else {
+        return;
+    };
+    let (entry, problems) =
+        cxr14::read_data_entry(&sh.join("data/nih/Data_Entry_2017_v2020.csv.gz")).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(entry.len(), 112_120);
+    let mut total = 0;
+    for (split, n) in [("train", 75_312), ("val", 11_212), ("test", 25_596)] {
+        let path = sh.join(format!("data/splits/cxr14/{split}_official.txt"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (rows, problems) = cxr14::parse_list(&path, &text);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(rows.len(), n);
+        let agree = rows
+            .iter()
+            .filter(|(name, l, _)| entry.get(name) == l.as_ref())
+            .count();
+        eprintln!("{split}: {agree} of {n} list rows agree with Data_Entry_2017_v2020");
+        assert_eq!(agree, n);
+        total += agree;
+    }
+    assert_eq!(total, 112_120); // every image of the dataset, once
+}
+
+#[test]
+fn malformed_lists_are_reported_with_file_and_line() {
+    let dir = scratch("malformed");
+    // ChestX-ray14 list: wrong column count, non-numeric label, missing image, then a good row.
+    std::fs::create_dir_all(dir.join("cxr/images")).unwrap();
+    synth_png(&dir.join("cxr/images/a.png"), 64, 64, 1, 8);
+    std::fs::write(
+        dir.join("cxr/test_official.txt"),
+        "a.png 0 0 0\nb.png 0 0 0 0 0 0 0 0 0 0 0 0 0 x\n\nc.png 0 0 0 0 0 0 0 0 0 0 0 0 0 1\na.png 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n",
+    )
+    .unwrap();
+    let split = data::load_split(
+        DatasetKind::Cxr14,
+        &dir.join("cxr"),
+        "test",
+        None,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let msgs: Vec<String> = split.problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    assert!(
+        msgs[0]
+            .ends_with("test_official.txt:1: expected an image name and 14 labels, found 4 fields"),
+        "{}",
+        msgs[0]
+    );
+    assert!(
+        msgs[1].ends_with("test_official.txt:2: label 'x' is not 0 or 1"),
+        "{}",
+        msgs[1]
+    );
+    assert_eq!(split.missing.len(), 1);
+    assert_eq!(
+        (split.missing[0].name.as_str(), split.missing[0].line),
+        ("c.png", 4)
+    );
+    assert_eq!(split.samples.len(), 1);
+    // --strict turns them into an error listing every one.
+    let strict = LoadOptions {
+        strict: true,
+        ..Default::default()
+    };
+    let e = data::load_split(DatasetKind::Cxr14, &dir.join("cxr"), "test", None, &strict)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(":4: image c.png not found"), "{e}");
+    // Empty list: nothing usable, a clear message from the CLI.
+    std::fs::write(dir.join("cxr/test_official.txt"), "").unwrap();
+    let o = evax(&[
+        "data",
+        "stats",
+        "--dataset",
+        "cxr14",
+        "--data-dir",
+        s(&dir.join("cxr")),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("test_official.txt: no usable images"));
+
+    // CheXpert CSV: wrong field count and a bad value.
+    std::fs::create_dir_all(dir.join("chex")).unwrap();
+    let header = "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,Fracture,Support Devices";
+    std::fs::write(
+        dir.join("chex/valid.csv"),
+        format!("{header}\nCheXpert-v1.0-small/valid/p1/s1/view1_frontal.jpg,Male,60,Frontal\nCheXpert-v1.0-small/valid/p1/s1/view2_frontal.jpg,Male,60,Frontal,AP,,,yes,,,,,,,,,,,\n"),
+    )
+    .unwrap();
+    let split = data::load_split(
+        DatasetKind::Chexpert,
+        &dir.join("chex"),
+        "valid",
+        None,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let msgs: Vec<String> = split.problems.iter().map(|p| p.to_string()).collect();
+    assert!(
+        msgs[0].ends_with("valid.csv:2: 4 fields, header has 19"),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs[1].ends_with("valid.csv:3: Cardiomegaly: 'yes' is not 1, 0, -1 or blank"),
+        "{msgs:?}"
+    );
+
+    // COVIDx list: wrong column count and unknown label; Data_Entry with an unknown finding.
+    std::fs::create_dir_all(dir.join("covid")).unwrap();
+    std::fs::write(
+        dir.join("covid/test.txt"),
+        "1 a.png normal\n2 b.png flu src\n",
+    )
+    .unwrap();
+    let split = data::load_split(
+        DatasetKind::Covidx3,
+        &dir.join("covid"),
+        "test",
+        None,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let msgs: Vec<String> = split.problems.iter().map(|p| p.to_string()).collect();
+    assert!(
+        msgs[0]
+            .ends_with("test.txt:1: expected 'patient_id filename label source', found 3 fields"),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs[1].ends_with("test.txt:2: unknown label 'flu' (expected normal, pneumonia, COVID-19)"),
+        "{msgs:?}"
+    );
+    let de = dir.join("Data_Entry.csv");
+    std::fs::write(
+        &de,
+        "Image Index,Finding Labels,Follow-up #\nx.png,Mass|Cat,0\ny.png,No Finding,0\n",
+    )
+    .unwrap();
+    let (map, problems) = cxr14::read_data_entry(&de).unwrap();
+    assert_eq!(map.len(), 1);
+    assert!(
+        problems[0]
+            .to_string()
+            .ends_with("Data_Entry.csv:2: unknown finding 'Cat'")
+    );
+    // A missing list file names the file.
+    let e = data::load_split(
+        DatasetKind::Covidx3,
+        &dir.join("covid"),
+        "test",
+        Some(&dir.join("nope.txt")),
+        &LoadOptions::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("nope.txt"), "{e}");
+}
+
+/// Predict probabilities (in input order) through the CLI.
+fn predict(weights: &Path, inputs: &[PathBuf], extra: &[&str], out: &Path) -> Vec<Vec<f32>> {
+    let mut args = vec!["predict", "--weights", s(weights), "-o", s(out)];
+    args.extend_from_slice(extra);
+    let paths: Vec<&str> = inputs.iter().map(|p| s(p)).collect();
+    args.extend(paths);
+    let o = evax(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            p["probabilities"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
+/// Run eval and check y_pred against predict and the metrics against y_pred / y_gt.
+fn eval_and_compare(
+    weights: &Path,
+    dataset: &str,
+    dir: &Path,
+    images: &[PathBuf],
+    extra: &[&str],
+    out: &Path,
+) -> serde_json::Value {
+    let mut args = vec![
+        "eval",
+        "--weights",
+        s(weights),
+        "--dataset",
+        dataset,
+        "--data-dir",
+        s(dir),
+        "--bootstrap",
+        "50",
+        "-o",
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    let o = evax(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (shape, y_pred) = read_npy(&out.join("y_pred.npy"));
+    let (gshape, y_gt) = read_npy(&out.join("y_gt.npy"));
+    assert_eq!(shape, gshape);
+    assert_eq!(shape[0], images.len());
+    let k = shape[1];
+    let want = predict(
+        weights,
+        images,
+        &["--activation", "sigmoid"],
+        &out.join("p.json"),
+    );
+    for (i, row) in want.iter().enumerate() {
+        for c in 0..k {
+            assert!(
+                (row[c] - y_pred[i * k + c]).abs() < 1e-6,
+                "{dataset} row {i} class {c}"
+            );
+        }
+    }
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+    let t: Vec<f64> = y_gt.iter().map(|&v| v as f64).collect();
+    let p: Vec<f64> = y_pred.iter().map(|&v| v as f64).collect();
+    let summary = evax::metrics::auc_summary(&t, &p, k);
+    assert_eq!(m["mauc"].as_f64().unwrap(), summary.mean);
+    let classes: Vec<String> = m["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    for (c, name) in classes.iter().enumerate() {
+        assert_eq!(
+            m["auc_per_class"][name].as_f64().unwrap(),
+            summary.per_class[c]
+        );
+    }
+    assert!(out.join("report.md").is_file());
+    m
+}
+
+#[test]
+fn eval_end_to_end_in_each_layout() {
+    let Some(sh) = shared_or_skip("eval_end_to_end_in_each_layout") else {
+        return;
+    };
+    let root = scratch("e2e");
+    let nih = sh.join("data/nih");
+
+    // ChestX-ray14: the NIH download's images_00N/images/ folders, real and synthetic images.
+    let cxr = root.join("cxr14");
+    let mut images = Vec::new();
+    let mut list = String::new();
+    for (i, name) in ["00000001_000.png", "00003440_000.png", "00027426_000.png"]
+        .iter()
+        .enumerate()
+    {
+        let d = cxr.join(format!("images_00{}/images", i + 1));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(nih.join(name), d.join(name)).unwrap();
+        images.push(d.join(name));
+        list.push_str(&format!(
+            "{name} {}\n",
+            if i == 1 {
+                "1 0 0 0 1 0 0 0 0 0 0 0 0 0"
+            } else {
+                "0 1 0 0 0 0 0 0 0 0 0 0 0 0"
+            }
+        ));
+    }
+    for i in 0..3 {
+        let name = format!("9999{i:04}_000.png");
+        let p = cxr.join("images_003/images").join(&name);
+        synth_png(&p, 300 + 40 * i, 280, i, if i == 2 { 16 } else { 8 });
+        images.push(p);
+        list.push_str(&format!("{name} {} 0 0 0 0 0 0 0 0 0 0 0 0 0\n", i % 2));
+    }
+    list.push_str("00099999_000.png 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n"); // listed, not on disk
+    std::fs::write(cxr.join("test_official.txt"), list).unwrap();
+    let ti = sh.join("fixtures/eva_x_ti_cxr14_ft.pth");
+    let m = eval_and_compare(&ti, "cxr14", &cxr, &images, &[], &root.join("out_cxr14"));
+    assert_eq!(m["images"], 6);
+    assert_eq!(m["skipped"].as_array().unwrap().len(), 1);
+
+    // CheXpert: CSV with path prefixes, a lateral view (skipped), uncertain labels; a 5-class
+    // head made from the Ti checkpoint's first five classes.
+    let chex = root.join("chexpert");
+    let header = "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,Fracture,Support Devices";
+    let mut csv = format!("{header}\n");
+    let mut chex_images = Vec::new();
+    for i in 0..5u32 {
+        let rel = format!("valid/patient0000{i}/study1/view1_frontal.png");
+        let p = chex.join(&rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        if i < 2 {
+            std::fs::copy(
+                nih.join(["00000001_000.png", "00027426_000.png"][i as usize]),
+                &p,
+            )
+            .unwrap();
+        } else {
+            synth_png(&p, 320, 390, 10 + i, 8);
+        }
+        chex_images.push(p);
+        let (card, edema, atel, eff) = [
+            ("1.0", "", "-1.0", "0.0"),
+            ("0.0", "-1.0", "", "1.0"),
+            ("", "1.0", "0.0", "-1.0"),
+            ("-1.0", "0.0", "1.0", ""),
+            ("1.0", "", "", "1.0"),
+        ][i as usize];
+        csv.push_str(&format!("CheXpert-v1.0-small/{rel},Female,50,Frontal,AP,,,{card},,,{edema},{},,{atel},,{eff},,,\n", if i % 2 == 0 { "1.0" } else { "0.0" }));
+    }
+    csv.push_str("CheXpert-v1.0-small/valid/patient00000/study1/view2_lateral.png,Female,50,Lateral,,,,1.0,,,,,,,,,,,\n");
+    std::fs::write(chex.join("valid.csv"), csv).unwrap();
+    let five = root.join("ti5.safetensors");
+    {
+        let ck = Checkpoint::load(&ti).unwrap();
+        let dev = candle_core::Device::Cpu;
+        let mut out = std::collections::BTreeMap::new();
+        for (k, p) in &ck.tensors {
+            let t = p.to_tensor(&dev).unwrap();
+            let t = if k.starts_with("head.") {
+                // Rows for Atelectasis, Cardiomegaly, Consolidation, Edema, Effusion.
+                let idx = candle_core::Tensor::new(&[0u32, 1, 8, 9, 2], &dev).unwrap();
+                t.index_select(&idx, 0).unwrap()
+            } else {
+                t
+            };
+            out.insert(k.clone(), t);
+        }
+        save_safetensors(&out, None, &five).unwrap();
+    }
+    let m = eval_and_compare(
+        &five,
+        "chexpert",
+        &chex,
+        &chex_images,
+        &[],
+        &root.join("out_chexpert"),
+    );
+    assert_eq!(m["images"], 5);
+    let (_, gt) = read_npy(&root.join("out_chexpert/y_gt.npy"));
+    // Row 0: Atelectasis uncertain -> 1 (U-Ones), Cardiomegaly 1, Consolidation 1, Edema blank -> 0.
+    assert_eq!(&gt[..5], &[1.0, 1.0, 1.0, 0.0, 0.0]);
+    // Row 2: Pleural Effusion uncertain -> 0 (U-Zeros).
+    assert_eq!(gt[2 * 5 + 4], 0.0);
+
+    // COVIDx: `patient filename label source` lists, images in test/.
+    let cov = root.join("covidx3");
+    std::fs::create_dir_all(cov.join("test")).unwrap();
+    let mut cov_images = Vec::new();
+    let mut list = String::new();
+    for (i, label) in ["normal", "pneumonia", "COVID-19", "COVID-19"]
+        .iter()
+        .enumerate()
+    {
+        let name = format!("img{i}.png");
+        let p = cov.join("test").join(&name);
+        if i == 0 {
+            std::fs::copy(nih.join("00003440_000.png"), &p).unwrap();
+        } else {
+            synth_png(&p, 500, 520, 20 + i as u32, 8);
+        }
+        cov_images.push(p);
+        list.push_str(&format!("{i} {name} {label} synthetic\n"));
+    }
+    std::fs::write(cov.join("test.txt"), list).unwrap();
+    let s480 = sh.join("fixtures/eva_x_s_d2_covidx480_ft.pth");
+    let m = eval_and_compare(
+        &s480,
+        "covidx3",
+        &cov,
+        &cov_images,
+        &["--batch", "2"],
+        &root.join("out_covidx3"),
+    );
+    let conf = m["classification"]["confusion"].as_array().unwrap();
+    let total: u64 = conf
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 4);
+    assert!(m["accuracy"].as_f64().is_some());
+}
+
+#[test]
+fn interrupted_eval_resumes_with_the_same_result() {
+    let Some(sh) = shared_or_skip("interrupted_eval_resumes_with_the_same_result") else {
+        return;
+    };
+    let root = scratch("resume");
+    let dir = root.join("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut list = String::new();
+    for i in 0..24u32 {
+        let name = format!("syn{i:03}.png");
+        synth_png(&dir.join(&name), 256, 256, i, 8);
+        list.push_str(&format!(
+            "{name} {} 0 0 0 0 0 0 0 0 0 0 0 0 {}\n",
+            i % 2,
+            (i / 3) % 2
+        ));
+    }
+    std::fs::write(dir.join("test_official.txt"), list).unwrap();
+    let ti = sh.join("fixtures/eva_x_ti_cxr14_ft.pth");
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "eval",
+            "--weights",
+            s(&ti),
+            "--dataset",
+            "cxr14",
+            "--data-dir",
+            s(&dir),
+            "--batch",
+            "2",
+            "--bootstrap",
+            "20",
+            "-o",
+            s(out),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    // Uninterrupted reference run.
+    let clean = root.join("clean");
+    assert!(
+        Command::new(env!("CARGO_BIN_EXE_evax"))
+            .args(args(&clean))
+            .status()
+            .unwrap()
+            .success()
+    );
+    // Interrupted run: kill it once some predictions are journalled.
+    let out = root.join("resumed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_evax"))
+        .args(args(&out))
+        .spawn()
+        .unwrap();
+    let journal = out.join("predictions.journal");
+    let t0 = std::time::Instant::now();
+    loop {
+        let len = std::fs::metadata(&journal).map(|m| m.len()).unwrap_or(0);
+        if len > 400 || t0.elapsed().as_secs() > 60 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    if !journal.exists() {
+        eprintln!("the run finished before it could be interrupted; resume not exercised");
+        return;
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_evax"))
+        .args(args(&out))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("predictions reused"), "{err}");
+    assert_eq!(
+        read_npy(&clean.join("y_pred.npy")),
+        read_npy(&out.join("y_pred.npy"))
+    );
+    let a: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(clean.join("metrics.json")).unwrap()).unwrap();
+    let b: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(a["mauc"], b["mauc"]);
+    assert!(!journal.exists());
+}
