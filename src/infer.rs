@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use crate::preprocess::Preprocess;
 
 /// File extensions taken as images when walking a folder.
-pub const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+pub const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "dcm", "dicom"];
 /// File extensions taken as lists of inputs (one path a line, first field).
 pub const LIST_EXTENSIONS: [&str; 3] = ["txt", "lst", "list"];
 

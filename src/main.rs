@@ -171,6 +171,38 @@ enum DataCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum DicomCommand {
+    /// Transfer syntax, photometric, bits, size, frames, windows, modality, body part, spacing.
+    Info {
+        /// The DICOM file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export to PNG (the 8-bit image the models see) or NPY.
+    Export {
+        /// The DICOM file.
+        file: PathBuf,
+        /// Output: .png or .npy.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// VOI: none (min-max), first (the first window; default) or a window number N.
+        #[arg(long, default_value = "first")]
+        voi: String,
+        /// NPY of the stored values (sign applied, no LUT), shaped [frames, rows, cols, samples].
+        #[arg(long)]
+        raw: bool,
+        /// Frame to export (0-based; default the first).
+        #[arg(long, default_value_t = 0)]
+        frame: usize,
+        /// Every frame (NPY only; PNG exports write FILE-N.png per frame).
+        #[arg(long)]
+        all_frames: bool,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum NormArg {
     Evax,
@@ -354,6 +386,11 @@ enum Command {
         #[command(subcommand)]
         command: DataCommand,
     },
+    /// DICOM tools: header summary, export to PNG / NPY.
+    Dicom {
+        #[command(subcommand)]
+        command: DicomCommand,
+    },
     /// Forward-pass speed and peak memory with random weights.
     Bench {
         /// Model size.
@@ -413,6 +450,7 @@ fn tune_allocator() {
 
 fn main() -> ExitCode {
     tune_allocator();
+    evax::dicom::install_panic_hook();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         // The pool is built once, before any work; an error means it already exists.
@@ -614,6 +652,7 @@ fn run(cmd: Command) -> Result<ExitCode> {
             Ok(finish(&unreadable, r.images))
         }
         Command::Data { command } => data_command(command),
+        Command::Dicom { command } => dicom_command(command),
         Command::Bench {
             model,
             batch,
@@ -1263,6 +1302,199 @@ fn data_command(cmd: DataCommand) -> Result<ExitCode> {
                     "| {c} | {pos} | {n} | {:.2} % |",
                     100.0 * pos as f64 / n.max(1) as f64
                 );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn dicom_command(cmd: DicomCommand) -> Result<ExitCode> {
+    use evax::dicom::{DicomFile, voi::VoiChoice};
+    match cmd {
+        DicomCommand::Info { file, json } => {
+            let f = DicomFile::open(&file)?;
+            let i = &f.info;
+            if json {
+                println!("{}", serde_json::to_string_pretty(i)?);
+            } else {
+                let spacing =
+                    |s: Option<[f64; 2]>| s.map_or("-".into(), |[r, c]| format!("{r} x {c} mm"));
+                println!("file            {}", file.display());
+                println!("transfer syntax {}", i.transfer_syntax_name);
+                println!("photometric     {}", i.photometric);
+                println!(
+                    "size            {} x {} (columns x rows), {} frame(s), {} sample(s) per pixel",
+                    i.cols, i.rows, i.frames, i.samples_per_pixel
+                );
+                println!(
+                    "bits            {} allocated, {} stored, high bit {}, {}",
+                    i.bits_allocated,
+                    i.bits_stored,
+                    i.high_bit,
+                    if i.pixel_representation == 1 {
+                        "signed"
+                    } else {
+                        "unsigned"
+                    }
+                );
+                let rescale = match (i.rescale_slope, i.rescale_intercept) {
+                    (None, None) => "none".to_string(),
+                    (m, b) => format!("slope {}, intercept {}", m.unwrap_or(1.0), b.unwrap_or(0.0)),
+                };
+                println!(
+                    "modality LUT    {}{}",
+                    rescale,
+                    if i.has_modality_lut_sequence {
+                        " (+ LUT sequence)"
+                    } else {
+                        ""
+                    }
+                );
+                let windows: Vec<String> = i
+                    .windows
+                    .iter()
+                    .map(|w| {
+                        format!(
+                            "c {} w {}{}",
+                            w.center,
+                            w.width,
+                            w.explanation
+                                .as_ref()
+                                .map_or(String::new(), |e| format!(" ({e})"))
+                        )
+                    })
+                    .collect();
+                println!(
+                    "VOI             {}{}{}",
+                    if windows.is_empty() {
+                        "no window".into()
+                    } else {
+                        windows.join("; ")
+                    },
+                    i.voi_lut_function
+                        .as_ref()
+                        .map_or(String::new(), |f| format!(", {f}")),
+                    if i.has_voi_lut_sequence {
+                        " (+ VOI LUT sequence)"
+                    } else {
+                        ""
+                    }
+                );
+                println!(
+                    "modality        {}",
+                    if i.modality.is_empty() {
+                        "-"
+                    } else {
+                        &i.modality
+                    }
+                );
+                println!(
+                    "body part       {}",
+                    if i.body_part.is_empty() {
+                        "-"
+                    } else {
+                        &i.body_part
+                    }
+                );
+                println!("pixel spacing   {}", spacing(i.pixel_spacing));
+                println!("imager spacing  {}", spacing(i.imager_pixel_spacing));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DicomCommand::Export {
+            file,
+            output,
+            voi,
+            raw,
+            frame,
+            all_frames,
+        } => {
+            let f = DicomFile::open(&file)?;
+            let voi = VoiChoice::parse(&voi).map_err(anyhow::Error::msg)?;
+            let ext = output
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            let frames: Vec<usize> = if all_frames {
+                (0..f.info.frames).collect()
+            } else {
+                vec![frame]
+            };
+            match ext.as_str() {
+                "npy" if raw => {
+                    let s = f.stored_values(if all_frames { None } else { Some(frame) })?;
+                    let signed = f.info.pixel_representation == 1;
+                    let (descr, bytes): (&str, Vec<u8>) = match (f.info.bits_allocated, signed) {
+                        (1 | 8, false) => ("|u1", s.values.iter().map(|&v| v as u8).collect()),
+                        (1 | 8, true) => ("|i1", s.values.iter().map(|&v| v as i8 as u8).collect()),
+                        (16, false) => (
+                            "<u2",
+                            s.values
+                                .iter()
+                                .flat_map(|&v| (v as u16).to_le_bytes())
+                                .collect(),
+                        ),
+                        (16, true) => (
+                            "<i2",
+                            s.values
+                                .iter()
+                                .flat_map(|&v| (v as i16).to_le_bytes())
+                                .collect(),
+                        ),
+                        _ => (
+                            "<i4",
+                            s.values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
+                        ),
+                    };
+                    evax::io::write_atomic(
+                        &output,
+                        &evax::io::npy(descr, &[s.frames, s.rows, s.cols, s.samples], &bytes),
+                    )?;
+                    eprintln!(
+                        "wrote {} ({} frame(s) of stored values, {descr})",
+                        output.display(),
+                        s.frames
+                    );
+                }
+                "npy" | "png" => {
+                    let mut npy_data = Vec::new();
+                    for &k in &frames {
+                        let (img, steps) = f.to_image(k, &voi)?;
+                        for s in &steps {
+                            eprintln!("  {s}");
+                        }
+                        if ext == "png" {
+                            let out = if frames.len() > 1 {
+                                output.with_file_name(format!(
+                                    "{}-{k}.png",
+                                    output
+                                        .file_stem()
+                                        .map(|s| s.to_string_lossy())
+                                        .unwrap_or_default()
+                                ))
+                            } else {
+                                output.clone()
+                            };
+                            evax::explain::overlay::Rgb::from_image(&img)
+                                .save_png_grey_or_rgb(&out, img.channels == 1)
+                                .with_context(|| out.display().to_string())?;
+                            eprintln!("wrote {}", out.display());
+                        } else {
+                            npy_data.extend_from_slice(&img.data);
+                        }
+                    }
+                    if ext == "npy" {
+                        let i = &f.info;
+                        let c = if i.samples_per_pixel == 3 { 3 } else { 1 };
+                        evax::io::write_atomic(
+                            &output,
+                            &evax::io::npy("|u1", &[frames.len(), i.rows, i.cols, c], &npy_data),
+                        )?;
+                        eprintln!("wrote {}", output.display());
+                    }
+                }
+                _ => bail!("{}: output must end in .png or .npy", output.display()),
             }
             Ok(ExitCode::SUCCESS)
         }

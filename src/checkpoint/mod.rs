@@ -228,6 +228,7 @@ impl Checkpoint {
                 Dtype::I64 => StorageDtype::I64,
                 Dtype::I32 => StorageDtype::I32,
                 Dtype::I16 => StorageDtype::I16,
+                Dtype::U16 => StorageDtype::U16,
                 Dtype::I8 => StorageDtype::I8,
                 Dtype::U8 => StorageDtype::U8,
                 Dtype::BOOL => StorageDtype::Bool,

@@ -26,6 +26,8 @@ pub enum StorageDtype {
     I32,
     /// 16-bit signed integer (`ShortStorage`).
     I16,
+    /// 16-bit unsigned integer (`UInt16Storage`; safetensors `U16`).
+    U16,
     /// 8-bit signed integer (`CharStorage`).
     I8,
     /// 8-bit unsigned integer (`ByteStorage`).
@@ -45,6 +47,7 @@ impl StorageDtype {
             "LongStorage" => Self::I64,
             "IntStorage" => Self::I32,
             "ShortStorage" => Self::I16,
+            "UInt16Storage" => Self::U16,
             "CharStorage" => Self::I8,
             "ByteStorage" => Self::U8,
             "BoolStorage" => Self::Bool,
@@ -57,7 +60,7 @@ impl StorageDtype {
         match self {
             Self::F64 | Self::I64 => 8,
             Self::F32 | Self::I32 => 4,
-            Self::F16 | Self::BF16 | Self::I16 => 2,
+            Self::F16 | Self::BF16 | Self::I16 | Self::U16 => 2,
             Self::I8 | Self::U8 | Self::Bool => 1,
         }
     }
@@ -72,6 +75,7 @@ impl StorageDtype {
             Self::I64 => "i64",
             Self::I32 => "i32",
             Self::I16 => "i16",
+            Self::U16 => "u16",
             Self::I8 => "i8",
             Self::U8 => "u8",
             Self::Bool => "bool",

@@ -222,6 +222,7 @@ pub fn materialize(t: &TensorRef, storage: &[u8]) -> Result<Vec<f32>, String> {
             StorageDtype::I64 => i64::from_le_bytes(b.try_into().unwrap()) as f32,
             StorageDtype::I32 => i32::from_le_bytes(b.try_into().unwrap()) as f32,
             StorageDtype::I16 => i16::from_le_bytes(b.try_into().unwrap()) as f32,
+            StorageDtype::U16 => u16::from_le_bytes(b.try_into().unwrap()) as f32,
             StorageDtype::I8 => b[0] as i8 as f32,
             StorageDtype::U8 | StorageDtype::Bool => b[0] as f32,
         }

@@ -128,14 +128,27 @@ impl Rgb {
 
     /// Write as an 8-bit RGB PNG, atomically.
     pub fn save_png(&self, path: &Path) -> std::io::Result<()> {
+        self.save_png_grey_or_rgb(path, false)
+    }
+
+    /// Write as an 8-bit PNG, atomically: greyscale (the first channel) when `grey`, else RGB.
+    pub fn save_png_grey_or_rgb(&self, path: &Path, grey: bool) -> std::io::Result<()> {
         let mut buf = Vec::new();
         {
             let mut enc = png::Encoder::new(&mut buf, self.width as u32, self.height as u32);
-            enc.set_color(png::ColorType::Rgb);
+            enc.set_color(if grey {
+                png::ColorType::Grayscale
+            } else {
+                png::ColorType::Rgb
+            });
             enc.set_depth(png::BitDepth::Eight);
             let mut w = enc.write_header().map_err(std::io::Error::other)?;
-            w.write_image_data(&self.data)
-                .map_err(std::io::Error::other)?;
+            let data: Vec<u8> = if grey {
+                self.data.chunks_exact(3).map(|p| p[0]).collect()
+            } else {
+                self.data.clone()
+            };
+            w.write_image_data(&data).map_err(std::io::Error::other)?;
         }
         crate::io::write_atomic(path, &buf)
     }

@@ -64,7 +64,8 @@ impl Image {
         })
     }
 
-    /// Decode PNG or JPEG bytes.
+    /// Decode PNG, JPEG or DICOM bytes (DICOM: first frame, first VOI window, MONOCHROME1
+    /// inverted, 8 bits; see [`crate::dicom`]).
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         if bytes.is_empty() {
             return Err("file is empty".into());
@@ -73,8 +74,15 @@ impl Image {
             decode_png(bytes)
         } else if bytes.starts_with(&[0xff, 0xd8]) {
             decode_jpeg(bytes)
+        } else if crate::dicom::looks_like_dicom(bytes) {
+            let f =
+                crate::dicom::DicomFile::from_bytes(bytes, Path::new("")).map_err(|e| e.what)?;
+            let (img, _) = f
+                .to_image(0, &crate::dicom::voi::VoiChoice::First)
+                .map_err(|e| e.what)?;
+            Ok(img)
         } else {
-            Err("not a PNG or JPEG image".into())
+            Err("not a PNG, JPEG or DICOM image".into())
         }
     }
 
@@ -373,6 +381,9 @@ mod tests {
         assert_eq!(Image::decode(b"").unwrap_err(), "file is empty");
         assert!(Image::decode(b"\x89PNG\r\n\x1a\nxx").is_err());
         assert!(Image::decode(&[0xff, 0xd8, 0xff]).is_err());
-        assert!(Image::decode(b"GIF89a").is_err());
+        assert_eq!(
+            Image::decode(b"GIF89a").unwrap_err(),
+            "not a PNG, JPEG or DICOM image"
+        );
     }
 }

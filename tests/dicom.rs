@@ -1,0 +1,604 @@
+//! DICOM against pydicom (dicom_reference.safetensors / .json), exports, model inputs, and
+//! hostile files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use evax::checkpoint::Checkpoint;
+use evax::dicom::{DicomFile, voi::VoiChoice};
+use evax::fixtures::shared_or_skip;
+
+fn evax(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_evax"))
+        .args(args)
+        .output()
+        .expect("run evax")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("evax-dicom-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+const LOSSY: [&str; 3] = [
+    "RG1_J2KI.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "siim_chest_jpeg_baseline.dcm",
+];
+
+#[test]
+fn stored_values_and_headers_match_pydicom() {
+    let Some(sh) = shared_or_skip("stored_values_and_headers_match_pydicom") else {
+        return;
+    };
+    let refs = Checkpoint::load(sh.join("fixtures/dicom_reference.safetensors"))
+        .unwrap()
+        .tensors;
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sh.join("fixtures/dicom_reference.json")).unwrap())
+            .unwrap();
+    let mut names: Vec<&String> = refs.keys().collect();
+    names.sort();
+    for name in names {
+        let f = DicomFile::open(sh.join("data/dicom").join(name)).unwrap();
+        let v = f.stored_values(None).unwrap();
+        let want = &refs[name.as_str()];
+        assert_eq!(
+            want.shape,
+            vec![v.frames, v.rows, v.cols, v.samples],
+            "{name}: shape"
+        );
+        let max = v
+            .values
+            .iter()
+            .zip(&want.data)
+            .map(|(&a, &b)| (a as f64 - b as f64).abs())
+            .fold(0.0, f64::max);
+        let differing = v
+            .values
+            .iter()
+            .zip(&want.data)
+            .filter(|(a, b)| **a as f32 != **b)
+            .count();
+        eprintln!(
+            "{name}: {}, max difference {max} ({differing} values differ)",
+            f.info.transfer_syntax_name
+        );
+        if LOSSY.contains(&name.as_str()) {
+            assert!(max <= 4.0, "{name}: lossy decode differs by {max}");
+        } else {
+            assert_eq!(max, 0.0, "{name}: lossless syntax must match exactly");
+        }
+        let h = &json[name.as_str()];
+        let i = &f.info;
+        assert_eq!(h["transfer_syntax"], i.transfer_syntax, "{name}");
+        assert_eq!(h["photometric"], i.photometric, "{name}");
+        assert_eq!(h["rows"], i.rows, "{name}");
+        assert_eq!(h["cols"], i.cols, "{name}");
+        assert_eq!(h["frames"], i.frames, "{name}");
+        assert_eq!(h["samples_per_pixel"], i.samples_per_pixel, "{name}");
+        assert_eq!(h["bits_allocated"], i.bits_allocated, "{name}");
+        assert_eq!(h["bits_stored"], i.bits_stored, "{name}");
+        assert_eq!(h["pixel_representation"], i.pixel_representation, "{name}");
+        assert_eq!(h["modality"], i.modality, "{name}");
+        assert_eq!(h["body_part"], i.body_part, "{name}");
+        assert_eq!(h["rescale_slope"].as_f64(), i.rescale_slope, "{name}");
+        assert_eq!(
+            h["rescale_intercept"].as_f64(),
+            i.rescale_intercept,
+            "{name}"
+        );
+        assert_eq!(
+            h["window_center"].as_f64(),
+            i.windows.first().map(|w| w.center),
+            "{name}"
+        );
+        assert_eq!(
+            h["window_width"].as_f64(),
+            i.windows.first().map(|w| w.width),
+            "{name}"
+        );
+        assert_eq!(
+            h["has_modality_lut_sequence"], i.has_modality_lut_sequence,
+            "{name}"
+        );
+        assert_eq!(h["has_voi_lut_sequence"], i.has_voi_lut_sequence, "{name}");
+        let (lo, hi) = v
+            .values
+            .iter()
+            .fold((i32::MAX, i32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        if !LOSSY.contains(&name.as_str()) {
+            assert_eq!(h["pixel_min"].as_f64(), Some(lo as f64), "{name}");
+            assert_eq!(h["pixel_max"].as_f64(), Some(hi as f64), "{name}");
+        }
+    }
+}
+
+fn png_grey(path: &Path) -> (usize, usize, Vec<u8>) {
+    let img = evax::preprocess::Image::open(path).unwrap();
+    assert_eq!(img.channels, 1);
+    (img.width, img.height, img.data)
+}
+
+#[test]
+fn monochrome1_chest_exports_dark_lungs_and_siim_matches_its_pixels() {
+    let Some(sh) =
+        shared_or_skip("monochrome1_chest_exports_dark_lungs_and_siim_matches_its_pixels")
+    else {
+        return;
+    };
+    let dir = scratch("export");
+    let out = dir.join("rg1.png");
+    let o = evax(&[
+        "dicom",
+        "export",
+        s(&sh.join("data/dicom/RG1_J2KI.dcm")),
+        "-o",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("MONOCHROME1 inverted"));
+    let (w, h, px) = png_grey(&out);
+    // Lungs (central band of each half, upper-middle rows) darker than the spine / mediastinum.
+    let mean = |x0: usize, x1: usize, y0: usize, y1: usize| {
+        let mut sum = 0u64;
+        for y in y0..y1 {
+            for x in x0..x1 {
+                sum += px[y * w + x] as u64;
+            }
+        }
+        sum as f64 / ((x1 - x0) * (y1 - y0)) as f64
+    };
+    let lungs =
+        (mean(w / 5, w * 2 / 5, h / 4, h / 2) + mean(w * 3 / 5, w * 4 / 5, h / 4, h / 2)) / 2.0;
+    let mediastinum = mean(w * 9 / 20, w * 11 / 20, h / 4, h / 2);
+    eprintln!("RG1_J2KI: lungs {lungs:.0}, mediastinum {mediastinum:.0}");
+    assert!(
+        lungs + 30.0 < mediastinum,
+        "lungs {lungs} should be darker than the mediastinum {mediastinum}"
+    );
+
+    // The SIIM chest (8-bit MONOCHROME2, no window) exports to its stored pixels exactly.
+    let out = dir.join("siim.png");
+    let o = evax(&[
+        "dicom",
+        "export",
+        s(&sh.join("data/dicom/siim_chest_jpeg_baseline.dcm")),
+        "--voi",
+        "none",
+        "-o",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, _, px) = png_grey(&out);
+    let stored = DicomFile::open(sh.join("data/dicom/siim_chest_jpeg_baseline.dcm"))
+        .unwrap()
+        .stored_values(Some(0))
+        .unwrap();
+    let (lo, hi) = stored
+        .values
+        .iter()
+        .fold((i32::MAX, i32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    if (lo, hi) == (0, 255) {
+        assert!(px.iter().zip(&stored.values).all(|(&a, &b)| a as i32 == b));
+    }
+    // With the default VOI it is the same image (no window in the header: full range).
+    let o = evax(&[
+        "dicom",
+        "export",
+        s(&sh.join("data/dicom/siim_chest_jpeg_baseline.dcm")),
+        "-o",
+        s(&dir.join("siim2.png")),
+    ]);
+    assert!(o.status.success());
+    assert_eq!(png_grey(&dir.join("siim2.png")).2, px);
+
+    // --raw NPY: stored values, [frames, rows, cols, samples], int16 for the CT.
+    let npy = dir.join("ct.npy");
+    let o = evax(&[
+        "dicom",
+        "export",
+        s(&sh.join("data/dicom/CT_small.dcm")),
+        "--raw",
+        "-o",
+        s(&npy),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let b = std::fs::read(&npy).unwrap();
+    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+    let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
+    assert!(
+        header.contains("'descr': '<i2'") && header.contains("(1, 128, 128, 1)"),
+        "{header}"
+    );
+    let refs = Checkpoint::load(sh.join("fixtures/dicom_reference.safetensors"))
+        .unwrap()
+        .tensors;
+    let vals: Vec<f32> = b[10 + hlen..]
+        .chunks_exact(2)
+        .map(|c| i16::from_le_bytes([c[0], c[1]]) as f32)
+        .collect();
+    assert_eq!(vals, refs["CT_small.dcm"].data);
+}
+
+#[test]
+fn voi_choices_and_info() {
+    let Some(sh) = shared_or_skip("voi_choices_and_info") else {
+        return;
+    };
+    let f = DicomFile::open(sh.join("data/dicom/MR_small.dcm")).unwrap();
+    let (img, steps) = f.to_image(0, &VoiChoice::First).unwrap();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s.contains("VOI window: centre 600, width 1600, LINEAR")),
+        "{steps:?}"
+    );
+    assert_eq!((img.width, img.height, img.channels), (64, 64, 1));
+    let (none, steps) = f.to_image(0, &VoiChoice::None).unwrap();
+    assert!(steps.iter().any(|s| s.starts_with("no VOI")));
+    assert_eq!(*none.data.iter().max().unwrap(), 255);
+    assert_eq!(*none.data.iter().min().unwrap(), 0);
+    let e = f
+        .to_image(0, &VoiChoice::Window(2))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("window 2 requested; the header has 1"), "{e}");
+    let ct = DicomFile::open(sh.join("data/dicom/CT_small.dcm")).unwrap();
+    let (_, steps) = ct.to_image(0, &VoiChoice::First).unwrap();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s == "rescale: slope 1, intercept -1024"),
+        "{steps:?}"
+    );
+    let o = evax(&[
+        "dicom",
+        "info",
+        "--json",
+        s(&sh.join("data/dicom/RG1_J2KI.dcm")),
+    ]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["photometric"], "MONOCHROME1");
+    assert_eq!(v["body_part"], "CHEST");
+    assert_eq!(v["rows"], 1955);
+}
+
+#[test]
+fn predict_and_embed_accept_dicom_and_mixed_folders() {
+    let Some(sh) = shared_or_skip("predict_and_embed_accept_dicom_and_mixed_folders") else {
+        return;
+    };
+    let dir = scratch("mixed");
+    std::fs::copy(
+        sh.join("data/dicom/siim_chest_jpeg_baseline.dcm"),
+        dir.join("a_siim.dcm"),
+    )
+    .unwrap();
+    std::fs::copy(sh.join("data/dicom/RG1_J2KI.dcm"), dir.join("b_rg1.dcm")).unwrap();
+    std::fs::copy(sh.join("data/nih/00000001_000.png"), dir.join("c_nih.png")).unwrap();
+    let out = scratch("mixed-out");
+    let weights = sh.join("fixtures/eva_x_ti_cxr14_ft.pth");
+    let o = evax(&[
+        "predict",
+        "--weights",
+        s(&weights),
+        "-o",
+        s(&out.join("p.json")),
+        s(&dir),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("p.json")).unwrap()).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 3);
+    // The PNG row is the reference logits of 00000001_000.png.
+    let refs = Checkpoint::load(sh.join("fixtures/reference.safetensors"))
+        .unwrap()
+        .tensors;
+    let row: Vec<f32> = v[2]["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let d = row
+        .iter()
+        .zip(&refs["ti_ft/logits"].data[..14])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(d < 1e-4);
+    // A DICOM input gives what its exported PNG gives.
+    let png = out.join("siim.png");
+    assert!(
+        evax(&["dicom", "export", s(&dir.join("a_siim.dcm")), "-o", s(&png)])
+            .status
+            .success()
+    );
+    let o = evax(&[
+        "predict",
+        "--weights",
+        s(&weights),
+        "-o",
+        s(&out.join("q.json")),
+        s(&png),
+    ]);
+    assert!(o.status.success());
+    let q: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("q.json")).unwrap()).unwrap();
+    let logits = |v: &serde_json::Value| -> Vec<f64> {
+        v["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let d = logits(&q[0])
+        .iter()
+        .zip(logits(&v[0]))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(d < 1e-5, "DICOM and its PNG export differ by {d}");
+    let o = evax(&[
+        "embed",
+        "--weights",
+        s(&sh.join("fixtures/eva_x_ti_mim_fp16.pt")),
+        "-o",
+        s(&out.join("e.safetensors")),
+        s(&dir),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = Checkpoint::load(out.join("e.safetensors")).unwrap();
+    assert_eq!(e.tensors["pooled"].shape, vec![3, 192]);
+}
+
+#[test]
+fn files_without_preamble_or_meta_and_deflated_files_read() {
+    let Some(sh) = shared_or_skip("files_without_preamble_or_meta_and_deflated_files_read") else {
+        return;
+    };
+    let bytes = std::fs::read(sh.join("data/dicom/MR_small.dcm")).unwrap();
+    let want = DicomFile::open(sh.join("data/dicom/MR_small.dcm"))
+        .unwrap()
+        .stored_values(None)
+        .unwrap();
+    // No preamble: starts with DICM.
+    let no_preamble = DicomFile::from_bytes(&bytes[128..], Path::new("no_preamble.dcm")).unwrap();
+    assert_eq!(no_preamble.stored_values(None).unwrap(), want);
+    // No preamble and no file meta: the bare data set (explicit VR little endian).
+    let meta_len = u32::from_le_bytes(bytes[140..144].try_into().unwrap()) as usize;
+    let dataset = &bytes[144 + meta_len..];
+    let bare = DicomFile::from_bytes(dataset, Path::new("bare.dcm")).unwrap();
+    assert_eq!(bare.stored_values(None).unwrap(), want);
+    // Implicit VR data set without meta.
+    let imp = std::fs::read(sh.join("data/dicom/MR_small_implicit.dcm")).unwrap();
+    let meta_len = u32::from_le_bytes(imp[140..144].try_into().unwrap()) as usize;
+    let bare =
+        DicomFile::from_bytes(&imp[144 + meta_len..], Path::new("bare_implicit.dcm")).unwrap();
+    assert_eq!(bare.stored_values(None).unwrap(), want);
+}
+
+/// Deterministic mutations of the shared DICOM files: bit flips, byte runs, truncations,
+/// lying lengths. Every one must give a value or an error, never a panic.
+fn mutate(seed: u64, src: &[u8]) -> Vec<u8> {
+    let mut r = evax::rng::Rng::new(seed);
+    let mut b = src.to_vec();
+    for _ in 0..1 + r.below(4) {
+        match r.below(5) {
+            0 => {
+                let i = r.below(b.len());
+                b[i] ^= 1 << r.below(8);
+            }
+            1 => {
+                let i = r.below(b.len());
+                let n = (1 + r.below(16)).min(b.len() - i);
+                let v = [0u8, 0xff, 0x7f, 0x80][r.below(4)];
+                b[i..i + n].iter_mut().for_each(|x| *x = v);
+            }
+            2 => {
+                let keep = r.below(b.len());
+                b.truncate(keep.max(1));
+            }
+            3 => {
+                // A 4-byte length-like field set to something huge or odd.
+                let i = r.below(b.len().saturating_sub(4).max(1));
+                let v = [0xffff_fffeu32, 0x7fff_ffff, 0x0010_0001, 3][r.below(4)];
+                if i + 4 <= b.len() {
+                    b[i..i + 4].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            _ => {
+                let i = r.below(b.len());
+                let n = r.below(64);
+                let junk: Vec<u8> = (0..n).map(|_| r.below(256) as u8).collect();
+                b.splice(i..i, junk);
+            }
+        }
+        if b.is_empty() {
+            b.push(0);
+        }
+    }
+    b
+}
+
+#[test]
+fn mutated_files_never_panic() {
+    let Some(sh) = shared_or_skip("mutated_files_never_panic") else {
+        return;
+    };
+    let start: u64 = std::env::var("EVAX_FUZZ_START")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let iterations: u64 = std::env::var("EVAX_FUZZ_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(sh.join("data/dicom"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .filter(|(_, b)| b.len() < 200_000) // the big J2K chest is slow to decode repeatedly
+        .collect();
+    files.sort();
+    let (mut ok, mut errors, mut panics) = (0u64, 0u64, Vec::new());
+    let mut slowest = (0.0, 0, String::new());
+    for k in start..start + iterations {
+        let (name, src) = &files[(k as usize) % files.len()];
+        let bytes = mutate(k, src);
+        if let Ok(dump) = std::env::var("EVAX_FUZZ_DUMP") {
+            std::fs::write(format!("{dump}-{k}.dcm"), &bytes).unwrap();
+        }
+        let t0 = std::time::Instant::now();
+        let r = std::panic::catch_unwind(|| {
+            let f = DicomFile::from_bytes(&bytes, Path::new(name))?;
+            let v = f.stored_values(None)?;
+            let _ = f.to_image(0, &VoiChoice::First)?;
+            Ok::<usize, evax::dicom::DicomError>(v.values.len())
+        });
+        match r {
+            Ok(Ok(_)) => ok += 1,
+            Ok(Err(e)) => {
+                assert!(
+                    e.to_string().starts_with(name.as_str()),
+                    "error does not name the file: {e}"
+                );
+                errors += 1
+            }
+            Err(_) => panics.push((name.clone(), k)),
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        if dt > slowest.0 {
+            slowest = (dt, k, name.clone());
+        }
+    }
+    eprintln!(
+        "{iterations} mutated files: {ok} decoded, {errors} clear errors, {} panics; slowest {:.2} s (#{} from {})",
+        panics.len(),
+        slowest.0,
+        slowest.1,
+        slowest.2
+    );
+    assert!(panics.is_empty(), "panics on {panics:?}");
+}
+
+/// Re-encode a file: new transfer syntax UID in the meta (and `edit` applied to the data set).
+fn rewrite(
+    src: &Path,
+    ts: &str,
+    edit: impl FnOnce(&mut dicom_object::InMemDicomObject),
+) -> Vec<u8> {
+    let mut obj = dicom_object::open_file(src).unwrap();
+    edit(&mut obj);
+    obj.meta_mut().transfer_syntax = ts.to_string();
+    obj.meta_mut().update_information_group_length();
+    let mut out = Vec::new();
+    obj.write_all(&mut out).unwrap(); // preamble, DICM, meta, data set
+    out
+}
+
+#[test]
+fn deflated_multiframe_and_unsupported_syntaxes() {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let Some(sh) = shared_or_skip("deflated_multiframe_and_unsupported_syntaxes") else {
+        return;
+    };
+    let mr = sh.join("data/dicom/MR_small.dcm");
+    let want = DicomFile::open(&mr).unwrap().stored_values(None).unwrap();
+    // Deflated Explicit VR Little Endian.
+    let deflated = rewrite(&mr, "1.2.840.10008.1.2.1.99", |_| {});
+    let f = DicomFile::from_bytes(&deflated, Path::new("deflated.dcm")).unwrap();
+    assert!(
+        f.info
+            .transfer_syntax_name
+            .starts_with("Deflated Explicit VR Little Endian")
+    );
+    assert_eq!(f.stored_values(None).unwrap(), want);
+    // Two frames (the second inverted): the first by default, all on request.
+    let two = rewrite(&mr, "1.2.840.10008.1.2.1", |obj| {
+        let px = obj
+            .element(tags::PIXEL_DATA)
+            .unwrap()
+            .value()
+            .to_bytes()
+            .unwrap()
+            .into_owned();
+        let mut both = px.clone();
+        both.extend(
+            px.chunks_exact(2)
+                .flat_map(|c| (4095 - i16::from_le_bytes([c[0], c[1]])).to_le_bytes()),
+        );
+        obj.put(DataElement::new(
+            tags::NUMBER_OF_FRAMES,
+            VR::IS,
+            PrimitiveValue::from("2"),
+        ));
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OW,
+            PrimitiveValue::from(both),
+        ));
+    });
+    let f = DicomFile::from_bytes(&two, Path::new("two.dcm")).unwrap();
+    assert_eq!(f.info.frames, 2);
+    let all = f.stored_values(None).unwrap();
+    assert_eq!(all.frames, 2);
+    assert_eq!(&all.values[..want.values.len()], &want.values[..]);
+    assert_eq!(all.values[want.values.len()], 4095 - want.values[0]);
+    assert_eq!(
+        f.stored_values(Some(1)).unwrap().values,
+        all.values[want.values.len()..].to_vec()
+    );
+    assert!(
+        f.stored_values(Some(2))
+            .unwrap_err()
+            .to_string()
+            .contains("frame 2 requested; the file has 2")
+    );
+    // A syntax without a decoder in this build names itself.
+    let jls = rewrite(
+        &sh.join("data/dicom/MR_small_jp2klossless.dcm"),
+        "1.2.840.10008.1.2.4.80",
+        |_| {},
+    );
+    let f = DicomFile::from_bytes(&jls, Path::new("jpegls.dcm")).unwrap();
+    match f.stored_values(None) {
+        Ok(_) => eprintln!("JPEG-LS decoder present"),
+        Err(e) => {
+            let e = e.to_string();
+            assert!(
+                e.starts_with(
+                    "jpegls.dcm: cannot decode JPEG-LS Lossless (1.2.840.10008.1.2.4.80)"
+                ),
+                "{e}"
+            );
+        }
+    }
+    // A pixel-data length that does not match the header.
+    let short = rewrite(&mr, "1.2.840.10008.1.2.1", |obj| {
+        obj.put(DataElement::new(
+            tags::ROWS,
+            VR::US,
+            PrimitiveValue::from(640u16),
+        ));
+    });
+    let e = DicomFile::from_bytes(&short, Path::new("short.dcm"))
+        .unwrap()
+        .stored_values(None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Pixel Data (7FE0,0010) holds 8192 bytes"), "{e}");
+}
