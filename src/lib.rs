@@ -21,3 +21,4 @@ pub mod model;
 pub mod preprocess;
 pub mod rng;
 pub mod simd;
+pub mod train;

@@ -139,6 +139,29 @@ struct WeightSource<'a> {
     problems: Vec<String>,
 }
 
+/// Where a model's tensors come from, by models_eva key: a checkpoint (inference) or the
+/// trainable variables (training).
+pub trait TensorSource {
+    /// The tensor `key` of shape `shape` (a missing or misshapen one is recorded by the source
+    /// and replaced by zeros, so that every problem is reported at once).
+    fn tensor(&mut self, key: &str, shape: &[usize]) -> Tensor;
+
+    /// A LayerNorm's weight and bias under `prefix`.
+    fn layer_norm(&mut self, prefix: &str, dim: usize) -> LayerNorm {
+        LayerNorm {
+            weight: self.tensor(&format!("{prefix}.weight"), &[dim]),
+            bias: self.tensor(&format!("{prefix}.bias"), &[dim]),
+        }
+    }
+
+    /// A Linear layer's weight and bias under `prefix`.
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize) -> Linear {
+        let weight = self.tensor(&format!("{prefix}.weight"), &[out, inp]);
+        let bias = self.tensor(&format!("{prefix}.bias"), &[out]);
+        Linear::new(weight, Some(bias)).expect("contiguous copy")
+    }
+}
+
 impl WeightSource<'_> {
     fn param(&mut self, key: &str, shape: &[usize]) -> Option<&Param> {
         match self.sd.get(key) {
@@ -157,12 +180,6 @@ impl WeightSource<'_> {
             }
         }
     }
-    fn tensor(&mut self, key: &str, shape: &[usize]) -> Tensor {
-        match self.param(key, shape) {
-            Some(p) => Tensor::from_slice(&p.data, shape, &Device::Cpu).expect("shape checked"),
-            None => Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).expect("alloc"),
-        }
-    }
     fn optional(&mut self, key: &str, shape: &[usize]) -> Option<Tensor> {
         if self.sd.contains_key(key) {
             Some(self.tensor(key, shape))
@@ -170,16 +187,14 @@ impl WeightSource<'_> {
             None
         }
     }
-    fn layer_norm(&mut self, prefix: &str, dim: usize) -> LayerNorm {
-        LayerNorm {
-            weight: self.tensor(&format!("{prefix}.weight"), &[dim]),
-            bias: self.tensor(&format!("{prefix}.bias"), &[dim]),
+}
+
+impl TensorSource for WeightSource<'_> {
+    fn tensor(&mut self, key: &str, shape: &[usize]) -> Tensor {
+        match self.param(key, shape) {
+            Some(p) => Tensor::from_slice(&p.data, shape, &Device::Cpu).expect("shape checked"),
+            None => Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).expect("alloc"),
         }
-    }
-    fn linear(&mut self, prefix: &str, out: usize, inp: usize) -> Linear {
-        let weight = self.tensor(&format!("{prefix}.weight"), &[out, inp]);
-        let bias = self.tensor(&format!("{prefix}.bias"), &[out]);
-        Linear::new(weight, Some(bias)).expect("contiguous copy")
     }
 }
 
@@ -257,7 +272,8 @@ pub struct Block {
 }
 
 impl Block {
-    fn load(ws: &mut WeightSource, i: usize, cfg: &EvaXConfig) -> Result<Self> {
+    /// Build block `i` of a model with configuration `cfg` from a tensor source.
+    pub fn load<S: TensorSource>(ws: &mut S, i: usize, cfg: &EvaXConfig) -> Result<Self> {
         let (c, hdn) = (cfg.dim, cfg.mlp_hidden);
         let p = format!("blocks.{i}");
         let norm1 = ws.layer_norm(&format!("{p}.norm1"), c);

@@ -117,15 +117,45 @@ pub fn block_from_norm1(
     y: &Tensor,
     rope: &RopeTensors,
 ) -> Result<Tensor> {
-    let x = (x + attention(block, y, rope)?)?;
-    let m = mlp(block, &layer_norm(&x, &block.norm2)?)?;
+    residuals(block, x, y, rope, None)
+}
+
+/// Per-image scales `[B, 1, 1]` of the attention and MLP branches (drop path: 0 or 1 / keep).
+pub type DropPath<'a> = Option<(&'a Tensor, &'a Tensor)>;
+
+fn residuals(
+    block: &Block,
+    x: &Tensor,
+    y: &Tensor,
+    rope: &RopeTensors,
+    drop: DropPath,
+) -> Result<Tensor> {
+    let mut a = attention(block, y, rope)?;
+    if let Some((s, _)) = drop {
+        a = a.broadcast_mul(s)?;
+    }
+    let x = (x + a)?;
+    let mut m = mlp(block, &layer_norm(&x, &block.norm2)?)?;
+    if let Some((_, s)) = drop {
+        m = m.broadcast_mul(s)?;
+    }
     x + m
 }
 
 /// A whole block, differentiably.
 pub fn block(block: &Block, x: &Tensor, rope: &RopeTensors) -> Result<Tensor> {
+    block_with_drop_path(block, x, rope, None)
+}
+
+/// A whole block with drop path on its two residual branches.
+pub fn block_with_drop_path(
+    block: &Block,
+    x: &Tensor,
+    rope: &RopeTensors,
+    drop: DropPath,
+) -> Result<Tensor> {
     let y = layer_norm(x, &block.norm1)?;
-    block_from_norm1(block, x, &y, rope)
+    residuals(block, x, &y, rope, drop)
 }
 
 /// Class logits `[B, K]` from token states `[B, T, C]`: mean of the patch tokens, `fc_norm`,

@@ -1,0 +1,113 @@
+//! One training step of the Ti fine-tuned fixture against the original (reference.safetensors
+//! `train/*`, ti_param_groups.json).
+
+use std::collections::BTreeMap;
+
+use candle_core::Device;
+use evax::checkpoint::{Checkpoint, Param};
+use evax::fixtures::shared_or_skip;
+use evax::model::adapt::to_eva_layout;
+use evax::train::optim::AdamW;
+use evax::train::{Trainable, bce_with_logits, param_group};
+
+fn reference(s: &std::path::Path) -> BTreeMap<String, Param> {
+    Checkpoint::load(s.join("fixtures/reference.safetensors"))
+        .unwrap()
+        .tensors
+}
+
+#[test]
+fn one_step_matches_the_original() {
+    let Some(s) = shared_or_skip("one_step_matches_the_original") else {
+        return;
+    };
+    let r = reference(&s);
+    let ck = Checkpoint::load(s.join("fixtures/eva_x_ti_cxr14_ft.pth")).unwrap();
+    let sd = to_eva_layout(&ck.tensors).unwrap();
+    let model = Trainable::from_state_dict(&sd, 14, 0).unwrap();
+    // Parameter groups: the rule's output for every parameter.
+    let groups_ref: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.join("fixtures/ti_param_groups.json")).unwrap())
+            .unwrap();
+    let groups_ref = groups_ref.as_object().unwrap();
+    assert_eq!(groups_ref.len(), model.vars.len());
+    let mut groups = BTreeMap::new();
+    for (name, var) in &model.vars {
+        let g = param_group(name, var.dims().len(), model.config.depth, 0.55, 0.05);
+        let want = &groups_ref[name];
+        assert!(
+            (g.0 - want["lr_scale"].as_f64().unwrap()).abs() < 1e-15,
+            "{name} lr_scale"
+        );
+        assert_eq!(
+            g.1,
+            want["weight_decay"].as_f64().unwrap(),
+            "{name} weight_decay"
+        );
+        groups.insert(name.clone(), g);
+    }
+    let x = r["input224"].to_tensor(&Device::Cpu).unwrap();
+    let y = r["train/targets"].to_tensor(&Device::Cpu).unwrap();
+    let logits = model.forward(&x, 0.0, None).unwrap();
+    let loss = bce_with_logits(&logits, &y).unwrap();
+    let l = loss.to_scalar::<f32>().unwrap();
+    eprintln!("loss {l} (reference {})", r["train/loss"].data[0]);
+    assert!((l - r["train/loss"].data[0]).abs() <= 1e-5);
+    let grads = loss.backward().unwrap();
+    // Every trainable parameter gets a non-zero gradient.
+    for (name, var) in &model.vars {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let n = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n > 0.0, "{name}: zero gradient");
+    }
+    let mut ref_grads = BTreeMap::new();
+    for (key, want) in r.iter().filter(|(k, _)| k.starts_with("train/grad/")) {
+        let name = &key["train/grad/".len()..];
+        let got = grads
+            .get(model.vars[name].as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mut worst = 0f32;
+        for (a, b) in got.iter().zip(&want.data) {
+            let d = (a - b).abs();
+            if d > 1e-5 && d > 1e-3 * b.abs() {
+                panic!("{name}: gradient {a} vs {b}");
+            }
+            worst = worst.max(d);
+        }
+        eprintln!("grad {name}: max abs diff {worst:.2e}");
+        ref_grads.insert(name.to_string(), want.data.clone());
+    }
+    let mut opt = AdamW::new();
+    opt.update(&model.vars, &grads, 1e-3, &groups, 1.0).unwrap();
+    for (key, want) in r.iter().filter(|(k, _)| k.starts_with("train/after_step/")) {
+        let name = &key["train/after_step/".len()..];
+        let got = model.vars[name]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let g = &ref_grads[name];
+        let mut worst = 0f32;
+        for ((a, b), gr) in got.iter().zip(&want.data).zip(g) {
+            if gr.abs() < 1e-7 {
+                continue;
+            }
+            worst = worst.max((a - b).abs());
+        }
+        eprintln!("after step {name}: max abs diff {worst:.2e}");
+        assert!(worst <= 1e-6, "{name}: {worst}");
+    }
+}
