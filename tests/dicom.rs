@@ -492,6 +492,13 @@ fn mutated_files_never_panic() {
         slowest.2
     );
     assert!(panics.is_empty(), "panics on {panics:?}");
+    // No reader sized a buffer from a lie in a header (peak memory stays small).
+    let peak = evax::bench::peak_rss_mb();
+    eprintln!("peak resident memory {peak:.0} MiB");
+    assert!(
+        peak < 1024.0,
+        "peak RSS {peak} MiB: something allocated on a lying length"
+    );
 }
 
 /// Re-encode a file: new transfer syntax UID in the meta (and `edit` applied to the data set).

@@ -1,10 +1,16 @@
 //! A pre-parse of the element structure that checks every declared length against the bytes
 //! that remain, so that no reader ever sizes a buffer from a lie in the header.
 
-/// VRs whose explicit-VR header has 2 reserved bytes and a 4-byte length.
-const LONG_VRS: [&[u8; 2]; 13] = [
-    b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UR", b"UT", b"UN", b"SV", b"UV",
+/// VRs whose explicit-VR header has a 2-byte length; every other VR, unknown ones included
+/// (PS3.5 7.1.2, and as dicom-rs reads them), has 2 reserved bytes and a 4-byte length.
+const SHORT_VRS: [&[u8; 2]; 21] = [
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
+    b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
 ];
+
+fn long_form(vr: &[u8]) -> bool {
+    !SHORT_VRS.iter().any(|v| &v[..] == vr)
+}
 const UNDEFINED: u32 = 0xFFFF_FFFF;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -109,7 +115,7 @@ impl Walker<'_> {
                 }
                 _ => {
                     let vr: [u8; 2] = [self.b[pos + 4], self.b[pos + 5]];
-                    if LONG_VRS.contains(&&vr) {
+                    if long_form(&vr) {
                         let len = self
                             .u32(pos + 8, big)
                             .ok_or_else(|| bad(format!("{tag}: truncated length")))?;
@@ -179,7 +185,7 @@ pub fn check_lengths(bytes: &[u8], inflate_limit: usize) -> Result<(), String> {
     while pos + 8 <= bytes.len() && w.u16(pos, false) == Some(0x0002) {
         let element = w.u16(pos + 2, false).unwrap_or(0);
         let vr = &bytes[pos + 4..pos + 6];
-        let (len, header) = if LONG_VRS.iter().any(|v| &v[..] == vr) {
+        let (len, header) = if long_form(vr) {
             (
                 w.u32(pos + 8, false).ok_or("truncated file meta")? as usize,
                 12,
