@@ -5,7 +5,10 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 
 use crate::explain::{CamLayer, CamSource, cam_maps};
+use crate::model::eva_x::random_state_dict;
 use crate::model::{EvaX, EvaXConfig, ModelError};
+use crate::train::optim::{AdamW, Groups};
+use crate::train::{Trainable, bce_with_logits, param_group};
 
 /// One benchmark's settings and figures.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -22,8 +25,10 @@ pub struct BenchResult {
     pub iters: usize,
     /// Threads the compute pool used.
     pub threads: usize,
-    /// Mean seconds per batch.
+    /// Mean seconds per batch (per training step with `--train`).
     pub batch_s: f64,
+    /// Seconds per training step (`--train` only; same as `batch_s`).
+    pub step_s: Option<f64>,
     /// Fastest batch, seconds.
     pub min_batch_s: f64,
     /// Images per second at the mean.
@@ -69,6 +74,8 @@ pub enum Workload {
     Forward,
     /// One Grad-CAM per image at the last block's norm1 (forward + partial backward + maps).
     Cam,
+    /// One training step: forward (drop path 0.1), BCE loss, backward, AdamW.
+    Train,
 }
 
 /// Time a workload on a random-weight preset.
@@ -90,8 +97,26 @@ pub fn run(
     let model = EvaX::random(cfg.clone(), 0)?;
     let x = Tensor::randn(0f32, 1f32, (batch, 3, input, input), &Device::Cpu)?;
     let layer = CamLayer::Norm1(cfg.depth - 1);
-    let step = || -> Result<(), ModelError> {
+    let trainable = if work == Workload::Train {
+        Some(Trainable::from_state_dict(&random_state_dict(&cfg, 0), 14, 0)?)
+    } else {
+        None
+    };
+    let targets = Tensor::rand(0f32, 1f32, (batch, 14), &Device::Cpu)?.ge(0.5)?.to_dtype(candle_core::DType::F32)?;
+    let groups: Groups = trainable.as_ref().map_or_else(Groups::new, |t| {
+        t.vars.iter().map(|(k, v)| (k.clone(), param_group(k, v.dims().len(), cfg.depth, 0.55, 0.05))).collect()
+    });
+    let mut opt = AdamW::new();
+    let mut rng = crate::rng::Rng::new(0);
+    let mut step = || -> Result<(), ModelError> {
         match work {
+            Workload::Train => {
+                let t = trainable.as_ref().expect("built above");
+                let logits = t.forward(&x, 0.1, Some(&mut rng))?;
+                let loss = bce_with_logits(&logits, &targets)?;
+                let grads = loss.backward()?;
+                opt.update(&t.vars, &grads, 1e-4, &groups, 1.0)?;
+            }
             Workload::Forward => {
                 model.logits(&x)?;
             }
@@ -120,6 +145,7 @@ pub fn run(
         iters: times.len(),
         threads: rayon::current_num_threads(),
         batch_s: mean,
+        step_s: (work == Workload::Train).then_some(mean),
         min_batch_s: min,
         img_per_s: batch as f64 / mean,
         gflop_per_img: gflop,

@@ -411,6 +411,9 @@ enum Command {
         /// Time Grad-CAM (forward + partial backward + map) instead of the forward pass.
         #[arg(long)]
         cam: bool,
+        /// Time one training step (forward, loss, backward, AdamW) instead.
+        #[arg(long, conflicts_with = "cam")]
+        train: bool,
         /// Time the input pipeline (decode + preprocessing) on this image instead.
         #[arg(long, conflicts_with = "cam")]
         pipeline: Option<PathBuf>,
@@ -660,6 +663,7 @@ fn run(cmd: Command) -> Result<ExitCode> {
             iters,
             json,
             cam,
+            train,
             pipeline,
         } => {
             if let Some(image) = pipeline {
@@ -681,12 +685,19 @@ fn run(cmd: Command) -> Result<ExitCode> {
             }
             let work = if cam {
                 evax::bench::Workload::Cam
+            } else if train {
+                evax::bench::Workload::Train
             } else {
                 evax::bench::Workload::Forward
             };
             let r = evax::bench::run(&model, batch, input_size, iters, work)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
+            } else if train {
+                println!(
+                    "{} training step, batch {} at {}px, {} threads: {:.2} s per step (best {:.2} s), {:.1} img/s, peak RSS {:.0} MiB",
+                    r.variant, r.batch, r.input_size, r.threads, r.batch_s, r.min_batch_s, r.img_per_s, r.peak_rss_mb
+                );
             } else if cam {
                 println!(
                     "{} Grad-CAM batch {} at {}px, {} threads: {:.1} ms per CAM ({:.1} ms/batch, best {:.1} ms), peak RSS {:.0} MiB",

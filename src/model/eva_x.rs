@@ -545,77 +545,7 @@ impl EvaX {
 
     /// A model with random weights of a preset configuration (for benchmarks).
     pub fn random(config: EvaXConfig, seed: u64) -> Result<Self> {
-        let mut rng = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let mut tensors = BTreeMap::new();
-        let mut add = |k: String, shape: Vec<usize>, std: f32| {
-            let n: usize = shape.iter().product();
-            let data = (0..n)
-                .map(|_| {
-                    rng = rng
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * std
-                })
-                .collect();
-            tensors.insert(
-                k,
-                Param {
-                    dtype: crate::checkpoint::StorageDtype::F32,
-                    shape,
-                    data,
-                },
-            );
-        };
-        let (c, h, p) = (config.dim, config.mlp_hidden, config.patch_size);
-        let g = config.train_grid.0;
-        add("patch_embed.proj.weight".into(), vec![c, 3, p, p], 0.02);
-        add("patch_embed.proj.bias".into(), vec![c], 0.02);
-        add("cls_token".into(), vec![1, 1, c], 0.02);
-        add("pos_embed".into(), vec![1, 1 + g * g, c], 0.02);
-        for i in 0..config.depth {
-            let b = format!("blocks.{i}");
-            for n in ["norm1", "norm2"] {
-                add(format!("{b}.{n}.weight"), vec![c], 1.0);
-                add(format!("{b}.{n}.bias"), vec![c], 0.02);
-            }
-            if config.fused_qkv {
-                add(format!("{b}.attn.qkv.weight"), vec![3 * c, c], 0.05);
-            } else {
-                for n in ["q_proj", "k_proj", "v_proj"] {
-                    add(format!("{b}.attn.{n}.weight"), vec![c, c], 0.05);
-                }
-            }
-            add(format!("{b}.attn.q_bias"), vec![c], 0.02);
-            add(format!("{b}.attn.v_bias"), vec![c], 0.02);
-            add(format!("{b}.attn.proj.weight"), vec![c, c], 0.05);
-            add(format!("{b}.attn.proj.bias"), vec![c], 0.02);
-            if config.sub_ln {
-                for n in ["w1", "w2"] {
-                    add(format!("{b}.mlp.{n}.weight"), vec![h, c], 0.05);
-                    add(format!("{b}.mlp.{n}.bias"), vec![h], 0.02);
-                }
-                add(format!("{b}.mlp.ffn_ln.weight"), vec![h], 1.0);
-                add(format!("{b}.mlp.ffn_ln.bias"), vec![h], 0.02);
-            } else {
-                add(format!("{b}.mlp.w12.weight"), vec![2 * h, c], 0.05);
-                add(format!("{b}.mlp.w12.bias"), vec![2 * h], 0.02);
-            }
-            add(format!("{b}.mlp.w3.weight"), vec![c, h], 0.05);
-            add(format!("{b}.mlp.w3.bias"), vec![c], 0.02);
-        }
-        add("fc_norm.weight".into(), vec![c], 1.0);
-        add("fc_norm.bias".into(), vec![c], 0.02);
-        let k = config.num_classes.unwrap_or(14);
-        add("head.weight".into(), vec![k, c], 0.05);
-        add("head.bias".into(), vec![k], 0.02);
-        let sd = EvaStateDict {
-            tensors,
-            prefix: String::new(),
-            from_timm: false,
-            outside: Vec::new(),
-        };
+        let sd = random_state_dict(&config, seed);
         let opts = LoadOptions {
             rope_grid: Some(config.rope_grid),
         };
@@ -735,5 +665,81 @@ impl EvaX {
         let f = self.forward_features(x)?;
         let (pooled, _) = self.representation(&f)?;
         self.head_logits(&pooled)
+    }
+}
+
+/// A state dict of random weights (small uniform values, unit norms) for a configuration: for
+/// benchmarks and synthetic training.
+pub fn random_state_dict(config: &EvaXConfig, seed: u64) -> EvaStateDict {
+    let mut rng = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut tensors = BTreeMap::new();
+    let mut add = |k: String, shape: Vec<usize>, std: f32| {
+        let n: usize = shape.iter().product();
+        let data = (0..n)
+            .map(|_| {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * std
+            })
+            .collect();
+        tensors.insert(
+            k,
+            Param {
+                dtype: crate::checkpoint::StorageDtype::F32,
+                shape,
+                data,
+            },
+        );
+    };
+    let (c, h, p) = (config.dim, config.mlp_hidden, config.patch_size);
+    let g = config.train_grid.0;
+    add("patch_embed.proj.weight".into(), vec![c, 3, p, p], 0.02);
+    add("patch_embed.proj.bias".into(), vec![c], 0.02);
+    add("cls_token".into(), vec![1, 1, c], 0.02);
+    add("pos_embed".into(), vec![1, 1 + g * g, c], 0.02);
+    for i in 0..config.depth {
+        let b = format!("blocks.{i}");
+        for n in ["norm1", "norm2"] {
+            add(format!("{b}.{n}.weight"), vec![c], 1.0);
+            add(format!("{b}.{n}.bias"), vec![c], 0.02);
+        }
+        if config.fused_qkv {
+            add(format!("{b}.attn.qkv.weight"), vec![3 * c, c], 0.05);
+        } else {
+            for n in ["q_proj", "k_proj", "v_proj"] {
+                add(format!("{b}.attn.{n}.weight"), vec![c, c], 0.05);
+            }
+        }
+        add(format!("{b}.attn.q_bias"), vec![c], 0.02);
+        add(format!("{b}.attn.v_bias"), vec![c], 0.02);
+        add(format!("{b}.attn.proj.weight"), vec![c, c], 0.05);
+        add(format!("{b}.attn.proj.bias"), vec![c], 0.02);
+        if config.sub_ln {
+            for n in ["w1", "w2"] {
+                add(format!("{b}.mlp.{n}.weight"), vec![h, c], 0.05);
+                add(format!("{b}.mlp.{n}.bias"), vec![h], 0.02);
+            }
+            add(format!("{b}.mlp.ffn_ln.weight"), vec![h], 1.0);
+            add(format!("{b}.mlp.ffn_ln.bias"), vec![h], 0.02);
+        } else {
+            add(format!("{b}.mlp.w12.weight"), vec![2 * h, c], 0.05);
+            add(format!("{b}.mlp.w12.bias"), vec![2 * h], 0.02);
+        }
+        add(format!("{b}.mlp.w3.weight"), vec![c, h], 0.05);
+        add(format!("{b}.mlp.w3.bias"), vec![c], 0.02);
+    }
+    add("fc_norm.weight".into(), vec![c], 1.0);
+    add("fc_norm.bias".into(), vec![c], 0.02);
+    let k = config.num_classes.unwrap_or(14);
+    add("head.weight".into(), vec![k, c], 0.05);
+    add("head.bias".into(), vec![k], 0.02);
+    EvaStateDict {
+        tensors,
+        prefix: String::new(),
+        from_timm: false,
+        outside: Vec::new(),
     }
 }
