@@ -115,6 +115,7 @@ pub fn run(
                 let logits = t.forward(&x, 0.1, Some(&mut rng))?;
                 let loss = bce_with_logits(&logits, &targets)?;
                 let grads = loss.backward()?;
+                let grads = crate::train::optim::grads_by_name(&t.vars, &grads);
                 opt.update(&t.vars, &grads, 1e-4, &groups, 1.0)?;
             }
             Workload::Forward => {

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod demo;
 pub mod dicom;
 pub mod eval;
 pub mod explain;

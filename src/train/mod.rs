@@ -1,6 +1,9 @@
 //! Fine-tuning EVA-X (REFERENCE.md 5): trainable variables, the differentiable forward with drop
 //! path, the original's layer-wise lr-decay groups, losses, AdamW and the schedule.
 
+pub mod augment;
+pub mod config;
+pub mod engine;
 pub mod optim;
 
 use std::collections::BTreeMap;
@@ -289,4 +292,22 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, eps: f64) -> Result<Tens
     let logp = shifted.broadcast_sub(&lse)?;
     let smooth = ((targets * (1.0 - eps))? + eps / k)?;
     (smooth * logp)?.sum(D::Minus1)?.neg()?.mean_all()
+}
+
+/// Fresh weights for training from scratch, initialised as timm does for ViTs: linear and
+/// patch weights, `pos_embed` and `cls_token` truncated normal (std 0.02), biases 0, norms (1, 0).
+pub fn init_state_dict(config: &EvaXConfig, seed: u64) -> EvaStateDict {
+    let mut sd = crate::model::eva_x::random_state_dict(config, seed);
+    let mut rng = Rng::new(seed ^ 0x494e_4954);
+    for (k, p) in sd.tensors.iter_mut() {
+        let is_norm = k.contains("norm") || k.contains("ffn_ln");
+        if is_norm && k.ends_with(".weight") {
+            p.data.iter_mut().for_each(|v| *v = 1.0);
+        } else if p.shape.len() == 1 {
+            p.data.iter_mut().for_each(|v| *v = 0.0);
+        } else {
+            p.data.iter_mut().for_each(|v| *v = trunc_normal(&mut rng, 0.02));
+        }
+    }
+    sd
 }

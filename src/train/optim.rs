@@ -26,6 +26,28 @@ pub struct AdamW {
 /// Per-parameter learning-rate scale and weight decay.
 pub type Groups = BTreeMap<String, (f64, f64)>;
 
+/// Gradients by parameter name.
+pub type Grads = BTreeMap<String, Tensor>;
+
+/// The gradients of `vars` from a backward pass, by name.
+pub fn grads_by_name(vars: &BTreeMap<String, Var>, store: &GradStore) -> Grads {
+    vars.iter()
+        .filter_map(|(k, v)| Some((k.clone(), store.get(v.as_tensor())?.clone())))
+        .collect()
+}
+
+/// Add `more` into `acc` (gradient accumulation).
+pub fn accumulate(acc: &mut Grads, more: Grads) -> Result<()> {
+    for (k, g) in more {
+        let sum = match acc.remove(&k) {
+            Some(a) => (a + g)?,
+            None => g,
+        };
+        acc.insert(k, sum);
+    }
+    Ok(())
+}
+
 impl AdamW {
     /// A fresh optimiser (betas 0.9 / 0.999, eps 1e-8 as the original).
     pub fn new() -> Self {
@@ -44,7 +66,7 @@ impl AdamW {
     pub fn update(
         &mut self,
         vars: &BTreeMap<String, Var>,
-        grads: &GradStore,
+        grads: &Grads,
         lr: f64,
         groups: &Groups,
         grad_scale: f64,
@@ -55,7 +77,7 @@ impl AdamW {
         let (b1, b2, eps) = (self.beta1 as f32, self.beta2 as f32, self.eps as f32);
         let bc2_sqrt = bc2.sqrt() as f32;
         for (name, var) in vars {
-            let Some(g) = grads.get(var.as_tensor()) else {
+            let Some(g) = grads.get(name) else {
                 continue;
             };
             let g = g.flatten_all()?.to_vec1::<f32>()?;
@@ -93,13 +115,11 @@ impl Default for AdamW {
     }
 }
 
-/// Global L2 norm of the gradients of `vars`.
-pub fn grad_norm(vars: &BTreeMap<String, Var>, grads: &GradStore) -> Result<f64> {
+/// Global L2 norm of gradients.
+pub fn grad_norm(grads: &Grads) -> Result<f64> {
     let mut sq = 0f64;
-    for var in vars.values() {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        }
+    for g in grads.values() {
+        sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
     }
     Ok(sq.sqrt())
 }

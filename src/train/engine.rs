@@ -1,0 +1,426 @@
+//! The fine-tuning loop: seeded data order and augmentation, gradient accumulation, the
+//! schedule, clipping, evaluation every N epochs, atomic resumable checkpoints, logs and curves.
+//!
+//! Every random draw is derived from (seed, epoch, batch, image) rather than from one running
+//! generator, so a run resumed from any saved step takes exactly the steps an uninterrupted run
+//! takes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use super::augment::Augment;
+use super::config::TrainConfig;
+use super::optim::{AdamW, Grads, Groups, Schedule, accumulate, grad_norm, grads_by_name};
+use super::{Trainable, bce_with_logits, cross_entropy, param_group};
+use crate::infer::batches;
+use crate::metrics;
+use crate::preprocess::{Image, Normalization, Preprocess};
+use crate::rng::Rng;
+
+/// Labelled images for training or evaluation.
+#[derive(Debug, Clone)]
+pub struct TrainData {
+    /// (image, label vector).
+    pub samples: Vec<(PathBuf, Vec<f32>)>,
+    /// Class names.
+    pub classes: Vec<String>,
+    /// Single-label (cross-entropy, accuracy) rather than multi-label (BCE, AUROC).
+    pub single_label: bool,
+}
+
+/// One evaluation during training.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct EvalPoint {
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Split evaluated.
+    pub split: String,
+    /// Mean AUROC.
+    pub mauc: f64,
+    /// Per-class AUROC.
+    pub auc_per_class: Vec<f64>,
+    /// Accuracy (single-label data).
+    pub accuracy: Option<f64>,
+}
+
+impl EvalPoint {
+    fn metric(&self, name: &str) -> f64 {
+        if name == "accuracy" { self.accuracy.unwrap_or(0.0) } else { self.mauc }
+    }
+}
+
+/// Where a run is, as saved in its checkpoints.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// Current epoch (0-based).
+    pub epoch: usize,
+    /// Next batch within the epoch.
+    pub batch: usize,
+    /// Optimiser steps taken.
+    pub steps: u64,
+    /// Evaluations so far.
+    pub history: Vec<EvalPoint>,
+    /// Index in `history` of the best evaluation.
+    pub best: Option<usize>,
+    /// Mean loss of each optimiser step (for the curves).
+    pub losses: Vec<f32>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunSummary {
+    /// Optimiser steps taken in all.
+    pub steps: u64,
+    /// Epochs completed.
+    pub epochs: usize,
+    /// Stopped by `max_steps` before the end (resumable).
+    pub interrupted: bool,
+    /// The best evaluation (on `eval_split`, by `select_metric`).
+    pub best: Option<EvalPoint>,
+    /// The last evaluation.
+    pub last: Option<EvalPoint>,
+    /// Split used to choose `best`.
+    pub selected_on: String,
+    /// Steps reused from a checkpoint.
+    pub resumed_at_step: u64,
+}
+
+/// A fine-tuning run in `out_dir`.
+pub struct Run {
+    /// Settings.
+    pub cfg: TrainConfig,
+    /// Output folder (checkpoints, logs, curves).
+    pub out_dir: PathBuf,
+    /// Training data.
+    pub train: TrainData,
+    /// Evaluation data.
+    pub eval: TrainData,
+    /// Stop after this many optimiser steps in this invocation (a simulated interruption).
+    pub max_steps: Option<u64>,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// SplitMix64 of several values: an independent seed per (seed, epoch, batch, image).
+fn mix(parts: &[u64]) -> u64 {
+    let mut h = 0x9e37_79b9_7f4a_7c15u64;
+    for &p in parts {
+        h ^= p.wrapping_add(0x9e37_79b9_7f4a_7c15).wrapping_add(h << 6).wrapping_add(h >> 2);
+        h = Rng::new(h).next_u64();
+    }
+    h
+}
+
+const LAST: &str = "checkpoint-last.safetensors";
+const BEST: &str = "checkpoint-best.safetensors";
+
+impl Run {
+    fn augment(&self) -> Augment {
+        let norm = Normalization::EVAX;
+        let s = self.cfg.input_size;
+        if self.cfg.augment == "timm" {
+            Augment::Timm { size: s, norm }
+        } else {
+            Augment::Plain(Preprocess::eval((s, s), norm))
+        }
+    }
+
+    /// The images of one epoch, in order (data_pct subset, repeated, shuffled by epoch).
+    fn epoch_order(&self, epoch: usize) -> Vec<usize> {
+        let mut order = crate::data::data_pct_indices(self.train.samples.len(), self.cfg.data_pct, self.cfg.seed);
+        Rng::new(mix(&[self.cfg.seed, epoch as u64, 0x5348])).shuffle(&mut order);
+        order
+    }
+
+    fn groups(&self, model: &Trainable) -> Groups {
+        model
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), param_group(k, v.dims().len(), model.config.depth, self.cfg.layer_decay, self.cfg.weight_decay)))
+            .collect()
+    }
+
+    /// Train (resuming from `checkpoint-last.safetensors` in the output folder if present).
+    pub fn run(&self, model: &mut Trainable) -> Result<RunSummary, String> {
+        let cfg = &self.cfg;
+        std::fs::create_dir_all(&self.out_dir).map_err(|e| format!("{}: {e}", self.out_dir.display()))?;
+        crate::io::write_atomic(&self.out_dir.join("config.toml"), cfg.to_toml().as_bytes()).map_err(|e| e.to_string())?;
+        let mut opt = AdamW::new();
+        let mut prog = Progress::default();
+        let last = self.out_dir.join(LAST);
+        if last.is_file() {
+            prog = load_checkpoint(&last, model, &mut opt)?;
+        }
+        let resumed_at_step = prog.steps;
+        let groups = self.groups(model);
+        let schedule = Schedule {
+            lr: cfg.lr,
+            min_lr: cfg.min_lr,
+            warmup: cfg.warmup_epochs,
+            epochs: cfg.epochs as f64,
+            fixed: cfg.fixed_lr,
+        };
+        let augment = self.augment();
+        let n_epoch = self.epoch_order(0).len();
+        let iters = n_epoch.div_ceil(cfg.batch_size);
+        let k = self.train.classes.len();
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.out_dir.join("train_log.jsonl"))
+            .map_err(|e| e.to_string())?;
+        let pb = if self.progress {
+            crate::infer::progress(iters * cfg.epochs, "train")
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        pb.set_position((prog.epoch * iters + prog.batch) as u64);
+        let mut acc: Grads = BTreeMap::new();
+        let mut acc_loss = 0f32;
+        let mut acc_n = 0;
+        let mut this_run = 0u64;
+        let mut t_step = Instant::now();
+        let mut images_since = 0usize;
+        while prog.epoch < cfg.epochs {
+            let epoch = prog.epoch;
+            let order = self.epoch_order(epoch);
+            while prog.batch < iters {
+                let it = prog.batch;
+                let idx = &order[it * cfg.batch_size..((it + 1) * cfg.batch_size).min(order.len())];
+                let loaded: Vec<Result<Vec<f32>, String>> = idx
+                    .par_iter()
+                    .enumerate()
+                    .map(|(j, &i)| {
+                        let (path, _) = &self.train.samples[i];
+                        let img = Image::open(path).map_err(|e| e.to_string())?;
+                        let mut rng = Rng::new(mix(&[cfg.seed, epoch as u64, it as u64, j as u64]));
+                        Ok(augment.apply(&img, &mut rng))
+                    })
+                    .collect();
+                let mut x = Vec::with_capacity(idx.len() * 3 * cfg.input_size * cfg.input_size);
+                let mut y = Vec::with_capacity(idx.len() * k);
+                for (r, &i) in loaded.into_iter().zip(idx) {
+                    x.extend(r?);
+                    y.extend_from_slice(&self.train.samples[i].1);
+                }
+                let n = idx.len();
+                let s = cfg.input_size;
+                let xt = Tensor::from_vec(x, (n, 3, s, s), &Device::Cpu).map_err(|e| e.to_string())?;
+                let yt = Tensor::from_vec(y, (n, k), &Device::Cpu).map_err(|e| e.to_string())?;
+                let mut rng = Rng::new(mix(&[cfg.seed, epoch as u64, it as u64, 0xd0]));
+                let logits = model.forward(&xt, cfg.drop_path, Some(&mut rng)).map_err(|e| e.to_string())?;
+                let loss = if self.train.single_label {
+                    cross_entropy(&logits, &yt, cfg.smoothing)
+                } else {
+                    bce_with_logits(&logits, &yt)
+                }
+                .map_err(|e| e.to_string())?;
+                let lv = loss.to_scalar::<f32>().map_err(|e| e.to_string())?;
+                if !lv.is_finite() {
+                    return Err(format!(
+                        "loss is {lv} at epoch {epoch}, batch {it}: stopping (the last checkpoint is {})",
+                        last.display()
+                    ));
+                }
+                let scaled = (loss / cfg.accum_iter as f64).map_err(|e| e.to_string())?;
+                let store = scaled.backward().map_err(|e| e.to_string())?;
+                accumulate(&mut acc, grads_by_name(&model.vars, &store)).map_err(|e| e.to_string())?;
+                acc_loss += lv;
+                acc_n += 1;
+                images_since += n;
+                prog.batch += 1;
+                pb.inc(1);
+                let boundary = (it + 1) % cfg.accum_iter == 0 || it + 1 == iters;
+                if boundary {
+                    let lr = schedule.at(epoch as f64 + it as f64 / iters as f64);
+                    let norm = grad_norm(&acc).map_err(|e| e.to_string())?;
+                    let clip = if cfg.clip_grad > 0.0 && norm > cfg.clip_grad { cfg.clip_grad / (norm + 1e-6) } else { 1.0 };
+                    opt.update(&model.vars, &acc, lr, &groups, clip).map_err(|e| e.to_string())?;
+                    acc.clear();
+                    prog.steps += 1;
+                    this_run += 1;
+                    let mean = acc_loss / acc_n as f32;
+                    prog.losses.push(mean);
+                    let ips = images_since as f64 / t_step.elapsed().as_secs_f64();
+                    pb.set_message(format!("loss {mean:.4} lr {lr:.2e} {ips:.1} img/s"));
+                    let line = serde_json::json!({"epoch": epoch, "batch": it, "step": prog.steps, "loss": mean, "lr": lr, "grad_norm": norm, "img_per_s": ips});
+                    let _ = writeln!(log, "{line}");
+                    acc_loss = 0.0;
+                    acc_n = 0;
+                    images_since = 0;
+                    t_step = Instant::now();
+                    let stop = self.max_steps.is_some_and(|m| this_run >= m);
+                    // A save at the last batch keeps batch == iters: a resumed run then starts
+                    // with this epoch's evaluation, as the uninterrupted run continues.
+                    if stop || (cfg.save_every_steps > 0 && prog.steps.is_multiple_of(cfg.save_every_steps as u64)) {
+                        save_checkpoint(&last, model, &opt, &prog, cfg)?;
+                        if stop {
+                            pb.finish_and_clear();
+                            return Ok(self.summary(&prog, true, resumed_at_step));
+                        }
+                    }
+                }
+            }
+            prog.epoch += 1;
+            prog.batch = 0;
+            let done = prog.epoch;
+            if done.is_multiple_of(cfg.eval_every.max(1)) || done == cfg.epochs {
+                let point = self.evaluate(model, done)?;
+                let _ = writeln!(log, "{}", serde_json::json!({"eval": &point}));
+                let better = prog
+                    .best
+                    .map(|b| point.metric(&cfg.select_metric) > prog.history[b].metric(&cfg.select_metric))
+                    .unwrap_or(true);
+                prog.history.push(point);
+                if better {
+                    prog.best = Some(prog.history.len() - 1);
+                    save_weights(&self.out_dir.join(BEST), model, cfg)?;
+                }
+                crate::io::write_atomic(&self.out_dir.join("curves.svg"), curves_svg(&prog, &cfg.select_metric).as_bytes())
+                    .map_err(|e| e.to_string())?;
+            }
+            save_checkpoint(&last, model, &opt, &prog, cfg)?;
+        }
+        pb.finish_and_clear();
+        Ok(self.summary(&prog, false, resumed_at_step))
+    }
+
+    fn summary(&self, prog: &Progress, interrupted: bool, resumed_at_step: u64) -> RunSummary {
+        RunSummary {
+            steps: prog.steps,
+            epochs: prog.epoch,
+            interrupted,
+            best: prog.best.map(|b| prog.history[b].clone()),
+            last: prog.history.last().cloned(),
+            selected_on: self.cfg.eval_split.clone(),
+            resumed_at_step,
+        }
+    }
+
+    /// Metrics of the current weights on the evaluation data.
+    pub fn evaluate(&self, model: &Trainable, epoch: usize) -> Result<EvalPoint, String> {
+        let inference = model.to_inference().map_err(|e| e.to_string())?;
+        let s = self.cfg.input_size;
+        let pre = Preprocess::eval((s, s), Normalization::EVAX);
+        let k = self.eval.classes.len();
+        let items: Vec<(usize, PathBuf)> = self.eval.samples.iter().map(|(p, _)| p.clone()).enumerate().collect();
+        let mut scores: HashMap<usize, Vec<f32>> = HashMap::new();
+        for b in batches(items, pre, self.cfg.batch_size) {
+            if let Some(f) = b.failures.first() {
+                return Err(format!("{}: {}", f.input.display(), f.error));
+            }
+            let x = Tensor::from_vec(b.data, (b.positions.len(), 3, s, s), &Device::Cpu).map_err(|e| e.to_string())?;
+            let logits = inference
+                .logits(&x)
+                .and_then(|l| Ok(l.to_vec2::<f32>()?))
+                .map_err(|e| e.to_string())?;
+            for (&i, row) in b.positions.iter().zip(logits) {
+                scores.insert(i, row.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect());
+            }
+        }
+        let n = self.eval.samples.len();
+        let y: Vec<f64> = self.eval.samples.iter().flat_map(|(_, l)| l.iter().map(|&v| v as f64)).collect();
+        let p: Vec<f64> = (0..n).flat_map(|i| scores[&i].iter().map(|&v| v as f64).collect::<Vec<_>>()).collect();
+        let auc = metrics::auc_summary(&y, &p, k);
+        Ok(EvalPoint {
+            epoch,
+            split: self.cfg.eval_split.clone(),
+            mauc: auc.mean,
+            auc_per_class: auc.per_class,
+            accuracy: self.eval.single_label.then(|| metrics::classification(&y, &p, k).accuracy),
+        })
+    }
+}
+
+fn tensors_of(model: &Trainable, prefix: &str) -> Result<BTreeMap<String, Tensor>, String> {
+    Ok(model
+        .vars
+        .iter()
+        .map(|(k, v)| (format!("{prefix}{k}"), v.as_tensor().clone()))
+        .collect())
+}
+
+/// The weights alone, in the models_eva layout (loadable by `predict`, `eval`, `cam`).
+fn save_weights(path: &Path, model: &Trainable, cfg: &TrainConfig) -> Result<(), String> {
+    let meta = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("evax.rope_grid".to_string(), model.config.rope_grid.to_string()),
+        ("evax.train_config".to_string(), cfg.to_toml()),
+    ]);
+    crate::checkpoint::save_safetensors(&tensors_of(model, "")?, Some(meta), path).map_err(|e| e.to_string())
+}
+
+/// Weights, optimiser moments and progress in one file, written atomically.
+fn save_checkpoint(path: &Path, model: &Trainable, opt: &AdamW, prog: &Progress, cfg: &TrainConfig) -> Result<(), String> {
+    let mut t = tensors_of(model, "model.")?;
+    for (k, v) in model.vars.iter() {
+        let shape = v.dims();
+        if let (Some(m), Some(s)) = (opt.m.get(k), opt.v.get(k)) {
+            let m = Tensor::from_slice(m, shape, &Device::Cpu).map_err(|e| e.to_string())?;
+            let s = Tensor::from_slice(s, shape, &Device::Cpu).map_err(|e| e.to_string())?;
+            t.insert(format!("adam.m.{k}"), m);
+            t.insert(format!("adam.v.{k}"), s);
+        }
+    }
+    let meta = HashMap::from([
+        ("evax.progress".to_string(), serde_json::to_string(prog).map_err(|e| e.to_string())?),
+        ("evax.adam_step".to_string(), opt.step.to_string()),
+        ("evax.train_config".to_string(), cfg.to_toml()),
+        ("evax.rope_grid".to_string(), model.config.rope_grid.to_string()),
+    ]);
+    crate::checkpoint::save_safetensors(&t, Some(meta), path).map_err(|e| e.to_string())
+}
+
+fn load_checkpoint(path: &Path, model: &mut Trainable, opt: &mut AdamW) -> Result<Progress, String> {
+    let ck = crate::checkpoint::Checkpoint::load(path).map_err(|e| e.to_string())?;
+    let prog: Progress = serde_json::from_str(ck.metadata.get("evax.progress").ok_or(format!("{}: not an evax training checkpoint", path.display()))?)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    opt.step = ck.metadata.get("evax.adam_step").and_then(|s| s.parse().ok()).unwrap_or(0);
+    for (k, var) in &model.vars {
+        let p = ck.tensors.get(&format!("model.{k}")).ok_or(format!("{}: lacks model.{k}", path.display()))?;
+        let t = p.to_tensor(&Device::Cpu).map_err(|e| e.to_string())?;
+        var.set(&t).map_err(|e| format!("{}: model.{k}: {e}", path.display()))?;
+        if let (Some(m), Some(v)) = (ck.tensors.get(&format!("adam.m.{k}")), ck.tensors.get(&format!("adam.v.{k}"))) {
+            opt.m.insert(k.clone(), m.data.clone());
+            opt.v.insert(k.clone(), v.data.clone());
+        }
+    }
+    Ok(prog)
+}
+
+/// Loss per step and the selection metric per evaluation, as an SVG line chart.
+pub fn curves_svg(prog: &Progress, metric: &str) -> String {
+    let (w, h, pad) = (640.0, 240.0, 40.0);
+    let panel = |x0: f64, title: &str, pts: &[(f64, f64)], colour: &str| -> String {
+        let pw = w / 2.0 - pad * 1.5;
+        let (xmax, ymin, ymax) = pts.iter().fold((1.0f64, f64::INFINITY, f64::NEG_INFINITY), |(a, b, c), &(x, y)| (a.max(x), b.min(y), c.max(y)));
+        let (ymin, ymax) = if ymin < ymax { (ymin, ymax) } else { (ymin - 0.5, ymin + 0.5) };
+        let path: Vec<String> = pts
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", x0 + x / xmax * pw, h - pad - (y - ymin) / (ymax - ymin) * (h - 2.0 * pad)))
+            .collect();
+        format!(
+            "<rect x='{x0}' y='{pad}' width='{pw}' height='{}' fill='none' stroke='#999'/>\
+             <text x='{x0}' y='{}' font-size='13'>{title}</text>\
+             <text x='{x0}' y='{}' font-size='10'>{ymin:.4}</text><text x='{x0}' y='{}' font-size='10'>{ymax:.4}</text>\
+             <polyline fill='none' stroke='{colour}' stroke-width='1.5' points='{}'/>",
+            h - 2.0 * pad,
+            pad - 8.0,
+            h - pad + 12.0,
+            pad + 10.0,
+            path.join(" ")
+        )
+    };
+    let loss: Vec<(f64, f64)> = prog.losses.iter().enumerate().map(|(i, &l)| (i as f64 + 1.0, l as f64)).collect();
+    let evals: Vec<(f64, f64)> = prog.history.iter().map(|e| (e.epoch as f64, e.metric(metric))).collect();
+    format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif'>{}{}</svg>\n",
+        panel(pad, "training loss per step", &loss, "#c03"),
+        panel(w / 2.0 + pad / 2.0, &format!("{metric} per evaluation (epoch)"), &evals, "#06c")
+    )
+}
