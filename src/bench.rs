@@ -98,13 +98,27 @@ pub fn run(
     let x = Tensor::randn(0f32, 1f32, (batch, 3, input, input), &Device::Cpu)?;
     let layer = CamLayer::Norm1(cfg.depth - 1);
     let trainable = if work == Workload::Train {
-        Some(Trainable::from_state_dict(&random_state_dict(&cfg, 0), 14, 0)?)
+        Some(Trainable::from_state_dict(
+            &random_state_dict(&cfg, 0),
+            14,
+            0,
+        )?)
     } else {
         None
     };
-    let targets = Tensor::rand(0f32, 1f32, (batch, 14), &Device::Cpu)?.ge(0.5)?.to_dtype(candle_core::DType::F32)?;
+    let targets = Tensor::rand(0f32, 1f32, (batch, 14), &Device::Cpu)?
+        .ge(0.5)?
+        .to_dtype(candle_core::DType::F32)?;
     let groups: Groups = trainable.as_ref().map_or_else(Groups::new, |t| {
-        t.vars.iter().map(|(k, v)| (k.clone(), param_group(k, v.dims().len(), cfg.depth, 0.55, 0.05))).collect()
+        t.vars
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    param_group(k, v.dims().len(), cfg.depth, 0.55, 0.05),
+                )
+            })
+            .collect()
     });
     let mut opt = AdamW::new();
     let mut rng = crate::rng::Rng::new(0);

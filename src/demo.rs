@@ -21,7 +21,7 @@ pub struct Case {
     /// 0/1 per finding.
     pub labels: [u8; 3],
     /// Boxes (finding, x, y, w, h) in pixels.
-    pub boxes: Vec<(String, [usize; 4])>,
+    pub boxes: Boxes,
 }
 
 fn gauss(rng: &mut Rng) -> f64 {
@@ -29,18 +29,35 @@ fn gauss(rng: &mut Rng) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
+/// Boxes of findings: (finding, [x, y, w, h]).
+pub type Boxes = Vec<(String, [usize; 4])>;
+
 /// Draw one phantom of `size` x `size` with random anatomy jitter and findings.
-pub fn phantom(size: usize, rng: &mut Rng) -> (Image, [u8; 3], Vec<(String, [usize; 4])>) {
+pub fn phantom(size: usize, rng: &mut Rng) -> (Image, [u8; 3], Boxes) {
     let s = size as f64;
     let u = |rng: &mut Rng, a: f64, b: f64| a + (b - a) * rng.unit();
     let mut f = vec![20.0f64; size * size];
-    let inside = |x: f64, y: f64, cx: f64, cy: f64, rx: f64, ry: f64| ((x - cx) / rx).powi(2) + ((y - cy) / ry).powi(2) <= 1.0;
+    let inside = |x: f64, y: f64, cx: f64, cy: f64, rx: f64, ry: f64| {
+        ((x - cx) / rx).powi(2) + ((y - cy) / ry).powi(2) <= 1.0
+    };
     let (bx, by) = (s * u(rng, 0.48, 0.52), s * u(rng, 0.53, 0.57));
     let (lrx, lry) = (s * u(rng, 0.14, 0.17), s * u(rng, 0.26, 0.30));
-    let lungs = [(s * u(rng, 0.29, 0.33), s * u(rng, 0.45, 0.49)), (s * u(rng, 0.67, 0.71), s * u(rng, 0.45, 0.49))];
+    let lungs = [
+        (s * u(rng, 0.29, 0.33), s * u(rng, 0.45, 0.49)),
+        (s * u(rng, 0.67, 0.71), s * u(rng, 0.45, 0.49)),
+    ];
     let labels = [rng.unit() < 0.4, rng.unit() < 0.4, rng.unit() < 0.4].map(|b| b as u8);
-    let heart_scale = if labels[2] == 1 { u(rng, 1.45, 1.7) } else { u(rng, 0.9, 1.1) };
-    let (hx, hy, hrx, hry) = (s * 0.55, s * 0.64, s * 0.12 * heart_scale, s * 0.1 * heart_scale);
+    let heart_scale = if labels[2] == 1 {
+        u(rng, 1.45, 1.7)
+    } else {
+        u(rng, 0.9, 1.1)
+    };
+    let (hx, hy, hrx, hry) = (
+        s * 0.55,
+        s * 0.64,
+        s * 0.12 * heart_scale,
+        s * 0.1 * heart_scale,
+    );
     for y in 0..size {
         for x in 0..size {
             let (xf, yf) = (x as f64, y as f64);
@@ -58,7 +75,8 @@ pub fn phantom(size: usize, rng: &mut Rng) -> (Image, [u8; 3], Vec<(String, [usi
             }
             // Ribs: curved bright bands across the chest.
             for k in 0..7 {
-                let ry = s * 0.22 + k as f64 * s * 0.075 + 0.0035 * (xf - s * 0.5).powi(2) / s * 4.0;
+                let ry =
+                    s * 0.22 + k as f64 * s * 0.075 + 0.0035 * (xf - s * 0.5).powi(2) / s * 4.0;
                 if (yf - ry).abs() < s * 0.011 && inside(xf, yf, bx, by, s * 0.44, s * 0.47) {
                     *v += 45.0;
                 }
@@ -82,7 +100,15 @@ pub fn phantom(size: usize, rng: &mut Rng) -> (Image, [u8; 3], Vec<(String, [usi
                 }
             }
         }
-        boxes.push(("Nodule".to_string(), [(nx - r) as usize, (ny - r) as usize, (2.0 * r) as usize, (2.0 * r) as usize]));
+        boxes.push((
+            "Nodule".to_string(),
+            [
+                (nx - r) as usize,
+                (ny - r) as usize,
+                (2.0 * r) as usize,
+                (2.0 * r) as usize,
+            ],
+        ));
     }
     if labels[1] == 1 {
         let (cx, cy) = lungs[rng.below(2)];
@@ -97,15 +123,35 @@ pub fn phantom(size: usize, rng: &mut Rng) -> (Image, [u8; 3], Vec<(String, [usi
             }
         }
         let top = (level - s * 0.05) as usize;
-        boxes.push(("Effusion".to_string(), [(cx - lrx) as usize, top, (2.0 * lrx) as usize, ((cy + lry) as usize).saturating_sub(top)]));
+        boxes.push((
+            "Effusion".to_string(),
+            [
+                (cx - lrx) as usize,
+                top,
+                (2.0 * lrx) as usize,
+                ((cy + lry) as usize).saturating_sub(top),
+            ],
+        ));
     }
     if labels[2] == 1 {
-        boxes.push(("Cardiomegaly".to_string(), [(hx - hrx) as usize, (hy - hry) as usize, (2.0 * hrx) as usize, (2.0 * hry) as usize]));
+        boxes.push((
+            "Cardiomegaly".to_string(),
+            [
+                (hx - hrx) as usize,
+                (hy - hry) as usize,
+                (2.0 * hrx) as usize,
+                (2.0 * hry) as usize,
+            ],
+        ));
     }
     let (gain, offset) = (u(rng, 0.85, 1.15), u(rng, -15.0, 15.0));
     let data = f
         .iter()
-        .map(|&v| (v * gain + offset + 6.0 * gauss(rng)).round().clamp(0.0, 255.0) as u8)
+        .map(|&v| {
+            (v * gain + offset + 6.0 * gauss(rng))
+                .round()
+                .clamp(0.0, 255.0) as u8
+        })
         .collect();
     (
         Image {
@@ -129,9 +175,22 @@ pub fn generate(dir: &Path, n: usize, size: usize, seed: u64) -> std::io::Result
         let (img, labels, boxes) = phantom(size, &mut rng);
         let file = format!("phantom_{i:04}.png");
         Rgb::from_image(&img).save_png_grey_or_rgb(&dir.join(&file), true)?;
-        let b: Vec<String> = boxes.iter().map(|(f, [x, y, w, h])| format!("{f} {x} {y} {w} {h}")).collect();
-        csv.push_str(&format!("{file},{},{},{},{}\n", labels[0], labels[1], labels[2], b.join(";")));
-        cases.push(Case { file, labels, boxes });
+        let b: Vec<String> = boxes
+            .iter()
+            .map(|(f, [x, y, w, h])| format!("{f} {x} {y} {w} {h}"))
+            .collect();
+        csv.push_str(&format!(
+            "{file},{},{},{},{}\n",
+            labels[0],
+            labels[1],
+            labels[2],
+            b.join(";")
+        ));
+        cases.push(Case {
+            file,
+            labels,
+            boxes,
+        });
     }
     crate::io::write_atomic(&dir.join("labels.csv"), csv.as_bytes())?;
     Ok(cases)
@@ -142,7 +201,12 @@ pub fn as_data(dir: &Path, cases: &[Case]) -> TrainData {
     TrainData {
         samples: cases
             .iter()
-            .map(|c| (dir.join(&c.file), c.labels.iter().map(|&v| v as f32).collect()))
+            .map(|c| {
+                (
+                    dir.join(&c.file),
+                    c.labels.iter().map(|&v| v as f32).collect(),
+                )
+            })
             .collect::<Vec<(PathBuf, Vec<f32>)>>(),
         classes: FINDINGS.iter().map(|s| s.to_string()).collect(),
         single_label: false,

@@ -9,9 +9,6 @@ use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use evax::checkpoint::{self, Checkpoint};
-use evax::train::Trainable;
-use evax::train::config::TrainConfig;
-use evax::train::engine::{Run, RunSummary, TrainData};
 use evax::data::{
     self, DatasetKind, LoadOptions as DataOptions, Split, chexpert::UncertaintyPolicy,
 };
@@ -21,6 +18,9 @@ use evax::infer::{self, Failure};
 use evax::labels::{Activation, LabelSet};
 use evax::model::{EvaX, LoadOptions, adapt, inspect, rope::RopeTables};
 use evax::preprocess::{Normalization, Preprocess};
+use evax::train::Trainable;
+use evax::train::config::TrainConfig;
+use evax::train::engine::{Run, RunSummary, TrainData};
 
 #[derive(Parser)]
 #[command(
@@ -712,7 +712,15 @@ fn run(cmd: Command) -> Result<ExitCode> {
             data_dir,
             output,
             max_steps,
-        } => finetune(preset.as_deref(), config.as_deref(), &overrides, weights.as_deref(), &data_dir, &output, max_steps),
+        } => finetune(
+            preset.as_deref(),
+            config.as_deref(),
+            &overrides,
+            weights.as_deref(),
+            &data_dir,
+            &output,
+            max_steps,
+        ),
         Command::Demo {
             output,
             weights,
@@ -720,7 +728,14 @@ fn run(cmd: Command) -> Result<ExitCode> {
             test_images,
             epochs,
             seed,
-        } => demo(&output, weights.as_deref(), train_images, test_images, epochs, seed),
+        } => demo(
+            &output,
+            weights.as_deref(),
+            train_images,
+            test_images,
+            epochs,
+            seed,
+        ),
         Command::Dicom { command } => dicom_command(command),
         Command::Bench {
             model,
@@ -762,7 +777,14 @@ fn run(cmd: Command) -> Result<ExitCode> {
             } else if train {
                 println!(
                     "{} training step, batch {} at {}px, {} threads: {:.2} s per step (best {:.2} s), {:.1} img/s, peak RSS {:.0} MiB",
-                    r.variant, r.batch, r.input_size, r.threads, r.batch_s, r.min_batch_s, r.img_per_s, r.peak_rss_mb
+                    r.variant,
+                    r.batch,
+                    r.input_size,
+                    r.threads,
+                    r.batch_s,
+                    r.min_batch_s,
+                    r.img_per_s,
+                    r.peak_rss_mb
                 );
             } else if cam {
                 println!(
@@ -1579,18 +1601,32 @@ fn dicom_command(cmd: DicomCommand) -> Result<ExitCode> {
 }
 
 /// Initial weights: a checkpoint, or a fresh initialisation of the configured size.
-fn initial_model(weights: Option<&Path>, model: &str, input: usize, classes: usize, seed: u64) -> Result<Trainable> {
+fn initial_model(
+    weights: Option<&Path>,
+    model: &str,
+    input: usize,
+    classes: usize,
+    seed: u64,
+) -> Result<Trainable> {
     match weights {
         Some(w) => {
             let ck = Checkpoint::load(w)?;
-            let sd = adapt::to_eva_layout(&ck.tensors).map_err(anyhow::Error::msg).with_context(|| w.display().to_string())?;
-            Ok(Trainable::from_state_dict(&sd, classes, seed).with_context(|| w.display().to_string())?)
+            let sd = adapt::to_eva_layout(&ck.tensors)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| w.display().to_string())?;
+            Ok(Trainable::from_state_dict(&sd, classes, seed)
+                .with_context(|| w.display().to_string())?)
         }
         None => {
-            let mut cfg = evax::model::EvaXConfig::preset(model).ok_or_else(|| anyhow::anyhow!("unknown model '{model}' (ti, s, b)"))?;
+            let mut cfg = evax::model::EvaXConfig::preset(model)
+                .ok_or_else(|| anyhow::anyhow!("unknown model '{model}' (ti, s, b)"))?;
             cfg.train_grid = (input / 16, input / 16);
             cfg.num_classes = Some(classes);
-            Ok(Trainable::from_state_dict(&evax::train::init_state_dict(&cfg, seed), classes, seed)?)
+            Ok(Trainable::from_state_dict(
+                &evax::train::init_state_dict(&cfg, seed),
+                classes,
+                seed,
+            )?)
         }
     }
 }
@@ -1605,7 +1641,11 @@ fn data_for(kind: DatasetKind, dir: &Path, split: &str, cfg: &TrainConfig) -> Re
         eprintln!("bad row: {p}");
     }
     if !s.missing.is_empty() {
-        eprintln!("{}: {} listed images not found (skipped)", s.list.display(), s.missing.len());
+        eprintln!(
+            "{}: {} listed images not found (skipped)",
+            s.list.display(),
+            s.missing.len()
+        );
     }
     if s.samples.is_empty() {
         bail!("{}: no usable images", s.list.display());
@@ -1620,16 +1660,28 @@ fn data_for(kind: DatasetKind, dir: &Path, split: &str, cfg: &TrainConfig) -> Re
 fn print_summary(s: &RunSummary, metric: &str) {
     let show = |p: &evax::train::engine::EvalPoint| {
         if metric == "accuracy" {
-            format!("accuracy {:.2} (mAUC {:.2})", p.accuracy.unwrap_or(0.0) * 100.0, p.mauc * 100.0)
+            format!(
+                "accuracy {:.2} (mAUC {:.2})",
+                p.accuracy.unwrap_or(0.0) * 100.0,
+                p.mauc * 100.0
+            )
         } else {
             format!("mAUC {:.2}", p.mauc * 100.0)
         }
     };
     if s.interrupted {
-        println!("stopped after {} optimiser steps as asked; run again to resume", s.steps);
+        println!(
+            "stopped after {} optimiser steps as asked; run again to resume",
+            s.steps
+        );
     }
     if let Some(b) = &s.best {
-        println!("best (on {}, epoch {}): {}", s.selected_on, b.epoch, show(b));
+        println!(
+            "best (on {}, epoch {}): {}",
+            s.selected_on,
+            b.epoch,
+            show(b)
+        );
     }
     if let Some(l) = &s.last {
         println!("last evaluation (epoch {}): {}", l.epoch, show(l));
@@ -1654,7 +1706,13 @@ fn finetune(
     let kind = DatasetKind::parse(&cfg.dataset).map_err(anyhow::Error::msg)?;
     let train = data_for(kind, data_dir, &cfg.train_split, &cfg)?;
     let eval = data_for(kind, data_dir, &cfg.eval_split, &cfg)?;
-    let mut model = initial_model(weights, &cfg.model, cfg.input_size, train.classes.len(), cfg.seed)?;
+    let mut model = initial_model(
+        weights,
+        &cfg.model,
+        cfg.input_size,
+        train.classes.len(),
+        cfg.seed,
+    )?;
     eprintln!(
         "fine-tuning {} on {} ({} training images, evaluating on {} {}); selecting on {} {}",
         model.config.variant(),
@@ -1676,18 +1734,33 @@ fn finetune(
     };
     let s = run.run(&mut model).map_err(anyhow::Error::msg)?;
     print_summary(&s, &metric);
-    evax::io::write_atomic(&output.join("summary.json"), &serde_json::to_vec_pretty(&s)?)?;
+    evax::io::write_atomic(
+        &output.join("summary.json"),
+        &serde_json::to_vec_pretty(&s)?,
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn demo(output: &Path, weights: Option<&Path>, n_train: usize, n_test: usize, epochs: usize, seed: u64) -> Result<ExitCode> {
+fn demo(
+    output: &Path,
+    weights: Option<&Path>,
+    n_train: usize,
+    n_test: usize,
+    epochs: usize,
+    seed: u64,
+) -> Result<ExitCode> {
     use evax::demo;
     let t0 = std::time::Instant::now();
-    eprintln!("evax demo: SYNTHETIC chest phantoms (not real radiographs), fine-tuning EVA-X-Ti on the CPU");
+    eprintln!(
+        "evax demo: SYNTHETIC chest phantoms (not real radiographs), fine-tuning EVA-X-Ti on the CPU"
+    );
     let size = 256;
     let train_cases = demo::generate(&output.join("data/train"), n_train, size, seed)?;
     let test_cases = demo::generate(&output.join("data/test"), n_test, size, seed + 1_000_000)?;
-    eprintln!("generated {n_train} training and {n_test} held-out phantoms in {}", output.join("data").display());
+    eprintln!(
+        "generated {n_train} training and {n_test} held-out phantoms in {}",
+        output.join("data").display()
+    );
     let overrides: Vec<String> = vec![
         "dataset=\"synthetic\"".into(),
         "model=\"ti\"".into(),
@@ -1716,7 +1789,10 @@ fn demo(output: &Path, weights: Option<&Path>, n_train: usize, n_test: usize, ep
         progress: true,
     };
     let s = run.run(&mut model).map_err(anyhow::Error::msg)?;
-    let last = s.last.clone().ok_or_else(|| anyhow::anyhow!("no evaluation was run"))?;
+    let last = s
+        .last
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no evaluation was run"))?;
     let secs = t0.elapsed().as_secs_f64();
     // Example held-out images with their true boxes.
     let mut examples = Vec::new();
@@ -1748,12 +1824,19 @@ fn demo(output: &Path, weights: Option<&Path>, n_train: usize, n_test: usize, ep
         "train_images": n_train,
         "test_images": n_test,
     });
-    evax::io::write_atomic(&output.join("metrics.json"), &serde_json::to_vec_pretty(&metrics)?)?;
+    evax::io::write_atomic(
+        &output.join("metrics.json"),
+        &serde_json::to_vec_pretty(&metrics)?,
+    )?;
     let mut md = format!(
         "# evax demo (SYNTHETIC data)\n\nEVA-X-Ti {} on {n_train} synthetic chest phantoms, evaluated on {n_test} held-out ones.\n\
          These are drawings (lung fields, ribs, spine, heart; nodules, effusions, cardiomegaly), not radiographs.\n\n\
          **held-out mAUC {:.2}** after {} optimiser steps, {:.0} s in all.\n\n| finding | AUROC |\n|---|---|\n",
-        if weights.is_some() { "fine-tuned from the given weights" } else { "trained from a random initialisation" },
+        if weights.is_some() {
+            "fine-tuned from the given weights"
+        } else {
+            "trained from a random initialisation"
+        },
         last.mauc * 100.0,
         s.steps,
         secs
@@ -1766,7 +1849,12 @@ fn demo(output: &Path, weights: Option<&Path>, n_train: usize, n_test: usize, ep
         md.push_str(&format!("![{e}]({e})\n"));
     }
     evax::io::write_atomic(&output.join("report.md"), md.as_bytes())?;
-    println!("held-out mAUC {:.2} on synthetic phantoms ({:.0} s); report: {}", last.mauc * 100.0, secs, output.join("report.md").display());
+    println!(
+        "held-out mAUC {:.2} on synthetic phantoms ({:.0} s); report: {}",
+        last.mauc * 100.0,
+        secs,
+        output.join("report.md").display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

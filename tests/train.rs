@@ -91,7 +91,8 @@ fn one_step_matches_the_original() {
     }
     let mut opt = AdamW::new();
     let by_name = evax::train::optim::grads_by_name(&model.vars, &grads);
-    opt.update(&model.vars, &by_name, 1e-3, &groups, 1.0).unwrap();
+    opt.update(&model.vars, &by_name, 1e-3, &groups, 1.0)
+        .unwrap();
     for (key, want) in r.iter().filter(|(k, _)| k.starts_with("train/after_step/")) {
         let name = &key["train/after_step/".len()..];
         let got = model.vars[name]

@@ -5,7 +5,7 @@
 //! primitives (RoPE's pair rotation as a product with a fixed matrix), so gradients flow to
 //! activations (Grad-CAM) and, later, to parameters.
 
-use candle_core::{D, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
 use super::eva_x::{Block, LN_EPS, LayerNorm, Linear};
 use super::rope::RopeTables;
@@ -43,20 +43,14 @@ impl RopeTensors {
     }
 }
 
-/// LayerNorm over the last axis from primitives.
+/// LayerNorm over the last axis (fused kernel with a backward).
 pub fn layer_norm(x: &Tensor, ln: &LayerNorm) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let xn = xc.broadcast_div(&(var + LN_EPS as f64)?.sqrt()?)?;
-    xn.broadcast_mul(&ln.weight)?.broadcast_add(&ln.bias)
+    super::ops::layer_norm_train(x, &ln.weight, &ln.bias, LN_EPS)
 }
 
-/// Softmax over the last axis from primitives (the shift by the max is a constant).
+/// Softmax over the last axis (fused kernel with a backward).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    super::ops::softmax_train(x)
 }
 
 /// `x W^T + b` over the last axis.
@@ -100,9 +94,7 @@ pub fn attention(block: &Block, y: &Tensor, rope: &RopeTensors) -> Result<Tensor
 
 /// SwiGLU MLP of a block on `y` (its `norm2` output).
 pub fn mlp(block: &Block, y: &Tensor) -> Result<Tensor> {
-    let x12 = linear(y, &block.w12)?;
-    let hdn = x12.dim(D::Minus1)? / 2;
-    let mut h = (x12.narrow(D::Minus1, 0, hdn)?.silu()? * x12.narrow(D::Minus1, hdn, hdn)?)?;
+    let mut h = super::ops::swiglu_train(&linear(y, &block.w12)?)?;
     if let Some(ln) = &block.ffn_ln {
         h = layer_norm(&h, ln)?;
     }

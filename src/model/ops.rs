@@ -428,6 +428,207 @@ pub fn linear(
     })
 }
 
+/// Rows of a contiguous tensor per parallel task in the differentiable kernels (fixed, so that
+/// parameter-gradient sums are added in the same order on every run).
+const ROWS_PER_TASK: usize = 64;
+
+fn f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// LayerNorm over the last axis with weight and bias, forward and backward fused.
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "evax-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "layer norm")?;
+        let w = contiguous_f32(s2, l2, "layer norm weight")?;
+        let b = contiguous_f32(s3, l3, "layer norm bias")?;
+        let c = w.len();
+        if c == 0 || x.len() % c != 0 || b.len() != c {
+            candle_core::bail!("layer norm: width {c} does not divide the input");
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(ROWS_PER_TASK * c)
+            .zip(x.par_chunks(ROWS_PER_TASK * c))
+            .for_each(|(y, x)| {
+                for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                    let mean = xr.iter().sum::<f32>() / c as f32;
+                    let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+                    let rstd = 1.0 / (var + self.eps).sqrt();
+                    for i in 0..c {
+                        yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (xv, wv, dyv) = (f32_vec(x)?, f32_vec(w)?, f32_vec(dy)?);
+        let c = wv.len();
+        let mut dx = vec![0f32; xv.len()];
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(ROWS_PER_TASK * c)
+            .zip(xv.par_chunks(ROWS_PER_TASK * c))
+            .zip(dyv.par_chunks(ROWS_PER_TASK * c))
+            .map(|((dx, x), dy)| {
+                let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+                let mut xhat = vec![0f32; c];
+                for ((dxr, xr), dyr) in dx
+                    .chunks_exact_mut(c)
+                    .zip(x.chunks_exact(c))
+                    .zip(dy.chunks_exact(c))
+                {
+                    let mean = xr.iter().sum::<f32>() / c as f32;
+                    let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+                    let rstd = 1.0 / (var + self.eps).sqrt();
+                    let (mut m1, mut m2) = (0f32, 0f32);
+                    for i in 0..c {
+                        xhat[i] = (xr[i] - mean) * rstd;
+                        let g = dyr[i] * wv[i];
+                        m1 += g;
+                        m2 += g * xhat[i];
+                        dw[i] += dyr[i] * xhat[i];
+                        db[i] += dyr[i];
+                    }
+                    let (m1, m2) = (m1 / c as f32, m2 / c as f32);
+                    for i in 0..c {
+                        dxr[i] = rstd * (dyr[i] * wv[i] - m1 - xhat[i] * m2);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+        for (pw, pb) in &partials {
+            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+        }
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            Some(Tensor::from_vec(db, w.shape(), w.device())?),
+        ))
+    }
+}
+
+/// Differentiable LayerNorm (fused forward and backward).
+pub fn layer_norm_train(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(w, b, LayerNormOp { eps })
+}
+
+/// Softmax over the last axis, forward and backward fused.
+struct SoftmaxOp;
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "evax-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "softmax")?;
+        let n = *l.shape().dims().last().unwrap_or(&1);
+        let mut y = x.to_vec();
+        y.par_chunks_mut(ROWS_PER_TASK * n)
+            .for_each(|c| simd::softmax_rows(c, n));
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (yv, dyv) = (f32_vec(y)?, f32_vec(dy)?);
+        let n = *y.dims().last().unwrap_or(&1);
+        let mut dx = vec![0f32; yv.len()];
+        dx.par_chunks_mut(ROWS_PER_TASK * n)
+            .zip(yv.par_chunks(ROWS_PER_TASK * n))
+            .zip(dyv.par_chunks(ROWS_PER_TASK * n))
+            .for_each(|((dx, y), dy)| {
+                for ((dxr, yr), dyr) in dx
+                    .chunks_exact_mut(n)
+                    .zip(y.chunks_exact(n))
+                    .zip(dy.chunks_exact(n))
+                {
+                    let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
+                    for i in 0..n {
+                        dxr[i] = yr[i] * (dyr[i] - dot);
+                    }
+                }
+            });
+        Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?))
+    }
+}
+
+/// Differentiable softmax over the last axis.
+pub fn softmax_train(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(SoftmaxOp)
+}
+
+/// `silu(a) * b` over `[a | b]`, forward and backward fused.
+struct SwiGluOp;
+
+impl CustomOp1 for SwiGluOp {
+    fn name(&self) -> &'static str {
+        "evax-swiglu-train"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        SwiGlu.cpu_fwd(s, l)
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (xv, dyv) = (f32_vec(x)?, f32_vec(dy)?);
+        let w = *x.dims().last().unwrap_or(&2);
+        let h = w / 2;
+        let mut dx = vec![0f32; xv.len()];
+        dx.par_chunks_mut(ROWS_PER_TASK * w)
+            .zip(xv.par_chunks(ROWS_PER_TASK * w))
+            .zip(dyv.par_chunks(ROWS_PER_TASK * h))
+            .for_each(|((dx, x), dy)| {
+                for ((dxr, xr), dyr) in dx
+                    .chunks_exact_mut(w)
+                    .zip(x.chunks_exact(w))
+                    .zip(dy.chunks_exact(h))
+                {
+                    let (da, db) = dxr.split_at_mut(h);
+                    let (a, b) = xr.split_at(h);
+                    for i in 0..h {
+                        let s = 1.0 / (1.0 + exp_f32(-a[i]));
+                        let silu = a[i] * s;
+                        db[i] = dyr[i] * silu;
+                        da[i] = dyr[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
+                    }
+                }
+            });
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// Differentiable SwiGLU over a packed `[x1 | x2]` activation.
+pub fn swiglu_train(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(SwiGluOp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,21 +1,25 @@
 //! Training-time image transforms: timm's RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3,
-//! bicubic) and horizontal flip, or the plain evaluation transform.
+//! bicubic), horizontal flip and RandAugment, or the plain evaluation transform.
 
 use crate::preprocess::resize::resize_bicubic;
 use crate::preprocess::{Image, Normalization, Preprocess};
 use crate::rng::Rng;
+
+use super::randaugment::RandAugment;
 
 /// A training transform.
 #[derive(Debug, Clone, Copy)]
 pub enum Augment {
     /// The evaluation transform (resize, centre crop).
     Plain(Preprocess),
-    /// RandomResizedCrop to `size` + horizontal flip (p = 0.5).
+    /// RandomResizedCrop to `size` + horizontal flip (p = 0.5) + RandAugment.
     Timm {
         /// Output side.
         size: usize,
         /// Normalisation.
         norm: Normalization,
+        /// RandAugment policy (None: off).
+        rand_augment: Option<RandAugment>,
     },
 }
 
@@ -42,7 +46,12 @@ pub fn rrc_params(rng: &mut Rng, w: usize, h: usize) -> (usize, usize, usize, us
     } else {
         (w, h)
     };
-    ((h - ch.min(h)) / 2, (w - cw.min(w)) / 2, ch.min(h), cw.min(w))
+    (
+        (h - ch.min(h)) / 2,
+        (w - cw.min(w)) / 2,
+        ch.min(h),
+        cw.min(w),
+    )
 }
 
 impl Augment {
@@ -50,12 +59,18 @@ impl Augment {
     pub fn apply(&self, img: &Image, rng: &mut Rng) -> Vec<f32> {
         match self {
             Augment::Plain(p) => p.apply(img),
-            Augment::Timm { size, norm } => {
+            Augment::Timm {
+                size,
+                norm,
+                rand_augment,
+            } => {
                 let (top, left, ch, cw) = rrc_params(rng, img.width, img.height);
                 let c = img.channels;
                 let mut crop = Vec::with_capacity(cw * ch * c);
                 for y in top..top + ch {
-                    crop.extend_from_slice(&img.data[(y * img.width + left) * c..(y * img.width + left + cw) * c]);
+                    crop.extend_from_slice(
+                        &img.data[(y * img.width + left) * c..(y * img.width + left + cw) * c],
+                    );
                 }
                 let mut data = resize_bicubic(&crop, (cw, ch), c, (*size, *size));
                 if rng.unit() < 0.5 {
@@ -67,12 +82,15 @@ impl Augment {
                         }
                     }
                 }
-                let out = Image {
+                let mut out = Image {
                     width: *size,
                     height: *size,
                     channels: c,
                     data,
                 };
+                if let Some(ra) = rand_augment {
+                    ra.apply(&mut out, rng);
+                }
                 Preprocess::eval((*size, *size), *norm).normalize(&out)
             }
         }

@@ -96,19 +96,44 @@ pub const PRESETS: [(&str, &str); 11] = [
     ("cxr14-ti", include_str!("../../presets/cxr14-ti.toml")),
     ("cxr14-s", include_str!("../../presets/cxr14-s.toml")),
     ("cxr14-b", include_str!("../../presets/cxr14-b.toml")),
-    ("chexpert-ti", include_str!("../../presets/chexpert-ti.toml")),
+    (
+        "chexpert-ti",
+        include_str!("../../presets/chexpert-ti.toml"),
+    ),
     ("chexpert-s", include_str!("../../presets/chexpert-s.toml")),
-    ("covidx3-s-100pct", include_str!("../../presets/covidx3-s-100pct.toml")),
-    ("covidx3-s-10pct", include_str!("../../presets/covidx3-s-10pct.toml")),
-    ("covidx3-s-1pct", include_str!("../../presets/covidx3-s-1pct.toml")),
-    ("covidx4-s-100pct", include_str!("../../presets/covidx4-s-100pct.toml")),
-    ("covidx4-s-10pct", include_str!("../../presets/covidx4-s-10pct.toml")),
-    ("covidx4-s-1pct", include_str!("../../presets/covidx4-s-1pct.toml")),
+    (
+        "covidx3-s-100pct",
+        include_str!("../../presets/covidx3-s-100pct.toml"),
+    ),
+    (
+        "covidx3-s-10pct",
+        include_str!("../../presets/covidx3-s-10pct.toml"),
+    ),
+    (
+        "covidx3-s-1pct",
+        include_str!("../../presets/covidx3-s-1pct.toml"),
+    ),
+    (
+        "covidx4-s-100pct",
+        include_str!("../../presets/covidx4-s-100pct.toml"),
+    ),
+    (
+        "covidx4-s-10pct",
+        include_str!("../../presets/covidx4-s-10pct.toml"),
+    ),
+    (
+        "covidx4-s-1pct",
+        include_str!("../../presets/covidx4-s-1pct.toml"),
+    ),
 ];
 
 impl TrainConfig {
     /// Build from an optional preset, an optional config file's text, and `key=value` overrides.
-    pub fn build(preset: Option<&str>, file: Option<&str>, overrides: &[String]) -> Result<Self, String> {
+    pub fn build(
+        preset: Option<&str>,
+        file: Option<&str>,
+        overrides: &[String],
+    ) -> Result<Self, String> {
         let mut table = toml::Table::new();
         if let Some(p) = preset {
             let text = PRESETS
@@ -119,10 +144,16 @@ impl TrainConfig {
                     let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
                     format!("unknown preset '{p}' (presets: {})", names.join(", "))
                 })?;
-            table.extend(text.parse::<toml::Table>().map_err(|e| format!("preset {p}: {e}"))?);
+            table.extend(
+                text.parse::<toml::Table>()
+                    .map_err(|e| format!("preset {p}: {e}"))?,
+            );
         }
         if let Some(text) = file {
-            table.extend(text.parse::<toml::Table>().map_err(|e| format!("config file: {e}"))?);
+            table.extend(
+                text.parse::<toml::Table>()
+                    .map_err(|e| format!("config file: {e}"))?,
+            );
         }
         for o in overrides {
             let (k, v) = o
@@ -147,7 +178,10 @@ impl TrainConfig {
             return Err("batch_size, accum_iter and epochs must be positive".into());
         }
         if !self.input_size.is_multiple_of(16) || self.input_size == 0 {
-            return Err(format!("input_size {} is not a positive multiple of 16", self.input_size));
+            return Err(format!(
+                "input_size {} is not a positive multiple of 16",
+                self.input_size
+            ));
         }
         if !(0.0..1.0).contains(&self.drop_path) {
             return Err(format!("drop_path {} is not in [0, 1)", self.drop_path));
@@ -156,7 +190,10 @@ impl TrainConfig {
             return Err(format!("augment '{}': timm or plain", self.augment));
         }
         if !matches!(self.select_metric.as_str(), "mauc" | "accuracy") {
-            return Err(format!("select_metric '{}': mauc or accuracy", self.select_metric));
+            return Err(format!(
+                "select_metric '{}': mauc or accuracy",
+                self.select_metric
+            ));
         }
         if !(self.data_pct > 0.0 && self.data_pct <= 1.0) {
             return Err(format!("data_pct {} is not in (0, 1]", self.data_pct));
@@ -185,9 +222,16 @@ mod tests {
             &["batch_size=8".into(), "eval_split=test".into()],
         )
         .unwrap();
-        assert_eq!((c.epochs, c.lr, c.batch_size, c.eval_split.as_str()), (3, 5e-4, 8, "test"));
+        assert_eq!(
+            (c.epochs, c.lr, c.batch_size, c.eval_split.as_str()),
+            (3, 5e-4, 8, "test")
+        );
         assert_eq!(c.layer_decay, 0.55);
-        assert!(TrainConfig::build(None, None, &["epochz=3".into()]).unwrap_err().contains("epochz"));
+        assert!(
+            TrainConfig::build(None, None, &["epochz=3".into()])
+                .unwrap_err()
+                .contains("epochz")
+        );
         assert!(TrainConfig::build(Some("nope"), None, &[]).is_err());
     }
 }

@@ -50,7 +50,11 @@ pub struct EvalPoint {
 
 impl EvalPoint {
     fn metric(&self, name: &str) -> f64 {
-        if name == "accuracy" { self.accuracy.unwrap_or(0.0) } else { self.mauc }
+        if name == "accuracy" {
+            self.accuracy.unwrap_or(0.0)
+        } else {
+            self.mauc
+        }
     }
 }
 
@@ -110,7 +114,10 @@ pub struct Run {
 fn mix(parts: &[u64]) -> u64 {
     let mut h = 0x9e37_79b9_7f4a_7c15u64;
     for &p in parts {
-        h ^= p.wrapping_add(0x9e37_79b9_7f4a_7c15).wrapping_add(h << 6).wrapping_add(h >> 2);
+        h ^= p
+            .wrapping_add(0x9e37_79b9_7f4a_7c15)
+            .wrapping_add(h << 6)
+            .wrapping_add(h >> 2);
         h = Rng::new(h).next_u64();
     }
     h
@@ -120,19 +127,32 @@ const LAST: &str = "checkpoint-last.safetensors";
 const BEST: &str = "checkpoint-best.safetensors";
 
 impl Run {
-    fn augment(&self) -> Augment {
+    fn augment(&self) -> Result<Augment, String> {
         let norm = Normalization::EVAX;
         let s = self.cfg.input_size;
-        if self.cfg.augment == "timm" {
-            Augment::Timm { size: s, norm }
+        Ok(if self.cfg.augment == "timm" {
+            let fill = (255.0 * norm.mean).round() as u8;
+            let rand_augment = match self.cfg.rand_augment.as_str() {
+                "" | "none" => None,
+                p => Some(super::randaugment::RandAugment::parse(p, fill)?),
+            };
+            Augment::Timm {
+                size: s,
+                norm,
+                rand_augment,
+            }
         } else {
             Augment::Plain(Preprocess::eval((s, s), norm))
-        }
+        })
     }
 
     /// The images of one epoch, in order (data_pct subset, repeated, shuffled by epoch).
     fn epoch_order(&self, epoch: usize) -> Vec<usize> {
-        let mut order = crate::data::data_pct_indices(self.train.samples.len(), self.cfg.data_pct, self.cfg.seed);
+        let mut order = crate::data::data_pct_indices(
+            self.train.samples.len(),
+            self.cfg.data_pct,
+            self.cfg.seed,
+        );
         Rng::new(mix(&[self.cfg.seed, epoch as u64, 0x5348])).shuffle(&mut order);
         order
     }
@@ -141,15 +161,28 @@ impl Run {
         model
             .vars
             .iter()
-            .map(|(k, v)| (k.clone(), param_group(k, v.dims().len(), model.config.depth, self.cfg.layer_decay, self.cfg.weight_decay)))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    param_group(
+                        k,
+                        v.dims().len(),
+                        model.config.depth,
+                        self.cfg.layer_decay,
+                        self.cfg.weight_decay,
+                    ),
+                )
+            })
             .collect()
     }
 
     /// Train (resuming from `checkpoint-last.safetensors` in the output folder if present).
     pub fn run(&self, model: &mut Trainable) -> Result<RunSummary, String> {
         let cfg = &self.cfg;
-        std::fs::create_dir_all(&self.out_dir).map_err(|e| format!("{}: {e}", self.out_dir.display()))?;
-        crate::io::write_atomic(&self.out_dir.join("config.toml"), cfg.to_toml().as_bytes()).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&self.out_dir)
+            .map_err(|e| format!("{}: {e}", self.out_dir.display()))?;
+        crate::io::write_atomic(&self.out_dir.join("config.toml"), cfg.to_toml().as_bytes())
+            .map_err(|e| e.to_string())?;
         let mut opt = AdamW::new();
         let mut prog = Progress::default();
         let last = self.out_dir.join(LAST);
@@ -165,7 +198,7 @@ impl Run {
             epochs: cfg.epochs as f64,
             fixed: cfg.fixed_lr,
         };
-        let augment = self.augment();
+        let augment = self.augment()?;
         let n_epoch = self.epoch_order(0).len();
         let iters = n_epoch.div_ceil(cfg.batch_size);
         let k = self.train.classes.len();
@@ -210,10 +243,13 @@ impl Run {
                 }
                 let n = idx.len();
                 let s = cfg.input_size;
-                let xt = Tensor::from_vec(x, (n, 3, s, s), &Device::Cpu).map_err(|e| e.to_string())?;
+                let xt =
+                    Tensor::from_vec(x, (n, 3, s, s), &Device::Cpu).map_err(|e| e.to_string())?;
                 let yt = Tensor::from_vec(y, (n, k), &Device::Cpu).map_err(|e| e.to_string())?;
                 let mut rng = Rng::new(mix(&[cfg.seed, epoch as u64, it as u64, 0xd0]));
-                let logits = model.forward(&xt, cfg.drop_path, Some(&mut rng)).map_err(|e| e.to_string())?;
+                let logits = model
+                    .forward(&xt, cfg.drop_path, Some(&mut rng))
+                    .map_err(|e| e.to_string())?;
                 let loss = if self.train.single_label {
                     cross_entropy(&logits, &yt, cfg.smoothing)
                 } else {
@@ -229,7 +265,8 @@ impl Run {
                 }
                 let scaled = (loss / cfg.accum_iter as f64).map_err(|e| e.to_string())?;
                 let store = scaled.backward().map_err(|e| e.to_string())?;
-                accumulate(&mut acc, grads_by_name(&model.vars, &store)).map_err(|e| e.to_string())?;
+                accumulate(&mut acc, grads_by_name(&model.vars, &store))
+                    .map_err(|e| e.to_string())?;
                 acc_loss += lv;
                 acc_n += 1;
                 images_since += n;
@@ -239,8 +276,13 @@ impl Run {
                 if boundary {
                     let lr = schedule.at(epoch as f64 + it as f64 / iters as f64);
                     let norm = grad_norm(&acc).map_err(|e| e.to_string())?;
-                    let clip = if cfg.clip_grad > 0.0 && norm > cfg.clip_grad { cfg.clip_grad / (norm + 1e-6) } else { 1.0 };
-                    opt.update(&model.vars, &acc, lr, &groups, clip).map_err(|e| e.to_string())?;
+                    let clip = if cfg.clip_grad > 0.0 && norm > cfg.clip_grad {
+                        cfg.clip_grad / (norm + 1e-6)
+                    } else {
+                        1.0
+                    };
+                    opt.update(&model.vars, &acc, lr, &groups, clip)
+                        .map_err(|e| e.to_string())?;
                     acc.clear();
                     prog.steps += 1;
                     this_run += 1;
@@ -257,7 +299,10 @@ impl Run {
                     let stop = self.max_steps.is_some_and(|m| this_run >= m);
                     // A save at the last batch keeps batch == iters: a resumed run then starts
                     // with this epoch's evaluation, as the uninterrupted run continues.
-                    if stop || (cfg.save_every_steps > 0 && prog.steps.is_multiple_of(cfg.save_every_steps as u64)) {
+                    if stop
+                        || (cfg.save_every_steps > 0
+                            && prog.steps.is_multiple_of(cfg.save_every_steps as u64))
+                    {
                         save_checkpoint(&last, model, &opt, &prog, cfg)?;
                         if stop {
                             pb.finish_and_clear();
@@ -274,15 +319,21 @@ impl Run {
                 let _ = writeln!(log, "{}", serde_json::json!({"eval": &point}));
                 let better = prog
                     .best
-                    .map(|b| point.metric(&cfg.select_metric) > prog.history[b].metric(&cfg.select_metric))
+                    .map(|b| {
+                        point.metric(&cfg.select_metric)
+                            > prog.history[b].metric(&cfg.select_metric)
+                    })
                     .unwrap_or(true);
                 prog.history.push(point);
                 if better {
                     prog.best = Some(prog.history.len() - 1);
                     save_weights(&self.out_dir.join(BEST), model, cfg)?;
                 }
-                crate::io::write_atomic(&self.out_dir.join("curves.svg"), curves_svg(&prog, &cfg.select_metric).as_bytes())
-                    .map_err(|e| e.to_string())?;
+                crate::io::write_atomic(
+                    &self.out_dir.join("curves.svg"),
+                    curves_svg(&prog, &cfg.select_metric).as_bytes(),
+                )
+                .map_err(|e| e.to_string())?;
             }
             save_checkpoint(&last, model, &opt, &prog, cfg)?;
         }
@@ -308,13 +359,20 @@ impl Run {
         let s = self.cfg.input_size;
         let pre = Preprocess::eval((s, s), Normalization::EVAX);
         let k = self.eval.classes.len();
-        let items: Vec<(usize, PathBuf)> = self.eval.samples.iter().map(|(p, _)| p.clone()).enumerate().collect();
+        let items: Vec<(usize, PathBuf)> = self
+            .eval
+            .samples
+            .iter()
+            .map(|(p, _)| p.clone())
+            .enumerate()
+            .collect();
         let mut scores: HashMap<usize, Vec<f32>> = HashMap::new();
         for b in batches(items, pre, self.cfg.batch_size) {
             if let Some(f) = b.failures.first() {
                 return Err(format!("{}: {}", f.input.display(), f.error));
             }
-            let x = Tensor::from_vec(b.data, (b.positions.len(), 3, s, s), &Device::Cpu).map_err(|e| e.to_string())?;
+            let x = Tensor::from_vec(b.data, (b.positions.len(), 3, s, s), &Device::Cpu)
+                .map_err(|e| e.to_string())?;
             let logits = inference
                 .logits(&x)
                 .and_then(|l| Ok(l.to_vec2::<f32>()?))
@@ -324,15 +382,25 @@ impl Run {
             }
         }
         let n = self.eval.samples.len();
-        let y: Vec<f64> = self.eval.samples.iter().flat_map(|(_, l)| l.iter().map(|&v| v as f64)).collect();
-        let p: Vec<f64> = (0..n).flat_map(|i| scores[&i].iter().map(|&v| v as f64).collect::<Vec<_>>()).collect();
+        let y: Vec<f64> = self
+            .eval
+            .samples
+            .iter()
+            .flat_map(|(_, l)| l.iter().map(|&v| v as f64))
+            .collect();
+        let p: Vec<f64> = (0..n)
+            .flat_map(|i| scores[&i].iter().map(|&v| v as f64).collect::<Vec<_>>())
+            .collect();
         let auc = metrics::auc_summary(&y, &p, k);
         Ok(EvalPoint {
             epoch,
             split: self.cfg.eval_split.clone(),
             mauc: auc.mean,
             auc_per_class: auc.per_class,
-            accuracy: self.eval.single_label.then(|| metrics::classification(&y, &p, k).accuracy),
+            accuracy: self
+                .eval
+                .single_label
+                .then(|| metrics::classification(&y, &p, k).accuracy),
         })
     }
 }
@@ -349,14 +417,24 @@ fn tensors_of(model: &Trainable, prefix: &str) -> Result<BTreeMap<String, Tensor
 fn save_weights(path: &Path, model: &Trainable, cfg: &TrainConfig) -> Result<(), String> {
     let meta = HashMap::from([
         ("format".to_string(), "pt".to_string()),
-        ("evax.rope_grid".to_string(), model.config.rope_grid.to_string()),
+        (
+            "evax.rope_grid".to_string(),
+            model.config.rope_grid.to_string(),
+        ),
         ("evax.train_config".to_string(), cfg.to_toml()),
     ]);
-    crate::checkpoint::save_safetensors(&tensors_of(model, "")?, Some(meta), path).map_err(|e| e.to_string())
+    crate::checkpoint::save_safetensors(&tensors_of(model, "")?, Some(meta), path)
+        .map_err(|e| e.to_string())
 }
 
 /// Weights, optimiser moments and progress in one file, written atomically.
-fn save_checkpoint(path: &Path, model: &Trainable, opt: &AdamW, prog: &Progress, cfg: &TrainConfig) -> Result<(), String> {
+fn save_checkpoint(
+    path: &Path,
+    model: &Trainable,
+    opt: &AdamW,
+    prog: &Progress,
+    cfg: &TrainConfig,
+) -> Result<(), String> {
     let mut t = tensors_of(model, "model.")?;
     for (k, v) in model.vars.iter() {
         let shape = v.dims();
@@ -368,24 +446,48 @@ fn save_checkpoint(path: &Path, model: &Trainable, opt: &AdamW, prog: &Progress,
         }
     }
     let meta = HashMap::from([
-        ("evax.progress".to_string(), serde_json::to_string(prog).map_err(|e| e.to_string())?),
+        (
+            "evax.progress".to_string(),
+            serde_json::to_string(prog).map_err(|e| e.to_string())?,
+        ),
         ("evax.adam_step".to_string(), opt.step.to_string()),
         ("evax.train_config".to_string(), cfg.to_toml()),
-        ("evax.rope_grid".to_string(), model.config.rope_grid.to_string()),
+        (
+            "evax.rope_grid".to_string(),
+            model.config.rope_grid.to_string(),
+        ),
     ]);
     crate::checkpoint::save_safetensors(&t, Some(meta), path).map_err(|e| e.to_string())
 }
 
-fn load_checkpoint(path: &Path, model: &mut Trainable, opt: &mut AdamW) -> Result<Progress, String> {
+fn load_checkpoint(
+    path: &Path,
+    model: &mut Trainable,
+    opt: &mut AdamW,
+) -> Result<Progress, String> {
     let ck = crate::checkpoint::Checkpoint::load(path).map_err(|e| e.to_string())?;
-    let prog: Progress = serde_json::from_str(ck.metadata.get("evax.progress").ok_or(format!("{}: not an evax training checkpoint", path.display()))?)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    opt.step = ck.metadata.get("evax.adam_step").and_then(|s| s.parse().ok()).unwrap_or(0);
+    let prog: Progress = serde_json::from_str(ck.metadata.get("evax.progress").ok_or(format!(
+        "{}: not an evax training checkpoint",
+        path.display()
+    ))?)
+    .map_err(|e| format!("{}: {e}", path.display()))?;
+    opt.step = ck
+        .metadata
+        .get("evax.adam_step")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     for (k, var) in &model.vars {
-        let p = ck.tensors.get(&format!("model.{k}")).ok_or(format!("{}: lacks model.{k}", path.display()))?;
+        let p = ck
+            .tensors
+            .get(&format!("model.{k}"))
+            .ok_or(format!("{}: lacks model.{k}", path.display()))?;
         let t = p.to_tensor(&Device::Cpu).map_err(|e| e.to_string())?;
-        var.set(&t).map_err(|e| format!("{}: model.{k}: {e}", path.display()))?;
-        if let (Some(m), Some(v)) = (ck.tensors.get(&format!("adam.m.{k}")), ck.tensors.get(&format!("adam.v.{k}"))) {
+        var.set(&t)
+            .map_err(|e| format!("{}: model.{k}: {e}", path.display()))?;
+        if let (Some(m), Some(v)) = (
+            ck.tensors.get(&format!("adam.m.{k}")),
+            ck.tensors.get(&format!("adam.v.{k}")),
+        ) {
             opt.m.insert(k.clone(), m.data.clone());
             opt.v.insert(k.clone(), v.data.clone());
         }
@@ -398,11 +500,24 @@ pub fn curves_svg(prog: &Progress, metric: &str) -> String {
     let (w, h, pad) = (640.0, 240.0, 40.0);
     let panel = |x0: f64, title: &str, pts: &[(f64, f64)], colour: &str| -> String {
         let pw = w / 2.0 - pad * 1.5;
-        let (xmax, ymin, ymax) = pts.iter().fold((1.0f64, f64::INFINITY, f64::NEG_INFINITY), |(a, b, c), &(x, y)| (a.max(x), b.min(y), c.max(y)));
-        let (ymin, ymax) = if ymin < ymax { (ymin, ymax) } else { (ymin - 0.5, ymin + 0.5) };
+        let (xmax, ymin, ymax) = pts.iter().fold(
+            (1.0f64, f64::INFINITY, f64::NEG_INFINITY),
+            |(a, b, c), &(x, y)| (a.max(x), b.min(y), c.max(y)),
+        );
+        let (ymin, ymax) = if ymin < ymax {
+            (ymin, ymax)
+        } else {
+            (ymin - 0.5, ymin + 0.5)
+        };
         let path: Vec<String> = pts
             .iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", x0 + x / xmax * pw, h - pad - (y - ymin) / (ymax - ymin) * (h - 2.0 * pad)))
+            .map(|&(x, y)| {
+                format!(
+                    "{:.1},{:.1}",
+                    x0 + x / xmax * pw,
+                    h - pad - (y - ymin) / (ymax - ymin) * (h - 2.0 * pad)
+                )
+            })
             .collect();
         format!(
             "<rect x='{x0}' y='{pad}' width='{pw}' height='{}' fill='none' stroke='#999'/>\
@@ -416,11 +531,25 @@ pub fn curves_svg(prog: &Progress, metric: &str) -> String {
             path.join(" ")
         )
     };
-    let loss: Vec<(f64, f64)> = prog.losses.iter().enumerate().map(|(i, &l)| (i as f64 + 1.0, l as f64)).collect();
-    let evals: Vec<(f64, f64)> = prog.history.iter().map(|e| (e.epoch as f64, e.metric(metric))).collect();
+    let loss: Vec<(f64, f64)> = prog
+        .losses
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as f64 + 1.0, l as f64))
+        .collect();
+    let evals: Vec<(f64, f64)> = prog
+        .history
+        .iter()
+        .map(|e| (e.epoch as f64, e.metric(metric)))
+        .collect();
     format!(
         "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif'>{}{}</svg>\n",
         panel(pad, "training loss per step", &loss, "#c03"),
-        panel(w / 2.0 + pad / 2.0, &format!("{metric} per evaluation (epoch)"), &evals, "#06c")
+        panel(
+            w / 2.0 + pad / 2.0,
+            &format!("{metric} per evaluation (epoch)"),
+            &evals,
+            "#06c"
+        )
     )
 }

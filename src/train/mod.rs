@@ -5,6 +5,7 @@ pub mod augment;
 pub mod config;
 pub mod engine;
 pub mod optim;
+pub mod randaugment;
 
 use std::collections::BTreeMap;
 
@@ -306,7 +307,9 @@ pub fn init_state_dict(config: &EvaXConfig, seed: u64) -> EvaStateDict {
         } else if p.shape.len() == 1 {
             p.data.iter_mut().for_each(|v| *v = 0.0);
         } else {
-            p.data.iter_mut().for_each(|v| *v = trunc_normal(&mut rng, 0.02));
+            p.data
+                .iter_mut()
+                .for_each(|v| *v = trunc_normal(&mut rng, 0.02));
         }
     }
     sd

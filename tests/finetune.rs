@@ -1,0 +1,144 @@
+//! Fine-tuning runs on small synthetic data: an interrupted and resumed run ends with the same
+//! weights as an uninterrupted one, and its checkpoints load for inference.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use evax::checkpoint::Checkpoint;
+use evax::demo;
+use evax::model::{EvaX, EvaXConfig, LoadOptions};
+use evax::train::config::TrainConfig;
+use evax::train::engine::Run;
+use evax::train::{Trainable, init_state_dict};
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("evax-ft-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn model(seed: u64) -> Trainable {
+    let mut cfg = EvaXConfig::preset("ti").unwrap();
+    cfg.depth = 2;
+    cfg.train_grid = (2, 2);
+    cfg.num_classes = Some(3);
+    Trainable::from_state_dict(&init_state_dict(&cfg, seed), 3, seed).unwrap()
+}
+
+fn run(
+    dir: &Path,
+    data: &Path,
+    out: &str,
+    max_steps: Option<u64>,
+) -> evax::train::engine::RunSummary {
+    let cfg = TrainConfig::build(
+        None,
+        Some(
+            "dataset = 'synthetic'\ninput_size = 32\nbatch_size = 6\naccum_iter = 2\nepochs = 3\nwarmup_epochs = 1\n\
+             lr = 1e-3\nlayer_decay = 0.75\ndrop_path = 0.1\naugment = 'timm'\neval_every = 1\nsave_every_steps = 1\n\
+             eval_split = 'test'\nclip_grad = 1.0\nseed = 3",
+        ),
+        &[],
+    )
+    .unwrap();
+    let train = demo::as_data(
+        &data.join("train"),
+        &demo::generate(&data.join("train"), 30, 48, 1).unwrap(),
+    );
+    let eval = demo::as_data(
+        &data.join("test"),
+        &demo::generate(&data.join("test"), 12, 48, 2).unwrap(),
+    );
+    let r = Run {
+        cfg,
+        out_dir: dir.join(out),
+        train,
+        eval,
+        max_steps,
+        progress: false,
+    };
+    let mut m = model(3);
+    r.run(&mut m).unwrap()
+}
+
+fn weights(p: &Path) -> Vec<(String, Vec<f32>)> {
+    let ck = Checkpoint::load(p).unwrap();
+    ck.tensors
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("model."))
+        .map(|(k, v)| (k, v.data))
+        .collect()
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let dir = scratch("resume");
+    let data = dir.join("data");
+    let full = run(&dir, &data, "full", None);
+    assert!(!full.interrupted);
+    assert_eq!(full.epochs, 3);
+    // Interrupted twice (mid-epoch: 3 batches of 6 per epoch, a step every 2), then finished.
+    let a = run(&dir, &data, "resumed", Some(1));
+    assert!(a.interrupted);
+    let b = run(&dir, &data, "resumed", Some(2));
+    assert!(b.interrupted);
+    assert_eq!(b.resumed_at_step, 1);
+    let c = run(&dir, &data, "resumed", None);
+    assert_eq!(c.steps, full.steps);
+    let (w1, w2) = (
+        weights(&dir.join("full/checkpoint-last.safetensors")),
+        weights(&dir.join("resumed/checkpoint-last.safetensors")),
+    );
+    assert_eq!(w1.len(), w2.len());
+    for ((k1, a), (k2, b)) in w1.iter().zip(&w2) {
+        assert_eq!(k1, k2);
+        assert_eq!(a, b, "{k1} differs after resuming");
+    }
+    assert_eq!(full.last.unwrap().mauc, c.last.unwrap().mauc);
+    // The best checkpoint loads for inference and gives finite logits.
+    let ck = Checkpoint::load(dir.join("full/checkpoint-best.safetensors")).unwrap();
+    let (m, report) = EvaX::from_checkpoint(&ck, &LoadOptions::default()).unwrap();
+    assert!(report.unused.is_empty(), "{:?}", report.unused);
+    let x = Tensor::zeros((1, 3, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let l = m
+        .logits(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(l.iter().all(|v| v.is_finite()) && l.len() == 3);
+    let log = std::fs::read_to_string(dir.join("full/train_log.jsonl")).unwrap();
+    assert!(log.lines().count() > full.steps as usize);
+    assert!(
+        std::fs::read_to_string(dir.join("full/curves.svg"))
+            .unwrap()
+            .starts_with("<svg")
+    );
+}
+
+#[test]
+fn non_finite_loss_stops_with_a_clear_message() {
+    let dir = scratch("nan");
+    let data = dir.join("data");
+    let cfg = TrainConfig::build(None, Some("dataset='synthetic'\ninput_size=32\nbatch_size=6\nepochs=1\nlr=1e30\nwarmup_epochs=0\nlayer_decay=1.0\neval_split='test'"), &[]).unwrap();
+    let train = demo::as_data(
+        &data.join("train"),
+        &demo::generate(&data.join("train"), 30, 48, 1).unwrap(),
+    );
+    let eval = demo::as_data(
+        &data.join("test"),
+        &demo::generate(&data.join("test"), 6, 48, 2).unwrap(),
+    );
+    let r = Run {
+        cfg,
+        out_dir: dir.join("out"),
+        train,
+        eval,
+        max_steps: None,
+        progress: false,
+    };
+    let e = r.run(&mut model(1)).unwrap_err();
+    assert!(e.contains("loss is") && e.contains("stopping"), "{e}");
+}
