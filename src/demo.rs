@@ -89,14 +89,14 @@ pub fn phantom(size: usize, rng: &mut Rng) -> (Image, [u8; 3], Boxes) {
     let mut boxes = Vec::new();
     if labels[0] == 1 {
         let (cx, cy) = lungs[rng.below(2)];
-        let r = s * u(rng, 0.035, 0.05);
+        let r = s * u(rng, 0.05, 0.075);
         let (nx, ny) = (cx + u(rng, -0.5, 0.5) * lrx, cy + u(rng, -0.6, 0.3) * lry);
         for y in 0..size {
             for x in 0..size {
                 let d = ((x as f64 - nx).powi(2) + (y as f64 - ny).powi(2)).sqrt();
                 if d < r + 1.5 {
                     let w = ((r + 1.5 - d) / 1.5).min(1.0);
-                    f[y * size + x] += 90.0 * w;
+                    f[y * size + x] += 110.0 * w;
                 }
             }
         }

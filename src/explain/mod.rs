@@ -102,7 +102,7 @@ impl CamSource for EvaX {
         };
         let grid = self.grid_of(x)?;
         let tables = self.rope_for(grid)?;
-        let rope = grad::RopeTensors::new(&tables, x.device())?;
+        let rope = tables;
         let (start, leaf, features) = match layer {
             CamLayer::Norm1(i) => {
                 let xi = self.forward_blocks(x, i)?;

@@ -1,56 +1,23 @@
-//! The EVA-X forward pass built only from candle operations that have a backward pass.
+//! The EVA-X forward pass built only from operations that have a backward pass.
 //!
 //! The inference path uses fused kernels without gradients (and candle's own fused LayerNorm,
-//! softmax and RoPE have none either). Here LayerNorm, softmax and RoPE are written from
-//! primitives (RoPE's pair rotation as a product with a fixed matrix), so gradients flow to
-//! activations (Grad-CAM) and, later, to parameters.
+//! softmax and RoPE have none either). Here the model is built from candle's differentiable
+//! primitives and our fused kernels that have a backward (attention with RoPE, LayerNorm, SwiGLU; see
+//! [`super::ops`]), so gradients flow to activations (Grad-CAM) and parameters (training).
 
-use candle_core::{Device, Result, Tensor};
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor};
 
 use super::eva_x::{Block, LN_EPS, LayerNorm, Linear};
 use super::rope::RopeTables;
 
-/// RoPE tables as tensors, with the pair-rotation matrix.
-#[derive(Debug, Clone)]
-pub struct RopeTensors {
-    cos: Tensor,
-    sin: Tensor,
-    rotate: Tensor,
-}
-
-impl RopeTensors {
-    /// Tensors `[N, d]` for the tables, and the `[d, d]` matrix mapping `(u0, u1, ...)` to
-    /// `(-u1, u0, ...)`.
-    pub fn new(t: &RopeTables, device: &Device) -> Result<Self> {
-        let d = t.dim;
-        let n = t.cos.len() / d;
-        let mut r = vec![0f32; d * d];
-        for i in 0..d / 2 {
-            r[(2 * i + 1) * d + 2 * i] = -1.0;
-            r[(2 * i) * d + 2 * i + 1] = 1.0;
-        }
-        Ok(RopeTensors {
-            cos: Tensor::from_slice(&t.cos, (n, d), device)?,
-            sin: Tensor::from_slice(&t.sin, (n, d), device)?,
-            rotate: Tensor::from_vec(r, (d, d), device)?,
-        })
-    }
-
-    /// Rotate `x` `[B, H, N, d]` (patch tokens only).
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let rotated = x.broadcast_matmul(&self.rotate)?;
-        x.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?
-    }
-}
+/// RoPE tables of the input grid (shared with the fused attention kernel).
+pub type RopeTensors = Arc<RopeTables>;
 
 /// LayerNorm over the last axis (fused kernel with a backward).
 pub fn layer_norm(x: &Tensor, ln: &LayerNorm) -> Result<Tensor> {
     super::ops::layer_norm_train(x, &ln.weight, &ln.bias, LN_EPS)
-}
-
-/// Softmax over the last axis (fused kernel with a backward).
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    super::ops::softmax_train(x)
 }
 
 /// `x W^T + b` over the last axis.
@@ -68,27 +35,10 @@ pub fn linear(x: &Tensor, lin: &Linear) -> Result<Tensor> {
     y.reshape(shape)
 }
 
-fn rope_patch_tokens(x: &Tensor, rope: &RopeTensors) -> Result<Tensor> {
-    let t = x.dim(2)?;
-    let cls = x.narrow(2, 0, 1)?;
-    let patches = rope.apply(&x.narrow(2, 1, t - 1)?)?;
-    Tensor::cat(&[&cls, &patches], 2)
-}
-
 /// Attention of a block on `y` (its `norm1` output), `[B, T, C]`.
 pub fn attention(block: &Block, y: &Tensor, rope: &RopeTensors) -> Result<Tensor> {
-    let (b, t, c) = y.dims3()?;
-    let h = block.heads();
-    let d = c / h;
-    let qkv = linear(y, &block.qkv)?
-        .reshape((b, t, 3, h, d))?
-        .permute((2, 0, 3, 1, 4))?;
-    let q = rope_patch_tokens(&qkv.get(0)?.contiguous()?, rope)?;
-    let k = rope_patch_tokens(&qkv.get(1)?.contiguous()?, rope)?;
-    let v = qkv.get(2)?.contiguous()?;
-    let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
-    let out = softmax_last(&scores)?.matmul(&v)?;
-    let out = out.permute((0, 2, 1, 3))?.reshape((b, t, c))?;
+    let qkv = linear(y, &block.qkv)?;
+    let out = super::ops::attention_train(&qkv, block.heads(), rope)?;
     linear(&out, &block.proj)
 }
 

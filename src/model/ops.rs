@@ -94,6 +94,22 @@ pub mod simd {
     }
 
     dispatch! {
+        /// The transpose of [`rope_scale`]: rotate the gradient pairs of `g` back by the angles
+        /// in `cos`/`sin` and multiply by `scale`, writing `out`.
+        fn rope_back(g: &[f32], cos: &[f32], sin: &[f32], scale: f32, out: &mut [f32]) {
+            for (((o, g), c), s) in out
+                .chunks_exact_mut(2)
+                .zip(g.chunks_exact(2))
+                .zip(cos.chunks_exact(2))
+                .zip(sin.chunks_exact(2))
+            {
+                o[0] = (g[0] * c[0] + g[1] * s[1]) * scale;
+                o[1] = (g[1] * c[1] - g[0] * s[0]) * scale;
+            }
+        }
+    }
+
+    dispatch! {
         /// Rotate interleaved pairs of `x` (one token, `cos.len()` wide) by the angles in
         /// `cos`/`sin` and multiply by `scale`, writing `out`.
         fn rope_scale(x: &[f32], cos: &[f32], sin: &[f32], scale: f32, out: &mut [f32]) {
@@ -140,6 +156,13 @@ impl CustomOp1 for Attention {
         "evax-attention"
     }
 
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (b, t, c3) = qkv.dims3()?;
+        let (x, g) = (f32_vec(qkv)?, f32_vec(dy)?);
+        let dq = self.backward(&x, &g, b, t, c3 / 3);
+        Ok(Some(Tensor::from_vec(dq, (b, t, c3), qkv.device())?))
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, t, c3) = l.shape().dims3()?;
         let qkv = contiguous_f32(s, l, "attention")?;
@@ -159,7 +182,6 @@ impl CustomOp1 for Attention {
                 t - 1
             );
         }
-        let scale = 1.0 / (d as f32).sqrt();
         let mut out: Vec<f32> = Vec::with_capacity(b * t * c);
         let dst = SharedMut(out.as_mut_ptr());
         (0..b * h).into_par_iter().for_each_init(
@@ -173,26 +195,7 @@ impl CustomOp1 for Attention {
             },
             |(q, k, v, sc), bh| {
                 let (bi, hi) = (bh / h, bh % h);
-                let base = &qkv[bi * t * c3..(bi + 1) * t * c3];
-                for ti in 0..t {
-                    let row = &base[ti * c3..(ti + 1) * c3];
-                    let (qs, ks, vs) = (
-                        &row[hi * d..(hi + 1) * d],
-                        &row[c + hi * d..c + (hi + 1) * d],
-                        &row[2 * c + hi * d..2 * c + (hi + 1) * d],
-                    );
-                    let (qd, kd) = (&mut q[ti * d..(ti + 1) * d], &mut k[ti * d..(ti + 1) * d]);
-                    if ti == 0 {
-                        qd.iter_mut().zip(qs).for_each(|(o, &x)| *o = x * scale);
-                        kd.copy_from_slice(ks);
-                    } else {
-                        let cos = &self.rope.cos[(ti - 1) * d..ti * d];
-                        let sin = &self.rope.sin[(ti - 1) * d..ti * d];
-                        simd::rope_scale(qs, cos, sin, scale, qd);
-                        simd::rope_scale(ks, cos, sin, 1.0, kd);
-                    }
-                    v[ti * d..(ti + 1) * d].copy_from_slice(vs);
-                }
+                self.prepare(qkv, bi, hi, t, c, d, q, k, v);
                 // SAFETY: all pointers address buffers of the sizes the strides describe.
                 unsafe {
                     gemm::gemm(
@@ -250,6 +253,206 @@ impl CustomOp1 for Attention {
         unsafe { out.set_len(b * t * c) };
         Ok((CpuStorage::F32(out), Shape::from((b, t, c))))
     }
+}
+
+/// `dst (m x n) = a (m x k) * b (k x n)`, each given by row and column strides, single-threaded.
+#[allow(clippy::too_many_arguments)]
+fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+) {
+    // SAFETY: callers pass pointers to buffers that the sizes and strides describe.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            a,
+            a_cs as isize,
+            a_rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+impl Attention {
+    /// The roped, scaled q, the roped k and v of one (image, head).
+    #[allow(clippy::too_many_arguments)]
+    fn prepare(
+        &self,
+        qkv: &[f32],
+        bi: usize,
+        hi: usize,
+        t: usize,
+        c: usize,
+        d: usize,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &mut [f32],
+    ) {
+        let c3 = 3 * c;
+        let scale = 1.0 / (d as f32).sqrt();
+        let base = &qkv[bi * t * c3..(bi + 1) * t * c3];
+        for ti in 0..t {
+            let row = &base[ti * c3..(ti + 1) * c3];
+            let (qs, ks, vs) = (
+                &row[hi * d..(hi + 1) * d],
+                &row[c + hi * d..c + (hi + 1) * d],
+                &row[2 * c + hi * d..2 * c + (hi + 1) * d],
+            );
+            let (qd, kd) = (&mut q[ti * d..(ti + 1) * d], &mut k[ti * d..(ti + 1) * d]);
+            if ti == 0 {
+                qd.iter_mut().zip(qs).for_each(|(o, &x)| *o = x * scale);
+                kd.copy_from_slice(ks);
+            } else {
+                let cos = &self.rope.cos[(ti - 1) * d..ti * d];
+                let sin = &self.rope.sin[(ti - 1) * d..ti * d];
+                simd::rope_scale(qs, cos, sin, scale, qd);
+                simd::rope_scale(ks, cos, sin, 1.0, kd);
+            }
+            v[ti * d..(ti + 1) * d].copy_from_slice(vs);
+        }
+    }
+
+    /// Gradient of the fused attention with respect to `qkv`, recomputing the probabilities.
+    fn backward(&self, qkv: &[f32], dy: &[f32], b: usize, t: usize, c: usize) -> Vec<f32> {
+        let h = self.heads;
+        let d = c / h;
+        let c3 = 3 * c;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut dqkv: Vec<f32> = vec![0f32; b * t * c3];
+        let dst = SharedMut(dqkv.as_mut_ptr());
+        (0..b * h).into_par_iter().for_each_init(
+            || {
+                (
+                    vec![0f32; t * d],
+                    vec![0f32; t * d],
+                    vec![0f32; t * d],
+                    vec![0f32; t * t],
+                    vec![0f32; t * t],
+                    vec![0f32; t * d],
+                    vec![0f32; t * d],
+                    vec![0f32; t * d],
+                )
+            },
+            |(q, k, v, p, dp, dv, dq, dk), bh| {
+                let (bi, hi) = (bh / h, bh % h);
+                self.prepare(qkv, bi, hi, t, c, d, q, k, v);
+                mm(
+                    t,
+                    t,
+                    d,
+                    p.as_mut_ptr(),
+                    t,
+                    q.as_ptr(),
+                    d,
+                    1,
+                    k.as_ptr(),
+                    1,
+                    d,
+                );
+                simd::softmax_rows(p, t);
+                let dout = dy[bi * t * c + hi * d..].as_ptr();
+                // dV = P^T dO; dP = dO V^T.
+                mm(t, d, t, dv.as_mut_ptr(), d, p.as_ptr(), 1, t, dout, c, 1);
+                mm(t, t, d, dp.as_mut_ptr(), t, dout, c, 1, v.as_ptr(), 1, d);
+                // dS = P * (dP - rowsum(dP * P)), in place in dp.
+                for (dpr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                    let dot: f32 = dpr.iter().zip(pr.iter()).map(|(a, b)| a * b).sum();
+                    dpr.iter_mut()
+                        .zip(pr.iter())
+                        .for_each(|(g, &pv)| *g = pv * (*g - dot));
+                }
+                // dQs = dS K; dK' = dS^T Qs.
+                mm(
+                    t,
+                    d,
+                    t,
+                    dq.as_mut_ptr(),
+                    d,
+                    dp.as_ptr(),
+                    t,
+                    1,
+                    k.as_ptr(),
+                    d,
+                    1,
+                );
+                mm(
+                    t,
+                    d,
+                    t,
+                    dk.as_mut_ptr(),
+                    d,
+                    dp.as_ptr(),
+                    1,
+                    t,
+                    q.as_ptr(),
+                    d,
+                    1,
+                );
+                let whole = dst; // the whole wrapper (not its field) is moved into the closure
+                // SAFETY: every slice made here is d elements of this (image, head)'s own q, k or
+                // v columns; slices of different tasks never overlap.
+                let seg = |ti: usize, part: usize| unsafe {
+                    std::slice::from_raw_parts_mut(
+                        whole.0.add(bi * t * c3 + ti * c3 + part * c + hi * d),
+                        d,
+                    )
+                };
+                for ti in 0..t {
+                    let (gq, gk) = (&dq[ti * d..(ti + 1) * d], &dk[ti * d..(ti + 1) * d]);
+                    if ti == 0 {
+                        seg(ti, 0)
+                            .iter_mut()
+                            .zip(gq)
+                            .for_each(|(o, &g)| *o = g * scale);
+                        seg(ti, 1).copy_from_slice(gk);
+                    } else {
+                        let cos = &self.rope.cos[(ti - 1) * d..ti * d];
+                        let sin = &self.rope.sin[(ti - 1) * d..ti * d];
+                        simd::rope_back(gq, cos, sin, scale, seg(ti, 0));
+                        simd::rope_back(gk, cos, sin, 1.0, seg(ti, 1));
+                    }
+                    seg(ti, 2).copy_from_slice(&dv[ti * d..(ti + 1) * d]);
+                }
+            },
+        );
+        dqkv
+    }
+}
+
+/// Fused multi-head attention with RoPE over `qkv` `[B, T, 3C]`, differentiable (the backward
+/// recomputes the probabilities per image and head); returns `[B, T, C]`.
+pub fn attention_train(
+    qkv: &Tensor,
+    heads: usize,
+    rope: &Arc<super::rope::RopeTables>,
+) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1(Attention {
+        heads,
+        rope: rope.clone(),
+    })
 }
 
 /// Fused multi-head attention with RoPE over `qkv` `[B, T, 3C]`; returns `[B, T, C]`.
@@ -537,51 +740,6 @@ impl candle_core::CustomOp3 for LayerNormOp {
 /// Differentiable LayerNorm (fused forward and backward).
 pub fn layer_norm_train(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
     x.contiguous()?.apply_op3(w, b, LayerNormOp { eps })
-}
-
-/// Softmax over the last axis, forward and backward fused.
-struct SoftmaxOp;
-
-impl CustomOp1 for SoftmaxOp {
-    fn name(&self) -> &'static str {
-        "evax-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, "softmax")?;
-        let n = *l.shape().dims().last().unwrap_or(&1);
-        let mut y = x.to_vec();
-        y.par_chunks_mut(ROWS_PER_TASK * n)
-            .for_each(|c| simd::softmax_rows(c, n));
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let (yv, dyv) = (f32_vec(y)?, f32_vec(dy)?);
-        let n = *y.dims().last().unwrap_or(&1);
-        let mut dx = vec![0f32; yv.len()];
-        dx.par_chunks_mut(ROWS_PER_TASK * n)
-            .zip(yv.par_chunks(ROWS_PER_TASK * n))
-            .zip(dyv.par_chunks(ROWS_PER_TASK * n))
-            .for_each(|((dx, y), dy)| {
-                for ((dxr, yr), dyr) in dx
-                    .chunks_exact_mut(n)
-                    .zip(y.chunks_exact(n))
-                    .zip(dy.chunks_exact(n))
-                {
-                    let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
-                    for i in 0..n {
-                        dxr[i] = yr[i] * (dyr[i] - dot);
-                    }
-                }
-            });
-        Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?))
-    }
-}
-
-/// Differentiable softmax over the last axis.
-pub fn softmax_train(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(SoftmaxOp)
 }
 
 /// `silu(a) * b` over `[a | b]`, forward and backward fused.

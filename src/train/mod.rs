@@ -165,7 +165,7 @@ impl Trainable {
         let cls = self.var("cls_token").broadcast_as((b, 1, c))?;
         let pos = self.pos_embed((gh, gw))?;
         let mut hs = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&pos)?;
-        let rope = RopeTensors::new(&RopeTables::new((gh, gw), cfg.rope_grid, 64), x.device())?;
+        let rope: RopeTensors = std::sync::Arc::new(RopeTables::new((gh, gw), cfg.rope_grid, 64));
         let mut src = VarSource(&self.vars);
         let mut rng = rng;
         for i in 0..cfg.depth {
