@@ -32,6 +32,15 @@ fn run(
     out: &str,
     max_steps: Option<u64>,
 ) -> evax::train::engine::RunSummary {
+    run_with_model(dir, data, out, max_steps).0
+}
+
+fn run_with_model(
+    dir: &Path,
+    data: &Path,
+    out: &str,
+    max_steps: Option<u64>,
+) -> (evax::train::engine::RunSummary, Trainable) {
     let cfg = TrainConfig::build(
         None,
         Some(
@@ -59,7 +68,7 @@ fn run(
         progress: false,
     };
     let mut m = model(3);
-    r.run(&mut m).unwrap()
+    (r.run(&mut m).unwrap(), m)
 }
 
 fn weights(p: &Path) -> Vec<(String, Vec<f32>)> {
@@ -141,4 +150,31 @@ fn non_finite_loss_stops_with_a_clear_message() {
     };
     let e = r.run(&mut model(1)).unwrap_err();
     assert!(e.contains("loss is") && e.contains("stopping"), "{e}");
+}
+
+#[test]
+fn written_checkpoints_give_the_trained_model_outputs() {
+    let dir = scratch("outputs");
+    let (_, trained) = run_with_model(&dir, &dir.join("data"), "run", None);
+    let x = Tensor::randn(0f32, 1f32, (2, 3, 32, 32), &Device::Cpu).unwrap();
+    let want = trained
+        .to_inference()
+        .unwrap()
+        .logits(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    // checkpoint-last (weights under `model.`, optimiser state beside) loads for inference.
+    let ck = Checkpoint::load(dir.join("run/checkpoint-last.safetensors")).unwrap();
+    let (m, _) = EvaX::from_checkpoint(&ck, &LoadOptions::default()).unwrap();
+    let got = m
+        .logits(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(got, want);
 }
