@@ -10,7 +10,7 @@ use crate::preprocess::Image;
 /// Which VOI transform to apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VoiChoice {
-    /// None: the Modality-LUT values scaled from their minimum to their maximum.
+    /// None: 8-bit data kept as stored; deeper data scaled from its minimum to its maximum.
     None,
     /// The first window of the header (or the first VOI LUT when there is no window; min-max
     /// when there is neither).
@@ -187,7 +187,9 @@ pub fn render(
     }
     let obj = file.object();
     let mut v: Vec<f64> = frame.iter().map(|&x| x as f64).collect();
+    let mut modality_identity = true;
     if let Some(lut) = Lut::read(tags::MODALITY_LUT_SEQUENCE, obj)? {
+        modality_identity = false;
         v.iter_mut().for_each(|x| *x = lut.apply(*x));
         steps.push(format!(
             "Modality LUT sequence ({} entries from {})",
@@ -200,6 +202,7 @@ pub fn render(
             i.rescale_intercept.unwrap_or(0.0),
         );
         if m != 1.0 || b != 0.0 {
+            modality_identity = false;
             v.iter_mut().for_each(|x| *x = *x * m + b);
             steps.push(format!("rescale: slope {m}, intercept {b}"));
         }
@@ -243,6 +246,14 @@ pub fn render(
             "VOI LUT sequence ({} entries, {} bits)",
             lut.data.len(),
             lut.bits
+        ));
+    } else if modality_identity && i.bits_stored <= 8 && i.pixel_representation == 0 {
+        // 8-bit data without a window is already a display image: keep it.
+        let full = ((1u32 << i.bits_stored) - 1) as f64;
+        v.iter_mut().for_each(|x| *x = *x * 255.0 / full);
+        steps.push(format!(
+            "no VOI: {}-bit stored values kept (0..{full} to 0..255)",
+            i.bits_stored
         ));
     } else {
         let (lo, hi) = min_max(&v);

@@ -154,11 +154,17 @@ pub trait TensorSource {
         }
     }
 
+    /// A Linear layer from its tensors (inference: with the transposed copy the fused kernels
+    /// read).
+    fn make_linear(&self, weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Linear> {
+        Linear::new(weight, bias)
+    }
+
     /// A Linear layer's weight and bias under `prefix`.
     fn linear(&mut self, prefix: &str, out: usize, inp: usize) -> Linear {
         let weight = self.tensor(&format!("{prefix}.weight"), &[out, inp]);
         let bias = self.tensor(&format!("{prefix}.bias"), &[out]);
-        Linear::new(weight, Some(bias)).expect("contiguous copy")
+        self.make_linear(weight, Some(bias)).expect("linear layer")
     }
 }
 
@@ -229,6 +235,15 @@ impl Module for Linear {
 }
 
 impl Linear {
+    /// A layer for the differentiable path only: `W^T` kept as a view of `weight` (no copy; the
+    /// fused inference kernels need [`Linear::new`]).
+    pub fn new_view(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        Ok(Linear {
+            weight_t: weight.t()?,
+            bias,
+        })
+    }
+
     /// A layer from its weight `[out, in]` and optional bias `[out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
         let weight_t = weight.t()?.contiguous()?;
@@ -288,13 +303,13 @@ impl Block {
             let v = ws.tensor(&format!("{p}.attn.v_proj.weight"), &[c, c]);
             Tensor::cat(&[q, k, v], 0)?
         };
-        let qkv = Linear::new(qkv_w, Some(Tensor::cat(&[q_bias, k_bias, v_bias], 0)?))?;
+        let qkv = ws.make_linear(qkv_w, Some(Tensor::cat(&[q_bias, k_bias, v_bias], 0)?))?;
         let proj = ws.linear(&format!("{p}.attn.proj"), c, c);
         let norm2 = ws.layer_norm(&format!("{p}.norm2"), c);
         let (w12, ffn_ln) = if cfg.sub_ln {
             let w1 = ws.linear(&format!("{p}.mlp.w1"), hdn, c);
             let w2 = ws.linear(&format!("{p}.mlp.w2"), hdn, c);
-            let w12 = Linear::new(
+            let w12 = ws.make_linear(
                 Tensor::cat(&[w1.weight()?, w2.weight()?], 0)?,
                 Some(Tensor::cat(&[w1.bias.unwrap(), w2.bias.unwrap()], 0)?),
             )?;

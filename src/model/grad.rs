@@ -22,17 +22,18 @@ pub fn layer_norm(x: &Tensor, ln: &LayerNorm) -> Result<Tensor> {
 
 /// `x W^T + b` over the last axis.
 pub fn linear(x: &Tensor, lin: &Linear) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let k = *dims.last().unwrap_or(&0);
-    let wt = lin.weight_t();
-    let y = x.reshape(((), k))?.matmul(wt)?;
-    let y = match &lin.bias {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut shape = dims;
-    *shape.last_mut().unwrap() = wt.dim(1)?;
-    y.reshape(shape)
+    match &lin.bias {
+        Some(b) => super::ops::linear_train(x, &lin.weight()?, b),
+        None => {
+            let dims = x.dims().to_vec();
+            let k = *dims.last().unwrap_or(&0);
+            let w = lin.weight()?;
+            let y = x.reshape(((), k))?.matmul(&w.t()?)?;
+            let mut shape = dims;
+            *shape.last_mut().unwrap() = w.dim(0)?;
+            y.reshape(shape)
+        }
+    }
 }
 
 /// Attention of a block on `y` (its `norm1` output), `[B, T, C]`.

@@ -787,6 +787,154 @@ pub fn swiglu_train(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(SwiGluOp)
 }
 
+/// `y = x W^T + b` with a backward, reading `W` `[N, K]` in place (no transposed copy).
+struct LinearOp;
+
+impl candle_core::CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "evax-linear-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "linear input")?;
+        let w = contiguous_f32(s2, l2, "linear weight")?;
+        let b = contiguous_f32(s3, l3, "linear bias")?;
+        let (n, k) = l2.shape().dims2()?;
+        if b.len() != n || k == 0 || x.len() % k != 0 {
+            candle_core::bail!(
+                "linear: shapes do not fit ({:?} x {:?})",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let m = x.len() / k;
+        let mut y = vec![0f32; m * n];
+        y.par_chunks_mut(ROWS_PER_TASK * n)
+            .for_each(|c| c.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b)));
+        // SAFETY: x is m x k, W^T is read from W (n x k) with swapped strides, y is m x n.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+        let mut shape = l1.shape().dims().to_vec();
+        *shape.last_mut().unwrap() = n;
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let (xv, wv, g) = (f32_vec(x)?, f32_vec(w)?, f32_vec(dy)?);
+        let m = xv.len() / k;
+        let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+        let mut dx = vec![0f32; m * k];
+        let mut dw = vec![0f32; n * k];
+        // SAFETY: dx (m x k) = dy (m x n) W (n x k); dW (n x k) = dy^T (n x m) x (m x k).
+        unsafe {
+            gemm::gemm(
+                m,
+                k,
+                n,
+                dx.as_mut_ptr(),
+                1,
+                k as isize,
+                false,
+                g.as_ptr(),
+                1,
+                n as isize,
+                wv.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+            gemm::gemm(
+                n,
+                k,
+                m,
+                dw.as_mut_ptr(),
+                1,
+                k as isize,
+                false,
+                g.as_ptr(),
+                n as isize,
+                1,
+                xv.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+        // Column sums in a fixed order (deterministic).
+        let partials: Vec<Vec<f32>> = g
+            .par_chunks(ROWS_PER_TASK * n)
+            .map(|c| {
+                let mut s = vec![0f32; n];
+                c.chunks_exact(n)
+                    .for_each(|r| s.iter_mut().zip(r).for_each(|(a, v)| *a += v));
+                s
+            })
+            .collect();
+        let mut db = vec![0f32; n];
+        partials
+            .iter()
+            .for_each(|p| db.iter_mut().zip(p).for_each(|(a, v)| *a += v));
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+}
+
+/// Differentiable `x W^T + b` for `x` `[..., K]`, `W` `[N, K]`, `b` `[N]`.
+pub fn linear_train(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearOp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

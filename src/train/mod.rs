@@ -42,6 +42,10 @@ impl TensorSource for VarSource<'_> {
         assert_eq!(v.dims(), shape, "{key}");
         v.as_tensor().clone()
     }
+
+    fn make_linear(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        Linear::new_view(weight, bias)
+    }
 }
 
 /// A sample of a truncated normal (at two standard deviations), as timm's `trunc_normal_`.
