@@ -158,8 +158,7 @@ impl CustomOp1 for Attention {
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let (b, t, c3) = qkv.dims3()?;
-        let (x, g) = (f32_vec(qkv)?, f32_vec(dy)?);
-        let dq = self.backward(&x, &g, b, t, c3 / 3);
+        let dq = read(qkv, |x| read(dy, |g| Ok(self.backward(x, g, b, t, c3 / 3))))?;
         Ok(Some(Tensor::from_vec(dq, (b, t, c3), qkv.device())?))
     }
 
@@ -635,8 +634,13 @@ pub fn linear(
 /// parameter-gradient sums are added in the same order on every run).
 const ROWS_PER_TASK: usize = 64;
 
-fn f32_vec(t: &Tensor) -> Result<Vec<f32>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+/// Borrow a tensor's f32 values (copying only when it is not contiguous).
+fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    if t.is_contiguous() {
+        with_f32(t, f)
+    } else {
+        with_f32(&t.contiguous()?, f)
+    }
 }
 
 /// LayerNorm over the last axis with weight and bias, forward and backward fused.
@@ -689,51 +693,57 @@ impl candle_core::CustomOp3 for LayerNormOp {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (xv, wv, dyv) = (f32_vec(x)?, f32_vec(w)?, f32_vec(dy)?);
-        let c = wv.len();
-        let mut dx = vec![0f32; xv.len()];
-        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
-            .par_chunks_mut(ROWS_PER_TASK * c)
-            .zip(xv.par_chunks(ROWS_PER_TASK * c))
-            .zip(dyv.par_chunks(ROWS_PER_TASK * c))
-            .map(|((dx, x), dy)| {
-                let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
-                let mut xhat = vec![0f32; c];
-                for ((dxr, xr), dyr) in dx
-                    .chunks_exact_mut(c)
-                    .zip(x.chunks_exact(c))
-                    .zip(dy.chunks_exact(c))
-                {
-                    let mean = xr.iter().sum::<f32>() / c as f32;
-                    let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
-                    let rstd = 1.0 / (var + self.eps).sqrt();
-                    let (mut m1, mut m2) = (0f32, 0f32);
-                    for i in 0..c {
-                        xhat[i] = (xr[i] - mean) * rstd;
-                        let g = dyr[i] * wv[i];
-                        m1 += g;
-                        m2 += g * xhat[i];
-                        dw[i] += dyr[i] * xhat[i];
-                        db[i] += dyr[i];
+        read(x, |xv| {
+            read(w, |wv| {
+                read(dy, |dyv| {
+                    let c = wv.len();
+                    let mut dx = vec![0f32; xv.len()];
+                    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+                        .par_chunks_mut(ROWS_PER_TASK * c)
+                        .zip(xv.par_chunks(ROWS_PER_TASK * c))
+                        .zip(dyv.par_chunks(ROWS_PER_TASK * c))
+                        .map(|((dx, x), dy)| {
+                            let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+                            let mut xhat = vec![0f32; c];
+                            for ((dxr, xr), dyr) in dx
+                                .chunks_exact_mut(c)
+                                .zip(x.chunks_exact(c))
+                                .zip(dy.chunks_exact(c))
+                            {
+                                let mean = xr.iter().sum::<f32>() / c as f32;
+                                let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()
+                                    / c as f32;
+                                let rstd = 1.0 / (var + self.eps).sqrt();
+                                let (mut m1, mut m2) = (0f32, 0f32);
+                                for i in 0..c {
+                                    xhat[i] = (xr[i] - mean) * rstd;
+                                    let g = dyr[i] * wv[i];
+                                    m1 += g;
+                                    m2 += g * xhat[i];
+                                    dw[i] += dyr[i] * xhat[i];
+                                    db[i] += dyr[i];
+                                }
+                                let (m1, m2) = (m1 / c as f32, m2 / c as f32);
+                                for i in 0..c {
+                                    dxr[i] = rstd * (dyr[i] * wv[i] - m1 - xhat[i] * m2);
+                                }
+                            }
+                            (dw, db)
+                        })
+                        .collect();
+                    let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+                    for (pw, pb) in &partials {
+                        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+                        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
                     }
-                    let (m1, m2) = (m1 / c as f32, m2 / c as f32);
-                    for i in 0..c {
-                        dxr[i] = rstd * (dyr[i] * wv[i] - m1 - xhat[i] * m2);
-                    }
-                }
-                (dw, db)
+                    Ok((
+                        Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+                        Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+                        Some(Tensor::from_vec(db, w.shape(), w.device())?),
+                    ))
+                })
             })
-            .collect();
-        let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
-        for (pw, pb) in &partials {
-            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
-            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
-        }
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
-            Some(Tensor::from_vec(db, w.shape(), w.device())?),
-        ))
+        })
     }
 }
 
@@ -755,30 +765,33 @@ impl CustomOp1 for SwiGluOp {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let (xv, dyv) = (f32_vec(x)?, f32_vec(dy)?);
-        let w = *x.dims().last().unwrap_or(&2);
-        let h = w / 2;
-        let mut dx = vec![0f32; xv.len()];
-        dx.par_chunks_mut(ROWS_PER_TASK * w)
-            .zip(xv.par_chunks(ROWS_PER_TASK * w))
-            .zip(dyv.par_chunks(ROWS_PER_TASK * h))
-            .for_each(|((dx, x), dy)| {
-                for ((dxr, xr), dyr) in dx
-                    .chunks_exact_mut(w)
-                    .zip(x.chunks_exact(w))
-                    .zip(dy.chunks_exact(h))
-                {
-                    let (da, db) = dxr.split_at_mut(h);
-                    let (a, b) = xr.split_at(h);
-                    for i in 0..h {
-                        let s = 1.0 / (1.0 + exp_f32(-a[i]));
-                        let silu = a[i] * s;
-                        db[i] = dyr[i] * silu;
-                        da[i] = dyr[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
-                    }
-                }
-            });
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        read(x, |xv| {
+            read(dy, |dyv| {
+                let w = *x.dims().last().unwrap_or(&2);
+                let h = w / 2;
+                let mut dx = vec![0f32; xv.len()];
+                dx.par_chunks_mut(ROWS_PER_TASK * w)
+                    .zip(xv.par_chunks(ROWS_PER_TASK * w))
+                    .zip(dyv.par_chunks(ROWS_PER_TASK * h))
+                    .for_each(|((dx, x), dy)| {
+                        for ((dxr, xr), dyr) in dx
+                            .chunks_exact_mut(w)
+                            .zip(x.chunks_exact(w))
+                            .zip(dy.chunks_exact(h))
+                        {
+                            let (da, db) = dxr.split_at_mut(h);
+                            let (a, b) = xr.split_at(h);
+                            for i in 0..h {
+                                let s = 1.0 / (1.0 + exp_f32(-a[i]));
+                                let silu = a[i] * s;
+                                db[i] = dyr[i] * silu;
+                                da[i] = dyr[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
+                            }
+                        }
+                    });
+                Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+            })
+        })
     }
 }
 
@@ -857,75 +870,80 @@ impl candle_core::CustomOp3 for LinearOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k) = w.dims2()?;
-        let (xv, wv, g) = (f32_vec(x)?, f32_vec(w)?, f32_vec(dy)?);
-        let m = xv.len() / k;
-        let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
-        let mut dx = vec![0f32; m * k];
-        let mut dw = vec![0f32; n * k];
-        // SAFETY: dx (m x k) = dy (m x n) W (n x k); dW (n x k) = dy^T (n x m) x (m x k).
-        unsafe {
-            gemm::gemm(
-                m,
-                k,
-                n,
-                dx.as_mut_ptr(),
-                1,
-                k as isize,
-                false,
-                g.as_ptr(),
-                1,
-                n as isize,
-                wv.as_ptr(),
-                1,
-                k as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
-            gemm::gemm(
-                n,
-                k,
-                m,
-                dw.as_mut_ptr(),
-                1,
-                k as isize,
-                false,
-                g.as_ptr(),
-                n as isize,
-                1,
-                xv.as_ptr(),
-                1,
-                k as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
-        // Column sums in a fixed order (deterministic).
-        let partials: Vec<Vec<f32>> = g
-            .par_chunks(ROWS_PER_TASK * n)
-            .map(|c| {
-                let mut s = vec![0f32; n];
-                c.chunks_exact(n)
-                    .for_each(|r| s.iter_mut().zip(r).for_each(|(a, v)| *a += v));
-                s
+        read(x, |xv| {
+            read(w, |wv| {
+                read(dy, |g| {
+                    let m = xv.len() / k;
+                    let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+                    let mut dx = vec![0f32; m * k];
+                    let mut dw = vec![0f32; n * k];
+                    // SAFETY: dx (m x k) = dy (m x n) W (n x k); dW (n x k) = dy^T (n x m) x (m x k).
+                    unsafe {
+                        gemm::gemm(
+                            m,
+                            k,
+                            n,
+                            dx.as_mut_ptr(),
+                            1,
+                            k as isize,
+                            false,
+                            g.as_ptr(),
+                            1,
+                            n as isize,
+                            wv.as_ptr(),
+                            1,
+                            k as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            par,
+                        );
+                        gemm::gemm(
+                            n,
+                            k,
+                            m,
+                            dw.as_mut_ptr(),
+                            1,
+                            k as isize,
+                            false,
+                            g.as_ptr(),
+                            n as isize,
+                            1,
+                            xv.as_ptr(),
+                            1,
+                            k as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            par,
+                        );
+                    }
+                    // Column sums in a fixed order (deterministic).
+                    let partials: Vec<Vec<f32>> = g
+                        .par_chunks(ROWS_PER_TASK * n)
+                        .map(|c| {
+                            let mut s = vec![0f32; n];
+                            c.chunks_exact(n)
+                                .for_each(|r| s.iter_mut().zip(r).for_each(|(a, v)| *a += v));
+                            s
+                        })
+                        .collect();
+                    let mut db = vec![0f32; n];
+                    partials
+                        .iter()
+                        .for_each(|p| db.iter_mut().zip(p).for_each(|(a, v)| *a += v));
+                    Ok((
+                        Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+                        Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+                        Some(Tensor::from_vec(db, b.shape(), b.device())?),
+                    ))
+                })
             })
-            .collect();
-        let mut db = vec![0f32; n];
-        partials
-            .iter()
-            .for_each(|p| db.iter_mut().zip(p).for_each(|(a, v)| *a += v));
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
-            Some(Tensor::from_vec(db, b.shape(), b.device())?),
-        ))
+        })
     }
 }
 
