@@ -1,35 +1,15 @@
 //! End-to-end tests of the `evax` binary: reference values through `predict` and `embed`, and
 //! clear errors (never a panic) on damaged inputs.
 
+mod common;
+
+use common::*;
+
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 use evax::checkpoint::{Checkpoint, Param, save_safetensors};
 use evax::fixtures::shared_or_skip;
-
-fn evax(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_evax"))
-        .args(args)
-        .output()
-        .expect("run evax")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A fresh scratch folder for one test.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("evax-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());

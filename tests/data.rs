@@ -1,52 +1,16 @@
 //! Datasets and `evax eval`: the original's files, malformed inputs, and end-to-end runs on small
 //! datasets the tests build in each layout.
 
+mod common;
+
+use common::*;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use evax::checkpoint::{Checkpoint, save_safetensors};
 use evax::data::{self, DatasetKind, LoadOptions, cxr14};
 use evax::fixtures::shared_or_skip;
-
-fn evax(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_evax"))
-        .args(args)
-        .output()
-        .expect("run evax")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("evax-data-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn read_npy(p: &Path) -> (Vec<usize>, Vec<f32>) {
-    let b = std::fs::read(p).unwrap();
-    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
-    let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
-    let shape_txt = header
-        .split("'shape': (")
-        .nth(1)
-        .unwrap()
-        .split(')')
-        .next()
-        .unwrap();
-    let shape = shape_txt
-        .split(',')
-        .filter_map(|v| v.trim().parse().ok())
-        .collect();
-    let data = b[10 + hlen..]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (shape, data)
-}
 
 /// A synthetic radiograph-like PNG (grey, `bits` 8 or 16).
 fn synth_png(path: &Path, w: u32, h: u32, seed: u32, bits: u8) {

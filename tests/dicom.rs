@@ -1,30 +1,15 @@
 //! DICOM against pydicom (dicom_reference.safetensors / .json), exports, model inputs, and
 //! hostile files.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::*;
+
+use std::path::Path;
 
 use evax::checkpoint::Checkpoint;
 use evax::dicom::{DicomFile, voi::VoiChoice};
 use evax::fixtures::shared_or_skip;
-
-fn evax(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_evax"))
-        .args(args)
-        .output()
-        .expect("run evax")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("evax-dicom-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 const LOSSY: [&str; 3] = [
     "RG1_J2KI.dcm",

@@ -1,7 +1,11 @@
 //! Fine-tuning runs on small synthetic data: an interrupted and resumed run ends with the same
 //! weights as an uninterrupted one, and its checkpoints load for inference.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::*;
+
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use evax::checkpoint::Checkpoint;
@@ -10,13 +14,6 @@ use evax::model::{EvaX, EvaXConfig, LoadOptions};
 use evax::train::config::TrainConfig;
 use evax::train::engine::Run;
 use evax::train::{Trainable, init_state_dict};
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("evax-ft-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn model(seed: u64) -> Trainable {
     let mut cfg = EvaXConfig::preset("ti").unwrap();
