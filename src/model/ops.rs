@@ -829,9 +829,18 @@ impl candle_core::CustomOp3 for LinearOp {
             );
         }
         let m = x.len() / k;
-        let mut y = vec![0f32; m * n];
-        y.par_chunks_mut(ROWS_PER_TASK * n)
-            .for_each(|c| c.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b)));
+        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        y.spare_capacity_mut()[..m * n]
+            .par_chunks_mut(ROWS_PER_TASK * n)
+            .for_each(|c| {
+                c.chunks_exact_mut(n).for_each(|r| {
+                    r.iter_mut().zip(b).for_each(|(d, &v)| {
+                        d.write(v);
+                    })
+                })
+            });
+        // SAFETY: every element was written just above.
+        unsafe { y.set_len(m * n) };
         // SAFETY: x is m x k, W^T is read from W (n x k) with swapped strides, y is m x n.
         unsafe {
             gemm::gemm(
@@ -875,9 +884,11 @@ impl candle_core::CustomOp3 for LinearOp {
                 read(dy, |g| {
                     let m = xv.len() / k;
                     let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
-                    let mut dx = vec![0f32; m * k];
-                    let mut dw = vec![0f32; n * k];
-                    // SAFETY: dx (m x k) = dy (m x n) W (n x k); dW (n x k) = dy^T (n x m) x (m x k).
+                    // The GEMMs (read_dst = false) write every element of both outputs.
+                    let mut dx: Vec<f32> = Vec::with_capacity(m * k);
+                    let mut dw: Vec<f32> = Vec::with_capacity(n * k);
+                    // SAFETY: dx (m x k) = dy (m x n) W (n x k); dW (n x k) = dy^T (n x m) x (m x k);
+                    // the lengths are set once the GEMMs have written every element.
                     unsafe {
                         gemm::gemm(
                             m,
@@ -921,6 +932,8 @@ impl candle_core::CustomOp3 for LinearOp {
                             false,
                             par,
                         );
+                        dx.set_len(m * k);
+                        dw.set_len(n * k);
                     }
                     // Column sums in a fixed order (deterministic).
                     let partials: Vec<Vec<f32>> = g
