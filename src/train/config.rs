@@ -43,6 +43,9 @@ pub struct TrainConfig {
     pub rand_augment: String,
     /// Share of the training list used (seeded subset, repeated to the full length).
     pub data_pct: f64,
+    /// CheXpert's "fake epochs": each epoch draws len / N images, image i of the epoch taken
+    /// from a random one of the N segments of the list (1: ordinary epochs).
+    pub fake_epoch_div: usize,
     /// Evaluate every N epochs (and after the last).
     pub eval_every: usize,
     /// Split trained on.
@@ -80,6 +83,7 @@ impl Default for TrainConfig {
             augment: "plain".into(),
             rand_augment: "rand-m6-mstd0.5-inc1".into(),
             data_pct: 1.0,
+            fake_epoch_div: 1,
             eval_every: 1,
             train_split: "train".into(),
             eval_split: "val".into(),
@@ -194,6 +198,9 @@ impl TrainConfig {
                 "select_metric '{}': mauc or accuracy",
                 self.select_metric
             ));
+        }
+        if self.fake_epoch_div == 0 {
+            return Err("fake_epoch_div must be at least 1".into());
         }
         if !(self.data_pct > 0.0 && self.data_pct <= 1.0) {
             return Err(format!("data_pct {} is not in (0, 1]", self.data_pct));

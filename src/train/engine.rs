@@ -146,13 +146,23 @@ impl Run {
         })
     }
 
-    /// The images of one epoch, in order (data_pct subset, repeated, shuffled by epoch).
+    /// The images of one epoch, in order (data_pct subset, repeated, or a fake epoch's draw;
+    /// shuffled by epoch).
     fn epoch_order(&self, epoch: usize) -> Vec<usize> {
-        let mut order = crate::data::data_pct_indices(
-            self.train.samples.len(),
-            self.cfg.data_pct,
-            self.cfg.seed,
-        );
+        let n = self.train.samples.len();
+        let div = self.cfg.fake_epoch_div.max(1);
+        let mut order: Vec<usize> = if div > 1 {
+            let seg = (n / div).max(1);
+            (0..seg)
+                .map(|i| {
+                    let r =
+                        Rng::new(mix(&[self.cfg.seed, epoch as u64, i as u64, 0xfa])).below(div);
+                    (r * seg + i).min(n - 1)
+                })
+                .collect()
+        } else {
+            crate::data::data_pct_indices(n, self.cfg.data_pct, self.cfg.seed)
+        };
         Rng::new(mix(&[self.cfg.seed, epoch as u64, 0x5348])).shuffle(&mut order);
         order
     }
@@ -552,4 +562,36 @@ pub fn curves_svg(prog: &Progress, metric: &str) -> String {
             "#06c"
         )
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fake_epochs_draw_one_image_per_segment_position() {
+        let data = TrainData {
+            samples: (0..100)
+                .map(|i| (PathBuf::from(format!("{i}.png")), vec![0.0]))
+                .collect(),
+            classes: vec!["a".into()],
+            single_label: false,
+        };
+        let cfg = TrainConfig::build(None, None, &["fake_epoch_div=20".into()]).unwrap();
+        let run = Run {
+            cfg,
+            out_dir: PathBuf::new(),
+            train: data.clone(),
+            eval: data,
+            max_steps: None,
+            progress: false,
+        };
+        let a = run.epoch_order(0);
+        assert_eq!(a.len(), 5);
+        let mut pos: Vec<usize> = a.iter().map(|i| i % 5).collect();
+        pos.sort_unstable();
+        assert_eq!(pos, vec![0, 1, 2, 3, 4]);
+        assert_ne!(a, run.epoch_order(1));
+        assert_eq!(a, run.epoch_order(0));
+    }
 }
