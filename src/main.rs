@@ -1142,23 +1142,7 @@ fn predict(
         ActivationArg::Sigmoid => Activation::Sigmoid,
         ActivationArg::Softmax => Activation::Softmax,
     });
-    let labels = match labels {
-        Some(spec) => LabelSet::resolve(spec, activation).map_err(anyhow::Error::msg)?,
-        None => {
-            let mut l = LabelSet::for_classes(n);
-            if let Some(act) = activation {
-                l.activation = act;
-            }
-            l
-        }
-    };
-    if labels.classes.len() != n {
-        bail!(
-            "label set '{}' has {} classes but the head has {n}",
-            labels.name,
-            labels.classes.len()
-        );
-    }
+    let labels = label_set(labels, activation, n)?;
     let pre = preprocess_for(a, &model)?;
     let (paths, mut failures) = infer::collect_inputs(inputs);
     let pb = infer::progress(paths.len(), "predict");
@@ -1235,17 +1219,7 @@ fn cam(
             a.weights.display()
         );
     };
-    let labels = match labels {
-        Some(spec) => LabelSet::resolve(spec, None).map_err(anyhow::Error::msg)?,
-        None => LabelSet::for_classes(n),
-    };
-    if labels.classes.len() != n {
-        bail!(
-            "label set '{}' has {} classes but the head has {n}",
-            labels.name,
-            labels.classes.len()
-        );
-    }
+    let labels = label_set(labels, None, n)?;
     let choice = if classes.is_empty() {
         ClassChoice::Top(top.unwrap_or(1).clamp(1, n))
     } else {
@@ -1857,6 +1831,28 @@ fn demo(
         output.join("report.md").display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The named (or default, by class count) label set for a head of `n` classes.
+fn label_set(spec: Option<&str>, activation: Option<Activation>, n: usize) -> Result<LabelSet> {
+    let labels = match spec {
+        Some(spec) => LabelSet::resolve(spec, activation).map_err(anyhow::Error::msg)?,
+        None => {
+            let mut l = LabelSet::for_classes(n);
+            if let Some(act) = activation {
+                l.activation = act;
+            }
+            l
+        }
+    };
+    if labels.classes.len() != n {
+        bail!(
+            "label set '{}' has {} classes but the head has {n}",
+            labels.name,
+            labels.classes.len()
+        );
+    }
+    Ok(labels)
 }
 
 fn csv_field(s: &str) -> String {

@@ -93,29 +93,17 @@ impl CamJob<'_> {
         let mut failures = Vec::new();
         let mut used_stems: HashMap<String, usize> = HashMap::new();
         for chunk in inputs.chunks(self.batch.max(1)) {
-            let loaded: Vec<_> = chunk
-                .par_iter()
-                .map(|p| {
-                    let img = Image::open(p)?;
-                    let crop = self.preprocess.resize_crop(&img);
-                    let x = self.preprocess.normalize(&crop);
-                    Ok::<_, crate::preprocess::ImageError>((crop, x))
-                })
-                .collect();
-            let mut ok = Vec::new();
-            let mut data = Vec::new();
-            for (p, r) in chunk.iter().zip(loaded) {
-                match r {
-                    Ok((crop, x)) => {
-                        data.extend_from_slice(&x);
-                        ok.push((p, crop));
-                    }
-                    Err(e) => failures.push(Failure {
-                        input: p.clone(),
-                        error: e.what,
-                    }),
-                }
-            }
+            let (ok, data) = load_batch(
+                chunk,
+                |p| p.as_path(),
+                |img| {
+                    let crop = self.preprocess.resize_crop(img);
+                    (self.preprocess.normalize(&crop), crop)
+                },
+                &mut failures,
+            );
+            let ok: Vec<(&PathBuf, Image)> =
+                ok.into_iter().map(|(i, crop)| (&chunk[i], crop)).collect();
             pb.inc(chunk.len() as u64);
             if ok.is_empty() {
                 continue;
@@ -205,6 +193,36 @@ impl CamJob<'_> {
         crate::io::write_atomic(&out_dir.join("cams.json"), &index)?;
         Ok((records, failures))
     }
+}
+
+/// Decode and prepare one batch in parallel: for each input that loads, its index in `items`
+/// and the payload `prepare` returns beside the model input; the inputs are concatenated in
+/// order, failures appended to `failures`.
+fn load_batch<'a, I: Sync, T: Send>(
+    items: &'a [I],
+    path: impl Fn(&'a I) -> &'a Path + Sync,
+    prepare: impl Fn(&Image) -> (Vec<f32>, T) + Sync,
+    failures: &mut Vec<Failure>,
+) -> (Vec<(usize, T)>, Vec<f32>) {
+    let loaded: Vec<_> = items
+        .par_iter()
+        .map(|it| Image::open(path(it)).map(|img| prepare(&img)))
+        .collect();
+    let mut ok = Vec::new();
+    let mut data = Vec::new();
+    for (i, r) in loaded.into_iter().enumerate() {
+        match r {
+            Ok((x, extra)) => {
+                data.extend_from_slice(&x);
+                ok.push((i, extra));
+            }
+            Err(e) => failures.push(Failure {
+                input: path(&items[i]).to_path_buf(),
+                error: e.what,
+            }),
+        }
+    }
+    (ok, data)
 }
 
 /// Which preprocessing `cam-eval` scores with.
@@ -344,27 +362,19 @@ impl CamEvalJob<'_> {
         let mut scored: Vec<ScoredBox> = Vec::new();
         let mut failures = Vec::new();
         for chunk in present.chunks(self.batch.max(1)) {
-            let loaded: Vec<_> = chunk
-                .par_iter()
-                .map(|(p, _)| {
-                    let img = Image::open(p)?;
-                    Ok::<_, crate::preprocess::ImageError>(self.prepare(&img))
-                })
+            let (ok, data) = load_batch(
+                chunk,
+                |(p, _)| p.as_path(),
+                |img| {
+                    let (x, pic, mapping) = self.prepare(img);
+                    (x, (pic, mapping))
+                },
+                &mut failures,
+            );
+            let ok: Vec<_> = ok
+                .into_iter()
+                .map(|(i, (pic, mapping))| (&chunk[i].0, &chunk[i].1, pic, mapping))
                 .collect();
-            let mut ok = Vec::new();
-            let mut data = Vec::new();
-            for ((p, bs), r) in chunk.iter().zip(loaded) {
-                match r {
-                    Ok((x, pic, mapping)) => {
-                        data.extend_from_slice(&x);
-                        ok.push((p, bs, pic, mapping));
-                    }
-                    Err(e) => failures.push(Failure {
-                        input: p.clone(),
-                        error: e.what,
-                    }),
-                }
-            }
             pb.inc(chunk.len() as u64);
             if ok.is_empty() {
                 continue;
