@@ -120,12 +120,28 @@ pub fn batches(
     pre: Preprocess,
     batch: usize,
 ) -> impl Iterator<Item = Batch> {
+    let plane = 3 * pre.size.0 * pre.size.1;
+    batches_with(inputs, batch, plane, move |p| pre.load(p).map_err(|e| e.what))
+}
+
+/// [`batches`] with any loader returning `plane` values per image. A loader that panics fails
+/// that image only; should the background thread stop anyway, every input it did not cover
+/// arrives as a failure, so a run can never end short without saying so.
+pub fn batches_with(
+    inputs: Vec<(usize, PathBuf)>,
+    batch: usize,
+    plane: usize,
+    load: impl Fn(&Path) -> Result<Vec<f32>, String> + Send + Sync + 'static,
+) -> impl Iterator<Item = Batch> {
     const PREFETCH: usize = 2;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(PREFETCH);
+    let all = inputs.clone();
     std::thread::spawn(move || {
-        let plane = 3 * pre.size.0 * pre.size.1;
         for chunk in inputs.chunks(batch.max(1)) {
-            let loaded: Vec<_> = chunk.par_iter().map(|(_, p)| pre.load(p)).collect();
+            let loaded: Vec<_> = chunk
+                .par_iter()
+                .map(|(_, p)| crate::guard::guarded("the image decoder failed", || load(p)))
+                .collect();
             let mut b = Batch {
                 positions: Vec::with_capacity(chunk.len()),
                 data: Vec::with_capacity(chunk.len() * plane),
@@ -134,13 +150,17 @@ pub fn batches(
             };
             for ((i, p), r) in chunk.iter().zip(loaded) {
                 match r {
-                    Ok(v) => {
+                    Ok(v) if v.len() == plane => {
                         b.positions.push(*i);
                         b.data.extend_from_slice(&v);
                     }
-                    Err(e) => b.failures.push(Failure {
+                    Ok(v) => b.failures.push(Failure {
                         input: p.clone(),
-                        error: e.what,
+                        error: format!("preprocessing gave {} values, {plane} expected", v.len()),
+                    }),
+                    Err(error) => b.failures.push(Failure {
+                        input: p.clone(),
+                        error,
                     }),
                 }
             }
@@ -149,7 +169,36 @@ pub fn batches(
             }
         }
     });
-    rx.into_iter()
+    let mut covered = 0;
+    let mut ended = false;
+    let mut rx = rx.into_iter();
+    std::iter::from_fn(move || {
+        if ended {
+            return None;
+        }
+        match rx.next() {
+            Some(b) => {
+                covered += b.covered;
+                Some(b)
+            }
+            None => {
+                ended = true;
+                let rest = &all[covered.min(all.len())..];
+                (!rest.is_empty()).then(|| Batch {
+                    positions: Vec::new(),
+                    data: Vec::new(),
+                    failures: rest
+                        .iter()
+                        .map(|(_, p)| Failure {
+                            input: p.clone(),
+                            error: "not processed: the preprocessing thread stopped".into(),
+                        })
+                        .collect(),
+                    covered: rest.len(),
+                })
+            }
+        }
+    })
 }
 
 /// Decode and preprocess `inputs` in batches of `batch` (in parallel, prefetched), calling `run`
@@ -183,4 +232,40 @@ pub fn for_each_batch(
     }
     pb.finish_and_clear();
     failures
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_decoder_fails_its_image_only() {
+        let inputs: Vec<(usize, PathBuf)> = (0..7)
+            .map(|i| (i, PathBuf::from(format!("img{i}.png"))))
+            .collect();
+        let got: Vec<Batch> = batches_with(inputs, 3, 2, |p| {
+            if p.to_str() == Some("img4.png") {
+                panic!("decoder bug");
+            }
+            Ok(vec![1.0, 2.0])
+        })
+        .collect();
+        let positions: Vec<usize> = got.iter().flat_map(|b| b.positions.clone()).collect();
+        let failures: Vec<&Failure> = got.iter().flat_map(|b| &b.failures).collect();
+        assert_eq!(positions, vec![0, 1, 2, 3, 5, 6]);
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].input, PathBuf::from("img4.png"));
+        assert!(failures[0].error.contains("decoder bug"), "{}", failures[0].error);
+        assert_eq!(got.iter().map(|b| b.covered).sum::<usize>(), 7);
+    }
+
+    #[test]
+    fn a_wrong_sized_result_fails_its_image() {
+        let inputs: Vec<(usize, PathBuf)> =
+            (0..3).map(|i| (i, PathBuf::from(format!("{i}")))).collect();
+        let got: Vec<Batch> = batches_with(inputs, 2, 2, |_| Ok(vec![0.0])).collect();
+        let failures: Vec<&Failure> = got.iter().flat_map(|b| &b.failures).collect();
+        assert_eq!(failures.len(), 3);
+        assert!(failures[0].error.contains("1 values, 2 expected"));
+    }
 }

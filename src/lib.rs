@@ -14,6 +14,7 @@ pub mod dicom;
 pub mod eval;
 pub mod explain;
 pub mod fixtures;
+pub mod guard;
 pub mod infer;
 pub mod io;
 pub mod labels;

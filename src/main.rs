@@ -503,7 +503,7 @@ fn tune_allocator() {
 
 fn main() -> ExitCode {
     tune_allocator();
-    evax::dicom::install_panic_hook();
+    evax::guard::install_panic_hook();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         // The pool is built once, before any work; an error means it already exists.

@@ -222,17 +222,108 @@ const MAX_VALUES: usize = 5_000_000;
 #[derive(Clone)]
 enum V {
     Leaf(Value),
-    List(Rc<RefCell<Vec<V>>>),
-    Tuple(Rc<Vec<V>>),
-    Dict(Rc<RefCell<Vec<(V, V)>>>),
-    Set(Rc<RefCell<Vec<V>>>),
+    List(Rc<RefCell<Seq>>),
+    Tuple(Rc<Seq>),
+    Dict(Rc<RefCell<Pairs>>),
+    Set(Rc<RefCell<Seq>>),
     Object(Rc<RefCell<Obj>>),
 }
+
+/// Items of a list, tuple or set. Dropped without recursion (see [`dismantle`]), so a pickle
+/// nested 100,000 deep cannot overflow the stack when it is freed.
+#[derive(Default)]
+struct Seq(Vec<V>);
+
+/// Items of a dict, dropped without recursion.
+#[derive(Default)]
+struct Pairs(Vec<(V, V)>);
 
 struct Obj {
     class: String,
     args: V,
     state: Option<V>,
+}
+
+impl std::ops::Deref for Seq {
+    type Target = Vec<V>;
+    fn deref(&self) -> &Vec<V> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Seq {
+    fn deref_mut(&mut self) -> &mut Vec<V> {
+        &mut self.0
+    }
+}
+
+impl std::ops::Deref for Pairs {
+    type Target = Vec<(V, V)>;
+    fn deref(&self) -> &Vec<(V, V)> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Pairs {
+    fn deref_mut(&mut self) -> &mut Vec<(V, V)> {
+        &mut self.0
+    }
+}
+
+/// Free a forest of values with an explicit work list: a container whose last reference this
+/// is hands its children to the list instead of dropping them recursively.
+fn dismantle(mut work: Vec<V>) {
+    while let Some(v) = work.pop() {
+        match v {
+            V::Leaf(_) => {}
+            V::List(rc) | V::Set(rc) => {
+                if let Ok(cell) = Rc::try_unwrap(rc) {
+                    work.append(&mut cell.into_inner().0);
+                }
+            }
+            V::Tuple(rc) => {
+                if let Ok(mut seq) = Rc::try_unwrap(rc) {
+                    work.append(&mut seq.0);
+                }
+            }
+            V::Dict(rc) => {
+                if let Ok(cell) = Rc::try_unwrap(rc) {
+                    for (k, v) in cell.into_inner().0.drain(..) {
+                        work.push(k);
+                        work.push(v);
+                    }
+                }
+            }
+            V::Object(rc) => {
+                if let Ok(cell) = Rc::try_unwrap(rc) {
+                    let mut o = cell.into_inner();
+                    work.push(std::mem::replace(&mut o.args, V::Leaf(Value::None)));
+                    work.extend(o.state.take());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Seq {
+    fn drop(&mut self) {
+        dismantle(std::mem::take(&mut self.0));
+    }
+}
+
+impl Drop for Pairs {
+    fn drop(&mut self) {
+        let items = std::mem::take(&mut self.0);
+        dismantle(items.into_iter().flat_map(|(k, v)| [k, v]).collect());
+    }
+}
+
+impl Drop for Obj {
+    fn drop(&mut self) {
+        let mut work = vec![std::mem::replace(&mut self.args, V::Leaf(Value::None))];
+        work.extend(self.state.take());
+        dismantle(work);
+    }
 }
 
 impl V {
@@ -428,7 +519,7 @@ impl<'a> Machine<'a> {
                 b'(' => self.marks.push(self.stack.len()),
                 b'}' => self.stack.push(V::Dict(Rc::default())),
                 b']' => self.stack.push(V::List(Rc::default())),
-                b')' => self.stack.push(V::Tuple(Rc::new(Vec::new()))),
+                b')' => self.stack.push(V::Tuple(Rc::default())),
                 0x8f => self.stack.push(V::Set(Rc::default())),
                 b'N' => self.stack.push(V::Leaf(Value::None)),
                 0x88 => self.stack.push(V::Leaf(Value::Bool(true))),
@@ -575,7 +666,7 @@ impl<'a> Machine<'a> {
                 }
                 b't' => {
                     let items = self.pop_mark(pos)?;
-                    self.stack.push(V::Tuple(Rc::new(items)))
+                    self.stack.push(V::Tuple(Rc::new(Seq(items))))
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -583,20 +674,20 @@ impl<'a> Machine<'a> {
                         return Err(self.bad(pos, "stack underflow"));
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(V::Tuple(Rc::new(items)))
+                    self.stack.push(V::Tuple(Rc::new(Seq(items))))
                 }
                 b'l' => {
                     let items = self.pop_mark(pos)?;
-                    self.stack.push(V::List(Rc::new(RefCell::new(items))))
+                    self.stack.push(V::List(Rc::new(RefCell::new(Seq(items)))))
                 }
                 b'd' => {
                     let items = self.pop_mark(pos)?;
                     let pairs = pairs(items).ok_or_else(|| self.bad(pos, "odd DICT items"))?;
-                    self.stack.push(V::Dict(Rc::new(RefCell::new(pairs))))
+                    self.stack.push(V::Dict(Rc::new(RefCell::new(Pairs(pairs)))))
                 }
                 0x91 => {
                     let items = self.pop_mark(pos)?;
-                    self.stack.push(V::Set(Rc::new(RefCell::new(items))))
+                    self.stack.push(V::Set(Rc::new(RefCell::new(Seq(items)))))
                 }
                 b'a' => {
                     let v = self.pop(pos)?;
@@ -692,7 +783,7 @@ impl<'a> Machine<'a> {
                 let d = match &o.state {
                     Some(V::Dict(d)) => d.clone(),
                     _ => {
-                        let d: Rc<RefCell<Vec<(V, V)>>> = Rc::default();
+                        let d: Rc<RefCell<Pairs>> = Rc::default();
                         o.state = Some(V::Dict(d.clone()));
                         d
                     }
@@ -858,6 +949,63 @@ mod tests {
             unpickle(&p, 0, &mut KeepPersistent),
             Err(PickleError::TooLarge(_))
         ));
+    }
+
+    /// Pickles nesting lists, tuples, dicts and calls `n` deep.
+    fn nested_pickles(n: usize) -> Vec<(&'static str, Vec<u8>)> {
+        let mut lists = b"\x80\x02".to_vec();
+        lists.extend(std::iter::repeat_n(b']', n));
+        lists.extend(std::iter::repeat_n(b'a', n - 1));
+        let mut tuples = b"\x80\x02N".to_vec();
+        tuples.extend(std::iter::repeat_n(0x85u8, n));
+        let mut marks = b"\x80\x02".to_vec();
+        marks.extend(std::iter::repeat_n(b'(', n));
+        marks.extend(std::iter::repeat_n(b't', n));
+        let mut dicts = b"\x80\x02".to_vec();
+        for _ in 0..n {
+            dicts.extend_from_slice(b"}K\x00");
+        }
+        dicts.push(b'}');
+        dicts.extend(std::iter::repeat_n(b's', n));
+        let mut calls = b"\x80\x02".to_vec();
+        for _ in 0..n {
+            calls.extend_from_slice(b"cevil\nf\n");
+        }
+        calls.push(b'N');
+        for _ in 0..n {
+            calls.extend_from_slice(b"\x85R");
+        }
+        let mut out = vec![
+            ("lists", lists),
+            ("tuples", tuples),
+            ("marked tuples", marks),
+            ("dicts", dicts),
+            ("calls", calls),
+        ];
+        for (_, p) in &mut out {
+            p.push(b'.');
+        }
+        out
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        // Run on a small stack (test threads have 2 MiB): freeing or converting the nested
+        // values must not recurse.
+        let cases = nested_pickles(100_000);
+        assert_eq!(cases.len(), 5);
+        for (what, p) in cases {
+            match unpickle(&p, 0, &mut KeepPersistent) {
+                Err(PickleError::TooDeep(_)) => {}
+                other => panic!("{what}: expected TooDeep, got {:?}", other.map(|_| ())),
+            }
+            // The same structures cut short (no STOP) are freed on the error path too.
+            assert!(unpickle(&p[..p.len() - 1], 0, &mut KeepPersistent).is_err());
+        }
+        // Shallow enough nesting still decodes.
+        for (what, p) in nested_pickles(100) {
+            assert!(unpickle(&p, 0, &mut KeepPersistent).is_ok(), "{what}");
+        }
     }
 
     #[test]

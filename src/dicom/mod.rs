@@ -7,7 +7,6 @@
 //! dimensions and pixel-data lengths are checked before anything is decoded, and the parser and
 //! codecs run behind a guard that turns an unexpected panic into an error naming the file.
 
-mod guard;
 mod scan;
 pub mod voi;
 
@@ -20,8 +19,7 @@ use dicom_object::{DefaultDicomObject, FileMetaTableBuilder, InMemDicomObject, O
 use dicom_pixeldata::PixelDecoder;
 use dicom_transfer_syntax_registry::TransferSyntaxIndex;
 
-use guard::guarded;
-pub use guard::install_panic_hook;
+use crate::guard::guarded;
 
 use crate::preprocess::Image;
 
@@ -204,7 +202,7 @@ impl DicomFile {
         }
         scan::check_lengths(bytes, MAX_PIXEL_BYTES)
             .map_err(|e| err(format!("malformed DICOM structure: {e}")))?;
-        let obj = guarded(|| parse(bytes)).map_err(err)?;
+        let obj = guarded("malformed DICOM data", || parse(bytes)).map_err(err)?;
         let info = read_info(&obj).map_err(err)?;
         Ok(DicomFile {
             path: path.to_path_buf(),
@@ -250,6 +248,7 @@ impl DicomFile {
                 i.frames
             ));
         }
+        crate::preprocess::check_pixel_count(i.cols as u64, i.rows as u64, i.frames as u64)?;
         let bytes_per_frame =
             (i.rows * i.cols * i.samples_per_pixel * i.bits_allocated as usize).div_ceil(8);
         let total = bytes_per_frame
@@ -312,7 +311,7 @@ impl DicomFile {
         let per_frame = i.rows * i.cols * i.samples_per_pixel;
         let mut values = Vec::with_capacity(per_frame * frames.len());
         for &f in &frames {
-            let decoded = guarded(|| {
+            let decoded = guarded("malformed DICOM data", || {
                 self.obj
                     .decode_pixel_data_frame(f as u32)
                     .map(|d| (d.data().to_vec(), d.planar_configuration()))

@@ -63,11 +63,26 @@ impl Lut {
                 desc.len()
             ));
         }
-        let n = if desc[0] == 0 {
-            65536
-        } else {
-            desc[0] as usize
+        // Entries are US (0 means 65536) or SS (values above 32767 read as negative);
+        // first mapped value US or SS; bits 8..=16. Anything else is a damaged header.
+        let n = match desc[0] {
+            0 => 65536,
+            e @ 1..=65535 => e as usize,
+            e @ -32768..=-1 => (e + 65536) as usize,
+            e => return Err(format!("LUT Descriptor (0028,3002) declares {e} entries")),
         };
+        if !(-32768..=65535).contains(&desc[1]) {
+            return Err(format!(
+                "LUT Descriptor (0028,3002) first mapped value {} is out of range",
+                desc[1]
+            ));
+        }
+        if !(1..=16).contains(&desc[2]) {
+            return Err(format!(
+                "LUT Descriptor (0028,3002) declares {} bits per entry",
+                desc[2]
+            ));
+        }
         let value = item
             .element(tags::LUT_DATA)
             .map_err(|_| format!("{where_} item has no LUT Data (0028,3006)"))?
@@ -94,12 +109,13 @@ impl Lut {
         Ok(Some(Lut {
             first: desc[1],
             data,
-            bits: desc[2].clamp(1, 16) as u32,
+            bits: desc[2] as u32,
         }))
     }
 
     fn apply(&self, x: f64) -> f64 {
-        let i = (x.round() as i64 - self.first).clamp(0, self.data.len() as i64 - 1) as usize;
+        let i = (x.round() as i64).saturating_sub(self.first);
+        let i = i.clamp(0, self.data.len() as i64 - 1) as usize;
         self.data[i]
     }
 }

@@ -83,8 +83,8 @@ pub fn resample_pos_embed(pos: &Param, (gh, gw): (usize, usize)) -> Result<Param
             pos.shape
         ));
     };
-    let g = ((n - 1) as f64).sqrt().round() as usize;
-    if g * g + 1 != n {
+    let g = (n.saturating_sub(1) as f64).sqrt().round() as usize;
+    if n == 0 || c == 0 || g * g + 1 != n {
         return Err(format!("pos_embed has {n} entries: not 1 + a square grid"));
     }
     if (g, g) == (gh, gw) {
@@ -106,8 +106,11 @@ pub fn resample_patch_kernel(w: &Param, q: usize) -> Result<Param, String> {
     let [c, ch, p, p2] = w.shape[..] else {
         return Err(format!("patch kernel has shape {:?}", w.shape));
     };
-    if p != p2 {
-        return Err(format!("patch kernel {p}x{p2} is not square"));
+    if p != p2 || p == 0 {
+        return Err(format!("patch kernel {p}x{p2} is not a square of positive size"));
+    }
+    if q == 0 {
+        return Err("patch size must be positive".into());
     }
     if p == q {
         return Ok(w.clone());

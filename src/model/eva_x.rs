@@ -386,7 +386,7 @@ pub fn infer_config(sd: &BTreeMap<String, Param>, opts: &LoadOptions) -> Result<
             pw.shape
         )));
     };
-    if p != p2 || dim % 64 != 0 {
+    if p != p2 || p == 0 || dim == 0 || dim % 64 != 0 {
         return Err(bad(format!(
             "patch_embed.proj.weight shape {:?} is not an EVA-X patch embedding",
             pw.shape
@@ -406,10 +406,11 @@ pub fn infer_config(sd: &BTreeMap<String, Param>, opts: &LoadOptions) -> Result<
         .ok_or_else(|| bad("no blocks.N.* keys: not a ViT backbone".into()))?;
     let fused_qkv = sd.keys().any(|k| k.ends_with(".attn.qkv.weight"));
     let sub_ln = sd.keys().any(|k| k.contains(".mlp.ffn_ln."));
+    let rows = |w: &Param| w.shape.first().copied().unwrap_or(0);
     let mlp_hidden = if let Some(w) = sd.get("blocks.0.mlp.w12.weight") {
-        w.shape[0] / 2
+        rows(w) / 2
     } else if let Some(w) = sd.get("blocks.0.mlp.w1.weight") {
-        w.shape[0]
+        rows(w)
     } else {
         return Err(bad(
             "missing blocks.0.mlp.w12.weight (or w1): unknown MLP".into()
@@ -426,7 +427,13 @@ pub fn infer_config(sd: &BTreeMap<String, Param>, opts: &LoadOptions) -> Result<
             pos.shape
         )));
     }
-    let num_classes = sd.get("head.weight").map(|w| w.shape[0]);
+    if mlp_hidden == 0 {
+        return Err(bad("the MLP of blocks.0 has zero width".into()));
+    }
+    let num_classes = sd.get("head.weight").map(rows);
+    if num_classes == Some(0) {
+        return Err(bad("head.weight has zero rows: a head without classes".into()));
+    }
     let kind = if num_classes.is_some() || sd.contains_key("fc_norm.weight") {
         Kind::FineTuned
     } else if sd.contains_key("norm.weight") || sd.contains_key("lm_head.weight") {

@@ -50,6 +50,42 @@ pub struct Image {
 /// Largest image side accepted (guards against absurd headers).
 const MAX_SIDE: usize = 1 << 15;
 
+/// Default limit on the pixels an image may declare (rows x columns x frames): 100 megapixels,
+/// five times a large computed radiograph (about 4,300 x 4,300).
+pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
+
+static MAX_PIXELS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(DEFAULT_MAX_PIXELS);
+
+/// The pixel-count limit every decoder checks against the header before allocating anything
+/// (PNG IHDR, JPEG SOF, DICOM Rows x Columns x Number of Frames).
+pub fn max_pixels() -> u64 {
+    MAX_PIXELS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Set the pixel-count limit for this process (`evax --max-pixels N`).
+pub fn set_max_pixels(n: u64) {
+    MAX_PIXELS.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// An error unless `width x height x frames` is within [`max_pixels`].
+pub fn check_pixel_count(width: u64, height: u64, frames: u64) -> Result<(), String> {
+    let n = width.saturating_mul(height).saturating_mul(frames);
+    let limit = max_pixels();
+    if n > limit {
+        return Err(format!(
+            "header declares {width} x {height}{} = {n} pixels, over the limit of {limit} \
+             (raise it with --max-pixels)",
+            if frames == 1 {
+                String::new()
+            } else {
+                format!(" x {frames} frames")
+            }
+        ));
+    }
+    Ok(())
+}
+
 impl Image {
     /// Decode a PNG or JPEG file (by content, not extension).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ImageError> {
@@ -107,6 +143,8 @@ fn decode_png(bytes: &[u8]) -> Result<Image, String> {
     let mut dec = png::Decoder::new_with_limits(Cursor::new(bytes), png::Limits { bytes: 1 << 31 });
     dec.set_transformations(png::Transformations::EXPAND);
     let mut reader = dec.read_info().map_err(|e| format!("invalid PNG: {e}"))?;
+    let ihdr = reader.info();
+    check_pixel_count(ihdr.width as u64, ihdr.height as u64, 1)?;
     let size = reader.output_buffer_size().ok_or("PNG image too large")?;
     let mut buf = vec![0u8; size];
     let info = reader
@@ -165,6 +203,8 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Image, String> {
     probe
         .decode_headers()
         .map_err(|e| format!("invalid JPEG: {e:?}"))?;
+    let (w, h) = probe.dimensions().ok_or("JPEG without a frame header")?;
+    check_pixel_count(w as u64, h as u64, 1)?;
     let grey = matches!(probe.input_colorspace(), Some(ColorSpace::Luma));
     let out = if grey {
         ColorSpace::Luma

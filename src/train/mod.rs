@@ -85,7 +85,7 @@ impl Trainable {
             tensors.insert("fc_norm.weight".into(), f32param(vec![c], vec![1.0; c]));
             tensors.insert("fc_norm.bias".into(), f32param(vec![c], vec![0.0; c]));
         }
-        if tensors.get("head.weight").map(|w| w.shape[0]) != Some(num_classes) {
+        if tensors.get("head.weight").and_then(|w| w.shape.first().copied()) != Some(num_classes) {
             let mut rng = Rng::new(seed ^ 0x4845_4144);
             let w = (0..num_classes * c)
                 .map(|_| trunc_normal(&mut rng, 2e-5))
@@ -96,6 +96,15 @@ impl Trainable {
                 f32param(vec![num_classes], vec![0.0; num_classes]),
             );
         }
+        // Every tensor the model reads must exist with its shape: build the inference model
+        // once, which reports all problems together, rather than fail mid-training.
+        let check = EvaStateDict {
+            tensors: tensors.clone(),
+            prefix: String::new(),
+            from_timm: false,
+            outside: Vec::new(),
+        };
+        EvaX::from_eva_state_dict(&check, &LoadOptions::default())?;
         let mut config = infer_config(&tensors, &LoadOptions::default())?;
         config.rope_grid = sd_rope_grid(sd);
         config.kind = Kind::FineTuned;

@@ -1,5 +1,6 @@
-//! A last line of defence around third-party parsing and decoding: an unexpected panic becomes an
-//! error, and its message is kept off the terminal.
+//! A last line of defence around third-party parsing and decoding (DICOM, PNG, JPEG, and every
+//! image the prefetching pipeline loads): an unexpected panic becomes an error naming what
+//! stopped, and its message is kept off the terminal.
 
 use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -8,8 +9,8 @@ thread_local! {
     static GUARDED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Install a panic hook that stays silent for panics caught by the DICOM guard (others are
-/// reported as usual). Call once at program start.
+/// Install a panic hook that stays silent for panics caught by [`guarded`] (others are reported
+/// as usual). Call once at program start.
 pub fn install_panic_hook() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -19,8 +20,8 @@ pub fn install_panic_hook() {
     }));
 }
 
-/// Run `f`, turning a panic inside it into an error.
-pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+/// Run `f`, turning a panic inside it into the error `"{what} (it stopped: {message})"`.
+pub fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     let was = GUARDED.with(|g| g.replace(true));
     let r = catch_unwind(AssertUnwindSafe(f));
     GUARDED.with(|g| g.set(was));
@@ -32,7 +33,7 @@ pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, Str
                 .map(String::as_str)
                 .or_else(|| p.downcast_ref::<&str>().copied())
                 .unwrap_or("unknown failure");
-            Err(format!("malformed DICOM data (the reader stopped: {msg})"))
+            Err(format!("{what} (it stopped: {msg})"))
         }
     }
 }
