@@ -826,7 +826,7 @@ fn info(
     state_key: Option<&str>,
 ) -> Result<ExitCode> {
     let ck = Checkpoint::load_with(path, state_key)?;
-    let i = inspect::inspect(&ck, &LoadOptions { rope_grid });
+    let i = inspect::inspect(&ck, &LoadOptions::with_rope_grid(rope_grid));
     if json {
         println!("{}", serde_json::to_string_pretty(&i)?);
     } else {
@@ -925,7 +925,7 @@ fn convert(
     let mut sd = adapt::to_eva_layout(&ck.tensors)
         .map_err(anyhow::Error::msg)
         .with_context(|| path.display().to_string())?;
-    let opts = LoadOptions { rope_grid };
+    let opts = LoadOptions::with_rope_grid(rope_grid);
     // Validate that the weights build a model before writing anything.
     let (model, report) =
         EvaX::from_eva_state_dict(&sd, &opts).with_context(|| path.display().to_string())?;
@@ -982,12 +982,7 @@ fn convert(
 
 fn load_model(a: &ModelArgs) -> Result<EvaX> {
     let ck = Checkpoint::load_with(&a.weights, a.state_key.as_deref())?;
-    let (model, _) = EvaX::from_checkpoint(
-        &ck,
-        &LoadOptions {
-            rope_grid: a.rope_grid,
-        },
-    )
+    let (model, _) = EvaX::from_checkpoint(&ck, &LoadOptions::with_rope_grid(a.rope_grid))
     .with_context(|| a.weights.display().to_string())?;
     Ok(model)
 }

@@ -11,7 +11,7 @@ pub mod jobs;
 pub mod localize;
 pub mod overlay;
 
-use candle_core::{Module, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use crate::model::{EvaX, ModelError, grad};
 use crate::preprocess::bilinear::resize_bilinear;
@@ -106,8 +106,14 @@ impl CamSource for EvaX {
         let (start, leaf, features) = match layer {
             CamLayer::Norm1(i) => {
                 let xi = self.forward_blocks(x, i)?;
-                let y = Var::from_tensor(&self.blocks[i].norm1.forward(&xi)?)?;
-                let out = grad::block_from_norm1(&self.blocks[i], &xi, y.as_tensor(), &rope)?;
+                let y = Var::from_tensor(&self.blocks[i].norm1.forward(&xi, self.kernels)?)?;
+                let out = grad::block_from_norm1(
+                    &self.blocks[i],
+                    &xi,
+                    y.as_tensor(),
+                    &rope,
+                    self.kernels,
+                )?;
                 (i + 1, y, out)
             }
             CamLayer::Output(i) => {
@@ -118,9 +124,9 @@ impl CamSource for EvaX {
         };
         let mut h = features;
         for block in &self.blocks[start..] {
-            h = grad::block(block, &h, &rope)?;
+            h = grad::block(block, &h, &rope, self.kernels)?;
         }
-        let logits = grad::head_logits(&h, fc_norm, head)?;
+        let logits = grad::head_logits(&h, fc_norm, head, self.kernels)?;
         let (b, k) = logits.dims2()?;
         let logit_rows = logits.to_vec2::<f32>()?;
         let targets: Vec<Vec<usize>> = logit_rows
@@ -144,7 +150,7 @@ impl CamSource for EvaX {
                     mask[i * k + c] = 1.0;
                 }
             }
-            let mask = Tensor::from_vec(mask, (b, k), x.device())?;
+            let mask = Tensor::from_vec(mask, (b, k), logits.device())?;
             let loss = (&logits * &mask)?.sum_all()?;
             let grads = loss.backward()?;
             let g = grads

@@ -7,12 +7,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::adapt::{self, EvaStateDict};
-use super::ops;
 use super::rope::{self, RopeTables};
 use crate::checkpoint::{Checkpoint, Param};
+use crate::kernels::{self, Kernels};
 
 /// LayerNorm epsilon used throughout EVA-X.
 pub const LN_EPS: f32 = 1e-6;
@@ -113,10 +113,34 @@ impl EvaXConfig {
 }
 
 /// Options for building a model from weights.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Force the RoPE reference grid r (default: from stored tables, else 14).
     pub rope_grid: Option<f64>,
+    /// Where the weights live and the model computes.
+    pub device: Device,
+    /// Fused kernels or the reference path.
+    pub kernels: Kernels,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            rope_grid: None,
+            device: Device::Cpu,
+            kernels: Kernels::Fused,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Default options with the RoPE reference grid forced (or not).
+    pub fn with_rope_grid(rope_grid: Option<f64>) -> Self {
+        LoadOptions {
+            rope_grid,
+            ..Default::default()
+        }
+    }
 }
 
 /// What loading used and left.
@@ -135,6 +159,7 @@ pub struct LoadReport {
 /// Collects weights by key, recording what was used and what was missing.
 struct WeightSource<'a> {
     sd: &'a BTreeMap<String, Param>,
+    device: &'a Device,
     used: BTreeSet<String>,
     problems: Vec<String>,
 }
@@ -197,9 +222,10 @@ impl WeightSource<'_> {
 
 impl TensorSource for WeightSource<'_> {
     fn tensor(&mut self, key: &str, shape: &[usize]) -> Tensor {
+        let device = self.device;
         match self.param(key, shape) {
-            Some(p) => Tensor::from_slice(&p.data, shape, &Device::Cpu).expect("shape checked"),
-            None => Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).expect("alloc"),
+            Some(p) => Tensor::from_slice(&p.data, shape, device).expect("shape checked"),
+            None => Tensor::zeros(shape, candle_core::DType::F32, device).expect("alloc"),
         }
     }
 }
@@ -213,9 +239,10 @@ pub struct LayerNorm {
     pub bias: Tensor,
 }
 
-impl Module for LayerNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, LN_EPS)
+impl LayerNorm {
+    /// The normalised `x` (inference).
+    pub fn forward(&self, x: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
+        kernels::layer_norm(k, x, &self.weight, &self.bias, LN_EPS, false)
     }
 }
 
@@ -228,13 +255,12 @@ pub struct Linear {
     pub bias: Option<Tensor>,
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        ops::linear(x, &self.weight_t, self.bias.as_ref(), None)
-    }
-}
-
 impl Linear {
+    /// `x W^T + b` (inference).
+    pub fn forward(&self, x: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
+        kernels::linear(k, x, &self.weight_t, self.bias.as_ref(), None)
+    }
+
     /// A layer for the differentiable path only: `W^T` kept as a view of `weight` (no copy; the
     /// fused inference kernels need [`Linear::new`]).
     pub fn new_view(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
@@ -261,8 +287,8 @@ impl Linear {
     }
 
     /// `residual + x W^T + b`, fused.
-    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
-        ops::linear(x, &self.weight_t, self.bias.as_ref(), Some(residual))
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
+        kernels::linear(k, x, &self.weight_t, self.bias.as_ref(), Some(residual))
     }
 }
 
@@ -294,7 +320,7 @@ impl Block {
         let norm1 = ws.layer_norm(&format!("{p}.norm1"), c);
         let q_bias = ws.tensor(&format!("{p}.attn.q_bias"), &[c]);
         let v_bias = ws.tensor(&format!("{p}.attn.v_bias"), &[c]);
-        let k_bias = Tensor::zeros(c, candle_core::DType::F32, &Device::Cpu)?;
+        let k_bias = q_bias.zeros_like()?;
         let qkv_w = if cfg.fused_qkv {
             ws.tensor(&format!("{p}.attn.qkv.weight"), &[3 * c, c])
         } else {
@@ -336,16 +362,16 @@ impl Block {
     }
 
     /// `x + attn(norm1(x))`, then `+ mlp(norm2(x))`.
-    pub fn forward(&self, x: &Tensor, rope: &Arc<RopeTables>) -> Result<Tensor> {
-        let y = self.norm1.forward(x)?;
-        let a = ops::attention(&self.qkv.forward(&y)?, self.heads, rope)?;
-        let x = self.proj.forward_add(&a, x)?;
-        let y = self.norm2.forward(&x)?;
-        let mut h = ops::swiglu(&self.w12.forward(&y)?)?;
+    pub fn forward(&self, x: &Tensor, rope: &Arc<RopeTables>, k: Kernels) -> Result<Tensor> {
+        let y = self.norm1.forward(x, k)?;
+        let a = kernels::attention(k, &self.qkv.forward(&y, k)?, self.heads, rope, false)?;
+        let x = self.proj.forward_add(&a, x, k)?;
+        let y = self.norm2.forward(&x, k)?;
+        let mut h = kernels::swiglu(k, &self.w12.forward(&y, k)?, false)?;
         if let Some(ln) = &self.ffn_ln {
-            h = ln.forward(&h)?;
+            h = ln.forward(&h, k)?;
         }
-        Ok(self.w3.forward_add(&h, &x)?)
+        Ok(self.w3.forward_add(&h, &x, k)?)
     }
 }
 
@@ -371,6 +397,10 @@ pub struct EvaX {
     pub fc_norm: Option<LayerNorm>,
     /// Classification head.
     pub head: Option<Linear>,
+    /// Where the weights live and the model computes.
+    pub device: Device,
+    /// Fused kernels or the reference path.
+    pub kernels: Kernels,
     grids: Mutex<HashMap<(usize, usize), Arc<GridState>>>,
 }
 
@@ -491,6 +521,7 @@ impl EvaX {
         let (c, p) = (config.dim, config.patch_size);
         let mut ws = WeightSource {
             sd: &sd.tensors,
+            device: &opts.device,
             used: BTreeSet::new(),
             problems: Vec::new(),
         };
@@ -554,6 +585,8 @@ impl EvaX {
             norm,
             fc_norm,
             head,
+            device: opts.device.clone(),
+            kernels: opts.kernels,
             grids: Mutex::new(HashMap::new()),
         };
         let report = LoadReport {
@@ -568,9 +601,7 @@ impl EvaX {
     /// A model with random weights of a preset configuration (for benchmarks).
     pub fn random(config: EvaXConfig, seed: u64) -> Result<Self> {
         let sd = random_state_dict(&config, seed);
-        let opts = LoadOptions {
-            rope_grid: Some(config.rope_grid),
-        };
+        let opts = LoadOptions::with_rope_grid(Some(config.rope_grid));
         Ok(Self::from_eva_state_dict(&sd, &opts)?.0)
     }
 
@@ -586,7 +617,7 @@ impl EvaX {
         }
         let pos = adapt::resample_pos_embed(&self.pos_embed, grid).map_err(ModelError::Weights)?;
         let state = Arc::new(GridState {
-            pos_embed: pos.to_tensor(&Device::Cpu)?,
+            pos_embed: pos.to_tensor(&self.device)?,
             rope: Arc::new(RopeTables::new(grid, self.config.rope_grid, 64)),
         });
         cache.insert(grid, state.clone());
@@ -625,6 +656,7 @@ impl EvaX {
     /// Patch embedding, class token and position embedding: `[B, 1 + gh*gw, C]`.
     pub fn embed_tokens(&self, x: &Tensor) -> Result<Tensor> {
         let (b, (gh, gw)) = self.check_input(x)?;
+        let x = x.to_device(&self.device)?;
         let p = self.config.patch_size;
         let c = self.config.dim;
         let patches = x
@@ -647,7 +679,7 @@ impl EvaX {
         let rope = self.grid_state(grid)?.rope.clone();
         let mut h = self.embed_tokens(x)?;
         for block in self.blocks.iter().take(n) {
-            h = block.forward(&h, &rope)?;
+            h = block.forward(&h, &rope, self.kernels)?;
         }
         Ok(h)
     }
@@ -664,8 +696,11 @@ impl EvaX {
         let t = features.dim(1)?;
         let mean = features.narrow(1, 1, t - 1)?.mean(1)?;
         let (pooled, tokens) = match (&self.fc_norm, &self.norm) {
-            (Some(fc), _) => (fc.forward(&mean)?, features.clone()),
-            (None, Some(n)) => (n.forward(&mean)?, n.forward(features)?),
+            (Some(fc), _) => (fc.forward(&mean, self.kernels)?, features.clone()),
+            (None, Some(n)) => (
+                n.forward(&mean, self.kernels)?,
+                n.forward(features, self.kernels)?,
+            ),
             (None, None) => (mean, features.clone()),
         };
         Ok((pooled, tokens))
@@ -674,7 +709,7 @@ impl EvaX {
     /// Class logits `[B, classes]` from pooled features; an error for a model without a head.
     pub fn head_logits(&self, pooled: &Tensor) -> Result<Tensor> {
         match &self.head {
-            Some(h) => Ok(h.forward(pooled)?),
+            Some(h) => Ok(h.forward(pooled, self.kernels)?),
             None => Err(ModelError::Input(format!(
                 "this {:?} checkpoint has no classification head",
                 self.config.kind

@@ -254,8 +254,8 @@ impl Run {
                 let n = idx.len();
                 let s = cfg.input_size;
                 let xt =
-                    Tensor::from_vec(x, (n, 3, s, s), &Device::Cpu).map_err(|e| e.to_string())?;
-                let yt = Tensor::from_vec(y, (n, k), &Device::Cpu).map_err(|e| e.to_string())?;
+                    Tensor::from_vec(x, (n, 3, s, s), &model.device).map_err(|e| e.to_string())?;
+                let yt = Tensor::from_vec(y, (n, k), &model.device).map_err(|e| e.to_string())?;
                 let mut rng = Rng::new(mix(&[cfg.seed, epoch as u64, it as u64, 0xd0]));
                 let logits = model
                     .forward(&xt, cfg.drop_path, Some(&mut rng))
@@ -491,7 +491,7 @@ fn load_checkpoint(
             .tensors
             .get(&format!("model.{k}"))
             .ok_or(format!("{}: lacks model.{k}", path.display()))?;
-        let t = p.to_tensor(&Device::Cpu).map_err(|e| e.to_string())?;
+        let t = p.to_tensor(&model.device).map_err(|e| e.to_string())?;
         var.set(&t)
             .map_err(|e| format!("{}: model.{k}: {e}", path.display()))?;
         if let (Some(m), Some(v)) = (

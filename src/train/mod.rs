@@ -17,6 +17,7 @@ use crate::model::eva_x::{Block, EvaXConfig, LayerNorm, Linear, TensorSource, in
 use crate::model::grad::{self, RopeTensors};
 use crate::model::interp::bicubic_matrix;
 use crate::model::rope::RopeTables;
+use crate::kernels::Kernels;
 use crate::model::{EvaX, Kind, LoadOptions, ModelError};
 use crate::rng::Rng;
 
@@ -29,6 +30,10 @@ pub struct Trainable {
     pub config: EvaXConfig,
     /// Parameters.
     pub vars: BTreeMap<String, Var>,
+    /// Where the parameters live and the model computes.
+    pub device: Device,
+    /// Fused kernels or the reference path.
+    pub kernels: Kernels,
 }
 
 struct VarSource<'a>(&'a BTreeMap<String, Var>);
@@ -67,6 +72,17 @@ impl Trainable {
         sd: &EvaStateDict,
         num_classes: usize,
         seed: u64,
+    ) -> std::result::Result<Self, ModelError> {
+        Self::from_state_dict_on(sd, num_classes, seed, &Device::Cpu, Kernels::Fused)
+    }
+
+    /// [`Trainable::from_state_dict`] with the parameters on `device`, computing with `kernels`.
+    pub fn from_state_dict_on(
+        sd: &EvaStateDict,
+        num_classes: usize,
+        seed: u64,
+        device: &Device,
+        kernels: Kernels,
     ) -> std::result::Result<Self, ModelError> {
         let mut tensors: BTreeMap<String, Param> = sd
             .tensors
@@ -110,9 +126,14 @@ impl Trainable {
         config.kind = Kind::FineTuned;
         let vars = tensors
             .iter()
-            .map(|(k, p)| Ok((k.clone(), Var::from_tensor(&p.to_tensor(&Device::Cpu)?)?)))
+            .map(|(k, p)| Ok((k.clone(), Var::from_tensor(&p.to_tensor(device)?)?)))
             .collect::<Result<_>>()?;
-        Ok(Trainable { config, vars })
+        Ok(Trainable {
+            config,
+            vars,
+            device: device.clone(),
+            kernels,
+        })
     }
 
     /// Trainable parameters (names sorted).
@@ -147,6 +168,8 @@ impl Trainable {
         };
         let opts = LoadOptions {
             rope_grid: Some(self.config.rope_grid),
+            device: self.device.clone(),
+            kernels: self.kernels,
         };
         Ok(EvaX::from_eva_state_dict(&sd, &opts)?.0)
     }
@@ -159,6 +182,7 @@ impl Trainable {
     /// rises linearly from 0 to `drop_path` over the blocks, drawn from `rng`.
     pub fn forward(&self, x: &Tensor, drop_path: f64, rng: Option<&mut Rng>) -> Result<Tensor> {
         let cfg = &self.config;
+        let x = &x.to_device(&self.device)?;
         let (b, _, h, w) = x.dims4()?;
         let p = cfg.patch_size;
         let (gh, gw) = (h / p, w / p);
@@ -190,7 +214,10 @@ impl Trainable {
                 0.0
             };
             let masks = match (&mut rng, rate > 0.0) {
-                (Some(r), true) => Some((drop_mask(r, b, rate)?, drop_mask(r, b, rate)?)),
+                (Some(r), true) => Some((
+                    drop_mask(r, b, rate, &self.device)?,
+                    drop_mask(r, b, rate, &self.device)?,
+                )),
                 _ => None,
             };
             hs = grad::block_with_drop_path(
@@ -198,6 +225,7 @@ impl Trainable {
                 &hs,
                 &rope,
                 masks.as_ref().map(|(a, m)| (a, m)),
+                self.kernels,
             )?;
         }
         let fc_norm = LayerNorm {
@@ -208,7 +236,7 @@ impl Trainable {
             self.var("head.weight").clone(),
             Some(self.var("head.bias").clone()),
         )?;
-        grad::head_logits(&hs, &fc_norm, &head)
+        grad::head_logits(&hs, &fc_norm, &head, self.kernels)
     }
 
     /// `pos_embed` for a grid, resampled bicubically by a fixed matrix (differentiable).
@@ -247,7 +275,7 @@ fn sd_rope_grid(sd: &EvaStateDict) -> f64 {
 }
 
 /// Per-image drop-path scale `[B, 1, 1]`: 0 with probability `rate`, else 1 / (1 - rate).
-fn drop_mask(rng: &mut Rng, b: usize, rate: f64) -> Result<Tensor> {
+fn drop_mask(rng: &mut Rng, b: usize, rate: f64, device: &Device) -> Result<Tensor> {
     let keep = 1.0 - rate;
     let v: Vec<f32> = (0..b)
         .map(|_| {
@@ -258,7 +286,7 @@ fn drop_mask(rng: &mut Rng, b: usize, rate: f64) -> Result<Tensor> {
             }
         })
         .collect();
-    Tensor::from_vec(v, (b, 1, 1), &Device::Cpu)
+    Tensor::from_vec(v, (b, 1, 1), device)
 }
 
 /// The original's layer id of a parameter: patch embedding, class token and position embedding

@@ -1,0 +1,341 @@
+//! Candle adapters for the fused CPU kernels: custom ops that borrow the CPU storage, call
+//! [`super::cpu`] and wrap the result. They run on CPU f32 tensors only; [`super`] sends
+//! everything else to the reference path.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::cpu::{self, AttentionShape, WeightLayout};
+use crate::model::rope::RopeTables;
+
+/// The f32 values of a contiguous CPU storage.
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(d) => d.as_slice(),
+        _ => candle_core::bail!("{what}: expected f32"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// Borrow a CPU tensor's f32 values (copying only when it is not contiguous).
+fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = if t.is_contiguous() {
+        t.clone()
+    } else {
+        t.contiguous()?
+    };
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => f(contiguous_f32(s, layout, "fused kernel")?),
+        _ => candle_core::bail!("fused kernels run on the CPU only"),
+    }
+}
+
+/// The last dimension of a shape (0 for a scalar).
+fn last(dims: &[usize]) -> usize {
+    dims.last().copied().unwrap_or(0)
+}
+
+/// Fused attention with RoPE over `qkv` `[B, T, 3C]`.
+struct Attention {
+    heads: usize,
+    rope: Arc<RopeTables>,
+}
+
+impl Attention {
+    fn shape(&self, b: usize, t: usize, c3: usize) -> AttentionShape<'_> {
+        AttentionShape {
+            b,
+            t,
+            c: c3 / 3,
+            heads: self.heads,
+            cos: &self.rope.cos,
+            sin: &self.rope.sin,
+        }
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "evax-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, t, c3) = l.shape().dims3()?;
+        let qkv = contiguous_f32(s, l, "attention")?;
+        let shape = self.shape(b, t, c3);
+        if !c3.is_multiple_of(3) {
+            candle_core::bail!("attention: qkv width {c3} is not 3C");
+        }
+        shape.check(qkv.len()).map_err(candle_core::Error::Msg)?;
+        let out = cpu::attention_forward(qkv, &shape);
+        Ok((CpuStorage::F32(out), Shape::from((b, t, c3 / 3))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (b, t, c3) = qkv.dims3()?;
+        let shape = self.shape(b, t, c3);
+        let dq = read(qkv, |x| {
+            shape.check(x.len()).map_err(candle_core::Error::Msg)?;
+            read(dy, |g| Ok(cpu::attention_backward(x, g, &shape)))
+        })?;
+        Ok(Some(Tensor::from_vec(dq, (b, t, c3), qkv.device())?))
+    }
+}
+
+/// Fused attention (with a backward) over a CPU f32 `qkv` `[B, T, 3C]`; returns `[B, T, C]`.
+pub fn attention(qkv: &Tensor, heads: usize, rope: &Arc<RopeTables>, grad: bool) -> Result<Tensor> {
+    let op = Attention {
+        heads,
+        rope: rope.clone(),
+    };
+    let qkv = qkv.contiguous()?;
+    if grad {
+        qkv.apply_op1(op)
+    } else {
+        qkv.apply_op1_no_bwd(&op)
+    }
+}
+
+/// `silu(x1) * x2` over `[x1 | x2]`.
+struct SwiGlu;
+
+impl CustomOp1 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "evax-swiglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "swiglu")?;
+        let dims = l.shape().dims();
+        let w = last(dims);
+        if w == 0 || !w.is_multiple_of(2) {
+            candle_core::bail!("swiglu: width {w} is not 2h");
+        }
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("non-scalar") = w / 2;
+        Ok((
+            CpuStorage::F32(cpu::swiglu_forward(x, w / 2)),
+            Shape::from(shape),
+        ))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let h = last(x.dims()) / 2;
+        let dx = read(x, |xv| read(dy, |g| Ok(cpu::swiglu_backward(xv, g, h))))?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// Fused SwiGLU over a CPU f32 packed activation.
+pub fn swiglu(x: &Tensor, grad: bool) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if grad {
+        x.apply_op1(SwiGlu)
+    } else {
+        x.apply_op1_no_bwd(&SwiGlu)
+    }
+}
+
+/// LayerNorm over the last axis with weight and bias.
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "evax-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "layer norm")?;
+        let w = contiguous_f32(s2, l2, "layer norm weight")?;
+        let b = contiguous_f32(s3, l3, "layer norm bias")?;
+        let c = w.len();
+        if c == 0 || !x.len().is_multiple_of(c) || b.len() != c || last(l1.dims()) != c {
+            candle_core::bail!("layer norm: width {c} does not fit the input");
+        }
+        let y = cpu::layer_norm_forward(x, w, b, self.eps);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = read(x, |xv| {
+            read(w, |wv| {
+                read(dy, |g| Ok(cpu::layer_norm_backward(xv, wv, g, self.eps)))
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            Some(Tensor::from_vec(db, w.shape(), w.device())?),
+        ))
+    }
+}
+
+/// Fused LayerNorm (with a backward) over CPU f32 tensors.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormOp { eps })
+}
+
+/// `y = x W^T + b` reading `W` `[N, K]` in place, with a backward.
+struct LinearOp;
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "evax-linear-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "linear input")?;
+        let w = contiguous_f32(s2, l2, "linear weight")?;
+        let b = contiguous_f32(s3, l3, "linear bias")?;
+        let (n, k) = l2.shape().dims2()?;
+        if b.len() != n || k == 0 || n == 0 || last(l1.dims()) != k {
+            candle_core::bail!(
+                "linear: shapes do not fit ({:?} x {:?})",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let y = cpu::linear_forward(x, k, w, WeightLayout::AsStored, n, Some(b), None);
+        let mut shape = l1.shape().dims().to_vec();
+        *shape.last_mut().expect("non-scalar") = n;
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let (dx, dw, db) = read(x, |xv| {
+            read(w, |wv| read(dy, |g| Ok(cpu::linear_backward(xv, wv, g, n, k))))
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+}
+
+/// Differentiable fused `x W^T + b` for CPU f32 `x` `[..., K]`, `W` `[N, K]`, `b` `[N]`.
+pub fn linear_train(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearOp)
+}
+
+/// `y = x Wt (+ b) (+ residual)` (inference; `Wt` = `W^T` `[K, N]` contiguous) with the bias
+/// and residual folded into the GEMM's accumulator.
+struct FusedLinear<'a> {
+    w: &'a [f32],
+    out: usize,
+    bias: Option<&'a [f32]>,
+    residual: Option<&'a [f32]>,
+}
+
+impl CustomOp1 for FusedLinear<'_> {
+    fn name(&self) -> &'static str {
+        "evax-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "linear")?;
+        let dims = l.shape().dims();
+        let k = last(dims);
+        let n = self.out;
+        if k == 0 || n == 0 || self.w.len() != n * k {
+            candle_core::bail!(
+                "linear: input width {k} does not fit a weight of {} values",
+                self.w.len()
+            );
+        }
+        let m = x.len() / k;
+        if self.residual.is_some_and(|r| r.len() != m * n)
+            || self.bias.is_some_and(|b| b.len() != n)
+        {
+            candle_core::bail!("linear: residual or bias does not match the {m}x{n} output");
+        }
+        let y = cpu::linear_forward(
+            x,
+            k,
+            self.w,
+            WeightLayout::Transposed,
+            n,
+            self.bias,
+            self.residual,
+        );
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("non-scalar") = n;
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+}
+
+/// `x Wt + b (+ residual)` for CPU f32 `x` `[..., K]`, `wt` `[K, N]`, `b` `[N]`, residual
+/// `[..., N]` (inference: no backward).
+pub fn linear(
+    x: &Tensor,
+    wt: &Tensor,
+    b: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let out = wt.dim(1)?;
+    read(wt, |w| {
+        let run = |bias: Option<&[f32]>| -> Result<Tensor> {
+            match residual {
+                Some(r) => read(r, |r| {
+                    x.apply_op1_no_bwd(&FusedLinear {
+                        w,
+                        out,
+                        bias,
+                        residual: Some(r),
+                    })
+                }),
+                None => x.apply_op1_no_bwd(&FusedLinear {
+                    w,
+                    out,
+                    bias,
+                    residual: None,
+                }),
+            }
+        };
+        match b {
+            Some(b) => read(b, |b| run(Some(b))),
+            None => run(None),
+        }
+    })
+}

@@ -1,0 +1,599 @@
+//! The fused CPU kernels on plain slices: no candle types, no devices. The candle adapters in
+//! [`super::candle_ops`] call these; everything here is f32, row-major and contiguous.
+//!
+//! - attention with 2-D RoPE over a fused `qkv` activation, forward and backward (the backward
+//!   recomputes the probabilities per image and head);
+//! - LayerNorm, SwiGLU and linear layers, forward and backward.
+//!
+//! Elementwise loops are written so that the compiler vectorises them; [`simd`] compiles them
+//! for AVX-512 / AVX2 and picks the best at run time.
+
+use rayon::prelude::*;
+
+/// Fast `exp` for f32 (Cephes-style range reduction and degree-6 polynomial, ~1 ulp over the
+/// range softmax and SiLU use); branch-free so loops over it vectorise.
+#[inline(always)]
+#[allow(clippy::excessive_precision)] // Cephes' published coefficients
+pub fn exp_f32(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let r2 = r * r;
+    let p = 1.987_569_1e-4f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let y = p * r2 + r + 1.0;
+    // 2^n by integer addition to the exponent; n is read off the bits of n + 1.5 * 2^23 (exact
+    // for |n| < 2^22), which vectorises where a float-to-int cast would not.
+    const MAGIC: f32 = 12_582_912.0;
+    let ni = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits());
+    f32::from_bits(y.to_bits().wrapping_add(ni << 23))
+}
+
+/// Kernels compiled for several instruction sets, dispatched at run time.
+pub mod simd {
+    use super::exp_f32;
+    use crate::dispatch;
+
+    /// Lanes of the manual reductions (float sums do not auto-vectorise without them).
+    const LANES: usize = 16;
+
+    dispatch! {
+        /// In-place softmax of each `n`-long row of `x`.
+        fn softmax_rows(x: &mut [f32], n: usize) {
+            for row in x.chunks_exact_mut(n) {
+                let mut m = [f32::NEG_INFINITY; LANES];
+                let mut chunks = row.chunks_exact(LANES);
+                for c in &mut chunks {
+                    for (m, &v) in m.iter_mut().zip(c) {
+                        *m = if v > *m { v } else { *m };
+                    }
+                }
+                let max = chunks
+                    .remainder()
+                    .iter()
+                    .chain(&m)
+                    .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+                let mut s = [0f32; LANES];
+                let mut chunks = row.chunks_exact_mut(LANES);
+                for c in &mut chunks {
+                    for (s, v) in s.iter_mut().zip(c.iter_mut()) {
+                        *v = exp_f32(*v - max);
+                        *s += *v;
+                    }
+                }
+                let mut sum: f32 = s.iter().sum();
+                for v in chunks.into_remainder() {
+                    *v = exp_f32(*v - max);
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+        }
+    }
+
+    dispatch! {
+        /// `out[i] = silu(x[i]) * x[h + i]` for each `2h`-long row of `x` into `h`-long rows.
+        fn swiglu_rows(x: &[f32], out: &mut [f32], h: usize) {
+            for (row, o) in x.chunks_exact(2 * h).zip(out.chunks_exact_mut(h)) {
+                let (a, b) = row.split_at(h);
+                for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                    *o = a / (1.0 + exp_f32(-a)) * b;
+                }
+            }
+        }
+    }
+
+    dispatch! {
+        /// The transpose of [`rope_scale`]: rotate the gradient pairs of `g` back by the angles
+        /// in `cos`/`sin` and multiply by `scale`, writing `out`.
+        fn rope_back(g: &[f32], cos: &[f32], sin: &[f32], scale: f32, out: &mut [f32]) {
+            for (((o, g), c), s) in out
+                .chunks_exact_mut(2)
+                .zip(g.chunks_exact(2))
+                .zip(cos.chunks_exact(2))
+                .zip(sin.chunks_exact(2))
+            {
+                o[0] = (g[0] * c[0] + g[1] * s[1]) * scale;
+                o[1] = (g[1] * c[1] - g[0] * s[0]) * scale;
+            }
+        }
+    }
+
+    dispatch! {
+        /// Rotate interleaved pairs of `x` (one token, `cos.len()` wide) by the angles in
+        /// `cos`/`sin` and multiply by `scale`, writing `out`.
+        fn rope_scale(x: &[f32], cos: &[f32], sin: &[f32], scale: f32, out: &mut [f32]) {
+            for (((o, x), c), s) in out
+                .chunks_exact_mut(2)
+                .zip(x.chunks_exact(2))
+                .zip(cos.chunks_exact(2))
+                .zip(sin.chunks_exact(2))
+            {
+                o[0] = (x[0] * c[0] - x[1] * s[0]) * scale;
+                o[1] = (x[1] * c[1] + x[0] * s[1]) * scale;
+            }
+        }
+    }
+}
+
+/// A raw pointer that may be shared by tasks writing disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: used only for writes to disjoint regions, synchronised by rayon's join.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// Rows of a contiguous tensor per parallel task in the differentiable kernels (fixed, so that
+/// parameter-gradient sums are added in the same order on every run).
+const ROWS_PER_TASK: usize = 64;
+
+/// `dst (m x n) = a (m x k) * b (k x n)`, each given by row and column strides, one thread.
+///
+/// # Safety
+/// `dst` must be valid for writes of `m` rows of stride `dst_rs` (n contiguous columns each);
+/// `a` for reads of `m x k` and `b` of `k x n` elements at the given row and column strides;
+/// `dst` must not overlap `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+) {
+    // SAFETY: the caller's contract covers every element gemm touches.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            a,
+            a_cs as isize,
+            a_rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Shapes and RoPE tables of one fused attention call: `qkv` is `[b, t, 3c]` with `heads`
+/// heads of width `c / heads`; token 0 is the class token and tokens `1..t` get RoPE from
+/// `cos` / `sin` (`[(t - 1), head_dim]` each).
+pub struct AttentionShape<'a> {
+    /// Images.
+    pub b: usize,
+    /// Tokens per image.
+    pub t: usize,
+    /// Width of q, k and v.
+    pub c: usize,
+    /// Heads.
+    pub heads: usize,
+    /// RoPE cosines.
+    pub cos: &'a [f32],
+    /// RoPE sines.
+    pub sin: &'a [f32],
+}
+
+impl AttentionShape<'_> {
+    /// An error unless the widths, heads and tables fit together and `qkv` has `b * t * 3c`
+    /// values.
+    pub fn check(&self, qkv_len: usize) -> Result<(), String> {
+        let (h, c, t) = (self.heads, self.c, self.t);
+        if h == 0 || c == 0 || !c.is_multiple_of(h) || t == 0 {
+            return Err(format!("attention: width {c} does not fit {h} heads"));
+        }
+        let d = c / h;
+        if self.cos.len() != (t - 1) * d || self.sin.len() != self.cos.len() {
+            return Err(format!(
+                "attention: RoPE tables hold {} values, {} tokens of width {d} need {}",
+                self.cos.len(),
+                t - 1,
+                (t - 1) * d
+            ));
+        }
+        if qkv_len != self.b * t * 3 * c {
+            return Err(format!("attention: qkv holds {qkv_len} values, expected {}", self.b * t * 3 * c));
+        }
+        Ok(())
+    }
+
+    /// The roped, scaled q, the roped k and v of one (image, head).
+    fn prepare(&self, qkv: &[f32], bi: usize, hi: usize, q: &mut [f32], k: &mut [f32], v: &mut [f32]) {
+        let (t, c) = (self.t, self.c);
+        let d = c / self.heads;
+        let c3 = 3 * c;
+        let scale = 1.0 / (d as f32).sqrt();
+        let base = &qkv[bi * t * c3..(bi + 1) * t * c3];
+        for ti in 0..t {
+            let row = &base[ti * c3..(ti + 1) * c3];
+            let (qs, ks, vs) = (
+                &row[hi * d..(hi + 1) * d],
+                &row[c + hi * d..c + (hi + 1) * d],
+                &row[2 * c + hi * d..2 * c + (hi + 1) * d],
+            );
+            let (qd, kd) = (&mut q[ti * d..(ti + 1) * d], &mut k[ti * d..(ti + 1) * d]);
+            if ti == 0 {
+                qd.iter_mut().zip(qs).for_each(|(o, &x)| *o = x * scale);
+                kd.copy_from_slice(ks);
+            } else {
+                let cos = &self.cos[(ti - 1) * d..ti * d];
+                let sin = &self.sin[(ti - 1) * d..ti * d];
+                simd::rope_scale(qs, cos, sin, scale, qd);
+                simd::rope_scale(ks, cos, sin, 1.0, kd);
+            }
+            v[ti * d..(ti + 1) * d].copy_from_slice(vs);
+        }
+    }
+}
+
+/// Multi-head self-attention with RoPE: `qkv` `[b, t, 3c]` (biases added) to `[b, t, c]`, one
+/// GEMM pair per (image, head). `shape.check(qkv.len())` must hold.
+pub fn attention_forward(qkv: &[f32], shape: &AttentionShape) -> Vec<f32> {
+    let AttentionShape { b, t, c, heads: h, .. } = *shape;
+    let d = c / h;
+    let mut out: Vec<f32> = Vec::with_capacity(b * t * c);
+    let dst = SharedMut(out.as_mut_ptr());
+    (0..b * h).into_par_iter().for_each_init(
+        || (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * t]),
+        |(q, k, v, sc), bh| {
+            let (bi, hi) = (bh / h, bh % h);
+            shape.prepare(qkv, bi, hi, q, k, v);
+            // SAFETY: q and k are t x d, sc is t x t, all owned by this task.
+            unsafe { mm(t, t, d, sc.as_mut_ptr(), t, q.as_ptr(), d, 1, k.as_ptr(), 1, d) };
+            simd::softmax_rows(sc, t);
+            let o = dst;
+            // SAFETY: each (image, head) task writes its own d columns of its own image's rows
+            // of `out` (t rows of stride c); no two tasks overlap, and `out` holds b * t * c.
+            unsafe {
+                mm(t, d, t, o.0.add(bi * t * c + hi * d), c, sc.as_ptr(), t, 1, v.as_ptr(), d, 1)
+            };
+        },
+    );
+    // SAFETY: the (image, head) tasks together wrote all b * t * c elements.
+    unsafe { out.set_len(b * t * c) };
+    out
+}
+
+/// Gradient of [`attention_forward`] with respect to `qkv`, given the output gradient `dy`
+/// `[b, t, c]`; the probabilities are recomputed. `shape.check(qkv.len())` must hold.
+pub fn attention_backward(qkv: &[f32], dy: &[f32], shape: &AttentionShape) -> Vec<f32> {
+    let AttentionShape { b, t, c, heads: h, .. } = *shape;
+    let d = c / h;
+    let c3 = 3 * c;
+    let scale = 1.0 / (d as f32).sqrt();
+    assert_eq!(dy.len(), b * t * c, "attention backward: output gradient size");
+    let mut dqkv: Vec<f32> = vec![0f32; b * t * c3];
+    let dst = SharedMut(dqkv.as_mut_ptr());
+    (0..b * h).into_par_iter().for_each_init(
+        || {
+            (
+                vec![0f32; t * d],
+                vec![0f32; t * d],
+                vec![0f32; t * d],
+                vec![0f32; t * t],
+                vec![0f32; t * t],
+                vec![0f32; t * d],
+                vec![0f32; t * d],
+                vec![0f32; t * d],
+            )
+        },
+        |(q, k, v, p, dp, dv, dq, dk), bh| {
+            let (bi, hi) = (bh / h, bh % h);
+            shape.prepare(qkv, bi, hi, q, k, v);
+            let dout = dy[bi * t * c + hi * d..].as_ptr();
+            // SAFETY: every buffer is owned by this task and sized as the shapes say; `dout`
+            // addresses t rows of stride c and width d inside `dy` (checked above).
+            unsafe {
+                mm(t, t, d, p.as_mut_ptr(), t, q.as_ptr(), d, 1, k.as_ptr(), 1, d);
+                simd::softmax_rows(p, t);
+                // dV = P^T dO; dP = dO V^T.
+                mm(t, d, t, dv.as_mut_ptr(), d, p.as_ptr(), 1, t, dout, c, 1);
+                mm(t, t, d, dp.as_mut_ptr(), t, dout, c, 1, v.as_ptr(), 1, d);
+            }
+            // dS = P * (dP - rowsum(dP * P)), in place in dp.
+            for (dpr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                let dot: f32 = dpr.iter().zip(pr.iter()).map(|(a, b)| a * b).sum();
+                dpr.iter_mut()
+                    .zip(pr.iter())
+                    .for_each(|(g, &pv)| *g = pv * (*g - dot));
+            }
+            // SAFETY: as above; dQs = dS K; dK' = dS^T Qs.
+            unsafe {
+                mm(t, d, t, dq.as_mut_ptr(), d, dp.as_ptr(), t, 1, k.as_ptr(), d, 1);
+                mm(t, d, t, dk.as_mut_ptr(), d, dp.as_ptr(), 1, t, q.as_ptr(), d, 1);
+            }
+            let whole = dst; // the whole wrapper (not its field) is moved into the closure
+            // SAFETY: every slice made here is d elements of this (image, head)'s own q, k or
+            // v columns inside `dqkv`; slices of different tasks never overlap.
+            let seg = |ti: usize, part: usize| unsafe {
+                std::slice::from_raw_parts_mut(
+                    whole.0.add(bi * t * c3 + ti * c3 + part * c + hi * d),
+                    d,
+                )
+            };
+            for ti in 0..t {
+                let (gq, gk) = (&dq[ti * d..(ti + 1) * d], &dk[ti * d..(ti + 1) * d]);
+                if ti == 0 {
+                    seg(ti, 0)
+                        .iter_mut()
+                        .zip(gq)
+                        .for_each(|(o, &g)| *o = g * scale);
+                    seg(ti, 1).copy_from_slice(gk);
+                } else {
+                    let cos = &shape.cos[(ti - 1) * d..ti * d];
+                    let sin = &shape.sin[(ti - 1) * d..ti * d];
+                    simd::rope_back(gq, cos, sin, scale, seg(ti, 0));
+                    simd::rope_back(gk, cos, sin, 1.0, seg(ti, 1));
+                }
+                seg(ti, 2).copy_from_slice(&dv[ti * d..(ti + 1) * d]);
+            }
+        },
+    );
+    dqkv
+}
+
+/// `silu(x1) * x2` for each row `[x1 | x2]` of width `2h` of `x`.
+pub fn swiglu_forward(x: &[f32], h: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len() / 2];
+    let rows_per_task = (4096 / h.max(1)).max(1);
+    out.par_chunks_mut(rows_per_task * h)
+        .zip(x.par_chunks(rows_per_task * 2 * h))
+        .for_each(|(o, x)| simd::swiglu_rows(x, o, h));
+    out
+}
+
+/// Gradient of [`swiglu_forward`] with respect to `x`, given the output gradient `dy`.
+pub fn swiglu_backward(x: &[f32], dy: &[f32], h: usize) -> Vec<f32> {
+    let w = 2 * h;
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(ROWS_PER_TASK * w)
+        .zip(x.par_chunks(ROWS_PER_TASK * w))
+        .zip(dy.par_chunks(ROWS_PER_TASK * h))
+        .for_each(|((dx, x), dy)| {
+            for ((dxr, xr), dyr) in dx
+                .chunks_exact_mut(w)
+                .zip(x.chunks_exact(w))
+                .zip(dy.chunks_exact(h))
+            {
+                let (da, db) = dxr.split_at_mut(h);
+                let (a, b) = xr.split_at(h);
+                for i in 0..h {
+                    let s = 1.0 / (1.0 + exp_f32(-a[i]));
+                    let silu = a[i] * s;
+                    db[i] = dyr[i] * silu;
+                    da[i] = dyr[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
+                }
+            }
+        });
+    dx
+}
+
+/// LayerNorm of each row of width `w.len()` of `x`, with weight `w` and bias `b`.
+pub fn layer_norm_forward(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+    let c = w.len();
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(ROWS_PER_TASK * c)
+        .zip(x.par_chunks(ROWS_PER_TASK * c))
+        .for_each(|(y, x)| {
+            for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                let mean = xr.iter().sum::<f32>() / c as f32;
+                let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+                let rstd = 1.0 / (var + eps).sqrt();
+                for i in 0..c {
+                    yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+                }
+            }
+        });
+    y
+}
+
+/// Gradients `(dx, dw, db)` of [`layer_norm_forward`] given the output gradient `dy`
+/// (parameter sums in a fixed order: deterministic).
+pub fn layer_norm_backward(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let c = w.len();
+    let mut dx = vec![0f32; x.len()];
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(ROWS_PER_TASK * c)
+        .zip(x.par_chunks(ROWS_PER_TASK * c))
+        .zip(dy.par_chunks(ROWS_PER_TASK * c))
+        .map(|((dx, x), dy)| {
+            let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+            let mut xhat = vec![0f32; c];
+            for ((dxr, xr), dyr) in dx
+                .chunks_exact_mut(c)
+                .zip(x.chunks_exact(c))
+                .zip(dy.chunks_exact(c))
+            {
+                let mean = xr.iter().sum::<f32>() / c as f32;
+                let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+                let rstd = 1.0 / (var + eps).sqrt();
+                let (mut m1, mut m2) = (0f32, 0f32);
+                for i in 0..c {
+                    xhat[i] = (xr[i] - mean) * rstd;
+                    let g = dyr[i] * w[i];
+                    m1 += g;
+                    m2 += g * xhat[i];
+                    dw[i] += dyr[i] * xhat[i];
+                    db[i] += dyr[i];
+                }
+                let (m1, m2) = (m1 / c as f32, m2 / c as f32);
+                for i in 0..c {
+                    dxr[i] = rstd * (dyr[i] * w[i] - m1 - xhat[i] * m2);
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+    for (pw, pb) in &partials {
+        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+    }
+    (dx, dw, db)
+}
+
+/// How a linear layer's weight is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `W^T`, `[k, n]` contiguous (inference: read without repacking).
+    Transposed,
+    /// `W`, `[n, k]` as in the checkpoint (training: read in place).
+    AsStored,
+}
+
+/// `y = x W^T + b (+ residual)` for `x` `[m, k]`, the weight in `layout`, `b` `[n]`, residual
+/// `[m, n]`: the accumulator starts as residual + bias and the GEMM adds to it. Lengths must
+/// fit (`x.len() == m * k`, `w.len() == n * k`, `b.len() == n`, `residual.len() == m * n`).
+pub fn linear_forward(
+    x: &[f32],
+    k: usize,
+    w: &[f32],
+    layout: WeightLayout,
+    n: usize,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
+    assert!(k > 0 && n > 0 && w.len() == n * k && x.len().is_multiple_of(k), "linear: shapes");
+    let m = x.len() / k;
+    assert!(bias.is_none_or(|b| b.len() == n) && residual.is_none_or(|r| r.len() == m * n));
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    let rows = (65536 / n).max(1);
+    let zeros = vec![0f32; n];
+    let b = bias.unwrap_or(&zeros);
+    let init = &mut y.spare_capacity_mut()[..m * n];
+    match residual {
+        Some(r) => init
+            .par_chunks_mut(rows * n)
+            .zip(r.par_chunks(rows * n))
+            .for_each(|(y, r)| {
+                for (yr, rr) in y.chunks_exact_mut(n).zip(r.chunks_exact(n)) {
+                    for ((d, &r), &b) in yr.iter_mut().zip(rr).zip(b) {
+                        d.write(r + b);
+                    }
+                }
+            }),
+        None => init.par_chunks_mut(rows * n).for_each(|y| {
+            for yr in y.chunks_exact_mut(n) {
+                for (d, &b) in yr.iter_mut().zip(b) {
+                    d.write(b);
+                }
+            }
+        }),
+    }
+    // SAFETY: all m * n elements were written above.
+    unsafe { y.set_len(m * n) };
+    let (w_rs, w_cs) = match layout {
+        WeightLayout::Transposed => (n, 1),
+        WeightLayout::AsStored => (1, k),
+    };
+    // SAFETY: x is m x k (row stride k), W^T is k x n at strides (w_rs, w_cs) inside w
+    // (n * k values), y is m x n; lengths asserted above.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            w_cs as isize,
+            w_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+    y
+}
+
+/// Gradients `(dx, dW, db)` of `y = x W^T + b` for `x` `[m, k]`, `W` `[n, k]` as stored and the
+/// output gradient `g` `[m, n]` (bias sums in a fixed order: deterministic).
+pub fn linear_backward(x: &[f32], w: &[f32], g: &[f32], n: usize, k: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert!(k > 0 && n > 0 && w.len() == n * k && x.len().is_multiple_of(k), "linear: shapes");
+    let m = x.len() / k;
+    assert_eq!(g.len(), m * n, "linear backward: output gradient size");
+    let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    // The GEMMs (read_dst = false) write every element of both outputs.
+    let mut dx: Vec<f32> = Vec::with_capacity(m * k);
+    let mut dw: Vec<f32> = Vec::with_capacity(n * k);
+    // SAFETY: dx (m x k) = g (m x n) W (n x k); dW (n x k) = g^T (n x m) x (m x k); all
+    // lengths asserted above; the lengths are set once the GEMMs have written every element.
+    unsafe {
+        gemm::gemm(m, k, n, dx.as_mut_ptr(), 1, k as isize, false, g.as_ptr(), 1, n as isize, w.as_ptr(), 1, k as isize, 0.0, 1.0, false, false, false, par);
+        gemm::gemm(n, k, m, dw.as_mut_ptr(), 1, k as isize, false, g.as_ptr(), n as isize, 1, x.as_ptr(), 1, k as isize, 0.0, 1.0, false, false, false, par);
+        dx.set_len(m * k);
+        dw.set_len(n * k);
+    }
+    let partials: Vec<Vec<f32>> = g
+        .par_chunks(ROWS_PER_TASK * n)
+        .map(|c| {
+            let mut s = vec![0f32; n];
+            c.chunks_exact(n)
+                .for_each(|r| s.iter_mut().zip(r).for_each(|(a, v)| *a += v));
+            s
+        })
+        .collect();
+    let mut db = vec![0f32; n];
+    partials
+        .iter()
+        .for_each(|p| db.iter_mut().zip(p).for_each(|(a, v)| *a += v));
+    (dx, dw, db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = 0f64;
+        for i in -8000..=800 {
+            let x = i as f32 * 0.01;
+            let (got, want) = (exp_f32(x) as f64, (x as f64).exp());
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one() {
+        let mut x: Vec<f32> = (0..30).map(|i| (i as f32 * 0.7).sin() * 5.0).collect();
+        simd::softmax_rows(&mut x, 10);
+        for r in x.chunks(10) {
+            assert!((r.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The reference path: every fused operation rebuilt from candle's own primitives, so it runs
+//! on any candle device and every step has candle's backward. Slower than the fused CPU
+//! kernels; the arithmetic is the original's (LayerNorm with biased variance, scaled softmax
+//! attention with interleaved 2-D RoPE on the patch tokens, SwiGLU).
+
+use std::sync::Arc;
+
+use candle_core::{D, Result, Tensor};
+
+use crate::model::rope::RopeTables;
+
+/// LayerNorm over the last axis: `(x - mean) / sqrt(var + eps) * w + b`.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xhat = xc.broadcast_div(&(var + eps as f64)?.sqrt()?)?;
+    xhat.broadcast_mul(w)?.broadcast_add(b)
+}
+
+/// Softmax over the last axis (the maximum is subtracted as a constant).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Rotate interleaved pairs of `x` `[..., N, d]` by the angles in `cos` / `sin` `[N, d]`:
+/// `(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let d = *dims.last().unwrap_or(&0);
+    let mut pairs = dims.clone();
+    *pairs.last_mut().expect("non-scalar") = d / 2;
+    pairs.push(2);
+    let xp = x.reshape(pairs)?;
+    let last = xp.rank() - 1;
+    let x0 = xp.narrow(last, 0, 1)?;
+    let x1 = xp.narrow(last, 1, 1)?;
+    let rotated = Tensor::cat(&[&x1.neg()?, &x0], last)?.reshape(dims)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// Multi-head attention with RoPE over `qkv` `[B, T, 3C]` (biases added): token 0 is the class
+/// token, tokens 1.. get RoPE; returns `[B, T, C]`.
+pub fn attention(qkv: &Tensor, heads: usize, tables: &Arc<RopeTables>) -> Result<Tensor> {
+    let (b, t, c3) = qkv.dims3()?;
+    let c = c3 / 3;
+    if heads == 0 || c3 != 3 * c || !c.is_multiple_of(heads) {
+        candle_core::bail!("attention: qkv width {c3} does not fit {heads} heads");
+    }
+    let d = c / heads;
+    if tables.dim != d || tables.cos.len() != (t - 1) * d {
+        candle_core::bail!(
+            "attention: RoPE tables are for {} tokens of width {}, input has {} of {d}",
+            tables.cos.len() / tables.dim.max(1),
+            tables.dim,
+            t - 1
+        );
+    }
+    let dev = qkv.device();
+    let cos = Tensor::from_slice(&tables.cos, (t - 1, d), dev)?;
+    let sin = Tensor::from_slice(&tables.sin, (t - 1, d), dev)?;
+    // [B, T, 3, H, d] -> three [B, H, T, d]
+    let parts = qkv.reshape((b, t, 3, heads, d))?.permute((2, 0, 3, 1, 4))?;
+    let take = |i: usize| parts.get(i)?.contiguous();
+    let (q, k, v) = (take(0)?, take(1)?, take(2)?);
+    let roped = |x: &Tensor| -> Result<Tensor> {
+        let cls = x.narrow(2, 0, 1)?;
+        let patches = rope(&x.narrow(2, 1, t - 1)?.contiguous()?, &cos, &sin)?;
+        Tensor::cat(&[&cls, &patches], 2)
+    };
+    let q = (roped(&q)? * (1.0 / (d as f64).sqrt()))?;
+    let k = roped(&k)?;
+    let p = softmax_last(&q.matmul(&k.t()?.contiguous()?)?)?;
+    p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))
+}
+
+/// `silu(x1) * x2` where the last axis of `x` is `[x1 | x2]`.
+pub fn swiglu(x: &Tensor) -> Result<Tensor> {
+    let w = x.dim(D::Minus1)?;
+    if w == 0 || !w.is_multiple_of(2) {
+        candle_core::bail!("swiglu: width {w} is not 2h");
+    }
+    let a = x.narrow(D::Minus1, 0, w / 2)?;
+    let b = x.narrow(D::Minus1, w / 2, w / 2)?;
+    a.silu()? * b
+}
+
+/// `x W^T + b (+ residual)` for `x` `[..., K]`, `W` `[N, K]` given as `W^T` `[K, N]`.
+pub fn linear(
+    x: &Tensor,
+    wt: &Tensor,
+    b: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let n = wt.dim(1)?;
+    let mut y = x.reshape(((), k))?.matmul(wt)?;
+    if let Some(b) = b {
+        y = y.broadcast_add(b)?;
+    }
+    let mut shape = dims;
+    *shape.last_mut().expect("non-scalar") = n;
+    let y = y.reshape(shape)?;
+    match residual {
+        Some(r) => r + y,
+        None => Ok(y),
+    }
+}
