@@ -121,7 +121,9 @@ pub fn batches(
     batch: usize,
 ) -> impl Iterator<Item = Batch> {
     let plane = 3 * pre.size.0 * pre.size.1;
-    batches_with(inputs, batch, plane, move |p| pre.load(p).map_err(|e| e.what))
+    batches_with(inputs, batch, plane, move |p| {
+        pre.load(p).map_err(|e| e.what)
+    })
 }
 
 /// [`batches`] with any loader returning `plane` values per image. A loader that panics fails
@@ -255,7 +257,11 @@ mod tests {
         assert_eq!(positions, vec![0, 1, 2, 3, 5, 6]);
         assert_eq!(failures.len(), 1);
         assert_eq!(failures[0].input, PathBuf::from("img4.png"));
-        assert!(failures[0].error.contains("decoder bug"), "{}", failures[0].error);
+        assert!(
+            failures[0].error.contains("decoder bug"),
+            "{}",
+            failures[0].error
+        );
         assert_eq!(got.iter().map(|b| b.covered).sum::<usize>(), 7);
     }
 

@@ -983,7 +983,7 @@ fn convert(
 fn load_model(a: &ModelArgs) -> Result<EvaX> {
     let ck = Checkpoint::load_with(&a.weights, a.state_key.as_deref())?;
     let (model, _) = EvaX::from_checkpoint(&ck, &LoadOptions::with_rope_grid(a.rope_grid))
-    .with_context(|| a.weights.display().to_string())?;
+        .with_context(|| a.weights.display().to_string())?;
     Ok(model)
 }
 

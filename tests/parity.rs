@@ -1,4 +1,5 @@
-//! Parity of the EVA-X backbones with the original PyTorch code (reference.safetensors).
+//! Parity of the EVA-X backbones with the original PyTorch code (reference.safetensors), through
+//! both kernel paths: the fused CPU kernels and the reference path from candle primitives.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -6,6 +7,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use evax::checkpoint::{Checkpoint, Param};
 use evax::fixtures::shared_or_skip;
+use evax::kernels::Kernels;
 use evax::model::{EvaX, LoadOptions};
 
 fn reference(shared: &Path) -> BTreeMap<String, Param> {
@@ -14,31 +16,41 @@ fn reference(shared: &Path) -> BTreeMap<String, Param> {
         .tensors
 }
 
-fn model(shared: &Path, name: &str) -> EvaX {
+/// The kernel paths every parity test runs through.
+const PATHS: [Kernels; 2] = [Kernels::Fused, Kernels::Reference];
+
+fn model(shared: &Path, name: &str, kernels: Kernels) -> EvaX {
     let ck = Checkpoint::load(shared.join("fixtures").join(name)).unwrap();
-    EvaX::from_checkpoint(&ck, &LoadOptions::default())
-        .unwrap()
-        .0
+    let opts = LoadOptions {
+        kernels,
+        ..Default::default()
+    };
+    EvaX::from_checkpoint(&ck, &opts).unwrap().0
 }
 
 fn input(r: &BTreeMap<String, Param>, key: &str) -> Tensor {
     r[key].to_tensor(&Device::Cpu).unwrap()
 }
 
-/// Max |a - b| between a tensor and a reference, asserting equal shapes.
+/// Max |a - b| between a tensor and a reference, asserting equal shapes and lengths.
 fn max_diff(got: &Tensor, want: &Param) -> f32 {
     assert_eq!(got.dims(), want.shape.as_slice(), "shape");
     let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(g.len(), want.data.len(), "length");
+    assert!(!g.is_empty(), "empty output");
     g.iter()
         .zip(&want.data)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f32::max)
 }
 
-fn check(got: &Tensor, r: &BTreeMap<String, Param>, key: &str, tol: f32) {
+/// The README's claim: every output within 1e-5 of the original's.
+const TOL: f32 = 1e-5;
+
+fn check(got: &Tensor, r: &BTreeMap<String, Param>, key: &str, k: Kernels) {
     let d = max_diff(got, &r[key]);
-    eprintln!("{key}: max abs diff {d:.3e} (tolerance {tol:.0e})");
-    assert!(d <= tol, "{key}: max abs diff {d} > {tol}");
+    eprintln!("{key} ({k:?}): max abs diff {d:.3e} (tolerance {TOL:.0e})");
+    assert!(d <= TOL, "{key} ({k:?}): max abs diff {d} > {TOL}");
 }
 
 #[test]
@@ -47,11 +59,13 @@ fn ti_mim_tokens_and_pooled() {
         return;
     };
     let r = reference(&s);
-    let m = model(&s, "eva_x_ti_mim_fp16.pt");
-    let f = m.forward_features(&input(&r, "input224")).unwrap();
-    let (pooled, tokens) = m.representation(&f).unwrap();
-    check(&tokens, &r, "ti_mim/tokens", 1e-4);
-    check(&pooled, &r, "ti_mim/pooled", 1e-4);
+    for k in PATHS {
+        let m = model(&s, "eva_x_ti_mim_fp16.pt", k);
+        let f = m.forward_features(&input(&r, "input224")).unwrap();
+        let (pooled, tokens) = m.representation(&f).unwrap();
+        check(&tokens, &r, "ti_mim/tokens", k);
+        check(&pooled, &r, "ti_mim/pooled", k);
+    }
 }
 
 #[test]
@@ -60,19 +74,16 @@ fn ti_ft_intermediates_and_logits() {
         return;
     };
     let r = reference(&s);
-    let m = model(&s, "eva_x_ti_cxr14_ft.pth");
-    let x = input(&r, "input224");
-    check(&m.embed_tokens(&x).unwrap(), &r, "ti_ft/embed_out", 1e-5);
-    check(
-        &m.forward_blocks(&x, 1).unwrap(),
-        &r,
-        "ti_ft/block0_out",
-        1e-4,
-    );
-    let f = m.forward_features(&x).unwrap();
-    let (pooled, _) = m.representation(&f).unwrap();
-    check(&pooled, &r, "ti_ft/prelogits", 1e-4);
-    check(&m.head_logits(&pooled).unwrap(), &r, "ti_ft/logits", 1e-4);
+    for k in PATHS {
+        let m = model(&s, "eva_x_ti_cxr14_ft.pth", k);
+        let x = input(&r, "input224");
+        check(&m.embed_tokens(&x).unwrap(), &r, "ti_ft/embed_out", k);
+        check(&m.forward_blocks(&x, 1).unwrap(), &r, "ti_ft/block0_out", k);
+        let f = m.forward_features(&x).unwrap();
+        let (pooled, _) = m.representation(&f).unwrap();
+        check(&pooled, &r, "ti_ft/prelogits", k);
+        check(&m.head_logits(&pooled).unwrap(), &r, "ti_ft/logits", k);
+    }
 }
 
 #[test]
@@ -81,13 +92,15 @@ fn s480_ft_logits() {
         return;
     };
     let r = reference(&s);
-    let m = model(&s, "eva_x_s_d2_covidx480_ft.pth");
-    check(
-        &m.logits(&input(&r, "input480")).unwrap(),
-        &r,
-        "s480_ft/logits",
-        1e-4,
-    );
+    for k in PATHS {
+        let m = model(&s, "eva_x_s_d2_covidx480_ft.pth", k);
+        check(
+            &m.logits(&input(&r, "input480")).unwrap(),
+            &r,
+            "s480_ft/logits",
+            k,
+        );
+    }
 }
 
 #[test]
@@ -96,20 +109,22 @@ fn s_mim_resampled_to_480() {
         return;
     };
     let r = reference(&s);
-    let m = model(&s, "eva_x_s_d2_mim_fp16.pt");
-    check(
-        &m.pos_embed_for((30, 30)).unwrap(),
-        &r,
-        "s_mim_to480/pos_embed",
-        1e-5,
-    );
-    let f = m.forward_features(&input(&r, "input480")).unwrap();
-    check(
-        &m.representation(&f).unwrap().0,
-        &r,
-        "s_mim_to480/pooled",
-        1e-4,
-    );
+    for k in PATHS {
+        let m = model(&s, "eva_x_s_d2_mim_fp16.pt", k);
+        check(
+            &m.pos_embed_for((30, 30)).unwrap(),
+            &r,
+            "s_mim_to480/pos_embed",
+            k,
+        );
+        let f = m.forward_features(&input(&r, "input480")).unwrap();
+        check(
+            &m.representation(&f).unwrap().0,
+            &r,
+            "s_mim_to480/pooled",
+            k,
+        );
+    }
 }
 
 #[test]
@@ -118,11 +133,13 @@ fn b_mim_tokens_and_pooled() {
         return;
     };
     let r = reference(&s);
-    let m = model(&s, "eva_x_b_d1_mim_fp16.pt");
-    let f = m.forward_features(&input(&r, "input224")).unwrap();
-    let (pooled, tokens) = m.representation(&f).unwrap();
-    check(&tokens, &r, "b_mim/tokens", 1e-4);
-    check(&pooled, &r, "b_mim/pooled", 1e-4);
+    for k in PATHS {
+        let m = model(&s, "eva_x_b_d1_mim_fp16.pt", k);
+        let f = m.forward_features(&input(&r, "input224")).unwrap();
+        let (pooled, tokens) = m.representation(&f).unwrap();
+        check(&tokens, &r, "b_mim/tokens", k);
+        check(&pooled, &r, "b_mim/pooled", k);
+    }
 }
 
 #[test]
@@ -131,14 +148,16 @@ fn b_ft_rope16_logits() {
         return;
     };
     let r = reference(&s);
-    let m = model(&s, "eva_x_b_d1_cxr14_ft_rope16.pth");
-    assert_eq!(m.config.rope_grid, 16.0);
-    check(
-        &m.logits(&input(&r, "input224")).unwrap(),
-        &r,
-        "b_ft_rope16/logits",
-        1e-4,
-    );
+    for k in PATHS {
+        let m = model(&s, "eva_x_b_d1_cxr14_ft_rope16.pth", k);
+        assert_eq!(m.config.rope_grid, 16.0);
+        check(
+            &m.logits(&input(&r, "input224")).unwrap(),
+            &r,
+            "b_ft_rope16/logits",
+            k,
+        );
+    }
 }
 
 /// Rename models_eva keys to timm's Eva names (and put them under a prefix).
@@ -187,7 +206,12 @@ fn timm_layout_and_prefixes_give_the_same_outputs() {
         assert!(report.from_timm);
         assert_eq!(report.prefix, prefix);
         assert!(report.unused.is_empty(), "{:?}", report.unused);
-        check(&m.logits(&input(&r, "input224")).unwrap(), &r, key, 1e-4);
+        check(
+            &m.logits(&input(&r, "input224")).unwrap(),
+            &r,
+            key,
+            Kernels::Fused,
+        );
     }
 }
 

@@ -1,11 +1,12 @@
 //! One training step of the Ti fine-tuned fixture against the original (reference.safetensors
-//! `train/*`, ti_param_groups.json).
+//! `train/*`, ti_param_groups.json), through both kernel paths.
 
 use std::collections::BTreeMap;
 
 use candle_core::Device;
 use evax::checkpoint::{Checkpoint, Param};
 use evax::fixtures::shared_or_skip;
+use evax::kernels::Kernels;
 use evax::model::adapt::to_eva_layout;
 use evax::train::optim::AdamW;
 use evax::train::{Trainable, bce_with_logits, param_group};
@@ -17,14 +18,23 @@ fn reference(s: &std::path::Path) -> BTreeMap<String, Param> {
 }
 
 #[test]
-fn one_step_matches_the_original() {
+fn one_step_matches_the_original_fused_kernels() {
+    one_step(Kernels::Fused);
+}
+
+#[test]
+fn one_step_matches_the_original_reference_path() {
+    one_step(Kernels::Reference);
+}
+
+fn one_step(kernels: Kernels) {
     let Some(s) = shared_or_skip("one_step_matches_the_original") else {
         return;
     };
     let r = reference(&s);
     let ck = Checkpoint::load(s.join("fixtures/eva_x_ti_cxr14_ft.pth")).unwrap();
     let sd = to_eva_layout(&ck.tensors).unwrap();
-    let model = Trainable::from_state_dict(&sd, 14, 0).unwrap();
+    let model = Trainable::from_state_dict_on(&sd, 14, 0, &Device::Cpu, kernels).unwrap();
     // Parameter groups: the rule's output for every parameter.
     let groups_ref: serde_json::Value =
         serde_json::from_slice(&std::fs::read(s.join("fixtures/ti_param_groups.json")).unwrap())
@@ -69,6 +79,9 @@ fn one_step_matches_the_original() {
         assert!(n > 0.0, "{name}: zero gradient");
     }
     let mut ref_grads = BTreeMap::new();
+    let grad_keys: Vec<_> = r.keys().filter(|k| k.starts_with("train/grad/")).collect();
+    // The fixture records 11 parameters' gradients (patch embedding to head).
+    assert_eq!(grad_keys.len(), 11, "gradients in the fixture");
     for (key, want) in r.iter().filter(|(k, _)| k.starts_with("train/grad/")) {
         let name = &key["train/grad/".len()..];
         let got = grads
@@ -78,6 +91,7 @@ fn one_step_matches_the_original() {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
+        assert_eq!(got.len(), want.data.len(), "{name}: gradient length");
         let mut worst = 0f32;
         for (a, b) in got.iter().zip(&want.data) {
             let d = (a - b).abs();
@@ -86,13 +100,15 @@ fn one_step_matches_the_original() {
             }
             worst = worst.max(d);
         }
-        eprintln!("grad {name}: max abs diff {worst:.2e}");
+        eprintln!("grad {name} ({kernels:?}): max abs diff {worst:.2e}");
         ref_grads.insert(name.to_string(), want.data.clone());
     }
     let mut opt = AdamW::new();
     let by_name = evax::train::optim::grads_by_name(&model.vars, &grads);
     opt.update(&model.vars, &by_name, 1e-3, &groups, 1.0)
         .unwrap();
+    let after_keys = r.keys().filter(|k| k.starts_with("train/after_step/"));
+    assert_eq!(after_keys.count(), 11, "updated weights in the fixture");
     for (key, want) in r.iter().filter(|(k, _)| k.starts_with("train/after_step/")) {
         let name = &key["train/after_step/".len()..];
         let got = model.vars[name]
@@ -101,6 +117,7 @@ fn one_step_matches_the_original() {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
+        assert_eq!(got.len(), want.data.len(), "{name}: length");
         let g = &ref_grads[name];
         let mut worst = 0f32;
         for ((a, b), gr) in got.iter().zip(&want.data).zip(g) {
@@ -109,7 +126,7 @@ fn one_step_matches_the_original() {
             }
             worst = worst.max((a - b).abs());
         }
-        eprintln!("after step {name}: max abs diff {worst:.2e}");
+        eprintln!("after step {name} ({kernels:?}): max abs diff {worst:.2e}");
         assert!(worst <= 1e-6, "{name}: {worst}");
     }
 }

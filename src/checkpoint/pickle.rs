@@ -683,7 +683,8 @@ impl<'a> Machine<'a> {
                 b'd' => {
                     let items = self.pop_mark(pos)?;
                     let pairs = pairs(items).ok_or_else(|| self.bad(pos, "odd DICT items"))?;
-                    self.stack.push(V::Dict(Rc::new(RefCell::new(Pairs(pairs)))))
+                    self.stack
+                        .push(V::Dict(Rc::new(RefCell::new(Pairs(pairs)))))
                 }
                 0x91 => {
                     let items = self.pop_mark(pos)?;

@@ -242,7 +242,9 @@ impl CustomOp3 for LinearOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k) = w.dims2()?;
         let (dx, dw, db) = read(x, |xv| {
-            read(w, |wv| read(dy, |g| Ok(cpu::linear_backward(xv, wv, g, n, k))))
+            read(w, |wv| {
+                read(dy, |g| Ok(cpu::linear_backward(xv, wv, g, n, k)))
+            })
         })?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),

@@ -217,13 +217,24 @@ impl AttentionShape<'_> {
             ));
         }
         if qkv_len != self.b * t * 3 * c {
-            return Err(format!("attention: qkv holds {qkv_len} values, expected {}", self.b * t * 3 * c));
+            return Err(format!(
+                "attention: qkv holds {qkv_len} values, expected {}",
+                self.b * t * 3 * c
+            ));
         }
         Ok(())
     }
 
     /// The roped, scaled q, the roped k and v of one (image, head).
-    fn prepare(&self, qkv: &[f32], bi: usize, hi: usize, q: &mut [f32], k: &mut [f32], v: &mut [f32]) {
+    fn prepare(
+        &self,
+        qkv: &[f32],
+        bi: usize,
+        hi: usize,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &mut [f32],
+    ) {
         let (t, c) = (self.t, self.c);
         let d = c / self.heads;
         let c3 = 3 * c;
@@ -254,23 +265,58 @@ impl AttentionShape<'_> {
 /// Multi-head self-attention with RoPE: `qkv` `[b, t, 3c]` (biases added) to `[b, t, c]`, one
 /// GEMM pair per (image, head). `shape.check(qkv.len())` must hold.
 pub fn attention_forward(qkv: &[f32], shape: &AttentionShape) -> Vec<f32> {
-    let AttentionShape { b, t, c, heads: h, .. } = *shape;
+    let AttentionShape {
+        b, t, c, heads: h, ..
+    } = *shape;
     let d = c / h;
     let mut out: Vec<f32> = Vec::with_capacity(b * t * c);
     let dst = SharedMut(out.as_mut_ptr());
     (0..b * h).into_par_iter().for_each_init(
-        || (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * t]),
+        || {
+            (
+                vec![0f32; t * d],
+                vec![0f32; t * d],
+                vec![0f32; t * d],
+                vec![0f32; t * t],
+            )
+        },
         |(q, k, v, sc), bh| {
             let (bi, hi) = (bh / h, bh % h);
             shape.prepare(qkv, bi, hi, q, k, v);
             // SAFETY: q and k are t x d, sc is t x t, all owned by this task.
-            unsafe { mm(t, t, d, sc.as_mut_ptr(), t, q.as_ptr(), d, 1, k.as_ptr(), 1, d) };
+            unsafe {
+                mm(
+                    t,
+                    t,
+                    d,
+                    sc.as_mut_ptr(),
+                    t,
+                    q.as_ptr(),
+                    d,
+                    1,
+                    k.as_ptr(),
+                    1,
+                    d,
+                )
+            };
             simd::softmax_rows(sc, t);
             let o = dst;
             // SAFETY: each (image, head) task writes its own d columns of its own image's rows
             // of `out` (t rows of stride c); no two tasks overlap, and `out` holds b * t * c.
             unsafe {
-                mm(t, d, t, o.0.add(bi * t * c + hi * d), c, sc.as_ptr(), t, 1, v.as_ptr(), d, 1)
+                mm(
+                    t,
+                    d,
+                    t,
+                    o.0.add(bi * t * c + hi * d),
+                    c,
+                    sc.as_ptr(),
+                    t,
+                    1,
+                    v.as_ptr(),
+                    d,
+                    1,
+                )
             };
         },
     );
@@ -282,11 +328,17 @@ pub fn attention_forward(qkv: &[f32], shape: &AttentionShape) -> Vec<f32> {
 /// Gradient of [`attention_forward`] with respect to `qkv`, given the output gradient `dy`
 /// `[b, t, c]`; the probabilities are recomputed. `shape.check(qkv.len())` must hold.
 pub fn attention_backward(qkv: &[f32], dy: &[f32], shape: &AttentionShape) -> Vec<f32> {
-    let AttentionShape { b, t, c, heads: h, .. } = *shape;
+    let AttentionShape {
+        b, t, c, heads: h, ..
+    } = *shape;
     let d = c / h;
     let c3 = 3 * c;
     let scale = 1.0 / (d as f32).sqrt();
-    assert_eq!(dy.len(), b * t * c, "attention backward: output gradient size");
+    assert_eq!(
+        dy.len(),
+        b * t * c,
+        "attention backward: output gradient size"
+    );
     let mut dqkv: Vec<f32> = vec![0f32; b * t * c3];
     let dst = SharedMut(dqkv.as_mut_ptr());
     (0..b * h).into_par_iter().for_each_init(
@@ -309,7 +361,19 @@ pub fn attention_backward(qkv: &[f32], dy: &[f32], shape: &AttentionShape) -> Ve
             // SAFETY: every buffer is owned by this task and sized as the shapes say; `dout`
             // addresses t rows of stride c and width d inside `dy` (checked above).
             unsafe {
-                mm(t, t, d, p.as_mut_ptr(), t, q.as_ptr(), d, 1, k.as_ptr(), 1, d);
+                mm(
+                    t,
+                    t,
+                    d,
+                    p.as_mut_ptr(),
+                    t,
+                    q.as_ptr(),
+                    d,
+                    1,
+                    k.as_ptr(),
+                    1,
+                    d,
+                );
                 simd::softmax_rows(p, t);
                 // dV = P^T dO; dP = dO V^T.
                 mm(t, d, t, dv.as_mut_ptr(), d, p.as_ptr(), 1, t, dout, c, 1);
@@ -324,8 +388,32 @@ pub fn attention_backward(qkv: &[f32], dy: &[f32], shape: &AttentionShape) -> Ve
             }
             // SAFETY: as above; dQs = dS K; dK' = dS^T Qs.
             unsafe {
-                mm(t, d, t, dq.as_mut_ptr(), d, dp.as_ptr(), t, 1, k.as_ptr(), d, 1);
-                mm(t, d, t, dk.as_mut_ptr(), d, dp.as_ptr(), 1, t, q.as_ptr(), d, 1);
+                mm(
+                    t,
+                    d,
+                    t,
+                    dq.as_mut_ptr(),
+                    d,
+                    dp.as_ptr(),
+                    t,
+                    1,
+                    k.as_ptr(),
+                    d,
+                    1,
+                );
+                mm(
+                    t,
+                    d,
+                    t,
+                    dk.as_mut_ptr(),
+                    d,
+                    dp.as_ptr(),
+                    1,
+                    t,
+                    q.as_ptr(),
+                    d,
+                    1,
+                );
             }
             let whole = dst; // the whole wrapper (not its field) is moved into the closure
             // SAFETY: every slice made here is d elements of this (image, head)'s own q, k or
@@ -414,7 +502,12 @@ pub fn layer_norm_forward(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32>
 
 /// Gradients `(dx, dw, db)` of [`layer_norm_forward`] given the output gradient `dy`
 /// (parameter sums in a fixed order: deterministic).
-pub fn layer_norm_backward(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn layer_norm_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let c = w.len();
     let mut dx = vec![0f32; x.len()];
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
@@ -478,7 +571,10 @@ pub fn linear_forward(
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
 ) -> Vec<f32> {
-    assert!(k > 0 && n > 0 && w.len() == n * k && x.len().is_multiple_of(k), "linear: shapes");
+    assert!(
+        k > 0 && n > 0 && w.len() == n * k && x.len().is_multiple_of(k),
+        "linear: shapes"
+    );
     let m = x.len() / k;
     assert!(bias.is_none_or(|b| b.len() == n) && residual.is_none_or(|r| r.len() == m * n));
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
@@ -541,8 +637,17 @@ pub fn linear_forward(
 
 /// Gradients `(dx, dW, db)` of `y = x W^T + b` for `x` `[m, k]`, `W` `[n, k]` as stored and the
 /// output gradient `g` `[m, n]` (bias sums in a fixed order: deterministic).
-pub fn linear_backward(x: &[f32], w: &[f32], g: &[f32], n: usize, k: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    assert!(k > 0 && n > 0 && w.len() == n * k && x.len().is_multiple_of(k), "linear: shapes");
+pub fn linear_backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    n: usize,
+    k: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert!(
+        k > 0 && n > 0 && w.len() == n * k && x.len().is_multiple_of(k),
+        "linear: shapes"
+    );
     let m = x.len() / k;
     assert_eq!(g.len(), m * n, "linear backward: output gradient size");
     let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
@@ -552,8 +657,48 @@ pub fn linear_backward(x: &[f32], w: &[f32], g: &[f32], n: usize, k: usize) -> (
     // SAFETY: dx (m x k) = g (m x n) W (n x k); dW (n x k) = g^T (n x m) x (m x k); all
     // lengths asserted above; the lengths are set once the GEMMs have written every element.
     unsafe {
-        gemm::gemm(m, k, n, dx.as_mut_ptr(), 1, k as isize, false, g.as_ptr(), 1, n as isize, w.as_ptr(), 1, k as isize, 0.0, 1.0, false, false, false, par);
-        gemm::gemm(n, k, m, dw.as_mut_ptr(), 1, k as isize, false, g.as_ptr(), n as isize, 1, x.as_ptr(), 1, k as isize, 0.0, 1.0, false, false, false, par);
+        gemm::gemm(
+            m,
+            k,
+            n,
+            dx.as_mut_ptr(),
+            1,
+            k as isize,
+            false,
+            g.as_ptr(),
+            1,
+            n as isize,
+            w.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+        gemm::gemm(
+            n,
+            k,
+            m,
+            dw.as_mut_ptr(),
+            1,
+            k as isize,
+            false,
+            g.as_ptr(),
+            n as isize,
+            1,
+            x.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
         dx.set_len(m * k);
         dw.set_len(n * k);
     }

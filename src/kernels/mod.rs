@@ -38,7 +38,14 @@ impl Kernels {
 
 /// LayerNorm over the last axis. Inference (`grad` false) on the fused path uses candle's own
 /// fused LayerNorm (CPU and GPU, no backward); training uses ours (CPU, with a backward).
-pub fn layer_norm(k: Kernels, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32, grad: bool) -> Result<Tensor> {
+pub fn layer_norm(
+    k: Kernels,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f32,
+    grad: bool,
+) -> Result<Tensor> {
     match (k, grad) {
         (Kernels::Fused, false) => candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps),
         (Kernels::Fused, true) if k.fused_for(x) => candle_ops::layer_norm(x, w, b, eps),
@@ -47,7 +54,13 @@ pub fn layer_norm(k: Kernels, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32, grad
 }
 
 /// Multi-head attention with RoPE over `qkv` `[B, T, 3C]`; returns `[B, T, C]`.
-pub fn attention(k: Kernels, qkv: &Tensor, heads: usize, rope: &Arc<RopeTables>, grad: bool) -> Result<Tensor> {
+pub fn attention(
+    k: Kernels,
+    qkv: &Tensor,
+    heads: usize,
+    rope: &Arc<RopeTables>,
+    grad: bool,
+) -> Result<Tensor> {
     if k.fused_for(qkv) {
         candle_ops::attention(qkv, heads, rope, grad)
     } else {
@@ -65,7 +78,13 @@ pub fn swiglu(k: Kernels, x: &Tensor, grad: bool) -> Result<Tensor> {
 }
 
 /// Inference `x Wt + b (+ residual)` with `Wt` = `W^T` `[K, N]`.
-pub fn linear(k: Kernels, x: &Tensor, wt: &Tensor, b: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+pub fn linear(
+    k: Kernels,
+    x: &Tensor,
+    wt: &Tensor,
+    b: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     if k.fused_for(x) && wt.is_contiguous() {
         candle_ops::linear(x, wt, b, residual)
     } else {

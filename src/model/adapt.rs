@@ -107,7 +107,9 @@ pub fn resample_patch_kernel(w: &Param, q: usize) -> Result<Param, String> {
         return Err(format!("patch kernel has shape {:?}", w.shape));
     };
     if p != p2 || p == 0 {
-        return Err(format!("patch kernel {p}x{p2} is not a square of positive size"));
+        return Err(format!(
+            "patch kernel {p}x{p2} is not a square of positive size"
+        ));
     }
     if q == 0 {
         return Err("patch size must be positive".into());

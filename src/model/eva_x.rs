@@ -287,7 +287,12 @@ impl Linear {
     }
 
     /// `residual + x W^T + b`, fused.
-    pub fn forward_add(&self, x: &Tensor, residual: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
+    pub fn forward_add(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        k: Kernels,
+    ) -> candle_core::Result<Tensor> {
         kernels::linear(k, x, &self.weight_t, self.bias.as_ref(), Some(residual))
     }
 }
@@ -462,7 +467,9 @@ pub fn infer_config(sd: &BTreeMap<String, Param>, opts: &LoadOptions) -> Result<
     }
     let num_classes = sd.get("head.weight").map(rows);
     if num_classes == Some(0) {
-        return Err(bad("head.weight has zero rows: a head without classes".into()));
+        return Err(bad(
+            "head.weight has zero rows: a head without classes".into()
+        ));
     }
     let kind = if num_classes.is_some() || sd.contains_key("fc_norm.weight") {
         Kind::FineTuned

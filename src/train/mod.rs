@@ -12,12 +12,12 @@ use std::collections::BTreeMap;
 use candle_core::{D, Device, Result, Tensor, Var};
 
 use crate::checkpoint::{Param, StorageDtype};
+use crate::kernels::Kernels;
 use crate::model::adapt::EvaStateDict;
 use crate::model::eva_x::{Block, EvaXConfig, LayerNorm, Linear, TensorSource, infer_config};
 use crate::model::grad::{self, RopeTensors};
 use crate::model::interp::bicubic_matrix;
 use crate::model::rope::RopeTables;
-use crate::kernels::Kernels;
 use crate::model::{EvaX, Kind, LoadOptions, ModelError};
 use crate::rng::Rng;
 
@@ -101,7 +101,11 @@ impl Trainable {
             tensors.insert("fc_norm.weight".into(), f32param(vec![c], vec![1.0; c]));
             tensors.insert("fc_norm.bias".into(), f32param(vec![c], vec![0.0; c]));
         }
-        if tensors.get("head.weight").and_then(|w| w.shape.first().copied()) != Some(num_classes) {
+        if tensors
+            .get("head.weight")
+            .and_then(|w| w.shape.first().copied())
+            != Some(num_classes)
+        {
             let mut rng = Rng::new(seed ^ 0x4845_4144);
             let w = (0..num_classes * c)
                 .map(|_| trunc_normal(&mut rng, 2e-5))
