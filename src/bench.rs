@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-use crate::explain::{CamLayer, CamSource, cam_maps};
+use crate::explain::{CamSource, cam_maps};
 use crate::model::eva_x::random_state_dict;
 use crate::model::{EvaX, EvaXConfig, ModelError};
 use crate::train::optim::{AdamW, Groups};
@@ -96,7 +96,7 @@ pub fn run(
     }
     let model = EvaX::random(cfg.clone(), 0)?;
     let x = Tensor::randn(0f32, 1f32, (batch, 3, input, input), &Device::Cpu)?;
-    let layer = CamLayer::Norm1(cfg.depth - 1);
+    let layer = model.default_cam_layer();
     let trainable = if work == Workload::Train {
         Some(Trainable::from_state_dict(
             &random_state_dict(&cfg, 0),
@@ -136,7 +136,7 @@ pub fn run(
                 model.logits(&x)?;
             }
             Workload::Cam => {
-                let b = model.activation_grads(&x, layer, &|_, _| vec![0])?;
+                let b = model.activation_grads(&x, &layer, &|_, _| vec![0])?;
                 cam_maps(&b.rounds[0], (input, input))?;
             }
         }
@@ -215,4 +215,56 @@ pub fn pipeline(path: &std::path::Path, size: usize, n: usize) -> Result<Pipelin
         img_per_s: n as f64 / secs,
         decode_share: decode / total,
     })
+}
+
+/// A benchmark result as one line of text (what `evax bench` prints).
+pub fn render_text(r: &BenchResult, work: Workload) -> String {
+    match work {
+        Workload::Train => format!(
+            "{} training step, batch {} at {}px, {} threads: {:.2} s per step (best {:.2} s), {:.1} img/s, peak RSS {:.0} MiB",
+            r.variant,
+            r.batch,
+            r.input_size,
+            r.threads,
+            r.batch_s,
+            r.min_batch_s,
+            r.img_per_s,
+            r.peak_rss_mb
+        ),
+        Workload::Cam => format!(
+            "{} Grad-CAM batch {} at {}px, {} threads: {:.1} ms per CAM ({:.1} ms/batch, best {:.1} ms), peak RSS {:.0} MiB",
+            r.variant,
+            r.batch,
+            r.input_size,
+            r.threads,
+            r.batch_s * 1e3 / r.batch as f64,
+            r.batch_s * 1e3,
+            r.min_batch_s * 1e3,
+            r.peak_rss_mb
+        ),
+        Workload::Forward => format!(
+            "{} batch {} at {}px, {} threads: {:.1} img/s ({:.1} ms/batch, best {:.1} ms), {:.0} GFLOP/s, peak RSS {:.0} MiB",
+            r.variant,
+            r.batch,
+            r.input_size,
+            r.threads,
+            r.img_per_s,
+            r.batch_s * 1e3,
+            r.min_batch_s * 1e3,
+            r.gflop_per_s,
+            r.peak_rss_mb
+        ),
+    }
+}
+
+/// A pipeline benchmark as one line of text.
+pub fn pipeline_text(r: &PipelineResult, size: usize) -> String {
+    format!(
+        "pipeline {} -> {size}: {:.0} img/s on {} threads ({} images; decoding is {:.0} % of the work)",
+        r.image,
+        r.img_per_s,
+        r.threads,
+        r.images,
+        r.decode_share * 100.0
+    )
 }

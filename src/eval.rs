@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::data::Split;
 use crate::infer::{Failure, batches, progress};
 use crate::metrics::{self, AucSummary, Bootstrap, Classification};
-use crate::model::EvaX;
+use crate::model::Classifier;
 use crate::preprocess::Preprocess;
 
 /// The reason recorded for listed images that are not on disk.
@@ -20,7 +20,7 @@ pub const NOT_FOUND: &str = "image not found";
 /// Settings of one evaluation.
 pub struct EvalJob<'a> {
     /// The model.
-    pub model: &'a EvaX,
+    pub model: &'a dyn Classifier,
     /// The checkpoint path (recorded in outputs and the journal).
     pub weights: PathBuf,
     /// The split.
@@ -153,7 +153,7 @@ impl EvalJob<'_> {
         let kind = self.split.kind;
         let classes = kind.classes();
         let k = classes.len();
-        match self.model.config.num_classes {
+        match self.model.num_classes() {
             Some(n) if n == k => {}
             n => {
                 return Err(format!(
@@ -211,7 +211,7 @@ impl EvalJob<'_> {
             skipped.extend(b.failures);
             if !b.positions.is_empty() {
                 let n = b.positions.len();
-                let x = Tensor::from_vec(b.data, (n, 3, h, w), &Device::Cpu)
+                let x = Tensor::from_vec(b.data, (n, 3, h, w), self.model.device())
                     .map_err(|e| e.to_string())?;
                 let logits = self
                     .model

@@ -204,12 +204,14 @@ pub fn batches_with(
 }
 
 /// Decode and preprocess `inputs` in batches of `batch` (in parallel, prefetched), calling `run`
-/// with the positions (in `inputs`) of the images that loaded and their `[n, 3, H, W]` batch.
+/// with the positions (in `inputs`) of the images that loaded and their `[n, 3, H, W]` batch
+/// on `device`.
 /// Returns the inputs that failed, in order.
 pub fn for_each_batch(
     inputs: &[PathBuf],
     pre: &Preprocess,
     batch: usize,
+    device: &Device,
     pb: &ProgressBar,
     mut run: impl FnMut(&[usize], Tensor) -> Result<(), String>,
 ) -> Vec<Failure> {
@@ -220,7 +222,7 @@ pub fn for_each_batch(
         failures.extend(b.failures);
         if !b.positions.is_empty() {
             let n = b.positions.len();
-            let result = Tensor::from_vec(b.data, (n, 3, h, w), &Device::Cpu)
+            let result = Tensor::from_vec(b.data, (n, 3, h, w), device)
                 .map_err(|e| e.to_string())
                 .and_then(|x| run(&b.positions, x));
             if let Err(e) = result {

@@ -69,6 +69,46 @@ pub struct LabelSet {
 }
 
 impl LabelSet {
+    /// The named set `spec` (or, without one, the default for `n` classes), with `activation`
+    /// overriding its rule; an error unless it has exactly `n` classes.
+    pub fn for_head(
+        spec: Option<&str>,
+        activation: Option<Activation>,
+        n: usize,
+    ) -> Result<Self, String> {
+        let labels = match spec {
+            Some(spec) => LabelSet::resolve(spec, activation)?,
+            None => {
+                let mut l = LabelSet::for_classes(n);
+                if let Some(act) = activation {
+                    l.activation = act;
+                }
+                l
+            }
+        };
+        if labels.classes.len() != n {
+            return Err(format!(
+                "label set '{}' has {} classes but the head has {n}",
+                labels.name,
+                labels.classes.len()
+            ));
+        }
+        Ok(labels)
+    }
+
+    /// The index of class `name` (case-insensitive), or an error listing the classes.
+    pub fn index_of(&self, name: &str) -> Result<usize, String> {
+        self.classes
+            .iter()
+            .position(|l| l.eq_ignore_ascii_case(name))
+            .ok_or_else(|| {
+                format!(
+                    "unknown class '{name}'; classes are: {}",
+                    self.classes.join(", ")
+                )
+            })
+    }
+
     /// A named set (`cxr14`, `chexpert`, `covidx3`, `covidx2`) or a file with one class a line
     /// (multi-label unless `activation` says otherwise).
     pub fn resolve(spec: &str, activation: Option<Activation>) -> Result<Self, String> {

@@ -6,11 +6,20 @@
 
 #![warn(missing_docs)]
 
+/// Append one formatted line to a `String` (the text renderers of reports).
+macro_rules! w {
+    ($out:ident, $($t:tt)*) => {{
+        $out.push_str(&format!($($t)*));
+        $out.push('\n');
+    }};
+}
+
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod demo;
 pub mod dicom;
+pub mod error;
 pub mod eval;
 pub mod explain;
 pub mod fixtures;
@@ -21,6 +30,9 @@ pub mod kernels;
 pub mod labels;
 pub mod metrics;
 pub mod model;
+pub mod predict;
 pub mod preprocess;
 pub mod rng;
 pub mod train;
+
+pub use error::{Error, Result, ResultExt};

@@ -2,7 +2,7 @@
 
 use candle_core::Device;
 use evax::checkpoint::Checkpoint;
-use evax::explain::{CamLayer, CamSource, cam_maps};
+use evax::explain::{CamSource, cam_maps};
 use evax::fixtures::shared_or_skip;
 use evax::model::{EvaX, LoadOptions};
 
@@ -21,8 +21,7 @@ fn gradcam_matches_pytorch_grad_cam() {
         .unwrap()
         .narrow(0, 0, 1)
         .unwrap();
-    let layer = CamLayer::parse("last", m.config.depth).unwrap();
-    let batch = m.activation_grads(&x, layer, &|_, _| vec![1, 7]).unwrap();
+    let batch = m.activation_grads(&x, "last", &|_, _| vec![1, 7]).unwrap();
     let rounds = batch.rounds;
     let want_logits = &r["ti_ft/logits"].data[..14];
     let got_logits = &batch.logits[0];
@@ -80,9 +79,7 @@ fn cam_eval_input_and_ious_match_get_cams() {
     };
     for (finding, class) in [("Atelectasis", 0), ("Mass", 4)] {
         let rounds = m
-            .activation_grads(&x, CamLayer::parse("last", 12).unwrap(), &|_, _| {
-                vec![class]
-            })
+            .activation_grads(&x, "last", &|_, _| vec![class])
             .unwrap()
             .rounds;
         let cam = &cam_maps(&rounds[0], (224, 224)).unwrap()[0];

@@ -242,3 +242,68 @@ fn link(src: &Path, dst: &Path) -> Result<(), DataError> {
     let r = std::fs::hard_link(src, dst);
     r.map_err(|e| DataError::Io(dst.to_path_buf(), e))
 }
+
+/// The report as text (what `evax data check` prints).
+pub fn render_text(r: &CheckReport) -> String {
+    let mut out = String::new();
+    w!(
+        out,
+        "{} in {}: {} image files",
+        r.dataset,
+        r.data_dir,
+        r.images
+    );
+    if let Some(n) = r.images_expected {
+        w!(
+            out,
+            "  images: {} (the original expects {n}){}",
+            r.images,
+            if r.images == n { "" } else { "  MISMATCH" }
+        );
+    }
+    for s in &r.splits {
+        match &s.error {
+            Some(e) => w!(out, "  {}: {e}", s.split),
+            None => {
+                w!(
+                    out,
+                    "  {}: {} rows in {} (expected {}), {} images found, {} missing, {} malformed rows{}",
+                    s.split,
+                    s.rows + s.skipped,
+                    s.list.as_deref().unwrap_or("?"),
+                    s.expected.map_or("?".into(), |n| n.to_string()),
+                    s.found,
+                    s.missing_count,
+                    s.problem_count,
+                    if s.skipped > 0 {
+                        format!(", {} lateral views skipped", s.skipped)
+                    } else {
+                        String::new()
+                    }
+                );
+                for m in &s.missing {
+                    w!(out, "    missing {m}");
+                }
+                for p in &s.problems {
+                    w!(out, "    {p}");
+                }
+                if let Some([same, differ, absent]) = s.data_entry {
+                    w!(
+                        out,
+                        "    labels vs Data_Entry: {same} agree, {differ} differ, {absent} not in Data_Entry"
+                    );
+                }
+            }
+        }
+    }
+    if r.extra_count > 0 {
+        w!(
+            out,
+            "  {} images are in no list, e.g. {}",
+            r.extra_count,
+            r.extra.join(", ")
+        );
+    }
+    w!(out, "{}", if r.ok { "OK" } else { "NOT OK: see above" });
+    out
+}

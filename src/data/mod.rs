@@ -358,3 +358,64 @@ mod csv_tests {
         );
     }
 }
+
+impl DatasetKind {
+    /// The split `evax eval` uses by default: test for cxr14 and covidx3, valid for chexpert,
+    /// val for covidx4.
+    pub fn default_eval_split(self) -> &'static str {
+        match self {
+            DatasetKind::Cxr14 | DatasetKind::Covidx3 => "test",
+            DatasetKind::Chexpert => "valid",
+            DatasetKind::Covidx4 => "val",
+        }
+    }
+}
+
+/// What reading a split had to skip, as lines for people: bad rows, then missing images
+/// (at most `limit` of those, then a count).
+pub fn split_warnings(s: &Split, limit: usize) -> Vec<String> {
+    let mut out: Vec<String> = s.problems.iter().map(|p| format!("bad row: {p}")).collect();
+    for m in s.missing.iter().take(limit) {
+        out.push(format!(
+            "missing: {} ({}:{})",
+            m.path.display(),
+            s.list.display(),
+            m.line
+        ));
+    }
+    if s.missing.len() > limit {
+        out.push(format!("missing: ... and {} more", s.missing.len() - limit));
+    }
+    out
+}
+
+/// Label prevalence per class of a split as a Markdown table (what `evax data stats` prints);
+/// missing images are counted too.
+pub fn stats_text(s: &Split) -> String {
+    let classes = s.kind.classes();
+    let mut out = String::new();
+    w!(
+        out,
+        "{} ({} images{})",
+        s.list.display(),
+        s.samples.len(),
+        if s.missing.is_empty() {
+            String::new()
+        } else {
+            format!(", {} missing images counted too", s.missing.len())
+        }
+    );
+    let all: Vec<Sample> = s.samples.iter().chain(&s.missing).cloned().collect();
+    w!(
+        out,
+        "| class | positives | labelled | prevalence |\n|---|---|---|---|"
+    );
+    for (c, (pos, n)) in classes.iter().zip(prevalence(&all, classes.len())) {
+        w!(
+            out,
+            "| {c} | {pos} | {n} | {:.2} % |",
+            100.0 * pos as f64 / n.max(1) as f64
+        );
+    }
+    out
+}

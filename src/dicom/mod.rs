@@ -521,3 +521,211 @@ fn read_info(obj: &DefaultDicomObject) -> Result<DicomInfo, String> {
         imager_pixel_spacing: pair(&f64s_of(obj, tags::IMAGER_PIXEL_SPACING)),
     })
 }
+
+/// A header summary as text, one field a line (what `evax dicom info` prints).
+pub fn info_text(path: &Path, i: &DicomInfo) -> String {
+    let mut out = String::new();
+    let spacing = |s: Option<[f64; 2]>| s.map_or("-".into(), |[r, c]| format!("{r} x {c} mm"));
+    w!(out, "file            {}", path.display());
+    w!(out, "transfer syntax {}", i.transfer_syntax_name);
+    w!(out, "photometric     {}", i.photometric);
+    w!(
+        out,
+        "size            {} x {} (columns x rows), {} frame(s), {} sample(s) per pixel",
+        i.cols,
+        i.rows,
+        i.frames,
+        i.samples_per_pixel
+    );
+    w!(
+        out,
+        "bits            {} allocated, {} stored, high bit {}, {}",
+        i.bits_allocated,
+        i.bits_stored,
+        i.high_bit,
+        if i.pixel_representation == 1 {
+            "signed"
+        } else {
+            "unsigned"
+        }
+    );
+    let rescale = match (i.rescale_slope, i.rescale_intercept) {
+        (None, None) => "none".to_string(),
+        (m, b) => format!("slope {}, intercept {}", m.unwrap_or(1.0), b.unwrap_or(0.0)),
+    };
+    w!(
+        out,
+        "modality LUT    {}{}",
+        rescale,
+        if i.has_modality_lut_sequence {
+            " (+ LUT sequence)"
+        } else {
+            ""
+        }
+    );
+    let windows: Vec<String> = i
+        .windows
+        .iter()
+        .map(|w| {
+            format!(
+                "c {} w {}{}",
+                w.center,
+                w.width,
+                w.explanation
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(" ({e})"))
+            )
+        })
+        .collect();
+    w!(
+        out,
+        "VOI             {}{}{}",
+        if windows.is_empty() {
+            "no window".into()
+        } else {
+            windows.join("; ")
+        },
+        i.voi_lut_function
+            .as_ref()
+            .map_or(String::new(), |f| format!(", {f}")),
+        if i.has_voi_lut_sequence {
+            " (+ VOI LUT sequence)"
+        } else {
+            ""
+        }
+    );
+    w!(
+        out,
+        "modality        {}",
+        if i.modality.is_empty() {
+            "-"
+        } else {
+            &i.modality
+        }
+    );
+    w!(
+        out,
+        "body part       {}",
+        if i.body_part.is_empty() {
+            "-"
+        } else {
+            &i.body_part
+        }
+    );
+    w!(out, "pixel spacing   {}", spacing(i.pixel_spacing));
+    w!(out, "imager spacing  {}", spacing(i.imager_pixel_spacing));
+    out
+}
+
+/// What [`export`] wrote: the files and the display steps applied (for people to read).
+#[derive(Debug, Clone, Default)]
+pub struct Exported {
+    /// Files written.
+    pub files: Vec<PathBuf>,
+    /// The display pipeline's steps per frame (empty for raw values).
+    pub steps: Vec<String>,
+}
+
+/// Export `file` to `output`: `.png` (the 8-bit image the models see; one `OUT-N.png` per
+/// frame when several) or `.npy` (`[frames, rows, cols, samples]` u8; with `raw`, the stored
+/// values in their own integer type). `frames`: the frames to write (`None`: every frame).
+pub fn export(
+    file: &Path,
+    output: &Path,
+    voi: &voi::VoiChoice,
+    raw: bool,
+    frames: Option<usize>,
+) -> crate::Result<Exported> {
+    use crate::error::Error;
+    let f = DicomFile::open(file)?;
+    let ext = output
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let write = |path: &Path, bytes: &[u8]| {
+        crate::io::write_atomic(path, bytes).map_err(|e| Error::io(path, e))
+    };
+    let list: Vec<usize> = match frames {
+        None => (0..f.info.frames).collect(),
+        Some(k) => vec![k],
+    };
+    let mut out = Exported::default();
+    match ext.as_str() {
+        "npy" if raw => {
+            let s = f.stored_values(frames)?;
+            let signed = f.info.pixel_representation == 1;
+            let (descr, bytes): (&str, Vec<u8>) = match (f.info.bits_allocated, signed) {
+                (1 | 8, false) => ("|u1", s.values.iter().map(|&v| v as u8).collect()),
+                (1 | 8, true) => ("|i1", s.values.iter().map(|&v| v as i8 as u8).collect()),
+                (16, false) => (
+                    "<u2",
+                    s.values
+                        .iter()
+                        .flat_map(|&v| (v as u16).to_le_bytes())
+                        .collect(),
+                ),
+                (16, true) => (
+                    "<i2",
+                    s.values
+                        .iter()
+                        .flat_map(|&v| (v as i16).to_le_bytes())
+                        .collect(),
+                ),
+                _ => (
+                    "<i4",
+                    s.values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
+                ),
+            };
+            write(
+                output,
+                &crate::io::npy(descr, &[s.frames, s.rows, s.cols, s.samples], &bytes),
+            )?;
+            out.steps
+                .push(format!("{} frame(s) of stored values, {descr}", s.frames));
+            out.files.push(output.to_path_buf());
+        }
+        "npy" | "png" => {
+            let mut npy_data = Vec::new();
+            for &k in &list {
+                let (img, steps) = f.to_image(k, voi)?;
+                out.steps.extend(steps);
+                if ext == "png" {
+                    let path = if list.len() > 1 {
+                        output.with_file_name(format!(
+                            "{}-{k}.png",
+                            output
+                                .file_stem()
+                                .map(|s| s.to_string_lossy())
+                                .unwrap_or_default()
+                        ))
+                    } else {
+                        output.to_path_buf()
+                    };
+                    crate::explain::overlay::Rgb::from_image(&img)
+                        .save_png_grey_or_rgb(&path, img.channels == 1)
+                        .map_err(|e| Error::io(&path, e))?;
+                    out.files.push(path);
+                } else {
+                    npy_data.extend_from_slice(&img.data);
+                }
+            }
+            if ext == "npy" {
+                let i = &f.info;
+                let c = if i.samples_per_pixel == 3 { 3 } else { 1 };
+                write(
+                    output,
+                    &crate::io::npy("|u1", &[list.len(), i.rows, i.cols, c], &npy_data),
+                )?;
+                out.files.push(output.to_path_buf());
+            }
+        }
+        _ => {
+            return Err(Error::Invalid(format!(
+                "{}: output must end in .png or .npy",
+                output.display()
+            )));
+        }
+    }
+    Ok(out)
+}

@@ -4,15 +4,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
+use super::cam_maps;
 use super::localize::{self, BoxMapping, NihBox, ScoredBox, Scores};
 use super::overlay::{Rgb, show_cam_on_image};
-use super::{CamLayer, CamSource, cam_maps};
 use crate::infer::{Failure, progress};
 use crate::labels::LabelSet;
-use crate::model::EvaX;
+use crate::model::Classifier;
 use crate::preprocess::{Image, Normalization, Preprocess, cam_eval_input};
 
 /// Which classes to explain.
@@ -46,15 +46,15 @@ pub struct CamRecord {
 /// Settings of `evax cam`.
 pub struct CamJob<'a> {
     /// The model.
-    pub model: &'a EvaX,
+    pub model: &'a dyn Classifier,
     /// Evaluation transform.
     pub preprocess: Preprocess,
     /// Class names and activation.
     pub labels: LabelSet,
     /// Classes to explain.
     pub classes: ClassChoice,
-    /// Target layer.
-    pub layer: CamLayer,
+    /// Target layer (as the model's [`crate::explain::CamSource::check_cam_layer`] accepts).
+    pub layer: String,
     /// Images per batch.
     pub batch: usize,
     /// Write overlay PNGs.
@@ -108,7 +108,7 @@ impl CamJob<'_> {
             if ok.is_empty() {
                 continue;
             }
-            let result = Tensor::from_vec(data, (ok.len(), 3, h, w), &Device::Cpu)
+            let result = Tensor::from_vec(data, (ok.len(), 3, h, w), self.model.device())
                 .map_err(|e| e.to_string())
                 .and_then(|x| {
                     let choose = |_: usize, logits: &[f32]| match &self.classes {
@@ -121,7 +121,7 @@ impl CamJob<'_> {
                         }
                     };
                     self.model
-                        .activation_grads(&x, self.layer, &choose)
+                        .activation_grads(&x, &self.layer, &choose)
                         .map_err(|e| e.to_string())
                 });
             let batch = match result {
@@ -237,7 +237,7 @@ pub enum CamEvalPreprocess {
 /// Settings of `evax cam-eval`.
 pub struct CamEvalJob<'a> {
     /// The model.
-    pub model: &'a EvaX,
+    pub model: &'a dyn Classifier,
     /// Input size.
     pub size: (usize, usize),
     /// Preprocessing.
@@ -252,8 +252,8 @@ pub struct CamEvalJob<'a> {
     pub batch: usize,
     /// Write overlays with the box drawn.
     pub overlays: bool,
-    /// Target layer.
-    pub layer: CamLayer,
+    /// Target layer (as the model's [`crate::explain::CamSource::check_cam_layer`] accepts).
+    pub layer: String,
 }
 
 /// Metrics of one scoring.
@@ -379,7 +379,7 @@ impl CamEvalJob<'_> {
             if ok.is_empty() {
                 continue;
             }
-            let x = Tensor::from_vec(data, (ok.len(), 3, h, w), &Device::Cpu)
+            let x = Tensor::from_vec(data, (ok.len(), 3, h, w), self.model.device())
                 .map_err(|e| e.to_string())?;
             let classes: Vec<Vec<usize>> = ok
                 .iter()
@@ -395,7 +395,7 @@ impl CamEvalJob<'_> {
                 .collect();
             let batch = self
                 .model
-                .activation_grads(&x, self.layer, &|i, _| classes[i].clone())
+                .activation_grads(&x, &self.layer, &|i, _| classes[i].clone())
                 .map_err(|e| e.to_string())?;
             let maps: Vec<Vec<Vec<f32>>> = batch
                 .rounds
@@ -550,7 +550,7 @@ impl CamEvalJob<'_> {
                 (x, pic, mapping)
             }
             CamEvalPreprocess::Classification => {
-                let pre = Preprocess::eval(self.size, Normalization::EVAX);
+                let pre = Preprocess::eval(self.size, self.model.normalization());
                 let crop = pre.resize_crop(img);
                 let scale = pre.resize_short as f64 / img.width.min(img.height) as f64;
                 let (nw, nh) = (
@@ -568,4 +568,50 @@ impl CamEvalJob<'_> {
             }
         }
     }
+}
+
+/// The scores as text (what `evax cam-eval` prints).
+pub fn summary_text(r: &CamEvalReport) -> String {
+    let mut out = String::new();
+    let o = &r.result.overall;
+    w!(
+        out,
+        "threshold {:.2}{}: AP25 {:.2}  AP50 {:.2}  mIoU {:.2}  mAP {:.2}  ({} boxes)",
+        r.result.threshold,
+        if r.searched {
+            " (searched on these boxes, as the original)"
+        } else {
+            ""
+        },
+        o.ap25 * 100.0,
+        o.ap50 * 100.0,
+        o.miou * 100.0,
+        o.map * 100.0,
+        o.boxes
+    );
+    for (f, s) in &r.result.per_finding {
+        w!(
+            out,
+            "  {f:<14} AP25 {:6.2}  AP50 {:6.2}  mIoU {:6.2}  mAP {:6.2}  ({} boxes)",
+            s.ap25 * 100.0,
+            s.ap50 * 100.0,
+            s.miou * 100.0,
+            s.map * 100.0,
+            s.boxes
+        );
+    }
+    for f in &r.honest {
+        let o = &f.scored.overall;
+        w!(
+            out,
+            "honest: threshold {:.2} tuned on half {} ({} boxes), scored on the other: mAP {:.2}  mIoU {:.2}  ({} boxes)",
+            f.scored.threshold,
+            f.tuned_on_half,
+            f.tuning_boxes,
+            o.map * 100.0,
+            o.miou * 100.0,
+            o.boxes
+        );
+    }
+    out
 }

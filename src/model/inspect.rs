@@ -84,3 +84,100 @@ pub fn inspect(ck: &Checkpoint, opts: &LoadOptions) -> Inspection {
     }
     out
 }
+
+/// The description as text, one field a line (what `evax info` prints).
+pub fn render_text(i: &Inspection) -> String {
+    let mut out = String::new();
+    let dtypes: Vec<String> = i
+        .dtypes
+        .iter()
+        .map(|(d, n)| format!("{d} ({n} tensors)"))
+        .collect();
+    w!(out, "file         {}", i.path);
+    w!(out, "format       {}", i.format);
+    w!(out, "dtype        {}", dtypes.join(", "));
+    w!(
+        out,
+        "state dict   {} ({} tensors)",
+        i.nesting
+            .as_deref()
+            .map_or("top level".into(), |k| format!("under '{k}'")),
+        i.tensors
+    );
+    if !i.extras.is_empty() {
+        let e: Vec<String> = i.extras.iter().map(|(k, t)| format!("{k}: {t}")).collect();
+        w!(out, "also holds   {}", e.join(", "));
+    }
+    if let Some(c) = &i.config {
+        w!(
+            out,
+            "model        {} ({:?})",
+            i.variant.clone().unwrap_or_default(),
+            c.kind
+        );
+        w!(
+            out,
+            "architecture dim {}, depth {}, heads {}, MLP hidden {}, patch {}",
+            c.dim,
+            c.depth,
+            c.heads,
+            c.mlp_hidden,
+            c.patch_size
+        );
+        w!(
+            out,
+            "attention    {}",
+            if c.fused_qkv {
+                "fused qkv + q_bias, v_bias"
+            } else {
+                "separate q/k/v projections + q_bias, v_bias"
+            }
+        );
+        w!(
+            out,
+            "MLP          {}",
+            if c.sub_ln {
+                "SwiGLU with sub-LN (w1, w2, ffn_ln, w3)"
+            } else {
+                "packed SwiGLU (w12, w3)"
+            }
+        );
+        let (h, w) = i.input_size.unwrap_or_default();
+        w!(
+            out,
+            "input        {h}x{w} (grid {}x{})",
+            c.train_grid.0,
+            c.train_grid.1
+        );
+        w!(
+            out,
+            "RoPE r       {} (from {})",
+            c.rope_grid,
+            c.rope_grid_source
+        );
+        w!(
+            out,
+            "classes      {}",
+            c.num_classes.map_or("none".into(), |n| n.to_string())
+        );
+    }
+    if let Some(p) = i.parameters {
+        w!(out, "parameters   {p} ({:.2} M)", p as f64 / 1e6);
+    }
+    w!(
+        out,
+        "unused keys  {}",
+        if i.unused_keys.is_empty() {
+            "none".into()
+        } else {
+            i.unused_keys.join(", ")
+        }
+    );
+    if i.problems.is_empty() {
+        w!(out, "missing keys none");
+    } else {
+        w!(out, "problems     {}", i.problems.join("\n             "));
+    }
+
+    out
+}

@@ -1,10 +1,83 @@
-//! EVA-X models: architecture, RoPE and checkpoint adaptation (kernels: [`crate::kernels`]).
+//! Models: one interface ([`Backbone`], [`Classifier`]), the families behind it (EVA-X today),
+//! and the [`registry`] that recognises a checkpoint's family. Kernels live in
+//! [`crate::kernels`].
+//!
+//! Adding a family (a ResNet, a DenseNet, a plain ViT, a segmentation head) means a module
+//! here implementing the traits and one entry in [`registry`]; the jobs (`predict`, `embed`,
+//! `eval`, `cam`, `cam-eval`) only see `dyn Classifier`.
 
 pub mod adapt;
+pub mod convert;
 pub mod eva_x;
 pub mod grad;
 pub mod inspect;
 pub mod interp;
+pub mod registry;
 pub mod rope;
 
+use candle_core::{Device, Tensor};
+
 pub use eva_x::{EvaX, EvaXConfig, Kind, LoadOptions, LoadReport, ModelError};
+
+use crate::explain::CamSource;
+use crate::preprocess::Normalization;
+
+/// An image representation.
+#[derive(Debug, Clone)]
+pub struct Representation {
+    /// `[B, C]`: the pre-logits (pooled features after the family's final norm).
+    pub pooled: Tensor,
+    /// `[B, T, C]` per-token features, for families that have tokens.
+    pub tokens: Option<Tensor>,
+}
+
+/// A feature extractor: images `[B, 3, H, W]` (normalised) to features.
+pub trait Backbone: Send + Sync {
+    /// The architecture's conventional name (`EVA-X-S`).
+    fn name(&self) -> String;
+
+    /// Where the weights live and the model computes.
+    fn device(&self) -> &Device;
+
+    /// Input sides must be multiples of this (the patch size, or a CNN's total stride).
+    fn input_multiple(&self) -> usize;
+
+    /// The input size the weights were trained at.
+    fn default_input_size(&self) -> (usize, usize);
+
+    /// The normalisation the original uses with this family.
+    fn normalization(&self) -> Normalization;
+
+    /// Layers whose outputs [`Backbone::forward_intermediates`] returns, input to output.
+    fn layer_names(&self) -> Vec<String>;
+
+    /// Outputs of the layers at `indices` (into [`Backbone::layer_names`]) as feature maps
+    /// `[B, C, h, w]`, in the order asked; the model runs only as far as the deepest one.
+    fn forward_intermediates(
+        &self,
+        x: &Tensor,
+        indices: &[usize],
+    ) -> Result<Vec<Tensor>, ModelError>;
+
+    /// The representation of a batch.
+    fn embed(&self, x: &Tensor) -> Result<Representation, ModelError>;
+}
+
+/// A backbone with a classification head, explainable by Grad-CAM.
+pub trait Classifier: Backbone + CamSource {
+    /// Classes of the head (`None` for weights without one, e.g. MIM pre-training).
+    fn num_classes(&self) -> Option<usize>;
+
+    /// Class logits `[B, K]`; an error for weights without a head.
+    fn logits(&self, x: &Tensor) -> Result<Tensor, ModelError>;
+}
+
+/// The layer index of `name` in `layers`, or an error listing them.
+pub fn layer_index(layers: &[String], name: &str) -> Result<usize, ModelError> {
+    layers.iter().position(|l| l == name).ok_or_else(|| {
+        ModelError::Input(format!(
+            "no layer '{name}'; layers are: {}",
+            layers.join(", ")
+        ))
+    })
+}

@@ -6,6 +6,7 @@ pub mod config;
 pub mod engine;
 pub mod optim;
 pub mod randaugment;
+pub mod setup;
 
 use std::collections::BTreeMap;
 

@@ -4,6 +4,8 @@
 //! RoPE attention and SwiGLU MLP, then either the MIM `norm` or mean pooling + `fc_norm` + `head`.
 //! Weights are plain f32 tensors (no autograd graph) for inference.
 
+pub mod cam;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
@@ -11,8 +13,10 @@ use candle_core::{Device, Tensor};
 
 use super::adapt::{self, EvaStateDict};
 use super::rope::{self, RopeTables};
+use super::{Backbone, Classifier, Representation};
 use crate::checkpoint::{Checkpoint, Param};
 use crate::kernels::{self, Kernels};
+use crate::preprocess::Normalization;
 
 /// LayerNorm epsilon used throughout EVA-X.
 pub const LN_EPS: f32 = 1e-6;
@@ -729,6 +733,88 @@ impl EvaX {
         let f = self.forward_features(x)?;
         let (pooled, _) = self.representation(&f)?;
         self.head_logits(&pooled)
+    }
+}
+
+impl Backbone for EvaX {
+    fn name(&self) -> String {
+        self.config.variant()
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn input_multiple(&self) -> usize {
+        self.config.patch_size
+    }
+
+    fn default_input_size(&self) -> (usize, usize) {
+        let p = self.config.patch_size;
+        let (gh, gw) = self.config.train_grid;
+        (gh * p, gw * p)
+    }
+
+    fn normalization(&self) -> Normalization {
+        Normalization::EVAX
+    }
+
+    /// `patch_embed` (tokens after the position embedding) and `blocks.0` .. `blocks.{depth-1}`.
+    fn layer_names(&self) -> Vec<String> {
+        std::iter::once("patch_embed".to_string())
+            .chain((0..self.blocks.len()).map(|i| format!("blocks.{i}")))
+            .collect()
+    }
+
+    fn forward_intermediates(&self, x: &Tensor, indices: &[usize]) -> Result<Vec<Tensor>> {
+        let n = self.blocks.len() + 1;
+        if let Some(&bad) = indices.iter().find(|&&i| i >= n) {
+            return Err(ModelError::Input(format!(
+                "layer index {bad} out of range (the model has {n} layers)"
+            )));
+        }
+        let deepest = indices.iter().copied().max().unwrap_or(0);
+        let (b, grid) = self.check_input(x)?;
+        let rope = self.grid_state(grid)?.rope.clone();
+        let mut h = self.embed_tokens(x)?;
+        let mut outs: Vec<Option<Tensor>> = vec![None; n];
+        for (layer, out) in outs.iter_mut().enumerate().take(deepest + 1) {
+            if layer > 0 {
+                h = self.blocks[layer - 1].forward(&h, &rope, self.kernels)?;
+            }
+            if indices.contains(&layer) {
+                // Patch tokens as a feature map [B, C, gh, gw].
+                let t = h.dim(1)?;
+                let map = h
+                    .narrow(1, 1, t - 1)?
+                    .transpose(1, 2)?
+                    .reshape((b, self.config.dim, grid.0, grid.1))?;
+                *out = Some(map);
+            }
+        }
+        Ok(indices
+            .iter()
+            .map(|&i| outs[i].clone().expect("computed above"))
+            .collect())
+    }
+
+    fn embed(&self, x: &Tensor) -> Result<Representation> {
+        let f = self.forward_features(x)?;
+        let (pooled, tokens) = self.representation(&f)?;
+        Ok(Representation {
+            pooled,
+            tokens: Some(tokens),
+        })
+    }
+}
+
+impl Classifier for EvaX {
+    fn num_classes(&self) -> Option<usize> {
+        self.config.num_classes
+    }
+
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        EvaX::logits(self, x)
     }
 }
 

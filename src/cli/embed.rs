@@ -1,0 +1,46 @@
+//! `evax embed`: image representations.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use evax::infer;
+use evax::predict::{Predictor, check_extension, write_embeddings};
+
+use super::{ModelArgs, finish};
+
+/// Embed images: `pooled` [N, C] (and `tokens` [N, T, C]) in input order.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Also write every token's representation.
+    #[arg(long)]
+    tokens: bool,
+    /// Output: .safetensors (tensors `pooled`, `tokens`) or .npy (pooled; tokens beside).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Images, folders (walked for .png/.jpg/.jpeg/.dcm) or list files (.txt/.lst).
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+}
+
+/// Embed every input; exit 1 if any failed.
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    check_extension(&a.output, &["safetensors", "npy"])?;
+    let p = Predictor::load(&a.model.predictor_options(None))?;
+    let (paths, mut failures) = infer::collect_inputs(&a.inputs);
+    let pb = infer::progress(paths.len(), "embed");
+    let (emb, f) = p.embed_files(&paths, a.tokens, &pb);
+    failures.extend(f);
+    let Some(emb) = emb else {
+        finish(&failures, 0);
+        anyhow::bail!("no input could be embedded");
+    };
+    write_embeddings(&a.output, &emb)?;
+    eprintln!(
+        "embedded {} images -> {}",
+        emb.inputs.len(),
+        a.output.display()
+    );
+    Ok(finish(&failures, emb.inputs.len()))
+}

@@ -1,0 +1,146 @@
+//! The command line's pieces: one module per command (arguments and a `run` that calls the
+//! library and prints its summary), and the arguments they share.
+
+pub mod bench;
+pub mod cam;
+pub mod convert;
+pub mod data;
+pub mod demo;
+pub mod dicom;
+pub mod embed;
+pub mod eval;
+pub mod finetune;
+pub mod info;
+pub mod predict;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::ValueEnum;
+use evax::infer::Failure;
+use evax::kernels::Kernels;
+use evax::model::LoadOptions;
+use evax::predict::PredictorOptions;
+use evax::preprocess::Normalization;
+
+/// Normalisation statistics.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum NormArg {
+    /// The family's own (EVA-X: 0.49185 / 0.28509).
+    Auto,
+    /// EVA-X's 0.49185243 / 0.28509309.
+    Evax,
+    /// The other models' 0.5056 / 0.252.
+    Others,
+}
+
+/// Kernel implementation.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum KernelsArg {
+    /// Fused CPU kernels where they apply.
+    Fused,
+    /// candle primitives everywhere (slower; for checking).
+    Reference,
+}
+
+impl From<KernelsArg> for Kernels {
+    fn from(k: KernelsArg) -> Self {
+        match k {
+            KernelsArg::Fused => Kernels::Fused,
+            KernelsArg::Reference => Kernels::Reference,
+        }
+    }
+}
+
+/// How a command loads and feeds a model.
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// Checkpoint (.pt/.pth, zip or legacy, or .safetensors).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Input size in pixels: N for N x N, or HxW (multiples of the patch size); default: the
+    /// size the checkpoint was trained at (from its pos_embed grid).
+    #[arg(long, value_parser = parse_size)]
+    pub input_size: Option<(usize, usize)>,
+    /// RoPE reference grid r (default: read from the checkpoint's tables, else 14).
+    #[arg(long)]
+    pub rope_grid: Option<f64>,
+    /// Top-level checkpoint entry holding the state dict (default: model, state_dict, ...).
+    #[arg(long)]
+    pub state_key: Option<String>,
+    /// Normalisation statistics (default: the model family's, as the original uses them).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub norm: NormArg,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Kernel implementation.
+    #[arg(long, value_enum, default_value = "fused")]
+    pub kernels: KernelsArg,
+}
+
+impl ModelArgs {
+    /// The library's options for loading this model.
+    pub fn predictor_options(&self, labels: Option<String>) -> PredictorOptions {
+        PredictorOptions {
+            weights: self.weights.clone(),
+            state_key: self.state_key.clone(),
+            load: LoadOptions {
+                rope_grid: self.rope_grid,
+                kernels: self.kernels.into(),
+                ..Default::default()
+            },
+            input_size: self.input_size,
+            normalization: match self.norm {
+                NormArg::Auto => None,
+                NormArg::Evax => Some(Normalization::EVAX),
+                NormArg::Others => Some(Normalization::OTHERS),
+            },
+            labels,
+            activation: None,
+            batch: self.batch,
+        }
+    }
+}
+
+/// Parse `N` or `HxW`.
+pub fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let parse = |t: &str| {
+        t.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("bad size '{s}'"))
+    };
+    let (h, w) = match s.split_once(['x', 'X']) {
+        Some((h, w)) => (parse(h)?, parse(w)?),
+        None => {
+            let n = parse(s)?;
+            (n, n)
+        }
+    };
+    if h == 0 || w == 0 {
+        return Err(format!("input size {s} must be positive"));
+    }
+    Ok((h, w))
+}
+
+/// Print failures and turn them into the exit status (1 if any input failed).
+pub fn finish(failures: &[Failure], done: usize) -> ExitCode {
+    for f in failures {
+        eprintln!("failed: {}: {}", f.input.display(), f.error);
+    }
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "{} of {} inputs failed",
+            failures.len(),
+            failures.len() + done
+        );
+        ExitCode::from(1)
+    }
+}
+
+/// Print a progress note on stderr.
+pub fn note(s: &str) {
+    eprintln!("{s}");
+}

@@ -1,0 +1,200 @@
+//! Setting up a fine-tuning run from settings: the initial weights, the data, and the job
+//! behind `evax finetune` (so a server or a binding can start one too).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+
+use super::Trainable;
+use super::config::TrainConfig;
+use super::engine::{EvalPoint, Run, RunSummary, TrainData};
+use crate::checkpoint::Checkpoint;
+use crate::data::{self, DatasetKind, LoadOptions as DataOptions, chexpert::UncertaintyPolicy};
+use crate::error::{Error, Result, ResultExt};
+use crate::kernels::Kernels;
+use crate::model::{EvaXConfig, adapt};
+
+/// Initial weights: a checkpoint (MIM or fine-tuned; its head kept if it has `classes` rows,
+/// else re-initialised), or a fresh initialisation of the configured size `model`.
+pub fn initial_model(
+    weights: Option<&Path>,
+    model: &str,
+    input: usize,
+    classes: usize,
+    seed: u64,
+    device: &Device,
+    kernels: Kernels,
+) -> Result<Trainable> {
+    match weights {
+        Some(w) => {
+            let ck = Checkpoint::load(w)?;
+            let sd = adapt::to_eva_layout(&ck.tensors).context(format!(
+                "{}: not EVA-X weights (fine-tuning takes EVA-X checkpoints)",
+                w.display()
+            ))?;
+            let m = Trainable::from_state_dict_on(&sd, classes, seed, device, kernels)
+                .context(w.display())?;
+            let p = m.config.patch_size;
+            if !input.is_multiple_of(p) {
+                return Err(Error::Invalid(format!(
+                    "input_size {input} is not a multiple of the checkpoint's patch size {p}"
+                )));
+            }
+            Ok(m)
+        }
+        None => {
+            let mut cfg = EvaXConfig::preset(model)
+                .ok_or_else(|| Error::Invalid(format!("unknown model '{model}' (ti, s, b)")))?;
+            if input == 0 || !input.is_multiple_of(cfg.patch_size) {
+                return Err(Error::Invalid(format!(
+                    "input_size {input} is not a positive multiple of 16"
+                )));
+            }
+            cfg.train_grid = (input / 16, input / 16);
+            cfg.num_classes = Some(classes);
+            Ok(Trainable::from_state_dict_on(
+                &super::init_state_dict(&cfg, seed),
+                classes,
+                seed,
+                device,
+                kernels,
+            )?)
+        }
+    }
+}
+
+/// A split of a dataset as training data, with the rows and images that had to be skipped
+/// described in `warnings`.
+pub fn train_data(
+    kind: DatasetKind,
+    dir: &Path,
+    split: &str,
+    cfg: &TrainConfig,
+    warnings: &mut Vec<String>,
+) -> Result<TrainData> {
+    let opts = DataOptions {
+        policy: UncertaintyPolicy::parse(&cfg.uncertainty)?,
+        ..Default::default()
+    };
+    let s = data::load_split(kind, dir, split, None, &opts)?;
+    warnings.extend(s.problems.iter().take(10).map(|p| format!("bad row: {p}")));
+    if !s.missing.is_empty() {
+        warnings.push(format!(
+            "{}: {} listed images not found (skipped)",
+            s.list.display(),
+            s.missing.len()
+        ));
+    }
+    if s.samples.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: no usable images",
+            s.list.display()
+        )));
+    }
+    Ok(TrainData {
+        samples: s.samples.into_iter().map(|x| (x.path, x.labels)).collect(),
+        classes: kind.classes(),
+        single_label: kind.single_label(),
+    })
+}
+
+/// A fine-tuning job: settings, starting weights, data and output folder.
+pub struct Finetune {
+    /// The settings (preset, file and overrides already applied).
+    pub cfg: TrainConfig,
+    /// Starting weights (default: a random initialisation of `cfg.model`).
+    pub weights: Option<PathBuf>,
+    /// The dataset's folder.
+    pub data_dir: PathBuf,
+    /// Output folder (a run there is resumed).
+    pub out_dir: PathBuf,
+    /// Stop after this many optimiser steps.
+    pub max_steps: Option<u64>,
+    /// Device of the parameters.
+    pub device: Device,
+    /// Kernels.
+    pub kernels: Kernels,
+}
+
+impl Finetune {
+    /// Load data and weights, announce the run through `note`, train, and write
+    /// `summary.json`.
+    pub fn run(self, note: &mut dyn FnMut(&str)) -> Result<RunSummary> {
+        let cfg = self.cfg;
+        let kind = DatasetKind::parse(&cfg.dataset)?;
+        let mut warnings = Vec::new();
+        let train = train_data(kind, &self.data_dir, &cfg.train_split, &cfg, &mut warnings)?;
+        let eval = train_data(kind, &self.data_dir, &cfg.eval_split, &cfg, &mut warnings)?;
+        warnings.iter().for_each(|w| note(w));
+        let mut model = initial_model(
+            self.weights.as_deref(),
+            &cfg.model,
+            cfg.input_size,
+            train.classes.len(),
+            cfg.seed,
+            &self.device,
+            self.kernels,
+        )?;
+        note(&format!(
+            "fine-tuning {} on {} ({} training images, evaluating on {} {}); selecting on {} {}",
+            model.config.variant(),
+            kind.name(),
+            train.samples.len(),
+            eval.samples.len(),
+            cfg.eval_split,
+            cfg.eval_split,
+            cfg.select_metric
+        ));
+        let run = Run {
+            cfg,
+            out_dir: self.out_dir.clone(),
+            train,
+            eval,
+            max_steps: self.max_steps,
+            progress: true,
+        };
+        let s = run.run(&mut model)?;
+        let path = self.out_dir.join("summary.json");
+        crate::io::write_atomic(&path, &serde_json::to_vec_pretty(&s)?)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(s)
+    }
+}
+
+/// The end of a run as text: interruption, the best and the last evaluation in `metric`.
+pub fn summary_text(s: &RunSummary, metric: &str) -> String {
+    let show = |p: &EvalPoint| {
+        if metric == "accuracy" {
+            format!(
+                "accuracy {:.2} (mAUC {:.2})",
+                p.accuracy.unwrap_or(0.0) * 100.0,
+                p.mauc * 100.0
+            )
+        } else {
+            format!("mAUC {:.2}", p.mauc * 100.0)
+        }
+    };
+    let mut out = String::new();
+    if s.interrupted {
+        out.push_str(&format!(
+            "stopped after {} optimiser steps as asked; run again to resume\n",
+            s.steps
+        ));
+    }
+    if let Some(b) = &s.best {
+        out.push_str(&format!(
+            "best (on {}, epoch {}): {}\n",
+            s.selected_on,
+            b.epoch,
+            show(b)
+        ));
+    }
+    if let Some(l) = &s.last {
+        out.push_str(&format!(
+            "last evaluation (epoch {}): {}\n",
+            l.epoch,
+            show(l)
+        ));
+    }
+    out
+}
