@@ -186,21 +186,21 @@ pub struct PipelineResult {
 
 /// Time decoding and the evaluation transform of `path` at `size`, `n` times over the thread
 /// pool (the file is read from disk each time, as a dataset would be).
-pub fn pipeline(path: &std::path::Path, size: usize, n: usize) -> Result<PipelineResult, String> {
+pub fn pipeline(path: &std::path::Path, size: usize, n: usize) -> crate::Result<PipelineResult> {
     use crate::preprocess::{Image, Normalization, Preprocess};
     use rayon::prelude::*;
     let pre = Preprocess::eval((size, size), Normalization::EVAX);
-    pre.load(path).map_err(|e| e.to_string())?;
+    pre.load(path)?;
     // Split of one image's cost, single-threaded.
     let reps = 10;
     let t0 = Instant::now();
     for _ in 0..reps {
-        Image::open(path).map_err(|e| e.to_string())?;
+        Image::open(path)?;
     }
     let decode = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
     for _ in 0..reps {
-        pre.load(path).map_err(|e| e.to_string())?;
+        pre.load(path)?;
     }
     let total = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();

@@ -149,22 +149,23 @@ impl Journal {
 
 impl EvalJob<'_> {
     /// Run, writing `y_pred.npy`, `y_gt.npy`, `metrics.json`, `report.md` and `skipped.txt`.
-    pub fn run(&self, out_dir: &Path) -> Result<EvalReport, String> {
+    pub fn run(&self, out_dir: &Path) -> crate::Result<EvalReport> {
+        use crate::error::Error;
         let kind = self.split.kind;
         let classes = kind.classes();
         let k = classes.len();
         match self.model.num_classes() {
             Some(n) if n == k => {}
             n => {
-                return Err(format!(
+                return Err(Error::Invalid(format!(
                     "{}: the head has {} classes, {} has {k}",
                     self.weights.display(),
                     n.map_or("no".into(), |n| n.to_string()),
                     kind.name()
-                ));
+                )));
             }
         }
-        std::fs::create_dir_all(out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+        std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
         let samples = &self.split.samples;
         let journal = Journal {
             path: out_dir.join("predictions.journal"),
@@ -188,7 +189,7 @@ impl EvalJob<'_> {
         let resumed = done.len();
         let mut file = journal
             .open(&done)
-            .map_err(|e| format!("{}: {e}", journal.path.display()))?;
+            .map_err(|e| Error::io(&journal.path, e))?;
         let todo: Vec<(usize, PathBuf)> = samples
             .iter()
             .enumerate()
@@ -211,13 +212,8 @@ impl EvalJob<'_> {
             skipped.extend(b.failures);
             if !b.positions.is_empty() {
                 let n = b.positions.len();
-                let x = Tensor::from_vec(b.data, (n, 3, h, w), self.model.device())
-                    .map_err(|e| e.to_string())?;
-                let logits = self
-                    .model
-                    .logits(&x)
-                    .and_then(|l| Ok(l.to_vec2::<f32>()?))
-                    .map_err(|e| e.to_string())?;
+                let x = Tensor::from_vec(b.data, (n, 3, h, w), self.model.device())?;
+                let logits = self.model.logits(&x)?.to_vec2::<f32>()?;
                 let mut rec = Vec::with_capacity(n * journal.record_len());
                 for (&i, row) in b.positions.iter().zip(logits) {
                     rec.extend_from_slice(&(i as u32).to_le_bytes());
@@ -227,7 +223,7 @@ impl EvalJob<'_> {
                 }
                 file.write_all(&rec)
                     .and_then(|_| file.sync_data())
-                    .map_err(|e| format!("{}: {e}", journal.path.display()))?;
+                    .map_err(|e| Error::io(&journal.path, e))?;
             }
             pb.inc(b.covered as u64);
         }
@@ -247,14 +243,11 @@ impl EvalJob<'_> {
         let report = self.metrics(&classes, &y_gt, &y_pred, rows.len(), skipped, resumed);
         let write = |name: &str, bytes: &[u8]| {
             crate::io::write_atomic(&out_dir.join(name), bytes)
-                .map_err(|e| format!("{}: {e}", out_dir.join(name).display()))
+                .map_err(|e| Error::io(out_dir.join(name), e))
         };
         write("y_pred.npy", &crate::io::npy_f32(&[rows.len(), k], &y_pred))?;
         write("y_gt.npy", &crate::io::npy_f32(&[rows.len(), k], &y_gt))?;
-        write(
-            "metrics.json",
-            &serde_json::to_vec_pretty(&report).map_err(|e| e.to_string())?,
-        )?;
+        write("metrics.json", &serde_json::to_vec_pretty(&report)?)?;
         write("report.md", markdown(&report).as_bytes())?;
         let skipped_txt: String = report
             .skipped

@@ -75,7 +75,7 @@ impl LabelSet {
         spec: Option<&str>,
         activation: Option<Activation>,
         n: usize,
-    ) -> Result<Self, String> {
+    ) -> crate::Result<Self> {
         let labels = match spec {
             Some(spec) => LabelSet::resolve(spec, activation)?,
             None => {
@@ -87,31 +87,31 @@ impl LabelSet {
             }
         };
         if labels.classes.len() != n {
-            return Err(format!(
+            return Err(crate::Error::Invalid(format!(
                 "label set '{}' has {} classes but the head has {n}",
                 labels.name,
                 labels.classes.len()
-            ));
+            )));
         }
         Ok(labels)
     }
 
     /// The index of class `name` (case-insensitive), or an error listing the classes.
-    pub fn index_of(&self, name: &str) -> Result<usize, String> {
+    pub fn index_of(&self, name: &str) -> crate::Result<usize> {
         self.classes
             .iter()
             .position(|l| l.eq_ignore_ascii_case(name))
             .ok_or_else(|| {
-                format!(
+                crate::Error::Invalid(format!(
                     "unknown class '{name}'; classes are: {}",
                     self.classes.join(", ")
-                )
+                ))
             })
     }
 
     /// A named set (`cxr14`, `chexpert`, `covidx3`, `covidx2`) or a file with one class a line
     /// (multi-label unless `activation` says otherwise).
-    pub fn resolve(spec: &str, activation: Option<Activation>) -> Result<Self, String> {
+    pub fn resolve(spec: &str, activation: Option<Activation>) -> crate::Result<Self> {
         let (classes, default): (Vec<String>, Activation) = match spec {
             "cxr14" => (
                 CXR14.iter().map(|s| s.to_string()).collect(),
@@ -140,7 +140,9 @@ impl LabelSet {
                     .map(str::to_owned)
                     .collect();
                 if classes.is_empty() {
-                    return Err(format!("{file}: label file has no class names"));
+                    return Err(crate::Error::Invalid(format!(
+                        "{file}: label file has no class names"
+                    )));
                 }
                 (classes, Activation::Sigmoid)
             }

@@ -145,7 +145,7 @@ fn non_finite_loss_stops_with_a_clear_message() {
         max_steps: None,
         progress: false,
     };
-    let e = r.run(&mut model(1)).unwrap_err();
+    let e = r.run(&mut model(1)).unwrap_err().to_string();
     assert!(e.contains("loss is") && e.contains("stopping"), "{e}");
 }
 

@@ -22,7 +22,7 @@ pub fn is_legacy(head: &[u8]) -> bool {
 }
 
 /// Read the zip archive format (`archive/data.pkl`, `archive/data/<key>`).
-pub fn read_zip(bytes: &[u8]) -> Result<TorchFile, String> {
+pub(crate) fn read_zip(bytes: &[u8]) -> Result<TorchFile, String> {
     let mut zip =
         zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| format!("unreadable zip: {e}"))?;
     let names: Vec<String> = zip
@@ -81,7 +81,7 @@ pub fn read_zip(bytes: &[u8]) -> Result<TorchFile, String> {
 
 /// Read the legacy stream format: magic, protocol, sys info, the object, storage keys, then each
 /// storage as an 8-byte element count followed by its bytes.
-pub fn read_legacy(bytes: &[u8]) -> Result<TorchFile, String> {
+pub(crate) fn read_legacy(bytes: &[u8]) -> Result<TorchFile, String> {
     let mut keep = pickle::KeepPersistent;
     let (magic, pos) =
         pickle::unpickle(bytes, 0, &mut keep).map_err(|e| format!("legacy header: {e}"))?;
@@ -183,7 +183,7 @@ impl PersistentLoader for Storages {
 }
 
 /// Copy a tensor view out of its storage into a contiguous `f32` vector, checking every bound.
-pub fn materialize(t: &TensorRef, storage: &[u8]) -> Result<Vec<f32>, String> {
+pub(crate) fn materialize(t: &TensorRef, storage: &[u8]) -> Result<Vec<f32>, String> {
     let numel = t
         .shape
         .iter()

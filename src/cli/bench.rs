@@ -38,8 +38,7 @@ pub struct Args {
 /// Run the benchmark and print its line (or JSON).
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if let Some(image) = a.pipeline {
-        let r = bench::pipeline(&image, a.input_size, a.iters.max(1) * 100)
-            .map_err(anyhow::Error::msg)?;
+        let r = bench::pipeline(&image, a.input_size, a.iters.max(1) * 100)?;
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {

@@ -51,8 +51,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             a.classes
                 .iter()
                 .map(|c| labels.index_of(c))
-                .collect::<Result<_, _>>()
-                .map_err(anyhow::Error::msg)?,
+                .collect::<Result<_, _>>()?,
         )
     };
     let layer = a.layer.unwrap_or_else(|| p.model.default_cam_layer());
@@ -148,9 +147,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         batch: a.batch,
         overlays: a.overlays,
     };
-    let r = job
-        .run(&a.weights, &a.boxes, &a.images, &a.output)
-        .map_err(anyhow::Error::msg)?;
+    let r = job.run(&a.weights, &a.boxes, &a.images, &a.output)?;
     for b in &r.bad_rows {
         eprintln!("skipped row {b}");
     }

@@ -36,9 +36,9 @@ pub struct DataArgs {
 impl DataArgs {
     /// Read the split, printing what had to be skipped.
     pub fn load(&self) -> anyhow::Result<Split> {
-        let kind = DatasetKind::parse(&self.dataset).map_err(anyhow::Error::msg)?;
+        let kind = DatasetKind::parse(&self.dataset)?;
         let opts = LoadOptions {
-            policy: UncertaintyPolicy::parse(&self.uncertainty).map_err(anyhow::Error::msg)?,
+            policy: UncertaintyPolicy::parse(&self.uncertainty)?,
             data_entry: self.data_entry.clone(),
             strict: self.strict,
         };
@@ -102,7 +102,7 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             data_entry,
             json,
         } => {
-            let kind = DatasetKind::parse(&dataset).map_err(anyhow::Error::msg)?;
+            let kind = DatasetKind::parse(&dataset)?;
             let opts = LoadOptions {
                 data_entry,
                 ..Default::default()
@@ -124,7 +124,7 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             data_dir,
             output,
         } => {
-            match DatasetKind::parse(&dataset).map_err(anyhow::Error::msg)? {
+            match DatasetKind::parse(&dataset)? {
                 DatasetKind::Cxr14 => {
                     let n = data::check::prepare_cxr14(&data_dir, &output)?;
                     eprintln!("linked {n} images into {}", output.join("images").display());

@@ -58,7 +58,7 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             frame,
             all_frames,
         } => {
-            let voi = VoiChoice::parse(&voi).map_err(anyhow::Error::msg)?;
+            let voi = VoiChoice::parse(&voi)?;
             let frames = if all_frames { None } else { Some(frame) };
             let e = dicom::export(&file, &output, &voi, raw, frames)?;
             for s in &e.steps {

@@ -42,7 +42,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         bootstrap: a.bootstrap,
         seed: a.seed,
     };
-    let r = job.run(&a.output).map_err(anyhow::Error::msg)?;
+    let r = job.run(&a.output)?;
     print!("{}", markdown(&r));
     if r.resumed > 0 {
         eprintln!(

@@ -46,8 +46,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let cfg = TrainConfig::build(a.preset.as_deref(), text.as_deref(), &a.overrides)
-        .map_err(anyhow::Error::msg)?;
+    let cfg = TrainConfig::build(a.preset.as_deref(), text.as_deref(), &a.overrides)?;
     let metric = cfg.select_metric.clone();
     let s = Finetune {
         cfg,

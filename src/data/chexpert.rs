@@ -23,16 +23,16 @@ pub enum UncertaintyPolicy {
 
 impl UncertaintyPolicy {
     /// From `original`, `ones`, `zeros`, `ignore`.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> crate::Result<Self> {
         Ok(match s {
             "original" => Self::Original,
             "ones" | "u-ones" => Self::Ones,
             "zeros" | "u-zeros" => Self::Zeros,
             "ignore" => Self::Ignore,
             _ => {
-                return Err(format!(
+                return Err(crate::Error::Invalid(format!(
                     "unknown uncertainty policy '{s}' (original, ones, zeros, ignore)"
-                ));
+                )));
             }
         })
     }

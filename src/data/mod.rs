@@ -28,16 +28,16 @@ pub enum DatasetKind {
 
 impl DatasetKind {
     /// From `cxr14`, `chexpert`, `covidx3`, `covidx4`.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> crate::Result<Self> {
         Ok(match s {
             "cxr14" => Self::Cxr14,
             "chexpert" => Self::Chexpert,
             "covidx3" => Self::Covidx3,
             "covidx4" => Self::Covidx4,
             _ => {
-                return Err(format!(
+                return Err(crate::Error::Invalid(format!(
                     "unknown dataset '{s}' (cxr14, chexpert, covidx3, covidx4)"
-                ));
+                )));
             }
         })
     }

@@ -352,7 +352,7 @@ impl DicomFile {
         let stored = self.stored_values(Some(frame))?;
         voi::render(self, &stored, voi).map_err(|what| DicomError {
             path: self.path.clone(),
-            what,
+            what: what.to_string(),
         })
     }
 

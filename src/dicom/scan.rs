@@ -161,7 +161,7 @@ fn encoding_of(ts: &str) -> Encoding {
 
 /// Check the declared lengths of a whole file (with or without preamble and meta). Deflated data
 /// sets are inflated (at most `inflate_limit` bytes) and checked too.
-pub fn check_lengths(bytes: &[u8], inflate_limit: usize) -> Result<(), String> {
+pub(crate) fn check_lengths(bytes: &[u8], inflate_limit: usize) -> Result<(), String> {
     let start = if bytes.len() >= 132 && &bytes[128..132] == b"DICM" {
         132
     } else if bytes.starts_with(b"DICM") {

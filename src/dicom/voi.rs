@@ -21,15 +21,15 @@ pub enum VoiChoice {
 
 impl VoiChoice {
     /// From `none`, `first` or a window number N (1-based).
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> crate::Result<Self> {
         match s {
             "none" => Ok(Self::None),
             "first" => Ok(Self::First),
             n => match n.parse::<usize>() {
                 Ok(k) if k >= 1 => Ok(Self::Window(k)),
-                _ => Err(format!(
+                _ => Err(crate::Error::Invalid(format!(
                     "--voi '{s}': expected none, first or a window number (1, 2, ...)"
-                )),
+                ))),
             },
         }
     }
@@ -43,7 +43,7 @@ struct Lut {
 }
 
 impl Lut {
-    fn read(seq: Tag, obj: &InMemDicomObject) -> Result<Option<Self>, String> {
+    fn read(seq: Tag, obj: &InMemDicomObject) -> crate::Result<Option<Self>> {
         let Some(e) = obj.element_opt(seq).ok().flatten() else {
             return Ok(None);
         };
@@ -58,10 +58,10 @@ impl Lut {
             .to_multi_int()
             .map_err(|e| format!("LUT Descriptor (0028,3002): {e}"))?;
         if desc.len() != 3 {
-            return Err(format!(
+            return Err(crate::Error::Invalid(format!(
                 "LUT Descriptor (0028,3002) has {} values, 3 expected",
                 desc.len()
-            ));
+            )));
         }
         // Entries are US (0 means 65536) or SS (values above 32767 read as negative);
         // first mapped value US or SS; bits 8..=16. Anything else is a damaged header.
@@ -69,19 +69,23 @@ impl Lut {
             0 => 65536,
             e @ 1..=65535 => e as usize,
             e @ -32768..=-1 => (e + 65536) as usize,
-            e => return Err(format!("LUT Descriptor (0028,3002) declares {e} entries")),
+            e => {
+                return Err(crate::Error::Invalid(format!(
+                    "LUT Descriptor (0028,3002) declares {e} entries"
+                )));
+            }
         };
         if !(-32768..=65535).contains(&desc[1]) {
-            return Err(format!(
+            return Err(crate::Error::Invalid(format!(
                 "LUT Descriptor (0028,3002) first mapped value {} is out of range",
                 desc[1]
-            ));
+            )));
         }
         if !(1..=16).contains(&desc[2]) {
-            return Err(format!(
+            return Err(crate::Error::Invalid(format!(
                 "LUT Descriptor (0028,3002) declares {} bits per entry",
                 desc[2]
-            ));
+            )));
         }
         let value = item
             .element(tags::LUT_DATA)
@@ -94,10 +98,10 @@ impl Lut {
                     .to_bytes()
                     .map_err(|e| format!("LUT Data (0028,3006): {e}"))?;
                 if bytes.len() < 2 * n {
-                    return Err(format!(
+                    return Err(crate::Error::Invalid(format!(
                         "LUT Data (0028,3006) holds {} bytes for {n} entries",
                         bytes.len()
-                    ));
+                    )));
                 }
                 bytes
                     .chunks_exact(2)
@@ -159,7 +163,7 @@ pub fn render(
     file: &DicomFile,
     s: &StoredValues,
     voi: &VoiChoice,
-) -> Result<(Image, Vec<String>), String> {
+) -> crate::Result<(Image, Vec<String>)> {
     let i = &file.info;
     let mut steps = vec![format!(
         "stored values: {} of {} bits, {}",
@@ -244,10 +248,10 @@ pub fn render(
     };
     if let Some(w) = win {
         if w.width.is_nan() || w.width <= 0.0 || !w.center.is_finite() {
-            return Err(format!(
+            return Err(crate::Error::Invalid(format!(
                 "Window Width (0028,1051) = {} is not positive",
                 w.width
-            ));
+            )));
         }
         v.iter_mut()
             .for_each(|x| *x = window(*x, w.center, w.width, &function));
@@ -316,7 +320,7 @@ mod tests {
         assert!((window(99.5, 100.0, 21.0, "LINEAR") - 127.5).abs() < 1e-9);
         assert!((window(100.0, 100.0, 20.0, "LINEAR_EXACT") - 127.5).abs() < 1e-9);
         assert!((window(100.0, 100.0, 20.0, "SIGMOID") - 127.5).abs() < 1e-9);
-        assert_eq!(VoiChoice::parse("2"), Ok(VoiChoice::Window(2)));
+        assert_eq!(VoiChoice::parse("2").unwrap(), VoiChoice::Window(2));
         assert!(VoiChoice::parse("0").is_err());
     }
 }

@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use super::cam_maps;
 use super::localize::{self, BoxMapping, NihBox, ScoredBox, Scores};
 use super::overlay::{Rgb, show_cam_on_image};
+use crate::error::Error;
 use crate::infer::{Failure, progress};
 use crate::labels::LabelSet;
 use crate::model::Classifier;
@@ -85,8 +86,8 @@ impl CamJob<'_> {
         &self,
         inputs: &[PathBuf],
         out_dir: &Path,
-    ) -> std::io::Result<(Vec<CamRecord>, Vec<Failure>)> {
-        std::fs::create_dir_all(out_dir)?;
+    ) -> crate::Result<(Vec<CamRecord>, Vec<Failure>)> {
+        std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
         let (h, w) = self.preprocess.size;
         let pb = progress(inputs.len(), "cam");
         let mut records = Vec::new();
@@ -138,8 +139,7 @@ impl CamJob<'_> {
                 .rounds
                 .iter()
                 .map(|r| cam_maps(r, (h, w)))
-                .collect::<Result<_, _>>()
-                .map_err(std::io::Error::other)?;
+                .collect::<Result<_, _>>()?;
             for (i, (path, crop)) in ok.iter().enumerate() {
                 let stem = file_stem(path);
                 let n = used_stems.entry(stem.clone()).or_insert(0);
@@ -156,10 +156,9 @@ impl CamJob<'_> {
                         .unwrap_or_else(|| format!("class_{class}"));
                     let base = format!("{}_{}", safe_name(&stem), safe_name(&name));
                     let npy = format!("{base}.npy");
-                    crate::io::write_atomic(
-                        &out_dir.join(&npy),
-                        &crate::io::npy_f32(&[h, w], cam),
-                    )?;
+                    let npy_path = out_dir.join(&npy);
+                    crate::io::write_atomic(&npy_path, &crate::io::npy_f32(&[h, w], cam))
+                        .map_err(|e| Error::io(&npy_path, e))?;
                     let overlay = if self.overlays {
                         let png = format!("{base}.png");
                         let mut pic = show_cam_on_image(&Rgb::from_image(crop), cam);
@@ -171,7 +170,9 @@ impl CamJob<'_> {
                             &format!("{name} {:.2}", probs[class]),
                             (pic.width / 140).clamp(1, 4),
                         );
-                        pic.save_png(&out_dir.join(&png))?;
+                        let png_path = out_dir.join(&png);
+                        pic.save_png(&png_path)
+                            .map_err(|e| Error::io(&png_path, e))?;
                         Some(png)
                     } else {
                         None
@@ -189,8 +190,9 @@ impl CamJob<'_> {
             }
         }
         pb.finish_and_clear();
-        let index = serde_json::to_vec_pretty(&records).map_err(std::io::Error::other)?;
-        crate::io::write_atomic(&out_dir.join("cams.json"), &index)?;
+        let index = serde_json::to_vec_pretty(&records)?;
+        let index_path = out_dir.join("cams.json");
+        crate::io::write_atomic(&index_path, &index).map_err(|e| Error::io(&index_path, e))?;
         Ok((records, failures))
     }
 }
@@ -334,7 +336,7 @@ impl CamEvalJob<'_> {
         boxes_csv: &Path,
         images: &Path,
         out_dir: &Path,
-    ) -> Result<CamEvalReport, String> {
+    ) -> crate::Result<CamEvalReport> {
         std::fs::create_dir_all(out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
         let (boxes, bad) = localize::read_boxes(boxes_csv)?;
         let files = index_images(images);
@@ -356,7 +358,7 @@ impl CamEvalJob<'_> {
         let (h, w) = self.size;
         let overlay_dir = out_dir.join("overlays");
         if self.overlays {
-            std::fs::create_dir_all(&overlay_dir).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(&overlay_dir).map_err(|e| Error::io(&overlay_dir, e))?;
         }
         let pb = progress(present.len(), "cam-eval");
         let mut scored: Vec<ScoredBox> = Vec::new();
@@ -379,8 +381,7 @@ impl CamEvalJob<'_> {
             if ok.is_empty() {
                 continue;
             }
-            let x = Tensor::from_vec(data, (ok.len(), 3, h, w), self.model.device())
-                .map_err(|e| e.to_string())?;
+            let x = Tensor::from_vec(data, (ok.len(), 3, h, w), self.model.device())?;
             let classes: Vec<Vec<usize>> = ok
                 .iter()
                 .map(|(_, bs, _, _)| {
@@ -395,14 +396,12 @@ impl CamEvalJob<'_> {
                 .collect();
             let batch = self
                 .model
-                .activation_grads(&x, &self.layer, &|i, _| classes[i].clone())
-                .map_err(|e| e.to_string())?;
+                .activation_grads(&x, &self.layer, &|i, _| classes[i].clone())?;
             let maps: Vec<Vec<Vec<f32>>> = batch
                 .rounds
                 .iter()
                 .map(|r| cam_maps(r, (h, w)))
-                .collect::<Result<_, _>>()
-                .map_err(|e| e.to_string())?;
+                .collect::<Result<_, _>>()?;
             for (i, (_, bs, pic, mapping)) in ok.iter().enumerate() {
                 for b in bs.iter() {
                     let class = localize::finding_class(&b.finding).expect("validated");
@@ -427,8 +426,8 @@ impl CamEvalJob<'_> {
                             safe_name(&file_stem(Path::new(&b.image))),
                             safe_name(&b.finding)
                         );
-                        o.save_png(&overlay_dir.join(name))
-                            .map_err(|e| e.to_string())?;
+                        let path = overlay_dir.join(name);
+                        o.save_png(&path).map_err(|e| Error::io(&path, e))?;
                     }
                     scored.push(ScoredBox {
                         nih: b.clone(),
@@ -488,7 +487,7 @@ impl CamEvalJob<'_> {
         }
         let write = |name: &str, bytes: &[u8]| {
             crate::io::write_atomic(&out_dir.join(name), bytes)
-                .map_err(|e| format!("{}: {e}", out_dir.join(name).display()))
+                .map_err(|e| Error::io(out_dir.join(name), e))
         };
         write("per_box.csv", csv.as_bytes())?;
         let mut miss = missing.clone();
@@ -516,10 +515,7 @@ impl CamEvalJob<'_> {
                 .collect(),
             failures,
         };
-        write(
-            "metrics.json",
-            &serde_json::to_vec_pretty(&report).map_err(|e| e.to_string())?,
-        )?;
+        write("metrics.json", &serde_json::to_vec_pretty(&report)?)?;
         Ok(report)
     }
 

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use super::ModelError;
 use super::interp::resize_grid_bicubic;
 use crate::checkpoint::Param;
 
@@ -35,14 +36,16 @@ pub struct EvaStateDict {
 }
 
 /// Find the EVA-X backbone in a flat state dict and bring it to the models_eva layout.
-pub fn to_eva_layout(tensors: &BTreeMap<String, Param>) -> Result<EvaStateDict, String> {
+pub fn to_eva_layout(tensors: &BTreeMap<String, Param>) -> Result<EvaStateDict, ModelError> {
     let prefix = BACKBONE_PREFIXES
         .iter()
         .find(|p| tensors.contains_key(&format!("{p}patch_embed.proj.weight")))
         .ok_or_else(|| {
-            "no EVA-X backbone: no patch_embed.proj.weight key (under any of the prefixes \
-             '', module., visual., backbone., encoder., model.)"
-                .to_string()
+            ModelError::Weights(
+                "no EVA-X backbone: no patch_embed.proj.weight key (under any of the prefixes \
+                 '', module., visual., backbone., encoder., model.)"
+                    .to_string(),
+            )
         })?;
     let mut out = BTreeMap::new();
     let mut outside = Vec::new();
@@ -76,16 +79,18 @@ pub fn to_eva_layout(tensors: &BTreeMap<String, Param>) -> Result<EvaStateDict, 
 
 /// Resample a `pos_embed` `[1, 1 + g*g, C]` (class entry first) to a `gh x gw` grid, bicubically
 /// as the original does; the class entry is kept.
-pub fn resample_pos_embed(pos: &Param, (gh, gw): (usize, usize)) -> Result<Param, String> {
+pub fn resample_pos_embed(pos: &Param, (gh, gw): (usize, usize)) -> Result<Param, ModelError> {
     let [1, n, c] = pos.shape[..] else {
-        return Err(format!(
+        return Err(ModelError::Weights(format!(
             "pos_embed has shape {:?}, expected [1, 1 + g*g, C]",
             pos.shape
-        ));
+        )));
     };
     let g = (n.saturating_sub(1) as f64).sqrt().round() as usize;
     if n == 0 || c == 0 || g * g + 1 != n {
-        return Err(format!("pos_embed has {n} entries: not 1 + a square grid"));
+        return Err(ModelError::Weights(format!(
+            "pos_embed has {n} entries: not 1 + a square grid"
+        )));
     }
     if (g, g) == (gh, gw) {
         return Ok(pos.clone());
@@ -102,17 +107,20 @@ pub fn resample_pos_embed(pos: &Param, (gh, gw): (usize, usize)) -> Result<Param
 
 /// Resample a patch-embedding kernel `[C, 3, p, p]` to `[C, 3, q, q]` bicubically (EVA-02's
 /// 14 -> 16), as the original's conversion does.
-pub fn resample_patch_kernel(w: &Param, q: usize) -> Result<Param, String> {
+pub fn resample_patch_kernel(w: &Param, q: usize) -> Result<Param, ModelError> {
     let [c, ch, p, p2] = w.shape[..] else {
-        return Err(format!("patch kernel has shape {:?}", w.shape));
+        return Err(ModelError::Weights(format!(
+            "patch kernel has shape {:?}",
+            w.shape
+        )));
     };
     if p != p2 || p == 0 {
-        return Err(format!(
+        return Err(ModelError::Weights(format!(
             "patch kernel {p}x{p2} is not a square of positive size"
-        ));
+        )));
     }
     if q == 0 {
-        return Err("patch size must be positive".into());
+        return Err(ModelError::Weights("patch size must be positive".into()));
     }
     if p == q {
         return Ok(w.clone());

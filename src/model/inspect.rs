@@ -57,7 +57,7 @@ pub fn inspect(ck: &Checkpoint, opts: &LoadOptions) -> Inspection {
     let sd = match adapt::to_eva_layout(&ck.tensors) {
         Ok(sd) => sd,
         Err(e) => {
-            out.problems.push(e);
+            out.problems.push(e.to_string());
             return out;
         }
     };

@@ -25,7 +25,7 @@ impl Family {
 
 /// The family of a checkpoint's weights, or an error saying why none fits.
 pub fn recognise(ck: &Checkpoint) -> Result<Family, ModelError> {
-    let sd = adapt::to_eva_layout(&ck.tensors).map_err(ModelError::Weights)?;
+    let sd = adapt::to_eva_layout(&ck.tensors)?;
     super::eva_x::infer_config(&sd.tensors, &LoadOptions::default())?;
     Ok(Family::EvaX)
 }

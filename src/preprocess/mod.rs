@@ -69,7 +69,7 @@ pub fn set_max_pixels(n: u64) {
 }
 
 /// An error unless `width x height x frames` is within [`max_pixels`].
-pub fn check_pixel_count(width: u64, height: u64, frames: u64) -> Result<(), String> {
+pub(crate) fn check_pixel_count(width: u64, height: u64, frames: u64) -> Result<(), String> {
     let n = width.saturating_mul(height).saturating_mul(frames);
     let limit = max_pixels();
     if n > limit {
@@ -94,7 +94,7 @@ impl Image {
             path: path.to_path_buf(),
             what: e.to_string(),
         })?;
-        Self::decode(&bytes).map_err(|what| ImageError {
+        Self::decode_inner(&bytes).map_err(|what| ImageError {
             path: path.to_path_buf(),
             what,
         })
@@ -102,7 +102,11 @@ impl Image {
 
     /// Decode PNG, JPEG or DICOM bytes (DICOM: first frame, first VOI window, MONOCHROME1
     /// inverted, 8 bits; see [`crate::dicom`]).
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+    pub fn decode(bytes: &[u8]) -> crate::Result<Self> {
+        Self::decode_inner(bytes).map_err(crate::Error::Invalid)
+    }
+
+    fn decode_inner(bytes: &[u8]) -> Result<Self, String> {
         if bytes.is_empty() {
             return Err("file is empty".into());
         }
@@ -418,11 +422,11 @@ mod tests {
 
     #[test]
     fn bad_bytes_are_errors() {
-        assert_eq!(Image::decode(b"").unwrap_err(), "file is empty");
+        assert_eq!(Image::decode(b"").unwrap_err().to_string(), "file is empty");
         assert!(Image::decode(b"\x89PNG\r\n\x1a\nxx").is_err());
         assert!(Image::decode(&[0xff, 0xd8, 0xff]).is_err());
         assert_eq!(
-            Image::decode(b"GIF89a").unwrap_err(),
+            Image::decode(b"GIF89a").unwrap_err().to_string(),
             "not a PNG, JPEG or DICOM image"
         );
     }

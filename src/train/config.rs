@@ -137,7 +137,7 @@ impl TrainConfig {
         preset: Option<&str>,
         file: Option<&str>,
         overrides: &[String],
-    ) -> Result<Self, String> {
+    ) -> crate::Result<Self> {
         let mut table = toml::Table::new();
         if let Some(p) = preset {
             let text = PRESETS
@@ -177,33 +177,42 @@ impl TrainConfig {
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> crate::Result<()> {
         if self.batch_size == 0 || self.accum_iter == 0 || self.epochs == 0 {
             return Err("batch_size, accum_iter and epochs must be positive".into());
         }
         if !self.input_size.is_multiple_of(16) || self.input_size == 0 {
-            return Err(format!(
+            return Err(crate::Error::Invalid(format!(
                 "input_size {} is not a positive multiple of 16",
                 self.input_size
-            ));
+            )));
         }
         if !(0.0..1.0).contains(&self.drop_path) {
-            return Err(format!("drop_path {} is not in [0, 1)", self.drop_path));
+            return Err(crate::Error::Invalid(format!(
+                "drop_path {} is not in [0, 1)",
+                self.drop_path
+            )));
         }
         if !matches!(self.augment.as_str(), "timm" | "plain") {
-            return Err(format!("augment '{}': timm or plain", self.augment));
+            return Err(crate::Error::Invalid(format!(
+                "augment '{}': timm or plain",
+                self.augment
+            )));
         }
         if !matches!(self.select_metric.as_str(), "mauc" | "accuracy") {
-            return Err(format!(
+            return Err(crate::Error::Invalid(format!(
                 "select_metric '{}': mauc or accuracy",
                 self.select_metric
-            ));
+            )));
         }
         if self.fake_epoch_div == 0 {
             return Err("fake_epoch_div must be at least 1".into());
         }
         if !(self.data_pct > 0.0 && self.data_pct <= 1.0) {
-            return Err(format!("data_pct {} is not in (0, 1]", self.data_pct));
+            return Err(crate::Error::Invalid(format!(
+                "data_pct {} is not in (0, 1]",
+                self.data_pct
+            )));
         }
         Ok(())
     }
@@ -237,6 +246,7 @@ mod tests {
         assert!(
             TrainConfig::build(None, None, &["epochz=3".into()])
                 .unwrap_err()
+                .to_string()
                 .contains("epochz")
         );
         assert!(TrainConfig::build(Some("nope"), None, &[]).is_err());

@@ -17,6 +17,7 @@ use super::augment::Augment;
 use super::config::TrainConfig;
 use super::optim::{AdamW, Grads, Groups, Schedule, accumulate, grad_norm, grads_by_name};
 use super::{Trainable, bce_with_logits, cross_entropy, param_group};
+use crate::error::ResultExt;
 use crate::infer::batches;
 use crate::metrics;
 use crate::preprocess::{Image, Normalization, Preprocess};
@@ -127,7 +128,7 @@ const LAST: &str = "checkpoint-last.safetensors";
 const BEST: &str = "checkpoint-best.safetensors";
 
 impl Run {
-    fn augment(&self) -> Result<Augment, String> {
+    fn augment(&self) -> crate::Result<Augment> {
         let norm = Normalization::EVAX;
         let s = self.cfg.input_size;
         Ok(if self.cfg.augment == "timm" {
@@ -187,12 +188,12 @@ impl Run {
     }
 
     /// Train (resuming from `checkpoint-last.safetensors` in the output folder if present).
-    pub fn run(&self, model: &mut Trainable) -> Result<RunSummary, String> {
+    pub fn run(&self, model: &mut Trainable) -> crate::Result<RunSummary> {
         let cfg = &self.cfg;
-        std::fs::create_dir_all(&self.out_dir)
-            .map_err(|e| format!("{}: {e}", self.out_dir.display()))?;
-        crate::io::write_atomic(&self.out_dir.join("config.toml"), cfg.to_toml().as_bytes())
-            .map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&self.out_dir).map_err(|e| crate::Error::io(&self.out_dir, e))?;
+        let config = self.out_dir.join("config.toml");
+        crate::io::write_atomic(&config, cfg.to_toml().as_bytes())
+            .map_err(|e| crate::Error::io(&config, e))?;
         let mut opt = AdamW::new();
         let mut prog = Progress::default();
         let last = self.out_dir.join(LAST);
@@ -216,7 +217,7 @@ impl Run {
             .create(true)
             .append(true)
             .open(self.out_dir.join("train_log.jsonl"))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| crate::Error::io(self.out_dir.join("train_log.jsonl"), e))?;
         let pb = if self.progress {
             crate::infer::progress(iters * cfg.epochs, "train")
         } else {
@@ -235,12 +236,12 @@ impl Run {
             while prog.batch < iters {
                 let it = prog.batch;
                 let idx = &order[it * cfg.batch_size..((it + 1) * cfg.batch_size).min(order.len())];
-                let loaded: Vec<Result<Vec<f32>, String>> = idx
+                let loaded: Vec<crate::Result<Vec<f32>>> = idx
                     .par_iter()
                     .enumerate()
                     .map(|(j, &i)| {
                         let (path, _) = &self.train.samples[i];
-                        let img = Image::open(path).map_err(|e| e.to_string())?;
+                        let img = Image::open(path)?;
                         let mut rng = Rng::new(mix(&[cfg.seed, epoch as u64, it as u64, j as u64]));
                         Ok(augment.apply(&img, &mut rng))
                     })
@@ -253,30 +254,25 @@ impl Run {
                 }
                 let n = idx.len();
                 let s = cfg.input_size;
-                let xt =
-                    Tensor::from_vec(x, (n, 3, s, s), &model.device).map_err(|e| e.to_string())?;
-                let yt = Tensor::from_vec(y, (n, k), &model.device).map_err(|e| e.to_string())?;
+                let xt = Tensor::from_vec(x, (n, 3, s, s), &model.device)?;
+                let yt = Tensor::from_vec(y, (n, k), &model.device)?;
                 let mut rng = Rng::new(mix(&[cfg.seed, epoch as u64, it as u64, 0xd0]));
-                let logits = model
-                    .forward(&xt, cfg.drop_path, Some(&mut rng))
-                    .map_err(|e| e.to_string())?;
+                let logits = model.forward(&xt, cfg.drop_path, Some(&mut rng))?;
                 let loss = if self.train.single_label {
                     cross_entropy(&logits, &yt, cfg.smoothing)
                 } else {
                     bce_with_logits(&logits, &yt)
-                }
-                .map_err(|e| e.to_string())?;
-                let lv = loss.to_scalar::<f32>().map_err(|e| e.to_string())?;
+                }?;
+                let lv = loss.to_scalar::<f32>()?;
                 if !lv.is_finite() {
-                    return Err(format!(
+                    return Err(crate::Error::Invalid(format!(
                         "loss is {lv} at epoch {epoch}, batch {it}: stopping (the last checkpoint is {})",
                         last.display()
-                    ));
+                    )));
                 }
-                let scaled = (loss / cfg.accum_iter as f64).map_err(|e| e.to_string())?;
-                let store = scaled.backward().map_err(|e| e.to_string())?;
-                accumulate(&mut acc, grads_by_name(&model.vars, &store))
-                    .map_err(|e| e.to_string())?;
+                let scaled = (loss / cfg.accum_iter as f64)?;
+                let store = scaled.backward()?;
+                accumulate(&mut acc, grads_by_name(&model.vars, &store))?;
                 acc_loss += lv;
                 acc_n += 1;
                 images_since += n;
@@ -285,14 +281,13 @@ impl Run {
                 let boundary = (it + 1) % cfg.accum_iter == 0 || it + 1 == iters;
                 if boundary {
                     let lr = schedule.at(epoch as f64 + it as f64 / iters as f64);
-                    let norm = grad_norm(&acc).map_err(|e| e.to_string())?;
+                    let norm = grad_norm(&acc)?;
                     let clip = if cfg.clip_grad > 0.0 && norm > cfg.clip_grad {
                         cfg.clip_grad / (norm + 1e-6)
                     } else {
                         1.0
                     };
-                    opt.update(&model.vars, &acc, lr, &groups, clip)
-                        .map_err(|e| e.to_string())?;
+                    opt.update(&model.vars, &acc, lr, &groups, clip)?;
                     acc.clear();
                     prog.steps += 1;
                     this_run += 1;
@@ -339,11 +334,9 @@ impl Run {
                     prog.best = Some(prog.history.len() - 1);
                     save_weights(&self.out_dir.join(BEST), model, cfg)?;
                 }
-                crate::io::write_atomic(
-                    &self.out_dir.join("curves.svg"),
-                    curves_svg(&prog, &cfg.select_metric).as_bytes(),
-                )
-                .map_err(|e| e.to_string())?;
+                let curves = self.out_dir.join("curves.svg");
+                crate::io::write_atomic(&curves, curves_svg(&prog, &cfg.select_metric).as_bytes())
+                    .map_err(|e| crate::Error::io(&curves, e))?;
             }
             save_checkpoint(&last, model, &opt, &prog, cfg)?;
         }
@@ -364,8 +357,8 @@ impl Run {
     }
 
     /// Metrics of the current weights on the evaluation data.
-    pub fn evaluate(&self, model: &Trainable, epoch: usize) -> Result<EvalPoint, String> {
-        let inference = model.to_inference().map_err(|e| e.to_string())?;
+    pub fn evaluate(&self, model: &Trainable, epoch: usize) -> crate::Result<EvalPoint> {
+        let inference = model.to_inference()?;
         let s = self.cfg.input_size;
         let pre = Preprocess::eval((s, s), Normalization::EVAX);
         let k = self.eval.classes.len();
@@ -379,14 +372,14 @@ impl Run {
         let mut scores: HashMap<usize, Vec<f32>> = HashMap::new();
         for b in batches(items, pre, self.cfg.batch_size) {
             if let Some(f) = b.failures.first() {
-                return Err(format!("{}: {}", f.input.display(), f.error));
+                return Err(crate::Error::Invalid(format!(
+                    "{}: {}",
+                    f.input.display(),
+                    f.error
+                )));
             }
-            let x = Tensor::from_vec(b.data, (b.positions.len(), 3, s, s), &Device::Cpu)
-                .map_err(|e| e.to_string())?;
-            let logits = inference
-                .logits(&x)
-                .and_then(|l| Ok(l.to_vec2::<f32>()?))
-                .map_err(|e| e.to_string())?;
+            let x = Tensor::from_vec(b.data, (b.positions.len(), 3, s, s), &Device::Cpu)?;
+            let logits = inference.logits(&x).and_then(|l| Ok(l.to_vec2::<f32>()?))?;
             for (&i, row) in b.positions.iter().zip(logits) {
                 scores.insert(i, row.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect());
             }
@@ -415,7 +408,7 @@ impl Run {
     }
 }
 
-fn tensors_of(model: &Trainable, prefix: &str) -> Result<BTreeMap<String, Tensor>, String> {
+fn tensors_of(model: &Trainable, prefix: &str) -> crate::Result<BTreeMap<String, Tensor>> {
     Ok(model
         .vars
         .iter()
@@ -424,7 +417,7 @@ fn tensors_of(model: &Trainable, prefix: &str) -> Result<BTreeMap<String, Tensor
 }
 
 /// The weights alone, in the models_eva layout (loadable by `predict`, `eval`, `cam`).
-fn save_weights(path: &Path, model: &Trainable, cfg: &TrainConfig) -> Result<(), String> {
+fn save_weights(path: &Path, model: &Trainable, cfg: &TrainConfig) -> crate::Result<()> {
     let meta = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         (
@@ -433,8 +426,11 @@ fn save_weights(path: &Path, model: &Trainable, cfg: &TrainConfig) -> Result<(),
         ),
         ("evax.train_config".to_string(), cfg.to_toml()),
     ]);
-    crate::checkpoint::save_safetensors(&tensors_of(model, "")?, Some(meta), path)
-        .map_err(|e| e.to_string())
+    Ok(crate::checkpoint::save_safetensors(
+        &tensors_of(model, "")?,
+        Some(meta),
+        path,
+    )?)
 }
 
 /// Weights, optimiser moments and progress in one file, written atomically.
@@ -444,22 +440,19 @@ fn save_checkpoint(
     opt: &AdamW,
     prog: &Progress,
     cfg: &TrainConfig,
-) -> Result<(), String> {
+) -> crate::Result<()> {
     let mut t = tensors_of(model, "model.")?;
     for (k, v) in model.vars.iter() {
         let shape = v.dims();
         if let (Some(m), Some(s)) = (opt.m.get(k), opt.v.get(k)) {
-            let m = Tensor::from_slice(m, shape, &Device::Cpu).map_err(|e| e.to_string())?;
-            let s = Tensor::from_slice(s, shape, &Device::Cpu).map_err(|e| e.to_string())?;
+            let m = Tensor::from_slice(m, shape, &Device::Cpu)?;
+            let s = Tensor::from_slice(s, shape, &Device::Cpu)?;
             t.insert(format!("adam.m.{k}"), m);
             t.insert(format!("adam.v.{k}"), s);
         }
     }
     let meta = HashMap::from([
-        (
-            "evax.progress".to_string(),
-            serde_json::to_string(prog).map_err(|e| e.to_string())?,
-        ),
+        ("evax.progress".to_string(), serde_json::to_string(prog)?),
         ("evax.adam_step".to_string(), opt.step.to_string()),
         ("evax.train_config".to_string(), cfg.to_toml()),
         (
@@ -467,20 +460,16 @@ fn save_checkpoint(
             model.config.rope_grid.to_string(),
         ),
     ]);
-    crate::checkpoint::save_safetensors(&t, Some(meta), path).map_err(|e| e.to_string())
+    Ok(crate::checkpoint::save_safetensors(&t, Some(meta), path)?)
 }
 
-fn load_checkpoint(
-    path: &Path,
-    model: &mut Trainable,
-    opt: &mut AdamW,
-) -> Result<Progress, String> {
-    let ck = crate::checkpoint::Checkpoint::load(path).map_err(|e| e.to_string())?;
+fn load_checkpoint(path: &Path, model: &mut Trainable, opt: &mut AdamW) -> crate::Result<Progress> {
+    let ck = crate::checkpoint::Checkpoint::load(path)?;
     let prog: Progress = serde_json::from_str(ck.metadata.get("evax.progress").ok_or(format!(
         "{}: not an evax training checkpoint",
         path.display()
     ))?)
-    .map_err(|e| format!("{}: {e}", path.display()))?;
+    .context(path.display())?;
     opt.step = ck
         .metadata
         .get("evax.adam_step")
@@ -491,7 +480,7 @@ fn load_checkpoint(
             .tensors
             .get(&format!("model.{k}"))
             .ok_or(format!("{}: lacks model.{k}", path.display()))?;
-        let t = p.to_tensor(&model.device).map_err(|e| e.to_string())?;
+        let t = p.to_tensor(&model.device)?;
         var.set(&t)
             .map_err(|e| format!("{}: model.{k}: {e}", path.display()))?;
         if let (Some(m), Some(v)) = (

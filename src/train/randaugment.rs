@@ -39,7 +39,7 @@ const OPS: [&str; 15] = [
 
 impl RandAugment {
     /// Parse `rand-m{M}-mstd{S}-n{N}-inc{0|1}` (only the increasing op set is provided).
-    pub fn parse(s: &str, fill: u8) -> Result<Self, String> {
+    pub fn parse(s: &str, fill: u8) -> crate::Result<Self> {
         let mut r = RandAugment {
             magnitude: 10.0,
             magnitude_std: 0.0,
@@ -48,7 +48,9 @@ impl RandAugment {
         };
         let mut parts = s.split('-');
         if parts.next() != Some("rand") {
-            return Err(format!("RandAugment policy '{s}' must start with 'rand'"));
+            return Err(crate::Error::Invalid(format!(
+                "RandAugment policy '{s}' must start with 'rand'"
+            )));
         }
         for p in parts {
             let bad = || format!("RandAugment policy '{s}': bad part '{p}'");
@@ -60,12 +62,12 @@ impl RandAugment {
                 r.layers = v.parse().map_err(|_| bad())?;
             } else if let Some(v) = p.strip_prefix("inc") {
                 if v != "1" {
-                    return Err(format!(
+                    return Err(crate::Error::Invalid(format!(
                         "RandAugment policy '{s}': only the increasing op set (inc1) is provided"
-                    ));
+                    )));
                 }
             } else {
-                return Err(bad());
+                return Err(bad().into());
             }
         }
         Ok(r)

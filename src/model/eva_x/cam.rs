@@ -21,23 +21,27 @@ pub enum CamLayer {
 impl CamLayer {
     /// Parse `last` (the last block's `norm1`), `blocks.N.norm1` or `blocks.N` (negative N
     /// counts from the end) for a model of `depth` blocks.
-    pub fn parse(s: &str, depth: usize) -> Result<Self, String> {
+    pub fn parse(s: &str, depth: usize) -> Result<Self, ModelError> {
         if s == "last" {
             return Ok(CamLayer::Norm1(depth - 1));
         }
-        let rest = s
-            .strip_prefix("blocks.")
-            .ok_or_else(|| format!("layer '{s}': expected last, blocks.N.norm1 or blocks.N"))?;
+        let rest = s.strip_prefix("blocks.").ok_or_else(|| {
+            ModelError::Input(format!(
+                "layer '{s}': expected last, blocks.N.norm1 or blocks.N"
+            ))
+        })?;
         let (n, norm1) = match rest.strip_suffix(".norm1") {
             Some(n) => (n, true),
             None => (rest, false),
         };
         let i: i64 = n
             .parse()
-            .map_err(|_| format!("layer '{s}': bad block index"))?;
+            .map_err(|_| ModelError::Input(format!("layer '{s}': bad block index")))?;
         let i = if i < 0 { depth as i64 + i } else { i };
         if i < 0 || i >= depth as i64 {
-            return Err(format!("layer '{s}': the model has {depth} blocks"));
+            return Err(ModelError::Input(format!(
+                "layer '{s}': the model has {depth} blocks"
+            )));
         }
         Ok(if norm1 {
             CamLayer::Norm1(i as usize)
@@ -53,9 +57,7 @@ impl CamSource for EvaX {
     }
 
     fn check_cam_layer(&self, layer: &str) -> Result<(), ModelError> {
-        CamLayer::parse(layer, self.config.depth)
-            .map(|_| ())
-            .map_err(ModelError::Input)
+        CamLayer::parse(layer, self.config.depth).map(|_| ())
     }
 
     fn activation_grads(
@@ -64,7 +66,7 @@ impl CamSource for EvaX {
         layer: &str,
         choose: &dyn Fn(usize, &[f32]) -> Vec<usize>,
     ) -> Result<CamBatch, ModelError> {
-        let layer = CamLayer::parse(layer, self.config.depth).map_err(ModelError::Input)?;
+        let layer = CamLayer::parse(layer, self.config.depth)?;
         let (Some(fc_norm), Some(head)) = (&self.fc_norm, &self.head) else {
             return Err(ModelError::Input(
                 "Grad-CAM needs a fine-tuned checkpoint with fc_norm and a classification head"
@@ -147,12 +149,12 @@ mod tests {
 
     #[test]
     fn layers_parse() {
-        assert_eq!(CamLayer::parse("last", 12), Ok(CamLayer::Norm1(11)));
+        assert_eq!(CamLayer::parse("last", 12).unwrap(), CamLayer::Norm1(11));
         assert_eq!(
-            CamLayer::parse("blocks.3.norm1", 12),
-            Ok(CamLayer::Norm1(3))
+            CamLayer::parse("blocks.3.norm1", 12).unwrap(),
+            CamLayer::Norm1(3)
         );
-        assert_eq!(CamLayer::parse("blocks.-1", 12), Ok(CamLayer::Output(11)));
+        assert_eq!(CamLayer::parse("blocks.-1", 12).unwrap(), CamLayer::Output(11));
         assert!(CamLayer::parse("blocks.12", 12).is_err());
         assert!(CamLayer::parse("head", 12).is_err());
     }

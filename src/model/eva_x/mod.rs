@@ -519,7 +519,7 @@ fn is_ignorable(key: &str) -> bool {
 impl EvaX {
     /// Build a model from a checkpoint (any supported format and layout).
     pub fn from_checkpoint(ck: &Checkpoint, opts: &LoadOptions) -> Result<(Self, LoadReport)> {
-        let sd = adapt::to_eva_layout(&ck.tensors).map_err(ModelError::Weights)?;
+        let sd = adapt::to_eva_layout(&ck.tensors)?;
         Self::from_eva_state_dict(&sd, opts)
     }
 
@@ -626,7 +626,7 @@ impl EvaX {
         if let Some(s) = cache.get(&grid) {
             return Ok(s.clone());
         }
-        let pos = adapt::resample_pos_embed(&self.pos_embed, grid).map_err(ModelError::Weights)?;
+        let pos = adapt::resample_pos_embed(&self.pos_embed, grid)?;
         let state = Arc::new(GridState {
             pos_embed: pos.to_tensor(&self.device)?,
             rope: Arc::new(RopeTables::new(grid, self.config.rope_grid, 64)),
@@ -785,10 +785,12 @@ impl Backbone for EvaX {
             if indices.contains(&layer) {
                 // Patch tokens as a feature map [B, C, gh, gw].
                 let t = h.dim(1)?;
-                let map = h
-                    .narrow(1, 1, t - 1)?
-                    .transpose(1, 2)?
-                    .reshape((b, self.config.dim, grid.0, grid.1))?;
+                let map = h.narrow(1, 1, t - 1)?.transpose(1, 2)?.reshape((
+                    b,
+                    self.config.dim,
+                    grid.0,
+                    grid.1,
+                ))?;
                 *out = Some(map);
             }
         }
