@@ -100,7 +100,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Library errors carry their causes in their own message (and as `source()` for
+            // programs); printing the chain would repeat them.
+            eprintln!("error: {e}");
             ExitCode::from(1)
         }
     }

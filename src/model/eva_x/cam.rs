@@ -154,7 +154,10 @@ mod tests {
             CamLayer::parse("blocks.3.norm1", 12).unwrap(),
             CamLayer::Norm1(3)
         );
-        assert_eq!(CamLayer::parse("blocks.-1", 12).unwrap(), CamLayer::Output(11));
+        assert_eq!(
+            CamLayer::parse("blocks.-1", 12).unwrap(),
+            CamLayer::Output(11)
+        );
         assert!(CamLayer::parse("blocks.12", 12).is_err());
         assert!(CamLayer::parse("head", 12).is_err());
     }
