@@ -364,62 +364,11 @@ fn files_without_preamble_or_meta_and_deflated_files_read() {
     assert_eq!(bare.stored_values(None).unwrap(), want);
 }
 
-/// Deterministic mutations of the shared DICOM files: bit flips, byte runs, truncations,
-/// lying lengths. Every one must give a value or an error, never a panic.
-fn mutate(seed: u64, src: &[u8]) -> Vec<u8> {
-    let mut r = evax::rng::Rng::new(seed);
-    let mut b = src.to_vec();
-    for _ in 0..1 + r.below(4) {
-        match r.below(5) {
-            0 => {
-                let i = r.below(b.len());
-                b[i] ^= 1 << r.below(8);
-            }
-            1 => {
-                let i = r.below(b.len());
-                let n = (1 + r.below(16)).min(b.len() - i);
-                let v = [0u8, 0xff, 0x7f, 0x80][r.below(4)];
-                b[i..i + n].iter_mut().for_each(|x| *x = v);
-            }
-            2 => {
-                let keep = r.below(b.len());
-                b.truncate(keep.max(1));
-            }
-            3 => {
-                // A 4-byte length-like field set to something huge or odd.
-                let i = r.below(b.len().saturating_sub(4).max(1));
-                let v = [0xffff_fffeu32, 0x7fff_ffff, 0x0010_0001, 3][r.below(4)];
-                if i + 4 <= b.len() {
-                    b[i..i + 4].copy_from_slice(&v.to_le_bytes());
-                }
-            }
-            _ => {
-                let i = r.below(b.len());
-                let n = r.below(64);
-                let junk: Vec<u8> = (0..n).map(|_| r.below(256) as u8).collect();
-                b.splice(i..i, junk);
-            }
-        }
-        if b.is_empty() {
-            b.push(0);
-        }
-    }
-    b
-}
-
 #[test]
 fn mutated_files_never_panic() {
     let Some(sh) = shared_or_skip("mutated_files_never_panic") else {
         return;
     };
-    let start: u64 = std::env::var("EVAX_FUZZ_START")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let iterations: u64 = std::env::var("EVAX_FUZZ_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
     let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(sh.join("data/dicom"))
         .unwrap()
         .filter_map(|e| e.ok())
@@ -432,52 +381,22 @@ fn mutated_files_never_panic() {
         .filter(|(_, b)| b.len() < 200_000) // the big J2K chest is slow to decode repeatedly
         .collect();
     files.sort();
-    let (mut ok, mut errors, mut panics) = (0u64, 0u64, Vec::new());
-    let mut slowest = (0.0, 0, String::new());
-    for k in start..start + iterations {
+    assert_eq!(files.len(), 8, "small DICOM files in the shared data");
+    let mut tally = FuzzTally::default();
+    for k in fuzz_range(300) {
         let (name, src) = &files[(k as usize) % files.len()];
         let bytes = mutate(k, src);
         if let Ok(dump) = std::env::var("EVAX_FUZZ_DUMP") {
             std::fs::write(format!("{dump}-{k}.dcm"), &bytes).unwrap();
         }
-        let t0 = std::time::Instant::now();
-        let r = std::panic::catch_unwind(|| {
-            let f = DicomFile::from_bytes(&bytes, Path::new(name))?;
-            let v = f.stored_values(None)?;
-            let _ = f.to_image(0, &VoiChoice::First)?;
-            Ok::<usize, evax::dicom::DicomError>(v.values.len())
+        tally.run(k, name, || {
+            let f = DicomFile::from_bytes(&bytes, Path::new(name)).map_err(|e| e.to_string())?;
+            f.stored_values(None).map_err(|e| e.to_string())?;
+            f.to_image(0, &VoiChoice::First).map_err(|e| e.to_string())?;
+            Ok(())
         });
-        match r {
-            Ok(Ok(_)) => ok += 1,
-            Ok(Err(e)) => {
-                assert!(
-                    e.to_string().starts_with(name.as_str()),
-                    "error does not name the file: {e}"
-                );
-                errors += 1
-            }
-            Err(_) => panics.push((name.clone(), k)),
-        }
-        let dt = t0.elapsed().as_secs_f64();
-        if dt > slowest.0 {
-            slowest = (dt, k, name.clone());
-        }
     }
-    eprintln!(
-        "{iterations} mutated files: {ok} decoded, {errors} clear errors, {} panics; slowest {:.2} s (#{} from {})",
-        panics.len(),
-        slowest.0,
-        slowest.1,
-        slowest.2
-    );
-    assert!(panics.is_empty(), "panics on {panics:?}");
-    // No reader sized a buffer from a lie in a header (peak memory stays small).
-    let peak = evax::bench::peak_rss_mb();
-    eprintln!("peak resident memory {peak:.0} MiB");
-    assert!(
-        peak < 1024.0,
-        "peak RSS {peak} MiB: something allocated on a lying length"
-    );
+    tally.report("DICOM", 1024.0);
 }
 
 /// Re-encode a file: new transfer syntax UID in the meta (and `edit` applied to the data set).
