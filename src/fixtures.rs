@@ -10,8 +10,8 @@ pub fn shared_dir() -> PathBuf {
     }
 }
 
-/// The shared folder if it holds `fixtures/`; otherwise `None` with a visible skip message, or a
-/// panic under CI (`CI=true`), where the fixtures must be present.
+/// The shared folder if it holds `fixtures/`; otherwise `None` with a skip line visible in the
+/// test summary, or a panic under CI (`CI=true`), where the fixtures must be present.
 pub fn shared_or_skip(test: &str) -> Option<PathBuf> {
     let dir = shared_dir();
     if dir.join("fixtures").is_dir() {
@@ -24,6 +24,11 @@ pub fn shared_or_skip(test: &str) -> Option<PathBuf> {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{msg}; they are required under CI");
     }
-    eprintln!("SKIPPED {msg}");
+    // Written straight to stderr, not through eprintln!: the test harness captures the
+    // print macros of passing tests, and a skip must show in the summary.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("SKIPPED {msg}\n").as_bytes(),
+    );
     None
 }

@@ -392,7 +392,8 @@ fn mutated_files_never_panic() {
         tally.run(k, name, || {
             let f = DicomFile::from_bytes(&bytes, Path::new(name)).map_err(|e| e.to_string())?;
             f.stored_values(None).map_err(|e| e.to_string())?;
-            f.to_image(0, &VoiChoice::First).map_err(|e| e.to_string())?;
+            f.to_image(0, &VoiChoice::First)
+                .map_err(|e| e.to_string())?;
             Ok(())
         });
     }

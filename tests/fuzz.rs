@@ -30,8 +30,8 @@ fn unzip(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
 fn rezip(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
     let mut z = zip::ZipWriter::new(&mut out);
-    let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Stored);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     for (name, b) in entries {
         z.start_file(name.as_str(), opts).unwrap();
         z.write_all(b).unwrap();
@@ -96,7 +96,10 @@ fn mutated_checkpoints_never_panic() {
         };
         tally.run(k, name, || load(&bytes, name, build));
     }
-    assert!(kinds.iter().all(|&n| n > 0), "every kind mutated: {kinds:?}");
+    assert!(
+        kinds.iter().all(|&n| n > 0),
+        "every kind mutated: {kinds:?}"
+    );
     tally.report("checkpoints", 2048.0);
 }
 

@@ -124,7 +124,10 @@ impl FuzzTally {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
             Ok(Ok(())) => self.ok += 1,
             Ok(Err(e)) => {
-                assert!(e.contains(name), "seed {k}: error does not name {name}: {e}");
+                assert!(
+                    e.contains(name),
+                    "seed {k}: error does not name {name}: {e}"
+                );
                 self.errors += 1;
             }
             Err(_) => self.panics.push(k),
@@ -149,7 +152,14 @@ impl FuzzTally {
             self.slowest.1
         );
         let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
-        assert!(self.panics.is_empty(), "{what}: panics on seeds {:?}", self.panics);
-        assert!(peak < max_mb, "{what}: peak RSS {peak:.0} MiB: something allocated on a lying header");
+        assert!(
+            self.panics.is_empty(),
+            "{what}: panics on seeds {:?}",
+            self.panics
+        );
+        assert!(
+            peak < max_mb,
+            "{what}: peak RSS {peak:.0} MiB: something allocated on a lying header"
+        );
     }
 }
