@@ -151,7 +151,7 @@ fn png_chunks(b: &[u8]) -> Vec<std::ops::Range<usize>> {
 /// A PNG mutated inside one chunk's data with the CRCs made right again, so the decoder's
 /// own parsing (not just the checksum) meets the damage; every other seed, a raw mutation.
 fn mutate_png(k: u64, src: &[u8]) -> Vec<u8> {
-    if k % 2 == 0 {
+    if k.is_multiple_of(2) {
         return mutate(k, src);
     }
     let chunks: Vec<_> = png_chunks(src)
