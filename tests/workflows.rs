@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::Device;
 use evax::checkpoint::Checkpoint;
 use evax::fixtures::shared_or_skip;
-use evax::model::{Backbone, LoadOptions, layer_index, registry};
+use evax::model::{LoadOptions, layer_index, registry};
 
 fn json(p: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
