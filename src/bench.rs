@@ -7,8 +7,9 @@ use candle_core::{Device, Tensor};
 use crate::explain::{CamSource, cam_maps};
 use crate::model::eva_x::random_state_dict;
 use crate::model::{EvaX, EvaXConfig, ModelError};
+use crate::model::{EvaXTrainable, Trainable};
+use crate::train::bce_with_logits;
 use crate::train::optim::{AdamW, Groups};
-use crate::train::{Trainable, bce_with_logits, param_group};
 
 /// One benchmark's settings and figures.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -98,7 +99,7 @@ pub fn run(
     let x = Tensor::randn(0f32, 1f32, (batch, 3, input, input), &Device::Cpu)?;
     let layer = model.default_cam_layer();
     let trainable = if work == Workload::Train {
-        Some(Trainable::from_state_dict(
+        Some(EvaXTrainable::from_state_dict(
             &random_state_dict(&cfg, 0),
             14,
             0,
@@ -111,13 +112,8 @@ pub fn run(
         .to_dtype(candle_core::DType::F32)?;
     let groups: Groups = trainable.as_ref().map_or_else(Groups::new, |t| {
         t.vars
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    param_group(k, v.dims().len(), cfg.depth, 0.55, 0.05),
-                )
-            })
+            .keys()
+            .map(|k| (k.clone(), t.param_group(k, 0.55, 0.05)))
             .collect()
     });
     let mut opt = AdamW::new();

@@ -307,7 +307,7 @@ pub fn run(o: &DemoOptions, note: &mut dyn FnMut(&str)) -> crate::Result<DemoRep
         max_steps: None,
         progress: true,
     };
-    let s = run.run(&mut model)?;
+    let s = run.run(model.as_mut())?;
     let last = s
         .last
         .clone()

@@ -10,17 +10,17 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use evax::checkpoint::Checkpoint;
 use evax::demo;
-use evax::model::{EvaX, EvaXConfig, LoadOptions};
+use evax::model::eva_x::train::init_state_dict;
+use evax::model::{EvaX, EvaXConfig, EvaXTrainable, LoadOptions};
 use evax::train::config::TrainConfig;
 use evax::train::engine::Run;
-use evax::train::{Trainable, init_state_dict};
 
-fn model(seed: u64) -> Trainable {
+fn model(seed: u64) -> EvaXTrainable {
     let mut cfg = EvaXConfig::preset("ti").unwrap();
     cfg.depth = 2;
     cfg.train_grid = (2, 2);
     cfg.num_classes = Some(3);
-    Trainable::from_state_dict(&init_state_dict(&cfg, seed), 3, seed).unwrap()
+    EvaXTrainable::from_state_dict(&init_state_dict(&cfg, seed), 3, seed).unwrap()
 }
 
 fn run(
@@ -37,7 +37,7 @@ fn run_with_model(
     data: &Path,
     out: &str,
     max_steps: Option<u64>,
-) -> (evax::train::engine::RunSummary, Trainable) {
+) -> (evax::train::engine::RunSummary, EvaXTrainable) {
     let cfg = TrainConfig::build(
         None,
         Some(

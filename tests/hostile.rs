@@ -284,7 +284,7 @@ fn finetune_refuses_wrong_family_and_wrong_shapes_before_training() {
     for (file, what) in [
         (
             sh.join("fixtures/resnet50_l1111_cxr14_ft.pth"),
-            "not EVA-X weights",
+            "no EVA-X backbone",
         ),
         (
             misshapen.clone(),

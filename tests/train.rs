@@ -7,9 +7,11 @@ use candle_core::Device;
 use evax::checkpoint::{Checkpoint, Param};
 use evax::fixtures::shared_or_skip;
 use evax::kernels::Kernels;
+use evax::model::EvaXTrainable;
 use evax::model::adapt::to_eva_layout;
+use evax::model::eva_x::train::param_group;
+use evax::train::bce_with_logits;
 use evax::train::optim::AdamW;
-use evax::train::{Trainable, bce_with_logits, param_group};
 
 fn reference(s: &std::path::Path) -> BTreeMap<String, Param> {
     Checkpoint::load(s.join("fixtures/reference.safetensors"))
@@ -34,7 +36,7 @@ fn one_step(kernels: Kernels) {
     let r = reference(&s);
     let ck = Checkpoint::load(s.join("fixtures/eva_x_ti_cxr14_ft.pth")).unwrap();
     let sd = to_eva_layout(&ck.tensors).unwrap();
-    let model = Trainable::from_state_dict_on(&sd, 14, 0, &Device::Cpu, kernels).unwrap();
+    let model = EvaXTrainable::from_state_dict_on(&sd, 14, 0, &Device::Cpu, kernels).unwrap();
     // Parameter groups: the rule's output for every parameter.
     let groups_ref: serde_json::Value =
         serde_json::from_slice(&std::fs::read(s.join("fixtures/ti_param_groups.json")).unwrap())

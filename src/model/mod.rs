@@ -15,12 +15,16 @@ pub mod interp;
 pub mod registry;
 pub mod rope;
 
-use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
 
+use candle_core::{Device, Tensor, Var};
+
+pub use eva_x::train::EvaXTrainable;
 pub use eva_x::{EvaX, EvaXConfig, Kind, LoadOptions, LoadReport, ModelError};
 
 use crate::explain::CamSource;
 use crate::preprocess::Normalization;
+use crate::rng::Rng;
 
 /// An image representation.
 #[derive(Debug, Clone)]
@@ -70,6 +74,45 @@ pub trait Classifier: Backbone + CamSource {
 
     /// Class logits `[B, K]`; an error for weights without a head.
     fn logits(&self, x: &Tensor) -> Result<Tensor, ModelError>;
+}
+
+/// A classifier being trained: its parameters as variables, a differentiable forward, and the
+/// family's rules for the optimiser's parameter groups. The training engine
+/// ([`crate::train::engine`]) sees only this.
+pub trait Trainable: Send {
+    /// The architecture's conventional name.
+    fn name(&self) -> String;
+
+    /// Where the parameters live.
+    fn device(&self) -> &Device;
+
+    /// The normalisation the original trains this family with.
+    fn normalization(&self) -> Normalization;
+
+    /// Input sides must be multiples of this.
+    fn input_multiple(&self) -> usize;
+
+    /// The parameters by name (sorted).
+    fn vars(&self) -> &BTreeMap<String, Var>;
+
+    /// Logits `[B, K]` of a batch, recording the graph; `drop_path` (stochastic depth) and
+    /// any other training-time randomness drawn from `rng` when given.
+    fn forward_train(
+        &self,
+        x: &Tensor,
+        drop_path: f64,
+        rng: Option<&mut Rng>,
+    ) -> candle_core::Result<Tensor>;
+
+    /// `(lr_scale, weight_decay)` of parameter `name` under the recipe's layer decay and
+    /// weight decay.
+    fn param_group(&self, name: &str, layer_decay: f64, weight_decay: f64) -> (f64, f64);
+
+    /// An inference model with the current weights.
+    fn to_inference(&self) -> Result<Box<dyn Classifier>, ModelError>;
+
+    /// Metadata to store beside the weights so that they load back as this model.
+    fn checkpoint_metadata(&self) -> Vec<(String, String)>;
 }
 
 /// The layer index of `name` in `layers`, or an error listing them.

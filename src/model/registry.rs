@@ -2,9 +2,15 @@
 
 use std::path::Path;
 
-use super::{Classifier, EvaX, LoadOptions, LoadReport, ModelError, adapt};
+use candle_core::Device;
+
+use super::{
+    Classifier, EvaX, EvaXConfig, EvaXTrainable, LoadOptions, LoadReport, ModelError, Trainable,
+    adapt,
+};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Result, ResultExt};
+use crate::kernels::Kernels;
 
 /// The model families evax can build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -52,4 +58,49 @@ pub fn load_file(
 ) -> Result<(Box<dyn Classifier>, LoadReport)> {
     let ck = Checkpoint::load_with(path, state_key)?;
     load(&ck, opts).context(path.display())
+}
+
+/// A checkpoint's weights ready to fine-tune for `classes` classes (a head of another size is
+/// re-initialised from `seed`), on `device`.
+pub fn load_trainable(
+    ck: &Checkpoint,
+    classes: usize,
+    seed: u64,
+    device: &Device,
+    kernels: Kernels,
+) -> Result<Box<dyn Trainable>, ModelError> {
+    match recognise(ck)? {
+        Family::EvaX => {
+            let sd = adapt::to_eva_layout(&ck.tensors)?;
+            Ok(Box::new(EvaXTrainable::from_state_dict_on(
+                &sd, classes, seed, device, kernels,
+            )?))
+        }
+    }
+}
+
+/// A fresh initialisation (as timm's) of a named configuration (`ti`, `s`, `b`) for square
+/// inputs of `input` pixels and `classes` classes.
+pub fn init_trainable(
+    name: &str,
+    input: usize,
+    classes: usize,
+    seed: u64,
+    device: &Device,
+    kernels: Kernels,
+) -> Result<Box<dyn Trainable>, ModelError> {
+    let mut cfg = EvaXConfig::preset(name)
+        .ok_or_else(|| ModelError::Input(format!("unknown model '{name}' (ti, s, b)")))?;
+    if input == 0 || !input.is_multiple_of(cfg.patch_size) {
+        return Err(ModelError::Input(format!(
+            "input size {input} is not a positive multiple of {}",
+            cfg.patch_size
+        )));
+    }
+    cfg.train_grid = (input / cfg.patch_size, input / cfg.patch_size);
+    cfg.num_classes = Some(classes);
+    let sd = super::eva_x::train::init_state_dict(&cfg, seed);
+    Ok(Box::new(EvaXTrainable::from_state_dict_on(
+        &sd, classes, seed, device, kernels,
+    )?))
 }

@@ -16,10 +16,11 @@ use rayon::prelude::*;
 use super::augment::Augment;
 use super::config::TrainConfig;
 use super::optim::{AdamW, Grads, Groups, Schedule, accumulate, grad_norm, grads_by_name};
-use super::{Trainable, bce_with_logits, cross_entropy, param_group};
+use super::{bce_with_logits, cross_entropy};
 use crate::error::ResultExt;
 use crate::infer::batches;
 use crate::metrics;
+use crate::model::Trainable;
 use crate::preprocess::{Image, Normalization, Preprocess};
 use crate::rng::Rng;
 
@@ -128,8 +129,7 @@ const LAST: &str = "checkpoint-last.safetensors";
 const BEST: &str = "checkpoint-best.safetensors";
 
 impl Run {
-    fn augment(&self) -> crate::Result<Augment> {
-        let norm = Normalization::EVAX;
+    fn augment(&self, norm: Normalization) -> crate::Result<Augment> {
         let s = self.cfg.input_size;
         Ok(if self.cfg.augment == "timm" {
             let fill = (255.0 * norm.mean).round() as u8;
@@ -168,27 +168,21 @@ impl Run {
         order
     }
 
-    fn groups(&self, model: &Trainable) -> Groups {
+    fn groups(&self, model: &dyn Trainable) -> Groups {
         model
-            .vars
-            .iter()
-            .map(|(k, v)| {
+            .vars()
+            .keys()
+            .map(|k| {
                 (
                     k.clone(),
-                    param_group(
-                        k,
-                        v.dims().len(),
-                        model.config.depth,
-                        self.cfg.layer_decay,
-                        self.cfg.weight_decay,
-                    ),
+                    model.param_group(k, self.cfg.layer_decay, self.cfg.weight_decay),
                 )
             })
             .collect()
     }
 
     /// Train (resuming from `checkpoint-last.safetensors` in the output folder if present).
-    pub fn run(&self, model: &mut Trainable) -> crate::Result<RunSummary> {
+    pub fn run(&self, model: &mut dyn Trainable) -> crate::Result<RunSummary> {
         let cfg = &self.cfg;
         std::fs::create_dir_all(&self.out_dir).map_err(|e| crate::Error::io(&self.out_dir, e))?;
         let config = self.out_dir.join("config.toml");
@@ -209,7 +203,7 @@ impl Run {
             epochs: cfg.epochs as f64,
             fixed: cfg.fixed_lr,
         };
-        let augment = self.augment()?;
+        let augment = self.augment(model.normalization())?;
         let n_epoch = self.epoch_order(0).len();
         let iters = n_epoch.div_ceil(cfg.batch_size);
         let k = self.train.classes.len();
@@ -254,10 +248,10 @@ impl Run {
                 }
                 let n = idx.len();
                 let s = cfg.input_size;
-                let xt = Tensor::from_vec(x, (n, 3, s, s), &model.device)?;
-                let yt = Tensor::from_vec(y, (n, k), &model.device)?;
+                let xt = Tensor::from_vec(x, (n, 3, s, s), model.device())?;
+                let yt = Tensor::from_vec(y, (n, k), model.device())?;
                 let mut rng = Rng::new(mix(&[cfg.seed, epoch as u64, it as u64, 0xd0]));
-                let logits = model.forward(&xt, cfg.drop_path, Some(&mut rng))?;
+                let logits = model.forward_train(&xt, cfg.drop_path, Some(&mut rng))?;
                 let loss = if self.train.single_label {
                     cross_entropy(&logits, &yt, cfg.smoothing)
                 } else {
@@ -272,7 +266,7 @@ impl Run {
                 }
                 let scaled = (loss / cfg.accum_iter as f64)?;
                 let store = scaled.backward()?;
-                accumulate(&mut acc, grads_by_name(&model.vars, &store))?;
+                accumulate(&mut acc, grads_by_name(model.vars(), &store))?;
                 acc_loss += lv;
                 acc_n += 1;
                 images_since += n;
@@ -287,7 +281,7 @@ impl Run {
                     } else {
                         1.0
                     };
-                    opt.update(&model.vars, &acc, lr, &groups, clip)?;
+                    opt.update(model.vars(), &acc, lr, &groups, clip)?;
                     acc.clear();
                     prog.steps += 1;
                     this_run += 1;
@@ -357,10 +351,10 @@ impl Run {
     }
 
     /// Metrics of the current weights on the evaluation data.
-    pub fn evaluate(&self, model: &Trainable, epoch: usize) -> crate::Result<EvalPoint> {
+    pub fn evaluate(&self, model: &dyn Trainable, epoch: usize) -> crate::Result<EvalPoint> {
         let inference = model.to_inference()?;
         let s = self.cfg.input_size;
-        let pre = Preprocess::eval((s, s), Normalization::EVAX);
+        let pre = Preprocess::eval((s, s), inference.normalization());
         let k = self.eval.classes.len();
         let items: Vec<(usize, PathBuf)> = self
             .eval
@@ -378,7 +372,7 @@ impl Run {
                     f.error
                 )));
             }
-            let x = Tensor::from_vec(b.data, (b.positions.len(), 3, s, s), &Device::Cpu)?;
+            let x = Tensor::from_vec(b.data, (b.positions.len(), 3, s, s), inference.device())?;
             let logits = inference.logits(&x).and_then(|l| Ok(l.to_vec2::<f32>()?))?;
             for (&i, row) in b.positions.iter().zip(logits) {
                 scores.insert(i, row.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect());
@@ -408,24 +402,21 @@ impl Run {
     }
 }
 
-fn tensors_of(model: &Trainable, prefix: &str) -> crate::Result<BTreeMap<String, Tensor>> {
+fn tensors_of(model: &dyn Trainable, prefix: &str) -> crate::Result<BTreeMap<String, Tensor>> {
     Ok(model
-        .vars
+        .vars()
         .iter()
         .map(|(k, v)| (format!("{prefix}{k}"), v.as_tensor().clone()))
         .collect())
 }
 
 /// The weights alone, in the models_eva layout (loadable by `predict`, `eval`, `cam`).
-fn save_weights(path: &Path, model: &Trainable, cfg: &TrainConfig) -> crate::Result<()> {
-    let meta = HashMap::from([
+fn save_weights(path: &Path, model: &dyn Trainable, cfg: &TrainConfig) -> crate::Result<()> {
+    let mut meta = HashMap::from([
         ("format".to_string(), "pt".to_string()),
-        (
-            "evax.rope_grid".to_string(),
-            model.config.rope_grid.to_string(),
-        ),
         ("evax.train_config".to_string(), cfg.to_toml()),
     ]);
+    meta.extend(model.checkpoint_metadata());
     Ok(crate::checkpoint::save_safetensors(
         &tensors_of(model, "")?,
         Some(meta),
@@ -436,13 +427,13 @@ fn save_weights(path: &Path, model: &Trainable, cfg: &TrainConfig) -> crate::Res
 /// Weights, optimiser moments and progress in one file, written atomically.
 fn save_checkpoint(
     path: &Path,
-    model: &Trainable,
+    model: &dyn Trainable,
     opt: &AdamW,
     prog: &Progress,
     cfg: &TrainConfig,
 ) -> crate::Result<()> {
     let mut t = tensors_of(model, "model.")?;
-    for (k, v) in model.vars.iter() {
+    for (k, v) in model.vars().iter() {
         let shape = v.dims();
         if let (Some(m), Some(s)) = (opt.m.get(k), opt.v.get(k)) {
             let m = Tensor::from_slice(m, shape, &Device::Cpu)?;
@@ -451,19 +442,20 @@ fn save_checkpoint(
             t.insert(format!("adam.v.{k}"), s);
         }
     }
-    let meta = HashMap::from([
+    let mut meta = HashMap::from([
         ("evax.progress".to_string(), serde_json::to_string(prog)?),
         ("evax.adam_step".to_string(), opt.step.to_string()),
         ("evax.train_config".to_string(), cfg.to_toml()),
-        (
-            "evax.rope_grid".to_string(),
-            model.config.rope_grid.to_string(),
-        ),
     ]);
+    meta.extend(model.checkpoint_metadata());
     Ok(crate::checkpoint::save_safetensors(&t, Some(meta), path)?)
 }
 
-fn load_checkpoint(path: &Path, model: &mut Trainable, opt: &mut AdamW) -> crate::Result<Progress> {
+fn load_checkpoint(
+    path: &Path,
+    model: &mut dyn Trainable,
+    opt: &mut AdamW,
+) -> crate::Result<Progress> {
     let ck = crate::checkpoint::Checkpoint::load(path)?;
     let prog: Progress = serde_json::from_str(ck.metadata.get("evax.progress").ok_or(format!(
         "{}: not an evax training checkpoint",
@@ -475,12 +467,12 @@ fn load_checkpoint(path: &Path, model: &mut Trainable, opt: &mut AdamW) -> crate
         .get("evax.adam_step")
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    for (k, var) in &model.vars {
+    for (k, var) in model.vars() {
         let p = ck
             .tensors
             .get(&format!("model.{k}"))
             .ok_or(format!("{}: lacks model.{k}", path.display()))?;
-        let t = p.to_tensor(&model.device)?;
+        let t = p.to_tensor(model.device())?;
         var.set(&t)
             .map_err(|e| format!("{}: model.{k}: {e}", path.display()))?;
         if let (Some(m), Some(v)) = (

@@ -5,14 +5,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
-use super::Trainable;
 use super::config::TrainConfig;
 use super::engine::{EvalPoint, Run, RunSummary, TrainData};
 use crate::checkpoint::Checkpoint;
 use crate::data::{self, DatasetKind, LoadOptions as DataOptions, chexpert::UncertaintyPolicy};
 use crate::error::{Error, Result, ResultExt};
 use crate::kernels::Kernels;
-use crate::model::{EvaXConfig, adapt};
+use crate::model::{Trainable, registry};
 
 /// Initial weights: a checkpoint (MIM or fine-tuned; its head kept if it has `classes` rows,
 /// else re-initialised), or a fresh initialisation of the configured size `model`.
@@ -24,43 +23,22 @@ pub fn initial_model(
     seed: u64,
     device: &Device,
     kernels: Kernels,
-) -> Result<Trainable> {
-    match weights {
+) -> Result<Box<dyn Trainable>> {
+    let m = match weights {
         Some(w) => {
             let ck = Checkpoint::load(w)?;
-            let sd = adapt::to_eva_layout(&ck.tensors).context(format!(
-                "{}: not EVA-X weights (fine-tuning takes EVA-X checkpoints)",
-                w.display()
-            ))?;
-            let m = Trainable::from_state_dict_on(&sd, classes, seed, device, kernels)
-                .context(w.display())?;
-            let p = m.config.patch_size;
-            if !input.is_multiple_of(p) {
-                return Err(Error::Invalid(format!(
-                    "input_size {input} is not a multiple of the checkpoint's patch size {p}"
-                )));
-            }
-            Ok(m)
+            registry::load_trainable(&ck, classes, seed, device, kernels)
+                .context(format!("{}: cannot fine-tune these weights", w.display()))?
         }
-        None => {
-            let mut cfg = EvaXConfig::preset(model)
-                .ok_or_else(|| Error::Invalid(format!("unknown model '{model}' (ti, s, b)")))?;
-            if input == 0 || !input.is_multiple_of(cfg.patch_size) {
-                return Err(Error::Invalid(format!(
-                    "input_size {input} is not a positive multiple of 16"
-                )));
-            }
-            cfg.train_grid = (input / 16, input / 16);
-            cfg.num_classes = Some(classes);
-            Ok(Trainable::from_state_dict_on(
-                &super::init_state_dict(&cfg, seed),
-                classes,
-                seed,
-                device,
-                kernels,
-            )?)
-        }
+        None => registry::init_trainable(model, input, classes, seed, device, kernels)?,
+    };
+    let p = m.input_multiple();
+    if input == 0 || !input.is_multiple_of(p) {
+        return Err(Error::Invalid(format!(
+            "input_size {input} is not a positive multiple of the model's patch size {p}"
+        )));
     }
+    Ok(m)
 }
 
 /// A split of a dataset as training data, with the rows and images that had to be skipped
@@ -137,7 +115,7 @@ impl Finetune {
         )?;
         note(&format!(
             "fine-tuning {} on {} ({} training images, evaluating on {} {}); selecting on {} {}",
-            model.config.variant(),
+            model.name(),
             kind.name(),
             train.samples.len(),
             eval.samples.len(),
@@ -153,7 +131,7 @@ impl Finetune {
             max_steps: self.max_steps,
             progress: true,
         };
-        let s = run.run(&mut model)?;
+        let s = run.run(model.as_mut())?;
         let path = self.out_dir.join("summary.json");
         crate::io::write_atomic(&path, &serde_json::to_vec_pretty(&s)?)
             .map_err(|e| Error::io(&path, e))?;

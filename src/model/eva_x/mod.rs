@@ -5,6 +5,7 @@
 //! Weights are plain f32 tensors (no autograd graph) for inference.
 
 pub mod cam;
+pub mod train;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
