@@ -30,6 +30,7 @@ fn stored_values_and_headers_match_pydicom() {
             .unwrap();
     let mut names: Vec<&String> = refs.keys().collect();
     names.sort();
+    assert_eq!(names.len(), 9, "DICOM files in the reference");
     for name in names {
         let f = DicomFile::open(sh.join("data/dicom").join(name)).unwrap();
         let v = f.stored_values(None).unwrap();
@@ -39,6 +40,7 @@ fn stored_values_and_headers_match_pydicom() {
             vec![v.frames, v.rows, v.cols, v.samples],
             "{name}: shape"
         );
+        assert_eq!(v.values.len(), want.data.len(), "{name}: length");
         let max = v
             .values
             .iter()
@@ -166,6 +168,7 @@ fn monochrome1_chest_exports_dark_lungs_and_siim_matches_its_pixels() {
         .unwrap()
         .stored_values(Some(0))
         .unwrap();
+    assert_eq!(px.len(), stored.values.len());
     assert!(px.iter().zip(&stored.values).all(|(&a, &b)| a as i32 == b));
     // With the default VOI it is the same image (8-bit, no window in the header: kept).
     let o = evax(&[
@@ -287,12 +290,13 @@ fn predict_and_embed_accept_dicom_and_mixed_folders() {
         .iter()
         .map(|x| x.as_f64().unwrap() as f32)
         .collect();
+    assert_eq!(row.len(), 14);
     let d = row
         .iter()
         .zip(&refs["ti_ft/logits"].data[..14])
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f32::max);
-    assert!(d < 1e-4);
+    assert!(d <= 1e-5, "logits differ by {d}");
     // A DICOM input gives what its exported PNG gives.
     let png = out.join("siim.png");
     assert!(
@@ -319,6 +323,8 @@ fn predict_and_embed_accept_dicom_and_mixed_folders() {
             .map(|x| x.as_f64().unwrap())
             .collect()
     };
+    assert_eq!(logits(&q[0]).len(), 14);
+    assert_eq!(logits(&v[0]).len(), 14);
     let d = logits(&q[0])
         .iter()
         .zip(logits(&v[0]))

@@ -6,6 +6,16 @@ use evax::explain::{CamSource, cam_maps};
 use evax::fixtures::shared_or_skip;
 use evax::model::{EvaX, LoadOptions};
 
+/// Max |a - b|, after checking the lengths agree (a short output must fail).
+fn max_diff(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "length");
+    assert!(!got.is_empty(), "empty output");
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
 #[test]
 fn gradcam_matches_pytorch_grad_cam() {
     let Some(s) = shared_or_skip("gradcam_matches_pytorch_grad_cam") else {
@@ -25,25 +35,18 @@ fn gradcam_matches_pytorch_grad_cam() {
     let rounds = batch.rounds;
     let want_logits = &r["ti_ft/logits"].data[..14];
     let got_logits = &batch.logits[0];
-    let dl = got_logits
-        .iter()
-        .zip(want_logits)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+    let dl = max_diff(got_logits, want_logits);
     assert!(
-        dl < 1e-4,
+        dl <= 1e-5,
         "logits through the differentiable path differ by {dl}"
     );
+    assert_eq!(rounds.len(), 2, "one round per requested class");
     for (round, key) in rounds.iter().zip(["gradcam/class1", "gradcam/class7"]) {
-        let map = &cam_maps(round, (224, 224)).unwrap()[0];
-        let want = &r[key].data;
-        let d = map
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let maps = cam_maps(round, (224, 224)).unwrap();
+        assert_eq!(maps.len(), 1);
+        let d = max_diff(&maps[0], &r[key].data);
         eprintln!("{key}: max abs diff {d:.3e}");
-        assert!(d <= 1e-3, "{key}: max abs diff {d}");
+        assert!(d <= 1e-5, "{key}: max abs diff {d}");
     }
 }
 
@@ -59,11 +62,7 @@ fn cam_eval_input_and_ious_match_get_cams() {
         .tensors;
     let img = Image::open(s.join("data/nih/00003440_000.png")).unwrap();
     let input = cam_eval_input(&img, (224, 224), Normalization::OTHERS);
-    let d = input
-        .iter()
-        .zip(&r["cam_eval/input"].data)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+    let d = max_diff(&input, &r["cam_eval/input"].data);
     eprintln!("cam_eval/input: max abs diff {d:.3e}");
     assert!(d <= 1e-5, "cam_eval/input differs by {d}");
 
@@ -83,14 +82,9 @@ fn cam_eval_input_and_ious_match_get_cams() {
             .unwrap()
             .rounds;
         let cam = &cam_maps(&rounds[0], (224, 224)).unwrap()[0];
-        let want = &r[&format!("cam_eval/{finding}/cam")].data;
-        let d = cam
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let d = max_diff(cam, &r[&format!("cam_eval/{finding}/cam")].data);
         eprintln!("cam_eval/{finding}/cam: max abs diff {d:.3e}");
-        assert!(d <= 1e-3);
+        assert!(d <= 1e-5, "{finding}: the CAM differs by {d}");
         let b = boxes
             .iter()
             .find(|b| b.image == "00003440_000.png" && b.finding == finding)
@@ -101,12 +95,13 @@ fn cam_eval_input_and_ious_match_get_cams() {
             .iter()
             .map(|&t| iou(cam, (224, 224), &pixels, t))
             .collect();
+        assert_eq!(got.len(), want.len(), "thresholds");
         let d = got
             .iter()
             .zip(want)
             .map(|(a, b)| (a - *b as f64).abs())
             .fold(0.0, f64::max);
         eprintln!("cam_eval/{finding}/iou_by_threshold: max abs diff {d:.3e}");
-        assert!(d <= 1e-3, "{finding}: {got:?}");
+        assert!(d <= 1e-5, "{finding}: {got:?}");
     }
 }

@@ -28,6 +28,8 @@ fn auroc_matches_scikit_learn_to_1e12() {
             .collect()
     };
     let want = f64s("auc/per_class");
+    assert_eq!(want.len(), 14);
+    assert_eq!(m.per_class.len(), want.len());
     for (c, (a, b)) in m.per_class.iter().zip(&want).enumerate() {
         assert!((a - b).abs() <= 1e-12, "class {c}: {a} vs {b}");
     }
