@@ -71,8 +71,7 @@ impl CustomOp1 for Attention {
         if !c3.is_multiple_of(3) {
             candle_core::bail!("attention: qkv width {c3} is not 3C");
         }
-        shape.check(qkv.len()).map_err(candle_core::Error::Msg)?;
-        let out = cpu::attention_forward(qkv, &shape);
+        let out = cpu::attention_forward(qkv, &shape).map_err(candle_core::Error::Msg)?;
         Ok((CpuStorage::F32(out), Shape::from((b, t, c3 / 3))))
     }
 
@@ -80,8 +79,9 @@ impl CustomOp1 for Attention {
         let (b, t, c3) = qkv.dims3()?;
         let shape = self.shape(b, t, c3);
         let dq = read(qkv, |x| {
-            shape.check(x.len()).map_err(candle_core::Error::Msg)?;
-            read(dy, |g| Ok(cpu::attention_backward(x, g, &shape)))
+            read(dy, |g| {
+                cpu::attention_backward(x, g, &shape).map_err(candle_core::Error::Msg)
+            })
         })?;
         Ok(Some(Tensor::from_vec(dq, (b, t, c3), qkv.device())?))
     }

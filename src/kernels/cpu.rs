@@ -263,8 +263,9 @@ impl AttentionShape<'_> {
 }
 
 /// Multi-head self-attention with RoPE: `qkv` `[b, t, 3c]` (biases added) to `[b, t, c]`, one
-/// GEMM pair per (image, head). `shape.check(qkv.len())` must hold.
-pub fn attention_forward(qkv: &[f32], shape: &AttentionShape) -> Vec<f32> {
+/// GEMM pair per (image, head); an error unless the shapes fit ([`AttentionShape::check`]).
+pub fn attention_forward(qkv: &[f32], shape: &AttentionShape) -> Result<Vec<f32>, String> {
+    shape.check(qkv.len())?;
     let AttentionShape {
         b, t, c, heads: h, ..
     } = *shape;
@@ -322,23 +323,30 @@ pub fn attention_forward(qkv: &[f32], shape: &AttentionShape) -> Vec<f32> {
     );
     // SAFETY: the (image, head) tasks together wrote all b * t * c elements.
     unsafe { out.set_len(b * t * c) };
-    out
+    Ok(out)
 }
 
 /// Gradient of [`attention_forward`] with respect to `qkv`, given the output gradient `dy`
-/// `[b, t, c]`; the probabilities are recomputed. `shape.check(qkv.len())` must hold.
-pub fn attention_backward(qkv: &[f32], dy: &[f32], shape: &AttentionShape) -> Vec<f32> {
+/// `[b, t, c]`; the probabilities are recomputed. An error unless the shapes fit.
+pub fn attention_backward(
+    qkv: &[f32],
+    dy: &[f32],
+    shape: &AttentionShape,
+) -> Result<Vec<f32>, String> {
+    shape.check(qkv.len())?;
     let AttentionShape {
         b, t, c, heads: h, ..
     } = *shape;
     let d = c / h;
     let c3 = 3 * c;
     let scale = 1.0 / (d as f32).sqrt();
-    assert_eq!(
-        dy.len(),
-        b * t * c,
-        "attention backward: output gradient size"
-    );
+    if dy.len() != b * t * c {
+        return Err(format!(
+            "attention backward: output gradient holds {} values, expected {}",
+            dy.len(),
+            b * t * c
+        ));
+    }
     let mut dqkv: Vec<f32> = vec![0f32; b * t * c3];
     let dst = SharedMut(dqkv.as_mut_ptr());
     (0..b * h).into_par_iter().for_each_init(
@@ -442,7 +450,7 @@ pub fn attention_backward(qkv: &[f32], dy: &[f32], shape: &AttentionShape) -> Ve
             }
         },
     );
-    dqkv
+    Ok(dqkv)
 }
 
 /// `silu(x1) * x2` for each row `[x1 | x2]` of width `2h` of `x`.

@@ -100,3 +100,93 @@ pub fn linear_train(k: Kernels, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Te
         reference::linear(x, &w.t()?, Some(b), None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let mut r = crate::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| r.unit() as f32 * 2.0 - 1.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Value and input gradient of `f` (weighted by a fixed random cotangent) on both paths.
+    fn both(x: &Tensor, f: impl Fn(Kernels, &Tensor) -> Result<Tensor>) -> [(Tensor, Tensor); 2] {
+        [Kernels::Fused, Kernels::Reference].map(|k| {
+            let v = Var::from_tensor(x).unwrap();
+            let y = f(k, v.as_tensor()).unwrap();
+            let w = rand(y.dims(), 99);
+            let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = g.get(v.as_tensor()).expect("gradient").clone();
+            (y, dx)
+        })
+    }
+
+    #[test]
+    fn fused_kernels_agree_with_the_reference_path() {
+        // Two images, a 2 x 3 grid (t = 7 with the class token), two heads of 64.
+        let rope = Arc::new(RopeTables::new((2, 3), 14.0, 64));
+        let qkv = rand(&[2, 7, 3 * 128], 1);
+        let [(yf, gf), (yr, gr)] = both(&qkv, |k, x| attention(k, x, 2, &rope, true));
+        assert_eq!(yf.dims(), &[2, 7, 128]);
+        assert!(
+            max_diff(&yf, &yr) < 1e-5,
+            "attention {}",
+            max_diff(&yf, &yr)
+        );
+        assert!(
+            max_diff(&gf, &gr) < 1e-5,
+            "attention grad {}",
+            max_diff(&gf, &gr)
+        );
+
+        let (w, b) = (rand(&[48], 2), rand(&[48], 3));
+        let x = rand(&[3, 5, 48], 4);
+        let [(yf, gf), (yr, gr)] = both(&x, |k, x| layer_norm(k, x, &w, &b, 1e-6, true));
+        assert!(max_diff(&yf, &yr) < 1e-5 && max_diff(&gf, &gr) < 1e-4);
+
+        let x = rand(&[4, 2 * 40], 5);
+        let [(yf, gf), (yr, gr)] = both(&x, |k, x| swiglu(k, x, true));
+        assert_eq!(yf.dims(), &[4, 40]);
+        assert!(max_diff(&yf, &yr) < 1e-6 && max_diff(&gf, &gr) < 1e-6);
+
+        let (w, b) = (rand(&[24, 48], 6), rand(&[24], 7));
+        let x = rand(&[2, 3, 48], 8);
+        let [(yf, gf), (yr, gr)] = both(&x, |k, x| linear_train(k, x, &w, &b));
+        assert_eq!(yf.dims(), &[2, 3, 24]);
+        assert!(max_diff(&yf, &yr) < 1e-5 && max_diff(&gf, &gr) < 1e-5);
+        // The inference linear with a residual, W^T given contiguous.
+        let wt = w.t().unwrap().contiguous().unwrap();
+        let r = rand(&[2, 3, 24], 9);
+        let f = linear(Kernels::Fused, &x, &wt, Some(&b), Some(&r)).unwrap();
+        let g = linear(Kernels::Reference, &x, &wt, Some(&b), Some(&r)).unwrap();
+        assert!(max_diff(&f, &g) < 1e-5);
+    }
+
+    #[test]
+    fn shapes_that_do_not_fit_are_errors() {
+        let rope = Arc::new(RopeTables::new((2, 2), 14.0, 64));
+        // Width 3 x 100 does not split into heads of 64; tables for 4 tokens, input has 6.
+        assert!(attention(Kernels::Fused, &rand(&[1, 5, 300], 1), 2, &rope, false).is_err());
+        assert!(attention(Kernels::Fused, &rand(&[1, 7, 384], 1), 2, &rope, false).is_err());
+        assert!(attention(Kernels::Reference, &rand(&[1, 7, 384], 1), 2, &rope, false).is_err());
+        assert!(swiglu(Kernels::Fused, &rand(&[2, 7], 1), false).is_err());
+    }
+}
