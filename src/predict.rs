@@ -56,6 +56,8 @@ pub struct Embeddings {
     pub pooled: Tensor,
     /// `[N, T, C]`, when asked for and the family has tokens.
     pub tokens: Option<Tensor>,
+    /// Feature maps `[N, C, h, w]` of the layers asked for, by layer name.
+    pub intermediates: Vec<(String, Tensor)>,
 }
 
 /// A model with its preprocessing and labels.
@@ -190,16 +192,26 @@ impl Predictor {
         Ok((preds, failures))
     }
 
-    /// Embed every input file; `pooled` (and `tokens` if asked) in input order.
+    /// Embed every input file: `pooled`, and `tokens` and the feature maps of the named
+    /// `layers` (see [`crate::model::Backbone::layer_names`]) if asked, in input order; `None`
+    /// when no input could be embedded. An unknown layer is an error before any work.
     pub fn embed_files(
         &self,
         paths: &[PathBuf],
         with_tokens: bool,
+        layers: &[String],
         pb: &ProgressBar,
-    ) -> (Option<Embeddings>, Vec<Failure>) {
+    ) -> Result<(Option<Embeddings>, Vec<Failure>)> {
+        let names = self.model.layer_names();
+        let indices = layers
+            .iter()
+            .map(|l| crate::model::layer_index(&names, l))
+            .collect::<Result<Vec<usize>, _>>()?;
         let mut inputs = Vec::new();
         let mut pooled = Vec::new();
         let mut tokens = Vec::new();
+        let mut maps: Vec<Vec<Tensor>> = vec![Vec::new(); indices.len()];
+        let cpu = candle_core::Device::Cpu;
         let failures = infer::for_each_batch(
             paths,
             &self.preprocess,
@@ -207,43 +219,49 @@ impl Predictor {
             self.model.device(),
             pb,
             |pos, x| {
-                let r = self.model.embed(&x).map_err(|e| e.to_string())?;
-                pooled.push(r.pooled);
-                if let (true, Some(t)) = (with_tokens, r.tokens) {
-                    tokens.push(t);
-                }
+                let mut run = || -> Result<()> {
+                    let r = self.model.embed(&x)?;
+                    let intermediates = if indices.is_empty() {
+                        Vec::new()
+                    } else {
+                        self.model.forward_intermediates(&x, &indices)?
+                    };
+                    pooled.push(r.pooled.to_device(&cpu)?);
+                    if let (true, Some(t)) = (with_tokens, r.tokens) {
+                        tokens.push(t.to_device(&cpu)?);
+                    }
+                    for (m, t) in maps.iter_mut().zip(intermediates) {
+                        m.push(t.to_device(&cpu)?);
+                    }
+                    Ok(())
+                };
+                run().map_err(|e| e.to_string())?;
                 inputs.extend(pos.iter().map(|&i| paths[i].display().to_string()));
                 Ok(())
             },
         );
         if inputs.is_empty() {
-            return (None, failures);
+            return Ok((None, failures));
         }
-        let cat = |v: &[Tensor]| Tensor::cat(v, 0);
-        let pooled = match cat(&pooled) {
-            Ok(p) => p,
-            Err(e) => {
-                let mut f = failures;
-                f.extend(inputs.iter().map(|i| Failure {
-                    input: i.into(),
-                    error: e.to_string(),
-                }));
-                return (None, f);
-            }
-        };
-        let tokens = if with_tokens && !tokens.is_empty() {
-            cat(&tokens).ok()
-        } else {
+        let tokens = if tokens.is_empty() {
             None
+        } else {
+            Some(Tensor::cat(&tokens, 0)?)
         };
-        (
+        let intermediates = layers
+            .iter()
+            .zip(&maps)
+            .map(|(l, m)| Ok((l.clone(), Tensor::cat(m, 0)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((
             Some(Embeddings {
                 inputs,
-                pooled,
+                pooled: Tensor::cat(&pooled, 0)?,
                 tokens,
+                intermediates,
             }),
             failures,
-        )
+        ))
     }
 }
 
@@ -312,8 +330,9 @@ pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
         .map_err(|e| Error::io(path, e))
 }
 
-/// Write embeddings atomically: `.safetensors` (tensors `pooled`, `tokens`; the inputs in the
-/// metadata key `inputs`) or `.npy` (pooled; `OUT.tokens.npy` and `OUT.inputs.txt` beside).
+/// Write embeddings atomically: `.safetensors` (tensors `pooled`, `tokens`, `layer.NAME`; the
+/// inputs in the metadata key `inputs`) or `.npy` (pooled; `OUT.tokens.npy`, `OUT.NAME.npy` and
+/// `OUT.inputs.txt` beside).
 pub fn write_embeddings(path: &Path, e: &Embeddings) -> Result<()> {
     check_extension(path, &["safetensors", "npy"])?;
     if extension(path) == "safetensors" {
@@ -321,12 +340,18 @@ pub fn write_embeddings(path: &Path, e: &Embeddings) -> Result<()> {
         if let Some(t) = &e.tokens {
             out.insert("tokens".into(), t.clone());
         }
+        for (name, t) in &e.intermediates {
+            out.insert(format!("layer.{name}"), t.clone());
+        }
         let meta = HashMap::from([("inputs".to_string(), serde_json::to_string(&e.inputs)?)]);
         crate::checkpoint::save_safetensors(&out, Some(meta), path)?;
     } else {
         write_npy(path, &e.pooled)?;
         if let Some(t) = &e.tokens {
             write_npy(&path.with_extension("tokens.npy"), t)?;
+        }
+        for (name, t) in &e.intermediates {
+            write_npy(&path.with_extension(format!("{name}.npy")), t)?;
         }
         let list = path.with_extension("inputs.txt");
         crate::io::write_atomic(&list, (e.inputs.join("\n") + "\n").as_bytes())

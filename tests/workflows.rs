@@ -366,4 +366,52 @@ fn intermediate_feature_maps_match_the_reference_block_outputs() {
         eprintln!("{key} as a feature map: max abs diff {worst:.2e}");
         assert!(worst <= 1e-5, "{key}: {worst}");
     }
+    // The same through `evax embed --layers` on the two images of `input224`.
+    let dir = scratch("layers");
+    let out = dir.join("e.safetensors");
+    let nih = sh.join("data/nih");
+    let o = evax(&[
+        "embed",
+        "--weights",
+        s(&sh.join("fixtures/eva_x_ti_cxr14_ft.pth")),
+        "--layers",
+        "blocks.0",
+        "-o",
+        s(&out),
+        s(&nih.join("00000001_000.png")),
+        s(&nih.join("00003440_000.png")),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = Checkpoint::load(&out).unwrap().tensors;
+    let got = &e["layer.blocks.0"];
+    let want = &r["ti_ft/block0_out"];
+    assert_eq!(got.shape, vec![2, 192, 14, 14]);
+    let c = 192;
+    let mut worst = 0f32;
+    for b in 0..2 {
+        for t in 0..196 {
+            for ch in 0..c {
+                let g = got.data[(b * c + ch) * 196 + t];
+                let w = want.data[(b * 197 + 1 + t) * c + ch];
+                worst = worst.max((g - w).abs());
+            }
+        }
+    }
+    assert!(worst <= 1e-5, "embed --layers blocks.0: {worst}");
+    let o = evax(&[
+        "embed",
+        "--weights",
+        s(&sh.join("fixtures/eva_x_ti_cxr14_ft.pth")),
+        "--layers",
+        "blocks.12",
+        "-o",
+        s(&out),
+        s(&nih.join("00000001_000.png")),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no layer 'blocks.12'"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -16,6 +16,10 @@ pub struct Args {
     /// Also write every token's representation.
     #[arg(long)]
     tokens: bool,
+    /// Also write these layers' feature maps [N, C, h, w] (e.g. blocks.5; `patch_embed`,
+    /// `blocks.0` .. `blocks.{depth-1}` for EVA-X), comma-separated or repeated.
+    #[arg(long, value_delimiter = ',')]
+    layers: Vec<String>,
     /// Output: .safetensors (tensors `pooled`, `tokens`) or .npy (pooled; tokens beside).
     #[arg(short, long)]
     output: PathBuf,
@@ -30,7 +34,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let p = Predictor::load(&a.model.predictor_options(None))?;
     let (paths, mut failures) = infer::collect_inputs(&a.inputs);
     let pb = infer::progress(paths.len(), "embed");
-    let (emb, f) = p.embed_files(&paths, a.tokens, &pb);
+    let (emb, f) = p.embed_files(&paths, a.tokens, &a.layers, &pb)?;
     failures.extend(f);
     let Some(emb) = emb else {
         finish(&failures, 0);
