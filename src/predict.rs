@@ -14,6 +14,9 @@ use crate::labels::{Activation, LabelSet};
 use crate::model::{Classifier, LoadOptions, registry};
 use crate::preprocess::{Image, Normalization, Preprocess};
 
+/// The largest model input side accepted (2048 pixels: 16,384 patch tokens of 16).
+pub const MAX_INPUT_SIDE: usize = 2048;
+
 /// How to build a [`Predictor`].
 #[derive(Debug, Clone, Default)]
 pub struct PredictorOptions {
@@ -83,6 +86,13 @@ impl Predictor {
         if size.0 == 0 || size.1 == 0 || !size.0.is_multiple_of(m) || !size.1.is_multiple_of(m) {
             return Err(Error::Invalid(format!(
                 "input size {}x{} is not a positive multiple of {m} (the model's patch size)",
+                size.0, size.1
+            )));
+        }
+        if size.0.max(size.1) > MAX_INPUT_SIDE {
+            return Err(Error::Invalid(format!(
+                "input size {}x{} is larger than {MAX_INPUT_SIDE} pixels a side (attention memory \
+                 grows with the square of the token count)",
                 size.0, size.1
             )));
         }
