@@ -183,7 +183,7 @@ unsafe fn mm(
 
 /// Shapes and RoPE tables of one fused attention call: `qkv` is `[b, t, 3c]` with `heads`
 /// heads of width `c / heads`; token 0 is the class token and tokens `1..t` get RoPE from
-/// `cos` / `sin` (`[(t - 1), head_dim]` each).
+/// `cos` / `sin` (`[(t - 1), head_dim]` each; both empty: no RoPE, a plain ViT).
 pub struct AttentionShape<'a> {
     /// Images.
     pub b: usize,
@@ -208,7 +208,8 @@ impl AttentionShape<'_> {
             return Err(format!("attention: width {c} does not fit {h} heads"));
         }
         let d = c / h;
-        if self.cos.len() != (t - 1) * d || self.sin.len() != self.cos.len() {
+        let no_rope = self.cos.is_empty() && self.sin.is_empty();
+        if !no_rope && (self.cos.len() != (t - 1) * d || self.sin.len() != self.cos.len()) {
             return Err(format!(
                 "attention: RoPE tables hold {} values, {} tokens of width {d} need {}",
                 self.cos.len(),
@@ -248,7 +249,7 @@ impl AttentionShape<'_> {
                 &row[2 * c + hi * d..2 * c + (hi + 1) * d],
             );
             let (qd, kd) = (&mut q[ti * d..(ti + 1) * d], &mut k[ti * d..(ti + 1) * d]);
-            if ti == 0 {
+            if ti == 0 || self.cos.is_empty() {
                 qd.iter_mut().zip(qs).for_each(|(o, &x)| *o = x * scale);
                 kd.copy_from_slice(ks);
             } else {
@@ -434,7 +435,7 @@ pub fn attention_backward(
             };
             for ti in 0..t {
                 let (gq, gk) = (&dq[ti * d..(ti + 1) * d], &dk[ti * d..(ti + 1) * d]);
-                if ti == 0 {
+                if ti == 0 || shape.cos.is_empty() {
                     seg(ti, 0)
                         .iter_mut()
                         .zip(gq)

@@ -181,6 +181,14 @@ mod tests {
     }
 
     #[test]
+    fn attention_without_rope_agrees_on_both_paths() {
+        let none = Arc::new(RopeTables::none(64));
+        let qkv = rand(&[2, 5, 3 * 128], 11);
+        let [(yf, gf), (yr, gr)] = both(&qkv, |k, x| attention(k, x, 2, &none, true));
+        assert!(max_diff(&yf, &yr) < 1e-5 && max_diff(&gf, &gr) < 1e-5);
+    }
+
+    #[test]
     fn shapes_that_do_not_fit_are_errors() {
         let rope = Arc::new(RopeTables::new((2, 2), 14.0, 64));
         // Width 3 x 100 does not split into heads of 64; tables for 4 tokens, input has 6.

@@ -42,7 +42,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// Multi-head attention with RoPE over `qkv` `[B, T, 3C]` (biases added): token 0 is the class
-/// token, tokens 1.. get RoPE; returns `[B, T, C]`.
+/// token, tokens 1.. get RoPE (none when the tables are empty); returns `[B, T, C]`.
 pub fn attention(qkv: &Tensor, heads: usize, tables: &Arc<RopeTables>) -> Result<Tensor> {
     let (b, t, c3) = qkv.dims3()?;
     let c = c3 / 3;
@@ -50,7 +50,8 @@ pub fn attention(qkv: &Tensor, heads: usize, tables: &Arc<RopeTables>) -> Result
         candle_core::bail!("attention: qkv width {c3} does not fit {heads} heads");
     }
     let d = c / heads;
-    if tables.dim != d || tables.cos.len() != (t - 1) * d {
+    let no_rope = tables.cos.is_empty();
+    if !no_rope && (tables.dim != d || tables.cos.len() != (t - 1) * d) {
         candle_core::bail!(
             "attention: RoPE tables are for {} tokens of width {}, input has {} of {d}",
             tables.cos.len() / tables.dim.max(1),
@@ -59,15 +60,24 @@ pub fn attention(qkv: &Tensor, heads: usize, tables: &Arc<RopeTables>) -> Result
         );
     }
     let dev = qkv.device();
-    let cos = Tensor::from_slice(&tables.cos, (t - 1, d), dev)?;
-    let sin = Tensor::from_slice(&tables.sin, (t - 1, d), dev)?;
+    let rot = if no_rope {
+        None
+    } else {
+        Some((
+            Tensor::from_slice(&tables.cos, (t - 1, d), dev)?,
+            Tensor::from_slice(&tables.sin, (t - 1, d), dev)?,
+        ))
+    };
     // [B, T, 3, H, d] -> three [B, H, T, d]
     let parts = qkv.reshape((b, t, 3, heads, d))?.permute((2, 0, 3, 1, 4))?;
     let take = |i: usize| parts.get(i)?.contiguous();
     let (q, k, v) = (take(0)?, take(1)?, take(2)?);
     let roped = |x: &Tensor| -> Result<Tensor> {
+        let Some((cos, sin)) = &rot else {
+            return Ok(x.clone());
+        };
         let cls = x.narrow(2, 0, 1)?;
-        let patches = rope(&x.narrow(2, 1, t - 1)?.contiguous()?, &cos, &sin)?;
+        let patches = rope(&x.narrow(2, 1, t - 1)?.contiguous()?, cos, sin)?;
         Tensor::cat(&[&cls, &patches], 2)
     };
     let q = (roped(&q)? * (1.0 / (d as f64).sqrt()))?;

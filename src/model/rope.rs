@@ -61,6 +61,17 @@ impl RopeTables {
     }
 }
 
+impl RopeTables {
+    /// No rotary embedding (plain ViTs): empty tables, which the attention kernels skip.
+    pub fn none(head_dim: usize) -> Self {
+        RopeTables {
+            cos: Vec::new(),
+            sin: Vec::new(),
+            dim: head_dim,
+        }
+    }
+}
+
 /// Recover the reference grid `r` from stored tables `[n*n, 64]` (cos, sin): the angle of the
 /// column-x part of token (0, 1) at frequency 1 is `r / n`. Rounded to an integer when it is
 /// within 0.05 of one (stored tables are often fp16).
