@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod interp;
 pub mod registry;
 pub mod rope;
+pub mod token_cam;
 
 use std::collections::BTreeMap;
 

@@ -1,53 +1,59 @@
-//! Grad-CAM for EVA-X (REFERENCE.md 7): the model runs its inference path up to the target
-//! layer; from there on it is rebuilt from differentiable operations with the layer's output as
-//! a leaf variable, so one CAM costs a forward pass plus a backward pass through the layers
-//! after the target only. The CAM arithmetic itself is in [`crate::explain`].
+//! Grad-CAM for EVA-X: the pieces [`crate::model::token_cam`] cuts the model into.
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 
 use super::EvaX;
-use crate::explain::{ActivationGrads, CamBatch, CamSource};
+use crate::explain::{CamBatch, CamSource};
+use crate::model::token_cam::{self, CamLayer, TokenStack};
 use crate::model::{ModelError, grad};
 
-/// Which activation Grad-CAM explains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CamLayer {
-    /// The output of block `i`'s `norm1` (the original's choice for the last block).
-    Norm1(usize),
-    /// The output of block `i`.
-    Output(usize),
-}
+impl TokenStack for EvaX {
+    fn depth(&self) -> usize {
+        self.blocks.len()
+    }
 
-impl CamLayer {
-    /// Parse `last` (the last block's `norm1`), `blocks.N.norm1` or `blocks.N` (negative N
-    /// counts from the end) for a model of `depth` blocks.
-    pub fn parse(s: &str, depth: usize) -> Result<Self, ModelError> {
-        if s == "last" {
-            return Ok(CamLayer::Norm1(depth - 1));
-        }
-        let rest = s.strip_prefix("blocks.").ok_or_else(|| {
-            ModelError::Input(format!(
-                "layer '{s}': expected last, blocks.N.norm1 or blocks.N"
-            ))
-        })?;
-        let (n, norm1) = match rest.strip_suffix(".norm1") {
-            Some(n) => (n, true),
-            None => (rest, false),
+    fn grid(&self, x: &Tensor) -> Result<(usize, usize), ModelError> {
+        self.grid_of(x)
+    }
+
+    fn tokens_after(&self, x: &Tensor, n: usize) -> Result<Tensor, ModelError> {
+        self.forward_blocks(x, n)
+    }
+
+    fn norm1(&self, i: usize, x: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self.blocks[i].norm1.forward(x, self.kernels)?)
+    }
+
+    fn block_from_norm1(
+        &self,
+        i: usize,
+        x: &Tensor,
+        y: &Tensor,
+        grid: (usize, usize),
+    ) -> Result<Tensor, ModelError> {
+        let rope = self.rope_for(grid)?;
+        Ok(grad::block_from_norm1(
+            &self.blocks[i],
+            x,
+            y,
+            &rope,
+            self.kernels,
+        )?)
+    }
+
+    fn block(&self, i: usize, x: &Tensor, grid: (usize, usize)) -> Result<Tensor, ModelError> {
+        let rope = self.rope_for(grid)?;
+        Ok(grad::block(&self.blocks[i], x, &rope, self.kernels)?)
+    }
+
+    fn head_logits(&self, tokens: &Tensor) -> Result<Tensor, ModelError> {
+        let (Some(fc_norm), Some(head)) = (&self.fc_norm, &self.head) else {
+            return Err(ModelError::Input(
+                "Grad-CAM needs a fine-tuned checkpoint with fc_norm and a classification head"
+                    .into(),
+            ));
         };
-        let i: i64 = n
-            .parse()
-            .map_err(|_| ModelError::Input(format!("layer '{s}': bad block index")))?;
-        let i = if i < 0 { depth as i64 + i } else { i };
-        if i < 0 || i >= depth as i64 {
-            return Err(ModelError::Input(format!(
-                "layer '{s}': the model has {depth} blocks"
-            )));
-        }
-        Ok(if norm1 {
-            CamLayer::Norm1(i as usize)
-        } else {
-            CamLayer::Output(i as usize)
-        })
+        Ok(grad::head_logits(tokens, fc_norm, head, self.kernels)?)
     }
 }
 
@@ -66,99 +72,6 @@ impl CamSource for EvaX {
         layer: &str,
         choose: &dyn Fn(usize, &[f32]) -> Vec<usize>,
     ) -> Result<CamBatch, ModelError> {
-        let layer = CamLayer::parse(layer, self.config.depth)?;
-        let (Some(fc_norm), Some(head)) = (&self.fc_norm, &self.head) else {
-            return Err(ModelError::Input(
-                "Grad-CAM needs a fine-tuned checkpoint with fc_norm and a classification head"
-                    .into(),
-            ));
-        };
-        let grid = self.grid_of(x)?;
-        let tables = self.rope_for(grid)?;
-        let rope = tables;
-        let (start, leaf, features) = match layer {
-            CamLayer::Norm1(i) => {
-                let xi = self.forward_blocks(x, i)?;
-                let y = Var::from_tensor(&self.blocks[i].norm1.forward(&xi, self.kernels)?)?;
-                let out = grad::block_from_norm1(
-                    &self.blocks[i],
-                    &xi,
-                    y.as_tensor(),
-                    &rope,
-                    self.kernels,
-                )?;
-                (i + 1, y, out)
-            }
-            CamLayer::Output(i) => {
-                let y = Var::from_tensor(&self.forward_blocks(x, i + 1)?)?;
-                let t = y.as_tensor().clone();
-                (i + 1, y, t)
-            }
-        };
-        let mut h = features;
-        for block in &self.blocks[start..] {
-            h = grad::block(block, &h, &rope, self.kernels)?;
-        }
-        let logits = grad::head_logits(&h, fc_norm, head, self.kernels)?;
-        let (b, k) = logits.dims2()?;
-        let logit_rows = logits.to_vec2::<f32>()?;
-        let targets: Vec<Vec<usize>> = logit_rows
-            .iter()
-            .enumerate()
-            .map(|(i, l)| choose(i, l))
-            .collect();
-        let rounds = targets.iter().map(|t| t.len()).max().unwrap_or(0);
-        let t = leaf.as_tensor().dim(1)?;
-        let activations = leaf.as_tensor().narrow(1, 1, t - 1)?.contiguous()?;
-        let mut out = Vec::with_capacity(rounds);
-        for r in 0..rounds {
-            let mut mask = vec![0f32; b * k];
-            for (i, t) in targets.iter().enumerate() {
-                if let Some(&c) = t.get(r) {
-                    if c >= k {
-                        return Err(ModelError::Input(format!(
-                            "class {c} out of range (head has {k})"
-                        )));
-                    }
-                    mask[i * k + c] = 1.0;
-                }
-            }
-            let mask = Tensor::from_vec(mask, (b, k), logits.device())?;
-            let loss = (&logits * &mask)?.sum_all()?;
-            let grads = loss.backward()?;
-            let g = grads
-                .get(leaf.as_tensor())
-                .ok_or_else(|| ModelError::Input("no gradient reached the CAM layer".into()))?;
-            out.push(ActivationGrads {
-                activations: activations.clone(),
-                gradients: g.narrow(1, 1, t - 1)?.contiguous()?,
-                grid,
-            });
-        }
-        Ok(CamBatch {
-            logits: logit_rows,
-            targets,
-            rounds: out,
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layers_parse() {
-        assert_eq!(CamLayer::parse("last", 12).unwrap(), CamLayer::Norm1(11));
-        assert_eq!(
-            CamLayer::parse("blocks.3.norm1", 12).unwrap(),
-            CamLayer::Norm1(3)
-        );
-        assert_eq!(
-            CamLayer::parse("blocks.-1", 12).unwrap(),
-            CamLayer::Output(11)
-        );
-        assert!(CamLayer::parse("blocks.12", 12).is_err());
-        assert!(CamLayer::parse("head", 12).is_err());
+        token_cam::activation_grads(self, x, layer, choose)
     }
 }
