@@ -15,6 +15,7 @@ pub mod interp;
 pub mod registry;
 pub mod rope;
 pub mod token_cam;
+pub mod vit;
 
 use std::collections::BTreeMap;
 
@@ -114,6 +115,26 @@ pub trait Trainable: Send {
 
     /// Metadata to store beside the weights so that they load back as this model.
     fn checkpoint_metadata(&self) -> Vec<(String, String)>;
+}
+
+/// Patch embedding as a matrix product: images `[B, 3, gh * p, gw * p]` and the kernel as
+/// `[C, 3 * p * p]` (a stride-`p` convolution) to tokens `[B, gh * gw, C]`.
+pub fn patch_tokens(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    p: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, ch, h, w) = x.dims4()?;
+    let (gh, gw) = (h / p, w / p);
+    let c = weight.dim(0)?;
+    x.reshape((b, ch, gh, p, gw, p))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .contiguous()?
+        .reshape((b * gh * gw, ch * p * p))?
+        .matmul(&weight.t()?)?
+        .broadcast_add(bias)?
+        .reshape((b, gh * gw, c))
 }
 
 /// The layer index of `name` in `layers`, or an error listing them.

@@ -18,6 +18,8 @@ use crate::kernels::Kernels;
 pub enum Family {
     /// EVA-X Ti / S / B (and EVA-02-style ViTs in the same layout).
     EvaX,
+    /// Plain ViTs in timm's layout (the seed's ViT-S/16 baselines).
+    Vit,
 }
 
 impl Family {
@@ -25,12 +27,17 @@ impl Family {
     pub fn name(self) -> &'static str {
         match self {
             Family::EvaX => "EVA-X",
+            Family::Vit => "ViT",
         }
     }
 }
 
 /// The family of a checkpoint's weights, or an error saying why none fits.
 pub fn recognise(ck: &Checkpoint) -> Result<Family, ModelError> {
+    // A plain ViT's `mlp.fc1` would also pass as EVA-X's packed SwiGLU: look for it first.
+    if super::vit::find_backbone(&ck.tensors).is_some() {
+        return Ok(Family::Vit);
+    }
     let sd = adapt::to_eva_layout(&ck.tensors)?;
     super::eva_x::infer_config(&sd.tensors, &LoadOptions::default())?;
     Ok(Family::EvaX)
@@ -44,6 +51,10 @@ pub fn load(
     match recognise(ck)? {
         Family::EvaX => {
             let (m, report) = EvaX::from_checkpoint(ck, opts)?;
+            Ok((Box::new(m), report))
+        }
+        Family::Vit => {
+            let (m, report) = super::vit::Vit::from_checkpoint(ck, opts)?;
             Ok((Box::new(m), report))
         }
     }
@@ -70,6 +81,9 @@ pub fn load_trainable(
     kernels: Kernels,
 ) -> Result<Box<dyn Trainable>, ModelError> {
     match recognise(ck)? {
+        Family::Vit => Err(ModelError::Weights(
+            "fine-tuning plain ViTs is not built yet (EVA-X weights only)".into(),
+        )),
         Family::EvaX => {
             let sd = adapt::to_eva_layout(&ck.tensors)?;
             Ok(Box::new(EvaXTrainable::from_state_dict_on(

@@ -669,17 +669,13 @@ impl EvaX {
     pub fn embed_tokens(&self, x: &Tensor) -> Result<Tensor> {
         let (b, (gh, gw)) = self.check_input(x)?;
         let x = x.to_device(&self.device)?;
-        let p = self.config.patch_size;
         let c = self.config.dim;
-        let patches = x
-            .reshape((b, 3, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b * gh * gw, 3 * p * p))?;
-        let tokens = patches
-            .matmul(&self.patch_weight.t()?)?
-            .broadcast_add(&self.patch_bias)?
-            .reshape((b, gh * gw, c))?;
+        let tokens = super::patch_tokens(
+            &x,
+            &self.patch_weight,
+            &self.patch_bias,
+            self.config.patch_size,
+        )?;
         let cls = self.cls_token.broadcast_as((b, 1, c))?;
         let state = self.grid_state((gh, gw))?;
         Ok(Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&state.pos_embed)?)

@@ -190,18 +190,10 @@ impl EvaXTrainable {
         let p = cfg.patch_size;
         let (gh, gw) = (h / p, w / p);
         let c = cfg.dim;
-        let patches = x
-            .reshape((b, 3, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b * gh * gw, 3 * p * p))?;
         let pw = self
             .var("patch_embed.proj.weight")
             .reshape((c, 3 * p * p))?;
-        let tokens = patches
-            .matmul(&pw.t()?)?
-            .broadcast_add(self.var("patch_embed.proj.bias"))?
-            .reshape((b, gh * gw, c))?;
+        let tokens = crate::model::patch_tokens(x, &pw, self.var("patch_embed.proj.bias"), p)?;
         let cls = self.var("cls_token").broadcast_as((b, 1, c))?;
         let pos = self.pos_embed((gh, gw))?;
         let mut hs = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&pos)?;

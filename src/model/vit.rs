@@ -1,0 +1,558 @@
+//! Plain Vision Transformers as the seed's `models_vit.py` builds them for its comparison
+//! (ViT-S/16 from DeiT, MAE, Medical MAE or EVA-02 weights; timm `VisionTransformer` keys):
+//! patch embedding, class token and a learned `pos_embed` (resampled bicubically for other
+//! grids), pre-norm blocks with softmax attention and a GELU MLP, then global average pooling of
+//! the patch tokens and `fc_norm` (the seed's default), and the `head`.
+//!
+//! Pre-training files have `norm` and no `fc_norm`: as the original does when it fine-tunes
+//! them, `fc_norm` starts fresh (weight 1, bias 0) and `norm` is left unused.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{Device, Tensor};
+
+use super::eva_x::{LN_EPS, LayerNorm, Linear};
+use super::rope::RopeTables;
+use super::token_cam::{self, CamLayer, TokenStack};
+use super::{
+    Backbone, Classifier, LoadOptions, LoadReport, ModelError, Representation, adapt, patch_tokens,
+};
+use crate::checkpoint::{Checkpoint, Param};
+use crate::explain::{CamBatch, CamSource};
+use crate::kernels::{self, Kernels};
+use crate::preprocess::Normalization;
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// Prefixes a ViT backbone is found under (torch wrappers, MAE / timm exports).
+const PREFIXES: [&str; 5] = ["", "module.", "encoder.", "backbone.", "model."];
+
+/// The architecture, as read off the weights.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct VitConfig {
+    /// Token width.
+    pub dim: usize,
+    /// Blocks.
+    pub depth: usize,
+    /// Attention heads (head width 64).
+    pub heads: usize,
+    /// MLP hidden width.
+    pub mlp_hidden: usize,
+    /// Patch size.
+    pub patch_size: usize,
+    /// Grid the `pos_embed` was trained for.
+    pub train_grid: (usize, usize),
+    /// Classes of the head, if any.
+    pub num_classes: Option<usize>,
+}
+
+impl VitConfig {
+    /// Conventional name of the size.
+    pub fn variant(&self) -> String {
+        let size = match self.dim {
+            192 => "Ti",
+            384 => "S",
+            768 => "B",
+            1024 => "L",
+            _ => return format!("ViT (dim {}, patch {})", self.dim, self.patch_size),
+        };
+        format!("ViT-{size}/{}", self.patch_size)
+    }
+}
+
+/// The prefix and the ViT keys of a state dict, or why it is not a plain ViT.
+pub fn find_backbone(tensors: &BTreeMap<String, Param>) -> Option<&'static str> {
+    PREFIXES.into_iter().find(|p| {
+        tensors.contains_key(&format!("{p}patch_embed.proj.weight"))
+            && tensors.contains_key(&format!("{p}blocks.0.attn.qkv.bias"))
+            && tensors.contains_key(&format!("{p}blocks.0.mlp.fc1.weight"))
+    })
+}
+
+/// Read the architecture off ViT keys (prefix removed).
+fn infer_config(sd: &BTreeMap<String, Param>) -> Result<VitConfig> {
+    let bad = |m: String| ModelError::Weights(m);
+    let pw = &sd["patch_embed.proj.weight"];
+    let [dim, 3, p, p2] = pw.shape[..] else {
+        return Err(bad(format!(
+            "patch_embed.proj.weight has shape {:?}, expected [C, 3, p, p]",
+            pw.shape
+        )));
+    };
+    if p != p2 || p == 0 || dim == 0 || dim % 64 != 0 {
+        return Err(bad(format!(
+            "patch_embed.proj.weight shape {:?} is not a ViT patch embedding",
+            pw.shape
+        )));
+    }
+    let depth = sd
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix("blocks.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1);
+    let mlp_hidden = sd
+        .get("blocks.0.mlp.fc1.weight")
+        .and_then(|w| w.shape.first().copied())
+        .unwrap_or(0);
+    if mlp_hidden == 0 {
+        return Err(bad("the MLP of blocks.0 has zero width".into()));
+    }
+    let pos = sd
+        .get("pos_embed")
+        .ok_or_else(|| bad("missing pos_embed".into()))?;
+    let n = pos.shape.get(1).copied().unwrap_or(0);
+    let g = (n.saturating_sub(1) as f64).sqrt().round() as usize;
+    if pos.shape.len() != 3 || g == 0 || g * g + 1 != n || pos.shape[2] != dim {
+        return Err(bad(format!(
+            "pos_embed has shape {:?}, expected [1, 1 + g*g, {dim}]",
+            pos.shape
+        )));
+    }
+    let num_classes = sd.get("head.weight").and_then(|w| w.shape.first().copied());
+    if num_classes == Some(0) {
+        return Err(bad(
+            "head.weight has zero rows: a head without classes".into()
+        ));
+    }
+    Ok(VitConfig {
+        dim,
+        depth,
+        heads: dim / 64,
+        mlp_hidden,
+        patch_size: p,
+        train_grid: (g, g),
+        num_classes,
+    })
+}
+
+/// One pre-norm block: softmax attention (fused q/k/v with biases) and a GELU MLP.
+#[derive(Debug, Clone)]
+pub struct VitBlock {
+    /// Pre-attention norm (the Grad-CAM target of the last block).
+    pub norm1: LayerNorm,
+    /// q/k/v projection.
+    pub qkv: Linear,
+    /// Attention output projection.
+    pub proj: Linear,
+    /// Pre-MLP norm.
+    pub norm2: LayerNorm,
+    /// MLP input projection.
+    pub fc1: Linear,
+    /// MLP output projection.
+    pub fc2: Linear,
+    heads: usize,
+}
+
+impl VitBlock {
+    /// `x + attn(norm1(x))`, then `+ mlp(norm2(x))`; `grad`: through operations that have a
+    /// backward.
+    fn forward(
+        &self,
+        x: &Tensor,
+        y: Option<&Tensor>,
+        k: Kernels,
+        grad: bool,
+    ) -> candle_core::Result<Tensor> {
+        let none = Arc::new(RopeTables::none(64));
+        let ln =
+            |x: &Tensor, n: &LayerNorm| kernels::layer_norm(k, x, &n.weight, &n.bias, LN_EPS, grad);
+        let lin = |x: &Tensor, l: &Linear| -> candle_core::Result<Tensor> {
+            if grad {
+                let b = l.bias.as_ref().expect("ViT layers have biases");
+                kernels::linear_train(k, x, &l.weight()?, b)
+            } else {
+                l.forward(x, k)
+            }
+        };
+        let y = match y {
+            Some(y) => y.clone(),
+            None => ln(x, &self.norm1)?,
+        };
+        let a = kernels::attention(k, &lin(&y, &self.qkv)?, self.heads, &none, grad)?;
+        let x = (x + lin(&a, &self.proj)?)?;
+        let h = lin(&ln(&x, &self.norm2)?, &self.fc1)?.gelu_erf()?;
+        &x + lin(&h, &self.fc2)?
+    }
+}
+
+/// A ViT ready for inference.
+pub struct Vit {
+    /// The architecture.
+    pub config: VitConfig,
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    cls_token: Tensor,
+    pos_embed: Param,
+    /// The blocks.
+    pub blocks: Vec<VitBlock>,
+    /// Norm of the mean patch token.
+    pub fc_norm: LayerNorm,
+    /// Classification head.
+    pub head: Option<Linear>,
+    device: Device,
+    kernels: Kernels,
+    grids: Mutex<HashMap<(usize, usize), Tensor>>,
+}
+
+/// Collects weights by key, recording every problem.
+struct Weights<'a> {
+    sd: &'a BTreeMap<String, Param>,
+    device: &'a Device,
+    used: BTreeSet<String>,
+    problems: Vec<String>,
+}
+
+impl Weights<'_> {
+    fn tensor(&mut self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        match self.sd.get(key) {
+            Some(p) if p.shape == shape => {
+                self.used.insert(key.to_string());
+                Ok(Tensor::from_slice(&p.data, shape, self.device)?)
+            }
+            found => {
+                self.problems.push(match found {
+                    None => format!("missing {key}"),
+                    Some(p) => format!("{key} has shape {:?}, expected {shape:?}", p.shape),
+                });
+                Ok(Tensor::zeros(shape, candle_core::DType::F32, self.device)?)
+            }
+        }
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
+        let w = self.tensor(&format!("{prefix}.weight"), &[out, inp])?;
+        let b = self.tensor(&format!("{prefix}.bias"), &[out])?;
+        Ok(Linear::new(w, Some(b))?)
+    }
+
+    fn norm(&mut self, prefix: &str, dim: usize) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: self.tensor(&format!("{prefix}.weight"), &[dim])?,
+            bias: self.tensor(&format!("{prefix}.bias"), &[dim])?,
+        })
+    }
+}
+
+impl Vit {
+    /// Build a ViT from a checkpoint whose keys [`find_backbone`] recognises.
+    pub fn from_checkpoint(ck: &Checkpoint, opts: &LoadOptions) -> Result<(Self, LoadReport)> {
+        let prefix = find_backbone(&ck.tensors).ok_or_else(|| {
+            ModelError::Weights("not a ViT: no patch_embed / qkv bias / fc1 keys".into())
+        })?;
+        let mut outside = Vec::new();
+        let sd: BTreeMap<String, Param> = ck
+            .tensors
+            .iter()
+            .filter_map(|(k, v)| match k.strip_prefix(prefix) {
+                Some(rest) => Some((rest.to_string(), v.clone())),
+                None => {
+                    outside.push(k.clone());
+                    None
+                }
+            })
+            .collect();
+        Self::from_state_dict(&sd, prefix, outside, opts)
+    }
+
+    fn from_state_dict(
+        sd: &BTreeMap<String, Param>,
+        prefix: &str,
+        outside: Vec<String>,
+        opts: &LoadOptions,
+    ) -> Result<(Self, LoadReport)> {
+        let config = infer_config(sd)?;
+        let (c, p, hdn) = (config.dim, config.patch_size, config.mlp_hidden);
+        let mut w = Weights {
+            sd,
+            device: &opts.device,
+            used: BTreeSet::new(),
+            problems: Vec::new(),
+        };
+        let patch_weight = w
+            .tensor("patch_embed.proj.weight", &[c, 3, p, p])?
+            .reshape((c, 3 * p * p))?;
+        let patch_bias = w.tensor("patch_embed.proj.bias", &[c])?;
+        let cls_token = w.tensor("cls_token", &[1, 1, c])?;
+        w.tensor(
+            "pos_embed",
+            &[1, 1 + config.train_grid.0 * config.train_grid.1, c],
+        )?;
+        let mut blocks = Vec::with_capacity(config.depth);
+        for i in 0..config.depth {
+            let b = format!("blocks.{i}");
+            blocks.push(VitBlock {
+                norm1: w.norm(&format!("{b}.norm1"), c)?,
+                qkv: w.linear(&format!("{b}.attn.qkv"), 3 * c, c)?,
+                proj: w.linear(&format!("{b}.attn.proj"), c, c)?,
+                norm2: w.norm(&format!("{b}.norm2"), c)?,
+                fc1: w.linear(&format!("{b}.mlp.fc1"), hdn, c)?,
+                fc2: w.linear(&format!("{b}.mlp.fc2"), c, hdn)?,
+                heads: config.heads,
+            });
+        }
+        let fc_norm = if sd.contains_key("fc_norm.weight") {
+            w.norm("fc_norm", c)?
+        } else {
+            // A pre-training file: fc_norm starts fresh, as the original fine-tunes it.
+            LayerNorm {
+                weight: Tensor::ones(c, candle_core::DType::F32, &opts.device)?,
+                bias: Tensor::zeros(c, candle_core::DType::F32, &opts.device)?,
+            }
+        };
+        let head = match config.num_classes {
+            Some(k) => Some(w.linear("head", k, c)?),
+            None => None,
+        };
+        if !w.problems.is_empty() {
+            let shown: Vec<&str> = w.problems.iter().take(12).map(|s| s.as_str()).collect();
+            return Err(ModelError::Weights(format!(
+                "weights incomplete for {} depth {}: {}",
+                config.variant(),
+                config.depth,
+                shown.join("; ")
+            )));
+        }
+        let parameters = w.used.iter().map(|k| sd[k].numel()).sum();
+        let mut unused: Vec<String> = sd
+            .keys()
+            .filter(|k| !w.used.contains(*k))
+            .map(|k| format!("{prefix}{k}"))
+            .collect();
+        unused.extend(outside);
+        let model = Vit {
+            pos_embed: sd["pos_embed"].clone(),
+            config,
+            patch_weight,
+            patch_bias,
+            cls_token,
+            blocks,
+            fc_norm,
+            head,
+            device: opts.device.clone(),
+            kernels: opts.kernels,
+            grids: Mutex::new(HashMap::new()),
+        };
+        let report = LoadReport {
+            unused,
+            prefix: prefix.to_string(),
+            from_timm: true,
+            parameters,
+        };
+        Ok((model, report))
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<(usize, usize)> {
+        let p = self.config.patch_size;
+        match x.dims() {
+            [_, 3, h, w] if *h > 0 && *w > 0 && h % p == 0 && w % p == 0 => Ok((h / p, w / p)),
+            dims => Err(ModelError::Input(format!(
+                "input has shape {dims:?}; expected [B, 3, H, W] with H and W multiples of {p}"
+            ))),
+        }
+    }
+
+    /// The `pos_embed` for a grid (resampled bicubically when it differs from the training grid).
+    fn pos_embed_for(&self, grid: (usize, usize)) -> Result<Tensor> {
+        let mut cache = self.grids.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.get(&grid) {
+            return Ok(t.clone());
+        }
+        let t = adapt::resample_pos_embed(&self.pos_embed, grid)?.to_tensor(&self.device)?;
+        cache.insert(grid, t.clone());
+        Ok(t)
+    }
+
+    /// Patch embedding, class token and position embedding: `[B, 1 + N, C]`.
+    pub fn embed_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        let grid = self.check_input(x)?;
+        let x = x.to_device(&self.device)?;
+        let tokens = patch_tokens(
+            &x,
+            &self.patch_weight,
+            &self.patch_bias,
+            self.config.patch_size,
+        )?;
+        let (b, _, c) = tokens.dims3()?;
+        let cls = self.cls_token.broadcast_as((b, 1, c))?;
+        Ok(Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&self.pos_embed_for(grid)?)?)
+    }
+
+    /// Token states after the first `n` blocks.
+    pub fn forward_blocks(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        let mut h = self.embed_tokens(x)?;
+        for b in self.blocks.iter().take(n) {
+            h = b.forward(&h, None, self.kernels, false)?;
+        }
+        Ok(h)
+    }
+
+    /// `fc_norm` of the mean patch token, `[B, C]`.
+    fn pool(&self, h: &Tensor, grad: bool) -> Result<Tensor> {
+        let t = h.dim(1)?;
+        let mean = h.narrow(1, 1, t - 1)?.mean(1)?;
+        Ok(kernels::layer_norm(
+            self.kernels,
+            &mean,
+            &self.fc_norm.weight,
+            &self.fc_norm.bias,
+            LN_EPS,
+            grad,
+        )?)
+    }
+
+    fn head(&self) -> Result<&Linear> {
+        self.head.as_ref().ok_or_else(|| {
+            ModelError::Input("these ViT weights have no classification head".into())
+        })
+    }
+}
+
+impl Backbone for Vit {
+    fn name(&self) -> String {
+        self.config.variant()
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn input_multiple(&self) -> usize {
+        self.config.patch_size
+    }
+
+    fn default_input_size(&self) -> (usize, usize) {
+        let p = self.config.patch_size;
+        (self.config.train_grid.0 * p, self.config.train_grid.1 * p)
+    }
+
+    /// The others' 0.5056 / 0.252, as the original normalises every non-EVA model.
+    fn normalization(&self) -> Normalization {
+        Normalization::OTHERS
+    }
+
+    fn layer_names(&self) -> Vec<String> {
+        std::iter::once("patch_embed".to_string())
+            .chain((0..self.blocks.len()).map(|i| format!("blocks.{i}")))
+            .collect()
+    }
+
+    fn forward_intermediates(&self, x: &Tensor, indices: &[usize]) -> Result<Vec<Tensor>> {
+        let n = self.blocks.len() + 1;
+        if let Some(&bad) = indices.iter().find(|&&i| i >= n) {
+            return Err(ModelError::Input(format!(
+                "layer index {bad} out of range (the model has {n} layers)"
+            )));
+        }
+        let (gh, gw) = self.check_input(x)?;
+        let deepest = indices.iter().copied().max().unwrap_or(0);
+        let mut h = self.embed_tokens(x)?;
+        let mut outs: Vec<Option<Tensor>> = vec![None; n];
+        for (layer, out) in outs.iter_mut().enumerate().take(deepest + 1) {
+            if layer > 0 {
+                h = self.blocks[layer - 1].forward(&h, None, self.kernels, false)?;
+            }
+            if indices.contains(&layer) {
+                let (b, t, c) = h.dims3()?;
+                *out = Some(
+                    h.narrow(1, 1, t - 1)?
+                        .transpose(1, 2)?
+                        .reshape((b, c, gh, gw))?,
+                );
+            }
+        }
+        Ok(indices
+            .iter()
+            .map(|&i| outs[i].clone().expect("computed above"))
+            .collect())
+    }
+
+    fn embed(&self, x: &Tensor) -> Result<Representation> {
+        let h = self.forward_blocks(x, self.blocks.len())?;
+        Ok(Representation {
+            pooled: self.pool(&h, false)?,
+            tokens: Some(h),
+        })
+    }
+}
+
+impl Classifier for Vit {
+    fn num_classes(&self) -> Option<usize> {
+        self.config.num_classes
+    }
+
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let head = self.head()?;
+        let pooled = self.embed(x)?.pooled;
+        Ok(head.forward(&pooled, self.kernels)?)
+    }
+}
+
+impl TokenStack for Vit {
+    fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn grid(&self, x: &Tensor) -> Result<(usize, usize)> {
+        self.check_input(x)
+    }
+
+    fn tokens_after(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        self.forward_blocks(x, n)
+    }
+
+    fn norm1(&self, i: usize, x: &Tensor) -> Result<Tensor> {
+        Ok(self.blocks[i].norm1.forward(x, self.kernels)?)
+    }
+
+    fn block_from_norm1(
+        &self,
+        i: usize,
+        x: &Tensor,
+        y: &Tensor,
+        _: (usize, usize),
+    ) -> Result<Tensor> {
+        Ok(self.blocks[i].forward(x, Some(y), self.kernels, true)?)
+    }
+
+    fn block(&self, i: usize, x: &Tensor, _: (usize, usize)) -> Result<Tensor> {
+        Ok(self.blocks[i].forward(x, None, self.kernels, true)?)
+    }
+
+    fn head_logits(&self, tokens: &Tensor) -> Result<Tensor> {
+        let head = self.head()?;
+        let pooled = self.pool(tokens, true)?;
+        let b = head.bias.as_ref().expect("ViT head has a bias");
+        Ok(kernels::linear_train(
+            self.kernels,
+            &pooled,
+            &head.weight()?,
+            b,
+        )?)
+    }
+}
+
+impl CamSource for Vit {
+    fn default_cam_layer(&self) -> String {
+        "last".into()
+    }
+
+    fn check_cam_layer(&self, layer: &str) -> Result<()> {
+        CamLayer::parse(layer, self.blocks.len()).map(|_| ())
+    }
+
+    fn activation_grads(
+        &self,
+        x: &Tensor,
+        layer: &str,
+        choose: &dyn Fn(usize, &[f32]) -> Vec<usize>,
+    ) -> Result<CamBatch> {
+        token_cam::activation_grads(self, x, layer, choose)
+    }
+}
