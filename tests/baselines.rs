@@ -53,14 +53,20 @@ fn vit_s_prelogits_logits_and_mae_initialisation() {
         assert_eq!(m.normalization(), Normalization::OTHERS);
         assert_eq!(m.num_classes(), Some(14));
         let e = m.embed(&x).unwrap();
-        for (got, key) in [(&e.pooled, "vit_s/prelogits"), (&m.logits(&x).unwrap(), "vit_s/logits")] {
+        for (got, key) in [
+            (&e.pooled, "vit_s/prelogits"),
+            (&m.logits(&x).unwrap(), "vit_s/logits"),
+        ] {
             let d = max_diff(got, &r[key]);
             eprintln!("{key} ({k:?}): max abs diff {d:.2e}");
             assert!(d <= 1e-5, "{key} ({k:?}): {d}");
         }
         let mae = load(&sh, "vit_s_d2_mae_pt.pth", k);
         assert_eq!(mae.num_classes(), None);
-        let d = max_diff(&mae.embed(&x).unwrap().pooled, &r["vit_s_mae_init/prelogits"]);
+        let d = max_diff(
+            &mae.embed(&x).unwrap().pooled,
+            &r["vit_s_mae_init/prelogits"],
+        );
         eprintln!("vit_s_mae_init/prelogits ({k:?}): max abs diff {d:.2e}");
         assert!(d <= 1e-5, "mae init ({k:?}): {d}");
         assert!(mae.logits(&x).is_err());
@@ -80,7 +86,11 @@ fn vit_s_gradcam_matches_pytorch_grad_cam() {
     let layer = m.default_cam_layer();
     let batch = m.activation_grads(&x, &layer, &|_, _| vec![0, 1]).unwrap();
     assert_eq!(batch.rounds.len(), 2);
-    for (round, key) in batch.rounds.iter().zip(["vit_s/gradcam/class0", "vit_s/gradcam/class1"]) {
+    for (round, key) in batch
+        .rounds
+        .iter()
+        .zip(["vit_s/gradcam/class0", "vit_s/gradcam/class1"])
+    {
         let maps = cam_maps(round, (224, 224)).unwrap();
         assert_eq!(maps.len(), 1);
         let want = &r[key];
@@ -93,4 +103,57 @@ fn vit_s_gradcam_matches_pytorch_grad_cam() {
         eprintln!("{key}: max abs diff {d:.2e}");
         assert!(d <= 1e-5, "{key}: {d}");
     }
+}
+
+#[test]
+fn vit_s_through_the_command_line() {
+    let Some(sh) = shared_or_skip("vit_s_through_the_command_line") else {
+        return;
+    };
+    let r = reference(&sh);
+    let bin = env!("CARGO_BIN_EXE_evax");
+    let dir = std::env::temp_dir().join(format!("evax-test-{}-vit", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let weights = sh.join("fixtures/vit_s_d2_cxr14_ft.pth");
+    let nih = sh.join("data/nih");
+    let out = dir.join("p.json");
+    let o = std::process::Command::new(bin)
+        .args(["predict", "--weights"])
+        .arg(&weights)
+        .arg("-o")
+        .arg(&out)
+        .args(["00000001_000.png", "00003440_000.png", "00027426_000.png"].map(|n| nih.join(n)))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let preds: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let preds = preds.as_array().unwrap();
+    assert_eq!(preds.len(), 3);
+    let want = &r["vit_s/logits"].data;
+    assert_eq!(want.len(), 3 * 14);
+    for (i, p) in preds.iter().enumerate() {
+        let got: Vec<f32> = p["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(got.len(), 14);
+        let d = got
+            .iter()
+            .zip(&want[i * 14..(i + 1) * 14])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(d <= 1e-5, "image {i}: {d}");
+    }
+    let o = std::process::Command::new(bin)
+        .args(["info", "--json"])
+        .arg(sh.join("fixtures/vit_s_d2_mae_pt.pth"))
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let i: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(i["family"], "ViT");
+    assert_eq!(i["vit"]["depth"], 2);
+    assert_eq!(i["unused_keys"].as_array().unwrap().len(), 5);
 }

@@ -4,6 +4,8 @@ use crate::checkpoint::Checkpoint;
 
 use super::adapt;
 use super::eva_x::{EvaX, EvaXConfig, LoadOptions};
+use super::registry::{self, Family};
+use super::vit::{Vit, VitConfig};
 
 /// A checkpoint described for people and tools.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -20,8 +22,12 @@ pub struct Inspection {
     pub extras: Vec<(String, String)>,
     /// Number of tensors in the state dict.
     pub tensors: usize,
-    /// The inferred architecture, when the weights describe one.
+    /// The model family recognised (`EVA-X`, `ViT`).
+    pub family: Option<&'static str>,
+    /// The inferred EVA-X architecture, when the weights describe one.
     pub config: Option<EvaXConfig>,
+    /// The inferred plain-ViT architecture, when the weights describe one.
+    pub vit: Option<VitConfig>,
     /// Size name (EVA-X-Ti / S / B).
     pub variant: Option<String>,
     /// Input size the `pos_embed` was trained for (pixels, height x width).
@@ -47,13 +53,32 @@ pub fn inspect(ck: &Checkpoint, opts: &LoadOptions) -> Inspection {
         nesting: ck.nesting.clone(),
         extras: ck.extras.clone(),
         tensors: ck.tensors.len(),
+        family: None,
         config: None,
+        vit: None,
         variant: None,
         input_size: None,
         parameters: None,
         unused_keys: Vec::new(),
         problems: Vec::new(),
     };
+    if let Ok(Family::Vit) = registry::recognise(ck) {
+        out.family = Some(Family::Vit.name());
+        match Vit::from_checkpoint(ck, opts) {
+            Ok((m, report)) => {
+                let c = &m.config;
+                out.variant = Some(c.variant());
+                out.input_size =
+                    Some((c.train_grid.0 * c.patch_size, c.train_grid.1 * c.patch_size));
+                out.vit = Some(c.clone());
+                out.parameters = Some(report.parameters);
+                out.unused_keys = report.unused;
+            }
+            Err(e) => out.problems.push(e.to_string()),
+        }
+        return out;
+    }
+    out.family = Some(Family::EvaX.name());
     let sd = match adapt::to_eva_layout(&ck.tensors) {
         Ok(sd) => sd,
         Err(e) => {
@@ -107,6 +132,31 @@ pub fn render_text(i: &Inspection) -> String {
     if !i.extras.is_empty() {
         let e: Vec<String> = i.extras.iter().map(|(k, t)| format!("{k}: {t}")).collect();
         w!(out, "also holds   {}", e.join(", "));
+    }
+    if let Some(c) = &i.vit {
+        w!(out, "model        {} (plain ViT, timm layout)", c.variant());
+        w!(
+            out,
+            "architecture dim {}, depth {}, heads {}, MLP hidden {} (GELU), patch {}",
+            c.dim,
+            c.depth,
+            c.heads,
+            c.mlp_hidden,
+            c.patch_size
+        );
+        w!(out, "pooling      mean of the patch tokens, fc_norm");
+        let (h, w) = i.input_size.unwrap_or_default();
+        w!(
+            out,
+            "input        {h}x{w} (grid {}x{})",
+            c.train_grid.0,
+            c.train_grid.1
+        );
+        w!(
+            out,
+            "classes      {}",
+            c.num_classes.map_or("none".into(), |n| n.to_string())
+        );
     }
     if let Some(c) = &i.config {
         w!(
