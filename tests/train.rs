@@ -9,7 +9,7 @@ use evax::fixtures::shared_or_skip;
 use evax::kernels::Kernels;
 use evax::model::EvaXTrainable;
 use evax::model::adapt::to_eva_layout;
-use evax::model::eva_x::train::param_group;
+use evax::model::training::param_group;
 use evax::train::bce_with_logits;
 use evax::train::optim::AdamW;
 

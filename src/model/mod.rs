@@ -15,6 +15,7 @@ pub mod interp;
 pub mod registry;
 pub mod rope;
 pub mod token_cam;
+pub mod training;
 pub mod vit;
 
 use std::collections::BTreeMap;

@@ -14,9 +14,8 @@ use crate::checkpoint::{Param, StorageDtype};
 use crate::kernels::Kernels;
 use crate::model::adapt::EvaStateDict;
 use crate::model::grad::{self, RopeTensors};
-use crate::model::interp::bicubic_matrix;
 use crate::model::rope::RopeTables;
-use crate::model::{Classifier, Trainable};
+use crate::model::{Classifier, Trainable, training};
 use crate::preprocess::Normalization;
 use crate::rng::Rng;
 
@@ -49,17 +48,6 @@ impl TensorSource for VarSource<'_> {
 
     fn make_linear(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
         Linear::new_view(weight, bias)
-    }
-}
-
-/// A sample of a truncated normal (at two standard deviations), as timm's `trunc_normal_`.
-fn trunc_normal(rng: &mut Rng, std: f64) -> f32 {
-    loop {
-        let (u1, u2) = (rng.unit().max(1e-300), rng.unit());
-        let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-        if z.abs() <= 2.0 {
-            return (z * std) as f32;
-        }
     }
 }
 
@@ -107,7 +95,7 @@ impl EvaXTrainable {
         {
             let mut rng = Rng::new(seed ^ 0x4845_4144);
             let w = (0..num_classes * c)
-                .map(|_| trunc_normal(&mut rng, 2e-5))
+                .map(|_| training::trunc_normal(&mut rng, 2e-5))
                 .collect();
             tensors.insert("head.weight".into(), f32param(vec![num_classes, c], w));
             tensors.insert(
@@ -146,19 +134,7 @@ impl EvaXTrainable {
 
     /// Current values as a state dict (f32).
     pub fn state_dict(&self) -> Result<BTreeMap<String, Param>> {
-        self.vars
-            .iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.clone(),
-                    Param {
-                        dtype: StorageDtype::F32,
-                        shape: v.dims().to_vec(),
-                        data: v.as_tensor().flatten_all()?.to_vec1::<f32>()?,
-                    },
-                ))
-            })
-            .collect()
+        training::state_dict(&self.vars)
     }
 
     /// An inference model with the current weights (for evaluation during training).
@@ -210,8 +186,8 @@ impl EvaXTrainable {
             };
             let masks = match (&mut rng, rate > 0.0) {
                 (Some(r), true) => Some((
-                    drop_mask(r, b, rate, &self.device)?,
-                    drop_mask(r, b, rate, &self.device)?,
+                    training::drop_mask(r, b, rate, &self.device)?,
+                    training::drop_mask(r, b, rate, &self.device)?,
                 )),
                 _ => None,
             };
@@ -233,33 +209,9 @@ impl EvaXTrainable {
         )?;
         grad::head_logits(&hs, &fc_norm, &head, self.kernels)
     }
-
-    /// `pos_embed` for a grid, resampled bicubically by a fixed matrix (differentiable).
+    /// `pos_embed` for a grid (resampled differentiably when it differs).
     fn pos_embed(&self, grid: (usize, usize)) -> Result<Tensor> {
-        let pos = self.var("pos_embed");
-        let (g0, g1) = self.config.train_grid;
-        if grid == (g0, g1) {
-            return Ok(pos.clone());
-        }
-        let c = self.config.dim;
-        let my = bicubic_matrix(g0, grid.0);
-        let mx = bicubic_matrix(g1, grid.1);
-        let mut m = vec![0f32; grid.0 * grid.1 * g0 * g1];
-        for oy in 0..grid.0 {
-            for ox in 0..grid.1 {
-                for y in 0..g0 {
-                    for x in 0..g1 {
-                        m[(oy * grid.1 + ox) * g0 * g1 + y * g1 + x] =
-                            (my[oy * g0 + y] * mx[ox * g1 + x]) as f32;
-                    }
-                }
-            }
-        }
-        let m = Tensor::from_vec(m, (grid.0 * grid.1, g0 * g1), pos.device())?;
-        let patch = m
-            .matmul(&pos.narrow(1, 1, g0 * g1)?.squeeze(0)?)?
-            .unsqueeze(0)?;
-        Tensor::cat(&[&pos.narrow(1, 0, 1)?, &patch], 1)?.reshape((1, 1 + grid.0 * grid.1, c))
+        training::resample_pos_embed(self.var("pos_embed"), self.config.train_grid, grid)
     }
 }
 
@@ -267,50 +219,6 @@ fn sd_rope_grid(sd: &EvaStateDict) -> f64 {
     infer_config(&sd.tensors, &LoadOptions::default())
         .map(|c| c.rope_grid)
         .unwrap_or(super::DEFAULT_ROPE_GRID)
-}
-
-/// Per-image drop-path scale `[B, 1, 1]`: 0 with probability `rate`, else 1 / (1 - rate).
-fn drop_mask(rng: &mut Rng, b: usize, rate: f64, device: &Device) -> Result<Tensor> {
-    let keep = 1.0 - rate;
-    let v: Vec<f32> = (0..b)
-        .map(|_| {
-            if rng.unit() < keep {
-                (1.0 / keep) as f32
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    Tensor::from_vec(v, (b, 1, 1), device)
-}
-
-/// The original's layer id of a parameter: patch embedding, class token and position embedding
-/// 0, block i i + 1, everything after the blocks depth + 1.
-pub fn layer_id(name: &str, depth: usize) -> usize {
-    if name == "cls_token" || name == "pos_embed" || name.starts_with("patch_embed") {
-        0
-    } else if let Some(rest) = name.strip_prefix("blocks.") {
-        rest.split('.')
-            .next()
-            .and_then(|n| n.parse::<usize>().ok())
-            .map_or(depth + 1, |i| i + 1)
-    } else {
-        depth + 1
-    }
-}
-
-/// `(lr_scale, weight_decay)` of a parameter: `layer_decay^(depth + 1 - layer_id)`, and no
-/// weight decay on 1-D parameters, `pos_embed` and `cls_token`.
-pub fn param_group(
-    name: &str,
-    ndim: usize,
-    depth: usize,
-    layer_decay: f64,
-    weight_decay: f64,
-) -> (f64, f64) {
-    let scale = layer_decay.powi((depth + 1 - layer_id(name, depth)) as i32);
-    let no_decay = ndim == 1 || name == "pos_embed" || name == "cls_token";
-    (scale, if no_decay { 0.0 } else { weight_decay })
 }
 
 /// Fresh weights for training from scratch, initialised as timm does for ViTs: linear and
@@ -327,7 +235,7 @@ pub fn init_state_dict(config: &EvaXConfig, seed: u64) -> EvaStateDict {
         } else {
             p.data
                 .iter_mut()
-                .for_each(|v| *v = trunc_normal(&mut rng, 0.02));
+                .for_each(|v| *v = training::trunc_normal(&mut rng, 0.02));
         }
     }
     sd
@@ -360,7 +268,7 @@ impl Trainable for EvaXTrainable {
 
     fn param_group(&self, name: &str, layer_decay: f64, weight_decay: f64) -> (f64, f64) {
         let ndim = self.vars.get(name).map_or(1, |v| v.dims().len());
-        param_group(name, ndim, self.config.depth, layer_decay, weight_decay)
+        training::param_group(name, ndim, self.config.depth, layer_decay, weight_decay)
     }
 
     fn to_inference(&self) -> std::result::Result<Box<dyn Classifier>, ModelError> {
