@@ -12,6 +12,8 @@ use evax::kernels::Kernels;
 use evax::model::registry::{self, Family};
 use evax::model::{Classifier, LoadOptions};
 use evax::preprocess::{Image, Normalization, cam_eval_input};
+use evax::train::bce_with_logits;
+use evax::train::optim::{AdamW, grads_by_name};
 
 fn reference(sh: &Path) -> BTreeMap<String, Param> {
     Checkpoint::load(sh.join("fixtures/baseline_reference.safetensors"))
@@ -156,4 +158,158 @@ fn vit_s_through_the_command_line() {
     assert_eq!(i["family"], "ViT");
     assert_eq!(i["vit"]["depth"], 2);
     assert_eq!(i["unused_keys"].as_array().unwrap().len(), 5);
+}
+
+/// One training step of the ViT recipe: layer decay 0.55, weight decay 0.05 except 1-D
+/// parameters, `pos_embed` and `cls_token`, AdamW at 2.5e-4 x lr_scale, drop path 0.
+///
+/// The fixture's gradients are not all consistent with its own forward pass: row 13 of
+/// `vit_s_train/grad/head.weight` cannot be written as `sum_b dloss/dlogit[b, 13] * pooled[b]`
+/// for the model's pooled features (27 % relative residual of the best fit, against 3e-7 for
+/// rows 0-12, which equal ours), and every gradient upstream of the head mixes that row in. So
+/// the loss and the head's rows 0-12 (gradient and updated weights) are compared with the
+/// fixture's tolerances; the rest waits for a corrected fixture (reported in the session note).
+fn vit_s_train_step(kernels: Kernels) {
+    let Some(sh) = shared_or_skip("vit_s_train_step") else {
+        return;
+    };
+    let r = reference(&sh);
+    let ck = Checkpoint::load(sh.join("fixtures/vit_s_d2_cxr14_ft.pth")).unwrap();
+    let model = registry::load_trainable(&ck, 14, 0, &Device::Cpu, kernels).unwrap();
+    assert_eq!(model.name(), "ViT-S/16");
+    let groups: evax::train::optim::Groups = model
+        .vars()
+        .keys()
+        .map(|k| (k.clone(), model.param_group(k, 0.55, 0.05)))
+        .collect();
+    // The models_vit groups: decay 0.55 per block from the head down; no weight decay on
+    // 1-D parameters, pos_embed and cls_token.
+    assert_eq!(groups["head.weight"], (1.0, 0.05));
+    assert_eq!(groups["pos_embed"], (0.55f64.powi(3), 0.0));
+    assert_eq!(groups["blocks.1.mlp.fc2.weight"], (0.55, 0.05));
+    assert_eq!(groups["blocks.0.norm1.bias"], (0.55f64.powi(2), 0.0));
+    let x = r["input224_others"].to_tensor(&Device::Cpu).unwrap();
+    let y = r["targets"].to_tensor(&Device::Cpu).unwrap();
+    let logits = model.forward_train(&x, 0.0, None).unwrap();
+    let loss = bce_with_logits(&logits, &y).unwrap();
+    let l = loss.to_scalar::<f32>().unwrap();
+    let want = r["vit_s_train/loss"].data[0];
+    eprintln!("loss {l} (reference {want}, {kernels:?})");
+    assert!((l - want).abs() <= 1e-5);
+    let grads = loss.backward().unwrap();
+    let by_name = grads_by_name(model.vars(), &grads);
+    assert_eq!(
+        by_name.len(),
+        model.vars().len(),
+        "every parameter has a gradient"
+    );
+    let c = 384;
+    let rows = 13 * c; // head rows 0-12
+    let got = by_name["head.weight"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let want = &r["vit_s_train/grad/head.weight"].data;
+    assert_eq!((got.len(), want.len()), (14 * c, 14 * c));
+    let scale = want[..rows].iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got[..rows]
+        .iter()
+        .zip(&want[..rows])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    eprintln!(
+        "grad head.weight rows 0-12 ({kernels:?}): max abs diff {worst:.2e} (largest {scale:.2e})"
+    );
+    assert!(
+        worst <= 1e-4 * scale,
+        "head.weight gradient: {worst} vs {scale}"
+    );
+    let mut opt = AdamW::new();
+    opt.update(model.vars(), &by_name, 2.5e-4, &groups, 1.0)
+        .unwrap();
+    let after = model.vars()["head.weight"]
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let want_after = &r["vit_s_train/after_step/head.weight"].data;
+    assert_eq!(after.len(), want_after.len());
+    let mut compared = 0;
+    let mut worst = 0f32;
+    for ((a, b), g) in after[..rows]
+        .iter()
+        .zip(&want_after[..rows])
+        .zip(&want[..rows])
+    {
+        // The first Adam step is about lr x sign(grad): skip vanishing gradients.
+        if g.abs() < 1e-7 {
+            continue;
+        }
+        compared += 1;
+        worst = worst.max((a - b).abs());
+    }
+    eprintln!(
+        "after step head.weight rows 0-12 ({kernels:?}): max abs diff {worst:.2e} over {compared} values"
+    );
+    assert!(compared > rows / 2, "{compared} of {rows} compared");
+    assert!(worst <= 1e-6, "head.weight after the step: {worst}");
+}
+
+#[test]
+fn vit_s_train_step_fused_kernels() {
+    vit_s_train_step(Kernels::Fused);
+}
+
+#[test]
+fn vit_s_train_step_reference_path() {
+    vit_s_train_step(Kernels::Reference);
+}
+
+#[test]
+fn vit_s_finetunes_from_mae_weights_through_the_same_engine() {
+    let Some(sh) = shared_or_skip("vit_s_finetunes_from_mae_weights_through_the_same_engine")
+    else {
+        return;
+    };
+    let bin = env!("CARGO_BIN_EXE_evax");
+    let dir = std::env::temp_dir().join(format!("evax-test-{}-vit-ft", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    std::fs::create_dir_all(data.join("images")).unwrap();
+    let list = "00000001_000.png 0 1 0 0 0 0 0 0 0 0 0 0 0 0\n00003440_000.png 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n";
+    for n in ["00000001_000.png", "00003440_000.png"] {
+        std::fs::copy(sh.join("data/nih").join(n), data.join("images").join(n)).unwrap();
+    }
+    for split in ["train", "val", "test"] {
+        std::fs::write(data.join(format!("{split}_official.txt")), list).unwrap();
+    }
+    let out = dir.join("run");
+    let o = std::process::Command::new(bin)
+        .args(["finetune", "--preset", "cxr14-ti", "--weights"])
+        .arg(sh.join("fixtures/vit_s_d2_mae_pt.pth"))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("-o")
+        .arg(&out)
+        .args([
+            "--set",
+            "batch_size=2",
+            "--set",
+            "epochs=1",
+            "--set",
+            "warmup_epochs=0",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("fine-tuning ViT-S/16 on cxr14"), "{err}");
+    // The written weights load back as a 14-class ViT.
+    let ck = Checkpoint::load(out.join("checkpoint-best.safetensors")).unwrap();
+    assert_eq!(registry::recognise(&ck).unwrap(), Family::Vit);
+    let (m, report) = registry::load(&ck, &LoadOptions::default()).unwrap();
+    assert_eq!(m.num_classes(), Some(14));
+    assert!(report.unused.is_empty(), "{:?}", report.unused);
 }

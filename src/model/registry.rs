@@ -81,9 +81,9 @@ pub fn load_trainable(
     kernels: Kernels,
 ) -> Result<Box<dyn Trainable>, ModelError> {
     match recognise(ck)? {
-        Family::Vit => Err(ModelError::Weights(
-            "fine-tuning plain ViTs is not built yet (EVA-X weights only)".into(),
-        )),
+        Family::Vit => Ok(Box::new(super::vit::VitTrainable::from_checkpoint(
+            ck, classes, seed, device, kernels,
+        )?)),
         Family::EvaX => {
             let sd = adapt::to_eva_layout(&ck.tensors)?;
             Ok(Box::new(EvaXTrainable::from_state_dict_on(

@@ -10,13 +10,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 
 use super::eva_x::{LN_EPS, LayerNorm, Linear};
 use super::rope::RopeTables;
 use super::token_cam::{self, CamLayer, TokenStack};
 use super::{
-    Backbone, Classifier, LoadOptions, LoadReport, ModelError, Representation, adapt, patch_tokens,
+    Backbone, Classifier, LoadOptions, LoadReport, ModelError, Representation, Trainable, adapt,
+    patch_tokens, training,
 };
 use crate::checkpoint::{Checkpoint, Param};
 use crate::explain::{CamBatch, CamSource};
@@ -68,6 +69,28 @@ pub fn find_backbone(tensors: &BTreeMap<String, Param>) -> Option<&'static str> 
             && tensors.contains_key(&format!("{p}blocks.0.attn.qkv.bias"))
             && tensors.contains_key(&format!("{p}blocks.0.mlp.fc1.weight"))
     })
+}
+
+/// The ViT keys of a checkpoint with their prefix removed, the prefix, and the keys outside it.
+fn backbone_state_dict(
+    ck: &Checkpoint,
+) -> Result<(&'static str, BTreeMap<String, Param>, Vec<String>)> {
+    let prefix = find_backbone(&ck.tensors).ok_or_else(|| {
+        ModelError::Weights("not a ViT: no patch_embed / qkv bias / fc1 keys".into())
+    })?;
+    let mut outside = Vec::new();
+    let sd = ck
+        .tensors
+        .iter()
+        .filter_map(|(k, v)| match k.strip_prefix(prefix) {
+            Some(rest) => Some((rest.to_string(), v.clone())),
+            None => {
+                outside.push(k.clone());
+                None
+            }
+        })
+        .collect();
+    Ok((prefix, sd, outside))
 }
 
 /// Read the architecture off ViT keys (prefix removed).
@@ -151,14 +174,16 @@ pub struct VitBlock {
 }
 
 impl VitBlock {
-    /// `x + attn(norm1(x))`, then `+ mlp(norm2(x))`; `grad`: through operations that have a
-    /// backward.
+    /// `x + attn(norm1(x))`, then `+ mlp(norm2(x))` (`y`: `norm1(x)` when already computed);
+    /// `grad`: through operations that have a backward; `drop`: per-image scales of the two
+    /// residual branches (drop path).
     fn forward(
         &self,
         x: &Tensor,
         y: Option<&Tensor>,
         k: Kernels,
         grad: bool,
+        drop: Option<(&Tensor, &Tensor)>,
     ) -> candle_core::Result<Tensor> {
         let none = Arc::new(RopeTables::none(64));
         let ln =
@@ -176,9 +201,17 @@ impl VitBlock {
             None => ln(x, &self.norm1)?,
         };
         let a = kernels::attention(k, &lin(&y, &self.qkv)?, self.heads, &none, grad)?;
-        let x = (x + lin(&a, &self.proj)?)?;
+        let mut a = lin(&a, &self.proj)?;
+        if let Some((s, _)) = drop {
+            a = a.broadcast_mul(s)?;
+        }
+        let x = (x + a)?;
         let h = lin(&ln(&x, &self.norm2)?, &self.fc1)?.gelu_erf()?;
-        &x + lin(&h, &self.fc2)?
+        let mut m = lin(&h, &self.fc2)?;
+        if let Some((_, s)) = drop {
+            m = m.broadcast_mul(s)?;
+        }
+        &x + m
     }
 }
 
@@ -388,7 +421,7 @@ impl Vit {
     pub fn forward_blocks(&self, x: &Tensor, n: usize) -> Result<Tensor> {
         let mut h = self.embed_tokens(x)?;
         for b in self.blocks.iter().take(n) {
-            h = b.forward(&h, None, self.kernels, false)?;
+            h = b.forward(&h, None, self.kernels, false, None)?;
         }
         Ok(h)
     }
@@ -456,7 +489,7 @@ impl Backbone for Vit {
         let mut outs: Vec<Option<Tensor>> = vec![None; n];
         for (layer, out) in outs.iter_mut().enumerate().take(deepest + 1) {
             if layer > 0 {
-                h = self.blocks[layer - 1].forward(&h, None, self.kernels, false)?;
+                h = self.blocks[layer - 1].forward(&h, None, self.kernels, false, None)?;
             }
             if indices.contains(&layer) {
                 let (b, t, c) = h.dims3()?;
@@ -518,11 +551,11 @@ impl TokenStack for Vit {
         y: &Tensor,
         _: (usize, usize),
     ) -> Result<Tensor> {
-        Ok(self.blocks[i].forward(x, Some(y), self.kernels, true)?)
+        Ok(self.blocks[i].forward(x, Some(y), self.kernels, true, None)?)
     }
 
     fn block(&self, i: usize, x: &Tensor, _: (usize, usize)) -> Result<Tensor> {
-        Ok(self.blocks[i].forward(x, None, self.kernels, true)?)
+        Ok(self.blocks[i].forward(x, None, self.kernels, true, None)?)
     }
 
     fn head_logits(&self, tokens: &Tensor) -> Result<Tensor> {
@@ -554,5 +587,201 @@ impl CamSource for Vit {
         choose: &dyn Fn(usize, &[f32]) -> Vec<usize>,
     ) -> Result<CamBatch> {
         token_cam::activation_grads(self, x, layer, choose)
+    }
+}
+
+/// A ViT being fine-tuned: one variable per parameter, by timm key.
+pub struct VitTrainable {
+    /// The architecture (with the class count being trained).
+    pub config: VitConfig,
+    /// Parameters.
+    pub vars: BTreeMap<String, Var>,
+    device: Device,
+    kernels: Kernels,
+}
+
+impl VitTrainable {
+    /// From a checkpoint, as the original fine-tunes one: pre-training keys (`norm`, decoder,
+    /// `mask_token`) dropped, `fc_norm` fresh (1, 0) when absent, the head kept if it has
+    /// `num_classes` rows, else re-initialised (truncated normal, std 2e-5; bias 0) from `seed`.
+    pub fn from_checkpoint(
+        ck: &Checkpoint,
+        num_classes: usize,
+        seed: u64,
+        device: &Device,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        let (_, mut sd, _) = backbone_state_dict(ck)?;
+        let probe = infer_config(&sd)?;
+        let c = probe.dim;
+        let f32param = |shape: Vec<usize>, data: Vec<f32>| Param {
+            dtype: crate::checkpoint::StorageDtype::F32,
+            shape,
+            data,
+        };
+        sd.retain(|k, _| {
+            k.starts_with("patch_embed.")
+                || k.starts_with("blocks.")
+                || k.starts_with("fc_norm.")
+                || k.starts_with("head.")
+                || k == "cls_token"
+                || k == "pos_embed"
+        });
+        if !sd.contains_key("fc_norm.weight") {
+            sd.insert("fc_norm.weight".into(), f32param(vec![c], vec![1.0; c]));
+            sd.insert("fc_norm.bias".into(), f32param(vec![c], vec![0.0; c]));
+        }
+        if sd.get("head.weight").and_then(|w| w.shape.first().copied()) != Some(num_classes) {
+            let mut rng = crate::rng::Rng::new(seed ^ 0x4845_4144);
+            let w = (0..num_classes * c)
+                .map(|_| training::trunc_normal(&mut rng, 2e-5))
+                .collect();
+            sd.insert("head.weight".into(), f32param(vec![num_classes, c], w));
+            sd.insert(
+                "head.bias".into(),
+                f32param(vec![num_classes], vec![0.0; num_classes]),
+            );
+        }
+        // Every tensor the model reads must be there with its shape.
+        let opts = LoadOptions {
+            device: device.clone(),
+            kernels,
+            ..Default::default()
+        };
+        let (check, _) = Vit::from_state_dict(&sd, "", Vec::new(), &opts)?;
+        let vars = sd
+            .iter()
+            .map(|(k, p)| Ok((k.clone(), Var::from_tensor(&p.to_tensor(device)?)?)))
+            .collect::<Result<_>>()?;
+        Ok(VitTrainable {
+            config: check.config,
+            vars,
+            device: device.clone(),
+            kernels,
+        })
+    }
+
+    fn var(&self, k: &str) -> &Tensor {
+        self.vars[k].as_tensor()
+    }
+
+    fn linear(&self, prefix: &str) -> candle_core::Result<Linear> {
+        Linear::new_view(
+            self.var(&format!("{prefix}.weight")).clone(),
+            Some(self.var(&format!("{prefix}.bias")).clone()),
+        )
+    }
+
+    fn norm(&self, prefix: &str) -> LayerNorm {
+        LayerNorm {
+            weight: self.var(&format!("{prefix}.weight")).clone(),
+            bias: self.var(&format!("{prefix}.bias")).clone(),
+        }
+    }
+}
+
+impl Trainable for VitTrainable {
+    fn name(&self) -> String {
+        self.config.variant()
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn normalization(&self) -> Normalization {
+        Normalization::OTHERS
+    }
+
+    fn input_multiple(&self) -> usize {
+        self.config.patch_size
+    }
+
+    fn vars(&self) -> &BTreeMap<String, Var> {
+        &self.vars
+    }
+
+    fn forward_train(
+        &self,
+        x: &Tensor,
+        drop_path: f64,
+        rng: Option<&mut crate::rng::Rng>,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.config;
+        let x = &x.to_device(&self.device)?;
+        let (b, _, h, w) = x.dims4()?;
+        let p = cfg.patch_size;
+        let c = cfg.dim;
+        let pw = self
+            .var("patch_embed.proj.weight")
+            .reshape((c, 3 * p * p))?;
+        let tokens = patch_tokens(x, &pw, self.var("patch_embed.proj.bias"), p)?;
+        let cls = self.var("cls_token").broadcast_as((b, 1, c))?;
+        let pos =
+            training::resample_pos_embed(self.var("pos_embed"), cfg.train_grid, (h / p, w / p))?;
+        let mut hs = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&pos)?;
+        let mut rng = rng;
+        for i in 0..cfg.depth {
+            let pre = format!("blocks.{i}");
+            let block = VitBlock {
+                norm1: self.norm(&format!("{pre}.norm1")),
+                qkv: self.linear(&format!("{pre}.attn.qkv"))?,
+                proj: self.linear(&format!("{pre}.attn.proj"))?,
+                norm2: self.norm(&format!("{pre}.norm2")),
+                fc1: self.linear(&format!("{pre}.mlp.fc1"))?,
+                fc2: self.linear(&format!("{pre}.mlp.fc2"))?,
+                heads: cfg.heads,
+            };
+            let rate = if cfg.depth > 1 {
+                drop_path * i as f64 / (cfg.depth - 1) as f64
+            } else {
+                0.0
+            };
+            let masks = match (&mut rng, rate > 0.0) {
+                (Some(r), true) => Some((
+                    training::drop_mask(r, b, rate, &self.device)?,
+                    training::drop_mask(r, b, rate, &self.device)?,
+                )),
+                _ => None,
+            };
+            hs = block.forward(
+                &hs,
+                None,
+                self.kernels,
+                true,
+                masks.as_ref().map(|(a, m)| (a, m)),
+            )?;
+        }
+        let t = hs.dim(1)?;
+        let mean = hs.narrow(1, 1, t - 1)?.mean(1)?;
+        let fc = self.norm("fc_norm");
+        let pooled = kernels::layer_norm(self.kernels, &mean, &fc.weight, &fc.bias, LN_EPS, true)?;
+        kernels::linear_train(
+            self.kernels,
+            &pooled,
+            self.var("head.weight"),
+            self.var("head.bias"),
+        )
+    }
+
+    fn param_group(&self, name: &str, layer_decay: f64, weight_decay: f64) -> (f64, f64) {
+        let ndim = self.vars.get(name).map_or(1, |v| v.dims().len());
+        training::param_group(name, ndim, self.config.depth, layer_decay, weight_decay)
+    }
+
+    fn to_inference(&self) -> Result<Box<dyn Classifier>> {
+        let sd = training::state_dict(&self.vars)?;
+        let opts = LoadOptions {
+            device: self.device.clone(),
+            kernels: self.kernels,
+            ..Default::default()
+        };
+        Ok(Box::new(
+            Vit::from_state_dict(&sd, "", Vec::new(), &opts)?.0,
+        ))
+    }
+
+    fn checkpoint_metadata(&self) -> Vec<(String, String)> {
+        Vec::new()
     }
 }
