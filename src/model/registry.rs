@@ -38,8 +38,13 @@ pub fn recognise(ck: &Checkpoint) -> Result<Family, ModelError> {
     if super::vit::find_backbone(&ck.tensors).is_some() {
         return Ok(Family::Vit);
     }
-    let sd = adapt::to_eva_layout(&ck.tensors)?;
-    super::eva_x::infer_config(&sd.tensors, &LoadOptions::default())?;
+    let unknown = |e: ModelError| {
+        ModelError::Weights(format!(
+            "not weights of a model family evax knows (EVA-X, ViT): {e}"
+        ))
+    };
+    let sd = adapt::to_eva_layout(&ck.tensors).map_err(unknown)?;
+    super::eva_x::infer_config(&sd.tensors, &LoadOptions::default()).map_err(unknown)?;
     Ok(Family::EvaX)
 }
 
