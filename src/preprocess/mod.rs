@@ -94,7 +94,7 @@ impl Image {
             path: path.to_path_buf(),
             what: e.to_string(),
         })?;
-        Self::decode_inner(&bytes).map_err(|what| ImageError {
+        Self::decode_guarded(&bytes).map_err(|what| ImageError {
             path: path.to_path_buf(),
             what,
         })
@@ -103,7 +103,12 @@ impl Image {
     /// Decode PNG, JPEG or DICOM bytes (DICOM: first frame, first VOI window, MONOCHROME1
     /// inverted, 8 bits; see [`crate::dicom`]).
     pub fn decode(bytes: &[u8]) -> crate::Result<Self> {
-        Self::decode_inner(bytes).map_err(crate::Error::Invalid)
+        Self::decode_guarded(bytes).map_err(crate::Error::Invalid)
+    }
+
+    /// Decode behind the panic guard: a bug in a third-party decoder fails this image only.
+    fn decode_guarded(bytes: &[u8]) -> Result<Self, String> {
+        crate::guard::guarded("the image decoder failed", || Self::decode_inner(bytes))
     }
 
     fn decode_inner(bytes: &[u8]) -> Result<Self, String> {
