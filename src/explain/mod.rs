@@ -12,7 +12,7 @@ pub mod jobs;
 pub mod localize;
 pub mod overlay;
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 
 use crate::model::ModelError;
 use crate::preprocess::bilinear::resize_bilinear;
@@ -56,6 +56,58 @@ pub trait CamSource {
         layer: &str,
         choose: &dyn Fn(usize, &[f32]) -> Vec<usize>,
     ) -> Result<CamBatch, ModelError>;
+}
+
+/// The rounds of a Grad-CAM batch from differentiable `logits` and the target layer's output
+/// `leaf`: the targets `choose` picks per image from its logits, and for each round r the
+/// activations and gradients (of each image's r-th target logit) laid out as `[B, N, C]` on
+/// `grid` by `to_grid`. Shared by every family's [`CamSource`].
+pub fn gradient_rounds(
+    logits: &Tensor,
+    leaf: &Var,
+    to_grid: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+    grid: (usize, usize),
+    choose: &dyn Fn(usize, &[f32]) -> Vec<usize>,
+) -> Result<CamBatch, ModelError> {
+    let (b, k) = logits.dims2()?;
+    let logit_rows = logits.to_vec2::<f32>()?;
+    let targets: Vec<Vec<usize>> = logit_rows
+        .iter()
+        .enumerate()
+        .map(|(i, l)| choose(i, l))
+        .collect();
+    let rounds = targets.iter().map(|t| t.len()).max().unwrap_or(0);
+    let activations = to_grid(leaf.as_tensor())?;
+    let mut out = Vec::with_capacity(rounds);
+    for r in 0..rounds {
+        let mut mask = vec![0f32; b * k];
+        for (i, t) in targets.iter().enumerate() {
+            if let Some(&c) = t.get(r) {
+                if c >= k {
+                    return Err(ModelError::Input(format!(
+                        "class {c} out of range (head has {k})"
+                    )));
+                }
+                mask[i * k + c] = 1.0;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, k), logits.device())?;
+        let loss = (logits * &mask)?.sum_all()?;
+        let grads = loss.backward()?;
+        let g = grads
+            .get(leaf.as_tensor())
+            .ok_or_else(|| ModelError::Input("no gradient reached the CAM layer".into()))?;
+        out.push(ActivationGrads {
+            activations: activations.clone(),
+            gradients: to_grid(g)?,
+            grid,
+        });
+    }
+    Ok(CamBatch {
+        logits: logit_rows,
+        targets,
+        rounds: out,
+    })
 }
 
 /// `(x - min) / (max + 1e-7)` after subtracting the min, as pytorch-grad-cam's

@@ -8,7 +8,7 @@
 use candle_core::{Tensor, Var};
 
 use super::ModelError;
-use crate::explain::{ActivationGrads, CamBatch};
+use crate::explain::CamBatch;
 
 /// Which activation Grad-CAM explains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,46 +110,12 @@ pub fn activation_grads(
         h = m.block(i, &h, grid)?;
     }
     let logits = m.head_logits(&h)?;
-    let (b, k) = logits.dims2()?;
-    let logit_rows = logits.to_vec2::<f32>()?;
-    let targets: Vec<Vec<usize>> = logit_rows
-        .iter()
-        .enumerate()
-        .map(|(i, l)| choose(i, l))
-        .collect();
-    let rounds = targets.iter().map(|t| t.len()).max().unwrap_or(0);
-    let t = leaf.as_tensor().dim(1)?;
-    let activations = leaf.as_tensor().narrow(1, 1, t - 1)?.contiguous()?;
-    let mut out = Vec::with_capacity(rounds);
-    for r in 0..rounds {
-        let mut mask = vec![0f32; b * k];
-        for (i, t) in targets.iter().enumerate() {
-            if let Some(&c) = t.get(r) {
-                if c >= k {
-                    return Err(ModelError::Input(format!(
-                        "class {c} out of range (head has {k})"
-                    )));
-                }
-                mask[i * k + c] = 1.0;
-            }
-        }
-        let mask = Tensor::from_vec(mask, (b, k), logits.device())?;
-        let loss = (&logits * &mask)?.sum_all()?;
-        let grads = loss.backward()?;
-        let g = grads
-            .get(leaf.as_tensor())
-            .ok_or_else(|| ModelError::Input("no gradient reached the CAM layer".into()))?;
-        out.push(ActivationGrads {
-            activations: activations.clone(),
-            gradients: g.narrow(1, 1, t - 1)?.contiguous()?,
-            grid,
-        });
-    }
-    Ok(CamBatch {
-        logits: logit_rows,
-        targets,
-        rounds: out,
-    })
+    // Patch tokens only: the class token has no place on the grid.
+    let patches = |t: &Tensor| -> candle_core::Result<Tensor> {
+        let n = t.dim(1)?;
+        t.narrow(1, 1, n - 1)?.contiguous()
+    };
+    crate::explain::gradient_rounds(&logits, &leaf, &patches, grid, choose)
 }
 
 #[cfg(test)]
