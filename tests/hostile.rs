@@ -284,7 +284,11 @@ fn finetune_refuses_wrong_family_and_wrong_shapes_before_training() {
     for (file, what) in [
         (
             sh.join("fixtures/resnet50_l1111_cxr14_ft.pth"),
-            "no EVA-X backbone",
+            "fine-tuning ResNets is not built yet",
+        ),
+        (
+            sh.join("fixtures/densenet121_b2222_cxr14_ft.pth"),
+            "not weights of a model family evax knows",
         ),
         (
             misshapen.clone(),

@@ -30,6 +30,8 @@ pub struct Inspection {
     pub vit: Option<VitConfig>,
     /// Size name (EVA-X-Ti / S / B).
     pub variant: Option<String>,
+    /// Classes of the head (`None` without one).
+    pub classes: Option<usize>,
     /// Input size the `pos_embed` was trained for (pixels, height x width).
     pub input_size: Option<(usize, usize)>,
     /// Learned parameters the model uses.
@@ -57,6 +59,7 @@ pub fn inspect(ck: &Checkpoint, opts: &LoadOptions) -> Inspection {
         config: None,
         vit: None,
         variant: None,
+        classes: None,
         input_size: None,
         parameters: None,
         unused_keys: Vec::new(),
@@ -70,7 +73,22 @@ pub fn inspect(ck: &Checkpoint, opts: &LoadOptions) -> Inspection {
                 out.variant = Some(c.variant());
                 out.input_size =
                     Some((c.train_grid.0 * c.patch_size, c.train_grid.1 * c.patch_size));
+                out.classes = c.num_classes;
                 out.vit = Some(c.clone());
+                out.parameters = Some(report.parameters);
+                out.unused_keys = report.unused;
+            }
+            Err(e) => out.problems.push(e.to_string()),
+        }
+        return out;
+    }
+    if let Ok(Family::ResNet) = registry::recognise(ck) {
+        out.family = Some(Family::ResNet.name());
+        match registry::load(ck, opts) {
+            Ok((m, report)) => {
+                out.variant = Some(m.name());
+                out.input_size = Some(m.default_input_size());
+                out.classes = m.num_classes();
                 out.parameters = Some(report.parameters);
                 out.unused_keys = report.unused;
             }
@@ -93,6 +111,7 @@ pub fn inspect(ck: &Checkpoint, opts: &LoadOptions) -> Inspection {
                 cfg.train_grid.0 * cfg.patch_size,
                 cfg.train_grid.1 * cfg.patch_size,
             ));
+            out.classes = cfg.num_classes;
             out.config = Some(cfg);
         }
         Err(e) => {
@@ -132,6 +151,20 @@ pub fn render_text(i: &Inspection) -> String {
     if !i.extras.is_empty() {
         let e: Vec<String> = i.extras.iter().map(|(k, t)| format!("{k}: {t}")).collect();
         w!(out, "also holds   {}", e.join(", "));
+    }
+    if i.config.is_none() && i.vit.is_none() && i.variant.is_some() {
+        w!(
+            out,
+            "model        {}",
+            i.variant.clone().unwrap_or_default()
+        );
+        let (h, w) = i.input_size.unwrap_or_default();
+        w!(out, "input        {h}x{w} (default)");
+        w!(
+            out,
+            "classes      {}",
+            i.classes.map_or("none".into(), |n| n.to_string())
+        );
     }
     if let Some(c) = &i.vit {
         w!(out, "model        {} (plain ViT, timm layout)", c.variant());

@@ -13,6 +13,7 @@ pub mod grad;
 pub mod inspect;
 pub mod interp;
 pub mod registry;
+pub mod resnet;
 pub mod rope;
 pub mod token_cam;
 pub mod training;

@@ -20,6 +20,8 @@ pub enum Family {
     EvaX,
     /// Plain ViTs in timm's layout (the seed's ViT-S/16 baselines).
     Vit,
+    /// torchvision ResNet-50 (the seed's CNN baselines).
+    ResNet,
 }
 
 impl Family {
@@ -28,6 +30,7 @@ impl Family {
         match self {
             Family::EvaX => "EVA-X",
             Family::Vit => "ViT",
+            Family::ResNet => "ResNet",
         }
     }
 }
@@ -38,9 +41,12 @@ pub fn recognise(ck: &Checkpoint) -> Result<Family, ModelError> {
     if super::vit::find_backbone(&ck.tensors).is_some() {
         return Ok(Family::Vit);
     }
+    if super::resnet::find_backbone(&ck.tensors).is_some() {
+        return Ok(Family::ResNet);
+    }
     let unknown = |e: ModelError| {
         ModelError::Weights(format!(
-            "not weights of a model family evax knows (EVA-X, ViT): {e}"
+            "not weights of a model family evax knows (EVA-X, ViT, ResNet): {e}"
         ))
     };
     let sd = adapt::to_eva_layout(&ck.tensors).map_err(unknown)?;
@@ -60,6 +66,10 @@ pub fn load(
         }
         Family::Vit => {
             let (m, report) = super::vit::Vit::from_checkpoint(ck, opts)?;
+            Ok((Box::new(m), report))
+        }
+        Family::ResNet => {
+            let (m, report) = super::resnet::ResNet::from_checkpoint(ck, opts)?;
             Ok((Box::new(m), report))
         }
     }
@@ -89,6 +99,9 @@ pub fn load_trainable(
         Family::Vit => Ok(Box::new(super::vit::VitTrainable::from_checkpoint(
             ck, classes, seed, device, kernels,
         )?)),
+        Family::ResNet => Err(ModelError::Weights(
+            "fine-tuning ResNets is not built yet (BatchNorm in training mode)".into(),
+        )),
         Family::EvaX => {
             let sd = adapt::to_eva_layout(&ck.tensors)?;
             Ok(Box::new(EvaXTrainable::from_state_dict_on(
