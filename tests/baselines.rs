@@ -433,3 +433,67 @@ fn resnet50_through_the_command_line() {
         serde_json::from_slice(&std::fs::read(dir.join("cam-eval/metrics.json")).unwrap()).unwrap();
     assert_eq!(m["boxes_scored"], 2, "{m}");
 }
+
+#[test]
+fn densenet121_features_logits_gradcam_and_old_key_names() {
+    let Some(sh) = shared_or_skip("densenet121_features_logits_gradcam_and_old_key_names") else {
+        return;
+    };
+    let r = reference(&sh);
+    let load_dn = |name: &str| {
+        let ck = Checkpoint::load(sh.join("fixtures").join(name)).unwrap();
+        assert_eq!(
+            registry::recognise(&ck).unwrap(),
+            Family::DenseNet,
+            "{name}"
+        );
+        let (m, report) = registry::load(&ck, &LoadOptions::default()).unwrap();
+        assert!(report.unused.is_empty(), "{name}: {:?}", report.unused);
+        m
+    };
+    let m = load_dn("densenet121_b2222_cxr14_ft.pth");
+    assert_eq!(
+        (m.name().as_str(), m.num_classes()),
+        ("DenseNet-121", Some(14))
+    );
+    let x = r["input224_others"].to_tensor(&Device::Cpu).unwrap();
+    let features = m.embed(&x).unwrap().pooled;
+    for (got, key) in [
+        (&features, "dn121/features"),
+        (&m.logits(&x).unwrap(), "dn121/logits"),
+    ] {
+        let d = relative_diff(got, &r[key]);
+        eprintln!("{key}: max diff {d:.2e} of the largest value");
+        assert!(d <= 1e-5, "{key}: {d}");
+    }
+    // torchvision's release layout (legacy file, old names, 1000-class head) gives the same
+    // features.
+    let old = load_dn("densenet121_b2222_imagenet_oldkeys_legacy.pth");
+    assert_eq!(old.num_classes(), Some(1000));
+    let d = relative_diff(&old.embed(&x).unwrap().pooled, &r["dn121/features"]);
+    eprintln!("dn121/features from the legacy file with old names: {d:.2e}");
+    assert!(d <= 1e-5, "old names: {d}");
+    // Grad-CAM at the last dense layer's norm1.
+    let img = Image::open(sh.join("data/nih/00003440_000.png")).unwrap();
+    let input = cam_eval_input(&img, (224, 224), Normalization::OTHERS);
+    let x = Tensor::from_vec(input, (1, 3, 224, 224), &Device::Cpu).unwrap();
+    let batch = m.activation_grads(&x, "last", &|_, _| vec![0, 1]).unwrap();
+    assert_eq!(batch.rounds.len(), 2);
+    for (round, key) in batch
+        .rounds
+        .iter()
+        .zip(["dn121/gradcam/class0", "dn121/gradcam/class1"])
+    {
+        let maps = cam_maps(round, (224, 224)).unwrap();
+        assert_eq!(maps.len(), 1);
+        let want = &r[key];
+        assert_eq!(maps[0].len(), want.data.len());
+        let d = maps[0]
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        eprintln!("{key}: max abs diff {d:.2e}");
+        assert!(d <= 1e-5, "{key}: {d}");
+    }
+}

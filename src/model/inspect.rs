@@ -82,8 +82,8 @@ pub fn inspect(ck: &Checkpoint, opts: &LoadOptions) -> Inspection {
         }
         return out;
     }
-    if let Ok(Family::ResNet) = registry::recognise(ck) {
-        out.family = Some(Family::ResNet.name());
+    if let Ok(family @ (Family::ResNet | Family::DenseNet)) = registry::recognise(ck) {
+        out.family = Some(family.name());
         match registry::load(ck, opts) {
             Ok((m, report)) => {
                 out.variant = Some(m.name());

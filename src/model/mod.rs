@@ -7,7 +7,9 @@
 //! `eval`, `cam`, `cam-eval`) only see `dyn Classifier`.
 
 pub mod adapt;
+mod cnn;
 pub mod convert;
+pub mod densenet;
 pub mod eva_x;
 pub mod grad;
 pub mod inspect;

@@ -22,6 +22,8 @@ pub enum Family {
     Vit,
     /// torchvision ResNet-50 (the seed's CNN baselines).
     ResNet,
+    /// torchvision DenseNet-121 (the seed's CNN baselines).
+    DenseNet,
 }
 
 impl Family {
@@ -31,6 +33,7 @@ impl Family {
             Family::EvaX => "EVA-X",
             Family::Vit => "ViT",
             Family::ResNet => "ResNet",
+            Family::DenseNet => "DenseNet",
         }
     }
 }
@@ -44,9 +47,12 @@ pub fn recognise(ck: &Checkpoint) -> Result<Family, ModelError> {
     if super::resnet::find_backbone(&ck.tensors).is_some() {
         return Ok(Family::ResNet);
     }
+    if super::densenet::find_backbone(&ck.tensors).is_some() {
+        return Ok(Family::DenseNet);
+    }
     let unknown = |e: ModelError| {
         ModelError::Weights(format!(
-            "not weights of a model family evax knows (EVA-X, ViT, ResNet): {e}"
+            "not weights of a model family evax knows (EVA-X, ViT, ResNet, DenseNet): {e}"
         ))
     };
     let sd = adapt::to_eva_layout(&ck.tensors).map_err(unknown)?;
@@ -70,6 +76,10 @@ pub fn load(
         }
         Family::ResNet => {
             let (m, report) = super::resnet::ResNet::from_checkpoint(ck, opts)?;
+            Ok((Box::new(m), report))
+        }
+        Family::DenseNet => {
+            let (m, report) = super::densenet::DenseNet::from_checkpoint(ck, opts)?;
             Ok((Box::new(m), report))
         }
     }
@@ -99,9 +109,10 @@ pub fn load_trainable(
         Family::Vit => Ok(Box::new(super::vit::VitTrainable::from_checkpoint(
             ck, classes, seed, device, kernels,
         )?)),
-        Family::ResNet => Err(ModelError::Weights(
-            "fine-tuning ResNets is not built yet (BatchNorm in training mode)".into(),
-        )),
+        Family::ResNet | Family::DenseNet => Err(ModelError::Weights(format!(
+            "fine-tuning {}s is not built yet (BatchNorm in training mode)",
+            recognise(ck)?.name()
+        ))),
         Family::EvaX => {
             let sd = adapt::to_eva_layout(&ck.tensors)?;
             Ok(Box::new(EvaXTrainable::from_state_dict_on(

@@ -10,15 +10,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{D, Device, Tensor, Var};
 
+use super::cnn::{Bn, Conv, Weights, out_channels, strip_prefix};
 use super::{Backbone, Classifier, LoadOptions, LoadReport, ModelError, Representation};
 use crate::checkpoint::{Checkpoint, Param};
 use crate::explain::{CamBatch, CamSource, gradient_rounds};
 use crate::preprocess::Normalization;
 
 type Result<T> = std::result::Result<T, ModelError>;
-
-/// BatchNorm epsilon of torchvision's ResNets.
-const BN_EPS: f64 = 1e-5;
 
 /// Prefixes a ResNet is found under (torch wrappers, segmentation-model encoders).
 const PREFIXES: [&str; 5] = ["", "module.", "model.", "backbone.", "model.encoder."];
@@ -30,32 +28,6 @@ pub fn find_backbone(tensors: &BTreeMap<String, Param>) -> Option<&'static str> 
             && tensors.contains_key(&format!("{p}bn1.running_mean"))
             && tensors.contains_key(&format!("{p}layer1.0.conv3.weight"))
     })
-}
-
-/// A BatchNorm in evaluation mode, as a per-channel scale and shift.
-#[derive(Debug, Clone)]
-struct Bn {
-    scale: Tensor,
-    shift: Tensor,
-}
-
-impl Bn {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Conv {
-    weight: Tensor,
-    stride: usize,
-    padding: usize,
-}
-
-impl Conv {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
-    }
 }
 
 /// conv1 1x1 - bn - relu - conv2 3x3 (stride) - bn - relu - conv3 1x1 - bn3, plus the
@@ -100,122 +72,13 @@ pub struct ResNet {
     device: Device,
 }
 
-/// Collects weights by key, recording every problem.
-struct Weights<'a> {
-    sd: &'a BTreeMap<String, Param>,
-    device: &'a Device,
-    used: BTreeSet<String>,
-    problems: Vec<String>,
-}
-
-impl Weights<'_> {
-    fn get(&mut self, key: &str) -> Option<&Param> {
-        match self.sd.get(key) {
-            Some(p) => {
-                self.used.insert(key.to_string());
-                Some(p)
-            }
-            None => {
-                self.problems.push(format!("missing {key}"));
-                None
-            }
-        }
-    }
-
-    /// A convolution's weight `[out, in, k, k]` (padding k / 2); a missing or misshapen one is
-    /// recorded and replaced, so that every problem is reported at once.
-    fn conv(&mut self, key: &str, stride: usize) -> Result<Conv> {
-        let placeholder = |device: &Device| -> Result<Conv> {
-            Ok(Conv {
-                weight: Tensor::zeros((1, 1, 1, 1), candle_core::DType::F32, device)?,
-                stride,
-                padding: 0,
-            })
-        };
-        let Some(p) = self.get(&format!("{key}.weight")).cloned() else {
-            return placeholder(self.device);
-        };
-        match p.shape[..] {
-            [o, i, kh, kw] if kh == kw && o > 0 && i > 0 && kh > 0 => Ok(Conv {
-                weight: p.to_tensor(self.device)?,
-                stride,
-                padding: kh / 2,
-            }),
-            _ => {
-                self.problems.push(format!(
-                    "{key}.weight has shape {:?}, expected [out, in, k, k]",
-                    p.shape
-                ));
-                placeholder(self.device)
-            }
-        }
-    }
-
-    fn bn(&mut self, key: &str, channels: usize) -> Result<Bn> {
-        let mut part = |name: &str| -> Result<Vec<f32>> {
-            match self.get(&format!("{key}.{name}")) {
-                Some(p) if p.shape == [channels] => Ok(p.data.clone()),
-                Some(p) => {
-                    let msg = format!(
-                        "{key}.{name} has shape {:?}, expected [{channels}]",
-                        p.shape
-                    );
-                    self.problems.push(msg);
-                    Ok(vec![0.0; channels])
-                }
-                None => Ok(vec![0.0; channels]),
-            }
-        };
-        let (w, b, m, v) = (
-            part("weight")?,
-            part("bias")?,
-            part("running_mean")?,
-            part("running_var")?,
-        );
-        self.used.insert(format!("{key}.num_batches_tracked"));
-        let scale: Vec<f32> = w
-            .iter()
-            .zip(&v)
-            .map(|(w, v)| (*w as f64 / (*v as f64 + BN_EPS).sqrt()) as f32)
-            .collect();
-        let shift: Vec<f32> = b
-            .iter()
-            .zip(&m)
-            .zip(&scale)
-            .map(|((b, m), s)| b - m * s)
-            .collect();
-        Ok(Bn {
-            scale: Tensor::from_vec(scale, (1, channels, 1, 1), self.device)?,
-            shift: Tensor::from_vec(shift, (1, channels, 1, 1), self.device)?,
-        })
-    }
-}
-
-/// Output channels of a convolution weight (0 when it is missing).
-fn out_channels(sd: &BTreeMap<String, Param>, key: &str) -> usize {
-    sd.get(&format!("{key}.weight"))
-        .and_then(|p| p.shape.first().copied())
-        .unwrap_or(0)
-}
-
 impl ResNet {
     /// Build a ResNet from a checkpoint whose keys [`find_backbone`] recognises.
     pub fn from_checkpoint(ck: &Checkpoint, opts: &LoadOptions) -> Result<(Self, LoadReport)> {
         let prefix = find_backbone(&ck.tensors).ok_or_else(|| {
             ModelError::Weights("not a ResNet: no conv1 / bn1 / layer1 keys".into())
         })?;
-        let mut outside = Vec::new();
-        let sd: BTreeMap<String, Param> = ck
-            .tensors
-            .iter()
-            .filter_map(|(k, v)| match k.strip_prefix(prefix) {
-                Some(rest) => Some((rest.to_string(), v.clone())),
-                None => {
-                    outside.push(k.clone());
-                    None
-                }
-            })
-            .collect();
+        let (sd, outside) = strip_prefix(&ck.tensors, prefix, &[]);
         let mut w = Weights {
             sd: &sd,
             device: &opts.device,
