@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{Device, Tensor};
 
-use super::ModelError;
+use super::{LoadReport, ModelError};
 use crate::checkpoint::Param;
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -162,4 +162,95 @@ pub(crate) fn out_channels(sd: &BTreeMap<String, Param>, key: &str) -> usize {
     sd.get(&format!("{key}.weight"))
         .and_then(|p| p.shape.first().copied())
         .unwrap_or(0)
+}
+
+impl Weights<'_> {
+    /// A linear head `{key}.weight` `[K, features]` and `{key}.bias` (none when both are absent;
+    /// a misshapen one is recorded).
+    pub(crate) fn head(&mut self, key: &str, features: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let (wk, bk) = (format!("{key}.weight"), format!("{key}.bias"));
+        match (self.sd.get(&wk), self.sd.get(&bk)) {
+            (Some(w), Some(b))
+                if w.shape.len() == 2
+                    && w.shape[1] == features
+                    && w.shape[0] > 0
+                    && b.shape == [w.shape[0]] =>
+            {
+                let head = (w.to_tensor(self.device)?, b.to_tensor(self.device)?);
+                self.used.insert(wk);
+                self.used.insert(bk);
+                Ok(Some(head))
+            }
+            (None, None) => Ok(None),
+            (w, _) => {
+                self.problems.push(format!(
+                    "{key} has shape {:?}, expected [K, {features}] with a bias",
+                    w.map(|p| p.shape.clone())
+                ));
+                Ok(None)
+            }
+        }
+    }
+
+    /// The load report, or every problem recorded as one error naming the `family`.
+    pub(crate) fn finish(
+        self,
+        family: &str,
+        prefix: &str,
+        outside: Vec<String>,
+    ) -> Result<LoadReport> {
+        if !self.problems.is_empty() {
+            let shown: Vec<&str> = self.problems.iter().take(12).map(|s| s.as_str()).collect();
+            return Err(ModelError::Weights(format!(
+                "weights incomplete for a {family}: {}",
+                shown.join("; ")
+            )));
+        }
+        // Learned parameters only (running statistics are buffers).
+        let parameters = self
+            .used
+            .iter()
+            .filter(|k| k.ends_with(".weight") || k.ends_with(".bias"))
+            .filter_map(|k| self.sd.get(k))
+            .map(|p| p.numel())
+            .sum();
+        let mut unused: Vec<String> = self
+            .sd
+            .keys()
+            .filter(|k| !self.used.contains(*k))
+            .map(|k| format!("{prefix}{k}"))
+            .collect();
+        unused.extend(outside);
+        Ok(LoadReport {
+            unused,
+            prefix: prefix.to_string(),
+            from_timm: false,
+            parameters,
+        })
+    }
+}
+
+/// An error unless `x` is `[B, 3, H, W]` with H and W multiples of 32 (a CNN's total stride).
+pub(crate) fn check_input(x: &Tensor) -> Result<()> {
+    match x.dims() {
+        [_, 3, h, w] if *h >= 32 && *w >= 32 && h % 32 == 0 && w % 32 == 0 => Ok(()),
+        dims => Err(ModelError::Input(format!(
+            "input has shape {dims:?}; expected [B, 3, H, W] with H and W multiples of 32"
+        ))),
+    }
+}
+
+/// The torchvision stem: conv, BN, ReLU, 3x3 max pool with stride 2 and padding 1 (zero
+/// padding is exact after the ReLU).
+pub(crate) fn stem(conv: &Conv, bn: &Bn, x: &Tensor) -> candle_core::Result<Tensor> {
+    bn.forward(&conv.forward(x)?)?
+        .relu()?
+        .pad_with_zeros(2, 1, 1)?
+        .pad_with_zeros(3, 1, 1)?
+        .max_pool2d_with_stride(3, 2)
+}
+
+/// `x W^T + b` for pooled features `[B, C]`.
+pub(crate) fn linear(x: &Tensor, (w, b): &(Tensor, Tensor)) -> candle_core::Result<Tensor> {
+    x.matmul(&w.t()?)?.broadcast_add(b)
 }

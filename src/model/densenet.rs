@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{D, Device, Tensor, Var};
 
-use super::cnn::{Bn, Conv, Weights, out_channels, strip_prefix};
+use super::cnn::{self, Bn, Conv, Weights, out_channels, strip_prefix};
 use super::{Backbone, Classifier, LoadOptions, LoadReport, ModelError, Representation};
 use crate::checkpoint::{Checkpoint, Param};
 use crate::explain::{CamBatch, CamSource, gradient_rounds};
@@ -140,46 +140,8 @@ impl DenseNet {
             blocks.push((layers, transition));
         }
         let norm5 = w.bn("features.norm5", channels)?;
-        let classifier = match (sd.get("classifier.weight"), sd.get("classifier.bias")) {
-            (Some(wt), Some(b))
-                if wt.shape.len() == 2
-                    && wt.shape[1] == channels
-                    && wt.shape[0] > 0
-                    && b.shape == [wt.shape[0]] =>
-            {
-                w.used.insert("classifier.weight".into());
-                w.used.insert("classifier.bias".into());
-                Some((wt.to_tensor(&opts.device)?, b.to_tensor(&opts.device)?))
-            }
-            (None, None) => None,
-            (wt, _) => {
-                w.problems.push(format!(
-                    "classifier has shape {:?}, expected [K, {channels}] with a bias",
-                    wt.map(|p| p.shape.clone())
-                ));
-                None
-            }
-        };
-        if !w.problems.is_empty() {
-            let shown: Vec<&str> = w.problems.iter().take(12).map(|s| s.as_str()).collect();
-            return Err(ModelError::Weights(format!(
-                "weights incomplete for a DenseNet: {}",
-                shown.join("; ")
-            )));
-        }
-        let parameters = w
-            .used
-            .iter()
-            .filter(|k| k.ends_with(".weight") || k.ends_with(".bias"))
-            .filter_map(|k| sd.get(k))
-            .map(|p| p.numel())
-            .sum();
-        let mut unused: Vec<String> = sd
-            .keys()
-            .filter(|k| !w.used.contains(*k))
-            .map(|k| format!("{prefix}{k}"))
-            .collect();
-        unused.extend(outside);
+        let classifier = w.head("classifier", channels)?;
+        let report = w.finish("DenseNet", prefix, outside)?;
         let model = DenseNet {
             stem,
             stem_bn,
@@ -188,39 +150,13 @@ impl DenseNet {
             classifier,
             device: opts.device.clone(),
         };
-        Ok((
-            model,
-            LoadReport {
-                unused,
-                prefix: prefix.to_string(),
-                from_timm: false,
-                parameters,
-            },
-        ))
-    }
-
-    fn check_input(&self, x: &Tensor) -> Result<()> {
-        match x.dims() {
-            [_, 3, h, w] if *h >= 32 && *w >= 32 && h % 32 == 0 && w % 32 == 0 => Ok(()),
-            dims => Err(ModelError::Input(format!(
-                "input has shape {dims:?}; expected [B, 3, H, W] with H and W multiples of 32"
-            ))),
-        }
-    }
-
-    /// conv0, norm0, ReLU, 3x3 max pool with stride 2 and padding 1 (zero padding is exact after
-    /// the ReLU).
-    fn stem(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.stem_bn.forward(&self.stem.forward(x)?)?.relu()?;
-        h.pad_with_zeros(2, 1, 1)?
-            .pad_with_zeros(3, 1, 1)?
-            .max_pool2d_with_stride(3, 2)
+        Ok((model, report))
     }
 
     /// The input of the last dense layer.
     fn to_last_layer(&self, x: &Tensor) -> Result<Tensor> {
-        self.check_input(x)?;
-        let mut h = self.stem(&x.to_device(&self.device)?)?;
+        cnn::check_input(x)?;
+        let mut h = cnn::stem(&self.stem, &self.stem_bn, &x.to_device(&self.device)?)?;
         for (layers, transition) in &self.blocks {
             let last_block = transition.is_none();
             for (i, l) in layers.iter().enumerate() {
@@ -261,8 +197,7 @@ impl DenseNet {
     }
 
     fn head(&self, pooled: &Tensor) -> Result<Tensor> {
-        let (w, b) = self.classifier()?;
-        Ok(pooled.matmul(&w.t()?)?.broadcast_add(b)?)
+        Ok(cnn::linear(pooled, self.classifier()?)?)
     }
 }
 

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{D, Device, Tensor, Var};
 
-use super::cnn::{Bn, Conv, Weights, out_channels, strip_prefix};
+use super::cnn::{self, Bn, Conv, Weights, out_channels, strip_prefix};
 use super::{Backbone, Classifier, LoadOptions, LoadReport, ModelError, Representation};
 use crate::checkpoint::{Checkpoint, Param};
 use crate::explain::{CamBatch, CamSource, gradient_rounds};
@@ -148,47 +148,8 @@ impl ResNet {
             stages.push(stage);
         }
         let features = out_channels(&sd, &format!("layer4.{}.conv3", stages[3].len() - 1));
-        let fc = match (sd.get("fc.weight"), sd.get("fc.bias")) {
-            (Some(wt), Some(b))
-                if wt.shape.len() == 2
-                    && wt.shape[1] == features
-                    && wt.shape[0] > 0
-                    && b.shape == [wt.shape[0]] =>
-            {
-                w.used.insert("fc.weight".into());
-                w.used.insert("fc.bias".into());
-                Some((wt.to_tensor(&opts.device)?, b.to_tensor(&opts.device)?))
-            }
-            (None, None) => None,
-            (wt, _) => {
-                w.problems.push(format!(
-                    "fc has shape {:?}, expected [K, {features}] with a bias",
-                    wt.map(|p| p.shape.clone())
-                ));
-                None
-            }
-        };
-        if !w.problems.is_empty() {
-            let shown: Vec<&str> = w.problems.iter().take(12).map(|s| s.as_str()).collect();
-            return Err(ModelError::Weights(format!(
-                "weights incomplete for a ResNet: {}",
-                shown.join("; ")
-            )));
-        }
-        // Learned parameters only (running statistics are buffers).
-        let parameters = w
-            .used
-            .iter()
-            .filter(|k| k.ends_with(".weight") || k.ends_with(".bias"))
-            .filter_map(|k| sd.get(k))
-            .map(|p| p.numel())
-            .sum();
-        let mut unused: Vec<String> = sd
-            .keys()
-            .filter(|k| !w.used.contains(*k))
-            .map(|k| format!("{prefix}{k}"))
-            .collect();
-        unused.extend(outside);
+        let fc = w.head("fc", features)?;
+        let report = w.finish("ResNet", prefix, outside)?;
         let model = ResNet {
             stem,
             stem_bn,
@@ -197,39 +158,13 @@ impl ResNet {
             features,
             device: opts.device.clone(),
         };
-        Ok((
-            model,
-            LoadReport {
-                unused,
-                prefix: prefix.to_string(),
-                from_timm: false,
-                parameters,
-            },
-        ))
-    }
-
-    fn check_input(&self, x: &Tensor) -> Result<()> {
-        match x.dims() {
-            [_, 3, h, w] if *h >= 32 && *w >= 32 && h % 32 == 0 && w % 32 == 0 => Ok(()),
-            dims => Err(ModelError::Input(format!(
-                "input has shape {dims:?}; expected [B, 3, H, W] with H and W multiples of 32"
-            ))),
-        }
-    }
-
-    /// The stem: conv, BN, ReLU, 3x3 max pool with stride 2 and padding 1 (zero padding is
-    /// exact after the ReLU).
-    fn stem(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.stem_bn.forward(&self.stem.forward(x)?)?.relu()?;
-        h.pad_with_zeros(2, 1, 1)?
-            .pad_with_zeros(3, 1, 1)?
-            .max_pool2d_with_stride(3, 2)
+        Ok((model, report))
     }
 
     /// The input of the last block and that block.
     fn to_last_block(&self, x: &Tensor) -> Result<(Tensor, &Bottleneck)> {
-        self.check_input(x)?;
-        let mut h = self.stem(&x.to_device(&self.device)?)?;
+        cnn::check_input(x)?;
+        let mut h = cnn::stem(&self.stem, &self.stem_bn, &x.to_device(&self.device)?)?;
         let n = self.stages.len();
         for (s, stage) in self.stages.iter().enumerate() {
             for (i, b) in stage.iter().enumerate() {
@@ -249,8 +184,7 @@ impl ResNet {
     }
 
     fn head(&self, pooled: &Tensor) -> Result<Tensor> {
-        let (w, b) = self.fc()?;
-        Ok(pooled.matmul(&w.t()?)?.broadcast_add(b)?)
+        Ok(cnn::linear(pooled, self.fc()?)?)
     }
 }
 
@@ -288,9 +222,9 @@ impl Backbone for ResNet {
                 "layer index {bad} out of range (the model has 5 layers)"
             )));
         }
-        self.check_input(x)?;
+        cnn::check_input(x)?;
         let deepest = indices.iter().copied().max().unwrap_or(0);
-        let mut h = self.stem(&x.to_device(&self.device)?)?;
+        let mut h = cnn::stem(&self.stem, &self.stem_bn, &x.to_device(&self.device)?)?;
         let mut outs: Vec<Option<Tensor>> = vec![None; 5];
         for (layer, out) in outs.iter_mut().enumerate().take(deepest + 1) {
             if layer > 0 {
