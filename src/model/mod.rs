@@ -121,6 +121,78 @@ pub trait Trainable: Send {
     fn checkpoint_metadata(&self) -> Vec<(String, String)>;
 }
 
+/// What every patch-token transformer's weights say about its shape: width, patch size, block
+/// count, the `pos_embed` grid and the head's classes.
+pub(crate) struct TokenGeometry {
+    pub dim: usize,
+    pub patch_size: usize,
+    pub depth: usize,
+    pub grid: usize,
+    pub num_classes: Option<usize>,
+}
+
+/// Read and check [`TokenGeometry`] from `patch_embed.proj.weight`, `blocks.N.*`, `pos_embed`
+/// and `head.weight` (`family`, with its article, names the model in messages).
+pub(crate) fn token_geometry(
+    sd: &BTreeMap<String, crate::checkpoint::Param>,
+    family: &str,
+) -> Result<TokenGeometry, ModelError> {
+    let bad = |m: String| ModelError::Weights(m);
+    let pw = sd
+        .get("patch_embed.proj.weight")
+        .ok_or_else(|| bad("missing patch_embed.proj.weight".into()))?;
+    let [dim, 3, p, p2] = pw.shape[..] else {
+        return Err(bad(format!(
+            "patch_embed.proj.weight has shape {:?}, expected [C, 3, p, p]",
+            pw.shape
+        )));
+    };
+    if p != p2 || p == 0 || dim == 0 || dim % 64 != 0 {
+        return Err(bad(format!(
+            "patch_embed.proj.weight shape {:?} is not {family} patch embedding",
+            pw.shape
+        )));
+    }
+    let depth = sd
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix("blocks.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map(|m| m + 1)
+        .ok_or_else(|| bad("no blocks.N.* keys: not a ViT backbone".into()))?;
+    let pos = sd
+        .get("pos_embed")
+        .ok_or_else(|| bad("missing pos_embed".into()))?;
+    let n = pos.shape.get(1).copied().unwrap_or(0);
+    let g = (n.saturating_sub(1) as f64).sqrt().round() as usize;
+    if pos.shape.len() != 3 || g == 0 || g * g + 1 != n || pos.shape[2] != dim {
+        return Err(bad(format!(
+            "pos_embed has shape {:?}, expected [1, 1 + g*g, {dim}]",
+            pos.shape
+        )));
+    }
+    let num_classes = sd
+        .get("head.weight")
+        .map(|w| w.shape.first().copied().unwrap_or(0));
+    if num_classes == Some(0) {
+        return Err(bad(
+            "head.weight has zero rows: a head without classes".into()
+        ));
+    }
+    Ok(TokenGeometry {
+        dim,
+        patch_size: p,
+        depth,
+        grid: g,
+        num_classes,
+    })
+}
+
 /// Patch embedding as a matrix product: images `[B, 3, gh * p, gw * p]` and the kernel as
 /// `[C, 3 * p * p]` (a stride-`p` convolution) to tokens `[B, gh * gw, C]`.
 pub fn patch_tokens(

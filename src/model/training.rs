@@ -36,6 +36,31 @@ pub fn drop_mask(rng: &mut Rng, b: usize, rate: f64, device: &Device) -> Result<
     Tensor::from_vec(v, (b, 1, 1), device)
 }
 
+/// Drop-path scales of block `i` of `depth` for its two residual branches: the rate rises
+/// linearly from 0 at the first block to `drop_path` at the last; `None` when the rate is 0 or
+/// no generator is given (evaluation).
+pub fn drop_path_masks(
+    rng: Option<&mut Rng>,
+    drop_path: f64,
+    i: usize,
+    depth: usize,
+    b: usize,
+    device: &Device,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let rate = if depth > 1 {
+        drop_path * i as f64 / (depth - 1) as f64
+    } else {
+        0.0
+    };
+    match rng {
+        Some(r) if rate > 0.0 => Ok(Some((
+            drop_mask(r, b, rate, device)?,
+            drop_mask(r, b, rate, device)?,
+        ))),
+        _ => Ok(None),
+    }
+}
+
 /// The original's layer id of a parameter: patch embedding, class token and position embedding
 /// 0, block i i + 1, everything after the blocks depth + 1.
 pub fn layer_id(name: &str, depth: usize) -> usize {

@@ -96,53 +96,19 @@ fn backbone_state_dict(
 /// Read the architecture off ViT keys (prefix removed).
 fn infer_config(sd: &BTreeMap<String, Param>) -> Result<VitConfig> {
     let bad = |m: String| ModelError::Weights(m);
-    let pw = &sd["patch_embed.proj.weight"];
-    let [dim, 3, p, p2] = pw.shape[..] else {
-        return Err(bad(format!(
-            "patch_embed.proj.weight has shape {:?}, expected [C, 3, p, p]",
-            pw.shape
-        )));
-    };
-    if p != p2 || p == 0 || dim == 0 || dim % 64 != 0 {
-        return Err(bad(format!(
-            "patch_embed.proj.weight shape {:?} is not a ViT patch embedding",
-            pw.shape
-        )));
-    }
-    let depth = sd
-        .keys()
-        .filter_map(|k| {
-            k.strip_prefix("blocks.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .map_or(0, |m| m + 1);
+    let super::TokenGeometry {
+        dim,
+        patch_size: p,
+        depth,
+        grid: g,
+        num_classes,
+    } = super::token_geometry(sd, "a ViT")?;
     let mlp_hidden = sd
         .get("blocks.0.mlp.fc1.weight")
         .and_then(|w| w.shape.first().copied())
         .unwrap_or(0);
     if mlp_hidden == 0 {
         return Err(bad("the MLP of blocks.0 has zero width".into()));
-    }
-    let pos = sd
-        .get("pos_embed")
-        .ok_or_else(|| bad("missing pos_embed".into()))?;
-    let n = pos.shape.get(1).copied().unwrap_or(0);
-    let g = (n.saturating_sub(1) as f64).sqrt().round() as usize;
-    if pos.shape.len() != 3 || g == 0 || g * g + 1 != n || pos.shape[2] != dim {
-        return Err(bad(format!(
-            "pos_embed has shape {:?}, expected [1, 1 + g*g, {dim}]",
-            pos.shape
-        )));
-    }
-    let num_classes = sd.get("head.weight").and_then(|w| w.shape.first().copied());
-    if num_classes == Some(0) {
-        return Err(bad(
-            "head.weight has zero rows: a head without classes".into()
-        ));
     }
     Ok(VitConfig {
         dim,
@@ -732,18 +698,14 @@ impl Trainable for VitTrainable {
                 fc2: self.linear(&format!("{pre}.mlp.fc2"))?,
                 heads: cfg.heads,
             };
-            let rate = if cfg.depth > 1 {
-                drop_path * i as f64 / (cfg.depth - 1) as f64
-            } else {
-                0.0
-            };
-            let masks = match (&mut rng, rate > 0.0) {
-                (Some(r), true) => Some((
-                    training::drop_mask(r, b, rate, &self.device)?,
-                    training::drop_mask(r, b, rate, &self.device)?,
-                )),
-                _ => None,
-            };
+            let masks = training::drop_path_masks(
+                rng.as_deref_mut(),
+                drop_path,
+                i,
+                cfg.depth,
+                b,
+                &self.device,
+            )?;
             hs = block.forward(
                 &hs,
                 None,

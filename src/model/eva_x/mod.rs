@@ -417,33 +417,13 @@ pub struct EvaX {
 /// Read the architecture off a models_eva-layout state dict.
 pub fn infer_config(sd: &BTreeMap<String, Param>, opts: &LoadOptions) -> Result<EvaXConfig> {
     let bad = |m: String| ModelError::Weights(m);
-    let pw = sd
-        .get("patch_embed.proj.weight")
-        .ok_or_else(|| bad("missing patch_embed.proj.weight".into()))?;
-    let [dim, 3, p, p2] = pw.shape[..] else {
-        return Err(bad(format!(
-            "patch_embed.proj.weight has shape {:?}, expected [C, 3, p, p]",
-            pw.shape
-        )));
-    };
-    if p != p2 || p == 0 || dim == 0 || dim % 64 != 0 {
-        return Err(bad(format!(
-            "patch_embed.proj.weight shape {:?} is not an EVA-X patch embedding",
-            pw.shape
-        )));
-    }
-    let depth = sd
-        .keys()
-        .filter_map(|k| {
-            k.strip_prefix("blocks.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .map(|m| m + 1)
-        .ok_or_else(|| bad("no blocks.N.* keys: not a ViT backbone".into()))?;
+    let super::TokenGeometry {
+        dim,
+        patch_size: p,
+        depth,
+        grid: g,
+        num_classes,
+    } = super::token_geometry(sd, "an EVA-X")?;
     let fused_qkv = sd.keys().any(|k| k.ends_with(".attn.qkv.weight"));
     let sub_ln = sd.keys().any(|k| k.contains(".mlp.ffn_ln."));
     let rows = |w: &Param| w.shape.first().copied().unwrap_or(0);
@@ -456,25 +436,8 @@ pub fn infer_config(sd: &BTreeMap<String, Param>, opts: &LoadOptions) -> Result<
             "missing blocks.0.mlp.w12.weight (or w1): unknown MLP".into()
         ));
     };
-    let pos = sd
-        .get("pos_embed")
-        .ok_or_else(|| bad("missing pos_embed".into()))?;
-    let n = pos.shape.get(1).copied().unwrap_or(0);
-    let g = ((n.saturating_sub(1)) as f64).sqrt().round() as usize;
-    if pos.shape.len() != 3 || g * g + 1 != n || pos.shape[2] != dim {
-        return Err(bad(format!(
-            "pos_embed has shape {:?}, expected [1, 1 + g*g, {dim}]",
-            pos.shape
-        )));
-    }
     if mlp_hidden == 0 {
         return Err(bad("the MLP of blocks.0 has zero width".into()));
-    }
-    let num_classes = sd.get("head.weight").map(rows);
-    if num_classes == Some(0) {
-        return Err(bad(
-            "head.weight has zero rows: a head without classes".into()
-        ));
     }
     let kind = if num_classes.is_some() || sd.contains_key("fc_norm.weight") {
         Kind::FineTuned

@@ -179,18 +179,14 @@ impl EvaXTrainable {
         for i in 0..cfg.depth {
             let block = Block::load(&mut src, i, cfg)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            let rate = if cfg.depth > 1 {
-                drop_path * i as f64 / (cfg.depth - 1) as f64
-            } else {
-                0.0
-            };
-            let masks = match (&mut rng, rate > 0.0) {
-                (Some(r), true) => Some((
-                    training::drop_mask(r, b, rate, &self.device)?,
-                    training::drop_mask(r, b, rate, &self.device)?,
-                )),
-                _ => None,
-            };
+            let masks = training::drop_path_masks(
+                rng.as_deref_mut(),
+                drop_path,
+                i,
+                cfg.depth,
+                b,
+                &self.device,
+            )?;
             hs = grad::block_with_drop_path(
                 &block,
                 &hs,
