@@ -42,6 +42,39 @@ fn max_diff(got: &Tensor, want: &Param) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Grad-CAM of `m` at its default layer for `classes` on get_cams.py's input of
+/// 00003440_000.png, against the fixture `keys`, within `tol`.
+fn check_cams(
+    sh: &Path,
+    r: &BTreeMap<String, Param>,
+    m: &dyn Classifier,
+    classes: &[usize],
+    keys: &[&str],
+    tol: f32,
+) {
+    let img = Image::open(sh.join("data/nih/00003440_000.png")).unwrap();
+    let input = cam_eval_input(&img, (224, 224), Normalization::OTHERS);
+    let x = Tensor::from_vec(input, (1, 3, 224, 224), &Device::Cpu).unwrap();
+    let layer = m.default_cam_layer();
+    let batch = m
+        .activation_grads(&x, &layer, &|_, _| classes.to_vec())
+        .unwrap();
+    assert_eq!(batch.rounds.len(), keys.len());
+    for (round, key) in batch.rounds.iter().zip(keys) {
+        let maps = cam_maps(round, (224, 224)).unwrap();
+        assert_eq!(maps.len(), 1);
+        let want = &r[*key];
+        assert_eq!(maps[0].len(), want.data.len());
+        let d = maps[0]
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        eprintln!("{key}: max abs diff {d:.2e}");
+        assert!(d <= tol, "{key}: {d}");
+    }
+}
+
 #[test]
 fn vit_s_prelogits_logits_and_mae_initialisation() {
     let Some(sh) = shared_or_skip("vit_s_prelogits_logits_and_mae_initialisation") else {
@@ -81,32 +114,15 @@ fn vit_s_gradcam_matches_pytorch_grad_cam() {
         return;
     };
     let r = reference(&sh);
-    let img = Image::open(sh.join("data/nih/00003440_000.png")).unwrap();
-    let input = cam_eval_input(&img, (224, 224), Normalization::OTHERS);
-    let x = Tensor::from_vec(input, (1, 3, 224, 224), &Device::Cpu).unwrap();
     let m = load(&sh, "vit_s_d2_cxr14_ft.pth", Kernels::Fused);
-    let layer = m.default_cam_layer();
-    let batch = m.activation_grads(&x, &layer, &|_, _| vec![0, 1]).unwrap();
-    assert_eq!(batch.rounds.len(), 2);
-    for (round, key) in batch
-        .rounds
-        .iter()
-        .zip(["vit_s/gradcam/class0", "vit_s/gradcam/class1"])
-    {
-        let maps = cam_maps(round, (224, 224)).unwrap();
-        assert_eq!(maps.len(), 1);
-        let want = &r[key];
-        assert_eq!(maps[0].len(), want.data.len());
-        let d = maps[0]
-            .iter()
-            .zip(&want.data)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        eprintln!("{key}: max abs diff {d:.2e}");
-        // Measured 1.6e-6 and 1.1e-5: a 7 x 7 map upsampled to 224 x 224 carries the float
-        // rounding of 2048-channel sums further than EVA-X's 14 x 14 (fixture tolerance 1e-3).
-        assert!(d <= 5e-5, "{key}: {d}");
-    }
+    check_cams(
+        &sh,
+        &r,
+        m.as_ref(),
+        &[0, 1],
+        &["vit_s/gradcam/class0", "vit_s/gradcam/class1"],
+        1e-5,
+    );
 }
 
 #[test]
@@ -347,31 +363,17 @@ fn resnet50_features_logits_and_gradcam() {
         eprintln!("{key}: max diff {d:.2e} of the largest value");
         assert!(d <= 1e-5, "{key}: {d}");
     }
-    // Grad-CAM at layer4[-1].bn3 on get_cams.py's input of 00003440_000.png.
-    let img = Image::open(sh.join("data/nih/00003440_000.png")).unwrap();
-    let input = cam_eval_input(&img, (224, 224), Normalization::OTHERS);
-    let x = Tensor::from_vec(input, (1, 3, 224, 224), &Device::Cpu).unwrap();
-    let batch = m.activation_grads(&x, "last", &|_, _| vec![3, 5]).unwrap();
-    assert_eq!(batch.rounds.len(), 2);
-    for (round, key) in batch
-        .rounds
-        .iter()
-        .zip(["r50/gradcam/class3", "r50/gradcam/class5"])
-    {
-        let maps = cam_maps(round, (224, 224)).unwrap();
-        assert_eq!(maps.len(), 1);
-        let want = &r[key];
-        assert_eq!(maps[0].len(), want.data.len());
-        let d = maps[0]
-            .iter()
-            .zip(&want.data)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        eprintln!("{key}: max abs diff {d:.2e}");
-        // Measured 1.6e-6 and 1.1e-5: a 7 x 7 map upsampled to 224 x 224 carries the float
-        // rounding of 2048-channel sums further than EVA-X's 14 x 14 (fixture tolerance 1e-3).
-        assert!(d <= 5e-5, "{key}: {d}");
-    }
+    // Grad-CAM at layer4[-1].bn3. Measured 1.6e-6 and 1.1e-5: a 7 x 7 map upsampled to
+    // 224 x 224 carries the rounding of 2048-channel sums further than a 14 x 14 one (fixture
+    // tolerance 1e-3).
+    check_cams(
+        &sh,
+        &r,
+        m.as_ref(),
+        &[3, 5],
+        &["r50/gradcam/class3", "r50/gradcam/class5"],
+        5e-5,
+    );
 }
 
 #[test]
@@ -474,26 +476,12 @@ fn densenet121_features_logits_gradcam_and_old_key_names() {
     eprintln!("dn121/features from the legacy file with old names: {d:.2e}");
     assert!(d <= 1e-5, "old names: {d}");
     // Grad-CAM at the last dense layer's norm1.
-    let img = Image::open(sh.join("data/nih/00003440_000.png")).unwrap();
-    let input = cam_eval_input(&img, (224, 224), Normalization::OTHERS);
-    let x = Tensor::from_vec(input, (1, 3, 224, 224), &Device::Cpu).unwrap();
-    let batch = m.activation_grads(&x, "last", &|_, _| vec![0, 1]).unwrap();
-    assert_eq!(batch.rounds.len(), 2);
-    for (round, key) in batch
-        .rounds
-        .iter()
-        .zip(["dn121/gradcam/class0", "dn121/gradcam/class1"])
-    {
-        let maps = cam_maps(round, (224, 224)).unwrap();
-        assert_eq!(maps.len(), 1);
-        let want = &r[key];
-        assert_eq!(maps[0].len(), want.data.len());
-        let d = maps[0]
-            .iter()
-            .zip(&want.data)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        eprintln!("{key}: max abs diff {d:.2e}");
-        assert!(d <= 1e-5, "{key}: {d}");
-    }
+    check_cams(
+        &sh,
+        &r,
+        m.as_ref(),
+        &[0, 1],
+        &["dn121/gradcam/class0", "dn121/gradcam/class1"],
+        1e-5,
+    );
 }

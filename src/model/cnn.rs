@@ -13,33 +13,6 @@ type Result<T> = std::result::Result<T, ModelError>;
 /// BatchNorm epsilon of torchvision's CNNs.
 const BN_EPS: f64 = 1e-5;
 
-/// The keys under `prefix` with it removed (renamed by `renames`, `(old, new)` substrings),
-/// and the keys outside it.
-pub(crate) fn strip_prefix(
-    tensors: &BTreeMap<String, Param>,
-    prefix: &str,
-    renames: &[(&str, &str)],
-) -> (BTreeMap<String, Param>, Vec<String>) {
-    let mut outside = Vec::new();
-    let sd = tensors
-        .iter()
-        .filter_map(|(k, v)| match k.strip_prefix(prefix) {
-            Some(rest) => {
-                let mut name = rest.to_string();
-                for (old, new) in renames {
-                    name = name.replace(old, new);
-                }
-                Some((name, v.clone()))
-            }
-            None => {
-                outside.push(k.clone());
-                None
-            }
-        })
-        .collect();
-    (sd, outside)
-}
-
 /// A BatchNorm in evaluation mode, as a per-channel scale and shift.
 #[derive(Debug, Clone)]
 pub(crate) struct Bn {

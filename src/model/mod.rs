@@ -193,6 +193,78 @@ pub(crate) fn token_geometry(
     })
 }
 
+/// `patch_embed` and `blocks.0` .. `blocks.{depth-1}`: the layers of a patch-token model.
+pub(crate) fn token_layer_names(depth: usize) -> Vec<String> {
+    std::iter::once("patch_embed".to_string())
+        .chain((0..depth).map(|i| format!("blocks.{i}")))
+        .collect()
+}
+
+/// [`Backbone::forward_intermediates`] of a patch-token model: `tokens` are the embedded tokens
+/// `[B, 1 + gh * gw, C]` (class token first), `block(i, h)` runs block `i`; the patch tokens of
+/// the layers at `indices` come back as maps `[B, C, gh, gw]`.
+pub(crate) fn token_intermediates(
+    depth: usize,
+    indices: &[usize],
+    grid: (usize, usize),
+    tokens: Tensor,
+    block: impl Fn(usize, &Tensor) -> Result<Tensor, ModelError>,
+) -> Result<Vec<Tensor>, ModelError> {
+    let n = depth + 1;
+    if let Some(&bad) = indices.iter().find(|&&i| i >= n) {
+        return Err(ModelError::Input(format!(
+            "layer index {bad} out of range (the model has {n} layers)"
+        )));
+    }
+    let deepest = indices.iter().copied().max().unwrap_or(0);
+    let mut h = tokens;
+    let mut outs: Vec<Option<Tensor>> = vec![None; n];
+    for (layer, out) in outs.iter_mut().enumerate().take(deepest + 1) {
+        if layer > 0 {
+            h = block(layer - 1, &h)?;
+        }
+        if indices.contains(&layer) {
+            let (b, t, c) = h.dims3()?;
+            *out = Some(
+                h.narrow(1, 1, t - 1)?
+                    .transpose(1, 2)?
+                    .reshape((b, c, grid.0, grid.1))?,
+            );
+        }
+    }
+    Ok(indices
+        .iter()
+        .map(|&i| outs[i].clone().expect("computed above"))
+        .collect())
+}
+
+/// The keys under `prefix` with it removed (renamed by `renames`, `(old, new)` substrings),
+/// and the keys outside it.
+pub(crate) fn strip_prefix(
+    tensors: &BTreeMap<String, crate::checkpoint::Param>,
+    prefix: &str,
+    renames: &[(&str, &str)],
+) -> (BTreeMap<String, crate::checkpoint::Param>, Vec<String>) {
+    let mut outside = Vec::new();
+    let sd = tensors
+        .iter()
+        .filter_map(|(k, v)| match k.strip_prefix(prefix) {
+            Some(rest) => {
+                let mut name = rest.to_string();
+                for (old, new) in renames {
+                    name = name.replace(old, new);
+                }
+                Some((name, v.clone()))
+            }
+            None => {
+                outside.push(k.clone());
+                None
+            }
+        })
+        .collect();
+    (sd, outside)
+}
+
 /// Patch embedding as a matrix product: images `[B, 3, gh * p, gw * p]` and the kernel as
 /// `[C, 3 * p * p]` (a stride-`p` convolution) to tokens `[B, gh * gw, C]`.
 pub fn patch_tokens(

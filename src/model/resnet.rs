@@ -10,8 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{D, Device, Tensor, Var};
 
-use super::cnn::{self, Bn, Conv, Weights, out_channels, strip_prefix};
-use super::{Backbone, Classifier, LoadOptions, LoadReport, ModelError, Representation};
+use super::cnn::{self, Bn, Conv, Weights, out_channels};
+use super::{
+    Backbone, Classifier, LoadOptions, LoadReport, ModelError, Representation, strip_prefix,
+};
 use crate::checkpoint::{Checkpoint, Param};
 use crate::explain::{CamBatch, CamSource, gradient_rounds};
 use crate::preprocess::Normalization;

@@ -17,7 +17,7 @@ use super::rope::RopeTables;
 use super::token_cam::{self, CamLayer, TokenStack};
 use super::{
     Backbone, Classifier, LoadOptions, LoadReport, ModelError, Representation, Trainable, adapt,
-    patch_tokens, training,
+    patch_tokens, strip_prefix, training,
 };
 use crate::checkpoint::{Checkpoint, Param};
 use crate::explain::{CamBatch, CamSource};
@@ -78,18 +78,7 @@ fn backbone_state_dict(
     let prefix = find_backbone(&ck.tensors).ok_or_else(|| {
         ModelError::Weights("not a ViT: no patch_embed / qkv bias / fc1 keys".into())
     })?;
-    let mut outside = Vec::new();
-    let sd = ck
-        .tensors
-        .iter()
-        .filter_map(|(k, v)| match k.strip_prefix(prefix) {
-            Some(rest) => Some((rest.to_string(), v.clone())),
-            None => {
-                outside.push(k.clone());
-                None
-            }
-        })
-        .collect();
+    let (sd, outside) = strip_prefix(&ck.tensors, prefix, &[]);
     Ok((prefix, sd, outside))
 }
 
@@ -242,21 +231,7 @@ impl Weights<'_> {
 impl Vit {
     /// Build a ViT from a checkpoint whose keys [`find_backbone`] recognises.
     pub fn from_checkpoint(ck: &Checkpoint, opts: &LoadOptions) -> Result<(Self, LoadReport)> {
-        let prefix = find_backbone(&ck.tensors).ok_or_else(|| {
-            ModelError::Weights("not a ViT: no patch_embed / qkv bias / fc1 keys".into())
-        })?;
-        let mut outside = Vec::new();
-        let sd: BTreeMap<String, Param> = ck
-            .tensors
-            .iter()
-            .filter_map(|(k, v)| match k.strip_prefix(prefix) {
-                Some(rest) => Some((rest.to_string(), v.clone())),
-                None => {
-                    outside.push(k.clone());
-                    None
-                }
-            })
-            .collect();
+        let (prefix, sd, outside) = backbone_state_dict(ck)?;
         Self::from_state_dict(&sd, prefix, outside, opts)
     }
 
@@ -437,39 +412,18 @@ impl Backbone for Vit {
     }
 
     fn layer_names(&self) -> Vec<String> {
-        std::iter::once("patch_embed".to_string())
-            .chain((0..self.blocks.len()).map(|i| format!("blocks.{i}")))
-            .collect()
+        super::token_layer_names(self.blocks.len())
     }
 
     fn forward_intermediates(&self, x: &Tensor, indices: &[usize]) -> Result<Vec<Tensor>> {
-        let n = self.blocks.len() + 1;
-        if let Some(&bad) = indices.iter().find(|&&i| i >= n) {
-            return Err(ModelError::Input(format!(
-                "layer index {bad} out of range (the model has {n} layers)"
-            )));
-        }
-        let (gh, gw) = self.check_input(x)?;
-        let deepest = indices.iter().copied().max().unwrap_or(0);
-        let mut h = self.embed_tokens(x)?;
-        let mut outs: Vec<Option<Tensor>> = vec![None; n];
-        for (layer, out) in outs.iter_mut().enumerate().take(deepest + 1) {
-            if layer > 0 {
-                h = self.blocks[layer - 1].forward(&h, None, self.kernels, false, None)?;
-            }
-            if indices.contains(&layer) {
-                let (b, t, c) = h.dims3()?;
-                *out = Some(
-                    h.narrow(1, 1, t - 1)?
-                        .transpose(1, 2)?
-                        .reshape((b, c, gh, gw))?,
-                );
-            }
-        }
-        Ok(indices
-            .iter()
-            .map(|&i| outs[i].clone().expect("computed above"))
-            .collect())
+        let grid = self.check_input(x)?;
+        super::token_intermediates(
+            self.blocks.len(),
+            indices,
+            grid,
+            self.embed_tokens(x)?,
+            |i, h| Ok(self.blocks[i].forward(h, None, self.kernels, false, None)?),
+        )
     }
 
     fn embed(&self, x: &Tensor) -> Result<Representation> {

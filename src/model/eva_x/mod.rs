@@ -721,43 +721,19 @@ impl Backbone for EvaX {
 
     /// `patch_embed` (tokens after the position embedding) and `blocks.0` .. `blocks.{depth-1}`.
     fn layer_names(&self) -> Vec<String> {
-        std::iter::once("patch_embed".to_string())
-            .chain((0..self.blocks.len()).map(|i| format!("blocks.{i}")))
-            .collect()
+        super::token_layer_names(self.blocks.len())
     }
 
     fn forward_intermediates(&self, x: &Tensor, indices: &[usize]) -> Result<Vec<Tensor>> {
-        let n = self.blocks.len() + 1;
-        if let Some(&bad) = indices.iter().find(|&&i| i >= n) {
-            return Err(ModelError::Input(format!(
-                "layer index {bad} out of range (the model has {n} layers)"
-            )));
-        }
-        let deepest = indices.iter().copied().max().unwrap_or(0);
-        let (b, grid) = self.check_input(x)?;
+        let (_, grid) = self.check_input(x)?;
         let rope = self.grid_state(grid)?.rope.clone();
-        let mut h = self.embed_tokens(x)?;
-        let mut outs: Vec<Option<Tensor>> = vec![None; n];
-        for (layer, out) in outs.iter_mut().enumerate().take(deepest + 1) {
-            if layer > 0 {
-                h = self.blocks[layer - 1].forward(&h, &rope, self.kernels)?;
-            }
-            if indices.contains(&layer) {
-                // Patch tokens as a feature map [B, C, gh, gw].
-                let t = h.dim(1)?;
-                let map = h.narrow(1, 1, t - 1)?.transpose(1, 2)?.reshape((
-                    b,
-                    self.config.dim,
-                    grid.0,
-                    grid.1,
-                ))?;
-                *out = Some(map);
-            }
-        }
-        Ok(indices
-            .iter()
-            .map(|&i| outs[i].clone().expect("computed above"))
-            .collect())
+        super::token_intermediates(
+            self.blocks.len(),
+            indices,
+            grid,
+            self.embed_tokens(x)?,
+            |i, h| self.blocks[i].forward(h, &rope, self.kernels),
+        )
     }
 
     fn embed(&self, x: &Tensor) -> Result<Representation> {
