@@ -485,3 +485,116 @@ fn densenet121_features_logits_gradcam_and_old_key_names() {
         1e-5,
     );
 }
+
+/// Max |a - b| over the first `rows` rows of two equally shaped tensors, and the largest
+/// |b| there.
+fn rows_diff(got: &Tensor, want: &Param, rows: usize) -> (f32, f32) {
+    assert_eq!(got.dims(), want.shape.as_slice(), "shape");
+    let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(g.len(), want.data.len());
+    let n = rows * g.len() / want.shape[0];
+    let scale = want.data[..n].iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = g[..n]
+        .iter()
+        .zip(&want.data[..n])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    (worst, scale)
+}
+
+/// One training step of a CNN fixture (`tag`: `r50` or `dn121`; BN in training mode,
+/// BCE-with-logits, AdamW lr 2.5e-4, weight decay 0.05 on non-bias parameters of 2+ dims).
+///
+/// As in `vit_s_train/*`, the fixture's gradients are inconsistent with its forward at class
+/// 13: `grad/{fc,classifier}.bias[13]` is ours + 1.0 exactly (rows 0-12 agree to 1e-8), and
+/// `grad/...weight` row 13 is no combination of the three images' pooled features (least
+/// squares leaves a large residual), so every gradient upstream of the head, which mixes that
+/// class in, cannot be compared. Compared: the loss; the head's rows 0-12, gradient (1e-4
+/// relative) and after the step (1e-6); every BatchNorm running mean after the step (1e-6:
+/// they depend on the forward alone). The other keys are counted, not compared.
+fn cnn_train_step(file: &str, tag: &str, family: Family, kernels: Kernels) {
+    let Some(sh) = shared_or_skip(&format!("{tag}_train_step")) else {
+        return;
+    };
+    let r = reference(&sh);
+    let ck = Checkpoint::load(sh.join("fixtures").join(file)).unwrap();
+    assert_eq!(registry::recognise(&ck).unwrap(), family);
+    let model = registry::load_trainable(&ck, 14, 0, &Device::Cpu, kernels).unwrap();
+    let head = if family == Family::ResNet { "fc" } else { "classifier" };
+    let groups: evax::train::optim::Groups = model
+        .vars()
+        .keys()
+        .map(|k| (k.clone(), model.param_group(k, 0.55, 0.05)))
+        .collect();
+    assert_eq!(groups[&format!("{head}.weight")], (1.0, 0.05), "no layer decay");
+    assert_eq!(groups[&format!("{head}.bias")], (1.0, 0.0));
+    let x = r["input224_others"].to_tensor(&Device::Cpu).unwrap();
+    let y = r["targets"].to_tensor(&Device::Cpu).unwrap();
+    let logits = model.forward_train(&x, 0.0, None).unwrap();
+    let loss = bce_with_logits(&logits, &y).unwrap();
+    let l = loss.to_scalar::<f32>().unwrap();
+    let want = r[&format!("{tag}_train/loss")].data[0];
+    eprintln!("{tag} loss {l} (reference {want}, {kernels:?})");
+    assert!((l - want).abs() <= 1e-5, "{tag} loss {l} vs {want}");
+    let grads = loss.backward().unwrap();
+    let by_name = grads_by_name(model.vars(), &grads);
+    assert_eq!(by_name.len(), model.vars().len(), "every parameter has a gradient");
+    let (mut compared, mut counted) = (0, 0);
+    for (key, want) in r.iter() {
+        let Some(name) = key.strip_prefix(&format!("{tag}_train/grad/")) else {
+            continue;
+        };
+        assert!(by_name.contains_key(name), "{tag}: no parameter {name}");
+        if !name.starts_with(head) {
+            counted += 1;
+            continue;
+        }
+        let (worst, scale) = rows_diff(&by_name[name], want, 13);
+        eprintln!("{tag} grad {name} rows 0-12: {worst:.2e} (largest {scale:.2e}, {kernels:?})");
+        assert!(worst <= 1e-4 * scale, "{tag} grad {name}: {worst} vs {scale}");
+        compared += 1;
+    }
+    let mut opt = AdamW::new();
+    opt.update(model.vars(), &by_name, 2.5e-4, &groups, 1.0).unwrap();
+    let buffers = model.buffers();
+    for (key, want) in r.iter() {
+        let Some(name) = key.strip_prefix(&format!("{tag}_train/after_step/")) else {
+            continue;
+        };
+        let d = if name.ends_with(".running_mean") {
+            max_diff(buffers[name].as_tensor(), want)
+        } else if name.starts_with(head) {
+            rows_diff(model.vars()[name].as_tensor(), want, 13).0
+        } else {
+            assert!(model.vars().contains_key(name), "{tag}: no parameter {name}");
+            counted += 1;
+            continue;
+        };
+        eprintln!("{tag} after step {name}: {d:.2e} ({kernels:?})");
+        assert!(d <= 1e-6, "{tag} after step {name}: {d}");
+        compared += 1;
+    }
+    // 17 keys a family: the loss, 2 head gradients, 2 head parameters and 2 running means
+    // compared, 10 upstream gradients and parameters counted.
+    assert_eq!((compared, counted), (6, 10), "{tag}: keys compared / counted");
+}
+
+#[test]
+fn resnet50_train_step_fused_kernels() {
+    cnn_train_step("resnet50_l1111_cxr14_ft.pth", "r50", Family::ResNet, Kernels::Fused);
+}
+
+#[test]
+fn resnet50_train_step_reference_path() {
+    cnn_train_step("resnet50_l1111_cxr14_ft.pth", "r50", Family::ResNet, Kernels::Reference);
+}
+
+#[test]
+fn densenet121_train_step_fused_kernels() {
+    cnn_train_step("densenet121_b2222_cxr14_ft.pth", "dn121", Family::DenseNet, Kernels::Fused);
+}
+
+#[test]
+fn densenet121_train_step_reference_path() {
+    cnn_train_step("densenet121_b2222_cxr14_ft.pth", "dn121", Family::DenseNet, Kernels::Reference);
+}

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::conv::{self, ConvShape, PoolShape};
 use super::cpu::{self, AttentionShape, WeightLayout};
 use crate::model::rope::RopeTables;
 
@@ -340,4 +341,258 @@ pub fn linear(
             None => run(None),
         }
     })
+}
+
+/// Shape of a convolution of `x` `[B, Cin, H, W]` by `w` `[Cout, Cin, kh, kw]`.
+fn conv_shape(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<ConvShape> {
+    match (x, w) {
+        (&[b, cin, h, ww], &[cout, cin2, kh, kw]) if cin == cin2 => {
+            let s = ConvShape {
+                b,
+                cin,
+                h,
+                w: ww,
+                cout,
+                kh,
+                kw,
+                stride,
+                pad,
+            };
+            s.out()
+                .map(|_| s)
+                .ok_or_else(|| candle_core::Error::Msg(format!("convolution: {s:?} has no output")))
+        }
+        _ => candle_core::bail!("convolution: input {x:?} and weight {w:?} do not fit"),
+    }
+}
+
+/// Convolution (NCHW) with an optional bias and ReLU, with a backward.
+struct ConvOp {
+    stride: usize,
+    pad: usize,
+    bias: bool,
+    relu: bool,
+}
+
+impl CustomOp3 for ConvOp {
+    fn name(&self) -> &'static str {
+        "evax-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "convolution input")?;
+        let w = contiguous_f32(s2, l2, "convolution weight")?;
+        let b = contiguous_f32(s3, l3, "convolution bias")?;
+        let s = conv_shape(l1.dims(), l2.dims(), self.stride, self.pad)?;
+        let y = conv::conv_forward(x, w, self.bias.then_some(b), self.relu, &s)
+            .map_err(candle_core::Error::Msg)?;
+        let (ho, wo) = s.out().expect("checked");
+        Ok((CpuStorage::F32(y), Shape::from((s.b, s.cout, ho, wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = conv_shape(x.dims(), w.dims(), self.stride, self.pad)?;
+        let dy = if self.relu {
+            (dy * y.gt(0f32)?.to_dtype(dy.dtype())?)?
+        } else {
+            dy.clone()
+        };
+        let (dx, dw, db) = read(x, |xv| {
+            read(w, |wv| {
+                read(&dy, |g| {
+                    conv::conv_backward(xv, wv, g, &s, true).map_err(candle_core::Error::Msg)
+                })
+            })
+        })?;
+        Ok((
+            dx.map(|d| Tensor::from_vec(d, x.shape(), x.device()))
+                .transpose()?,
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            if self.bias {
+                Some(Tensor::from_vec(db, b.shape(), b.device())?)
+            } else {
+                None
+            },
+        ))
+    }
+}
+
+/// Convolution of CPU f32 `x` `[B, Cin, H, W]` by `w` `[Cout, Cin, kh, kw]` (+ `bias`
+/// `[Cout]`) (then ReLU), differentiable in all three.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+    relu: bool,
+) -> Result<Tensor> {
+    let op = ConvOp {
+        stride,
+        pad,
+        bias: bias.is_some(),
+        relu,
+    };
+    let b = match bias {
+        Some(b) => b.contiguous()?,
+        None => Tensor::zeros(w.dim(0)?, w.dtype(), w.device())?,
+    };
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b, op)
+}
+
+/// BatchNorm in training mode with the batch statistics computed before the op.
+struct BatchNormOp {
+    mean: Vec<f32>,
+    var: Vec<f32>,
+    eps: f32,
+}
+
+impl CustomOp3 for BatchNormOp {
+    fn name(&self) -> &'static str {
+        "evax-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "batch norm input")?;
+        let g = contiguous_f32(s2, l2, "batch norm weight")?;
+        let b = contiguous_f32(s3, l3, "batch norm bias")?;
+        let (_, c, plane) = bn_dims(l1.dims())?;
+        if g.len() != c || b.len() != c || self.mean.len() != c {
+            candle_core::bail!("batch norm: {c} channels, parameters do not fit");
+        }
+        let y = conv::batch_norm_forward(x, (&self.mean, &self.var), g, b, plane, self.eps);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, _, plane) = bn_dims(x.dims())?;
+        let (dx, dg, db) = read(x, |xv| {
+            read(g, |gv| {
+                read(dy, |d| {
+                    Ok(conv::batch_norm_backward(xv, d, gv, plane, self.eps))
+                })
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dg, g.shape(), g.device())?),
+            Some(Tensor::from_vec(db, g.shape(), g.device())?),
+        ))
+    }
+}
+
+/// `(B, C, H * W)` of an NCHW shape.
+fn bn_dims(d: &[usize]) -> Result<(usize, usize, usize)> {
+    match d {
+        &[b, c, h, w] if b * c * h * w > 0 => Ok((b, c, h * w)),
+        _ => candle_core::bail!("batch norm: expected a non-empty [B, C, H, W], got {d:?}"),
+    }
+}
+
+/// BatchNorm in training mode over CPU f32 `x` `[B, C, H, W]`: the output (differentiable in
+/// `x`, `gamma`, `beta`) and the batch mean and biased variance `[C]`.
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (_, c, plane) = bn_dims(x.dims())?;
+    let x = x.contiguous()?;
+    let (mean, var) = read(&x, |v| Ok(conv::channel_stats(v, c, plane)))?;
+    let (m, v) = (
+        Tensor::new(mean.as_slice(), x.device())?,
+        Tensor::new(var.as_slice(), x.device())?,
+    );
+    let y = x.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        BatchNormOp { mean, var, eps },
+    )?;
+    Ok((y, m, v))
+}
+
+/// Max pooling with a square window (padding never wins), with a backward.
+struct MaxPoolOp {
+    k: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl MaxPoolOp {
+    fn shape(&self, d: &[usize]) -> Result<(PoolShape, [usize; 4])> {
+        let &[b, c, h, w] = d else {
+            candle_core::bail!("max pool: expected [B, C, H, W], got {d:?}")
+        };
+        let s = PoolShape {
+            planes: b * c,
+            h,
+            w,
+            k: self.k,
+            stride: self.stride,
+            pad: self.pad,
+        };
+        let (ho, wo) = s
+            .out()
+            .ok_or_else(|| candle_core::Error::Msg(format!("max pool: {s:?} has no output")))?;
+        Ok((s, [b, c, ho, wo]))
+    }
+}
+
+impl CustomOp1 for MaxPoolOp {
+    fn name(&self) -> &'static str {
+        "evax-max-pool"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "max pool")?;
+        let (shape, out) = self.shape(l.dims())?;
+        let y = conv::max_pool_forward(x, &shape).map_err(candle_core::Error::Msg)?;
+        Ok((CpuStorage::F32(y), Shape::from(out.to_vec())))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (shape, _) = self.shape(x.dims())?;
+        let dx = read(x, |xv| {
+            read(dy, |g| {
+                conv::max_pool_backward(xv, g, &shape).map_err(candle_core::Error::Msg)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// Max pooling of CPU f32 `x` `[B, C, H, W]` with a `k x k` window, differentiable.
+pub fn max_pool(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(MaxPoolOp { k, stride, pad })
 }

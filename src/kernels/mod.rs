@@ -9,6 +9,7 @@
 //! the two can be checked against each other).
 
 pub mod candle_ops;
+pub mod conv;
 pub mod cpu;
 pub mod dispatch;
 pub mod reference;
@@ -101,6 +102,50 @@ pub fn linear_train(k: Kernels, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Te
     }
 }
 
+/// Convolution (NCHW) of `x` by `w` `[Cout, Cin, kh, kw]` with an optional bias `[Cout]`, then
+/// ReLU if asked; differentiable on both paths.
+pub fn conv2d(
+    k: Kernels,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+    relu: bool,
+) -> Result<Tensor> {
+    if k.fused_for(x) {
+        candle_ops::conv2d(x, w, bias, stride, pad, relu)
+    } else {
+        reference::conv2d(x, w, bias, stride, pad, relu)
+    }
+}
+
+/// BatchNorm in training mode over `[B, C, H, W]`: the output (differentiable) and the batch
+/// mean and biased variance `[C]` (for the running statistics).
+pub fn batch_norm_train(
+    k: Kernels,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if k.fused_for(x) {
+        candle_ops::batch_norm_train(x, gamma, beta, eps)
+    } else {
+        reference::batch_norm_train(x, gamma, beta, eps)
+    }
+}
+
+/// Max pooling of `[B, C, H, W]` with a `size x size` window (padding never wins),
+/// differentiable.
+pub fn max_pool(k: Kernels, x: &Tensor, size: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    if k.fused_for(x) {
+        candle_ops::max_pool(x, size, stride, pad)
+    } else {
+        reference::max_pool(x, size, stride, pad)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,7 +173,10 @@ mod tests {
     }
 
     /// Value and input gradient of `f` (weighted by a fixed random cotangent) on both paths.
-    fn both(x: &Tensor, f: impl Fn(Kernels, &Tensor) -> Result<Tensor>) -> [(Tensor, Tensor); 2] {
+    fn both(
+        x: &Tensor,
+        mut f: impl FnMut(Kernels, &Tensor) -> Result<Tensor>,
+    ) -> [(Tensor, Tensor); 2] {
         [Kernels::Fused, Kernels::Reference].map(|k| {
             let v = Var::from_tensor(x).unwrap();
             let y = f(k, v.as_tensor()).unwrap();
@@ -186,6 +234,48 @@ mod tests {
         let qkv = rand(&[2, 5, 3 * 128], 11);
         let [(yf, gf), (yr, gr)] = both(&qkv, |k, x| attention(k, x, 2, &none, true));
         assert!(max_diff(&yf, &yr) < 1e-5 && max_diff(&gf, &gr) < 1e-5);
+    }
+
+    #[test]
+    fn cnn_kernels_agree_with_the_reference_path() {
+        // Weight and bias gradients too: the weight as a variable inside the closure.
+        let x = rand(&[3, 4, 9, 7], 21);
+        for (i, (k, stride, pad, relu)) in [(3, 2, 1, true), (1, 1, 0, false), (7, 2, 3, false)]
+            .into_iter()
+            .enumerate()
+        {
+            let w = Var::from_tensor(&rand(&[5, 4, k, k], 22 + i as u64)).unwrap();
+            let b = Var::from_tensor(&rand(&[5], 30 + i as u64)).unwrap();
+            let mut grads = Vec::new();
+            let [(yf, gf), (yr, gr)] = both(&x, |kern, x| {
+                let y = conv2d(kern, x, w.as_tensor(), Some(b.as_tensor()), stride, pad, relu)?;
+                let cot = rand(y.dims(), 99);
+                let g = (&y * &cot)?.sum_all()?.backward()?;
+                grads.push((
+                    g.get(w.as_tensor()).unwrap().clone(),
+                    g.get(b.as_tensor()).unwrap().clone(),
+                ));
+                Ok(y)
+            });
+            assert!(max_diff(&yf, &yr) < 1e-5, "conv {i} {}", max_diff(&yf, &yr));
+            assert!(max_diff(&gf, &gr) < 1e-5, "conv {i} dx {}", max_diff(&gf, &gr));
+            assert_eq!(grads.len(), 2);
+            assert!(max_diff(&grads[0].0, &grads[1].0) < 1e-4, "conv {i} dW");
+            assert!(max_diff(&grads[0].1, &grads[1].1) < 1e-4, "conv {i} db");
+        }
+
+        let (g, b) = (rand(&[4], 40), rand(&[4], 41));
+        let [(yf, gf), (yr, gr)] = both(&x, |k, x| Ok(batch_norm_train(k, x, &g, &b, 1e-5)?.0));
+        assert!(max_diff(&yf, &yr) < 1e-5 && max_diff(&gf, &gr) < 1e-4);
+        let (_, mf, vf) = batch_norm_train(Kernels::Fused, &x, &g, &b, 1e-5).unwrap();
+        let (_, mr, vr) = batch_norm_train(Kernels::Reference, &x, &g, &b, 1e-5).unwrap();
+        assert_eq!(mf.dims(), &[4]);
+        assert!(max_diff(&mf, &mr) < 1e-6 && max_diff(&vf, &vr) < 1e-6);
+
+        // Random values: no ties, so both paths route gradients alike.
+        let [(yf, gf), (yr, gr)] = both(&x, |k, x| max_pool(k, x, 3, 2, 1));
+        assert_eq!(yf.dims(), &[3, 4, 5, 4]);
+        assert!(max_diff(&yf, &yr) == 0.0 && max_diff(&gf, &gr) < 1e-6);
     }
 
     #[test]

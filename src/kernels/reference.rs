@@ -119,3 +119,73 @@ pub fn linear(
         None => Ok(y),
     }
 }
+
+/// Convolution (NCHW) with an optional bias `[Cout]`, then ReLU if asked.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+    relu: bool,
+) -> Result<Tensor> {
+    let mut y = x.conv2d(w, pad, stride, 1, 1)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+    }
+    if relu { y.relu() } else { Ok(y) }
+}
+
+/// BatchNorm in training mode over `[B, C, H, W]`: output, batch mean and biased variance.
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let per_channel = |t: &Tensor| t.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3);
+    let mean = per_channel(x)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = per_channel(&centred.sqr()?)?;
+    let y = centred
+        .broadcast_div(&(&var + eps as f64)?.sqrt()?)?
+        .broadcast_mul(&gamma.reshape((1, (), 1, 1))?)?
+        .broadcast_add(&beta.reshape((1, (), 1, 1))?)?;
+    Ok((y, mean.flatten_all()?.detach(), var.flatten_all()?.detach()))
+}
+
+/// Max pooling with a square window, padding with minus infinity: the maximum of the
+/// window's `k * k` strided views (ties share the gradient, unlike the fused kernel).
+pub fn max_pool(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if stride == 0 || k == 0 || h + 2 * pad < k || w + 2 * pad < k {
+        candle_core::bail!("max pool: a {k}x{k} window does not fit {h}x{w}");
+    }
+    let (ho, wo) = ((h + 2 * pad - k) / stride + 1, (w + 2 * pad - k) / stride + 1);
+    // Pad so that every view spans whole strides: rows ky .. ky + ho * stride.
+    let (hp, wp) = (k + ho * stride, k + wo * stride);
+    let fill = |rows: usize, cols: usize| {
+        Tensor::full(f32::NEG_INFINITY, (b, c, rows, cols), x.device())?.to_dtype(x.dtype())
+    };
+    let x = Tensor::cat(&[&fill(h, pad)?, x, &fill(h, wp - w - pad)?], 3)?;
+    let x = Tensor::cat(&[&fill(pad, wp)?, &x, &fill(hp - h - pad, wp)?], 2)?;
+    let mut out: Option<Tensor> = None;
+    for ky in 0..k {
+        for kx in 0..k {
+            let v = x
+                .narrow(2, ky, ho * stride)?
+                .reshape((b, c, ho, stride, wp))?
+                .narrow(3, 0, 1)?
+                .squeeze(3)?
+                .narrow(3, kx, wo * stride)?
+                .reshape((b, c, ho, wo, stride))?
+                .narrow(4, 0, 1)?
+                .squeeze(4)?;
+            out = Some(match out {
+                Some(o) => o.maximum(&v)?,
+                None => v,
+            });
+        }
+    }
+    Ok(out.expect("k > 0"))
+}

@@ -1,54 +1,186 @@
-//! What the CNN families share: BatchNorm in evaluation mode folded to a per-channel scale and
-//! shift, convolutions, and a weight collector that records every missing or misshapen key.
+//! What the CNN families share. Each family describes its structure once, in terms of the
+//! per-layer operations of [`Ops`]; two implementations run it: [`Folded`] for inference
+//! (BatchNorm folded into the convolution before it, ReLU fused) and [`BatchStats`] for
+//! training (parameters as variables, BatchNorm on the batch's statistics with PyTorch's
+//! running-statistics update). [`CnnTrainable`] fine-tunes any family that implements
+//! [`CnnLayout`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
-use super::{LoadReport, ModelError};
-use crate::checkpoint::Param;
+use super::{Classifier, LoadReport, ModelError, Trainable};
+use crate::checkpoint::{Param, StorageDtype};
+use crate::kernels::{self, Kernels};
+use crate::preprocess::Normalization;
 
 type Result<T> = std::result::Result<T, ModelError>;
 
 /// BatchNorm epsilon of torchvision's CNNs.
 const BN_EPS: f64 = 1e-5;
 
-/// A BatchNorm in evaluation mode, as a per-channel scale and shift.
+/// PyTorch's default BatchNorm momentum for the running statistics.
+const BN_MOMENTUM: f64 = 0.1;
+
+/// One weighted unit of a CNN, by its state-dict names.
+#[derive(Debug, Clone)]
+pub(crate) enum Unit {
+    /// A convolution whose output goes straight into a BatchNorm.
+    ConvBn { conv: String, bn: String },
+    /// A convolution alone.
+    Conv(String),
+    /// A BatchNorm alone over `channels` channels.
+    Bn { bn: String, channels: usize },
+}
+
+/// The operations a CNN's structure is written in (padding is always `k / 2`).
+pub(crate) trait Ops {
+    /// Convolution `conv` then BatchNorm `bn`, then ReLU if asked.
+    fn conv_bn(
+        &self,
+        x: &Tensor,
+        conv: &str,
+        bn: &str,
+        stride: usize,
+        relu: bool,
+    ) -> candle_core::Result<Tensor>;
+
+    /// Convolution `conv` alone.
+    fn conv(&self, x: &Tensor, conv: &str, stride: usize) -> candle_core::Result<Tensor>;
+
+    /// BatchNorm `bn` alone.
+    fn bn(&self, x: &Tensor, bn: &str) -> candle_core::Result<Tensor>;
+
+    /// The kernels the operations run on.
+    fn kernels(&self) -> Kernels;
+
+    /// torchvision's stem: `conv`, `bn`, ReLU, 3x3 max pool with stride 2 and padding 1.
+    fn stem(&self, x: &Tensor, conv: &str, bn: &str) -> candle_core::Result<Tensor> {
+        let h = self.conv_bn(x, conv, bn, 2, true)?;
+        kernels::max_pool(self.kernels(), &h, 3, 2, 1)
+    }
+}
+
+/// A CNN family's structure, read off the weights: its units, its forward to the pooled
+/// pre-logits on any [`Ops`], and the name of its linear head.
+pub(crate) trait CnnLayout: Send + Sync {
+    /// The architecture's conventional name.
+    fn name(&self) -> String;
+
+    /// Every weighted unit, in order.
+    fn units(&self) -> Vec<Unit>;
+
+    /// Pooled features `[B, C]` of images `[B, 3, H, W]`.
+    fn pooled(&self, ops: &dyn Ops, x: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// Width of the pooled features.
+    fn features(&self) -> usize;
+
+    /// The head's key (`fc`, `classifier`).
+    fn head_key(&self) -> &'static str;
+
+    /// An inference model of this family from a state dict.
+    fn classifier(
+        &self,
+        sd: &BTreeMap<String, Param>,
+        device: &Device,
+        kernels: Kernels,
+    ) -> Result<Box<dyn Classifier>>;
+}
+
+/// A convolution ready for inference: weight `[out, in, k, k]`, the folded BatchNorm's shift
+/// as its bias (if any).
+#[derive(Debug, Clone)]
+pub(crate) struct Conv {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    pad: usize,
+}
+
+/// A BatchNorm in evaluation mode, as a per-channel scale and shift `[1, C, 1, 1]`.
 #[derive(Debug, Clone)]
 pub(crate) struct Bn {
-    pub(crate) scale: Tensor,
-    pub(crate) shift: Tensor,
+    scale: Tensor,
+    shift: Tensor,
 }
 
 impl Bn {
-    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         x.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)
     }
 }
 
-#[derive(Debug, Clone)]
-pub(crate) struct Conv {
-    pub(crate) weight: Tensor,
-    pub(crate) stride: usize,
-    pub(crate) padding: usize,
+/// Inference: convolutions with their BatchNorm folded in, the other BatchNorms as scale and
+/// shift.
+pub(crate) struct Folded {
+    convs: HashMap<String, Conv>,
+    bns: HashMap<String, Bn>,
+    kernels: Kernels,
 }
 
-impl Conv {
-    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
+fn missing(what: &str, key: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("no {what} '{key}' in this model"))
+}
+
+impl Ops for Folded {
+    fn conv_bn(
+        &self,
+        x: &Tensor,
+        conv: &str,
+        _bn: &str,
+        stride: usize,
+        relu: bool,
+    ) -> candle_core::Result<Tensor> {
+        let c = self
+            .convs
+            .get(conv)
+            .ok_or_else(|| missing("convolution", conv))?;
+        kernels::conv2d(
+            self.kernels,
+            x,
+            &c.weight,
+            c.bias.as_ref(),
+            stride,
+            c.pad,
+            relu,
+        )
+    }
+
+    fn conv(&self, x: &Tensor, conv: &str, stride: usize) -> candle_core::Result<Tensor> {
+        self.conv_bn(x, conv, "", stride, false)
+    }
+
+    fn bn(&self, x: &Tensor, bn: &str) -> candle_core::Result<Tensor> {
+        self.bns
+            .get(bn)
+            .ok_or_else(|| missing("BatchNorm", bn))?
+            .forward(x)
+    }
+
+    fn kernels(&self) -> Kernels {
+        self.kernels
     }
 }
 
-/// Collects weights by key, recording every problem.
+/// Collects weights by key, recording every problem so that all are reported at once.
 pub(crate) struct Weights<'a> {
-    pub(crate) sd: &'a BTreeMap<String, Param>,
-    pub(crate) device: &'a Device,
-    pub(crate) used: BTreeSet<String>,
-    pub(crate) problems: Vec<String>,
+    sd: &'a BTreeMap<String, Param>,
+    device: &'a Device,
+    used: BTreeSet<String>,
+    problems: Vec<String>,
 }
 
-impl Weights<'_> {
-    pub(crate) fn get(&mut self, key: &str) -> Option<&Param> {
+impl<'a> Weights<'a> {
+    pub(crate) fn new(sd: &'a BTreeMap<String, Param>, device: &'a Device) -> Self {
+        Weights {
+            sd,
+            device,
+            used: BTreeSet::new(),
+            problems: Vec::new(),
+        }
+    }
+
+    fn get(&mut self, key: &str) -> Option<&'a Param> {
         match self.sd.get(key) {
             Some(p) => {
                 self.used.insert(key.to_string());
@@ -61,55 +193,42 @@ impl Weights<'_> {
         }
     }
 
-    /// A convolution's weight `[out, in, k, k]` (padding k / 2); a missing or misshapen one is
-    /// recorded and replaced, so that every problem is reported at once.
-    pub(crate) fn conv(&mut self, key: &str, stride: usize) -> Result<Conv> {
-        let placeholder = |device: &Device| -> Result<Conv> {
-            Ok(Conv {
-                weight: Tensor::zeros((1, 1, 1, 1), candle_core::DType::F32, device)?,
-                stride,
-                padding: 0,
-            })
-        };
-        let Some(p) = self.get(&format!("{key}.weight")).cloned() else {
-            return placeholder(self.device);
-        };
+    /// A convolution weight `[out, in, k, k]` (`None`, recorded, when missing or misshapen).
+    fn conv_weight(&mut self, key: &str) -> Option<&'a Param> {
+        let p = self.get(&format!("{key}.weight"))?;
         match p.shape[..] {
-            [o, i, kh, kw] if kh == kw && o > 0 && i > 0 && kh > 0 => Ok(Conv {
-                weight: p.to_tensor(self.device)?,
-                stride,
-                padding: kh / 2,
-            }),
+            [o, i, kh, kw] if kh == kw && o > 0 && i > 0 && kh > 0 => Some(p),
             _ => {
                 self.problems.push(format!(
                     "{key}.weight has shape {:?}, expected [out, in, k, k]",
                     p.shape
                 ));
-                placeholder(self.device)
+                None
             }
         }
     }
 
-    pub(crate) fn bn(&mut self, key: &str, channels: usize) -> Result<Bn> {
-        let mut part = |name: &str| -> Result<Vec<f32>> {
+    /// A BatchNorm's evaluation-mode scale and shift over `channels` channels.
+    fn bn_affine(&mut self, key: &str, channels: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut part = |name: &str, default: f32| -> Vec<f32> {
             match self.get(&format!("{key}.{name}")) {
-                Some(p) if p.shape == [channels] => Ok(p.data.clone()),
+                Some(p) if p.shape == [channels] => p.data.clone(),
                 Some(p) => {
                     let msg = format!(
                         "{key}.{name} has shape {:?}, expected [{channels}]",
                         p.shape
                     );
                     self.problems.push(msg);
-                    Ok(vec![0.0; channels])
+                    vec![default; channels]
                 }
-                None => Ok(vec![0.0; channels]),
+                None => vec![default; channels],
             }
         };
         let (w, b, m, v) = (
-            part("weight")?,
-            part("bias")?,
-            part("running_mean")?,
-            part("running_var")?,
+            part("weight", 1.0),
+            part("bias", 0.0),
+            part("running_mean", 0.0),
+            part("running_var", 1.0),
         );
         self.used.insert(format!("{key}.num_batches_tracked"));
         let scale: Vec<f32> = w
@@ -117,27 +236,66 @@ impl Weights<'_> {
             .zip(&v)
             .map(|(w, v)| (*w as f64 / (*v as f64 + BN_EPS).sqrt()) as f32)
             .collect();
-        let shift: Vec<f32> = b
+        let shift = b
             .iter()
             .zip(&m)
             .zip(&scale)
             .map(|((b, m), s)| b - m * s)
             .collect();
-        Ok(Bn {
-            scale: Tensor::from_vec(scale, (1, channels, 1, 1), self.device)?,
-            shift: Tensor::from_vec(shift, (1, channels, 1, 1), self.device)?,
+        (scale, shift)
+    }
+
+    /// The inference operations of `units`.
+    pub(crate) fn folded(&mut self, units: &[Unit], kernels: Kernels) -> Result<Folded> {
+        let mut convs = HashMap::new();
+        let mut bns = HashMap::new();
+        for u in units {
+            match u {
+                Unit::ConvBn { conv, .. } | Unit::Conv(conv) => {
+                    let Some(p) = self.conv_weight(conv) else {
+                        continue;
+                    };
+                    let (cout, k) = (p.shape[0], p.shape[2]);
+                    let mut weight = p.data.clone();
+                    let mut bias = None;
+                    if let Unit::ConvBn { bn, .. } = u {
+                        let (scale, shift) = self.bn_affine(bn, cout);
+                        let per_out = weight.len() / cout;
+                        for (row, s) in weight.chunks_exact_mut(per_out).zip(&scale) {
+                            row.iter_mut().for_each(|v| *v *= s);
+                        }
+                        bias = Some(Tensor::from_vec(shift, cout, self.device)?);
+                    }
+                    let weight = Tensor::from_vec(weight, p.shape.as_slice(), self.device)?;
+                    convs.insert(
+                        conv.clone(),
+                        Conv {
+                            weight,
+                            bias,
+                            pad: k / 2,
+                        },
+                    );
+                }
+                Unit::Bn { bn, channels } => {
+                    let (scale, shift) = self.bn_affine(bn, *channels);
+                    let shape = (1, *channels, 1, 1);
+                    bns.insert(
+                        bn.clone(),
+                        Bn {
+                            scale: Tensor::from_vec(scale, shape, self.device)?,
+                            shift: Tensor::from_vec(shift, shape, self.device)?,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(Folded {
+            convs,
+            bns,
+            kernels,
         })
     }
-}
 
-/// Output channels of a convolution weight (0 when it is missing).
-pub(crate) fn out_channels(sd: &BTreeMap<String, Param>, key: &str) -> usize {
-    sd.get(&format!("{key}.weight"))
-        .and_then(|p| p.shape.first().copied())
-        .unwrap_or(0)
-}
-
-impl Weights<'_> {
     /// A linear head `{key}.weight` `[K, features]` and `{key}.bias` (none when both are absent;
     /// a misshapen one is recorded).
     pub(crate) fn head(&mut self, key: &str, features: usize) -> Result<Option<(Tensor, Tensor)>> {
@@ -203,6 +361,21 @@ impl Weights<'_> {
     }
 }
 
+/// Output channels of a convolution weight (0 when it is missing).
+pub(crate) fn out_channels(sd: &BTreeMap<String, Param>, key: &str) -> usize {
+    sd.get(&format!("{key}.weight"))
+        .and_then(|p| p.shape.first().copied())
+        .unwrap_or(0)
+}
+
+/// The largest `N` + 1 over keys `{prefix}{N}.…` (0 when there are none).
+pub(crate) fn count_indexed(sd: &BTreeMap<String, Param>, prefix: &str) -> usize {
+    sd.keys()
+        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map_or(0, |m| m + 1)
+}
+
 /// An error unless `x` is `[B, 3, H, W]` with H and W multiples of 32 (a CNN's total stride).
 pub(crate) fn check_input(x: &Tensor) -> Result<()> {
     match x.dims() {
@@ -213,17 +386,237 @@ pub(crate) fn check_input(x: &Tensor) -> Result<()> {
     }
 }
 
-/// The torchvision stem: conv, BN, ReLU, 3x3 max pool with stride 2 and padding 1 (zero
-/// padding is exact after the ReLU).
-pub(crate) fn stem(conv: &Conv, bn: &Bn, x: &Tensor) -> candle_core::Result<Tensor> {
-    bn.forward(&conv.forward(x)?)?
-        .relu()?
-        .pad_with_zeros(2, 1, 1)?
-        .pad_with_zeros(3, 1, 1)?
-        .max_pool2d_with_stride(3, 2)
-}
-
 /// `x W^T + b` for pooled features `[B, C]`.
 pub(crate) fn linear(x: &Tensor, (w, b): &(Tensor, Tensor)) -> candle_core::Result<Tensor> {
     x.matmul(&w.t()?)?.broadcast_add(b)
+}
+
+/// Training: parameters as variables, BatchNorm on the batch's statistics, the running
+/// statistics updated as PyTorch does (momentum 0.1, unbiased variance).
+pub(crate) struct BatchStats {
+    vars: BTreeMap<String, Var>,
+    running: BTreeMap<String, Var>,
+    kernels: Kernels,
+}
+
+impl BatchStats {
+    fn var(&self, key: &str) -> candle_core::Result<&Tensor> {
+        self.vars
+            .get(key)
+            .map(|v| v.as_tensor())
+            .ok_or_else(|| missing("parameter", key))
+    }
+}
+
+impl Ops for BatchStats {
+    fn conv_bn(
+        &self,
+        x: &Tensor,
+        conv: &str,
+        bn: &str,
+        stride: usize,
+        relu: bool,
+    ) -> candle_core::Result<Tensor> {
+        let y = self.bn(&self.conv(x, conv, stride)?, bn)?;
+        if relu { y.relu() } else { Ok(y) }
+    }
+
+    fn conv(&self, x: &Tensor, conv: &str, stride: usize) -> candle_core::Result<Tensor> {
+        let w = self.var(&format!("{conv}.weight"))?;
+        let pad = w.dim(2)? / 2;
+        kernels::conv2d(self.kernels, x, w, None, stride, pad, false)
+    }
+
+    fn bn(&self, x: &Tensor, bn: &str) -> candle_core::Result<Tensor> {
+        let (y, mean, var) = kernels::batch_norm_train(
+            self.kernels,
+            x,
+            self.var(&format!("{bn}.weight"))?,
+            self.var(&format!("{bn}.bias"))?,
+            BN_EPS as f32,
+        )?;
+        let (b, _, h, w) = x.dims4()?;
+        let n = (b * h * w) as f64;
+        let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+        for (name, batch, factor) in [("running_mean", mean, 1.0), ("running_var", var, unbiased)] {
+            let key = format!("{bn}.{name}");
+            let run = self
+                .running
+                .get(&key)
+                .ok_or_else(|| missing("buffer", &key))?;
+            let old = run.as_tensor().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let new: Vec<f64> = batch
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?
+                .iter()
+                .zip(&old)
+                .map(|(v, o)| (1.0 - BN_MOMENTUM) * o + BN_MOMENTUM * v * factor)
+                .collect();
+            run.set(&Tensor::new(new.as_slice(), run.device())?.to_dtype(run.dtype())?)?;
+        }
+        Ok(y)
+    }
+
+    fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+}
+
+/// A CNN being fine-tuned: any family with a [`CnnLayout`], its head kept when it has the
+/// classes asked for, otherwise re-initialised as `torch.nn.Linear` does.
+pub struct CnnTrainable {
+    layout: Box<dyn CnnLayout>,
+    ops: BatchStats,
+    device: Device,
+    /// Keys dropped when the head was re-initialised (empty when it was kept).
+    pub dropped: Vec<String>,
+}
+
+impl CnnTrainable {
+    /// The layout's weights from `sd` (prefix already stripped) ready to train for `classes`.
+    pub(crate) fn new(
+        layout: Box<dyn CnnLayout>,
+        sd: &BTreeMap<String, Param>,
+        classes: usize,
+        seed: u64,
+        device: &Device,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        if classes == 0 {
+            return Err(ModelError::Input("zero classes to train".into()));
+        }
+        let mut sd = sd.clone();
+        let head = layout.head_key();
+        let (wk, bk) = (format!("{head}.weight"), format!("{head}.bias"));
+        let features = layout.features();
+        let mut dropped = Vec::new();
+        if sd.get(&wk).map(|p| p.shape.clone()) != Some(vec![classes, features]) {
+            dropped = [&wk, &bk]
+                .into_iter()
+                .filter(|k| sd.contains_key(*k))
+                .cloned()
+                .collect();
+            // torch.nn.Linear's initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both.
+            let bound = 1.0 / (features as f64).sqrt();
+            let mut rng = crate::rng::Rng::new(seed ^ 0x6865_6164);
+            let mut draw = |n: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|_| ((rng.unit() * 2.0 - 1.0) * bound) as f32)
+                    .collect()
+            };
+            sd.insert(wk.clone(), f32_param(vec![classes, features], draw(classes * features)));
+            sd.insert(bk.clone(), f32_param(vec![classes], draw(classes)));
+        }
+        // Every tensor the model reads must be there with its shape: load it once to check.
+        layout.classifier(&sd, device, kernels)?;
+        let mut vars = BTreeMap::new();
+        let mut running = BTreeMap::new();
+        let add = |map: &mut BTreeMap<String, Var>, key: String| -> Result<()> {
+            let p = sd
+                .get(&key)
+                .ok_or_else(|| ModelError::Weights(format!("missing {key}")))?;
+            map.insert(key, Var::from_tensor(&p.to_tensor(device)?)?);
+            Ok(())
+        };
+        for u in layout.units() {
+            let (conv, bn) = match u {
+                Unit::ConvBn { conv, bn } => (Some(conv), Some(bn)),
+                Unit::Conv(conv) => (Some(conv), None),
+                Unit::Bn { bn, .. } => (None, Some(bn)),
+            };
+            if let Some(c) = conv {
+                add(&mut vars, format!("{c}.weight"))?;
+            }
+            if let Some(b) = bn {
+                add(&mut vars, format!("{b}.weight"))?;
+                add(&mut vars, format!("{b}.bias"))?;
+                add(&mut running, format!("{b}.running_mean"))?;
+                add(&mut running, format!("{b}.running_var"))?;
+            }
+        }
+        add(&mut vars, wk)?;
+        add(&mut vars, bk)?;
+        Ok(CnnTrainable {
+            layout,
+            ops: BatchStats {
+                vars,
+                running,
+                kernels,
+            },
+            device: device.clone(),
+            dropped,
+        })
+    }
+}
+
+fn f32_param(shape: Vec<usize>, data: Vec<f32>) -> Param {
+    Param {
+        dtype: StorageDtype::F32,
+        shape,
+        data,
+    }
+}
+
+impl Trainable for CnnTrainable {
+    fn name(&self) -> String {
+        self.layout.name()
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn normalization(&self) -> Normalization {
+        Normalization::OTHERS
+    }
+
+    fn input_multiple(&self) -> usize {
+        32
+    }
+
+    fn vars(&self) -> &BTreeMap<String, Var> {
+        &self.ops.vars
+    }
+
+    fn buffers(&self) -> BTreeMap<String, Var> {
+        self.ops.running.clone()
+    }
+
+    /// BatchNorm in training mode (the running statistics move); no stochastic depth.
+    fn forward_train(
+        &self,
+        x: &Tensor,
+        _drop_path: f64,
+        _rng: Option<&mut crate::rng::Rng>,
+    ) -> candle_core::Result<Tensor> {
+        let x = x.to_device(&self.device)?;
+        let pooled = self.layout.pooled(&self.ops, &x)?;
+        let head = self.layout.head_key();
+        kernels::linear_train(
+            self.ops.kernels,
+            &pooled,
+            self.ops.var(&format!("{head}.weight"))?,
+            self.ops.var(&format!("{head}.bias"))?,
+        )
+    }
+
+    /// No layer decay (as the original trains CNNs); no weight decay on 1-D parameters.
+    fn param_group(&self, name: &str, _layer_decay: f64, weight_decay: f64) -> (f64, f64) {
+        let ndim = self.ops.vars.get(name).map_or(1, |v| v.dims().len());
+        if ndim <= 1 || name.ends_with(".bias") {
+            (1.0, 0.0)
+        } else {
+            (1.0, weight_decay)
+        }
+    }
+
+    fn to_inference(&self) -> Result<Box<dyn Classifier>> {
+        let mut sd = super::training::state_dict(&self.ops.vars)?;
+        sd.extend(super::training::state_dict(&self.ops.running)?);
+        self.layout.classifier(&sd, &self.device, self.ops.kernels)
+    }
+
+    fn checkpoint_metadata(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }

@@ -4,16 +4,17 @@
 //! counts, growth and widths are read off the weights; torchvision's release files with the old
 //! names (`norm.1`, `conv.2`) load too. Grad-CAM targets the last dense layer's `norm1`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use candle_core::{D, Device, Tensor, Var};
 
-use super::cnn::{self, Bn, Conv, Weights, out_channels};
+use super::cnn::{self, CnnLayout, CnnTrainable, Folded, Ops, Unit, Weights, out_channels};
 use super::{
     Backbone, Classifier, LoadOptions, LoadReport, ModelError, Representation, strip_prefix,
 };
 use crate::checkpoint::{Checkpoint, Param};
 use crate::explain::{CamBatch, CamSource, gradient_rounds};
+use crate::kernels::Kernels;
 use crate::preprocess::Normalization;
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -37,38 +38,168 @@ pub fn find_backbone(tensors: &BTreeMap<String, Param>) -> Option<&'static str> 
     })
 }
 
-/// One dense layer: its new features from the concatenation of everything before it.
+/// The structure of a torchvision DenseNet, read off the weights.
 #[derive(Debug, Clone)]
-struct DenseLayer {
-    norm1: Bn,
-    conv1: Conv,
-    norm2: Bn,
-    conv2: Conv,
+pub(crate) struct DenseLayout {
+    /// Per dense block, the input width of each layer (its `norm1`'s channels).
+    blocks: Vec<Vec<usize>>,
+    /// The input width of each transition (after every block but the last).
+    transitions: Vec<usize>,
+    /// The width of `norm5`.
+    features: usize,
 }
 
-impl DenseLayer {
-    /// The new features from `norm1`'s output (so that it can be the Grad-CAM leaf).
-    fn new_features(&self, y: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&y.relu()?)?;
-        self.conv2.forward(&self.norm2.forward(&h)?.relu()?)
+impl DenseLayout {
+    fn from_keys(sd: &BTreeMap<String, Param>) -> Result<Self> {
+        let nblocks = (1..)
+            .take_while(|b| sd.contains_key(&format!("features.denseblock{b}.denselayer1.conv1.weight")))
+            .count();
+        if nblocks == 0 {
+            return Err(ModelError::Weights("no features.denseblockN keys".into()));
+        }
+        let mut channels = out_channels(sd, "features.conv0");
+        let (mut blocks, mut transitions) = (Vec::new(), Vec::new());
+        for b in 1..=nblocks {
+            let nlayers = (1..)
+                .take_while(|l| {
+                    sd.contains_key(&format!("features.denseblock{b}.denselayer{l}.conv1.weight"))
+                })
+                .count();
+            let mut widths = Vec::with_capacity(nlayers);
+            for l in 1..=nlayers {
+                widths.push(channels);
+                channels += out_channels(sd, &format!("features.denseblock{b}.denselayer{l}.conv2"));
+            }
+            blocks.push(widths);
+            if b < nblocks {
+                transitions.push(channels);
+                channels = out_channels(sd, &format!("features.transition{b}.conv"));
+            }
+        }
+        Ok(DenseLayout {
+            blocks,
+            transitions,
+            features: channels,
+        })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let new = self.new_features(&self.norm1.forward(x)?)?;
+    /// The new features of dense layer `l` of block `b` (1-based) from its `norm1`'s output.
+    fn new_features(&self, ops: &dyn Ops, b: usize, l: usize, y: &Tensor) -> candle_core::Result<Tensor> {
+        let p = format!("features.denseblock{b}.denselayer{l}");
+        let h = ops.conv_bn(&y.relu()?, &format!("{p}.conv1"), &format!("{p}.norm2"), 1, true)?;
+        ops.conv(&h, &format!("{p}.conv2"), 1)
+    }
+
+    fn layer(&self, ops: &dyn Ops, b: usize, l: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = ops.bn(x, &format!("features.denseblock{b}.denselayer{l}.norm1"))?;
+        let new = self.new_features(ops, b, l, &y)?;
         Tensor::cat(&[x, &new], 1)
     }
+
+    /// The input of the last dense layer, or (`whole`) the last block's output.
+    fn run(&self, ops: &dyn Ops, x: &Tensor, whole: bool) -> candle_core::Result<Tensor> {
+        let mut h = ops.stem(x, "features.conv0", "features.norm0")?;
+        let nblocks = self.blocks.len();
+        for (bi, widths) in self.blocks.iter().enumerate() {
+            let (b, last_block) = (bi + 1, bi + 1 == nblocks);
+            for l in 1..=widths.len() {
+                if last_block && l == widths.len() && !whole {
+                    return Ok(h);
+                }
+                h = self.layer(ops, b, l, &h)?;
+            }
+            if !last_block {
+                let p = format!("features.transition{b}");
+                let t = ops.bn(&h, &format!("{p}.norm"))?.relu()?;
+                h = ops.conv(&t, &format!("{p}.conv"), 1)?.avg_pool2d(2)?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// `norm5`, ReLU, global average pooling: `[B, C]`.
+    fn pool(&self, ops: &dyn Ops, features: &Tensor) -> candle_core::Result<Tensor> {
+        ops.bn(features, "features.norm5")?
+            .relu()?
+            .mean(D::Minus1)?
+            .mean(D::Minus1)
+    }
+
+    fn last(&self) -> (usize, usize) {
+        (self.blocks.len(), self.blocks.last().map_or(0, |l| l.len()))
+    }
 }
 
-/// A dense block's layers and the transition after it (norm, conv; none after the last).
-type DenseBlock = (Vec<DenseLayer>, Option<(Bn, Conv)>);
+impl CnnLayout for DenseLayout {
+    fn name(&self) -> String {
+        "DenseNet-121".into()
+    }
+
+    fn units(&self) -> Vec<Unit> {
+        let mut units = vec![Unit::ConvBn {
+            conv: "features.conv0".into(),
+            bn: "features.norm0".into(),
+        }];
+        for (bi, widths) in self.blocks.iter().enumerate() {
+            for (li, &channels) in widths.iter().enumerate() {
+                let p = format!("features.denseblock{}.denselayer{}", bi + 1, li + 1);
+                units.push(Unit::Bn {
+                    bn: format!("{p}.norm1"),
+                    channels,
+                });
+                units.push(Unit::ConvBn {
+                    conv: format!("{p}.conv1"),
+                    bn: format!("{p}.norm2"),
+                });
+                units.push(Unit::Conv(format!("{p}.conv2")));
+            }
+            if let Some(&channels) = self.transitions.get(bi) {
+                let p = format!("features.transition{}", bi + 1);
+                units.push(Unit::Bn {
+                    bn: format!("{p}.norm"),
+                    channels,
+                });
+                units.push(Unit::Conv(format!("{p}.conv")));
+            }
+        }
+        units.push(Unit::Bn {
+            bn: "features.norm5".into(),
+            channels: self.features,
+        });
+        units
+    }
+
+    fn pooled(&self, ops: &dyn Ops, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.pool(ops, &self.run(ops, x, true)?)
+    }
+
+    fn features(&self) -> usize {
+        self.features
+    }
+
+    fn head_key(&self) -> &'static str {
+        "classifier"
+    }
+
+    fn classifier(
+        &self,
+        sd: &BTreeMap<String, Param>,
+        device: &Device,
+        kernels: Kernels,
+    ) -> Result<Box<dyn Classifier>> {
+        let opts = LoadOptions {
+            device: device.clone(),
+            kernels,
+            ..Default::default()
+        };
+        Ok(Box::new(DenseNet::from_state_dict(sd, "", Vec::new(), &opts)?.0))
+    }
+}
 
 /// A DenseNet ready for inference.
 pub struct DenseNet {
-    stem: Conv,
-    stem_bn: Bn,
-    /// Dense blocks, each followed by a transition (norm, conv) except the last.
-    blocks: Vec<DenseBlock>,
-    norm5: Bn,
+    layout: DenseLayout,
+    ops: Folded,
     classifier: Option<(Tensor, Tensor)>,
     device: Device,
 }
@@ -80,116 +211,49 @@ impl DenseNet {
             ModelError::Weights("not a DenseNet: no features.conv0 / norm0 keys".into())
         })?;
         let (sd, outside) = strip_prefix(&ck.tensors, prefix, &OLD_NAMES);
-        let mut w = Weights {
-            sd: &sd,
-            device: &opts.device,
-            used: BTreeSet::new(),
-            problems: Vec::new(),
-        };
-        let stem = Conv {
-            padding: 3,
-            ..w.conv("features.conv0", 2)?
-        };
-        let stem_bn = w.bn("features.norm0", out_channels(&sd, "features.conv0"))?;
-        let count = |prefix: &str, item: &str| {
-            sd.keys()
-                .filter_map(|k| {
-                    k.strip_prefix(prefix)?
-                        .strip_prefix(item)?
-                        .split('.')
-                        .next()?
-                        .parse::<usize>()
-                        .ok()
-                })
-                .max()
-                .unwrap_or(0)
-        };
-        let nblocks = count("features.", "denseblock");
-        if nblocks == 0 {
-            return Err(ModelError::Weights("no features.denseblockN keys".into()));
-        }
-        let mut blocks = Vec::with_capacity(nblocks);
-        let mut channels = out_channels(&sd, "features.conv0");
-        for b in 1..=nblocks {
-            let nlayers = count(&format!("features.denseblock{b}."), "denselayer");
-            let mut layers = Vec::with_capacity(nlayers);
-            for l in 1..=nlayers {
-                let p = format!("features.denseblock{b}.denselayer{l}");
-                let norm1 = w.bn(&format!("{p}.norm1"), channels)?;
-                let conv1 = w.conv(&format!("{p}.conv1"), 1)?;
-                let norm2 = w.bn(
-                    &format!("{p}.norm2"),
-                    out_channels(&sd, &format!("{p}.conv1")),
-                )?;
-                let conv2 = w.conv(&format!("{p}.conv2"), 1)?;
-                channels += out_channels(&sd, &format!("{p}.conv2"));
-                layers.push(DenseLayer {
-                    norm1,
-                    conv1,
-                    norm2,
-                    conv2,
-                });
-            }
-            let transition = if b < nblocks {
-                let p = format!("features.transition{b}");
-                let norm = w.bn(&format!("{p}.norm"), channels)?;
-                let conv = w.conv(&format!("{p}.conv"), 1)?;
-                channels = out_channels(&sd, &format!("{p}.conv"));
-                Some((norm, conv))
-            } else {
-                None
-            };
-            blocks.push((layers, transition));
-        }
-        let norm5 = w.bn("features.norm5", channels)?;
-        let classifier = w.head("classifier", channels)?;
+        Self::from_state_dict(&sd, prefix, outside, opts)
+    }
+
+    /// Build a DenseNet from a state dict with torchvision's current names.
+    pub(crate) fn from_state_dict(
+        sd: &BTreeMap<String, Param>,
+        prefix: &str,
+        outside: Vec<String>,
+        opts: &LoadOptions,
+    ) -> Result<(Self, LoadReport)> {
+        let layout = DenseLayout::from_keys(sd)?;
+        let mut w = Weights::new(sd, &opts.device);
+        let ops = w.folded(&layout.units(), opts.kernels)?;
+        let classifier = w.head("classifier", layout.features)?;
         let report = w.finish("DenseNet", prefix, outside)?;
         let model = DenseNet {
-            stem,
-            stem_bn,
-            blocks,
-            norm5,
+            layout,
+            ops,
             classifier,
             device: opts.device.clone(),
         };
         Ok((model, report))
     }
 
-    /// The input of the last dense layer.
-    fn to_last_layer(&self, x: &Tensor) -> Result<Tensor> {
+    /// A trainable DenseNet from a checkpoint, for `classes` classes.
+    pub fn trainable(
+        ck: &Checkpoint,
+        classes: usize,
+        seed: u64,
+        device: &Device,
+        kernels: Kernels,
+    ) -> Result<CnnTrainable> {
+        let prefix = find_backbone(&ck.tensors).ok_or_else(|| {
+            ModelError::Weights("not a DenseNet: no features.conv0 / norm0 keys".into())
+        })?;
+        let (sd, _) = strip_prefix(&ck.tensors, prefix, &OLD_NAMES);
+        let layout = DenseLayout::from_keys(&sd)?;
+        CnnTrainable::new(Box::new(layout), &sd, classes, seed, device, kernels)
+    }
+
+    fn input(&self, x: &Tensor) -> Result<Tensor> {
         cnn::check_input(x)?;
-        let mut h = cnn::stem(&self.stem, &self.stem_bn, &x.to_device(&self.device)?)?;
-        for (layers, transition) in &self.blocks {
-            let last_block = transition.is_none();
-            for (i, l) in layers.iter().enumerate() {
-                if last_block && i + 1 == layers.len() {
-                    return Ok(h);
-                }
-                h = l.forward(&h)?;
-            }
-            if let Some((norm, conv)) = transition {
-                h = conv.forward(&norm.forward(&h)?.relu()?)?.avg_pool2d(2)?;
-            }
-        }
-        Err(ModelError::Weights(
-            "the last dense block has no layers".into(),
-        ))
-    }
-
-    fn last_layer(&self) -> &DenseLayer {
-        self.blocks
-            .last()
-            .and_then(|(layers, _)| layers.last())
-            .expect("checked when loading")
-    }
-
-    /// norm5, ReLU, global average pooling: `[B, C]`.
-    fn pool(&self, features: &Tensor) -> candle_core::Result<Tensor> {
-        self.norm5
-            .forward(features)?
-            .relu()?
-            .mean(D::Minus1)?
-            .mean(D::Minus1)
+        Ok(x.to_device(&self.device)?)
     }
 
     fn classifier(&self) -> Result<&(Tensor, Tensor)> {
@@ -236,16 +300,15 @@ impl Backbone for DenseNet {
                 "layer index {bad} out of range (the model has 1 layer)"
             )));
         }
-        let h = self.last_layer().forward(&self.to_last_layer(x)?)?;
-        let f = self.norm5.forward(&h)?;
+        let h = self.layout.run(&self.ops, &self.input(x)?, true)?;
+        let f = self.ops.bn(&h, "features.norm5")?;
         Ok(indices.iter().map(|_| f.clone()).collect())
     }
 
     /// `pooled`: ReLU and global average of `norm5`'s output; no tokens.
     fn embed(&self, x: &Tensor) -> Result<Representation> {
-        let h = self.last_layer().forward(&self.to_last_layer(x)?)?;
         Ok(Representation {
-            pooled: self.pool(&h)?,
+            pooled: self.layout.pooled(&self.ops, &self.input(x)?)?,
             tokens: None,
         })
     }
@@ -288,15 +351,16 @@ impl CamSource for DenseNet {
     ) -> Result<CamBatch> {
         self.check_cam_layer(layer)?;
         self.classifier()?;
-        let h = self.to_last_layer(x)?;
-        let last = self.last_layer();
-        let y = last.norm1.forward(&h)?;
+        let h = self.layout.run(&self.ops, &self.input(x)?, false)?;
+        let (b, l) = self.layout.last();
+        let norm1 = format!("features.denseblock{b}.denselayer{l}.norm1");
+        let y = self.ops.bn(&h, &norm1)?;
         let (gh, gw) = (y.dim(2)?, y.dim(3)?);
         let to_grid = |t: &Tensor| t.flatten_from(2)?.transpose(1, 2)?.contiguous();
         let leaf = Var::from_tensor(&y)?;
-        let new = last.new_features(leaf.as_tensor())?;
+        let new = self.layout.new_features(&self.ops, b, l, leaf.as_tensor())?;
         let features = Tensor::cat(&[&h, &new], 1)?;
-        let logits = self.head(&self.pool(&features)?)?;
+        let logits = self.head(&self.layout.pool(&self.ops, &features)?)?;
         // As for the ResNet: torchvision applies the ReLU after norm1 in place, so the tensor
         // pytorch-grad-cam keeps is ReLU(norm1(x)), while the gradients are norm1's output's.
         let mut batch = gradient_rounds(&logits, &leaf, &to_grid, (gh, gw), choose)?;

@@ -7,7 +7,7 @@
 //! `eval`, `cam`, `cam-eval`) only see `dyn Classifier`.
 
 pub mod adapt;
-mod cnn;
+pub mod cnn;
 pub mod convert;
 pub mod densenet;
 pub mod eva_x;
@@ -100,6 +100,12 @@ pub trait Trainable: Send {
 
     /// The parameters by name (sorted).
     fn vars(&self) -> &BTreeMap<String, Var>;
+
+    /// State saved and restored with the weights but not optimised (BatchNorm running
+    /// statistics, which `forward_train` updates); none by default.
+    fn buffers(&self) -> BTreeMap<String, Var> {
+        BTreeMap::new()
+    }
 
     /// Logits `[B, K]` of a batch, recording the graph; `drop_path` (stochastic depth) and
     /// any other training-time randomness drawn from `rng` when given.

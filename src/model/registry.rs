@@ -109,10 +109,12 @@ pub fn load_trainable(
         Family::Vit => Ok(Box::new(super::vit::VitTrainable::from_checkpoint(
             ck, classes, seed, device, kernels,
         )?)),
-        Family::ResNet | Family::DenseNet => Err(ModelError::Weights(format!(
-            "fine-tuning {}s is not built yet (BatchNorm in training mode)",
-            recognise(ck)?.name()
-        ))),
+        Family::ResNet => Ok(Box::new(super::resnet::ResNet::trainable(
+            ck, classes, seed, device, kernels,
+        )?)),
+        Family::DenseNet => Ok(Box::new(super::densenet::DenseNet::trainable(
+            ck, classes, seed, device, kernels,
+        )?)),
         Family::EvaX => {
             let sd = adapt::to_eva_layout(&ck.tensors)?;
             Ok(Box::new(EvaXTrainable::from_state_dict_on(

@@ -3,19 +3,20 @@
 //! and `fc`. Block counts and widths are read off the weights. Grad-CAM targets
 //! `layer4[-1].bn3`, as the original does.
 //!
-//! Convolutions use candle's `conv2d` (any device, with a backward); the fast CPU path the
-//! baselines issue asks for is still to come.
+//! The structure is written once ([`ResNetLayout`] over [`Ops`]): inference runs it with
+//! BatchNorm folded into the convolutions, fine-tuning with BatchNorm in training mode.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use candle_core::{D, Device, Tensor, Var};
 
-use super::cnn::{self, Bn, Conv, Weights, out_channels};
+use super::cnn::{self, CnnLayout, CnnTrainable, Folded, Ops, Unit, Weights, out_channels};
 use super::{
     Backbone, Classifier, LoadOptions, LoadReport, ModelError, Representation, strip_prefix,
 };
 use crate::checkpoint::{Checkpoint, Param};
 use crate::explain::{CamBatch, CamSource, gradient_rounds};
+use crate::kernels::Kernels;
 use crate::preprocess::Normalization;
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -32,45 +33,146 @@ pub fn find_backbone(tensors: &BTreeMap<String, Param>) -> Option<&'static str> 
     })
 }
 
-/// conv1 1x1 - bn - relu - conv2 3x3 (stride) - bn - relu - conv3 1x1 - bn3, plus the
-/// (downsampled) input, relu.
+/// The structure of a torchvision ResNet with Bottleneck blocks, read off the weights.
 #[derive(Debug, Clone)]
-struct Bottleneck {
-    conv1: Conv,
-    bn1: Bn,
-    conv2: Conv,
-    bn2: Bn,
-    conv3: Conv,
-    bn3: Bn,
-    downsample: Option<(Conv, Bn)>,
+pub(crate) struct ResNetLayout {
+    /// Per stage, whether each block has a `downsample` branch.
+    stages: Vec<Vec<bool>>,
+    /// Width of `layer4`'s output.
+    features: usize,
 }
 
-impl Bottleneck {
-    /// `bn3`'s output (the Grad-CAM target of the last block) and the shortcut.
-    fn branches(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        let h = self.bn1.forward(&self.conv1.forward(x)?)?.relu()?;
-        let h = self.bn2.forward(&self.conv2.forward(&h)?)?.relu()?;
-        let y = self.bn3.forward(&self.conv3.forward(&h)?)?;
-        let shortcut = match &self.downsample {
-            Some((c, b)) => b.forward(&c.forward(x)?)?,
-            None => x.clone(),
+impl ResNetLayout {
+    fn from_keys(sd: &BTreeMap<String, Param>) -> Result<Self> {
+        let mut stages: Vec<Vec<bool>> = Vec::new();
+        for s in 1..=4 {
+            let blocks = cnn::count_indexed(sd, &format!("layer{s}."));
+            if blocks == 0 {
+                return Err(ModelError::Weights(format!(
+                    "no layer{s}.N keys: not a ResNet-50"
+                )));
+            }
+            stages.push(
+                (0..blocks)
+                    .map(|i| sd.contains_key(&format!("layer{s}.{i}.downsample.0.weight")))
+                    .collect(),
+            );
+        }
+        let features = out_channels(sd, &format!("layer4.{}.conv3", stages[3].len() - 1));
+        Ok(ResNetLayout { stages, features })
+    }
+
+    /// `bn3`'s output of block `i` of stage `s` (1-based, as named) and its shortcut.
+    fn branches(
+        &self,
+        ops: &dyn Ops,
+        s: usize,
+        i: usize,
+        x: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let p = format!("layer{s}.{i}");
+        let stride = if s > 1 && i == 0 { 2 } else { 1 };
+        let h = ops.conv_bn(x, &format!("{p}.conv1"), &format!("{p}.bn1"), 1, true)?;
+        let h = ops.conv_bn(&h, &format!("{p}.conv2"), &format!("{p}.bn2"), stride, true)?;
+        let y = ops.conv_bn(&h, &format!("{p}.conv3"), &format!("{p}.bn3"), 1, false)?;
+        let shortcut = if self.stages[s - 1][i] {
+            ops.conv_bn(
+                x,
+                &format!("{p}.downsample.0"),
+                &format!("{p}.downsample.1"),
+                stride,
+                false,
+            )?
+        } else {
+            x.clone()
         };
         Ok((y, shortcut))
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (y, s) = self.branches(x)?;
-        (y + s)?.relu()
+    fn block(&self, ops: &dyn Ops, s: usize, i: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (y, shortcut) = self.branches(ops, s, i, x)?;
+        (y + shortcut)?.relu()
+    }
+
+    /// The outputs of the stem and stages up to `layers` (0 = stem only).
+    fn run(&self, ops: &dyn Ops, x: &Tensor, layers: usize) -> candle_core::Result<Vec<Tensor>> {
+        let mut outs = vec![ops.stem(x, "conv1", "bn1")?];
+        for (s, stage) in self.stages.iter().enumerate().take(layers) {
+            let mut h = outs.last().expect("stem").clone();
+            for i in 0..stage.len() {
+                h = self.block(ops, s + 1, i, &h)?;
+            }
+            outs.push(h);
+        }
+        Ok(outs)
+    }
+
+    /// The input of the last block.
+    fn to_last_block(&self, ops: &dyn Ops, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut h = self.run(ops, x, 3)?.pop().expect("stem and stages");
+        for i in 0..self.stages[3].len() - 1 {
+            h = self.block(ops, 4, i, &h)?;
+        }
+        Ok(h)
+    }
+}
+
+impl CnnLayout for ResNetLayout {
+    fn name(&self) -> String {
+        "ResNet-50".into()
+    }
+
+    fn units(&self) -> Vec<Unit> {
+        let pair = |conv: String, bn: String| Unit::ConvBn { conv, bn };
+        let mut units = vec![pair("conv1".into(), "bn1".into())];
+        for (s, stage) in self.stages.iter().enumerate() {
+            for (i, &down) in stage.iter().enumerate() {
+                let p = format!("layer{}.{i}", s + 1);
+                for j in 1..=3 {
+                    units.push(pair(format!("{p}.conv{j}"), format!("{p}.bn{j}")));
+                }
+                if down {
+                    units.push(pair(format!("{p}.downsample.0"), format!("{p}.downsample.1")));
+                }
+            }
+        }
+        units
+    }
+
+    /// Global average of `layer4`.
+    fn pooled(&self, ops: &dyn Ops, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.run(ops, x, 4)?.pop().expect("stages");
+        h.mean(D::Minus1)?.mean(D::Minus1)
+    }
+
+    fn features(&self) -> usize {
+        self.features
+    }
+
+    fn head_key(&self) -> &'static str {
+        "fc"
+    }
+
+    fn classifier(
+        &self,
+        sd: &BTreeMap<String, Param>,
+        device: &Device,
+        kernels: Kernels,
+    ) -> Result<Box<dyn Classifier>> {
+        let opts = LoadOptions {
+            device: device.clone(),
+            kernels,
+            ..Default::default()
+        };
+        Ok(Box::new(ResNet::from_state_dict(sd, "", Vec::new(), &opts)?.0))
     }
 }
 
 /// A ResNet ready for inference.
 pub struct ResNet {
-    stem: Conv,
-    stem_bn: Bn,
-    stages: Vec<Vec<Bottleneck>>,
+    layout: ResNetLayout,
+    ops: Folded,
     fc: Option<(Tensor, Tensor)>,
-    features: usize,
     device: Device,
 }
 
@@ -81,102 +183,50 @@ impl ResNet {
             ModelError::Weights("not a ResNet: no conv1 / bn1 / layer1 keys".into())
         })?;
         let (sd, outside) = strip_prefix(&ck.tensors, prefix, &[]);
-        let mut w = Weights {
-            sd: &sd,
-            device: &opts.device,
-            used: BTreeSet::new(),
-            problems: Vec::new(),
-        };
-        let stem = w.conv("conv1", 2)?;
-        let stem = Conv { padding: 3, ..stem };
-        let stem_bn = w.bn("bn1", out_channels(&sd, "conv1"))?;
-        let mut stages = Vec::new();
-        for s in 1..=4 {
-            let blocks = sd
-                .keys()
-                .filter_map(|k| {
-                    k.strip_prefix(&format!("layer{s}."))?
-                        .split('.')
-                        .next()?
-                        .parse::<usize>()
-                        .ok()
-                })
-                .max()
-                .map_or(0, |m| m + 1);
-            if blocks == 0 {
-                return Err(ModelError::Weights(format!(
-                    "no layer{s}.N keys: not a ResNet-50"
-                )));
-            }
-            let mut stage = Vec::with_capacity(blocks);
-            for i in 0..blocks {
-                let p = format!("layer{s}.{i}");
-                let stride = if s > 1 && i == 0 { 2 } else { 1 };
-                let conv1 = w.conv(&format!("{p}.conv1"), 1)?;
-                let bn1 = w.bn(
-                    &format!("{p}.bn1"),
-                    out_channels(&sd, &format!("{p}.conv1")),
-                )?;
-                let conv2 = w.conv(&format!("{p}.conv2"), stride)?;
-                let bn2 = w.bn(
-                    &format!("{p}.bn2"),
-                    out_channels(&sd, &format!("{p}.conv2")),
-                )?;
-                let conv3 = w.conv(&format!("{p}.conv3"), 1)?;
-                let bn3 = w.bn(
-                    &format!("{p}.bn3"),
-                    out_channels(&sd, &format!("{p}.conv3")),
-                )?;
-                let downsample = if sd.contains_key(&format!("{p}.downsample.0.weight")) {
-                    let c = w.conv(&format!("{p}.downsample.0"), stride)?;
-                    let b = w.bn(
-                        &format!("{p}.downsample.1"),
-                        out_channels(&sd, &format!("{p}.downsample.0")),
-                    )?;
-                    Some((c, b))
-                } else {
-                    None
-                };
-                stage.push(Bottleneck {
-                    conv1,
-                    bn1,
-                    conv2,
-                    bn2,
-                    conv3,
-                    bn3,
-                    downsample,
-                });
-            }
-            stages.push(stage);
-        }
-        let features = out_channels(&sd, &format!("layer4.{}.conv3", stages[3].len() - 1));
-        let fc = w.head("fc", features)?;
+        Self::from_state_dict(&sd, prefix, outside, opts)
+    }
+
+    /// Build a ResNet from a state dict with torchvision's names (`prefix`, `outside`: what the
+    /// report says was stripped and left out).
+    pub(crate) fn from_state_dict(
+        sd: &BTreeMap<String, Param>,
+        prefix: &str,
+        outside: Vec<String>,
+        opts: &LoadOptions,
+    ) -> Result<(Self, LoadReport)> {
+        let layout = ResNetLayout::from_keys(sd)?;
+        let mut w = Weights::new(sd, &opts.device);
+        let ops = w.folded(&layout.units(), opts.kernels)?;
+        let fc = w.head("fc", layout.features)?;
         let report = w.finish("ResNet", prefix, outside)?;
         let model = ResNet {
-            stem,
-            stem_bn,
-            stages,
+            layout,
+            ops,
             fc,
-            features,
             device: opts.device.clone(),
         };
         Ok((model, report))
     }
 
-    /// The input of the last block and that block.
-    fn to_last_block(&self, x: &Tensor) -> Result<(Tensor, &Bottleneck)> {
+    /// A trainable ResNet from a checkpoint, for `classes` classes.
+    pub fn trainable(
+        ck: &Checkpoint,
+        classes: usize,
+        seed: u64,
+        device: &Device,
+        kernels: Kernels,
+    ) -> Result<CnnTrainable> {
+        let prefix = find_backbone(&ck.tensors).ok_or_else(|| {
+            ModelError::Weights("not a ResNet: no conv1 / bn1 / layer1 keys".into())
+        })?;
+        let (sd, _) = strip_prefix(&ck.tensors, prefix, &[]);
+        let layout = ResNetLayout::from_keys(&sd)?;
+        CnnTrainable::new(Box::new(layout), &sd, classes, seed, device, kernels)
+    }
+
+    fn input(&self, x: &Tensor) -> Result<Tensor> {
         cnn::check_input(x)?;
-        let mut h = cnn::stem(&self.stem, &self.stem_bn, &x.to_device(&self.device)?)?;
-        let n = self.stages.len();
-        for (s, stage) in self.stages.iter().enumerate() {
-            for (i, b) in stage.iter().enumerate() {
-                if s == n - 1 && i == stage.len() - 1 {
-                    return Ok((h, b));
-                }
-                h = b.forward(&h)?;
-            }
-        }
-        unreachable!("four non-empty stages")
+        Ok(x.to_device(&self.device)?)
     }
 
     fn fc(&self) -> Result<&(Tensor, Tensor)> {
@@ -224,33 +274,15 @@ impl Backbone for ResNet {
                 "layer index {bad} out of range (the model has 5 layers)"
             )));
         }
-        cnn::check_input(x)?;
         let deepest = indices.iter().copied().max().unwrap_or(0);
-        let mut h = cnn::stem(&self.stem, &self.stem_bn, &x.to_device(&self.device)?)?;
-        let mut outs: Vec<Option<Tensor>> = vec![None; 5];
-        for (layer, out) in outs.iter_mut().enumerate().take(deepest + 1) {
-            if layer > 0 {
-                for b in &self.stages[layer - 1] {
-                    h = b.forward(&h)?;
-                }
-            }
-            if indices.contains(&layer) {
-                *out = Some(h.clone());
-            }
-        }
-        Ok(indices
-            .iter()
-            .map(|&i| outs[i].clone().expect("computed above"))
-            .collect())
+        let outs = self.layout.run(&self.ops, &self.input(x)?, deepest)?;
+        Ok(indices.iter().map(|&i| outs[i].clone()).collect())
     }
 
     /// `pooled`: the global average of `layer4` `[B, 2048]`; no tokens.
     fn embed(&self, x: &Tensor) -> Result<Representation> {
-        let (h, last) = self.to_last_block(x)?;
-        let h = last.forward(&h)?;
-        debug_assert_eq!(h.dim(1)?, self.features);
         Ok(Representation {
-            pooled: h.mean(D::Minus1)?.mean(D::Minus1)?,
+            pooled: self.layout.pooled(&self.ops, &self.input(x)?)?,
             tokens: None,
         })
     }
@@ -293,8 +325,9 @@ impl CamSource for ResNet {
     ) -> Result<CamBatch> {
         self.check_cam_layer(layer)?;
         self.fc()?;
-        let (h, last) = self.to_last_block(x)?;
-        let (y, shortcut) = last.branches(&h)?;
+        let h = self.layout.to_last_block(&self.ops, &self.input(x)?)?;
+        let last = self.layout.stages[3].len() - 1;
+        let (y, shortcut) = self.layout.branches(&self.ops, 4, last, &h)?;
         let (gh, gw) = (y.dim(2)?, y.dim(3)?);
         // [B, C, h, w] -> [B, h * w, C]
         let to_grid = |t: &Tensor| t.flatten_from(2)?.transpose(1, 2)?.contiguous();

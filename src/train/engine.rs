@@ -406,6 +406,7 @@ fn tensors_of(model: &dyn Trainable, prefix: &str) -> crate::Result<BTreeMap<Str
     Ok(model
         .vars()
         .iter()
+        .chain(model.buffers().iter())
         .map(|(k, v)| (format!("{prefix}{k}"), v.as_tensor().clone()))
         .collect())
 }
@@ -467,7 +468,7 @@ fn load_checkpoint(
         .get("evax.adam_step")
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    for (k, var) in model.vars() {
+    for (k, var) in model.buffers().iter().chain(model.vars()) {
         let p = ck
             .tensors
             .get(&format!("model.{k}"))

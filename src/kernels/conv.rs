@@ -1,0 +1,666 @@
+//! The CNN kernels on NCHW f32 slices (no candle types): convolution as im2col into a reused
+//! per-thread buffer + AVX-512 GEMM (1x1 stride-1 convolutions multiply the input in place),
+//! with bias and ReLU fused for inference and a backward for training; BatchNorm in training
+//! mode; max pooling. Images of a batch run in parallel, one GEMM per image; a batch smaller
+//! than the thread count parallelises inside the GEMM instead.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+/// A matrix operand: values and the strides of its rows and columns.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl Mat<'_> {
+    /// Whether a `rows x cols` matrix at these strides lies inside the slice.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst[m, n] (+)= a[m, k] b[k, n]` with `dst` row-major at row stride `dst_rs`; `accumulate`
+/// keeps what `dst` holds. Panics when an operand does not fit its slice.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        (m - 1) * dst_rs + n <= dst.len() && a.fits(m, k) && b.fits(k, n),
+        "matmul: operands do not fit their slices"
+    );
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: every element gemm reads or writes lies inside the slices (asserted above);
+    // dst is borrowed mutably, so it overlaps neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// The shape of a 2-D convolution over a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvShape {
+    /// Images.
+    pub b: usize,
+    /// Input channels.
+    pub cin: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Stride (both axes).
+    pub stride: usize,
+    /// Zero padding (both axes).
+    pub pad: usize,
+}
+
+impl ConvShape {
+    /// Output height and width, or `None` when the kernel does not fit the padded input.
+    pub fn out(&self) -> Option<(usize, usize)> {
+        let (ph, pw) = (self.h + 2 * self.pad, self.w + 2 * self.pad);
+        if self.stride == 0 || self.kh == 0 || self.kw == 0 || ph < self.kh || pw < self.kw {
+            return None;
+        }
+        Some(((ph - self.kh) / self.stride + 1, (pw - self.kw) / self.stride + 1))
+    }
+
+    /// An error unless the input, weight and (optional) bias lengths fit this shape.
+    pub fn check(&self, x: usize, w: usize, bias: Option<usize>) -> Result<(), String> {
+        let ok = self.out().is_some()
+            && self.cin > 0
+            && self.cout > 0
+            && x == self.b * self.cin * self.h * self.w
+            && w == self.cout * self.col_rows()
+            && bias.is_none_or(|l| l == self.cout);
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("convolution: shapes do not fit ({self:?})"))
+        }
+    }
+
+    /// Rows of the im2col matrix: `cin * kh * kw`.
+    fn col_rows(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+
+    fn out_plane(&self) -> usize {
+        let (ho, wo) = self.out().expect("checked shape");
+        ho * wo
+    }
+
+    /// A 1x1 stride-1 unpadded convolution reads its input as the im2col matrix.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+}
+
+thread_local! {
+    /// Each thread's im2col buffer, grown as needed and reused across calls.
+    static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f` on this thread's im2col buffer resized to `len`.
+fn with_columns<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    COLUMNS.with(|c| {
+        let mut buf = c.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// One image `[cin, h, w]` to columns `[cin * kh * kw, ho * wo]`.
+fn im2col(x: &[f32], s: &ConvShape, col: &mut [f32]) {
+    let (ho, wo) = s.out().expect("checked shape");
+    let (h, w, st, pad) = (s.h as isize, s.w as isize, s.stride, s.pad as isize);
+    let mut rows = col.chunks_exact_mut(ho * wo);
+    for c in 0..s.cin {
+        let plane = &x[c * s.h * s.w..(c + 1) * s.h * s.w];
+        for ky in 0..s.kh {
+            for kx in 0..s.kw {
+                let row = rows.next().expect("cin * kh * kw rows");
+                for oy in 0..ho {
+                    let iy = (oy * st + ky) as isize - pad;
+                    let out = &mut row[oy * wo..(oy + 1) * wo];
+                    if iy < 0 || iy >= h {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * s.w..(iy as usize + 1) * s.w];
+                    for (ox, o) in out.iter_mut().enumerate() {
+                        let ix = (ox * st + kx) as isize - pad;
+                        *o = if ix >= 0 && ix < w {
+                            src[ix as usize]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Columns back onto one image's gradient `[cin, h, w]` (added to what it holds).
+fn col2im(col: &[f32], s: &ConvShape, dx: &mut [f32]) {
+    let (ho, wo) = s.out().expect("checked shape");
+    let (h, w, st, pad) = (s.h as isize, s.w as isize, s.stride, s.pad as isize);
+    let mut rows = col.chunks_exact(ho * wo);
+    for c in 0..s.cin {
+        let plane = &mut dx[c * s.h * s.w..(c + 1) * s.h * s.w];
+        for ky in 0..s.kh {
+            for kx in 0..s.kw {
+                let row = rows.next().expect("cin * kh * kw rows");
+                for oy in 0..ho {
+                    let iy = (oy * st + ky) as isize - pad;
+                    if iy < 0 || iy >= h {
+                        continue;
+                    }
+                    let dst = &mut plane[iy as usize * s.w..(iy as usize + 1) * s.w];
+                    for (ox, &g) in row[oy * wo..(oy + 1) * wo].iter().enumerate() {
+                        let ix = (ox * st + kx) as isize - pad;
+                        if ix >= 0 && ix < w {
+                            dst[ix as usize] += g;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How the work of a batch is split: across images (each GEMM single-threaded) when there are
+/// at least as many images as threads, otherwise inside each GEMM.
+fn split(b: usize) -> (bool, gemm::Parallelism) {
+    let threads = rayon::current_num_threads();
+    if b >= threads && threads > 1 {
+        (true, gemm::Parallelism::None)
+    } else if threads > 1 {
+        (false, gemm::Parallelism::Rayon(threads))
+    } else {
+        (false, gemm::Parallelism::None)
+    }
+}
+
+/// `y = conv(x, weight) (+ bias) (then ReLU)` for `x` `[b, cin, h, w]` and `weight`
+/// `[cout, cin, kh, kw]`; returns `[b, cout, ho, wo]`. Lengths must fit `s` ([`ConvShape::check`]).
+pub fn conv_forward(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+    s: &ConvShape,
+) -> Result<Vec<f32>, String> {
+    s.check(x.len(), weight.len(), bias.map(|b| b.len()))?;
+    let (plane, rows) = (s.out_plane(), s.col_rows());
+    let mut y = vec![0f32; s.b * s.cout * plane];
+    let (across, par) = split(s.b);
+    let image = |i: usize, yi: &mut [f32]| {
+        if let Some(bias) = bias {
+            for (row, &v) in yi.chunks_exact_mut(plane).zip(bias) {
+                row.fill(v);
+            }
+        }
+        let xi = &x[i * s.cin * s.h * s.w..(i + 1) * s.cin * s.h * s.w];
+        let wm = Mat {
+            data: weight,
+            rs: rows,
+            cs: 1,
+        };
+        let run = |cols: &[f32], yi: &mut [f32]| {
+            let b = Mat {
+                data: cols,
+                rs: plane,
+                cs: 1,
+            };
+            matmul((s.cout, plane, rows), yi, plane, bias.is_some(), wm, b, par);
+        };
+        if s.pointwise() {
+            run(xi, yi);
+        } else {
+            with_columns(rows * plane, |col| {
+                im2col(xi, s, col);
+                run(col, yi);
+            });
+        }
+        if relu {
+            yi.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+    };
+    if across {
+        y.par_chunks_mut(s.cout * plane)
+            .enumerate()
+            .for_each(|(i, yi)| image(i, yi));
+    } else {
+        y.chunks_mut(s.cout * plane)
+            .enumerate()
+            .for_each(|(i, yi)| image(i, yi));
+    }
+    Ok(y)
+}
+
+/// Gradients of a convolution for the output gradient `dy` `[b, cout, ho, wo]`: the input's
+/// (when `want_dx`), the weight's and the bias's (sums over images in a fixed order).
+pub fn conv_backward(
+    x: &[f32],
+    weight: &[f32],
+    dy: &[f32],
+    s: &ConvShape,
+    want_dx: bool,
+) -> Result<(Option<Vec<f32>>, Vec<f32>, Vec<f32>), String> {
+    s.check(x.len(), weight.len(), None)?;
+    let (plane, rows) = (s.out_plane(), s.col_rows());
+    if dy.len() != s.b * s.cout * plane {
+        return Err(format!("convolution backward: gradient does not fit ({s:?})"));
+    }
+    let (across, par) = split(s.b);
+    let in_len = s.cin * s.h * s.w;
+    // Weight and bias gradients: one partial sum per fixed chunk of images, added in order.
+    let chunk = if across {
+        s.b.div_ceil(rayon::current_num_threads())
+    } else {
+        s.b
+    };
+    let partial = |c: usize| -> (Vec<f32>, Vec<f32>) {
+        let mut dw = vec![0f32; s.cout * rows];
+        let mut db = vec![0f32; s.cout];
+        for i in c * chunk..((c + 1) * chunk).min(s.b) {
+            let xi = &x[i * in_len..(i + 1) * in_len];
+            let gi = &dy[i * s.cout * plane..(i + 1) * s.cout * plane];
+            for (d, row) in db.iter_mut().zip(gi.chunks_exact(plane)) {
+                *d += row.iter().sum::<f32>();
+            }
+            let g = Mat {
+                data: gi,
+                rs: plane,
+                cs: 1,
+            };
+            // dW[co, r] += sum_p dy[co, p] col[r, p]
+            let run = |cols: &[f32], dw: &mut [f32]| {
+                let ct = Mat {
+                    data: cols,
+                    rs: 1,
+                    cs: plane,
+                };
+                matmul((s.cout, rows, plane), dw, rows, true, g, ct, par);
+            };
+            if s.pointwise() {
+                run(xi, &mut dw);
+            } else {
+                with_columns(rows * plane, |col| {
+                    im2col(xi, s, col);
+                    run(col, &mut dw);
+                });
+            }
+        }
+        (dw, db)
+    };
+    let chunks = s.b.div_ceil(chunk);
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = if across {
+        (0..chunks).into_par_iter().map(partial).collect()
+    } else {
+        (0..chunks).map(partial).collect()
+    };
+    let (mut dw, mut db) = (vec![0f32; s.cout * rows], vec![0f32; s.cout]);
+    for (pw, pb) in &parts {
+        dw.iter_mut().zip(pw).for_each(|(a, v)| *a += v);
+        db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
+    }
+    let dx = want_dx.then(|| {
+        let mut dx = vec![0f32; s.b * in_len];
+        // dcol[r, p] = sum_co W[co, r] dy[co, p]
+        let wt = Mat {
+            data: weight,
+            rs: 1,
+            cs: rows,
+        };
+        let image = |i: usize, dxi: &mut [f32]| {
+            let g = Mat {
+                data: &dy[i * s.cout * plane..(i + 1) * s.cout * plane],
+                rs: plane,
+                cs: 1,
+            };
+            if s.pointwise() {
+                matmul((rows, plane, s.cout), dxi, plane, false, wt, g, par);
+            } else {
+                with_columns(rows * plane, |col| {
+                    matmul((rows, plane, s.cout), col, plane, false, wt, g, par);
+                    col2im(col, s, dxi);
+                });
+            }
+        };
+        if across {
+            dx.par_chunks_mut(in_len)
+                .enumerate()
+                .for_each(|(i, d)| image(i, d));
+        } else {
+            dx.chunks_mut(in_len)
+                .enumerate()
+                .for_each(|(i, d)| image(i, d));
+        }
+        dx
+    });
+    Ok((dx, dw, db))
+}
+
+/// Per-channel batch statistics of `x` `[b, c, plane]`: means and biased variances (f64
+/// accumulation).
+pub fn channel_stats(x: &[f32], c: usize, plane: usize) -> (Vec<f32>, Vec<f32>) {
+    let b = if c * plane == 0 {
+        0
+    } else {
+        x.len() / (c * plane)
+    };
+    let n = (b * plane) as f64;
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let values = || (0..b).flat_map(move |i| &x[(i * c + ch) * plane..][..plane]);
+            let mean = values().map(|&v| v as f64).sum::<f64>() / n;
+            let var = values().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            (mean as f32, var as f32)
+        })
+        .unzip()
+}
+
+/// BatchNorm in training mode over `x` `[b, c, plane]` with the batch statistics `mean`,
+/// `var` (from [`channel_stats`]): `(x - mean) / sqrt(var + eps) * gamma + beta`.
+pub fn batch_norm_forward(
+    x: &[f32],
+    (mean, var): (&[f32], &[f32]),
+    gamma: &[f32],
+    beta: &[f32],
+    plane: usize,
+    eps: f32,
+) -> Vec<f32> {
+    let c = gamma.len();
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(plane)
+        .zip(x.par_chunks(plane))
+        .enumerate()
+        .for_each(|(i, (yo, xi))| {
+            let ch = i % c;
+            let inv = 1.0 / (var[ch] + eps).sqrt();
+            let (scale, m, b) = (inv * gamma[ch], mean[ch], beta[ch]);
+            yo.iter_mut()
+                .zip(xi)
+                .for_each(|(o, &v)| *o = (v - m) * scale + b);
+        });
+    y
+}
+
+/// Gradients `(dx, dgamma, dbeta)` of [`batch_norm_forward`] (the statistics depend on `x`).
+pub fn batch_norm_backward(
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    plane: usize,
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let c = gamma.len();
+    let (mean, var) = channel_stats(x, c, plane);
+    let b = x.len() / (c * plane).max(1);
+    let n = (b * plane) as f64;
+    let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let inv = 1.0 / (var[ch] as f64 + eps as f64).sqrt();
+            let (mut sg, mut sgx) = (0f64, 0f64);
+            for i in 0..b {
+                let o = (i * c + ch) * plane;
+                for (&g, &v) in dy[o..o + plane].iter().zip(&x[o..o + plane]) {
+                    sg += g as f64;
+                    sgx += g as f64 * (v as f64 - mean[ch] as f64) * inv;
+                }
+            }
+            (sgx as f32, sg as f32)
+        })
+        .unzip();
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(i, d)| {
+            let ch = i % c;
+            let inv = 1.0 / (var[ch] + eps).sqrt();
+            let k = gamma[ch] * inv;
+            let (mg, mgx) = (dbeta[ch] / n as f32, dgamma[ch] / n as f32);
+            let o = i * plane;
+            for ((d, &g), &v) in d.iter_mut().zip(&dy[o..o + plane]).zip(&x[o..o + plane]) {
+                let xhat = (v - mean[ch]) * inv;
+                *d = k * (g - mg - xhat * mgx);
+            }
+        });
+    (dx, dgamma, dbeta)
+}
+
+/// The shape of a max pooling: `planes` planes of `h x w`, a square window, stride, padding
+/// (padding never wins: it is minus infinity, as in PyTorch).
+#[derive(Debug, Clone, Copy)]
+pub struct PoolShape {
+    /// Planes (images x channels).
+    pub planes: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Window side.
+    pub k: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Padding.
+    pub pad: usize,
+}
+
+impl PoolShape {
+    /// Output height and width, or `None` when the window does not fit.
+    pub fn out(&self) -> Option<(usize, usize)> {
+        if self.stride == 0 || self.k == 0 || self.pad * 2 > self.k || self.h + 2 * self.pad < self.k
+        {
+            return None;
+        }
+        let o = |n: usize| (n + 2 * self.pad - self.k) / self.stride + 1;
+        Some((o(self.h), o(self.w)))
+    }
+
+    /// Index into the plane of the first maximum of each output's window (row-major order, as
+    /// PyTorch picks it).
+    fn argmax(&self, plane: &[f32], mut f: impl FnMut(usize, usize)) {
+        let (ho, wo) = self.out().expect("checked shape");
+        for oy in 0..ho {
+            for ox in 0..wo {
+                let (mut best, mut at) = (f32::NEG_INFINITY, usize::MAX);
+                for ky in 0..self.k {
+                    let iy = (oy * self.stride + ky) as isize - self.pad as isize;
+                    if iy < 0 || iy >= self.h as isize {
+                        continue;
+                    }
+                    for kx in 0..self.k {
+                        let ix = (ox * self.stride + kx) as isize - self.pad as isize;
+                        if ix < 0 || ix >= self.w as isize {
+                            continue;
+                        }
+                        let j = iy as usize * self.w + ix as usize;
+                        if plane[j] > best || plane[j].is_nan() || at == usize::MAX {
+                            best = plane[j];
+                            at = j;
+                        }
+                    }
+                }
+                f(oy * wo + ox, at);
+            }
+        }
+    }
+}
+
+/// Max pooling of `x` `[planes, h, w]`.
+pub fn max_pool_forward(x: &[f32], s: &PoolShape) -> Result<Vec<f32>, String> {
+    let (ho, wo) = s.out().ok_or(format!("max pool: window does not fit ({s:?})"))?;
+    if x.len() != s.planes * s.h * s.w {
+        return Err(format!("max pool: input does not fit ({s:?})"));
+    }
+    let mut y = vec![0f32; s.planes * ho * wo];
+    y.par_chunks_mut(ho * wo)
+        .zip(x.par_chunks(s.h * s.w))
+        .for_each(|(yo, xi)| s.argmax(xi, |o, j| yo[o] = xi[j]));
+    Ok(y)
+}
+
+/// The input gradient of [`max_pool_forward`]: each output's gradient goes to its window's
+/// first maximum.
+pub fn max_pool_backward(x: &[f32], dy: &[f32], s: &PoolShape) -> Result<Vec<f32>, String> {
+    let (ho, wo) = s.out().ok_or(format!("max pool: window does not fit ({s:?})"))?;
+    if x.len() != s.planes * s.h * s.w || dy.len() != s.planes * ho * wo {
+        return Err(format!("max pool backward: shapes do not fit ({s:?})"));
+    }
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(s.h * s.w)
+        .zip(x.par_chunks(s.h * s.w))
+        .zip(dy.par_chunks(ho * wo))
+        .for_each(|((d, xi), g)| s.argmax(xi, |o, j| d[j] += g[o]));
+    Ok(dx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A direct convolution, the definition.
+    fn naive(x: &[f32], w: &[f32], s: &ConvShape) -> Vec<f32> {
+        let (ho, wo) = s.out().unwrap();
+        let mut y = vec![0f32; s.b * s.cout * ho * wo];
+        for b in 0..s.b {
+            for co in 0..s.cout {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut acc = 0f64;
+                        for ci in 0..s.cin {
+                            for ky in 0..s.kh {
+                                for kx in 0..s.kw {
+                                    let iy = (oy * s.stride + ky) as isize - s.pad as isize;
+                                    let ix = (ox * s.stride + kx) as isize - s.pad as isize;
+                                    if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize {
+                                        continue;
+                                    }
+                                    let xv = x[((b * s.cin + ci) * s.h + iy as usize) * s.w
+                                        + ix as usize];
+                                    let wv = w[((co * s.cin + ci) * s.kh + ky) * s.kw + kx];
+                                    acc += xv as f64 * wv as f64;
+                                }
+                            }
+                        }
+                        y[((b * s.cout + co) * ho + oy) * wo + ox] = acc as f32;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = crate::rng::Rng::new(seed);
+        (0..n).map(|_| r.unit() as f32 * 2.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn convolution_matches_the_definition_and_its_adjoint() {
+        let shapes = [
+            (2, 3, 9, 7, 5, 3, 2, 1),
+            (3, 4, 6, 6, 6, 1, 1, 0),
+            (1, 2, 8, 8, 3, 7, 2, 3),
+            (2, 5, 5, 5, 4, 1, 2, 0),
+        ];
+        for (i, &(b, cin, h, w, cout, k, stride, pad)) in shapes.iter().enumerate() {
+            let s = ConvShape {
+                b,
+                cin,
+                h,
+                w,
+                cout,
+                kh: k,
+                kw: k,
+                stride,
+                pad,
+            };
+            let x = values(b * cin * h * w, i as u64);
+            let wt = values(cout * cin * k * k, 100 + i as u64);
+            let y = conv_forward(&x, &wt, None, false, &s).unwrap();
+            let want = naive(&x, &wt, &s);
+            assert_eq!(y.len(), want.len());
+            let worst = y.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "shape {i}: forward off by {worst}");
+            // <dy, conv(x, W)> is linear in x and in W: check the gradients by the adjoint.
+            let dy = values(y.len(), 200 + i as u64);
+            let (dx, dw, db) = conv_backward(&x, &wt, &dy, &s, true).unwrap();
+            let dx = dx.unwrap();
+            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+            let lhs = dot(&dy, &want);
+            assert!((dot(&dx, &x) - lhs).abs() < 1e-3, "shape {i}: dx adjoint");
+            assert!((dot(&dw, &wt) - lhs).abs() < 1e-3, "shape {i}: dW adjoint");
+            let (ho, wo) = s.out().unwrap();
+            let db0: f32 = (0..b).map(|bi| dy[bi * cout * ho * wo..][..ho * wo].iter().sum::<f32>()).sum();
+            assert!((db[0] - db0).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn max_pool_picks_the_first_maximum() {
+        let s = PoolShape { planes: 1, h: 4, w: 4, k: 3, stride: 2, pad: 1 };
+        let x = vec![1.0, 1.0, 0.0, 0.0, 1.0, 0.5, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0];
+        let y = max_pool_forward(&x, &s).unwrap();
+        assert_eq!(y, vec![1.0, 2.0, 3.0, 2.0]);
+        let dx = max_pool_backward(&x, &[1.0, 1.0, 1.0, 1.0], &s).unwrap();
+        assert_eq!(dx[0], 1.0);
+        assert_eq!(dx[1], 0.0);
+        assert_eq!(dx[7], 2.0);
+        assert_eq!(dx[12], 1.0);
+        assert_eq!(dx.iter().sum::<f32>(), 4.0);
+    }
+}
