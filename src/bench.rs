@@ -4,9 +4,11 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-use crate::explain::{CamSource, cam_maps};
+use crate::explain::cam_maps;
 use crate::model::eva_x::random_state_dict;
-use crate::model::{EvaX, EvaXConfig, ModelError};
+use crate::model::random::Baseline;
+use crate::model::registry;
+use crate::model::{Classifier, EvaX, EvaXConfig, ModelError};
 use crate::model::{EvaXTrainable, Trainable};
 use crate::train::bce_with_logits;
 use crate::train::optim::{AdamW, Groups};
@@ -79,7 +81,8 @@ pub enum Workload {
     Train,
 }
 
-/// Time a workload on a random-weight preset.
+/// Time a workload on random weights of a model: an EVA-X preset (`ti`, `s`, `b`) or a
+/// comparison baseline (`r50`, `dn121`, `vit-s`).
 pub fn run(
     model_name: &str,
     batch: usize,
@@ -87,31 +90,61 @@ pub fn run(
     iters: usize,
     work: Workload,
 ) -> Result<BenchResult, ModelError> {
-    let cfg = EvaXConfig::preset(model_name)
-        .ok_or_else(|| ModelError::Input(format!("unknown model '{model_name}' (ti, s, b)")))?;
-    if input == 0 || !input.is_multiple_of(cfg.patch_size) {
+    let unknown = || {
+        ModelError::Input(format!(
+            "unknown model '{model_name}' (ti, s, b, r50, dn121, vit-s)"
+        ))
+    };
+    let baseline = Baseline::from_name(model_name);
+    let cfg = match baseline {
+        Some(_) => None,
+        None => Some(EvaXConfig::preset(model_name).ok_or_else(unknown)?),
+    };
+    let (model, variant, gflop): (Box<dyn Classifier>, String, f64) = match (&cfg, baseline) {
+        (Some(cfg), _) => (
+            Box::new(EvaX::random(cfg.clone(), 0)?),
+            cfg.variant(),
+            flops_per_image(cfg, input) / 1e9,
+        ),
+        (None, Some(b)) => {
+            let m = registry::load(&b.random_checkpoint(0), &Default::default())?.0;
+            let name = m.name();
+            (m, name, b.flops_per_image(input) / 1e9)
+        }
+        (None, None) => return Err(unknown()),
+    };
+    let multiple = model.input_multiple();
+    if input == 0 || !input.is_multiple_of(multiple) {
         return Err(ModelError::Input(format!(
-            "input size {input} is not a multiple of {}",
-            cfg.patch_size
+            "input size {input} is not a multiple of {multiple}"
         )));
     }
-    let model = EvaX::random(cfg.clone(), 0)?;
     let x = Tensor::randn(0f32, 1f32, (batch, 3, input, input), &Device::Cpu)?;
     let layer = model.default_cam_layer();
-    let trainable = if work == Workload::Train {
-        Some(EvaXTrainable::from_state_dict(
-            &random_state_dict(&cfg, 0),
+    let trainable: Option<Box<dyn Trainable>> = match (work, &cfg, baseline) {
+        (Workload::Train, Some(cfg), _) => {
+            let mut cfg = cfg.clone();
+            cfg.train_grid = (input / cfg.patch_size, input / cfg.patch_size);
+            Some(Box::new(EvaXTrainable::from_state_dict(
+                &random_state_dict(&cfg, 0),
+                14,
+                0,
+            )?))
+        }
+        (Workload::Train, None, Some(b)) => Some(registry::load_trainable(
+            &b.random_checkpoint(0),
             14,
             0,
-        )?)
-    } else {
-        None
+            &Device::Cpu,
+            Default::default(),
+        )?),
+        _ => None,
     };
     let targets = Tensor::rand(0f32, 1f32, (batch, 14), &Device::Cpu)?
         .ge(0.5)?
         .to_dtype(candle_core::DType::F32)?;
     let groups: Groups = trainable.as_ref().map_or_else(Groups::new, |t| {
-        t.vars
+        t.vars()
             .keys()
             .map(|k| (k.clone(), t.param_group(k, 0.55, 0.05)))
             .collect()
@@ -122,11 +155,11 @@ pub fn run(
         match work {
             Workload::Train => {
                 let t = trainable.as_ref().expect("built above");
-                let logits = t.forward(&x, 0.1, Some(&mut rng))?;
+                let logits = t.forward_train(&x, 0.1, Some(&mut rng))?;
                 let loss = bce_with_logits(&logits, &targets)?;
                 let grads = loss.backward()?;
-                let grads = crate::train::optim::grads_by_name(&t.vars, &grads);
-                opt.update(&t.vars, &grads, 1e-4, &groups, 1.0)?;
+                let grads = crate::train::optim::grads_by_name(t.vars(), &grads);
+                opt.update(t.vars(), &grads, 1e-4, &groups, 1.0)?;
             }
             Workload::Forward => {
                 model.logits(&x)?;
@@ -147,10 +180,9 @@ pub fn run(
     }
     let mean = times.iter().sum::<f64>() / times.len() as f64;
     let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
-    let gflop = flops_per_image(&cfg, input) / 1e9;
     Ok(BenchResult {
         model: model_name.to_string(),
-        variant: cfg.variant(),
+        variant,
         batch,
         input_size: input,
         iters: times.len(),

@@ -520,13 +520,21 @@ fn cnn_train_step(file: &str, tag: &str, family: Family, kernels: Kernels) {
     let ck = Checkpoint::load(sh.join("fixtures").join(file)).unwrap();
     assert_eq!(registry::recognise(&ck).unwrap(), family);
     let model = registry::load_trainable(&ck, 14, 0, &Device::Cpu, kernels).unwrap();
-    let head = if family == Family::ResNet { "fc" } else { "classifier" };
+    let head = if family == Family::ResNet {
+        "fc"
+    } else {
+        "classifier"
+    };
     let groups: evax::train::optim::Groups = model
         .vars()
         .keys()
         .map(|k| (k.clone(), model.param_group(k, 0.55, 0.05)))
         .collect();
-    assert_eq!(groups[&format!("{head}.weight")], (1.0, 0.05), "no layer decay");
+    assert_eq!(
+        groups[&format!("{head}.weight")],
+        (1.0, 0.05),
+        "no layer decay"
+    );
     assert_eq!(groups[&format!("{head}.bias")], (1.0, 0.0));
     let x = r["input224_others"].to_tensor(&Device::Cpu).unwrap();
     let y = r["targets"].to_tensor(&Device::Cpu).unwrap();
@@ -538,7 +546,11 @@ fn cnn_train_step(file: &str, tag: &str, family: Family, kernels: Kernels) {
     assert!((l - want).abs() <= 1e-5, "{tag} loss {l} vs {want}");
     let grads = loss.backward().unwrap();
     let by_name = grads_by_name(model.vars(), &grads);
-    assert_eq!(by_name.len(), model.vars().len(), "every parameter has a gradient");
+    assert_eq!(
+        by_name.len(),
+        model.vars().len(),
+        "every parameter has a gradient"
+    );
     let (mut compared, mut counted) = (0, 0);
     for (key, want) in r.iter() {
         let Some(name) = key.strip_prefix(&format!("{tag}_train/grad/")) else {
@@ -551,11 +563,15 @@ fn cnn_train_step(file: &str, tag: &str, family: Family, kernels: Kernels) {
         }
         let (worst, scale) = rows_diff(&by_name[name], want, 13);
         eprintln!("{tag} grad {name} rows 0-12: {worst:.2e} (largest {scale:.2e}, {kernels:?})");
-        assert!(worst <= 1e-4 * scale, "{tag} grad {name}: {worst} vs {scale}");
+        assert!(
+            worst <= 1e-4 * scale,
+            "{tag} grad {name}: {worst} vs {scale}"
+        );
         compared += 1;
     }
     let mut opt = AdamW::new();
-    opt.update(model.vars(), &by_name, 2.5e-4, &groups, 1.0).unwrap();
+    opt.update(model.vars(), &by_name, 2.5e-4, &groups, 1.0)
+        .unwrap();
     let buffers = model.buffers();
     for (key, want) in r.iter() {
         let Some(name) = key.strip_prefix(&format!("{tag}_train/after_step/")) else {
@@ -566,7 +582,10 @@ fn cnn_train_step(file: &str, tag: &str, family: Family, kernels: Kernels) {
         } else if name.starts_with(head) {
             rows_diff(model.vars()[name].as_tensor(), want, 13).0
         } else {
-            assert!(model.vars().contains_key(name), "{tag}: no parameter {name}");
+            assert!(
+                model.vars().contains_key(name),
+                "{tag}: no parameter {name}"
+            );
             counted += 1;
             continue;
         };
@@ -576,25 +595,49 @@ fn cnn_train_step(file: &str, tag: &str, family: Family, kernels: Kernels) {
     }
     // 17 keys a family: the loss, 2 head gradients, 2 head parameters and 2 running means
     // compared, 10 upstream gradients and parameters counted.
-    assert_eq!((compared, counted), (6, 10), "{tag}: keys compared / counted");
+    assert_eq!(
+        (compared, counted),
+        (6, 10),
+        "{tag}: keys compared / counted"
+    );
 }
 
 #[test]
 fn resnet50_train_step_fused_kernels() {
-    cnn_train_step("resnet50_l1111_cxr14_ft.pth", "r50", Family::ResNet, Kernels::Fused);
+    cnn_train_step(
+        "resnet50_l1111_cxr14_ft.pth",
+        "r50",
+        Family::ResNet,
+        Kernels::Fused,
+    );
 }
 
 #[test]
 fn resnet50_train_step_reference_path() {
-    cnn_train_step("resnet50_l1111_cxr14_ft.pth", "r50", Family::ResNet, Kernels::Reference);
+    cnn_train_step(
+        "resnet50_l1111_cxr14_ft.pth",
+        "r50",
+        Family::ResNet,
+        Kernels::Reference,
+    );
 }
 
 #[test]
 fn densenet121_train_step_fused_kernels() {
-    cnn_train_step("densenet121_b2222_cxr14_ft.pth", "dn121", Family::DenseNet, Kernels::Fused);
+    cnn_train_step(
+        "densenet121_b2222_cxr14_ft.pth",
+        "dn121",
+        Family::DenseNet,
+        Kernels::Fused,
+    );
 }
 
 #[test]
 fn densenet121_train_step_reference_path() {
-    cnn_train_step("densenet121_b2222_cxr14_ft.pth", "dn121", Family::DenseNet, Kernels::Reference);
+    cnn_train_step(
+        "densenet121_b2222_cxr14_ft.pth",
+        "dn121",
+        Family::DenseNet,
+        Kernels::Reference,
+    );
 }

@@ -112,6 +112,19 @@ pub const STATE_DICT_KEYS: [&str; 5] = [
 ];
 
 impl Checkpoint {
+    /// A checkpoint made in memory (random weights, converted or trained tensors).
+    pub fn in_memory(tensors: BTreeMap<String, Param>) -> Self {
+        Checkpoint {
+            path: PathBuf::from("<memory>"),
+            format: Format::Safetensors,
+            nesting: None,
+            extras: Vec::new(),
+            stripped_prefix: None,
+            tensors,
+            metadata: HashMap::new(),
+        }
+    }
+
     /// Read a checkpoint, choosing the state dict by the usual nesting keys.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, CheckpointError> {
         Self::load_with(path, None)

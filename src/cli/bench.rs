@@ -9,7 +9,7 @@ use evax::bench::{self, Workload};
 /// random weights.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model size.
+    /// Model: an EVA-X size (ti, s, b) or a comparison baseline (r50, dn121, vit-s).
     #[arg(long, default_value = "s")]
     model: String,
     /// Images per batch.

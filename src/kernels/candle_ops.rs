@@ -596,3 +596,59 @@ impl CustomOp1 for MaxPoolOp {
 pub fn max_pool(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
     x.contiguous()?.apply_op1(MaxPoolOp { k, stride, pad })
 }
+
+/// A per-channel scale and shift (then ReLU) over `[B, C, H, W]`; the backward gives the
+/// input's gradient only (the scale and shift are constants of an inference model).
+struct ChannelAffine {
+    relu: bool,
+}
+
+impl CustomOp3 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "evax-channel-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "channel affine input")?;
+        let a = contiguous_f32(s2, l2, "channel scale")?;
+        let b = contiguous_f32(s3, l3, "channel shift")?;
+        let (_, c, plane) = bn_dims(l1.dims())?;
+        if a.len() != c || b.len() != c {
+            candle_core::bail!("channel affine: {c} channels, scale and shift do not fit");
+        }
+        let y = conv::channel_affine(x, a, b, plane, self.relu);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        a: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mut dx = dy.broadcast_mul(&a.reshape((1, (), 1, 1))?)?;
+        if self.relu {
+            dx = (dx * y.gt(0f32)?.to_dtype(dy.dtype())?)?;
+        }
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// `x * scale + shift` per channel of CPU f32 `x` `[B, C, H, W]` (then ReLU), in one pass.
+pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &scale.contiguous()?,
+        &shift.contiguous()?,
+        ChannelAffine { relu },
+    )
+}

@@ -136,6 +136,22 @@ pub fn batch_norm_train(
     }
 }
 
+/// `x * scale + shift` per channel of `[B, C, H, W]` (`scale`, `shift` `[C]`), then ReLU if
+/// asked: a BatchNorm in evaluation mode.
+pub fn channel_affine(
+    k: Kernels,
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    relu: bool,
+) -> Result<Tensor> {
+    if k.fused_for(x) {
+        candle_ops::channel_affine(x, scale, shift, relu)
+    } else {
+        reference::channel_affine(x, scale, shift, relu)
+    }
+}
+
 /// Max pooling of `[B, C, H, W]` with a `size x size` window (padding never wins),
 /// differentiable.
 pub fn max_pool(k: Kernels, x: &Tensor, size: usize, stride: usize, pad: usize) -> Result<Tensor> {
@@ -248,7 +264,15 @@ mod tests {
             let b = Var::from_tensor(&rand(&[5], 30 + i as u64)).unwrap();
             let mut grads = Vec::new();
             let [(yf, gf), (yr, gr)] = both(&x, |kern, x| {
-                let y = conv2d(kern, x, w.as_tensor(), Some(b.as_tensor()), stride, pad, relu)?;
+                let y = conv2d(
+                    kern,
+                    x,
+                    w.as_tensor(),
+                    Some(b.as_tensor()),
+                    stride,
+                    pad,
+                    relu,
+                )?;
                 let cot = rand(y.dims(), 99);
                 let g = (&y * &cot)?.sum_all()?.backward()?;
                 grads.push((
@@ -258,7 +282,11 @@ mod tests {
                 Ok(y)
             });
             assert!(max_diff(&yf, &yr) < 1e-5, "conv {i} {}", max_diff(&yf, &yr));
-            assert!(max_diff(&gf, &gr) < 1e-5, "conv {i} dx {}", max_diff(&gf, &gr));
+            assert!(
+                max_diff(&gf, &gr) < 1e-5,
+                "conv {i} dx {}",
+                max_diff(&gf, &gr)
+            );
             assert_eq!(grads.len(), 2);
             assert!(max_diff(&grads[0].0, &grads[1].0) < 1e-4, "conv {i} dW");
             assert!(max_diff(&grads[0].1, &grads[1].1) < 1e-4, "conv {i} db");
@@ -271,6 +299,14 @@ mod tests {
         let (_, mr, vr) = batch_norm_train(Kernels::Reference, &x, &g, &b, 1e-5).unwrap();
         assert_eq!(mf.dims(), &[4]);
         assert!(max_diff(&mf, &mr) < 1e-6 && max_diff(&vf, &vr) < 1e-6);
+
+        for relu in [false, true] {
+            let [(yf, gf), (yr, gr)] = both(&x, |k, x| channel_affine(k, x, &g, &b, relu));
+            assert!(
+                max_diff(&yf, &yr) < 1e-6 && max_diff(&gf, &gr) < 1e-6,
+                "affine {relu}"
+            );
+        }
 
         // Random values: no ties, so both paths route gradients alike.
         let [(yf, gf), (yr, gr)] = both(&x, |k, x| max_pool(k, x, 3, 2, 1));

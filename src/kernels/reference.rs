@@ -161,7 +161,10 @@ pub fn max_pool(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tenso
     if stride == 0 || k == 0 || h + 2 * pad < k || w + 2 * pad < k {
         candle_core::bail!("max pool: a {k}x{k} window does not fit {h}x{w}");
     }
-    let (ho, wo) = ((h + 2 * pad - k) / stride + 1, (w + 2 * pad - k) / stride + 1);
+    let (ho, wo) = (
+        (h + 2 * pad - k) / stride + 1,
+        (w + 2 * pad - k) / stride + 1,
+    );
     // Pad so that every view spans whole strides: rows ky .. ky + ho * stride.
     let (hp, wp) = (k + ho * stride, k + wo * stride);
     let fill = |rows: usize, cols: usize| {
@@ -188,4 +191,13 @@ pub fn max_pool(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tenso
         }
     }
     Ok(out.expect("k > 0"))
+}
+
+/// `x * scale + shift` per channel of `[B, C, H, W]` (`scale`, `shift` `[C]`), then ReLU if
+/// asked.
+pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) -> Result<Tensor> {
+    let y = x
+        .broadcast_mul(&scale.reshape((1, (), 1, 1))?)?
+        .broadcast_add(&shift.reshape((1, (), 1, 1))?)?;
+    if relu { y.relu() } else { Ok(y) }
 }

@@ -51,6 +51,11 @@ pub(crate) trait Ops {
     /// BatchNorm `bn` alone.
     fn bn(&self, x: &Tensor, bn: &str) -> candle_core::Result<Tensor>;
 
+    /// BatchNorm `bn` then ReLU.
+    fn bn_relu(&self, x: &Tensor, bn: &str) -> candle_core::Result<Tensor> {
+        self.bn(x, bn)?.relu()
+    }
+
     /// The kernels the operations run on.
     fn kernels(&self) -> Kernels;
 
@@ -97,17 +102,11 @@ pub(crate) struct Conv {
     pad: usize,
 }
 
-/// A BatchNorm in evaluation mode, as a per-channel scale and shift `[1, C, 1, 1]`.
+/// A BatchNorm in evaluation mode, as a per-channel scale and shift `[C]`.
 #[derive(Debug, Clone)]
 pub(crate) struct Bn {
     scale: Tensor,
     shift: Tensor,
-}
-
-impl Bn {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)
-    }
 }
 
 /// Inference: convolutions with their BatchNorm folded in, the other BatchNorms as scale and
@@ -120,6 +119,13 @@ pub(crate) struct Folded {
 
 fn missing(what: &str, key: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!("no {what} '{key}' in this model"))
+}
+
+impl Folded {
+    fn affine(&self, x: &Tensor, bn: &str, relu: bool) -> candle_core::Result<Tensor> {
+        let b = self.bns.get(bn).ok_or_else(|| missing("BatchNorm", bn))?;
+        kernels::channel_affine(self.kernels, x, &b.scale, &b.shift, relu)
+    }
 }
 
 impl Ops for Folded {
@@ -151,10 +157,11 @@ impl Ops for Folded {
     }
 
     fn bn(&self, x: &Tensor, bn: &str) -> candle_core::Result<Tensor> {
-        self.bns
-            .get(bn)
-            .ok_or_else(|| missing("BatchNorm", bn))?
-            .forward(x)
+        self.affine(x, bn, false)
+    }
+
+    fn bn_relu(&self, x: &Tensor, bn: &str) -> candle_core::Result<Tensor> {
+        self.affine(x, bn, true)
     }
 
     fn kernels(&self) -> Kernels {
@@ -278,7 +285,7 @@ impl<'a> Weights<'a> {
                 }
                 Unit::Bn { bn, channels } => {
                     let (scale, shift) = self.bn_affine(bn, *channels);
-                    let shape = (1, *channels, 1, 1);
+                    let shape = *channels;
                     bns.insert(
                         bn.clone(),
                         Bn {
@@ -371,7 +378,13 @@ pub(crate) fn out_channels(sd: &BTreeMap<String, Param>, key: &str) -> usize {
 /// The largest `N` + 1 over keys `{prefix}{N}.…` (0 when there are none).
 pub(crate) fn count_indexed(sd: &BTreeMap<String, Param>, prefix: &str) -> usize {
     sd.keys()
-        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
+        .filter_map(|k| {
+            k.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .max()
         .map_or(0, |m| m + 1)
 }
@@ -504,7 +517,10 @@ impl CnnTrainable {
                     .map(|_| ((rng.unit() * 2.0 - 1.0) * bound) as f32)
                     .collect()
             };
-            sd.insert(wk.clone(), f32_param(vec![classes, features], draw(classes * features)));
+            sd.insert(
+                wk.clone(),
+                f32_param(vec![classes, features], draw(classes * features)),
+            );
             sd.insert(bk.clone(), f32_param(vec![classes], draw(classes)));
         }
         // Every tensor the model reads must be there with its shape: load it once to check.

@@ -52,7 +52,9 @@ pub(crate) struct DenseLayout {
 impl DenseLayout {
     fn from_keys(sd: &BTreeMap<String, Param>) -> Result<Self> {
         let nblocks = (1..)
-            .take_while(|b| sd.contains_key(&format!("features.denseblock{b}.denselayer1.conv1.weight")))
+            .take_while(|b| {
+                sd.contains_key(&format!("features.denseblock{b}.denselayer1.conv1.weight"))
+            })
             .count();
         if nblocks == 0 {
             return Err(ModelError::Weights("no features.denseblockN keys".into()));
@@ -62,13 +64,16 @@ impl DenseLayout {
         for b in 1..=nblocks {
             let nlayers = (1..)
                 .take_while(|l| {
-                    sd.contains_key(&format!("features.denseblock{b}.denselayer{l}.conv1.weight"))
+                    sd.contains_key(&format!(
+                        "features.denseblock{b}.denselayer{l}.conv1.weight"
+                    ))
                 })
                 .count();
             let mut widths = Vec::with_capacity(nlayers);
             for l in 1..=nlayers {
                 widths.push(channels);
-                channels += out_channels(sd, &format!("features.denseblock{b}.denselayer{l}.conv2"));
+                channels +=
+                    out_channels(sd, &format!("features.denseblock{b}.denselayer{l}.conv2"));
             }
             blocks.push(widths);
             if b < nblocks {
@@ -83,16 +88,22 @@ impl DenseLayout {
         })
     }
 
-    /// The new features of dense layer `l` of block `b` (1-based) from its `norm1`'s output.
-    fn new_features(&self, ops: &dyn Ops, b: usize, l: usize, y: &Tensor) -> candle_core::Result<Tensor> {
+    /// The new features of dense layer `l` of block `b` (1-based) from ReLU(`norm1`'s output).
+    fn new_features(
+        &self,
+        ops: &dyn Ops,
+        b: usize,
+        l: usize,
+        h: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let p = format!("features.denseblock{b}.denselayer{l}");
-        let h = ops.conv_bn(&y.relu()?, &format!("{p}.conv1"), &format!("{p}.norm2"), 1, true)?;
+        let h = ops.conv_bn(h, &format!("{p}.conv1"), &format!("{p}.norm2"), 1, true)?;
         ops.conv(&h, &format!("{p}.conv2"), 1)
     }
 
     fn layer(&self, ops: &dyn Ops, b: usize, l: usize, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = ops.bn(x, &format!("features.denseblock{b}.denselayer{l}.norm1"))?;
-        let new = self.new_features(ops, b, l, &y)?;
+        let h = ops.bn_relu(x, &format!("features.denseblock{b}.denselayer{l}.norm1"))?;
+        let new = self.new_features(ops, b, l, &h)?;
         Tensor::cat(&[x, &new], 1)
     }
 
@@ -110,7 +121,7 @@ impl DenseLayout {
             }
             if !last_block {
                 let p = format!("features.transition{b}");
-                let t = ops.bn(&h, &format!("{p}.norm"))?.relu()?;
+                let t = ops.bn_relu(&h, &format!("{p}.norm"))?;
                 h = ops.conv(&t, &format!("{p}.conv"), 1)?.avg_pool2d(2)?;
             }
         }
@@ -119,8 +130,7 @@ impl DenseLayout {
 
     /// `norm5`, ReLU, global average pooling: `[B, C]`.
     fn pool(&self, ops: &dyn Ops, features: &Tensor) -> candle_core::Result<Tensor> {
-        ops.bn(features, "features.norm5")?
-            .relu()?
+        ops.bn_relu(features, "features.norm5")?
             .mean(D::Minus1)?
             .mean(D::Minus1)
     }
@@ -192,7 +202,9 @@ impl CnnLayout for DenseLayout {
             kernels,
             ..Default::default()
         };
-        Ok(Box::new(DenseNet::from_state_dict(sd, "", Vec::new(), &opts)?.0))
+        Ok(Box::new(
+            DenseNet::from_state_dict(sd, "", Vec::new(), &opts)?.0,
+        ))
     }
 }
 
@@ -358,7 +370,9 @@ impl CamSource for DenseNet {
         let (gh, gw) = (y.dim(2)?, y.dim(3)?);
         let to_grid = |t: &Tensor| t.flatten_from(2)?.transpose(1, 2)?.contiguous();
         let leaf = Var::from_tensor(&y)?;
-        let new = self.layout.new_features(&self.ops, b, l, leaf.as_tensor())?;
+        let new = self
+            .layout
+            .new_features(&self.ops, b, l, &leaf.as_tensor().relu()?)?;
         let features = Tensor::cat(&[&h, &new], 1)?;
         let logits = self.head(&self.layout.pool(&self.ops, &features)?)?;
         // As for the ResNet: torchvision applies the ReLU after norm1 in place, so the tensor

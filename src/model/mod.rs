@@ -14,6 +14,7 @@ pub mod eva_x;
 pub mod grad;
 pub mod inspect;
 pub mod interp;
+pub mod random;
 pub mod registry;
 pub mod resnet;
 pub mod rope;

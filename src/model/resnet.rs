@@ -132,7 +132,10 @@ impl CnnLayout for ResNetLayout {
                     units.push(pair(format!("{p}.conv{j}"), format!("{p}.bn{j}")));
                 }
                 if down {
-                    units.push(pair(format!("{p}.downsample.0"), format!("{p}.downsample.1")));
+                    units.push(pair(
+                        format!("{p}.downsample.0"),
+                        format!("{p}.downsample.1"),
+                    ));
                 }
             }
         }
@@ -164,7 +167,9 @@ impl CnnLayout for ResNetLayout {
             kernels,
             ..Default::default()
         };
-        Ok(Box::new(ResNet::from_state_dict(sd, "", Vec::new(), &opts)?.0))
+        Ok(Box::new(
+            ResNet::from_state_dict(sd, "", Vec::new(), &opts)?.0,
+        ))
     }
 }
 
