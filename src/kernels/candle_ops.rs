@@ -460,6 +460,7 @@ struct BatchNormOp {
     mean: Vec<f32>,
     var: Vec<f32>,
     eps: f32,
+    relu: bool,
 }
 
 impl CustomOp3 for BatchNormOp {
@@ -483,7 +484,14 @@ impl CustomOp3 for BatchNormOp {
         if g.len() != c || b.len() != c || self.mean.len() != c {
             candle_core::bail!("batch norm: {c} channels, parameters do not fit");
         }
-        let y = conv::batch_norm_forward(x, (&self.mean, &self.var), g, b, plane, self.eps);
+        let y = conv::batch_norm_forward(
+            x,
+            (&self.mean, &self.var),
+            (g, b),
+            plane,
+            self.eps,
+            self.relu,
+        );
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -492,14 +500,27 @@ impl CustomOp3 for BatchNormOp {
         x: &Tensor,
         g: &Tensor,
         _b: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (_, _, plane) = bn_dims(x.dims())?;
         let (dx, dg, db) = read(x, |xv| {
             read(g, |gv| {
                 read(dy, |d| {
-                    Ok(conv::batch_norm_backward(xv, d, gv, plane, self.eps))
+                    if self.relu {
+                        read(y, |yv| {
+                            Ok(conv::batch_norm_backward(
+                                xv,
+                                d,
+                                gv,
+                                plane,
+                                self.eps,
+                                Some(yv),
+                            ))
+                        })
+                    } else {
+                        Ok(conv::batch_norm_backward(xv, d, gv, plane, self.eps, None))
+                    }
                 })
             })
         })?;
@@ -519,13 +540,14 @@ fn bn_dims(d: &[usize]) -> Result<(usize, usize, usize)> {
     }
 }
 
-/// BatchNorm in training mode over CPU f32 `x` `[B, C, H, W]`: the output (differentiable in
-/// `x`, `gamma`, `beta`) and the batch mean and biased variance `[C]`.
+/// BatchNorm in training mode over CPU f32 `x` `[B, C, H, W]` (then ReLU if asked): the
+/// output (differentiable in `x`, `gamma`, `beta`) and the batch mean and biased variance `[C]`.
 pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f32,
+    relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (_, c, plane) = bn_dims(x.dims())?;
     let x = x.contiguous()?;
@@ -537,7 +559,12 @@ pub fn batch_norm_train(
     let y = x.apply_op3(
         &gamma.contiguous()?,
         &beta.contiguous()?,
-        BatchNormOp { mean, var, eps },
+        BatchNormOp {
+            mean,
+            var,
+            eps,
+            relu,
+        },
     )?;
     Ok((y, m, v))
 }

@@ -425,8 +425,39 @@ pub fn conv_backward(
     Ok((dx, dw, db))
 }
 
-/// Per-channel batch statistics of `x` `[b, c, plane]`: means and biased variances (f64
-/// accumulation).
+/// `sum f(v)` over a plane in eight f32 lanes (vectorisable), returned in f64.
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut acc = [0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64
+}
+
+/// `sum f(a, b)` over two equal planes in eight f32 lanes, returned in f64.
+fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    for (x8, y8) in ca.zip(cb) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x8).zip(y8) {
+            *s += f(x, y);
+        }
+    }
+    acc.iter().map(|&s| s as f64).sum::<f64>() + tail as f64
+}
+
+/// Per-channel batch statistics of `x` `[b, c, plane]`: means and biased variances (each
+/// plane summed in f32 lanes, planes added in f64; two passes).
 pub fn channel_stats(x: &[f32], c: usize, plane: usize) -> (Vec<f32>, Vec<f32>) {
     let b = if c * plane == 0 {
         0
@@ -437,23 +468,28 @@ pub fn channel_stats(x: &[f32], c: usize, plane: usize) -> (Vec<f32>, Vec<f32>) 
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let values = || (0..b).flat_map(move |i| &x[(i * c + ch) * plane..][..plane]);
-            let mean = values().map(|&v| v as f64).sum::<f64>() / n;
-            let var = values().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-            (mean as f32, var as f32)
+            let planes = || (0..b).map(move |i| &x[(i * c + ch) * plane..][..plane]);
+            let mean = planes().map(|p| lane_sum(p, |v| v)).sum::<f64>() / n;
+            let m = mean as f32;
+            let var = planes()
+                .map(|p| lane_sum(p, |v| (v - m) * (v - m)))
+                .sum::<f64>()
+                / n;
+            (m, var as f32)
         })
         .unzip()
 }
 
 /// BatchNorm in training mode over `x` `[b, c, plane]` with the batch statistics `mean`,
-/// `var` (from [`channel_stats`]): `(x - mean) / sqrt(var + eps) * gamma + beta`.
+/// `var` (from [`channel_stats`]): `(x - mean) / sqrt(var + eps) * gamma + beta`, then ReLU if
+/// asked.
 pub fn batch_norm_forward(
     x: &[f32],
     (mean, var): (&[f32], &[f32]),
-    gamma: &[f32],
-    beta: &[f32],
+    (gamma, beta): (&[f32], &[f32]),
     plane: usize,
     eps: f32,
+    relu: bool,
 ) -> Vec<f32> {
     let c = gamma.len();
     let mut y = vec![0f32; x.len()];
@@ -463,39 +499,59 @@ pub fn batch_norm_forward(
         .for_each(|(i, (yo, xi))| {
             let ch = i % c;
             let inv = 1.0 / (var[ch] + eps).sqrt();
-            let (scale, m, b) = (inv * gamma[ch], mean[ch], beta[ch]);
-            yo.iter_mut()
-                .zip(xi)
-                .for_each(|(o, &v)| *o = (v - m) * scale + b);
+            let scale = inv * gamma[ch];
+            let shift = beta[ch] - mean[ch] * scale;
+            if relu {
+                yo.iter_mut()
+                    .zip(xi)
+                    .for_each(|(o, &v)| *o = (v * scale + shift).max(0.0));
+            } else {
+                yo.iter_mut()
+                    .zip(xi)
+                    .for_each(|(o, &v)| *o = v * scale + shift);
+            }
         });
     y
 }
 
-/// Gradients `(dx, dgamma, dbeta)` of [`batch_norm_forward`] (the statistics depend on `x`).
+/// Gradients `(dx, dgamma, dbeta)` of [`batch_norm_forward`] (the statistics depend on `x`);
+/// `relu_out`: the forward's output when it applied the ReLU (its zeros mask `dy`).
 pub fn batch_norm_backward(
     x: &[f32],
     dy: &[f32],
     gamma: &[f32],
     plane: usize,
     eps: f32,
+    relu_out: Option<&[f32]>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let c = gamma.len();
     let (mean, var) = channel_stats(x, c, plane);
     let b = x.len() / (c * plane).max(1);
     let n = (b * plane) as f64;
+    let masked;
+    let dy = match relu_out {
+        Some(y) => {
+            masked = dy
+                .par_iter()
+                .zip(y.par_iter())
+                .map(|(&g, &v)| if v > 0.0 { g } else { 0.0 })
+                .collect::<Vec<f32>>();
+            &masked[..]
+        }
+        None => dy,
+    };
     let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let inv = 1.0 / (var[ch] as f64 + eps as f64).sqrt();
+            let (m, inv) = (mean[ch], 1.0 / (var[ch] + eps).sqrt());
             let (mut sg, mut sgx) = (0f64, 0f64);
             for i in 0..b {
                 let o = (i * c + ch) * plane;
-                for (&g, &v) in dy[o..o + plane].iter().zip(&x[o..o + plane]) {
-                    sg += g as f64;
-                    sgx += g as f64 * (v as f64 - mean[ch] as f64) * inv;
-                }
+                let (g, v) = (&dy[o..o + plane], &x[o..o + plane]);
+                sg += lane_sum(g, |g| g);
+                sgx += lane_sum2(g, v, |g, v| g * (v - m));
             }
-            (sgx as f32, sg as f32)
+            ((sgx * inv as f64) as f32, sg as f32)
         })
         .unzip();
     let mut dx = vec![0f32; x.len()];

@@ -120,19 +120,20 @@ pub fn conv2d(
     }
 }
 
-/// BatchNorm in training mode over `[B, C, H, W]`: the output (differentiable) and the batch
-/// mean and biased variance `[C]` (for the running statistics).
+/// BatchNorm in training mode over `[B, C, H, W]` (then ReLU if asked): the output
+/// (differentiable) and the batch mean and biased variance `[C]` (for the running statistics).
 pub fn batch_norm_train(
     k: Kernels,
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f32,
+    relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     if k.fused_for(x) {
-        candle_ops::batch_norm_train(x, gamma, beta, eps)
+        candle_ops::batch_norm_train(x, gamma, beta, eps, relu)
     } else {
-        reference::batch_norm_train(x, gamma, beta, eps)
+        reference::batch_norm_train(x, gamma, beta, eps, relu)
     }
 }
 
@@ -293,10 +294,16 @@ mod tests {
         }
 
         let (g, b) = (rand(&[4], 40), rand(&[4], 41));
-        let [(yf, gf), (yr, gr)] = both(&x, |k, x| Ok(batch_norm_train(k, x, &g, &b, 1e-5)?.0));
-        assert!(max_diff(&yf, &yr) < 1e-5 && max_diff(&gf, &gr) < 1e-4);
-        let (_, mf, vf) = batch_norm_train(Kernels::Fused, &x, &g, &b, 1e-5).unwrap();
-        let (_, mr, vr) = batch_norm_train(Kernels::Reference, &x, &g, &b, 1e-5).unwrap();
+        for relu in [false, true] {
+            let [(yf, gf), (yr, gr)] =
+                both(&x, |k, x| Ok(batch_norm_train(k, x, &g, &b, 1e-5, relu)?.0));
+            assert!(
+                max_diff(&yf, &yr) < 1e-5 && max_diff(&gf, &gr) < 1e-4,
+                "bn {relu}"
+            );
+        }
+        let (_, mf, vf) = batch_norm_train(Kernels::Fused, &x, &g, &b, 1e-5, false).unwrap();
+        let (_, mr, vr) = batch_norm_train(Kernels::Reference, &x, &g, &b, 1e-5, false).unwrap();
         assert_eq!(mf.dims(), &[4]);
         assert!(max_diff(&mf, &mr) < 1e-6 && max_diff(&vf, &vr) < 1e-6);
 

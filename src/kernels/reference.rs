@@ -136,12 +136,14 @@ pub fn conv2d(
     if relu { y.relu() } else { Ok(y) }
 }
 
-/// BatchNorm in training mode over `[B, C, H, W]`: output, batch mean and biased variance.
+/// BatchNorm in training mode over `[B, C, H, W]` (then ReLU if asked): output, batch mean
+/// and biased variance.
 pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f32,
+    relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let per_channel = |t: &Tensor| t.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3);
     let mean = per_channel(x)?;
@@ -151,6 +153,7 @@ pub fn batch_norm_train(
         .broadcast_div(&(&var + eps as f64)?.sqrt()?)?
         .broadcast_mul(&gamma.reshape((1, (), 1, 1))?)?
         .broadcast_add(&beta.reshape((1, (), 1, 1))?)?;
+    let y = if relu { y.relu()? } else { y };
     Ok((y, mean.flatten_all()?.detach(), var.flatten_all()?.detach()))
 }
 

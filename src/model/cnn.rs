@@ -430,8 +430,7 @@ impl Ops for BatchStats {
         stride: usize,
         relu: bool,
     ) -> candle_core::Result<Tensor> {
-        let y = self.bn(&self.conv(x, conv, stride)?, bn)?;
-        if relu { y.relu() } else { Ok(y) }
+        self.norm(&self.conv(x, conv, stride)?, bn, relu)
     }
 
     fn conv(&self, x: &Tensor, conv: &str, stride: usize) -> candle_core::Result<Tensor> {
@@ -441,12 +440,28 @@ impl Ops for BatchStats {
     }
 
     fn bn(&self, x: &Tensor, bn: &str) -> candle_core::Result<Tensor> {
+        self.norm(x, bn, false)
+    }
+
+    fn bn_relu(&self, x: &Tensor, bn: &str) -> candle_core::Result<Tensor> {
+        self.norm(x, bn, true)
+    }
+
+    fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+}
+
+impl BatchStats {
+    /// BatchNorm `bn` on the batch's statistics (then ReLU), moving the running statistics.
+    fn norm(&self, x: &Tensor, bn: &str, relu: bool) -> candle_core::Result<Tensor> {
         let (y, mean, var) = kernels::batch_norm_train(
             self.kernels,
             x,
             self.var(&format!("{bn}.weight"))?,
             self.var(&format!("{bn}.bias"))?,
             BN_EPS as f32,
+            relu,
         )?;
         let (b, _, h, w) = x.dims4()?;
         let n = (b * h * w) as f64;
@@ -468,10 +483,6 @@ impl Ops for BatchStats {
             run.set(&Tensor::new(new.as_slice(), run.device())?.to_dtype(run.dtype())?)?;
         }
         Ok(y)
-    }
-
-    fn kernels(&self) -> Kernels {
-        self.kernels
     }
 }
 
