@@ -305,7 +305,7 @@ fn vit_s_finetunes_from_mae_weights_through_the_same_engine() {
     }
     let out = dir.join("run");
     let o = std::process::Command::new(bin)
-        .args(["finetune", "--preset", "cxr14-ti", "--weights"])
+        .args(["finetune", "--preset", "cxr14-vit-s", "--weights"])
         .arg(sh.join("fixtures/vit_s_d2_mae_pt.pth"))
         .arg("--data-dir")
         .arg(&data)
@@ -318,12 +318,22 @@ fn vit_s_finetunes_from_mae_weights_through_the_same_engine() {
             "epochs=1",
             "--set",
             "warmup_epochs=0",
+            "--set",
+            "accum_iter=1",
         ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("fine-tuning ViT-S/16 on cxr14"), "{err}");
+    // The report of what the original drops and initialises fresh.
+    for said in [
+        "pre-training keys (norm, decoder_*, mask_token) dropped",
+        "no fc_norm: initialised fresh (weight 1, bias 0)",
+        "no head: 14 classes initialised fresh",
+    ] {
+        assert!(err.contains(said), "{said}: {err}");
+    }
     // The written weights load back as a 14-class ViT.
     let ck = Checkpoint::load(out.join("checkpoint-best.safetensors")).unwrap();
     assert_eq!(registry::recognise(&ck).unwrap(), Family::Vit);
@@ -640,4 +650,198 @@ fn densenet121_train_step_reference_path() {
         Family::DenseNet,
         Kernels::Reference,
     );
+}
+
+/// The ResNet-50 fixture re-keyed into each layout the seed's table links to, written as a
+/// file: recognised, reported, and giving the same features as the torchvision file.
+#[test]
+fn resnet_checkpoint_layouts_on_synthetic_files() {
+    let Some(sh) = shared_or_skip("resnet_checkpoint_layouts_on_synthetic_files") else {
+        return;
+    };
+    let ck = Checkpoint::load(sh.join("fixtures/resnet50_l1111_cxr14_ft.pth")).unwrap();
+    let bare = registry::load(&ck, &LoadOptions::default()).unwrap().0;
+    let r = reference(&sh);
+    let x = r["input224_others"].to_tensor(&Device::Cpu).unwrap();
+    let want = bare.embed(&x).unwrap().pooled;
+    let dir = std::env::temp_dir().join(format!("evax-test-{}-layouts", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // (layout, how a torchvision key is written, keys of other modules, whether fc survives)
+    type Rekey = fn(&str) -> Option<String>;
+    let cases: [(&str, Rekey, &[&str], bool); 5] = [
+        (
+            "MGCA",
+            |k| Some(format!("img_encoder_q.model.{k}")),
+            &["text_encoder_q.model.embeddings.word_embeddings.weight"],
+            true,
+        ),
+        (
+            "MoCo v2",
+            |k| Some(format!("module.encoder_q.{k}")),
+            &["module.encoder_k.conv1.weight"],
+            true,
+        ),
+        (
+            "BioViL",
+            |k| Some(format!("encoder.encoder.{k}")),
+            &["projector.projector.0.weight"],
+            false,
+        ),
+        (
+            "segmentation-models encoder",
+            |k| Some(format!("model.encoder.{k}")),
+            &["model.decoder.blocks.0.conv1.0.weight"],
+            true,
+        ),
+        (
+            "torchvision (wrapped)",
+            |k| Some(format!("backbone.{k}")),
+            &[],
+            true,
+        ),
+    ];
+    let mut compared = 0;
+    for (layout, rekey, others, has_fc) in cases {
+        let mut ts: BTreeMap<String, Tensor> = BTreeMap::new();
+        for (k, p) in &ck.tensors {
+            ts.insert(rekey(k).unwrap(), p.to_tensor(&Device::Cpu).unwrap());
+        }
+        for o in others {
+            ts.insert(
+                o.to_string(),
+                Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+            );
+        }
+        let path = dir.join(format!("{}.safetensors", layout.replace(' ', "_")));
+        evax::checkpoint::save_safetensors(&ts, None, &path).unwrap();
+        let (m, report) = registry::load_file(&path, None, &LoadOptions::default()).unwrap();
+        assert_eq!(m.name(), "ResNet-50");
+        assert_eq!(report.layout.as_deref(), Some(layout));
+        assert_eq!(m.num_classes().is_some(), has_fc, "{layout}");
+        if has_fc {
+            assert!(report.dropped.is_empty());
+        } else {
+            assert_eq!(
+                report.dropped,
+                ["encoder.encoder.fc.bias", "encoder.encoder.fc.weight"]
+            );
+        }
+        // Every other module's key is reported unused, nothing else.
+        assert_eq!(
+            report.unused.len(),
+            others.len(),
+            "{layout}: {:?}",
+            report.unused
+        );
+        let got = m.embed(&x).unwrap().pooled;
+        let d = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{layout}");
+        compared += 1;
+    }
+    assert_eq!(compared, 5);
+
+    // MedKLIP: res_features.0..6 = conv1, bn1, relu, maxpool, layer1..3; no layer4.
+    let medklip = |k: &str| -> Option<String> {
+        for (name, idx) in [
+            ("conv1.", 0),
+            ("bn1.", 1),
+            ("layer1.", 4),
+            ("layer2.", 5),
+            ("layer3.", 6),
+        ] {
+            if let Some(rest) = k.strip_prefix(name) {
+                return Some(format!("module.res_features.{idx}.{rest}"));
+            }
+        }
+        None
+    };
+    let mut ts: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (k, p) in &ck.tensors {
+        if let Some(nk) = medklip(k) {
+            ts.insert(nk, p.to_tensor(&Device::Cpu).unwrap());
+        }
+    }
+    assert!(ts.len() > 20);
+    let path = dir.join("medklip.safetensors");
+    evax::checkpoint::save_safetensors(&ts, None, &path).unwrap();
+    let err = registry::load_file(&path, None, &LoadOptions::default())
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("MedKLIP weights: the ResNet-50 stops at layer3"),
+        "{err}"
+    );
+    let mck = Checkpoint::load(&path).unwrap();
+    assert_eq!(registry::recognise(&mck).unwrap(), Family::ResNet);
+    let t = registry::load_trainable(&mck, 14, 0, &Device::Cpu, Kernels::Fused).unwrap();
+    let notes = t.init_notes();
+    assert!(notes[0].contains("layer4 initialised fresh"), "{notes:?}");
+    assert!(
+        notes[1].contains("no head fc: 14 classes initialised fresh"),
+        "{notes:?}"
+    );
+    // The fresh layer4 is the full ResNet-50 stage: 3 blocks of width 512.
+    assert_eq!(t.vars()["layer4.2.conv3.weight"].dims(), &[2048, 512, 1, 1]);
+    let y = t.forward_train(&x, 0.0, None).unwrap();
+    assert_eq!(y.dims(), &[3, 14]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// DenseNet layouts: MoCo v2 and a segmentation-models encoder over torchvision's old names.
+#[test]
+fn densenet_checkpoint_layouts_on_synthetic_files() {
+    let Some(sh) = shared_or_skip("densenet_checkpoint_layouts_on_synthetic_files") else {
+        return;
+    };
+    let legacy =
+        Checkpoint::load(sh.join("fixtures/densenet121_b2222_imagenet_oldkeys_legacy.pth"))
+            .unwrap();
+    assert!(legacy.tensors.keys().any(|k| k.contains(".norm.1.")));
+    let r = reference(&sh);
+    let x = r["input224_others"].to_tensor(&Device::Cpu).unwrap();
+    let want = registry::load(&legacy, &LoadOptions::default())
+        .unwrap()
+        .0
+        .embed(&x)
+        .unwrap()
+        .pooled;
+    let dir = std::env::temp_dir().join(format!("evax-test-{}-dn-layouts", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (prefix, layout) in [
+        ("module.encoder_q.", "MoCo v2"),
+        ("model.encoder.", "segmentation-models encoder"),
+    ] {
+        let ts: BTreeMap<String, Tensor> = legacy
+            .tensors
+            .iter()
+            .map(|(k, p)| (format!("{prefix}{k}"), p.to_tensor(&Device::Cpu).unwrap()))
+            .collect();
+        let path = dir.join(format!("{}.safetensors", layout.replace(' ', "_")));
+        evax::checkpoint::save_safetensors(&ts, None, &path).unwrap();
+        let (m, report) = registry::load_file(&path, None, &LoadOptions::default()).unwrap();
+        assert_eq!(
+            (m.name().as_str(), report.layout.as_deref()),
+            ("DenseNet-121", Some(layout))
+        );
+        assert!(report.unused.is_empty(), "{:?}", report.unused);
+        let got = m.embed(&x).unwrap().pooled;
+        let d = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{layout}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -281,16 +281,24 @@ fn finetune_refuses_wrong_family_and_wrong_shapes_before_training() {
             Tensor::zeros((192, 7), candle_core::DType::F32, &Device::Cpu).unwrap(),
         )
     });
-    for (file, what) in [
+    for (preset, file, what) in [
         (
+            "cxr14-ti",
             sh.join("fixtures/resnet50_l1111_cxr14_ft.pth"),
-            "fine-tuning ResNets is not built yet",
+            "these are ResNet weights, but the recipe (model = \"ti\") is for EVA-X",
         ),
         (
+            "cxr14-r50",
             sh.join("fixtures/densenet121_b2222_cxr14_ft.pth"),
-            "fine-tuning DenseNets is not built yet",
+            "these are DenseNet weights, but the recipe (model = \"r50\") is for ResNet",
         ),
         (
+            "cxr14-dn121",
+            sh.join("fixtures/vit_s_d2_cxr14_ft.pth"),
+            "these are ViT weights, but the recipe (model = \"dn121\") is for DenseNet",
+        ),
+        (
+            "cxr14-ti",
             misshapen.clone(),
             "blocks.2.mlp.w3.weight has shape [192, 7]",
         ),
@@ -301,7 +309,7 @@ fn finetune_refuses_wrong_family_and_wrong_shapes_before_training() {
             &[
                 "finetune",
                 "--preset",
-                "cxr14-ti",
+                preset,
                 "--weights",
                 s(&file),
                 "--data-dir",

@@ -319,6 +319,9 @@ pub fn conv_forward(
     Ok(y)
 }
 
+/// A convolution's gradients: the input's (when asked for), the weight's and the bias's.
+pub type ConvGrads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
+
 /// Gradients of a convolution for the output gradient `dy` `[b, cout, ho, wo]`: the input's
 /// (when `want_dx`), the weight's and the bias's (sums over images in a fixed order).
 pub fn conv_backward(
@@ -327,7 +330,7 @@ pub fn conv_backward(
     dy: &[f32],
     s: &ConvShape,
     want_dx: bool,
-) -> Result<(Option<Vec<f32>>, Vec<f32>, Vec<f32>), String> {
+) -> Result<ConvGrads, String> {
     s.check(x.len(), weight.len(), None)?;
     let (plane, rows) = (s.out_plane(), s.col_rows());
     if dy.len() != s.b * s.cout * plane {
@@ -459,11 +462,7 @@ fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
 /// Per-channel batch statistics of `x` `[b, c, plane]`: means and biased variances (each
 /// plane summed in f32 lanes, planes added in f64; two passes).
 pub fn channel_stats(x: &[f32], c: usize, plane: usize) -> (Vec<f32>, Vec<f32>) {
-    let b = if c * plane == 0 {
-        0
-    } else {
-        x.len() / (c * plane)
-    };
+    let b = x.len().checked_div(c * plane).unwrap_or(0);
     let n = (b * plane) as f64;
     (0..c)
         .into_par_iter()

@@ -331,12 +331,7 @@ impl<'a> Weights<'a> {
     }
 
     /// The load report, or every problem recorded as one error naming the `family`.
-    pub(crate) fn finish(
-        self,
-        family: &str,
-        prefix: &str,
-        outside: Vec<String>,
-    ) -> Result<LoadReport> {
+    pub(crate) fn finish(self, family: &str, keys: Origin) -> Result<LoadReport> {
         if !self.problems.is_empty() {
             let shown: Vec<&str> = self.problems.iter().take(12).map(|s| s.as_str()).collect();
             return Err(ModelError::Weights(format!(
@@ -356,15 +351,42 @@ impl<'a> Weights<'a> {
             .sd
             .keys()
             .filter(|k| !self.used.contains(*k))
-            .map(|k| format!("{prefix}{k}"))
+            .map(|k| format!("{}{k}", keys.prefix))
             .collect();
-        unused.extend(outside);
+        unused.extend(keys.outside);
         Ok(LoadReport {
             unused,
-            prefix: prefix.to_string(),
+            prefix: keys.prefix,
             from_timm: false,
             parameters,
+            layout: keys.layout.map(String::from),
+            dropped: keys.dropped,
         })
+    }
+}
+
+/// Where a CNN state dict came from, for the load report.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Origin {
+    /// The layout recognised (none for a state dict of our own).
+    pub layout: Option<&'static str>,
+    /// The prefix stripped.
+    pub prefix: String,
+    /// Keys outside the backbone.
+    pub outside: Vec<String>,
+    /// Backbone keys dropped as the original drops them.
+    pub dropped: Vec<String>,
+}
+
+impl Origin {
+    /// The origin of keys rewritten by [`super::layouts::cnn_keys`].
+    pub(crate) fn of(keys: &super::layouts::CnnKeys) -> Self {
+        Origin {
+            layout: Some(keys.layout),
+            prefix: keys.prefix.clone(),
+            outside: keys.outside.clone(),
+            dropped: keys.dropped.clone(),
+        }
     }
 }
 
@@ -492,8 +514,8 @@ pub struct CnnTrainable {
     layout: Box<dyn CnnLayout>,
     ops: BatchStats,
     device: Device,
-    /// Keys dropped when the head was re-initialised (empty when it was kept).
-    pub dropped: Vec<String>,
+    /// What was dropped or initialised fresh when adapting the weights.
+    pub notes: Vec<String>,
 }
 
 impl CnnTrainable {
@@ -513,13 +535,15 @@ impl CnnTrainable {
         let head = layout.head_key();
         let (wk, bk) = (format!("{head}.weight"), format!("{head}.bias"));
         let features = layout.features();
-        let mut dropped = Vec::new();
+        let mut notes = Vec::new();
         if sd.get(&wk).map(|p| p.shape.clone()) != Some(vec![classes, features]) {
-            dropped = [&wk, &bk]
-                .into_iter()
-                .filter(|k| sd.contains_key(*k))
-                .cloned()
-                .collect();
+            let had = sd.get(&wk).and_then(|p| p.shape.first().copied());
+            notes.push(match had {
+                Some(k) => {
+                    format!("head {head} has {k} classes: dropped, {classes} initialised fresh")
+                }
+                None => format!("no head {head}: {classes} classes initialised fresh"),
+            });
             // torch.nn.Linear's initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both.
             let bound = 1.0 / (features as f64).sqrt();
             let mut rng = crate::rng::Rng::new(seed ^ 0x6865_6164);
@@ -571,7 +595,7 @@ impl CnnTrainable {
                 kernels,
             },
             device: device.clone(),
-            dropped,
+            notes,
         })
     }
 }
@@ -645,5 +669,9 @@ impl Trainable for CnnTrainable {
 
     fn checkpoint_metadata(&self) -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    fn init_notes(&self) -> Vec<String> {
+        self.notes.clone()
     }
 }

@@ -8,10 +8,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{D, Device, Tensor, Var};
 
-use super::cnn::{self, CnnLayout, CnnTrainable, Folded, Ops, Unit, Weights, out_channels};
-use super::{
-    Backbone, Classifier, LoadOptions, LoadReport, ModelError, Representation, strip_prefix,
-};
+use super::cnn::{self, CnnLayout, CnnTrainable, Folded, Ops, Origin, Unit, Weights, out_channels};
+use super::layouts::{self, CnnKeys};
+use super::{Backbone, Classifier, LoadOptions, LoadReport, ModelError, Representation};
 use crate::checkpoint::{Checkpoint, Param};
 use crate::explain::{CamBatch, CamSource, gradient_rounds};
 use crate::kernels::Kernels;
@@ -19,23 +18,14 @@ use crate::preprocess::Normalization;
 
 type Result<T> = std::result::Result<T, ModelError>;
 
-/// Prefixes a DenseNet is found under.
-const PREFIXES: [&str; 4] = ["", "module.", "model.", "backbone."];
+/// The checkpoint's keys in torchvision's current DenseNet names (from any layout
+/// [`layouts::cnn_keys`] knows, old `norm.1` / `conv.2` names included), if it holds a DenseNet.
+pub fn find_backbone(tensors: &BTreeMap<String, Param>) -> Option<CnnKeys> {
+    layouts::cnn_keys(tensors).filter(|k| layouts::is_densenet(&k.sd))
+}
 
-/// torchvision's old layer names and the current ones.
-const OLD_NAMES: [(&str, &str); 4] = [
-    (".norm.1.", ".norm1."),
-    (".conv.1.", ".conv1."),
-    (".norm.2.", ".norm2."),
-    (".conv.2.", ".conv2."),
-];
-
-/// The prefix of a torchvision DenseNet's keys, if the state dict holds one.
-pub fn find_backbone(tensors: &BTreeMap<String, Param>) -> Option<&'static str> {
-    PREFIXES.into_iter().find(|p| {
-        tensors.contains_key(&format!("{p}features.conv0.weight"))
-            && tensors.contains_key(&format!("{p}features.norm0.running_mean"))
-    })
+fn not_a_densenet() -> ModelError {
+    ModelError::Weights("not a DenseNet: no features.conv0 / norm0 keys".into())
 }
 
 /// The structure of a torchvision DenseNet, read off the weights.
@@ -203,7 +193,7 @@ impl CnnLayout for DenseLayout {
             ..Default::default()
         };
         Ok(Box::new(
-            DenseNet::from_state_dict(sd, "", Vec::new(), &opts)?.0,
+            DenseNet::from_state_dict(sd, Origin::default(), &opts)?.0,
         ))
     }
 }
@@ -219,25 +209,21 @@ pub struct DenseNet {
 impl DenseNet {
     /// Build a DenseNet from a checkpoint whose keys [`find_backbone`] recognises.
     pub fn from_checkpoint(ck: &Checkpoint, opts: &LoadOptions) -> Result<(Self, LoadReport)> {
-        let prefix = find_backbone(&ck.tensors).ok_or_else(|| {
-            ModelError::Weights("not a DenseNet: no features.conv0 / norm0 keys".into())
-        })?;
-        let (sd, outside) = strip_prefix(&ck.tensors, prefix, &OLD_NAMES);
-        Self::from_state_dict(&sd, prefix, outside, opts)
+        let keys = find_backbone(&ck.tensors).ok_or_else(not_a_densenet)?;
+        Self::from_state_dict(&keys.sd, Origin::of(&keys), opts)
     }
 
     /// Build a DenseNet from a state dict with torchvision's current names.
     pub(crate) fn from_state_dict(
         sd: &BTreeMap<String, Param>,
-        prefix: &str,
-        outside: Vec<String>,
+        origin: Origin,
         opts: &LoadOptions,
     ) -> Result<(Self, LoadReport)> {
         let layout = DenseLayout::from_keys(sd)?;
         let mut w = Weights::new(sd, &opts.device);
         let ops = w.folded(&layout.units(), opts.kernels)?;
         let classifier = w.head("classifier", layout.features)?;
-        let report = w.finish("DenseNet", prefix, outside)?;
+        let report = w.finish("DenseNet", origin)?;
         let model = DenseNet {
             layout,
             ops,
@@ -255,12 +241,9 @@ impl DenseNet {
         device: &Device,
         kernels: Kernels,
     ) -> Result<CnnTrainable> {
-        let prefix = find_backbone(&ck.tensors).ok_or_else(|| {
-            ModelError::Weights("not a DenseNet: no features.conv0 / norm0 keys".into())
-        })?;
-        let (sd, _) = strip_prefix(&ck.tensors, prefix, &OLD_NAMES);
-        let layout = DenseLayout::from_keys(&sd)?;
-        CnnTrainable::new(Box::new(layout), &sd, classes, seed, device, kernels)
+        let keys = find_backbone(&ck.tensors).ok_or_else(not_a_densenet)?;
+        let layout = DenseLayout::from_keys(&keys.sd)?;
+        CnnTrainable::new(Box::new(layout), &keys.sd, classes, seed, device, kernels)
     }
 
     fn input(&self, x: &Tensor) -> Result<Tensor> {

@@ -22,8 +22,14 @@ pub struct Inspection {
     pub extras: Vec<(String, String)>,
     /// Number of tensors in the state dict.
     pub tensors: usize,
-    /// The model family recognised (`EVA-X`, `ViT`).
+    /// The model family recognised (`EVA-X`, `ViT`, `ResNet`, `DenseNet`).
     pub family: Option<&'static str>,
+    /// The checkpoint layout the keys were read in (`MoCo v2`, `MGCA`, ...; CNNs).
+    pub layout: Option<String>,
+    /// The prefix the backbone was found under.
+    pub prefix: Option<String>,
+    /// Backbone keys dropped as the original drops them.
+    pub dropped_keys: Vec<String>,
     /// The inferred EVA-X architecture, when the weights describe one.
     pub config: Option<EvaXConfig>,
     /// The inferred plain-ViT architecture, when the weights describe one.
@@ -56,6 +62,9 @@ pub fn inspect(ck: &Checkpoint, opts: &LoadOptions) -> Inspection {
         extras: ck.extras.clone(),
         tensors: ck.tensors.len(),
         family: None,
+        layout: None,
+        prefix: None,
+        dropped_keys: Vec::new(),
         config: None,
         vit: None,
         variant: None,
@@ -84,6 +93,11 @@ pub fn inspect(ck: &Checkpoint, opts: &LoadOptions) -> Inspection {
     }
     if let Ok(family @ (Family::ResNet | Family::DenseNet)) = registry::recognise(ck) {
         out.family = Some(family.name());
+        if let Some(k) = super::layouts::cnn_keys(&ck.tensors) {
+            out.layout = Some(k.layout.to_string());
+            out.prefix = Some(k.prefix.clone());
+            out.dropped_keys = k.dropped.clone();
+        }
         match registry::load(ck, opts) {
             Ok((m, report)) => {
                 out.variant = Some(m.name());
@@ -151,6 +165,21 @@ pub fn render_text(i: &Inspection) -> String {
     if !i.extras.is_empty() {
         let e: Vec<String> = i.extras.iter().map(|(k, t)| format!("{k}: {t}")).collect();
         w!(out, "also holds   {}", e.join(", "));
+    }
+    if let Some(layout) = &i.layout {
+        let prefix = i.prefix.as_deref().unwrap_or("");
+        if prefix.is_empty() {
+            w!(out, "layout       {layout}");
+        } else {
+            w!(out, "layout       {layout} (keys under '{prefix}')");
+        }
+    }
+    if !i.dropped_keys.is_empty() {
+        w!(
+            out,
+            "dropped      {} (as the original does)",
+            i.dropped_keys.join(", ")
+        );
     }
     if i.config.is_none() && i.vit.is_none() && i.variant.is_some() {
         w!(

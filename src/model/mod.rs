@@ -14,6 +14,7 @@ pub mod eva_x;
 pub mod grad;
 pub mod inspect;
 pub mod interp;
+pub mod layouts;
 pub mod random;
 pub mod registry;
 pub mod resnet;
@@ -126,6 +127,12 @@ pub trait Trainable: Send {
 
     /// Metadata to store beside the weights so that they load back as this model.
     fn checkpoint_metadata(&self) -> Vec<(String, String)>;
+
+    /// What was dropped or initialised fresh when the starting weights were adapted (a head
+    /// of another class count, a missing `fc_norm` or stage), one line each.
+    fn init_notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// What every patch-token transformer's weights say about its shape: width, patch size, block

@@ -46,6 +46,20 @@ impl Builder {
         self.random(format!("{key}.weight"), vec![cout, cin, k, k], std);
     }
 
+    /// torchvision's convolution initialisation: normal, std sqrt(2 / (cout * k * k)).
+    fn he_normal(&mut self, key: &str, cout: usize, cin: usize, k: usize) {
+        let std = (2.0 / (cout * k * k) as f64).sqrt();
+        let n = cout * cin * k * k;
+        let data = (0..n)
+            .map(|_| {
+                // Box-Muller.
+                let (u, v) = (1.0 - self.rng.unit(), self.rng.unit());
+                ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos() * std) as f32
+            })
+            .collect();
+        self.put(format!("{key}.weight"), vec![cout, cin, k, k], data);
+    }
+
     /// A BatchNorm with identity statistics.
     fn bn(&mut self, key: &str, c: usize) {
         self.constant(format!("{key}.weight"), c, 1.0);
@@ -63,6 +77,36 @@ impl Builder {
         self.constant(format!("{key}.weight"), c, 1.0);
         self.constant(format!("{key}.bias"), c, 0.0);
     }
+}
+
+/// Add ResNet stage `stage` (`blocks` Bottlenecks of width `width`, `cin` input channels,
+/// the first with a stride-2 downsample) to `sd`, initialised as torchvision does: He-normal
+/// convolutions (fan out), BatchNorm 1 / 0 with identity statistics.
+pub(crate) fn resnet_stage(
+    sd: &mut BTreeMap<String, Param>,
+    stage: usize,
+    blocks: usize,
+    width: usize,
+    cin: usize,
+    seed: u64,
+) {
+    let mut b = Builder::new(seed ^ 0x7265_736e);
+    let mut cin = cin;
+    for i in 0..blocks {
+        let p = format!("layer{stage}.{i}");
+        b.he_normal(&format!("{p}.conv1"), width, cin, 1);
+        b.bn(&format!("{p}.bn1"), width);
+        b.he_normal(&format!("{p}.conv2"), width, width, 3);
+        b.bn(&format!("{p}.bn2"), width);
+        b.he_normal(&format!("{p}.conv3"), 4 * width, width, 1);
+        b.bn(&format!("{p}.bn3"), 4 * width);
+        if i == 0 {
+            b.he_normal(&format!("{p}.downsample.0"), 4 * width, cin, 1);
+            b.bn(&format!("{p}.downsample.1"), 4 * width);
+        }
+        cin = 4 * width;
+    }
+    sd.extend(b.sd);
 }
 
 /// The architectures `evax bench` can time besides EVA-X.

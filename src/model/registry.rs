@@ -38,6 +38,21 @@ impl Family {
     }
 }
 
+impl Family {
+    /// The family a recipe's `model` names: an EVA-X size (`ti`, `s`, `b`) or a baseline
+    /// (`r50`, `dn121`, `vit-s`).
+    pub fn of_model(name: &str) -> Option<Family> {
+        match name {
+            "ti" | "s" | "b" => Some(Family::EvaX),
+            _ => match super::random::Baseline::from_name(name)? {
+                super::random::Baseline::ResNet50 => Some(Family::ResNet),
+                super::random::Baseline::DenseNet121 => Some(Family::DenseNet),
+                super::random::Baseline::VitS => Some(Family::Vit),
+            },
+        }
+    }
+}
+
 /// The family of a checkpoint's weights, or an error saying why none fits.
 pub fn recognise(ck: &Checkpoint) -> Result<Family, ModelError> {
     // A plain ViT's `mlp.fc1` would also pass as EVA-X's packed SwiGLU: look for it first.
@@ -124,8 +139,9 @@ pub fn load_trainable(
     }
 }
 
-/// A fresh initialisation (as timm's) of a named configuration (`ti`, `s`, `b`) for square
-/// inputs of `input` pixels and `classes` classes.
+/// A fresh initialisation of a named configuration for square inputs of `input` pixels and
+/// `classes` classes: an EVA-X size (`ti`, `s`, `b`; timm's initialisation) or a baseline
+/// (`r50`, `dn121`, `vit-s`; seeded He-scaled weights).
 pub fn init_trainable(
     name: &str,
     input: usize,
@@ -134,8 +150,14 @@ pub fn init_trainable(
     device: &Device,
     kernels: Kernels,
 ) -> Result<Box<dyn Trainable>, ModelError> {
-    let mut cfg = EvaXConfig::preset(name)
-        .ok_or_else(|| ModelError::Input(format!("unknown model '{name}' (ti, s, b)")))?;
+    if let Some(b) = super::random::Baseline::from_name(name) {
+        return load_trainable(&b.random_checkpoint(seed), classes, seed, device, kernels);
+    }
+    let mut cfg = EvaXConfig::preset(name).ok_or_else(|| {
+        ModelError::Input(format!(
+            "unknown model '{name}' (ti, s, b, r50, dn121, vit-s)"
+        ))
+    })?;
     if input == 0 || !input.is_multiple_of(cfg.patch_size) {
         return Err(ModelError::Input(format!(
             "input size {input} is not a positive multiple of {}",

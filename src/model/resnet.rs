@@ -10,10 +10,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{D, Device, Tensor, Var};
 
-use super::cnn::{self, CnnLayout, CnnTrainable, Folded, Ops, Unit, Weights, out_channels};
-use super::{
-    Backbone, Classifier, LoadOptions, LoadReport, ModelError, Representation, strip_prefix,
-};
+use super::cnn::{self, CnnLayout, CnnTrainable, Folded, Ops, Origin, Unit, Weights, out_channels};
+use super::layouts::{self, CnnKeys};
+use super::{Backbone, Classifier, LoadOptions, LoadReport, ModelError, Representation};
 use crate::checkpoint::{Checkpoint, Param};
 use crate::explain::{CamBatch, CamSource, gradient_rounds};
 use crate::kernels::Kernels;
@@ -21,16 +20,14 @@ use crate::preprocess::Normalization;
 
 type Result<T> = std::result::Result<T, ModelError>;
 
-/// Prefixes a ResNet is found under (torch wrappers, segmentation-model encoders).
-const PREFIXES: [&str; 5] = ["", "module.", "model.", "backbone.", "model.encoder."];
+/// The checkpoint's keys in torchvision's ResNet layout (from any layout
+/// [`layouts::cnn_keys`] knows), if it holds a ResNet.
+pub fn find_backbone(tensors: &BTreeMap<String, Param>) -> Option<CnnKeys> {
+    layouts::cnn_keys(tensors).filter(|k| layouts::is_resnet(&k.sd))
+}
 
-/// The prefix of a torchvision ResNet's keys, if the state dict holds one.
-pub fn find_backbone(tensors: &BTreeMap<String, Param>) -> Option<&'static str> {
-    PREFIXES.into_iter().find(|p| {
-        tensors.contains_key(&format!("{p}conv1.weight"))
-            && tensors.contains_key(&format!("{p}bn1.running_mean"))
-            && tensors.contains_key(&format!("{p}layer1.0.conv3.weight"))
-    })
+fn not_a_resnet() -> ModelError {
+    ModelError::Weights("not a ResNet: no conv1 / bn1 / layer1 keys".into())
 }
 
 /// The structure of a torchvision ResNet with Bottleneck blocks, read off the weights.
@@ -168,7 +165,7 @@ impl CnnLayout for ResNetLayout {
             ..Default::default()
         };
         Ok(Box::new(
-            ResNet::from_state_dict(sd, "", Vec::new(), &opts)?.0,
+            ResNet::from_state_dict(sd, Origin::default(), &opts)?.0,
         ))
     }
 }
@@ -184,26 +181,29 @@ pub struct ResNet {
 impl ResNet {
     /// Build a ResNet from a checkpoint whose keys [`find_backbone`] recognises.
     pub fn from_checkpoint(ck: &Checkpoint, opts: &LoadOptions) -> Result<(Self, LoadReport)> {
-        let prefix = find_backbone(&ck.tensors).ok_or_else(|| {
-            ModelError::Weights("not a ResNet: no conv1 / bn1 / layer1 keys".into())
-        })?;
-        let (sd, outside) = strip_prefix(&ck.tensors, prefix, &[]);
-        Self::from_state_dict(&sd, prefix, outside, opts)
+        let keys = find_backbone(&ck.tensors).ok_or_else(not_a_resnet)?;
+        if keys.lacks_layer4 {
+            return Err(ModelError::Weights(format!(
+                "{} weights: the ResNet-50 stops at layer3; `evax finetune` initialises layer4 \
+                 fresh, as the original does, but inference needs fine-tuned weights",
+                keys.layout
+            )));
+        }
+        Self::from_state_dict(&keys.sd, Origin::of(&keys), opts)
     }
 
-    /// Build a ResNet from a state dict with torchvision's names (`prefix`, `outside`: what the
-    /// report says was stripped and left out).
+    /// Build a ResNet from a state dict with torchvision's names (`origin`: where the keys
+    /// came from, for the report).
     pub(crate) fn from_state_dict(
         sd: &BTreeMap<String, Param>,
-        prefix: &str,
-        outside: Vec<String>,
+        origin: Origin,
         opts: &LoadOptions,
     ) -> Result<(Self, LoadReport)> {
         let layout = ResNetLayout::from_keys(sd)?;
         let mut w = Weights::new(sd, &opts.device);
         let ops = w.folded(&layout.units(), opts.kernels)?;
         let fc = w.head("fc", layout.features)?;
-        let report = w.finish("ResNet", prefix, outside)?;
+        let report = w.finish("ResNet", origin)?;
         let model = ResNet {
             layout,
             ops,
@@ -221,12 +221,32 @@ impl ResNet {
         device: &Device,
         kernels: Kernels,
     ) -> Result<CnnTrainable> {
-        let prefix = find_backbone(&ck.tensors).ok_or_else(|| {
-            ModelError::Weights("not a ResNet: no conv1 / bn1 / layer1 keys".into())
-        })?;
-        let (sd, _) = strip_prefix(&ck.tensors, prefix, &[]);
+        let keys = find_backbone(&ck.tensors).ok_or_else(not_a_resnet)?;
+        let mut sd = keys.sd.clone();
+        let mut notes = Vec::new();
+        if keys.lacks_layer4 {
+            let cin = out_channels(
+                &sd,
+                &format!(
+                    "layer3.{}.conv3",
+                    cnn::count_indexed(&sd, "layer3.").max(1) - 1
+                ),
+            );
+            super::random::resnet_stage(&mut sd, 4, 3, 512, cin, seed);
+            notes.push(format!(
+                "{} weights stop at layer3: layer4 initialised fresh (torchvision's initialisation)",
+                keys.layout
+            ));
+        }
         let layout = ResNetLayout::from_keys(&sd)?;
-        CnnTrainable::new(Box::new(layout), &sd, classes, seed, device, kernels)
+        let mut t = CnnTrainable::new(Box::new(layout), &sd, classes, seed, device, kernels)?;
+        t.notes.splice(0..0, notes);
+        t.notes.extend(
+            keys.dropped
+                .iter()
+                .map(|k| format!("dropped {k} (as the original does)")),
+        );
+        Ok(t)
     }
 
     fn input(&self, x: &Tensor) -> Result<Tensor> {

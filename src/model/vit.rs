@@ -318,6 +318,7 @@ impl Vit {
             prefix: prefix.to_string(),
             from_timm: true,
             parameters,
+            ..Default::default()
         };
         Ok((model, report))
     }
@@ -518,6 +519,7 @@ pub struct VitTrainable {
     pub vars: BTreeMap<String, Var>,
     device: Device,
     kernels: Kernels,
+    notes: Vec<String>,
 }
 
 impl VitTrainable {
@@ -539,6 +541,12 @@ impl VitTrainable {
             shape,
             data,
         };
+        let mut notes: Vec<String> = sd
+            .keys()
+            .filter(|k| k.starts_with("norm.") || k.starts_with("decoder") || *k == "mask_token")
+            .take(1)
+            .map(|_| "pre-training keys (norm, decoder_*, mask_token) dropped".to_string())
+            .collect();
         sd.retain(|k, _| {
             k.starts_with("patch_embed.")
                 || k.starts_with("blocks.")
@@ -548,10 +556,18 @@ impl VitTrainable {
                 || k == "pos_embed"
         });
         if !sd.contains_key("fc_norm.weight") {
+            notes.push("no fc_norm: initialised fresh (weight 1, bias 0)".into());
             sd.insert("fc_norm.weight".into(), f32param(vec![c], vec![1.0; c]));
             sd.insert("fc_norm.bias".into(), f32param(vec![c], vec![0.0; c]));
         }
-        if sd.get("head.weight").and_then(|w| w.shape.first().copied()) != Some(num_classes) {
+        let had = sd.get("head.weight").and_then(|w| w.shape.first().copied());
+        if had != Some(num_classes) {
+            notes.push(match had {
+                Some(k) => {
+                    format!("head has {k} classes: dropped, {num_classes} initialised fresh")
+                }
+                None => format!("no head: {num_classes} classes initialised fresh"),
+            });
             let mut rng = crate::rng::Rng::new(seed ^ 0x4845_4144);
             let w = (0..num_classes * c)
                 .map(|_| training::trunc_normal(&mut rng, 2e-5))
@@ -578,6 +594,7 @@ impl VitTrainable {
             vars,
             device: device.clone(),
             kernels,
+            notes,
         })
     }
 
@@ -699,5 +716,9 @@ impl Trainable for VitTrainable {
 
     fn checkpoint_metadata(&self) -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    fn init_notes(&self) -> Vec<String> {
+        self.notes.clone()
     }
 }

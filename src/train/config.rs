@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 pub struct TrainConfig {
     /// Dataset: cxr14, chexpert, covidx3, covidx4 (or "synthetic" for the demo).
     pub dataset: String,
-    /// Model size for a random initialisation when no weights are given: ti, s, b.
+    /// The model the recipe is for: an EVA-X size (ti, s, b) or a baseline (r50, dn121,
+    /// vit-s); initialised at random when no weights are given, and weights of another family
+    /// are refused.
     pub model: String,
     /// Input side in pixels.
     pub input_size: usize,
@@ -46,6 +48,9 @@ pub struct TrainConfig {
     /// CheXpert's "fake epochs": each epoch draws len / N images, image i of the epoch taken
     /// from a random one of the N segments of the list (1: ordinary epochs).
     pub fake_epoch_div: usize,
+    /// Segments a fake epoch draws from, the first ones (0: all N). The original draws
+    /// `randint(0, 9)` of 20 segments, so its CheXpert presets set 10.
+    pub fake_epoch_segments: usize,
     /// Evaluate every N epochs (and after the last).
     pub eval_every: usize,
     /// Split trained on.
@@ -84,6 +89,7 @@ impl Default for TrainConfig {
             rand_augment: "rand-m6-mstd0.5-inc1".into(),
             data_pct: 1.0,
             fake_epoch_div: 1,
+            fake_epoch_segments: 0,
             eval_every: 1,
             train_split: "train".into(),
             eval_split: "val".into(),
@@ -96,10 +102,19 @@ impl Default for TrainConfig {
 }
 
 /// The presets shipped with evax, by name.
-pub const PRESETS: [(&str, &str); 11] = [
+pub const PRESETS: [(&str, &str); 14] = [
     ("cxr14-ti", include_str!("../../presets/cxr14-ti.toml")),
     ("cxr14-s", include_str!("../../presets/cxr14-s.toml")),
     ("cxr14-b", include_str!("../../presets/cxr14-b.toml")),
+    ("cxr14-r50", include_str!("../../presets/cxr14-r50.toml")),
+    (
+        "cxr14-dn121",
+        include_str!("../../presets/cxr14-dn121.toml"),
+    ),
+    (
+        "cxr14-vit-s",
+        include_str!("../../presets/cxr14-vit-s.toml"),
+    ),
     (
         "chexpert-ti",
         include_str!("../../presets/chexpert-ti.toml"),
@@ -250,5 +265,47 @@ mod tests {
                 .contains("epochz")
         );
         assert!(TrainConfig::build(Some("nope"), None, &[]).is_err());
+    }
+
+    #[test]
+    fn presets_have_the_seeds_effective_batch_four_gpus_times_per_gpu() {
+        let effective = |p: &str| {
+            let c = TrainConfig::build(Some(p), None, &[]).unwrap();
+            c.batch_size * c.accum_iter
+        };
+        let want = [
+            ("cxr14-ti", 1024),
+            ("cxr14-s", 1024),
+            ("cxr14-b", 512),
+            ("chexpert-ti", 1024),
+            ("chexpert-s", 1024),
+            ("covidx3-s-100pct", 512),
+            ("covidx3-s-10pct", 512),
+            ("covidx3-s-1pct", 512),
+            ("covidx4-s-100pct", 512),
+            ("covidx4-s-10pct", 512),
+            ("covidx4-s-1pct", 512),
+            ("cxr14-r50", 1024),
+            ("cxr14-dn121", 1024),
+            ("cxr14-vit-s", 1024),
+        ];
+        assert_eq!(want.len(), PRESETS.len());
+        for (p, b) in want {
+            assert_eq!(effective(p), b, "{p}");
+        }
+        for p in ["chexpert-ti", "chexpert-s"] {
+            let c = TrainConfig::build(Some(p), None, &[]).unwrap();
+            assert_eq!((c.fake_epoch_div, c.fake_epoch_segments), (20, 10), "{p}");
+        }
+        let c = TrainConfig::build(Some("cxr14-r50"), None, &[]).unwrap();
+        assert_eq!(
+            (c.epochs, c.lr, c.min_lr, c.layer_decay),
+            (75, 2.5e-4, 1e-5, 1.0)
+        );
+        let c = TrainConfig::build(Some("cxr14-vit-s"), None, &[]).unwrap();
+        assert_eq!(
+            (c.layer_decay, c.drop_path, c.model.as_str()),
+            (0.55, 0.2, "vit-s")
+        );
     }
 }

@@ -154,10 +154,14 @@ impl Run {
         let div = self.cfg.fake_epoch_div.max(1);
         let mut order: Vec<usize> = if div > 1 {
             let seg = (n / div).max(1);
+            let drawn = match self.cfg.fake_epoch_segments {
+                0 => div,
+                k => k.min(div),
+            };
             (0..seg)
                 .map(|i| {
                     let r =
-                        Rng::new(mix(&[self.cfg.seed, epoch as u64, i as u64, 0xfa])).below(div);
+                        Rng::new(mix(&[self.cfg.seed, epoch as u64, i as u64, 0xfa])).below(drawn);
                     (r * seg + i).min(n - 1)
                 })
                 .collect()
@@ -274,7 +278,11 @@ impl Run {
                 pb.inc(1);
                 let boundary = (it + 1) % cfg.accum_iter == 0 || it + 1 == iters;
                 if boundary {
-                    let lr = schedule.at(epoch as f64 + it as f64 / iters as f64);
+                    // As the original: the rate of the step's first pass, at the fraction of
+                    // the epoch seen before it (passes per epoch = len / batch_size, so with
+                    // batch_size x accum_iter = the seed's effective batch, its steps).
+                    let first = it - it % cfg.accum_iter;
+                    let lr = schedule.at(epoch as f64 + first as f64 / iters as f64);
                     let norm = grad_norm(&acc)?;
                     let clip = if cfg.clip_grad > 0.0 && norm > cfg.clip_grad {
                         cfg.clip_grad / (norm + 1e-6)
@@ -575,5 +583,16 @@ mod tests {
         assert_eq!(pos, vec![0, 1, 2, 3, 4]);
         assert_ne!(a, run.epoch_order(1));
         assert_eq!(a, run.epoch_order(0));
+        // All 20 segments are drawn over many epochs; with the original's randint(0, 9), only
+        // the first 10 (images 0..50).
+        let all: Vec<usize> = (0..200).flat_map(|e| run.epoch_order(e)).collect();
+        assert_eq!(all.len(), 1000);
+        assert!(all.iter().any(|&i| i >= 50) && all.iter().any(|&i| i < 50));
+        let mut half = run;
+        half.cfg.fake_epoch_segments = 10;
+        let seen: Vec<usize> = (0..200).flat_map(|e| half.epoch_order(e)).collect();
+        assert_eq!(seen.len(), 1000);
+        assert!(seen.iter().all(|&i| i < 50));
+        assert!(seen.iter().any(|&i| i >= 45), "segment 9 is drawn");
     }
 }

@@ -27,6 +27,23 @@ pub fn initial_model(
     let m = match weights {
         Some(w) => {
             let ck = Checkpoint::load(w)?;
+            let found = registry::recognise(&ck).context(w.display())?;
+            if let Some(want) = registry::Family::of_model(model).filter(|f| *f != found) {
+                return Err(Error::Invalid(format!(
+                    "{}: these are {} weights, but the recipe (model = \"{model}\") is for {}; \
+                     pick a recipe for {} (e.g. --preset {}) or set model=...",
+                    w.display(),
+                    found.name(),
+                    want.name(),
+                    found.name(),
+                    match found {
+                        registry::Family::EvaX => "cxr14-s",
+                        registry::Family::Vit => "cxr14-vit-s",
+                        registry::Family::ResNet => "cxr14-r50",
+                        registry::Family::DenseNet => "cxr14-dn121",
+                    }
+                )));
+            }
             registry::load_trainable(&ck, classes, seed, device, kernels)
                 .context(format!("{}: cannot fine-tune these weights", w.display()))?
         }
@@ -113,6 +130,7 @@ impl Finetune {
             &self.device,
             self.kernels,
         )?;
+        model.init_notes().iter().for_each(|n| note(n));
         note(&format!(
             "fine-tuning {} on {} ({} training images, evaluating on {} {}); selecting on {} {}",
             model.name(),

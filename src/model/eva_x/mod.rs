@@ -159,6 +159,10 @@ pub struct LoadReport {
     pub from_timm: bool,
     /// Parameters of the model (excluding RoPE buffers).
     pub parameters: usize,
+    /// The checkpoint layout recognised, where it is not the family's own.
+    pub layout: Option<String>,
+    /// Backbone keys dropped as the original drops them.
+    pub dropped: Vec<String>,
 }
 
 /// Collects weights by key, recording what was used and what was missing.
@@ -569,6 +573,7 @@ impl EvaX {
             prefix: sd.prefix.clone(),
             from_timm: sd.from_timm,
             parameters,
+            ..Default::default()
         };
         Ok((model, report))
     }
