@@ -66,6 +66,20 @@ pub struct EvalReport {
     pub skipped: Vec<Failure>,
     /// Predictions reused from an interrupted run.
     pub resumed: usize,
+    /// The evaluated images' names, labels and scores, row by row (also in the `.npy` files).
+    #[serde(skip)]
+    pub predictions: Predictions,
+}
+
+/// Labels and scores of the evaluated images, `[rows, K]` row-major.
+#[derive(Debug, Clone, Default)]
+pub struct Predictions {
+    /// Image names as the list gives them.
+    pub names: Vec<String>,
+    /// Labels.
+    pub y_true: Vec<f32>,
+    /// Sigmoid scores.
+    pub y_pred: Vec<f32>,
 }
 
 /// Bootstrap intervals by class name.
@@ -240,7 +254,7 @@ impl EvalJob<'_> {
             .iter()
             .flat_map(|&i| samples[i].labels.iter().copied())
             .collect();
-        let report = self.metrics(&classes, &y_gt, &y_pred, rows.len(), skipped, resumed);
+        let mut report = self.metrics(&classes, &y_gt, &y_pred, rows.len(), skipped, resumed);
         let write = |name: &str, bytes: &[u8]| {
             crate::io::write_atomic(&out_dir.join(name), bytes)
                 .map_err(|e| Error::io(out_dir.join(name), e))
@@ -256,6 +270,11 @@ impl EvalJob<'_> {
             .collect();
         write("skipped.txt", skipped_txt.as_bytes())?;
         let _ = std::fs::remove_file(&journal.path);
+        report.predictions = Predictions {
+            names: rows.iter().map(|&i| samples[i].name.clone()).collect(),
+            y_true: y_gt,
+            y_pred,
+        };
         Ok(report)
     }
 
@@ -308,6 +327,7 @@ impl EvalJob<'_> {
             classification: cls,
             skipped,
             resumed,
+            predictions: Predictions::default(),
         }
     }
 }

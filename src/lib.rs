@@ -16,6 +16,7 @@ macro_rules! w {
 
 pub mod bench;
 pub mod checkpoint;
+pub mod compare;
 pub mod data;
 pub mod demo;
 pub mod dicom;

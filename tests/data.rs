@@ -545,3 +545,108 @@ fn interrupted_eval_resumes_with_the_same_result() {
     assert_eq!(a["mauc"], b["mauc"]);
     assert!(!journal.exists());
 }
+
+#[test]
+fn compare_puts_every_family_in_one_table_and_reports_a_bad_model() {
+    let Some(sh) = shared_or_skip("compare_puts_every_family_in_one_table_and_reports_a_bad_model")
+    else {
+        return;
+    };
+    let root = scratch("compare");
+    let dir = root.join("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut list = String::new();
+    for i in 0..16u32 {
+        let name = format!("syn{i:03}.png");
+        synth_png(&dir.join(&name), 256, 256, i, 8);
+        list.push_str(&format!(
+            "{name} {} 0 0 0 0 0 0 0 0 0 0 0 0 {}\n",
+            i % 2,
+            (i / 3) % 2
+        ));
+    }
+    std::fs::write(dir.join("test_official.txt"), list).unwrap();
+    let fx = sh.join("fixtures");
+    let models = [
+        fx.join("eva_x_ti_cxr14_ft.pth"),
+        fx.join("resnet50_l1111_cxr14_ft.pth"),
+        fx.join("densenet121_b2222_cxr14_ft.pth"),
+        fx.join("vit_s_d2_cxr14_ft.pth"),
+        root.join("no-such-model.pth"),
+    ];
+    let out = root.join("cmp");
+    let mut args = vec![
+        "compare",
+        "--dataset",
+        "cxr14",
+        "--data-dir",
+        s(&dir),
+        "--bootstrap",
+        "200",
+        "--batch",
+        "4",
+        "-o",
+        s(&out),
+    ];
+    args.extend(models.iter().map(|m| s(m)));
+    let o = evax(&args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no-such-model.pth: no such file or folder"),
+        "{err}"
+    );
+    assert!(err.contains("1 of 5 models failed"), "{err}");
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("compare.json")).unwrap()).unwrap();
+    let rows = c["models"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    assert_eq!(c["images"], 16);
+    assert_eq!(c["failures"].as_array().unwrap().len(), 1);
+    let names: Vec<&str> = rows.iter().map(|r| r["model"].as_str().unwrap()).collect();
+    assert_eq!(names, ["EVA-X-Ti", "ResNet-50", "DenseNet-121", "ViT-S/16"]);
+    assert!(rows[0]["vs_first"].is_null());
+    for r in &rows[1..] {
+        let v = &r["vs_first"];
+        let p = v["p_value"].as_f64().unwrap();
+        assert!(p > 0.0 && p <= 1.0, "{v}");
+        assert_eq!(v["resamples"], 200);
+        // The difference is this model's mAUC minus the reference's, on the same rows.
+        let d = r["mauc"].as_f64().unwrap() - rows[0]["mauc"].as_f64().unwrap();
+        assert!((v["delta"].as_f64().unwrap() - d).abs() < 1e-12, "{v}");
+        let [lo, hi] = [
+            v["interval"][0].as_f64().unwrap(),
+            v["interval"][1].as_f64().unwrap(),
+        ];
+        assert!(lo <= hi);
+    }
+    // Each model's row equals its own `evax eval` on the split (same protocol, same resamples).
+    let alone = root.join("alone");
+    let o = evax(&[
+        "eval",
+        "--weights",
+        s(&models[1]),
+        "--dataset",
+        "cxr14",
+        "--data-dir",
+        s(&dir),
+        "--bootstrap",
+        "200",
+        "--batch",
+        "4",
+        "-o",
+        s(&alone),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(alone.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(rows[1]["mauc"], m["mauc"]);
+    assert_eq!(rows[1]["mauc_interval"], m["bootstrap"]["mauc"]);
+    assert_eq!(rows[1]["auc_per_class"], m["auc_per_class"]);
+    let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
+    assert!(md.contains("| eva_x_ti_cxr14_ft | EVA-X-Ti |"), "{md}");
+    assert!(md.contains("(reference)") && md.contains("## AUROC per class"));
+    assert!(md.contains("no-such-model.pth"));
+    let svg = std::fs::read_to_string(out.join("compare.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.matches("<circle").count() == 4);
+}

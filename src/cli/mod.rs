@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod cam;
+pub mod compare;
 pub mod convert;
 pub mod data;
 pub mod demo;
