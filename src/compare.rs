@@ -244,7 +244,7 @@ fn pct(v: f64) -> String {
 }
 
 fn interval(i: Option<Interval>) -> String {
-    i.map_or("-".into(), |[a, b]| format!("{}-{}", pct(a), pct(b)))
+    i.map_or("-".into(), |[a, b]| format!("[{}, {}]", pct(a), pct(b)))
 }
 
 /// The comparison as Markdown: a summary table and the per-class AUROCs.
