@@ -175,3 +175,85 @@ fn written_checkpoints_give_the_trained_model_outputs() {
         .unwrap();
     assert_eq!(got, want);
 }
+
+/// A ResNet (BatchNorm in training mode) interrupted twice and resumed ends bit-exactly as
+/// the uninterrupted run, running statistics included; its best checkpoint loads for inference.
+#[test]
+fn resnet_resumed_run_equals_uninterrupted_run_running_statistics_included() {
+    let Some(sh) = evax::fixtures::shared_or_skip(
+        "resnet_resumed_run_equals_uninterrupted_run_running_statistics_included",
+    ) else {
+        return;
+    };
+    let dir = scratch("resume-r50");
+    let data = dir.join("data");
+    let ck = Checkpoint::load(sh.join("fixtures/resnet50_l1111_cxr14_ft.pth")).unwrap();
+    let cfg = TrainConfig::build(
+        Some("cxr14-r50"),
+        Some("dataset = 'synthetic'\ninput_size = 64\nbatch_size = 4\naccum_iter = 2\nepochs = 2\nwarmup_epochs = 1\neval_every = 1\nsave_every_steps = 1\neval_split = 'test'\nseed = 5"),
+        &[],
+    )
+    .unwrap();
+    let train = demo::as_data(
+        &data.join("train"),
+        &demo::generate(&data.join("train"), 16, 48, 1).unwrap(),
+    );
+    let eval = demo::as_data(
+        &data.join("test"),
+        &demo::generate(&data.join("test"), 8, 48, 2).unwrap(),
+    );
+    let go = |out: &str, max_steps: Option<u64>| {
+        let r = Run {
+            cfg: cfg.clone(),
+            out_dir: dir.join(out),
+            train: train.clone(),
+            eval: eval.clone(),
+            max_steps,
+            progress: false,
+        };
+        let mut m =
+            evax::model::registry::load_trainable(&ck, 3, 5, &Device::Cpu, Default::default())
+                .unwrap();
+        assert!(
+            m.init_notes()
+                .iter()
+                .any(|n| n.contains("head fc has 14 classes"))
+        );
+        r.run(m.as_mut()).unwrap()
+    };
+    let full = go("full", None);
+    assert!(!full.interrupted);
+    assert!(go("resumed", Some(1)).interrupted);
+    let b = go("resumed", Some(2));
+    assert_eq!(b.resumed_at_step, 1);
+    let c = go("resumed", None);
+    assert_eq!(c.steps, full.steps);
+    let (w1, w2) = (
+        weights(&dir.join("full/checkpoint-last.safetensors")),
+        weights(&dir.join("resumed/checkpoint-last.safetensors")),
+    );
+    assert_eq!(w1.len(), w2.len());
+    let stats = w1
+        .iter()
+        .filter(|(k, _)| k.ends_with(".running_var"))
+        .count();
+    assert_eq!(
+        stats, 17,
+        "every BatchNorm's running statistics are saved (bn1, 4 x (bn1-3, downsample))"
+    );
+    for ((k1, a), (k2, b)) in w1.iter().zip(&w2) {
+        assert_eq!(k1, k2);
+        assert_eq!(a, b, "{k1} differs after resuming");
+    }
+    // The statistics moved from the fixture's.
+    let moved = w1
+        .iter()
+        .find(|(k, _)| k == "model.bn1.running_mean")
+        .unwrap();
+    assert_ne!(moved.1, ck.tensors["bn1.running_mean"].data);
+    assert_eq!(full.last.unwrap().mauc, c.last.unwrap().mauc);
+    let best = Checkpoint::load(dir.join("full/checkpoint-best.safetensors")).unwrap();
+    let (m, report) = evax::model::registry::load(&best, &LoadOptions::default()).unwrap();
+    assert_eq!((m.name().as_str(), m.num_classes()), ("ResNet-50", Some(3)));
+    assert!(report.unused.is_empty(), "{:?}", report.unused);
+}
