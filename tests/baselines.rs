@@ -845,3 +845,29 @@ fn densenet_checkpoint_layouts_on_synthetic_files() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn densenet121_cam_eval_through_the_command_line() {
+    let Some(sh) = shared_or_skip("densenet121_cam_eval_through_the_command_line") else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("evax-test-{}-dn121-cam", std::process::id()));
+    let nih = sh.join("data/nih");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_evax"))
+        .args(["cam-eval", "--weights"])
+        .arg(sh.join("fixtures/densenet121_b2222_cxr14_ft.pth"))
+        .arg("--boxes")
+        .arg(nih.join("BBox_List_2017.csv"))
+        .arg("--images")
+        .arg(&nih)
+        .arg("-o")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("metrics.json")).unwrap()).unwrap();
+    // The two boxes of 00003440_000.png, explained at the last dense layer's norm1.
+    assert_eq!(m["boxes_scored"], 2, "{m}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
