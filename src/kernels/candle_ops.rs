@@ -679,3 +679,32 @@ pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) ->
         ChannelAffine { relu },
     )
 }
+
+/// GELU (erf form) with a backward.
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "evax-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "gelu")?;
+        Ok((CpuStorage::F32(cpu::gelu_forward(x)), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let d = read(x, |xv| read(dy, |g| Ok(cpu::gelu_backward(xv, g))))?;
+        Ok(Some(Tensor::from_vec(d, x.shape(), x.device())?))
+    }
+}
+
+/// GELU of a CPU f32 tensor (with a backward when `grad`).
+pub fn gelu(x: &Tensor, grad: bool) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if grad {
+        x.apply_op1(Gelu)
+    } else {
+        x.apply_op1_no_bwd(&Gelu)
+    }
+}

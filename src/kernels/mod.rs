@@ -78,6 +78,15 @@ pub fn swiglu(k: Kernels, x: &Tensor, grad: bool) -> Result<Tensor> {
     }
 }
 
+/// GELU (the erf form, as torch's default).
+pub fn gelu(k: Kernels, x: &Tensor, grad: bool) -> Result<Tensor> {
+    if k.fused_for(x) {
+        candle_ops::gelu(x, grad)
+    } else {
+        reference::gelu(x)
+    }
+}
+
 /// Inference `x Wt + b (+ residual)` with `Wt` = `W^T` `[K, N]`.
 pub fn linear(
     k: Kernels,
@@ -226,6 +235,10 @@ mod tests {
         let x = rand(&[3, 5, 48], 4);
         let [(yf, gf), (yr, gr)] = both(&x, |k, x| layer_norm(k, x, &w, &b, 1e-6, true));
         assert!(max_diff(&yf, &yr) < 1e-5 && max_diff(&gf, &gr) < 1e-4);
+
+        let x = (rand(&[4, 50], 12) * 4.0).unwrap();
+        let [(yf, gf), (yr, gr)] = both(&x, |k, x| gelu(k, x, true));
+        assert!(max_diff(&yf, &yr) < 1e-6 && max_diff(&gf, &gr) < 1e-5, "gelu");
 
         let x = rand(&[4, 2 * 40], 5);
         let [(yf, gf), (yr, gr)] = both(&x, |k, x| swiglu(k, x, true));

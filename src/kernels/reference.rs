@@ -204,3 +204,8 @@ pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) ->
         .broadcast_add(&shift.reshape((1, (), 1, 1))?)?;
     if relu { y.relu() } else { Ok(y) }
 }
+
+/// GELU, the erf form.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}

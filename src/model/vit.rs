@@ -156,12 +156,18 @@ impl VitBlock {
             None => ln(x, &self.norm1)?,
         };
         let a = kernels::attention(k, &lin(&y, &self.qkv)?, self.heads, &none, grad)?;
+        if !grad {
+            // Inference: the residuals ride in the GEMMs' accumulators.
+            let x = kernels::linear(k, &a, &self.proj.weight_t, self.proj.bias.as_ref(), Some(x))?;
+            let h = kernels::gelu(k, &lin(&ln(&x, &self.norm2)?, &self.fc1)?, false)?;
+            return kernels::linear(k, &h, &self.fc2.weight_t, self.fc2.bias.as_ref(), Some(&x));
+        }
         let mut a = lin(&a, &self.proj)?;
         if let Some((s, _)) = drop {
             a = a.broadcast_mul(s)?;
         }
         let x = (x + a)?;
-        let h = lin(&ln(&x, &self.norm2)?, &self.fc1)?.gelu_erf()?;
+        let h = kernels::gelu(k, &lin(&ln(&x, &self.norm2)?, &self.fc1)?, true)?;
         let mut m = lin(&h, &self.fc2)?;
         if let Some((_, s)) = drop {
             m = m.broadcast_mul(s)?;

@@ -259,7 +259,7 @@ impl LayerNorm {
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `W^T` stored contiguously `[in, out]`: the layout the GEMM reads without repacking.
-    weight_t: Tensor,
+    pub(crate) weight_t: Tensor,
     /// `[out]`.
     pub bias: Option<Tensor>,
 }
