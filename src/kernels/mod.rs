@@ -238,7 +238,10 @@ mod tests {
 
         let x = (rand(&[4, 50], 12) * 4.0).unwrap();
         let [(yf, gf), (yr, gr)] = both(&x, |k, x| gelu(k, x, true));
-        assert!(max_diff(&yf, &yr) < 1e-6 && max_diff(&gf, &gr) < 1e-5, "gelu");
+        assert!(
+            max_diff(&yf, &yr) < 1e-6 && max_diff(&gf, &gr) < 1e-5,
+            "gelu"
+        );
 
         let x = rand(&[4, 2 * 40], 5);
         let [(yf, gf), (yr, gr)] = both(&x, |k, x| swiglu(k, x, true));
