@@ -94,7 +94,11 @@ pub fn inspect(ck: &Checkpoint, opts: &LoadOptions) -> Inspection {
     if let Ok(family @ (Family::ResNet | Family::DenseNet)) = registry::recognise(ck) {
         out.family = Some(family.name());
         if let Some(k) = super::layouts::cnn_keys(&ck.tensors) {
-            out.layout = Some(k.layout.to_string());
+            out.layout = Some(if k.old_names {
+                format!("{}, old DenseNet names (norm.1, conv.2) renamed", k.layout)
+            } else {
+                k.layout.to_string()
+            });
             out.prefix = Some(k.prefix.clone());
             out.dropped_keys = k.dropped.clone();
         }

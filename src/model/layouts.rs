@@ -22,6 +22,8 @@ pub struct CnnKeys {
     pub outside: Vec<String>,
     /// Keys of the backbone dropped as the original drops them (BioViL's `fc`).
     pub dropped: Vec<String>,
+    /// Whether DenseNet keys had torchvision's old names (`norm.1`, `conv.2`), now renamed.
+    pub old_names: bool,
     /// Whether ResNet `layer4` is absent by design (MedKLIP's encoder stops at `layer3`;
     /// fine-tuning initialises it fresh, as the original does).
     pub lacks_layer4: bool,
@@ -102,6 +104,7 @@ pub fn cnn_keys(tensors: &BTreeMap<String, Param>) -> Option<CnnKeys> {
             return Some(CnnKeys {
                 layout: "MedKLIP",
                 prefix: prefix.into(),
+                old_names: false,
                 lacks_layer4: !sd.keys().any(|k| k.starts_with("layer4.")),
                 sd,
                 outside,
@@ -122,18 +125,21 @@ pub fn cnn_keys(tensors: &BTreeMap<String, Param>) -> Option<CnnKeys> {
         if !is_resnet(&sd) && !is_densenet(&sd) {
             continue;
         }
-        let mut dropped = Vec::new();
-        if layout == "BioViL" {
-            dropped = sd
-                .keys()
-                .filter(|k| k.starts_with("fc."))
-                .cloned()
-                .collect();
-            sd.retain(|k, _| !k.starts_with("fc."));
-        }
+        // BioViL's fc, and projection heads (MoCo v2's MLP `fc.0` / `fc.2`), are dropped as
+        // the original drops them; a linear `fc` is the head and stays.
+        let linear_head = sd.contains_key("fc.weight");
+        let head = |k: &str| k.starts_with("fc.") && (layout == "BioViL" || !linear_head);
+        let dropped: Vec<String> = sd.keys().filter(|k| head(k)).cloned().collect();
+        sd.retain(|k, _| !head(k));
+        let old_names = tensors.keys().any(|k| {
+            k.starts_with(prefix)
+                && k.contains("denseblock")
+                && DENSENET_OLD_NAMES.iter().any(|(old, _)| k.contains(old))
+        });
         return Some(CnnKeys {
             layout,
             prefix: prefix.into(),
+            old_names,
             lacks_layer4: false,
             sd,
             outside,
@@ -262,6 +268,32 @@ mod tests {
             assert!(k.sd.contains_key("features.denseblock1.denselayer1.conv2.weight"));
             assert_eq!(k.sd.len(), 5);
         }
+    }
+
+    #[test]
+    fn projection_heads_are_dropped_and_old_names_noted() {
+        let mut keys: Vec<&str> = RESNET
+            .iter()
+            .copied()
+            .filter(|k| !k.starts_with("fc."))
+            .collect();
+        keys.extend(["fc.0.weight", "fc.0.bias", "fc.2.weight", "fc.2.bias"]);
+        let k = cnn_keys(&dict("module.encoder_q.", &keys, &[])).unwrap();
+        assert_eq!(k.layout, "MoCo v2");
+        assert_eq!(k.dropped.len(), 4);
+        assert!(
+            k.dropped
+                .iter()
+                .all(|d| d.starts_with("module.encoder_q.fc."))
+        );
+        assert!(!k.sd.keys().any(|s| s.starts_with("fc.")));
+        assert!(!k.old_names);
+        let dn = [
+            "features.conv0.weight",
+            "features.norm0.running_mean",
+            "features.denseblock1.denselayer1.norm.1.weight",
+        ];
+        assert!(cnn_keys(&dict("", &dn, &[])).unwrap().old_names);
     }
 
     #[test]
