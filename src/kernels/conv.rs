@@ -10,10 +10,10 @@ use rayon::prelude::*;
 
 /// A matrix operand: values and the strides of its rows and columns.
 #[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
+pub(crate) struct Mat<'a> {
+    pub(crate) data: &'a [f32],
+    pub(crate) rs: usize,
+    pub(crate) cs: usize,
 }
 
 impl Mat<'_> {
@@ -26,7 +26,7 @@ impl Mat<'_> {
 /// `dst[m, n] (+)= a[m, k] b[k, n]` with `dst` row-major at row stride `dst_rs`; `accumulate`
 /// keeps what `dst` holds. Panics when an operand does not fit its slice.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(crate) fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,

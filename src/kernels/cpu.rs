@@ -714,57 +714,47 @@ pub fn linear_backward(
     );
     let m = x.len() / k;
     assert_eq!(g.len(), m * n, "linear backward: output gradient size");
-    let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
-    // The GEMMs (read_dst = false) write every element of both outputs.
-    let mut dx: Vec<f32> = Vec::with_capacity(m * k);
-    let mut dw: Vec<f32> = Vec::with_capacity(n * k);
-    // SAFETY: dx (m x k) = g (m x n) W (n x k); dW (n x k) = g^T (n x m) x (m x k); all
-    // lengths asserted above; the lengths are set once the GEMMs have written every element.
-    unsafe {
-        gemm::gemm(
-            m,
-            k,
-            n,
-            dx.as_mut_ptr(),
-            1,
-            k as isize,
-            false,
-            g.as_ptr(),
-            1,
-            n as isize,
-            w.as_ptr(),
-            1,
-            k as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
+    use super::conv::{Mat, matmul};
+    let threads = rayon::current_num_threads();
+    let (mut dx, mut dw) = (vec![0f32; m * k], vec![0f32; n * k]);
+    // dx (m x k) = g (m x n) W (n x k); dW (n x k) = g^T (n x m) x (m x k).
+    let gm = Mat {
+        data: g,
+        rs: n,
+        cs: 1,
+    };
+    let gt = Mat {
+        data: g,
+        rs: 1,
+        cs: n,
+    };
+    let wm = Mat {
+        data: w,
+        rs: k,
+        cs: 1,
+    };
+    let xm = Mat {
+        data: x,
+        rs: k,
+        cs: 1,
+    };
+    if threads > 1 {
+        // The two products side by side, each on half the threads (measured ~8 % faster on a
+        // ViT-S training step than one after the other, each split across all threads).
+        let half = threads / 2;
+        let par = if half > 1 {
+            gemm::Parallelism::Rayon(half)
+        } else {
+            gemm::Parallelism::None
+        };
+        rayon::join(
+            || matmul((m, k, n), &mut dx, k, false, gm, wm, par),
+            || matmul((n, k, m), &mut dw, k, false, gt, xm, par),
         );
-        gemm::gemm(
-            n,
-            k,
-            m,
-            dw.as_mut_ptr(),
-            1,
-            k as isize,
-            false,
-            g.as_ptr(),
-            n as isize,
-            1,
-            x.as_ptr(),
-            1,
-            k as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-        dx.set_len(m * k);
-        dw.set_len(n * k);
+    } else {
+        let none = gemm::Parallelism::None;
+        matmul((m, k, n), &mut dx, k, false, gm, wm, none);
+        matmul((n, k, m), &mut dw, k, false, gt, xm, none);
     }
     let partials: Vec<Vec<f32>> = g
         .par_chunks(ROWS_PER_TASK * n)
