@@ -507,19 +507,23 @@ impl CustomOp3 for BatchNormOp {
         let (dx, dg, db) = read(x, |xv| {
             read(g, |gv| {
                 read(dy, |d| {
+                    let stats = (&self.mean[..], &self.var[..]);
                     if self.relu {
                         read(y, |yv| {
                             Ok(conv::batch_norm_backward(
                                 xv,
                                 d,
                                 gv,
+                                stats,
                                 plane,
                                 self.eps,
                                 Some(yv),
                             ))
                         })
                     } else {
-                        Ok(conv::batch_norm_backward(xv, d, gv, plane, self.eps, None))
+                        Ok(conv::batch_norm_backward(
+                            xv, d, gv, stats, plane, self.eps, None,
+                        ))
                     }
                 })
             })

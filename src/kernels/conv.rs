@@ -441,24 +441,6 @@ fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64
 }
 
-/// `sum f(a, b)` over two equal planes in eight f32 lanes, returned in f64.
-fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(&x, &y)| f(x, y))
-        .sum();
-    for (x8, y8) in ca.zip(cb) {
-        for ((s, &x), &y) in acc.iter_mut().zip(x8).zip(y8) {
-            *s += f(x, y);
-        }
-    }
-    acc.iter().map(|&s| s as f64).sum::<f64>() + tail as f64
-}
-
 /// Per-channel batch statistics of `x` `[b, c, plane]`: means and biased variances (each
 /// plane summed in f32 lanes, planes added in f64; two passes).
 pub fn channel_stats(x: &[f32], c: usize, plane: usize) -> (Vec<f32>, Vec<f32>) {
@@ -513,18 +495,38 @@ pub fn batch_norm_forward(
     y
 }
 
-/// Gradients `(dx, dgamma, dbeta)` of [`batch_norm_forward`] (the statistics depend on `x`);
-/// `relu_out`: the forward's output when it applied the ReLU (its zeros mask `dy`).
+/// `(sum g, sum g * (v - m))` over two equal planes in eight f32 lanes each, in one pass.
+fn lane_sums(g: &[f32], v: &[f32], m: f32) -> (f64, f64) {
+    let (mut a, mut b) = ([0f32; 8], [0f32; 8]);
+    let (cg, cv) = (g.chunks_exact(8), v.chunks_exact(8));
+    let (mut ta, mut tb) = (0f32, 0f32);
+    for (&g, &v) in cg.remainder().iter().zip(cv.remainder()) {
+        ta += g;
+        tb += g * (v - m);
+    }
+    for (g8, v8) in cg.zip(cv) {
+        for i in 0..8 {
+            a[i] += g8[i];
+            b[i] += g8[i] * (v8[i] - m);
+        }
+    }
+    let sum = |l: [f32; 8], t: f32| l.iter().map(|&x| x as f64).sum::<f64>() + t as f64;
+    (sum(a, ta), sum(b, tb))
+}
+
+/// Gradients `(dx, dgamma, dbeta)` of [`batch_norm_forward`] with the forward's batch
+/// statistics `(mean, var)` (which depend on `x`); `relu_out`: the forward's output when it
+/// applied the ReLU (its zeros mask `dy`).
 pub fn batch_norm_backward(
     x: &[f32],
     dy: &[f32],
     gamma: &[f32],
+    (mean, var): (&[f32], &[f32]),
     plane: usize,
     eps: f32,
     relu_out: Option<&[f32]>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let c = gamma.len();
-    let (mean, var) = channel_stats(x, c, plane);
     let b = x.len() / (c * plane).max(1);
     let n = (b * plane) as f64;
     let masked;
@@ -546,9 +548,9 @@ pub fn batch_norm_backward(
             let (mut sg, mut sgx) = (0f64, 0f64);
             for i in 0..b {
                 let o = (i * c + ch) * plane;
-                let (g, v) = (&dy[o..o + plane], &x[o..o + plane]);
-                sg += lane_sum(g, |g| g);
-                sgx += lane_sum2(g, v, |g, v| g * (v - m));
+                let (a, b) = lane_sums(&dy[o..o + plane], &x[o..o + plane], m);
+                sg += a;
+                sgx += b;
             }
             ((sgx * inv as f64) as f32, sg as f32)
         })
