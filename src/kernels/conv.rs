@@ -221,23 +221,35 @@ fn im2col_channel(x: &[f32], s: &ConvShape, out: &mut [f32], row_stride: usize) 
 /// Columns back onto one image's gradient `[cin, h, w]` (added to what it holds).
 fn col2im(col: &[f32], s: &ConvShape, dx: &mut [f32]) {
     let (ho, wo) = s.out().expect("checked shape");
-    let (h, w, st, pad) = (s.h as isize, s.w as isize, s.stride, s.pad as isize);
-    let mut rows = col.chunks_exact(ho * wo);
-    for c in 0..s.cin {
-        let plane = &mut dx[c * s.h * s.w..(c + 1) * s.h * s.w];
+    let (st, pad) = (s.stride, s.pad);
+    let kk = s.kh * s.kw;
+    for (plane, rows) in dx
+        .chunks_exact_mut(s.h * s.w)
+        .zip(col.chunks_exact(kk * ho * wo))
+    {
         for ky in 0..s.kh {
             for kx in 0..s.kw {
-                let row = rows.next().expect("cin * kh * kw rows");
-                for oy in 0..ho {
-                    let iy = (oy * st + ky) as isize - pad;
-                    if iy < 0 || iy >= h {
+                let r = ky * s.kw + kx;
+                let row = &rows[r * ho * wo..(r + 1) * ho * wo];
+                let (lo, hi) = valid_columns(wo, s.w, st, kx, pad);
+                if lo >= hi {
+                    continue;
+                }
+                for (oy, src) in row.chunks_exact(wo).enumerate() {
+                    let iy = (oy * st + ky).wrapping_sub(pad);
+                    if iy >= s.h {
                         continue;
                     }
-                    let dst = &mut plane[iy as usize * s.w..(iy as usize + 1) * s.w];
-                    for (ox, &g) in row[oy * wo..(oy + 1) * wo].iter().enumerate() {
-                        let ix = (ox * st + kx) as isize - pad;
-                        if ix >= 0 && ix < w {
-                            dst[ix as usize] += g;
+                    let dst = &mut plane[iy * s.w..(iy + 1) * s.w];
+                    // Input column of output column lo.
+                    let first = lo * st + kx - pad;
+                    if st == 1 {
+                        for (d, &g) in dst[first..first + hi - lo].iter_mut().zip(&src[lo..hi]) {
+                            *d += g;
+                        }
+                    } else {
+                        for (d, &g) in dst[first..].iter_mut().step_by(st).zip(&src[lo..hi]) {
+                            *d += g;
                         }
                     }
                 }
