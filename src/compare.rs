@@ -211,10 +211,18 @@ impl CompareJob<'_> {
             match attempt {
                 Ok(row) => rows.push(row),
                 Err(e) => {
-                    note(&format!("failed: {}: {e}", input.display()));
+                    // Errors about a file name it already; others get the input in front.
+                    let shown = input.display().to_string();
+                    let error = e.to_string();
+                    let error = if error.contains(&shown) {
+                        error
+                    } else {
+                        format!("{shown}: {error}")
+                    };
+                    note(&format!("failed: {error}"));
                     failures.push(ModelFailure {
-                        input: input.display().to_string(),
-                        error: e.to_string(),
+                        input: shown,
+                        error,
                     });
                 }
             }
@@ -302,7 +310,7 @@ pub fn markdown(c: &Comparison) -> String {
     if !c.failures.is_empty() {
         s.push_str("\n## Not evaluated\n\n");
         for f in &c.failures {
-            let _ = writeln!(s, "- `{}`: {}", f.input, f.error);
+            let _ = writeln!(s, "- {}", f.error);
         }
     }
     s
