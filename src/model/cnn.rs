@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 
 use super::{Classifier, LoadReport, ModelError, Trainable};
 use crate::checkpoint::{Param, StorageDtype};
@@ -494,15 +494,10 @@ impl BatchStats {
                 .running
                 .get(&key)
                 .ok_or_else(|| missing("buffer", &key))?;
-            let old = run.as_tensor().to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            let new: Vec<f64> = batch
-                .to_dtype(DType::F64)?
-                .to_vec1::<f64>()?
-                .iter()
-                .zip(&old)
-                .map(|(v, o)| (1.0 - BN_MOMENTUM) * o + BN_MOMENTUM * v * factor)
-                .collect();
-            run.set(&Tensor::new(new.as_slice(), run.device())?.to_dtype(run.dtype())?)?;
+            // On the device, detached: (1 - momentum) * running + momentum * factor * batch.
+            let new = ((run.as_tensor() * (1.0 - BN_MOMENTUM))?
+                + (batch.detach() * (BN_MOMENTUM * factor))?)?;
+            run.set(&new)?;
         }
         Ok(y)
     }

@@ -59,11 +59,13 @@ pub fn recognise(ck: &Checkpoint) -> Result<Family, ModelError> {
     if super::vit::find_backbone(&ck.tensors).is_some() {
         return Ok(Family::Vit);
     }
-    if super::resnet::find_backbone(&ck.tensors).is_some() {
-        return Ok(Family::ResNet);
-    }
-    if super::densenet::find_backbone(&ck.tensors).is_some() {
-        return Ok(Family::DenseNet);
+    // One rewrite of the keys serves both CNN families (it copies the state dict).
+    if let Some(keys) = super::layouts::cnn_keys(&ck.tensors) {
+        return Ok(if super::layouts::is_resnet(&keys.sd) {
+            Family::ResNet
+        } else {
+            Family::DenseNet
+        });
     }
     let unknown = |e: ModelError| {
         ModelError::Weights(format!(
