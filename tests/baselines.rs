@@ -178,113 +178,250 @@ fn vit_s_through_the_command_line() {
     assert_eq!(i["unused_keys"].as_array().unwrap().len(), 5);
 }
 
-/// One training step of the ViT recipe: layer decay 0.55, weight decay 0.05 except 1-D
-/// parameters, `pos_embed` and `cls_token`, AdamW at 2.5e-4 x lr_scale, drop path 0.
+/// One training step of the seed's recipes as the fixture generator ran it (`tag`: `r50`,
+/// `dn121` or `vit_s`): BCE-with-logits on `input224_others` / `targets`, BatchNorm in training
+/// mode, drop path 0, AdamW at 2.5e-4 (x the ViT's layer-decay scale), weight decay 0.05 except
+/// 1-D parameters and biases (and the ViT's `pos_embed`, `cls_token`).
 ///
-/// The fixture's gradients are not all consistent with its own forward pass: row 13 of
-/// `vit_s_train/grad/head.weight` cannot be written as `sum_b dloss/dlogit[b, 13] * pooled[b]`
-/// for the model's pooled features (27 % relative residual of the best fit, against 3e-7 for
-/// rows 0-12, which equal ours), and every gradient upstream of the head mixes that row in. So
-/// the loss and the head's rows 0-12 (gradient and updated weights) are compared with the
-/// fixture's tolerances; the rest waits for a corrected fixture (reported in the session note).
-fn vit_s_train_step(kernels: Kernels) {
-    let Some(sh) = shared_or_skip("vit_s_train_step") else {
+/// The generator did not zero the gradients between its Grad-CAM references and this step: the
+/// parameters' `.grad` still held the backward of pytorch-grad-cam's last target, the logit of
+/// class 13 for get_cams.py's input of 00003440_000.png with the model in evaluation mode, and
+/// the step's loss was added to it. Every `*_train/grad/*` is therefore (train gradient) +
+/// (that leftover), which is what is rebuilt here through the public API (`set_training(false)`
+/// for the leftover) and compared, every key: the loss (1e-5), every gradient (1e-4 relative to
+/// its largest value), every parameter after the step and every running mean (1e-6), but for
+/// the few that float32 does not determine ([`undetermined`]).
+fn train_step(file: &str, tag: &str, family: Family, kernels: Kernels) {
+    let Some(sh) = shared_or_skip(&format!("{tag}_train_step")) else {
         return;
     };
     let r = reference(&sh);
-    let ck = Checkpoint::load(sh.join("fixtures/vit_s_d2_cxr14_ft.pth")).unwrap();
-    let model = registry::load_trainable(&ck, 14, 0, &Device::Cpu, kernels).unwrap();
-    assert_eq!(model.name(), "ViT-S/16");
+    let ck = Checkpoint::load(sh.join("fixtures").join(file)).unwrap();
+    assert_eq!(registry::recognise(&ck).unwrap(), family);
+    let mut model = registry::load_trainable(&ck, 14, 0, &Device::Cpu, kernels).unwrap();
     let groups: evax::train::optim::Groups = model
         .vars()
         .keys()
         .map(|k| (k.clone(), model.param_group(k, 0.55, 0.05)))
         .collect();
-    // The models_vit groups: decay 0.55 per block from the head down; no weight decay on
-    // 1-D parameters, pos_embed and cls_token.
-    assert_eq!(groups["head.weight"], (1.0, 0.05));
-    assert_eq!(groups["pos_embed"], (0.55f64.powi(3), 0.0));
-    assert_eq!(groups["blocks.1.mlp.fc2.weight"], (0.55, 0.05));
-    assert_eq!(groups["blocks.0.norm1.bias"], (0.55f64.powi(2), 0.0));
+    match family {
+        Family::Vit => {
+            // The models_vit groups: decay 0.55 per block from the head down; no weight decay
+            // on 1-D parameters, pos_embed and cls_token.
+            assert_eq!(groups["head.weight"], (1.0, 0.05));
+            assert_eq!(groups["pos_embed"], (0.55f64.powi(3), 0.0));
+            assert_eq!(groups["blocks.1.mlp.fc2.weight"], (0.55, 0.05));
+            assert_eq!(groups["blocks.0.norm1.bias"], (0.55f64.powi(2), 0.0));
+        }
+        _ => {
+            let head = if family == Family::ResNet {
+                "fc"
+            } else {
+                "classifier"
+            };
+            assert_eq!(
+                groups[&format!("{head}.weight")],
+                (1.0, 0.05),
+                "no layer decay"
+            );
+            assert_eq!(groups[&format!("{head}.bias")], (1.0, 0.0));
+        }
+    }
+    // The leftover: Grad-CAM's last backward, in evaluation mode.
+    let img = Image::open(sh.join("data/nih/00003440_000.png")).unwrap();
+    let cam_input = cam_eval_input(&img, (224, 224), Normalization::OTHERS);
+    let cam_x = Tensor::from_vec(cam_input, (1, 3, 224, 224), &Device::Cpu).unwrap();
+    model.set_training(false);
+    let cam_logit = model
+        .forward_train(&cam_x, 0.0, None)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(13)
+        .unwrap();
+    let leftover = grads_by_name(model.vars(), &cam_logit.backward().unwrap());
+    model.set_training(true);
+    // The step itself.
     let x = r["input224_others"].to_tensor(&Device::Cpu).unwrap();
     let y = r["targets"].to_tensor(&Device::Cpu).unwrap();
     let logits = model.forward_train(&x, 0.0, None).unwrap();
     let loss = bce_with_logits(&logits, &y).unwrap();
     let l = loss.to_scalar::<f32>().unwrap();
-    let want = r["vit_s_train/loss"].data[0];
-    eprintln!("loss {l} (reference {want}, {kernels:?})");
-    assert!((l - want).abs() <= 1e-5);
-    let grads = loss.backward().unwrap();
-    let by_name = grads_by_name(model.vars(), &grads);
+    let want = r[&format!("{tag}_train/loss")].data[0];
+    eprintln!("{tag} loss {l} (reference {want}, {kernels:?})");
+    assert!((l - want).abs() <= 1e-5, "{tag} loss {l} vs {want}");
+    let step = grads_by_name(model.vars(), &loss.backward().unwrap());
     assert_eq!(
-        by_name.len(),
+        step.len(),
         model.vars().len(),
         "every parameter has a gradient"
     );
-    let c = 384;
-    let rows = 13 * c; // head rows 0-12
-    let got = by_name["head.weight"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let want = &r["vit_s_train/grad/head.weight"].data;
-    assert_eq!((got.len(), want.len()), (14 * c, 14 * c));
-    let scale = want[..rows].iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = got[..rows]
+    assert_eq!(leftover.len(), step.len());
+    let grads: BTreeMap<String, Tensor> = step
         .iter()
-        .zip(&want[..rows])
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
-    eprintln!(
-        "grad head.weight rows 0-12 ({kernels:?}): max abs diff {worst:.2e} (largest {scale:.2e})"
-    );
-    assert!(
-        worst <= 1e-4 * scale,
-        "head.weight gradient: {worst} vs {scale}"
-    );
-    let mut opt = AdamW::new();
-    opt.update(model.vars(), &by_name, 2.5e-4, &groups, 1.0)
-        .unwrap();
-    let after = model.vars()["head.weight"]
-        .as_tensor()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let want_after = &r["vit_s_train/after_step/head.weight"].data;
-    assert_eq!(after.len(), want_after.len());
-    let mut compared = 0;
-    let mut worst = 0f32;
-    for ((a, b), g) in after[..rows]
-        .iter()
-        .zip(&want_after[..rows])
-        .zip(&want[..rows])
-    {
-        // The first Adam step is about lr x sign(grad): skip vanishing gradients.
-        if g.abs() < 1e-7 {
+        .map(|(k, g)| (k.clone(), (g + &leftover[k]).unwrap()))
+        .collect();
+    let (mut grads_compared, mut after_compared, mut counted) = (0, 0, 0);
+    for (key, want) in r.iter() {
+        let Some(name) = key.strip_prefix(&format!("{tag}_train/grad/")) else {
+            continue;
+        };
+        let got = grads
+            .get(name)
+            .unwrap_or_else(|| panic!("{tag}: no parameter {name}"));
+        let d = relative_diff(got, want);
+        eprintln!("{tag} grad {name}: {d:.2e} relative ({kernels:?})");
+        if undetermined(tag, kernels).contains(&name) {
+            counted += 1;
             continue;
         }
-        compared += 1;
-        worst = worst.max((a - b).abs());
+        assert!(d <= 1e-4, "{tag} grad {name}: {d:.2e} relative");
+        grads_compared += 1;
     }
-    eprintln!(
-        "after step head.weight rows 0-12 ({kernels:?}): max abs diff {worst:.2e} over {compared} values"
+    let mut opt = AdamW::new();
+    opt.update(model.vars(), &grads, 2.5e-4, &groups, 1.0)
+        .unwrap();
+    let buffers = model.buffers();
+    for (key, want) in r.iter() {
+        let Some(name) = key.strip_prefix(&format!("{tag}_train/after_step/")) else {
+            continue;
+        };
+        if name.ends_with(".running_mean") {
+            let d = max_diff(buffers[name].as_tensor(), want);
+            eprintln!("{tag} after step {name}: {d:.2e} ({kernels:?})");
+            assert!(d <= 1e-6, "{tag} after step {name}: {d}");
+            after_compared += 1;
+            continue;
+        }
+        let got = model.vars()[name]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(got.len(), want.data.len(), "{tag} {name}");
+        // The first AdamW step moves each value by about lr x sign(gradient): where the
+        // reference gradient is within the gradient tolerance of zero its sign is not
+        // determined by it, so those values are left out (and counted).
+        let g = &r[&format!("{tag}_train/grad/{name}")].data;
+        let sign_unsure = 1e-4 * g.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let (mut worst, mut n) = (0f32, 0);
+        for ((a, b), g) in got.iter().zip(&want.data).zip(g) {
+            if g.abs() > sign_unsure {
+                worst = worst.max((a - b).abs());
+                n += 1;
+            }
+        }
+        eprintln!(
+            "{tag} after step {name}: {worst:.2e} over {n} of {} values ({kernels:?})",
+            got.len()
+        );
+        assert!(
+            n * 10 >= got.len() * 9,
+            "{tag} {name}: only {n} of {} compared",
+            got.len()
+        );
+        if undetermined(tag, kernels).contains(&name) {
+            counted += 1;
+            continue;
+        }
+        assert!(worst <= 1e-6, "{tag} after step {name}: {worst}");
+        after_compared += 1;
+    }
+    // Per family: 7 gradients, the same 7 parameters after the step, and for the CNNs 2
+    // running means; the undetermined ones counted instead.
+    let skipped = undetermined(tag, kernels).len();
+    let after = if family == Family::Vit { 7 } else { 9 };
+    assert_eq!(
+        (grads_compared, after_compared, counted),
+        (7 - skipped, after - skipped, 2 * skipped),
+        "{tag}: keys compared / counted"
     );
-    assert!(compared > rows / 2, "{compared} of {rows} compared");
-    assert!(worst <= 1e-6, "head.weight after the step: {worst}");
+}
+
+/// The fixture keys whose value float32 arithmetic does not determine to the fixture's
+/// tolerance, so that no float32 implementation can be held to it: ResNet-50's early
+/// gradients (a ReLU network, batch 3, random weights) move by 1.6e-3 to 4.1e-3 of their
+/// largest value between PyTorch 2.15's own float32 and float64 runs of this step (and by
+/// 1.4e-4 to 7.9e-4 between its float32 run and the fixture), and their first AdamW step
+/// follows the gradient's sign. On the reference path, whose convolutions round differently,
+/// `layer4.0.bn3.weight` too (1.2e-4; its logits agree with float64 to 2.2e-6, so one ReLU
+/// input near zero changing side is enough). Printed and counted, not compared.
+fn undetermined(tag: &str, kernels: Kernels) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    if tag == "r50" {
+        keys.extend([
+            "conv1.weight",
+            "bn1.weight",
+            "layer1.0.conv2.weight",
+            "layer2.0.downsample.0.weight",
+        ]);
+        if kernels == Kernels::Reference {
+            keys.push("layer4.0.bn3.weight");
+        }
+    }
+    keys
 }
 
 #[test]
 fn vit_s_train_step_fused_kernels() {
-    vit_s_train_step(Kernels::Fused);
+    train_step(
+        "vit_s_d2_cxr14_ft.pth",
+        "vit_s",
+        Family::Vit,
+        Kernels::Fused,
+    );
 }
 
 #[test]
 fn vit_s_train_step_reference_path() {
-    vit_s_train_step(Kernels::Reference);
+    train_step(
+        "vit_s_d2_cxr14_ft.pth",
+        "vit_s",
+        Family::Vit,
+        Kernels::Reference,
+    );
 }
 
+#[test]
+fn resnet50_train_step_fused_kernels() {
+    train_step(
+        "resnet50_l1111_cxr14_ft.pth",
+        "r50",
+        Family::ResNet,
+        Kernels::Fused,
+    );
+}
+
+#[test]
+fn resnet50_train_step_reference_path() {
+    train_step(
+        "resnet50_l1111_cxr14_ft.pth",
+        "r50",
+        Family::ResNet,
+        Kernels::Reference,
+    );
+}
+
+#[test]
+fn densenet121_train_step_fused_kernels() {
+    train_step(
+        "densenet121_b2222_cxr14_ft.pth",
+        "dn121",
+        Family::DenseNet,
+        Kernels::Fused,
+    );
+}
+
+#[test]
+fn densenet121_train_step_reference_path() {
+    train_step(
+        "densenet121_b2222_cxr14_ft.pth",
+        "dn121",
+        Family::DenseNet,
+        Kernels::Reference,
+    );
+}
 #[test]
 fn vit_s_finetunes_from_mae_weights_through_the_same_engine() {
     let Some(sh) = shared_or_skip("vit_s_finetunes_from_mae_weights_through_the_same_engine")
@@ -493,162 +630,6 @@ fn densenet121_features_logits_gradcam_and_old_key_names() {
         &[0, 1],
         &["dn121/gradcam/class0", "dn121/gradcam/class1"],
         1e-5,
-    );
-}
-
-/// Max |a - b| over the first `rows` rows of two equally shaped tensors, and the largest
-/// |b| there.
-fn rows_diff(got: &Tensor, want: &Param, rows: usize) -> (f32, f32) {
-    assert_eq!(got.dims(), want.shape.as_slice(), "shape");
-    let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert_eq!(g.len(), want.data.len());
-    let n = rows * g.len() / want.shape[0];
-    let scale = want.data[..n].iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = g[..n]
-        .iter()
-        .zip(&want.data[..n])
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    (worst, scale)
-}
-
-/// One training step of a CNN fixture (`tag`: `r50` or `dn121`; BN in training mode,
-/// BCE-with-logits, AdamW lr 2.5e-4, weight decay 0.05 on non-bias parameters of 2+ dims).
-///
-/// As in `vit_s_train/*`, the fixture's gradients are inconsistent with its forward at class
-/// 13: `grad/{fc,classifier}.bias[13]` is ours + 1.0 exactly (rows 0-12 agree to 1e-8), and
-/// `grad/...weight` row 13 is no combination of the three images' pooled features (least
-/// squares leaves a large residual), so every gradient upstream of the head, which mixes that
-/// class in, cannot be compared. Compared: the loss; the head's rows 0-12, gradient (1e-4
-/// relative) and after the step (1e-6); every BatchNorm running mean after the step (1e-6:
-/// they depend on the forward alone). The other keys are counted, not compared.
-fn cnn_train_step(file: &str, tag: &str, family: Family, kernels: Kernels) {
-    let Some(sh) = shared_or_skip(&format!("{tag}_train_step")) else {
-        return;
-    };
-    let r = reference(&sh);
-    let ck = Checkpoint::load(sh.join("fixtures").join(file)).unwrap();
-    assert_eq!(registry::recognise(&ck).unwrap(), family);
-    let model = registry::load_trainable(&ck, 14, 0, &Device::Cpu, kernels).unwrap();
-    let head = if family == Family::ResNet {
-        "fc"
-    } else {
-        "classifier"
-    };
-    let groups: evax::train::optim::Groups = model
-        .vars()
-        .keys()
-        .map(|k| (k.clone(), model.param_group(k, 0.55, 0.05)))
-        .collect();
-    assert_eq!(
-        groups[&format!("{head}.weight")],
-        (1.0, 0.05),
-        "no layer decay"
-    );
-    assert_eq!(groups[&format!("{head}.bias")], (1.0, 0.0));
-    let x = r["input224_others"].to_tensor(&Device::Cpu).unwrap();
-    let y = r["targets"].to_tensor(&Device::Cpu).unwrap();
-    let logits = model.forward_train(&x, 0.0, None).unwrap();
-    let loss = bce_with_logits(&logits, &y).unwrap();
-    let l = loss.to_scalar::<f32>().unwrap();
-    let want = r[&format!("{tag}_train/loss")].data[0];
-    eprintln!("{tag} loss {l} (reference {want}, {kernels:?})");
-    assert!((l - want).abs() <= 1e-5, "{tag} loss {l} vs {want}");
-    let grads = loss.backward().unwrap();
-    let by_name = grads_by_name(model.vars(), &grads);
-    assert_eq!(
-        by_name.len(),
-        model.vars().len(),
-        "every parameter has a gradient"
-    );
-    let (mut compared, mut counted) = (0, 0);
-    for (key, want) in r.iter() {
-        let Some(name) = key.strip_prefix(&format!("{tag}_train/grad/")) else {
-            continue;
-        };
-        assert!(by_name.contains_key(name), "{tag}: no parameter {name}");
-        if !name.starts_with(head) {
-            counted += 1;
-            continue;
-        }
-        let (worst, scale) = rows_diff(&by_name[name], want, 13);
-        eprintln!("{tag} grad {name} rows 0-12: {worst:.2e} (largest {scale:.2e}, {kernels:?})");
-        assert!(
-            worst <= 1e-4 * scale,
-            "{tag} grad {name}: {worst} vs {scale}"
-        );
-        compared += 1;
-    }
-    let mut opt = AdamW::new();
-    opt.update(model.vars(), &by_name, 2.5e-4, &groups, 1.0)
-        .unwrap();
-    let buffers = model.buffers();
-    for (key, want) in r.iter() {
-        let Some(name) = key.strip_prefix(&format!("{tag}_train/after_step/")) else {
-            continue;
-        };
-        let d = if name.ends_with(".running_mean") {
-            max_diff(buffers[name].as_tensor(), want)
-        } else if name.starts_with(head) {
-            rows_diff(model.vars()[name].as_tensor(), want, 13).0
-        } else {
-            assert!(
-                model.vars().contains_key(name),
-                "{tag}: no parameter {name}"
-            );
-            counted += 1;
-            continue;
-        };
-        eprintln!("{tag} after step {name}: {d:.2e} ({kernels:?})");
-        assert!(d <= 1e-6, "{tag} after step {name}: {d}");
-        compared += 1;
-    }
-    // 17 keys a family: the loss, 2 head gradients, 2 head parameters and 2 running means
-    // compared, 10 upstream gradients and parameters counted.
-    assert_eq!(
-        (compared, counted),
-        (6, 10),
-        "{tag}: keys compared / counted"
-    );
-}
-
-#[test]
-fn resnet50_train_step_fused_kernels() {
-    cnn_train_step(
-        "resnet50_l1111_cxr14_ft.pth",
-        "r50",
-        Family::ResNet,
-        Kernels::Fused,
-    );
-}
-
-#[test]
-fn resnet50_train_step_reference_path() {
-    cnn_train_step(
-        "resnet50_l1111_cxr14_ft.pth",
-        "r50",
-        Family::ResNet,
-        Kernels::Reference,
-    );
-}
-
-#[test]
-fn densenet121_train_step_fused_kernels() {
-    cnn_train_step(
-        "densenet121_b2222_cxr14_ft.pth",
-        "dn121",
-        Family::DenseNet,
-        Kernels::Fused,
-    );
-}
-
-#[test]
-fn densenet121_train_step_reference_path() {
-    cnn_train_step(
-        "densenet121_b2222_cxr14_ft.pth",
-        "dn121",
-        Family::DenseNet,
-        Kernels::Reference,
     );
 }
 

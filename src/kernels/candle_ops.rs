@@ -628,10 +628,12 @@ pub fn max_pool(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tenso
     x.contiguous()?.apply_op1(MaxPoolOp { k, stride, pad })
 }
 
-/// A per-channel scale and shift (then ReLU) over `[B, C, H, W]`; the backward gives the
-/// input's gradient only (the scale and shift are constants of an inference model).
+/// A per-channel scale and shift (then ReLU) over `[B, C, H, W]`. The backward gives the
+/// input's gradient, and the scale's and shift's when they are learnt (`param_grads`: a
+/// BatchNorm in evaluation mode being trained); in an inference model they are constants.
 struct ChannelAffine {
     relu: bool,
+    param_grads: bool,
 }
 
 impl CustomOp3 for ChannelAffine {
@@ -661,26 +663,34 @@ impl CustomOp3 for ChannelAffine {
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         a: &Tensor,
         _b: &Tensor,
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut dx = dy.broadcast_mul(&a.reshape((1, (), 1, 1))?)?;
-        if self.relu {
-            dx = (dx * y.gt(0f32)?.to_dtype(dy.dtype())?)?;
+        let dy = if self.relu {
+            (dy * y.gt(0f32)?.to_dtype(dy.dtype())?)?
+        } else {
+            dy.clone()
+        };
+        let dx = dy.broadcast_mul(&a.reshape((1, (), 1, 1))?)?;
+        if !self.param_grads {
+            return Ok((Some(dx), None, None));
         }
-        Ok((Some(dx), None, None))
+        let da = (&dy * x)?.sum((0, 2, 3))?;
+        let db = dy.sum((0, 2, 3))?;
+        Ok((Some(dx), Some(da), Some(db)))
     }
 }
 
 /// `x * scale + shift` per channel of CPU f32 `x` `[B, C, H, W]` (then ReLU), in one pass.
 pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) -> Result<Tensor> {
+    let param_grads = scale.track_op() || shift.track_op();
     x.contiguous()?.apply_op3(
         &scale.contiguous()?,
         &shift.contiguous()?,
-        ChannelAffine { relu },
+        ChannelAffine { relu, param_grads },
     )
 }
 

@@ -329,6 +329,20 @@ mod tests {
                 max_diff(&yf, &yr) < 1e-6 && max_diff(&gf, &gr) < 1e-6,
                 "affine {relu}"
             );
+            // Learnt scale and shift (a BatchNorm in evaluation mode being trained).
+            let (gv, bv) = (Var::from_tensor(&g).unwrap(), Var::from_tensor(&b).unwrap());
+            let cot = rand(x.dims(), 98);
+            let [(ga, gb), (ra, rb)] = [Kernels::Fused, Kernels::Reference].map(|k| {
+                let y = channel_affine(k, &x, gv.as_tensor(), bv.as_tensor(), relu).unwrap();
+                let gr = (&y * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+                let get = |v: &Var| gr.get(v.as_tensor()).expect("gradient").clone();
+                (get(&gv), get(&bv))
+            });
+            assert_eq!(ga.dims(), &[4]);
+            assert!(
+                max_diff(&ga, &ra) < 1e-5 && max_diff(&gb, &rb) < 1e-5,
+                "affine parameters {relu}"
+            );
         }
 
         // Random values: no ties, so both paths route gradients alike.

@@ -427,11 +427,14 @@ pub(crate) fn linear(x: &Tensor, (w, b): &(Tensor, Tensor)) -> candle_core::Resu
 }
 
 /// Training: parameters as variables, BatchNorm on the batch's statistics, the running
-/// statistics updated as PyTorch does (momentum 0.1, unbiased variance).
+/// statistics updated as PyTorch does (momentum 0.1, unbiased variance); or, with `training`
+/// off (PyTorch's `model.eval()`), BatchNorm on the running statistics, which stay as they
+/// are, gradients still reaching every parameter.
 pub(crate) struct BatchStats {
     vars: BTreeMap<String, Var>,
     running: BTreeMap<String, Var>,
     kernels: Kernels,
+    training: bool,
 }
 
 impl BatchStats {
@@ -475,25 +478,33 @@ impl Ops for BatchStats {
 }
 
 impl BatchStats {
-    /// BatchNorm `bn` on the batch's statistics (then ReLU), moving the running statistics.
+    /// The running statistic `bn.name`.
+    fn running(&self, bn: &str, name: &str) -> candle_core::Result<&Var> {
+        let key = format!("{bn}.{name}");
+        self.running
+            .get(&key)
+            .ok_or_else(|| missing("buffer", &key))
+    }
+
+    /// BatchNorm `bn` (then ReLU): on the batch's statistics, moving the running statistics,
+    /// when training; on the running statistics otherwise.
     fn norm(&self, x: &Tensor, bn: &str, relu: bool) -> candle_core::Result<Tensor> {
-        let (y, mean, var) = kernels::batch_norm_train(
-            self.kernels,
-            x,
-            self.var(&format!("{bn}.weight"))?,
-            self.var(&format!("{bn}.bias"))?,
-            BN_EPS as f32,
-            relu,
-        )?;
+        let gamma = self.var(&format!("{bn}.weight"))?;
+        let beta = self.var(&format!("{bn}.bias"))?;
+        if !self.training {
+            let mean = self.running(bn, "running_mean")?.as_tensor().detach();
+            let var = self.running(bn, "running_var")?.as_tensor().detach();
+            let scale = gamma.mul(&(var + BN_EPS)?.sqrt()?.recip()?)?;
+            let shift = (beta - mean.mul(&scale)?)?;
+            return kernels::channel_affine(self.kernels, x, &scale, &shift, relu);
+        }
+        let (y, mean, var) =
+            kernels::batch_norm_train(self.kernels, x, gamma, beta, BN_EPS as f32, relu)?;
         let (b, _, h, w) = x.dims4()?;
         let n = (b * h * w) as f64;
         let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
         for (name, batch, factor) in [("running_mean", mean, 1.0), ("running_var", var, unbiased)] {
-            let key = format!("{bn}.{name}");
-            let run = self
-                .running
-                .get(&key)
-                .ok_or_else(|| missing("buffer", &key))?;
+            let run = self.running(bn, name)?;
             // On the device, detached: (1 - momentum) * running + momentum * factor * batch.
             let new = ((run.as_tensor() * (1.0 - BN_MOMENTUM))?
                 + (batch.detach() * (BN_MOMENTUM * factor))?)?;
@@ -588,6 +599,7 @@ impl CnnTrainable {
                 vars,
                 running,
                 kernels,
+                training: true,
             },
             device: device.clone(),
             notes,
@@ -628,7 +640,11 @@ impl Trainable for CnnTrainable {
         self.ops.running.clone()
     }
 
-    /// BatchNorm in training mode (the running statistics move); no stochastic depth.
+    fn set_training(&mut self, training: bool) {
+        self.ops.training = training;
+    }
+
+    /// BatchNorm as [`Trainable::set_training`] left it; no stochastic depth.
     fn forward_train(
         &self,
         x: &Tensor,

@@ -109,6 +109,11 @@ pub trait Trainable: Send {
         BTreeMap::new()
     }
 
+    /// PyTorch's `model.train()` (true, the default) or `model.eval()` (false): with false,
+    /// BatchNorm layers normalise with their running statistics and leave them as they are;
+    /// gradients still reach every parameter. A no-op for families without BatchNorm.
+    fn set_training(&mut self, _training: bool) {}
+
     /// Logits `[B, K]` of a batch, recording the graph; `drop_path` (stochastic depth) and
     /// any other training-time randomness drawn from `rng` when given.
     fn forward_train(
