@@ -34,6 +34,7 @@ pub mod model;
 pub mod predict;
 pub mod preprocess;
 pub mod rng;
+pub mod segment;
 pub mod train;
 
 pub use error::{Error, Result, ResultExt};

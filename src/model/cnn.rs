@@ -122,6 +122,13 @@ fn missing(what: &str, key: &str) -> candle_core::Error {
 }
 
 impl Folded {
+    /// One set of operations holding both sets' convolutions and BatchNorms.
+    pub(crate) fn merged(mut self, other: Folded) -> Folded {
+        self.convs.extend(other.convs);
+        self.bns.extend(other.bns);
+        self
+    }
+
     fn affine(&self, x: &Tensor, bn: &str, relu: bool) -> candle_core::Result<Tensor> {
         let b = self.bns.get(bn).ok_or_else(|| missing("BatchNorm", bn))?;
         kernels::channel_affine(self.kernels, x, &b.scale, &b.shift, relu)
@@ -272,6 +279,13 @@ impl<'a> Weights<'a> {
                             row.iter_mut().for_each(|v| *v *= s);
                         }
                         bias = Some(Tensor::from_vec(shift, cout, self.device)?);
+                    } else if self.sd.contains_key(&format!("{conv}.bias")) {
+                        // A bare convolution's own bias (a segmentation head's classifier).
+                        bias = self
+                            .get(&format!("{conv}.bias"))
+                            .filter(|b| b.shape == [cout])
+                            .map(|b| b.to_tensor(self.device))
+                            .transpose()?;
                     }
                     let weight = Tensor::from_vec(weight, p.shape.as_slice(), self.device)?;
                     convs.insert(

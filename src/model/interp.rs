@@ -1,6 +1,10 @@
-//! PyTorch-exact resampling of learned grids: `F.interpolate(mode='bicubic',
-//! align_corners=False)` as separable interpolation matrices (Keys cubic, a = -0.75, borders
-//! clamped, no antialiasing), used for `pos_embed` and patch-embedding kernels.
+//! PyTorch-exact resampling as separable `[out, in]` matrices: `F.interpolate(mode='bicubic',
+//! align_corners=False)` (Keys cubic, a = -0.75, borders clamped, no antialiasing) for
+//! `pos_embed` and patch-embedding kernels; bilinear (`align_corners=False`) and
+//! `adaptive_avg_pool2d` for feature maps, applied by [`resample`] as two matrix products, so
+//! that they are differentiable without a backward of their own.
+
+use candle_core::Tensor;
 
 /// Keys cubic convolution weight with a = -0.75 (PyTorch's bicubic).
 fn cubic(x: f64) -> f64 {
@@ -31,6 +35,58 @@ pub fn bicubic_matrix(input: usize, output: usize) -> Vec<f64> {
         }
     }
     m
+}
+
+/// The `[out, in]` matrix of PyTorch's bilinear resizing with `align_corners=False` (source
+/// `(i + 0.5) * in / out - 0.5`, negative sources clamped to 0, the far tap to the last).
+pub fn bilinear_matrix(input: usize, output: usize) -> Vec<f64> {
+    let mut m = vec![0.0; output * input];
+    let scale = input as f64 / output as f64;
+    for i in 0..output {
+        let src = ((i as f64 + 0.5) * scale - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(input - 1);
+        let i1 = (i0 + 1).min(input - 1);
+        let t = src - i0 as f64;
+        m[i * input + i0] += 1.0 - t;
+        m[i * input + i1] += t;
+    }
+    m
+}
+
+/// The `[out, in]` matrix of PyTorch's adaptive average pooling: output cell `i` averages
+/// inputs `floor(i * in / out) .. ceil((i + 1) * in / out)`.
+pub fn adaptive_avg_matrix(input: usize, output: usize) -> Vec<f64> {
+    let mut m = vec![0.0; output * input];
+    for i in 0..output {
+        let start = i * input / output;
+        let end = ((i + 1) * input).div_ceil(output);
+        for j in start..end {
+            m[i * input + j] = 1.0 / (end - start) as f64;
+        }
+    }
+    m
+}
+
+/// `[B, C, H, W]` to `[B, C, out_h, out_w]` through the separable matrices `my` (`[out_h, H]`)
+/// and `mx` (`[out_w, W]`), made by `matrix(in, out)`; differentiable.
+pub fn resample(
+    x: &Tensor,
+    (out_h, out_w): (usize, usize),
+    matrix: fn(usize, usize) -> Vec<f64>,
+) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let dev = x.device();
+    let as_tensor = |m: Vec<f64>, rows: usize, cols: usize| {
+        Tensor::from_vec(m, (rows, cols), dev)?.to_dtype(x.dtype())
+    };
+    let my = as_tensor(matrix(h, out_h), out_h, h)?;
+    let mxt = as_tensor(matrix(w, out_w), out_w, w)?.t()?;
+    // Along W: [B*C*H, W] x [W, out_w]; then along H: [out_h, H] x [B*C, H, out_w].
+    let along_w = x.reshape((b * c * h, w))?.matmul(&mxt)?;
+    let along_h = my
+        .broadcast_left(b * c)?
+        .matmul(&along_w.reshape((b * c, h, out_w))?)?;
+    along_h.reshape((b, c, out_h, out_w))
 }
 
 /// Resize `channels` planes of `in_h x in_w` (channel-last: `[in_h, in_w, channels]`) to
@@ -92,6 +148,37 @@ mod tests {
                 assert!((m[i * 5 + j] - want).abs() < 1e-12);
             }
         }
+    }
+
+    #[test]
+    fn bilinear_and_adaptive_pooling_as_pytorch_computes_them() {
+        // F.interpolate(arange(4.), size=8, mode='linear', align_corners=False) and
+        // adaptive_avg_pool1d(arange(5.), 3).
+        let x = Tensor::arange(0f32, 4.0, &candle_core::Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 1, 4))
+            .unwrap();
+        let up = resample(&x, (1, 8), bilinear_matrix).unwrap();
+        let got = up.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = [0.0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.0];
+        assert_eq!(got.len(), want.len());
+        assert!(
+            got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6),
+            "{got:?}"
+        );
+        let x = Tensor::arange(0f32, 5.0, &candle_core::Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 1, 5))
+            .unwrap();
+        let pooled = resample(&x, (1, 3), adaptive_avg_matrix).unwrap();
+        let got = pooled.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Cells 0..2, 1..4, 3..5.
+        let want = [0.5, 2.0, 3.5];
+        assert_eq!(got.len(), want.len());
+        assert!(
+            got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6),
+            "{got:?}"
+        );
     }
 
     #[test]

@@ -604,6 +604,33 @@ impl EvaX {
         Ok(state)
     }
 
+    /// Compute with `cos` / `sin` (`[gh * gw, 64]`, row-major) as the RoPE tables of inputs of
+    /// `grid` patches instead of computing them in fp32: what mmsegmentation does when it loads
+    /// a checkpoint's `rope.freqs_cos` / `freqs_sin` buffers (fp16-rounded ones included).
+    pub fn use_rope_tables(&self, grid: (usize, usize), cos: &[f32], sin: &[f32]) -> Result<()> {
+        let n = grid.0 * grid.1 * 64;
+        if cos.len() != n || sin.len() != n {
+            return Err(ModelError::Weights(format!(
+                "RoPE tables of {} values for a {}x{} grid; expected {n}",
+                cos.len(),
+                grid.0,
+                grid.1
+            )));
+        }
+        let pos = adapt::resample_pos_embed(&self.pos_embed, grid)?;
+        let state = Arc::new(GridState {
+            pos_embed: pos.to_tensor(&self.device)?,
+            rope: Arc::new(RopeTables {
+                cos: cos.to_vec(),
+                sin: sin.to_vec(),
+                dim: 64,
+            }),
+        });
+        let mut cache = self.grids.lock().unwrap_or_else(|e| e.into_inner());
+        cache.insert(grid, state);
+        Ok(())
+    }
+
     /// RoPE tables for an input of `grid` patches (computed once per grid).
     pub fn rope_for(&self, grid: (usize, usize)) -> Result<Arc<RopeTables>> {
         Ok(self.grid_state(grid)?.rope.clone())

@@ -1,0 +1,111 @@
+//! Segmentation against the original (seg_reference.safetensors, upernet_eva_x_s_d2_seg.pth):
+//! the EVA-X backbone at 512, the ViTDet pyramid, UperNet's logits and the predicted mask.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use evax::checkpoint::{Checkpoint, Param};
+use evax::fixtures::shared_or_skip;
+use evax::kernels::Kernels;
+use evax::model::LoadOptions;
+use evax::segment::UperNet;
+
+fn reference(sh: &Path) -> BTreeMap<String, Param> {
+    Checkpoint::load(sh.join("fixtures/seg_reference.safetensors"))
+        .unwrap()
+        .tensors
+}
+
+fn load(sh: &Path, kernels: Kernels) -> UperNet {
+    let ck = Checkpoint::load(sh.join("fixtures/upernet_eva_x_s_d2_seg.pth")).unwrap();
+    let opts = LoadOptions {
+        kernels,
+        ..Default::default()
+    };
+    let (m, report) = UperNet::from_checkpoint(&ck, &opts).unwrap();
+    assert!(report.unused.is_empty(), "{:?}", report.unused);
+    assert_eq!((report.channels, report.classes), (64, 1));
+    m
+}
+
+/// Max |a - b| after checking shapes and lengths.
+fn max_diff(got: &Tensor, want: &Param) -> f32 {
+    assert_eq!(got.dims(), want.shape.as_slice(), "shape");
+    let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(g.len(), want.data.len());
+    g.iter()
+        .zip(&want.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
+fn forward_matches_the_original(kernels: Kernels) {
+    let Some(sh) = shared_or_skip("segmentation_forward") else {
+        return;
+    };
+    let r = reference(&sh);
+    let m = load(&sh, kernels);
+    let x = r["seg/input"].to_tensor(&Device::Cpu).unwrap();
+    assert_eq!(x.dims(), &[1, 3, 512, 512]);
+    let levels = m.pyramid(&x).unwrap();
+    let sides = [128, 64, 32, 16];
+    let mut compared = 0;
+    for (i, level) in levels.iter().enumerate() {
+        assert_eq!(level.dims(), &[1, 384, sides[i], sides[i]], "level {i}");
+        let crop = sides[i].min(64);
+        let got = level
+            .narrow(1, 0, 64)
+            .unwrap()
+            .narrow(2, 0, crop)
+            .unwrap()
+            .narrow(3, 0, crop)
+            .unwrap();
+        let d = max_diff(&got, &r[&format!("seg/pyramid{i}_c64")]);
+        let scale = r[&format!("seg/pyramid{i}_c64")]
+            .data
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        eprintln!("pyramid {i}: {d:.2e} (largest {scale:.2e}, {kernels:?})");
+        assert!(d <= 1e-4, "pyramid {i}: {d}");
+        compared += 1;
+    }
+    let low = m.decode(&levels).unwrap();
+    let d = max_diff(&low, &r["seg/decode_logits"]);
+    eprintln!("decode logits: {d:.2e} ({kernels:?})");
+    assert!(d <= 1e-4, "decode logits: {d}");
+    let full = m.logits(&x).unwrap();
+    let d = max_diff(&full, &r["seg/logits512"]);
+    eprintln!("logits 512: {d:.2e} ({kernels:?})");
+    assert!(d <= 1e-4, "logits 512: {d}");
+    // sigmoid > 0.3, exact but where the reference logit sits within the tolerance of the
+    // threshold.
+    let threshold = (0.3f32 / 0.7).ln();
+    let got = full.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want = &r["seg/pred_mask"].data;
+    let logits = &r["seg/logits512"].data;
+    assert_eq!((got.len(), want.len()), (512 * 512, 512 * 512));
+    let (mut excused, mut wrong) = (0, 0);
+    for ((g, w), l) in got.iter().zip(want).zip(logits) {
+        if ((*g > threshold) as u8 as f32) != *w {
+            if (l - threshold).abs() <= 1e-4 {
+                excused += 1;
+            } else {
+                wrong += 1;
+            }
+        }
+    }
+    eprintln!("mask: {wrong} wrong, {excused} differing at ties ({kernels:?})");
+    assert_eq!(wrong, 0);
+    assert_eq!(compared, 4);
+}
+
+#[test]
+fn forward_matches_the_original_fused_kernels() {
+    forward_matches_the_original(Kernels::Fused);
+}
+
+#[test]
+fn forward_matches_the_original_reference_path() {
+    forward_matches_the_original(Kernels::Reference);
+}
