@@ -109,3 +109,46 @@ fn forward_matches_the_original_fused_kernels() {
 fn forward_matches_the_original_reference_path() {
     forward_matches_the_original(Kernels::Reference);
 }
+
+#[test]
+fn iou_metric_matches_mmsegmentation() {
+    let Some(sh) = shared_or_skip("iou_metric_matches_mmsegmentation") else {
+        return;
+    };
+    let r = reference(&sh);
+    let (preds, labels) = (&r["seg_metric/preds"], &r["seg_metric/labels"]);
+    assert_eq!(preds.shape, vec![4, 64, 64]);
+    assert_eq!(labels.shape, preds.shape);
+    let mut totals = evax::segment::IouTotals::new(2);
+    let as_u32 = |v: &[f32]| v.iter().map(|&x| x as u32).collect::<Vec<_>>();
+    let plane = 64 * 64;
+    for i in 0..4 {
+        let p = as_u32(&preds.data[i * plane..(i + 1) * plane]);
+        let l = as_u32(&labels.data[i * plane..(i + 1) * plane]);
+        totals.add(&p, &l).unwrap();
+    }
+    let s = totals.scores();
+    // float64 references: read with their own type (the checkpoint loader gives f32).
+    let exact =
+        candle_core::safetensors::load(sh.join("fixtures/seg_reference.safetensors"), &Device::Cpu)
+            .unwrap();
+    let mut compared = 0;
+    for (key, got) in [
+        ("iou_per_class", s.iou_per_class.clone()),
+        ("dice_per_class", s.dice_per_class.clone()),
+        ("miou", vec![s.miou]),
+        ("mdice", vec![s.mdice]),
+    ] {
+        let want = exact[&format!("seg_metric/{key}")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        assert_eq!(got.len(), want.len(), "{key}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-12, "{key}: {g} vs {w}");
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 6);
+}
