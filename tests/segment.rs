@@ -152,3 +152,59 @@ fn iou_metric_matches_mmsegmentation() {
     }
     assert_eq!(compared, 6);
 }
+
+/// Damaged segmentation checkpoints are errors that say what is wrong, never panics.
+#[test]
+fn damaged_checkpoints_are_clear_errors() {
+    let Some(sh) = shared_or_skip("damaged_checkpoints_are_clear_errors") else {
+        return;
+    };
+    let ck = Checkpoint::load(sh.join("fixtures/upernet_eva_x_s_d2_seg.pth")).unwrap();
+    let opts = LoadOptions::default();
+    let scalar = Param {
+        dtype: ck.tensors["decode_head.conv_seg.bias"].dtype,
+        shape: vec![],
+        data: vec![1.0],
+    };
+    let cases: [(&str, Option<Param>, &str); 4] = [
+        (
+            "decode_head.conv_seg.weight",
+            Some(scalar.clone()),
+            "conv_seg.weight has shape []",
+        ),
+        (
+            "backbone.fpn1.0.weight",
+            Some(scalar.clone()),
+            "fpn1.0.weight has shape []",
+        ),
+        (
+            "decode_head.lateral_convs.2.conv.weight",
+            None,
+            "2 laterals",
+        ),
+        (
+            "decode_head.fpn_bottleneck.bn.running_var",
+            Some(scalar),
+            "fpn_bottleneck.bn.running_var",
+        ),
+    ];
+    for (key, replacement, said) in cases {
+        let mut tensors = ck.tensors.clone();
+        match replacement {
+            Some(p) => tensors.insert(key.to_string(), p),
+            None => tensors.remove(key),
+        };
+        let err = UperNet::from_checkpoint(&Checkpoint::in_memory(tensors), &opts)
+            .err()
+            .unwrap_or_else(|| panic!("{key}: loaded"))
+            .to_string();
+        assert!(err.contains(said), "{key}: {err}");
+    }
+    // A classification checkpoint is not a segmentation one.
+    let cls = Checkpoint::load(sh.join("fixtures/eva_x_ti_cxr14_ft.pth")).unwrap();
+    let err = UperNet::from_checkpoint(&cls, &opts)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("no decode_head"), "{err}");
+}

@@ -141,7 +141,12 @@ impl UperNet {
         let cls = head_sd
             .get("conv_seg.weight")
             .ok_or_else(|| ModelError::Weights("missing decode_head.conv_seg.weight".into()))?;
-        let (classes, channels) = (cls.shape[0], cls.shape.get(1).copied().unwrap_or(0));
+        let [classes, channels, 1, 1] = cls.shape[..] else {
+            return Err(ModelError::Weights(format!(
+                "decode_head.conv_seg.weight has shape {:?}, expected [classes, channels, 1, 1]",
+                cls.shape
+            )));
+        };
         if psp != POOL_SCALES.len() || laterals != 3 || count("fpn_convs") != 3 || channels == 0 {
             return Err(ModelError::Weights(format!(
                 "an UperNet head with {psp} pooling branches, {laterals} laterals and {} FPN \
