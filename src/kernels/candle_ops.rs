@@ -477,12 +477,9 @@ impl CustomOp3 for BatchNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "batch norm input")?;
-        let g = contiguous_f32(s2, l2, "batch norm weight")?;
-        let b = contiguous_f32(s3, l3, "batch norm bias")?;
-        let (_, c, plane) = bn_dims(l1.dims())?;
-        if g.len() != c || b.len() != c || self.mean.len() != c {
-            candle_core::bail!("batch norm: {c} channels, parameters do not fit");
+        let (x, g, b, plane) = per_channel_args((s1, l1), (s2, l2), (s3, l3), "batch norm")?;
+        if self.mean.len() != g.len() {
+            candle_core::bail!("batch norm: {} channels, statistics do not fit", g.len());
         }
         let y = conv::batch_norm_forward(
             x,
@@ -542,6 +539,27 @@ fn bn_dims(d: &[usize]) -> Result<(usize, usize, usize)> {
         &[b, c, h, w] if b * c * h * w > 0 => Ok((b, c, h * w)),
         _ => candle_core::bail!("batch norm: expected a non-empty [B, C, H, W], got {d:?}"),
     }
+}
+
+/// A per-channel op's input, its two `[C]` vectors and the plane size.
+type PerChannel<'a> = (&'a [f32], &'a [f32], &'a [f32], usize);
+
+/// The arguments of a per-channel op: input `[B, C, H, W]` and two `[C]` vectors, with the
+/// plane size.
+fn per_channel_args<'a>(
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    (s3, l3): (&'a CpuStorage, &Layout),
+    op: &str,
+) -> Result<PerChannel<'a>> {
+    let x = contiguous_f32(s1, l1, op)?;
+    let a = contiguous_f32(s2, l2, op)?;
+    let b = contiguous_f32(s3, l3, op)?;
+    let (_, c, plane) = bn_dims(l1.dims())?;
+    if a.len() != c || b.len() != c {
+        candle_core::bail!("{op}: {c} channels, per-channel parameters do not fit");
+    }
+    Ok((x, a, b, plane))
 }
 
 /// BatchNorm in training mode over CPU f32 `x` `[B, C, H, W]` (then ReLU if asked): the
@@ -650,13 +668,7 @@ impl CustomOp3 for ChannelAffine {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "channel affine input")?;
-        let a = contiguous_f32(s2, l2, "channel scale")?;
-        let b = contiguous_f32(s3, l3, "channel shift")?;
-        let (_, c, plane) = bn_dims(l1.dims())?;
-        if a.len() != c || b.len() != c {
-            candle_core::bail!("channel affine: {c} channels, scale and shift do not fit");
-        }
+        let (x, a, b, plane) = per_channel_args((s1, l1), (s2, l2), (s3, l3), "channel affine")?;
         let y = conv::channel_affine(x, a, b, plane, self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }

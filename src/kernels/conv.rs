@@ -475,7 +475,7 @@ pub fn channel_stats(x: &[f32], c: usize, plane: usize) -> (Vec<f32>, Vec<f32>) 
 
 /// BatchNorm in training mode over `x` `[b, c, plane]` with the batch statistics `mean`,
 /// `var` (from [`channel_stats`]): `(x - mean) / sqrt(var + eps) * gamma + beta`, then ReLU if
-/// asked.
+/// asked, as the per-channel affine it is.
 pub fn batch_norm_forward(
     x: &[f32],
     (mean, var): (&[f32], &[f32]),
@@ -484,27 +484,18 @@ pub fn batch_norm_forward(
     eps: f32,
     relu: bool,
 ) -> Vec<f32> {
-    let c = gamma.len();
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(plane)
-        .zip(x.par_chunks(plane))
-        .enumerate()
-        .for_each(|(i, (yo, xi))| {
-            let ch = i % c;
-            let inv = 1.0 / (var[ch] + eps).sqrt();
-            let scale = inv * gamma[ch];
-            let shift = beta[ch] - mean[ch] * scale;
-            if relu {
-                yo.iter_mut()
-                    .zip(xi)
-                    .for_each(|(o, &v)| *o = (v * scale + shift).max(0.0));
-            } else {
-                yo.iter_mut()
-                    .zip(xi)
-                    .for_each(|(o, &v)| *o = v * scale + shift);
-            }
-        });
-    y
+    let scale: Vec<f32> = var
+        .iter()
+        .zip(gamma)
+        .map(|(v, g)| 1.0 / (v + eps).sqrt() * g)
+        .collect();
+    let shift: Vec<f32> = beta
+        .iter()
+        .zip(mean)
+        .zip(&scale)
+        .map(|((b, m), s)| b - m * s)
+        .collect();
+    channel_affine(x, &scale, &shift, plane, relu)
 }
 
 /// `(sum g, sum g * (v - m))` over two equal planes in eight f32 lanes each, in one pass.

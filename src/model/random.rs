@@ -91,22 +91,38 @@ pub(crate) fn resnet_stage(
     seed: u64,
 ) {
     let mut b = Builder::new(seed ^ 0x7265_736e);
-    let mut cin = cin;
-    for i in 0..blocks {
-        let p = format!("layer{stage}.{i}");
-        b.he_normal(&format!("{p}.conv1"), width, cin, 1);
-        b.bn(&format!("{p}.bn1"), width);
-        b.he_normal(&format!("{p}.conv2"), width, width, 3);
-        b.bn(&format!("{p}.bn2"), width);
-        b.he_normal(&format!("{p}.conv3"), 4 * width, width, 1);
-        b.bn(&format!("{p}.bn3"), 4 * width);
-        if i == 0 {
-            b.he_normal(&format!("{p}.downsample.0"), 4 * width, cin, 1);
-            b.bn(&format!("{p}.downsample.1"), 4 * width);
-        }
-        cin = 4 * width;
-    }
+    b.resnet_stage(stage, blocks, width, cin, Builder::he_normal);
     sd.extend(b.sd);
+}
+
+impl Builder {
+    /// ResNet stage `stage` as [`resnet_stage`] describes it, the convolutions drawn by
+    /// `conv`; returns its output channels.
+    fn resnet_stage(
+        &mut self,
+        stage: usize,
+        blocks: usize,
+        width: usize,
+        cin: usize,
+        conv: fn(&mut Self, &str, usize, usize, usize),
+    ) -> usize {
+        let mut cin = cin;
+        for i in 0..blocks {
+            let p = format!("layer{stage}.{i}");
+            conv(self, &format!("{p}.conv1"), width, cin, 1);
+            self.bn(&format!("{p}.bn1"), width);
+            conv(self, &format!("{p}.conv2"), width, width, 3);
+            self.bn(&format!("{p}.bn2"), width);
+            conv(self, &format!("{p}.conv3"), 4 * width, width, 1);
+            self.bn(&format!("{p}.bn3"), 4 * width);
+            if i == 0 {
+                conv(self, &format!("{p}.downsample.0"), 4 * width, cin, 1);
+                self.bn(&format!("{p}.downsample.1"), 4 * width);
+            }
+            cin = 4 * width;
+        }
+        cin
+    }
 }
 
 /// The architectures `evax bench` can time besides EVA-X.
@@ -162,20 +178,7 @@ impl Baseline {
                 b.bn("bn1", 64);
                 let mut cin = 64;
                 for (s, (&n, &w)) in [3, 4, 6, 3].iter().zip(&[64, 128, 256, 512]).enumerate() {
-                    for i in 0..n {
-                        let p = format!("layer{}.{i}", s + 1);
-                        b.conv(&format!("{p}.conv1"), w, cin, 1);
-                        b.bn(&format!("{p}.bn1"), w);
-                        b.conv(&format!("{p}.conv2"), w, w, 3);
-                        b.bn(&format!("{p}.bn2"), w);
-                        b.conv(&format!("{p}.conv3"), 4 * w, w, 1);
-                        b.bn(&format!("{p}.bn3"), 4 * w);
-                        if i == 0 {
-                            b.conv(&format!("{p}.downsample.0"), 4 * w, cin, 1);
-                            b.bn(&format!("{p}.downsample.1"), 4 * w);
-                        }
-                        cin = 4 * w;
-                    }
+                    cin = b.resnet_stage(s + 1, n, w, cin, Builder::conv);
                 }
                 b.linear("fc", 14, 2048);
             }
