@@ -122,13 +122,6 @@ fn missing(what: &str, key: &str) -> candle_core::Error {
 }
 
 impl Folded {
-    /// One set of operations holding both sets' convolutions and BatchNorms.
-    pub(crate) fn merged(mut self, other: Folded) -> Folded {
-        self.convs.extend(other.convs);
-        self.bns.extend(other.bns);
-        self
-    }
-
     fn affine(&self, x: &Tensor, bn: &str, relu: bool) -> candle_core::Result<Tensor> {
         let b = self.bns.get(bn).ok_or_else(|| missing("BatchNorm", bn))?;
         kernels::channel_affine(self.kernels, x, &b.scale, &b.shift, relu)
@@ -452,6 +445,83 @@ pub(crate) struct BatchStats {
 }
 
 impl BatchStats {
+    /// Variables for the convolutions (with a bare convolution's bias when `sd` has one) and
+    /// BatchNorms of `units`, the running statistics as buffers; training mode.
+    pub(crate) fn new(
+        sd: &BTreeMap<String, Param>,
+        units: &[Unit],
+        device: &Device,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        let mut ops = BatchStats {
+            vars: BTreeMap::new(),
+            running: BTreeMap::new(),
+            kernels,
+            training: true,
+        };
+        for u in units {
+            match u {
+                Unit::ConvBn { conv, bn } => {
+                    ops.add_var(sd, &format!("{conv}.weight"), device)?;
+                    ops.add_bn(sd, bn, device)?;
+                }
+                Unit::Conv(conv) => {
+                    ops.add_var(sd, &format!("{conv}.weight"), device)?;
+                    let bias = format!("{conv}.bias");
+                    if sd.contains_key(&bias) {
+                        ops.add_var(sd, &bias, device)?;
+                    }
+                }
+                Unit::Bn { bn, .. } => ops.add_bn(sd, bn, device)?,
+            }
+        }
+        Ok(ops)
+    }
+
+    /// `sd[key]` as a variable.
+    pub(crate) fn add_var(
+        &mut self,
+        sd: &BTreeMap<String, Param>,
+        key: &str,
+        device: &Device,
+    ) -> Result<()> {
+        let p = sd
+            .get(key)
+            .ok_or_else(|| ModelError::Weights(format!("missing {key}")))?;
+        self.vars
+            .insert(key.to_string(), Var::from_tensor(&p.to_tensor(device)?)?);
+        Ok(())
+    }
+
+    fn add_bn(&mut self, sd: &BTreeMap<String, Param>, bn: &str, device: &Device) -> Result<()> {
+        self.add_var(sd, &format!("{bn}.weight"), device)?;
+        self.add_var(sd, &format!("{bn}.bias"), device)?;
+        for stat in ["running_mean", "running_var"] {
+            let key = format!("{bn}.{stat}");
+            let p = sd
+                .get(&key)
+                .ok_or_else(|| ModelError::Weights(format!("missing {key}")))?;
+            self.running
+                .insert(key, Var::from_tensor(&p.to_tensor(device)?)?);
+        }
+        Ok(())
+    }
+
+    /// The parameters by name.
+    pub(crate) fn vars(&self) -> &BTreeMap<String, Var> {
+        &self.vars
+    }
+
+    /// The running statistics by name.
+    pub(crate) fn running_stats(&self) -> &BTreeMap<String, Var> {
+        &self.running
+    }
+
+    /// PyTorch's `train()` / `eval()` for the BatchNorms.
+    pub(crate) fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
     fn var(&self, key: &str) -> candle_core::Result<&Tensor> {
         self.vars
             .get(key)
@@ -474,8 +544,12 @@ impl Ops for BatchStats {
 
     fn conv(&self, x: &Tensor, conv: &str, stride: usize) -> candle_core::Result<Tensor> {
         let w = self.var(&format!("{conv}.weight"))?;
+        let bias = self
+            .vars
+            .get(&format!("{conv}.bias"))
+            .map(|v| v.as_tensor());
         let pad = w.dim(2)? / 2;
-        kernels::conv2d(self.kernels, x, w, None, stride, pad, false)
+        kernels::conv2d(self.kernels, x, w, bias, stride, pad, false)
     }
 
     fn bn(&self, x: &Tensor, bn: &str) -> candle_core::Result<Tensor> {
@@ -580,41 +654,12 @@ impl CnnTrainable {
         }
         // Every tensor the model reads must be there with its shape: load it once to check.
         layout.classifier(&sd, device, kernels)?;
-        let mut vars = BTreeMap::new();
-        let mut running = BTreeMap::new();
-        let add = |map: &mut BTreeMap<String, Var>, key: String| -> Result<()> {
-            let p = sd
-                .get(&key)
-                .ok_or_else(|| ModelError::Weights(format!("missing {key}")))?;
-            map.insert(key, Var::from_tensor(&p.to_tensor(device)?)?);
-            Ok(())
-        };
-        for u in layout.units() {
-            let (conv, bn) = match u {
-                Unit::ConvBn { conv, bn } => (Some(conv), Some(bn)),
-                Unit::Conv(conv) => (Some(conv), None),
-                Unit::Bn { bn, .. } => (None, Some(bn)),
-            };
-            if let Some(c) = conv {
-                add(&mut vars, format!("{c}.weight"))?;
-            }
-            if let Some(b) = bn {
-                add(&mut vars, format!("{b}.weight"))?;
-                add(&mut vars, format!("{b}.bias"))?;
-                add(&mut running, format!("{b}.running_mean"))?;
-                add(&mut running, format!("{b}.running_var"))?;
-            }
-        }
-        add(&mut vars, wk)?;
-        add(&mut vars, bk)?;
+        let mut ops = BatchStats::new(&sd, &layout.units(), device, kernels)?;
+        ops.add_var(&sd, &wk, device)?;
+        ops.add_var(&sd, &bk, device)?;
         Ok(CnnTrainable {
             layout,
-            ops: BatchStats {
-                vars,
-                running,
-                kernels,
-                training: true,
-            },
+            ops,
             device: device.clone(),
             notes,
         })

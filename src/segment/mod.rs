@@ -2,7 +2,9 @@
 //! feature map, a ViTDet-style pyramid and mmsegmentation's UperNet head ([`UperNet`]).
 
 pub mod metrics;
+mod train;
 mod upernet;
 
 pub use metrics::{IouTotals, SegScores};
+pub use train::SegTrainable;
 pub use upernet::{SegLoadReport, UperNet};

@@ -9,9 +9,10 @@ use std::collections::BTreeMap;
 use candle_core::Tensor;
 
 use crate::checkpoint::{Checkpoint, Param};
-use crate::kernels::{self, Kernels};
+use crate::kernels;
 use crate::model::cnn::{Folded, Ops, Origin, Unit, Weights};
 use crate::model::interp::{adaptive_avg_matrix, bilinear_matrix, resample};
+use crate::model::rope::RopeTables;
 use crate::model::{EvaX, LoadOptions, ModelError, adapt};
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -32,57 +33,169 @@ pub struct SegLoadReport {
     pub classes: usize,
 }
 
-/// A 2x2, stride-2 transposed convolution as a matrix `[in, out * 4]` and a bias `[out]`.
-struct Upsample2x {
-    weight: Tensor,
-    bias: Tensor,
-    out: usize,
+/// The pyramid's 2x2, stride-2 transposed convolutions (weight `[in, out, 2, 2]`, bias).
+pub(crate) const UPSAMPLES: [&str; 3] = ["backbone.fpn1.0", "backbone.fpn1.3", "backbone.fpn2.0"];
+
+/// The pyramid's BatchNorm.
+pub(crate) const PYRAMID_BN: &str = "backbone.fpn1.1";
+
+/// A 2x2, stride-2 transposed convolution of `[B, C, H, W]` to `[B, out, 2H, 2W]` (weight
+/// `[C, out, 2, 2]`, bias `[out]`): each input pixel writes its own 2x2 block, one matrix product.
+fn upsample2x(x: &Tensor, w: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, h, wd) = x.dims4()?;
+    let out = w.dim(1)?;
+    let rows = x.permute((0, 2, 3, 1))?.reshape((b * h * wd, c))?;
+    let y = rows.matmul(&w.reshape((c, out * 4))?)?;
+    y.reshape((b, h, wd, out, 2, 2))?
+        .permute((0, 3, 1, 4, 2, 5))?
+        .reshape((b, out, 2 * h, 2 * wd))?
+        .broadcast_add(&bias.reshape((1, out, 1, 1))?)
 }
 
-impl Upsample2x {
-    fn load(sd: &BTreeMap<String, Param>, key: &str, opts: &LoadOptions) -> Result<Self> {
-        let bad = |m: String| ModelError::Weights(m);
-        let w = sd
-            .get(&format!("{key}.weight"))
-            .ok_or_else(|| bad(format!("missing {key}.weight")))?;
-        let [cin, out, 2, 2] = w.shape[..] else {
-            return Err(bad(format!(
-                "{key}.weight has shape {:?}, expected [in, out, 2, 2]",
-                w.shape
-            )));
-        };
-        let b = sd
-            .get(&format!("{key}.bias"))
-            .filter(|b| b.shape == [out])
-            .ok_or_else(|| bad(format!("{key}.bias missing or not [{out}]")))?;
-        Ok(Upsample2x {
-            weight: w.to_tensor(&opts.device)?.reshape((cin, out * 4))?,
-            bias: b.to_tensor(&opts.device)?.reshape((1, out, 1, 1))?,
-            out,
-        })
+/// The convolutions and BatchNorms of the pyramid and head, by mmsegmentation key.
+pub(crate) fn units(laterals: usize) -> Vec<Unit> {
+    let conv_bn = |name: String| Unit::ConvBn {
+        conv: format!("decode_head.{name}.conv"),
+        bn: format!("decode_head.{name}.bn"),
+    };
+    let mut units: Vec<Unit> = (0..POOL_SCALES.len())
+        .map(|i| conv_bn(format!("psp_modules.{i}.1")))
+        .collect();
+    units.push(conv_bn("bottleneck".into()));
+    for i in 0..laterals {
+        units.push(conv_bn(format!("lateral_convs.{i}")));
+        units.push(conv_bn(format!("fpn_convs.{i}")));
     }
-
-    /// `[B, C, H, W]` to `[B, out, 2H, 2W]`: each input pixel writes its own 2x2 block.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let rows = x.permute((0, 2, 3, 1))?.reshape((b * h * w, c))?;
-        let y = rows.matmul(&self.weight)?;
-        y.reshape((b, h, w, self.out, 2, 2))?
-            .permute((0, 3, 1, 4, 2, 5))?
-            .reshape((b, self.out, 2 * h, 2 * w))?
-            .broadcast_add(&self.bias)
-    }
+    units.push(conv_bn("fpn_bottleneck".into()));
+    units.push(Unit::Conv("decode_head.conv_seg".into()));
+    units
 }
 
-/// The EVA-X segmentation model.
+/// The pyramid of the last block's feature map `[B, C, gh, gw]`: 4x (transposed conv, BN,
+/// GELU, transposed conv), 2x (transposed conv), 1x, 1/2x (2x2 max pool). `upsample` gives a
+/// transposed convolution's weight and bias by key.
+pub(crate) fn pyramid(
+    ops: &dyn Ops,
+    upsample: &dyn Fn(&str) -> candle_core::Result<(Tensor, Tensor)>,
+    map: &Tensor,
+) -> candle_core::Result<[Tensor; 4]> {
+    let up = |key: &str, x: &Tensor| {
+        let (w, b) = upsample(key)?;
+        upsample2x(x, &w, &b)
+    };
+    let h = up(UPSAMPLES[0], map)?;
+    let h = ops.bn(&h, PYRAMID_BN)?;
+    let h = kernels::gelu(ops.kernels(), &h, true)?;
+    let p0 = up(UPSAMPLES[1], &h)?;
+    let p1 = up(UPSAMPLES[2], map)?;
+    let p3 = kernels::max_pool(ops.kernels(), map, 2, 2, 0)?;
+    Ok([p0, p1, map.clone(), p3])
+}
+
+/// mmsegmentation's UPerHead over the four levels: logits at the finest level's size.
+pub(crate) fn decode(
+    ops: &dyn Ops,
+    laterals: usize,
+    levels: &[Tensor; 4],
+) -> candle_core::Result<Tensor> {
+    let conv_bn_relu = |x: &Tensor, name: &str| {
+        ops.conv_bn(
+            x,
+            &format!("decode_head.{name}.conv"),
+            &format!("decode_head.{name}.bn"),
+            1,
+            true,
+        )
+    };
+    let bilinear = |x: &Tensor, like: &Tensor| -> candle_core::Result<Tensor> {
+        let (_, _, oh, ow) = like.dims4()?;
+        resample(x, (oh, ow), bilinear_matrix)
+    };
+    // Pyramid pooling on the coarsest level: pool, 1x1 conv, back up, concatenate.
+    let top = &levels[3];
+    let mut psp = vec![top.clone()];
+    for (i, s) in POOL_SCALES.into_iter().enumerate() {
+        let pooled = resample(top, (s, s), adaptive_avg_matrix)?;
+        let y = conv_bn_relu(&pooled, &format!("psp_modules.{i}.1"))?;
+        psp.push(bilinear(&y, top)?);
+    }
+    let psp = Tensor::cat(&psp, 1)?;
+    let mut lateral = Vec::with_capacity(laterals + 1);
+    for (i, level) in levels.iter().take(laterals).enumerate() {
+        lateral.push(conv_bn_relu(level, &format!("lateral_convs.{i}"))?);
+    }
+    lateral.push(conv_bn_relu(&psp, "bottleneck")?);
+    // Top-down: each level plus the coarser one resized to it.
+    for i in (1..lateral.len()).rev() {
+        let coarser = bilinear(&lateral[i], &lateral[i - 1])?;
+        lateral[i - 1] = (&lateral[i - 1] + coarser)?;
+    }
+    let mut outs = Vec::with_capacity(lateral.len());
+    for (i, l) in lateral.iter().take(laterals).enumerate() {
+        outs.push(conv_bn_relu(l, &format!("fpn_convs.{i}"))?);
+    }
+    outs.push(lateral[laterals].clone());
+    let finest = outs[0].clone();
+    for o in outs.iter_mut().skip(1) {
+        *o = bilinear(o, &finest)?;
+    }
+    let fused = conv_bn_relu(&Tensor::cat(&outs, 1)?, "fpn_bottleneck")?;
+    ops.conv(&fused, "decode_head.conv_seg", 1)
+}
+
+/// The last block's patch tokens `[B, 1 + gh * gw, C]` as a map `[B, C, gh, gw]`.
+pub(crate) fn token_map(tokens: &Tensor, (gh, gw): (usize, usize)) -> candle_core::Result<Tensor> {
+    let (b, t, c) = tokens.dims3()?;
+    tokens
+        .narrow(1, 1, t - 1)?
+        .transpose(1, 2)?
+        .reshape((b, c, gh, gw))
+}
+
+/// What an mmsegmentation checkpoint says about the head: lateral count, channels, classes
+/// (an error unless it is the UPerHead the original builds).
+pub(crate) fn head_shape(tensors: &BTreeMap<String, Param>) -> Result<(usize, usize, usize)> {
+    if !tensors.keys().any(|k| k.starts_with("decode_head.")) {
+        return Err(ModelError::Weights(
+            "not a segmentation checkpoint: no decode_head.* keys".into(),
+        ));
+    }
+    let count =
+        |f: &dyn Fn(usize) -> String| (0..).take_while(|&i| tensors.contains_key(&f(i))).count();
+    let laterals = count(&|i| format!("decode_head.lateral_convs.{i}.conv.weight"));
+    let fpn = count(&|i| format!("decode_head.fpn_convs.{i}.conv.weight"));
+    let psp = count(&|i| format!("decode_head.psp_modules.{i}.1.conv.weight"));
+    let cls = tensors
+        .get("decode_head.conv_seg.weight")
+        .ok_or_else(|| ModelError::Weights("missing decode_head.conv_seg.weight".into()))?;
+    let [classes, channels, 1, 1] = cls.shape[..] else {
+        return Err(ModelError::Weights(format!(
+            "decode_head.conv_seg.weight has shape {:?}, expected [classes, channels, 1, 1]",
+            cls.shape
+        )));
+    };
+    if psp != POOL_SCALES.len() || laterals != 3 || fpn != 3 || channels == 0 || classes == 0 {
+        return Err(ModelError::Weights(format!(
+            "an UperNet head with {psp} pooling branches, {laterals} laterals and {fpn} FPN \
+             convolutions; expected 4, 3 and 3 (mmsegmentation's UPerHead over 4 levels)"
+        )));
+    }
+    Ok((laterals, channels, classes))
+}
+
+/// The keys of the backbone proper (not the pyramid, not a head).
+pub(crate) fn is_backbone_key(k: &str) -> bool {
+    !k.starts_with("backbone.fpn")
+        && !k.starts_with("decode_head.")
+        && !k.starts_with("auxiliary_head.")
+}
+
+/// The EVA-X segmentation model, for inference.
 pub struct UperNet {
     backbone: EvaX,
-    fpn1_up: Upsample2x,
-    fpn1_out: Upsample2x,
-    fpn2: Upsample2x,
-    head: Folded,
+    upsamples: BTreeMap<String, (Tensor, Tensor)>,
+    ops: Folded,
     laterals: usize,
-    kernels: Kernels,
     /// Width of the head's convolutions.
     pub channels: usize,
     /// Output channels of the classifier.
@@ -92,115 +205,56 @@ pub struct UperNet {
 impl UperNet {
     /// Load an mmsegmentation checkpoint (`backbone.*`, `decode_head.*`).
     pub fn from_checkpoint(ck: &Checkpoint, opts: &LoadOptions) -> Result<(Self, SegLoadReport)> {
-        let is_neck = |k: &str| k.starts_with("backbone.fpn");
-        let is_head = |k: &str| k.starts_with("decode_head.") || k.starts_with("auxiliary_head.");
-        let backbone_sd: BTreeMap<String, Param> = ck
-            .tensors
+        Self::from_state_dict(&ck.tensors, opts)
+    }
+
+    /// [`UperNet::from_checkpoint`] from the state dict.
+    pub fn from_state_dict(
+        tensors: &BTreeMap<String, Param>,
+        opts: &LoadOptions,
+    ) -> Result<(Self, SegLoadReport)> {
+        let (laterals, channels, classes) = head_shape(tensors)?;
+        let (backbone_sd, rest): (BTreeMap<_, _>, BTreeMap<_, _>) = tensors
             .iter()
-            .filter(|(k, _)| !is_neck(k) && !is_head(k))
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        if !ck.tensors.keys().any(|k| k.starts_with("decode_head.")) {
-            return Err(ModelError::Weights(
-                "not a segmentation checkpoint: no decode_head.* keys".into(),
-            ));
-        }
+            .partition(|(k, _)| is_backbone_key(k));
         let eva = adapt::to_eva_layout(&backbone_sd)?;
         let (backbone, report) = EvaX::from_eva_state_dict(&eva, opts)?;
         // mmsegmentation loads the RoPE buffers with the weights and computes with them.
-        if let (Some(cos), Some(sin)) = (
-            eva.tensors.get("rope.freqs_cos"),
-            eva.tensors.get("rope.freqs_sin"),
-        ) {
-            let grid = backbone.config.train_grid;
-            if cos.shape == [grid.0 * grid.1, 64] {
-                backbone.use_rope_tables(grid, &cos.data, &sin.data)?;
-            }
+        let grid = backbone.config.train_grid;
+        if let Some(tables) = stored_rope(&eva.tensors, grid) {
+            backbone.use_rope_tables(grid, tables)?;
         }
-        // Pyramid and head, prefixes removed.
-        let sub = |prefix: &str| -> BTreeMap<String, Param> {
-            ck.tensors
-                .iter()
-                .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone())))
-                .collect()
-        };
-        let neck = sub("backbone.");
-        let fpn1_up = Upsample2x::load(&neck, "fpn1.0", opts)?;
-        let fpn1_out = Upsample2x::load(&neck, "fpn1.3", opts)?;
-        let fpn2 = Upsample2x::load(&neck, "fpn2.0", opts)?;
-        let head_sd = sub("decode_head.");
-        let count = |prefix: &str| {
-            (0..)
-                .take_while(|i| head_sd.contains_key(&format!("{prefix}.{i}.conv.weight")))
-                .count()
-        };
-        let laterals = count("lateral_convs");
-        let psp = (0..)
-            .take_while(|i| head_sd.contains_key(&format!("psp_modules.{i}.1.conv.weight")))
-            .count();
-        let cls = head_sd
-            .get("conv_seg.weight")
-            .ok_or_else(|| ModelError::Weights("missing decode_head.conv_seg.weight".into()))?;
-        let [classes, channels, 1, 1] = cls.shape[..] else {
-            return Err(ModelError::Weights(format!(
-                "decode_head.conv_seg.weight has shape {:?}, expected [classes, channels, 1, 1]",
-                cls.shape
-            )));
-        };
-        if psp != POOL_SCALES.len() || laterals != 3 || count("fpn_convs") != 3 || channels == 0 {
-            return Err(ModelError::Weights(format!(
-                "an UperNet head with {psp} pooling branches, {laterals} laterals and {} FPN \
-                 convolutions; expected 4, 3 and 3 (mmsegmentation's UPerHead over 4 levels)",
-                count("fpn_convs")
-            )));
+        let mut upsamples = BTreeMap::new();
+        for key in UPSAMPLES {
+            upsamples.insert(key.to_string(), upsample_weights(&rest, key, opts)?);
         }
-        let conv_bn = |name: String| Unit::ConvBn {
-            conv: format!("{name}.conv"),
-            bn: format!("{name}.bn"),
-        };
-        let mut units: Vec<Unit> = (0..psp)
-            .map(|i| conv_bn(format!("psp_modules.{i}.1")))
-            .collect();
-        units.push(conv_bn("bottleneck".into()));
-        for i in 0..laterals {
-            units.push(conv_bn(format!("lateral_convs.{i}")));
-            units.push(conv_bn(format!("fpn_convs.{i}")));
-        }
-        units.push(conv_bn("fpn_bottleneck".into()));
-        units.push(Unit::Conv("conv_seg".into()));
-        let mut ws = Weights::new(&head_sd, &opts.device);
-        let head = ws.folded(&units, opts.kernels)?;
+        let mut units = units(laterals);
+        units.push(Unit::Bn {
+            bn: PYRAMID_BN.into(),
+            channels: upsamples[UPSAMPLES[0]].0.dim(1)?,
+        });
+        let mut ws = Weights::new(&rest, &opts.device);
+        let ops = ws.folded(&units, opts.kernels)?;
         let head_report = ws.finish("UperNet head", Origin::default())?;
-        // The pyramid's BatchNorm, applied as a per-channel affine.
-        let mut ws = Weights::new(&neck, &opts.device);
-        let bn = ws.folded(
-            &[Unit::Bn {
-                bn: "fpn1.1".into(),
-                channels: fpn1_up.out,
-            }],
-            opts.kernels,
-        )?;
-        let head = head.merged(bn);
-        let neck_params: usize = neck
+        let neck_params: usize = UPSAMPLES
             .iter()
-            .filter(|(k, _)| k.starts_with("fpn") && (k.ends_with("weight") || k.ends_with("bias")))
-            .map(|(_, p)| p.numel())
+            .flat_map(|k| [format!("{k}.weight"), format!("{k}.bias")])
+            .filter_map(|k| rest.get(&k))
+            .map(|p| p.numel())
             .sum();
-        let mut unused: Vec<String> = report.unused.into_iter().filter(|k| !is_neck(k)).collect();
+        let mut unused = report.unused;
         unused.extend(
             head_report
                 .unused
-                .iter()
-                .map(|k| format!("decode_head.{k}")),
+                .into_iter()
+                .filter(|k| !UPSAMPLES.iter().any(|u| k.starts_with(&format!("{u}.")))),
         );
         let model = UperNet {
             backbone,
-            fpn1_up,
-            fpn1_out,
-            fpn2,
-            head,
+            upsamples,
+            ops,
             laterals,
-            kernels: opts.kernels,
             channels,
             classes,
         };
@@ -223,61 +277,20 @@ impl UperNet {
 
     /// The four pyramid levels of a batch `[B, 3, H, W]`: 4x, 2x, 1x and 1/2x the patch grid.
     pub fn pyramid(&self, x: &Tensor) -> Result<[Tensor; 4]> {
-        let (gh, gw) = self.backbone.grid_of(x)?;
-        let tokens = self.backbone.forward_features(x)?;
-        let (b, t, c) = tokens.dims3()?;
-        let map = tokens
-            .narrow(1, 1, t - 1)?
-            .transpose(1, 2)?
-            .reshape((b, c, gh, gw))?;
-        let up = self.fpn1_up.forward(&map)?;
-        let up = self.head.bn(&up, "fpn1.1")?;
-        let up = kernels::gelu(self.kernels, &up, false)?;
-        let p0 = self.fpn1_out.forward(&up)?;
-        let p1 = self.fpn2.forward(&map)?;
-        let p3 = kernels::max_pool(self.kernels, &map, 2, 2, 0)?;
-        Ok([p0, p1, map, p3])
+        let grid = self.backbone.grid_of(x)?;
+        let map = token_map(&self.backbone.forward_features(x)?, grid)?;
+        let upsample = |k: &str| {
+            self.upsamples
+                .get(k)
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg(format!("no {k}")))
+        };
+        Ok(pyramid(&self.ops, &upsample, &map)?)
     }
 
     /// UperNet's logits at the finest pyramid level (1/4 of the input), `[B, classes, H/4, W/4]`.
     pub fn decode(&self, levels: &[Tensor; 4]) -> Result<Tensor> {
-        let h = &self.head;
-        let bilinear = |x: &Tensor, like: &Tensor| -> candle_core::Result<Tensor> {
-            let (_, _, oh, ow) = like.dims4()?;
-            resample(x, (oh, ow), bilinear_matrix)
-        };
-        // Pyramid pooling on the coarsest level: pool, 1x1 conv, back up, concatenate.
-        let top = &levels[3];
-        let (_, _, th, tw) = top.dims4()?;
-        let mut psp = vec![top.clone()];
-        for (i, s) in POOL_SCALES.into_iter().enumerate() {
-            let pooled = resample(top, (s, s), adaptive_avg_matrix)?;
-            let name = format!("psp_modules.{i}.1");
-            let y = h.conv_bn(&pooled, &format!("{name}.conv"), "", 1, true)?;
-            psp.push(resample(&y, (th, tw), bilinear_matrix)?);
-        }
-        let psp = Tensor::cat(&psp, 1)?;
-        let mut laterals = Vec::with_capacity(self.laterals + 1);
-        for (i, level) in levels.iter().take(self.laterals).enumerate() {
-            laterals.push(h.conv_bn(level, &format!("lateral_convs.{i}.conv"), "", 1, true)?);
-        }
-        laterals.push(h.conv_bn(&psp, "bottleneck.conv", "", 1, true)?);
-        // Top-down: each level plus the coarser one resized to it.
-        for i in (1..laterals.len()).rev() {
-            let coarser = bilinear(&laterals[i], &laterals[i - 1])?;
-            laterals[i - 1] = (&laterals[i - 1] + coarser)?;
-        }
-        let mut outs = Vec::with_capacity(laterals.len());
-        for (i, l) in laterals.iter().take(self.laterals).enumerate() {
-            outs.push(h.conv_bn(l, &format!("fpn_convs.{i}.conv"), "", 1, true)?);
-        }
-        outs.push(laterals[self.laterals].clone());
-        let finest = outs[0].clone();
-        for o in outs.iter_mut().skip(1) {
-            *o = bilinear(o, &finest)?;
-        }
-        let fused = h.conv_bn(&Tensor::cat(&outs, 1)?, "fpn_bottleneck.conv", "", 1, true)?;
-        Ok(h.conv(&fused, "conv_seg", 1)?)
+        Ok(decode(&self.ops, self.laterals, levels)?)
     }
 
     /// Logits resized bilinearly to the input's size, `[B, classes, H, W]`.
@@ -286,4 +299,41 @@ impl UperNet {
         let low = self.decode(&self.pyramid(x)?)?;
         Ok(resample(&low, (ih, iw), bilinear_matrix)?)
     }
+}
+
+/// The RoPE tables a checkpoint stores for its own `grid`, if it stores them whole.
+pub(crate) fn stored_rope(
+    sd: &BTreeMap<String, Param>,
+    grid: (usize, usize),
+) -> Option<RopeTables> {
+    let (cos, sin) = (sd.get("rope.freqs_cos")?, sd.get("rope.freqs_sin")?);
+    let shape = [grid.0 * grid.1, 64];
+    (cos.shape == shape && sin.shape == shape).then(|| RopeTables {
+        cos: cos.data.clone(),
+        sin: sin.data.clone(),
+        dim: 64,
+    })
+}
+
+/// A transposed convolution's weight `[in, out, 2, 2]` and bias `[out]`, checked.
+fn upsample_weights(
+    sd: &BTreeMap<String, Param>,
+    key: &str,
+    opts: &LoadOptions,
+) -> Result<(Tensor, Tensor)> {
+    let bad = |m: String| ModelError::Weights(m);
+    let w = sd
+        .get(&format!("{key}.weight"))
+        .ok_or_else(|| bad(format!("missing {key}.weight")))?;
+    let [_, out, 2, 2] = w.shape[..] else {
+        return Err(bad(format!(
+            "{key}.weight has shape {:?}, expected [in, out, 2, 2]",
+            w.shape
+        )));
+    };
+    let b = sd
+        .get(&format!("{key}.bias"))
+        .filter(|b| b.shape == [out])
+        .ok_or_else(|| bad(format!("{key}.bias missing or not [{out}]")))?;
+    Ok((w.to_tensor(&opts.device)?, b.to_tensor(&opts.device)?))
 }

@@ -604,15 +604,15 @@ impl EvaX {
         Ok(state)
     }
 
-    /// Compute with `cos` / `sin` (`[gh * gw, 64]`, row-major) as the RoPE tables of inputs of
-    /// `grid` patches instead of computing them in fp32: what mmsegmentation does when it loads
-    /// a checkpoint's `rope.freqs_cos` / `freqs_sin` buffers (fp16-rounded ones included).
-    pub fn use_rope_tables(&self, grid: (usize, usize), cos: &[f32], sin: &[f32]) -> Result<()> {
+    /// Compute with `tables` (`[gh * gw, 64]`) as the RoPE tables of inputs of `grid` patches
+    /// instead of computing them in fp32: what mmsegmentation does when it loads a
+    /// checkpoint's `rope.freqs_cos` / `freqs_sin` buffers (fp16-rounded ones included).
+    pub fn use_rope_tables(&self, grid: (usize, usize), tables: RopeTables) -> Result<()> {
         let n = grid.0 * grid.1 * 64;
-        if cos.len() != n || sin.len() != n {
+        if tables.cos.len() != n || tables.sin.len() != n || tables.dim != 64 {
             return Err(ModelError::Weights(format!(
                 "RoPE tables of {} values for a {}x{} grid; expected {n}",
-                cos.len(),
+                tables.cos.len(),
                 grid.0,
                 grid.1
             )));
@@ -620,11 +620,7 @@ impl EvaX {
         let pos = adapt::resample_pos_embed(&self.pos_embed, grid)?;
         let state = Arc::new(GridState {
             pos_embed: pos.to_tensor(&self.device)?,
-            rope: Arc::new(RopeTables {
-                cos: cos.to_vec(),
-                sin: sin.to_vec(),
-                dim: 64,
-            }),
+            rope: Arc::new(tables),
         });
         let mut cache = self.grids.lock().unwrap_or_else(|e| e.into_inner());
         cache.insert(grid, state);

@@ -32,6 +32,9 @@ pub struct EvaXTrainable {
     pub device: Device,
     /// Fused kernels or the reference path.
     pub kernels: Kernels,
+    /// RoPE tables to use instead of computing them, for inputs of their grid (see
+    /// [`EvaX::use_rope_tables`]).
+    pub stored_rope: Option<((usize, usize), RopeTensors)>,
 }
 
 struct VarSource<'a>(&'a BTreeMap<String, Var>);
@@ -124,6 +127,7 @@ impl EvaXTrainable {
             vars,
             device: device.clone(),
             kernels,
+            stored_rope: None,
         })
     }
 
@@ -160,6 +164,26 @@ impl EvaXTrainable {
     /// Logits `[B, K]` of a batch `[B, 3, H, W]`, recording the graph. In training, drop path
     /// rises linearly from 0 to `drop_path` over the blocks, drawn from `rng`.
     pub fn forward(&self, x: &Tensor, drop_path: f64, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let hs = self.forward_tokens(x, drop_path, rng)?;
+        let fc_norm = LayerNorm {
+            weight: self.var("fc_norm.weight").clone(),
+            bias: self.var("fc_norm.bias").clone(),
+        };
+        let head = Linear::new(
+            self.var("head.weight").clone(),
+            Some(self.var("head.bias").clone()),
+        )?;
+        grad::head_logits(&hs, &fc_norm, &head, self.kernels)
+    }
+
+    /// Token states `[B, 1 + gh * gw, C]` after the last block, recording the graph (drop path
+    /// as in [`EvaXTrainable::forward`]).
+    pub fn forward_tokens(
+        &self,
+        x: &Tensor,
+        drop_path: f64,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let x = &x.to_device(&self.device)?;
         let (b, _, h, w) = x.dims4()?;
@@ -173,7 +197,10 @@ impl EvaXTrainable {
         let cls = self.var("cls_token").broadcast_as((b, 1, c))?;
         let pos = self.pos_embed((gh, gw))?;
         let mut hs = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&pos)?;
-        let rope: RopeTensors = std::sync::Arc::new(RopeTables::new((gh, gw), cfg.rope_grid, 64));
+        let rope: RopeTensors = match &self.stored_rope {
+            Some((grid, tables)) if *grid == (gh, gw) => tables.clone(),
+            _ => std::sync::Arc::new(RopeTables::new((gh, gw), cfg.rope_grid, 64)),
+        };
         let mut src = VarSource(&self.vars);
         let mut rng = rng;
         for i in 0..cfg.depth {
@@ -195,16 +222,9 @@ impl EvaXTrainable {
                 self.kernels,
             )?;
         }
-        let fc_norm = LayerNorm {
-            weight: self.var("fc_norm.weight").clone(),
-            bias: self.var("fc_norm.bias").clone(),
-        };
-        let head = Linear::new(
-            self.var("head.weight").clone(),
-            Some(self.var("head.bias").clone()),
-        )?;
-        grad::head_logits(&hs, &fc_norm, &head, self.kernels)
+        Ok(hs)
     }
+
     /// `pos_embed` for a grid (resampled differentiably when it differs).
     fn pos_embed(&self, grid: (usize, usize)) -> Result<Tensor> {
         training::resample_pos_embed(self.var("pos_embed"), self.config.train_grid, grid)

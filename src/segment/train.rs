@@ -1,0 +1,137 @@
+//! The segmentation model being trained: the EVA-X backbone's variables (as
+//! [`EvaXTrainable`]) and the pyramid's and head's (BatchNorm in training mode, as
+//! [`BatchStats`]), run through the same structure as inference ([`super::upernet`]).
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor, Var};
+
+use super::upernet::{
+    PYRAMID_BN, UPSAMPLES, decode, head_shape, is_backbone_key, pyramid, stored_rope, token_map,
+    units,
+};
+use crate::checkpoint::Param;
+use crate::kernels::Kernels;
+use crate::model::cnn::{BatchStats, Ops, Unit};
+use crate::model::interp::{bilinear_matrix, resample};
+use crate::model::{EvaXTrainable, ModelError, adapt};
+use crate::rng::Rng;
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// UperNet on EVA-X with every parameter a variable, named by its mmsegmentation key.
+pub struct SegTrainable {
+    backbone: EvaXTrainable,
+    ops: BatchStats,
+    laterals: usize,
+    vars: BTreeMap<String, Var>,
+}
+
+impl SegTrainable {
+    /// From an mmsegmentation state dict (`backbone.*`, `decode_head.*`).
+    pub fn from_state_dict(
+        tensors: &BTreeMap<String, Param>,
+        device: &Device,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        let (laterals, _, _) = head_shape(tensors)?;
+        // Everything must load as an inference model first: all problems reported at once.
+        let opts = crate::model::LoadOptions {
+            device: device.clone(),
+            kernels,
+            ..Default::default()
+        };
+        super::UperNet::from_state_dict(tensors, &opts)?;
+        let backbone_sd: BTreeMap<String, Param> = tensors
+            .iter()
+            .filter(|(k, _)| is_backbone_key(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let eva = adapt::to_eva_layout(&backbone_sd)?;
+        let mut backbone = EvaXTrainable::from_state_dict_on(&eva, 1, 0, device, kernels)?;
+        // No classification head: the pyramid takes the last block's tokens.
+        backbone
+            .vars
+            .retain(|k, _| !k.starts_with("head.") && !k.starts_with("fc_norm."));
+        let grid = backbone.config.train_grid;
+        if let Some(tables) = stored_rope(&eva.tensors, grid) {
+            backbone.stored_rope = Some((grid, std::sync::Arc::new(tables)));
+        }
+        let mut units = units(laterals);
+        let channels = tensors
+            .get(&format!("{}.weight", UPSAMPLES[0]))
+            .map_or(0, |p| p.shape[1]);
+        units.push(Unit::Bn {
+            bn: PYRAMID_BN.into(),
+            channels,
+        });
+        let mut ops = BatchStats::new(tensors, &units, device, kernels)?;
+        for key in UPSAMPLES {
+            ops.add_var(tensors, &format!("{key}.weight"), device)?;
+            ops.add_var(tensors, &format!("{key}.bias"), device)?;
+        }
+        let mut vars: BTreeMap<String, Var> = backbone
+            .vars
+            .iter()
+            .map(|(k, v)| (format!("{}{k}", prefix_of(&eva.prefix)), v.clone()))
+            .collect();
+        vars.extend(ops.vars().iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(SegTrainable {
+            backbone,
+            ops,
+            laterals,
+            vars,
+        })
+    }
+
+    /// Every parameter by its mmsegmentation key.
+    pub fn vars(&self) -> &BTreeMap<String, Var> {
+        &self.vars
+    }
+
+    /// The BatchNorms' running statistics by key.
+    pub fn buffers(&self) -> &BTreeMap<String, Var> {
+        self.ops.running_stats()
+    }
+
+    /// PyTorch's `train()` (BatchNorm on batch statistics, moving the running ones) or
+    /// `eval()`.
+    pub fn set_training(&mut self, training: bool) {
+        self.ops.set_training(training);
+    }
+
+    /// Logits at the input's size `[B, classes, H, W]`, recording the graph; drop path in the
+    /// backbone drawn from `rng`. (The head's dropout before the classifier is not applied.)
+    pub fn forward_train(
+        &self,
+        x: &Tensor,
+        drop_path: f64,
+        rng: Option<&mut Rng>,
+    ) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let p = self.backbone.config.patch_size;
+        let tokens = self.backbone.forward_tokens(x, drop_path, rng)?;
+        let map = token_map(&tokens, (h / p, w / p))?;
+        let upsample = |k: &str| -> candle_core::Result<(Tensor, Tensor)> {
+            let get = |name: String| {
+                self.vars
+                    .get(&name)
+                    .map(|v| v.as_tensor().clone())
+                    .ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))
+            };
+            Ok((get(format!("{k}.weight"))?, get(format!("{k}.bias"))?))
+        };
+        let levels = pyramid(&self.ops as &dyn Ops, &upsample, &map)?;
+        let low = decode(&self.ops, self.laterals, &levels)?;
+        resample(&low, (h, w), bilinear_matrix)
+    }
+}
+
+/// The prefix the backbone's keys carry in the checkpoint (`backbone.`).
+fn prefix_of(found: &str) -> String {
+    if found.is_empty() {
+        "backbone.".into()
+    } else {
+        found.to_string()
+    }
+}
