@@ -1,7 +1,30 @@
 //! Output files: atomic writes and NumPy `.npy` arrays.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+
+/// A file's stem (`image` when it has none).
+pub fn file_stem(p: &Path) -> String {
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into())
+}
+
+/// Output names from input stems, unique within a run: the second `a.png` of a run (from
+/// another folder) becomes `a-2`.
+#[derive(Debug, Default)]
+pub struct UniqueStems(HashMap<String, usize>);
+
+impl UniqueStems {
+    /// The name for the outputs of `input`.
+    pub fn next(&mut self, input: &Path) -> String {
+        let stem = file_stem(input);
+        let n = self.0.entry(stem.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 { stem } else { format!("{stem}-{n}") }
+    }
+}
 
 /// Write `bytes` to `path` atomically: a temporary file in the same folder, then a rename, so an
 /// interrupted run never leaves a half-written output.

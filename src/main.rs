@@ -59,6 +59,11 @@ enum Command {
     },
     /// Speed and peak memory with random weights.
     Bench(cli::bench::Args),
+    /// Segmentation with the original's EVA-X + UperNet model.
+    Seg {
+        #[command(subcommand)]
+        command: cli::seg::Command,
+    },
 }
 
 /// Keep freed activation buffers in the heap instead of returning them to the OS: every forward
@@ -99,6 +104,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => cli::demo::run(a),
         Command::Dicom { command } => cli::dicom::run(command),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Seg { command } => cli::seg::run(command),
     };
     match result {
         Ok(code) => code,

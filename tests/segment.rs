@@ -288,3 +288,179 @@ fn train_step_matches_the_original_fused_kernels() {
 fn train_step_matches_the_original_reference_path() {
     train_step_matches_the_original(Kernels::Reference);
 }
+
+/// `evax seg predict --logits` end to end on the fixture's 512 x 512 input, written as a PNG
+/// (its 8-bit levels recovered from `seg/input`): the logits file equals `seg/logits512`
+/// (1e-4) and the mask `seg/pred_mask` (0 / 255 PNG; exact but at ties). The JPEG itself is
+/// decoded by zune-jpeg, which differs from libjpeg-turbo by one level on some pixels (see
+/// `jpeg_input_is_the_original_within_one_level`), so the exact check goes through a PNG.
+#[test]
+fn seg_predict_writes_the_original_logits_and_mask() {
+    let Some(sh) = shared_or_skip("seg_predict_writes_the_original_logits_and_mask") else {
+        return;
+    };
+    let r = reference(&sh);
+    let input = &r["seg/input"];
+    assert_eq!(input.shape, vec![1, 3, 512, 512]);
+    let n = evax::preprocess::Normalization::EVAX;
+    let plane = 512 * 512;
+    let level = |v: f32| (v as f64 * n.std as f64 * 255.0 + n.mean as f64 * 255.0).round();
+    let mut rgb = Vec::with_capacity(3 * plane);
+    for i in 0..plane {
+        for c in 0..3 {
+            let l = level(input.data[c * plane + i]);
+            assert!((0.0..=255.0).contains(&l));
+            rgb.push(l as u8);
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("evax-test-{}-segpredict", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = dir.join("input.png");
+    evax::explain::overlay::Rgb {
+        width: 512,
+        height: 512,
+        data: rgb,
+    }
+    .save_png(&png)
+    .unwrap();
+    let out = dir.join("out");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_evax"))
+        .args(["seg", "predict", "--logits", "--weights"])
+        .arg(sh.join("fixtures/upernet_eva_x_s_d2_seg.pth"))
+        .arg("-o")
+        .arg(&out)
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The .npy: 128-byte header for this shape, then float32 [1, 512, 512].
+    let bytes = std::fs::read(out.join("input_logits.npy")).unwrap();
+    let header = String::from_utf8_lossy(&bytes[..128]);
+    assert!(header.contains("'shape': (1, 512, 512)"), "{header}");
+    let logits: Vec<f32> = bytes[128..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let want = &r["seg/logits512"].data;
+    assert_eq!((logits.len(), want.len()), (plane, plane));
+    let d = logits
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("seg predict logits: {d:.2e}");
+    assert!(d <= 1e-4, "logits {d}");
+    let mask = evax::preprocess::Image::open(out.join("input_mask.png")).unwrap();
+    assert_eq!((mask.width, mask.height, mask.channels), (512, 512, 1));
+    let threshold = (0.3f32 / 0.7).ln();
+    let (mut wrong, mut excused) = (0, 0);
+    for ((m, w), l) in mask.data.iter().zip(&r["seg/pred_mask"].data).zip(want) {
+        assert!(*m == 0 || *m == 255);
+        if (*m == 255) != (*w == 1.0) {
+            if (l - threshold).abs() <= 1e-4 {
+                excused += 1;
+            } else {
+                wrong += 1;
+            }
+        }
+    }
+    eprintln!("seg predict mask: {wrong} wrong, {excused} differing at ties");
+    assert_eq!(wrong, 0);
+    assert!(out.join("input_overlay.png").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The original's input transform (RGB, OpenCV bilinear to 512, EVA-X statistics x 255) on
+/// the fixture's JPEG: within one 8-bit level of `seg/input` (the JPEG decoder's known
+/// difference from libjpeg-turbo; the resize itself is OpenCV's bit for bit,
+/// `preprocess::opencv` tests).
+#[test]
+fn jpeg_input_is_the_original_within_one_level() {
+    let Some(sh) = shared_or_skip("jpeg_input_is_the_original_within_one_level") else {
+        return;
+    };
+    let r = reference(&sh);
+    let img = evax::preprocess::Image::open(sh.join("data/seg/16747_3_1.jpg")).unwrap();
+    let got = evax::segment::seg_input(&img, (512, 512));
+    let want = &r["seg/input"].data;
+    assert_eq!((got.len(), want.len()), (3 * 512 * 512, 3 * 512 * 512));
+    let one_level = 1.0 / (255.0 * evax::preprocess::Normalization::EVAX.std);
+    let (mut max, mut off) = (0f32, 0);
+    for (a, b) in got.iter().zip(want) {
+        let d = (a - b).abs();
+        max = max.max(d);
+        off += (d > 1e-5) as usize;
+    }
+    eprintln!(
+        "seg input: max {max:.3e} ({:.2} levels), {off} values off",
+        max / one_level
+    );
+    assert!(max <= one_level + 1e-5, "more than one level: {max}");
+}
+
+/// Bad inputs to `evax seg predict`: each failure named, the good input still segmented, exit
+/// status 1; a classification checkpoint, a threshold outside (0, 1) and a size the pyramid
+/// cannot take are refused before anything is written.
+#[test]
+fn seg_predict_reports_bad_inputs_and_finishes_the_rest() {
+    let Some(sh) = shared_or_skip("seg_predict_reports_bad_inputs_and_finishes_the_rest") else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("evax-test-{}-seghostile", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let jpg = std::fs::read(sh.join("data/seg/16747_3_1.jpg")).unwrap();
+    std::fs::write(dir.join("empty.png"), b"").unwrap();
+    std::fs::write(dir.join("truncated.jpg"), &jpg[..jpg.len() / 3]).unwrap();
+    std::fs::write(dir.join("text.png"), b"not an image at all").unwrap();
+    std::fs::write(dir.join("good.jpg"), &jpg).unwrap();
+    let weights = sh.join("fixtures/upernet_eva_x_s_d2_seg.pth");
+    let run = |extra: &[&str], weights: &Path, out: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_evax"))
+            .args(["seg", "predict", "--weights"])
+            .arg(weights)
+            .args(extra)
+            .arg("-o")
+            .arg(dir.join(out))
+            .args(["empty.png", "truncated.jpg", "text.png", "good.jpg"].map(|n| dir.join(n)))
+            .output()
+            .unwrap()
+    };
+    let o = run(&[], &weights, "out");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("3 of 4 inputs failed"), "{err}");
+    assert!(err.contains("truncated JPEG"), "{err}");
+    for name in ["empty.png", "truncated.jpg", "text.png"] {
+        assert!(err.contains(&format!("{name}:")), "{name}: {err}");
+    }
+    assert!(dir.join("out/good_mask.png").exists());
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("out/predictions.json")).unwrap()).unwrap();
+    assert_eq!(index.as_array().unwrap().len(), 1);
+    for (extra, weights, said) in [
+        (
+            &["--threshold", "1.5"][..],
+            weights.clone(),
+            "threshold 1.5 is not a probability",
+        ),
+        (
+            &["--input-size", "500"][..],
+            weights.clone(),
+            "multiples of 32",
+        ),
+        (
+            &[][..],
+            sh.join("fixtures/eva_x_ti_cxr14_ft.pth"),
+            "not a segmentation checkpoint",
+        ),
+    ] {
+        let o = run(extra, &weights, "refused");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(said), "{said}: {err}");
+        assert!(!dir.join("refused/predictions.json").exists());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

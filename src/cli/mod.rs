@@ -13,6 +13,7 @@ pub mod eval;
 pub mod finetune;
 pub mod info;
 pub mod predict;
+pub mod seg;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

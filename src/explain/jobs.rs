@@ -62,12 +62,6 @@ pub struct CamJob<'a> {
     pub overlays: bool,
 }
 
-fn file_stem(p: &Path) -> String {
-    p.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image".into())
-}
-
 fn safe_name(s: &str) -> String {
     s.chars()
         .map(|c| {
@@ -92,7 +86,7 @@ impl CamJob<'_> {
         let pb = progress(inputs.len(), "cam");
         let mut records = Vec::new();
         let mut failures = Vec::new();
-        let mut used_stems: HashMap<String, usize> = HashMap::new();
+        let mut stems = crate::io::UniqueStems::default();
         for chunk in inputs.chunks(self.batch.max(1)) {
             let (ok, data) = load_batch(
                 chunk,
@@ -141,10 +135,7 @@ impl CamJob<'_> {
                 .map(|r| cam_maps(r, (h, w)))
                 .collect::<Result<_, _>>()?;
             for (i, (path, crop)) in ok.iter().enumerate() {
-                let stem = file_stem(path);
-                let n = used_stems.entry(stem.clone()).or_insert(0);
-                *n += 1;
-                let stem = if *n == 1 { stem } else { format!("{stem}-{n}") };
+                let stem = stems.next(path);
                 let probs = self.labels.activation.apply(&batch.logits[i]);
                 for (r, &class) in batch.targets[i].iter().enumerate() {
                     let cam = &maps[r][i];
@@ -423,7 +414,7 @@ impl CamEvalJob<'_> {
                         o.caption(&b.finding, (o.width / 140).clamp(1, 4));
                         let name = format!(
                             "{}_{}.png",
-                            safe_name(&file_stem(Path::new(&b.image))),
+                            safe_name(&crate::io::file_stem(Path::new(&b.image))),
                             safe_name(&b.finding)
                         );
                         let path = overlay_dir.join(name);

@@ -9,6 +9,7 @@
 //! (`v * 255 / 65535`, rounded) where PIL's RGB conversion clips them to 255.
 
 pub mod bilinear;
+pub mod opencv;
 pub mod resize;
 
 use std::io::Cursor;
@@ -220,13 +221,23 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Image, String> {
     } else {
         ColorSpace::RGB
     };
-    let mut dec = zune_jpeg::JpegDecoder::new_with_options(
-        Cursor::new(bytes),
-        opts.jpeg_set_out_colorspace(out),
-    );
-    let data = dec
-        .decode()
-        .map_err(|e| format!("invalid or truncated JPEG: {e:?}"))?;
+    // Strictly first, so that a file cut short is an error (as in PIL) rather than an image
+    // whose missing part is filled in; other strict-mode complaints (stray bytes between
+    // markers and the like, which libjpeg only warns about) fall back to the lenient decoder.
+    let opts = opts.jpeg_set_out_colorspace(out);
+    let mut dec =
+        zune_jpeg::JpegDecoder::new_with_options(Cursor::new(bytes), opts.set_strict_mode(true));
+    let data = match dec.decode() {
+        Ok(data) => data,
+        Err(zune_jpeg::errors::DecodeErrors::ExhaustedData) => {
+            return Err("truncated JPEG: the data ends before the image does".into());
+        }
+        Err(_) => {
+            dec = zune_jpeg::JpegDecoder::new_with_options(Cursor::new(bytes), opts);
+            dec.decode()
+                .map_err(|e| format!("invalid or truncated JPEG: {e:?}"))?
+        }
+    };
     let info = dec.info().ok_or("JPEG without a frame header")?;
     let (w, h) = (info.width as usize, info.height as usize);
     let channels = if grey { 1 } else { 3 };

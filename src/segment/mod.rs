@@ -2,9 +2,11 @@
 //! feature map, a ViTDet-style pyramid and mmsegmentation's UperNet head ([`UperNet`]).
 
 pub mod metrics;
+pub mod predict;
 mod train;
 mod upernet;
 
 pub use metrics::{IouTotals, SegScores};
+pub use predict::{SegPredictJob, SegRecord, seg_input};
 pub use train::SegTrainable;
 pub use upernet::{SegLoadReport, UperNet};

@@ -270,6 +270,13 @@ impl UperNet {
         ))
     }
 
+    /// The input size `(h, w)` the checkpoint was made for (its `pos_embed` grid).
+    pub fn default_input_size(&self) -> (usize, usize) {
+        let (gh, gw) = self.backbone.config.train_grid;
+        let p = self.backbone.config.patch_size;
+        (gh * p, gw * p)
+    }
+
     /// The backbone.
     pub fn backbone(&self) -> &EvaX {
         &self.backbone
