@@ -300,19 +300,8 @@ fn seg_predict_writes_the_original_logits_and_mask() {
         return;
     };
     let r = reference(&sh);
-    let input = &r["seg/input"];
-    assert_eq!(input.shape, vec![1, 3, 512, 512]);
-    let n = evax::preprocess::Normalization::EVAX;
+    let rgb = fixture_input_rgb(&r);
     let plane = 512 * 512;
-    let level = |v: f32| (v as f64 * n.std as f64 * 255.0 + n.mean as f64 * 255.0).round();
-    let mut rgb = Vec::with_capacity(3 * plane);
-    for i in 0..plane {
-        for c in 0..3 {
-            let l = level(input.data[c * plane + i]);
-            assert!((0.0..=255.0).contains(&l));
-            rgb.push(l as u8);
-        }
-    }
     let dir = std::env::temp_dir().join(format!("evax-test-{}-segpredict", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -462,5 +451,115 @@ fn seg_predict_reports_bad_inputs_and_finishes_the_rest() {
         assert!(err.contains(said), "{said}: {err}");
         assert!(!dir.join("refused/predictions.json").exists());
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The fixture's 512 x 512 input as 8-bit RGB (levels recovered from `seg/input`).
+fn fixture_input_rgb(r: &BTreeMap<String, Param>) -> Vec<u8> {
+    let input = &r["seg/input"];
+    assert_eq!(input.shape, vec![1, 3, 512, 512]);
+    let n = evax::preprocess::Normalization::EVAX;
+    let plane = 512 * 512;
+    let mut rgb = Vec::with_capacity(3 * plane);
+    for i in 0..plane {
+        for c in 0..3 {
+            let v = input.data[c * plane + i] as f64 * n.std as f64 * 255.0 + n.mean as f64 * 255.0;
+            rgb.push(v.round().clamp(0.0, 255.0) as u8);
+        }
+    }
+    rgb
+}
+
+/// `evax seg eval` on a folder holding the fixture's image twice (its mask once as 0/1, once
+/// as 0/255) and a name without a mask: mmseg's IoU / Dice from the fixture's own
+/// `seg/pred_mask` and `seg/target` counted here, the failure reported, exit status 1.
+#[test]
+fn seg_eval_scores_as_mmseg_over_the_set() {
+    let Some(sh) = shared_or_skip("seg_eval_scores_as_mmseg_over_the_set") else {
+        return;
+    };
+    let r = reference(&sh);
+    let dir = std::env::temp_dir().join(format!("evax-test-{}-segeval", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    std::fs::create_dir_all(dir.join("masks")).unwrap();
+    let rgb = fixture_input_rgb(&r);
+    let target = &r["seg/target"].data;
+    assert_eq!(target.len(), 512 * 512);
+    let picture = |data: Vec<u8>| evax::explain::overlay::Rgb {
+        width: 512,
+        height: 512,
+        data,
+    };
+    for stem in ["a", "b", "nomask"] {
+        picture(rgb.clone())
+            .save_png(&dir.join(format!("images/{stem}.png")))
+            .unwrap();
+    }
+    let grey = |scale: f32| {
+        picture(
+            target
+                .iter()
+                .flat_map(|&t| [(t * scale) as u8; 3])
+                .collect(),
+        )
+    };
+    grey(1.0)
+        .save_png_grey_or_rgb(&dir.join("masks/a.png"), true)
+        .unwrap();
+    grey(255.0)
+        .save_png_grey_or_rgb(&dir.join("masks/b.png"), true)
+        .unwrap();
+    std::fs::write(dir.join("list.txt"), "a\nnomask\nb\n").unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_evax"))
+        .args(["seg", "eval", "--weights"])
+        .arg(sh.join("fixtures/upernet_eva_x_s_d2_seg.pth"))
+        .arg("--data-dir")
+        .arg(&dir)
+        .arg("--list")
+        .arg(dir.join("list.txt"))
+        .arg("-o")
+        .arg(dir.join("out"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("nomask.png: no mask for this image"), "{err}");
+    // Expected: the fixture's prediction against its target, twice.
+    let pred = &r["seg/pred_mask"].data;
+    let (mut c, mut n) = ([[0f64; 3]; 2], 0);
+    for (&p, &t) in pred.iter().zip(target) {
+        let (p, t) = (p as usize, t as usize);
+        c[p][1] += 2.0;
+        c[t][2] += 2.0;
+        if p == t {
+            c[p][0] += 2.0;
+        }
+        n += 1;
+    }
+    assert_eq!(n, 512 * 512);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("out/metrics.json")).unwrap()).unwrap();
+    assert_eq!(
+        (m["images"].as_u64(), m["failed"].as_u64()),
+        (Some(2), Some(0))
+    );
+    for k in 0..2 {
+        let iou = c[k][0] / (c[k][1] + c[k][2] - c[k][0]);
+        let dice = 2.0 * c[k][0] / (c[k][1] + c[k][2]);
+        assert!(
+            (m["iou_per_class"][k].as_f64().unwrap() - iou).abs() < 1e-12,
+            "{m}"
+        );
+        assert!(
+            (m["dice_per_class"][k].as_f64().unwrap() - dice).abs() < 1e-12,
+            "{m}"
+        );
+    }
+    assert_eq!(m["fg_dice"], m["dice_per_class"][1]);
+    let csv = std::fs::read_to_string(dir.join("out/per_image.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(csv.lines().nth(1).unwrap().starts_with("a,"), "{csv}");
+    assert!(!dir.join("out/per_image.journal").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -15,6 +15,34 @@ use super::{KernelsArg, finish, parse_size};
 pub enum Command {
     /// Masks (0/255 PNG at each image's size), overlays and optionally logits for images.
     Predict(PredictArgs),
+    /// Score a split as the original does (mmseg IoU / Dice over the set); resumable.
+    Eval(EvalArgs),
+}
+
+/// `evax seg eval`.
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// An mmsegmentation checkpoint of the original's model.
+    #[arg(long)]
+    weights: PathBuf,
+    /// Folder with `images/<name>.{png,jpg,dcm}` and `masks/<name>.png` (0/1 or 0/255).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Split list: one name a line (as the original's split files).
+    #[arg(long)]
+    list: PathBuf,
+    /// Model input size: N or HxW (default: the checkpoint's).
+    #[arg(long, value_parser = parse_size)]
+    input_size: Option<(usize, usize)>,
+    /// Foreground where sigmoid(logit) exceeds this (the original: 0.3).
+    #[arg(long, default_value_t = 0.3)]
+    threshold: f32,
+    /// Kernel implementation.
+    #[arg(long, value_enum, default_value = "fused")]
+    kernels: KernelsArg,
+    /// Output folder: metrics.json, per_image.csv, report.md.
+    #[arg(short, long)]
+    output: PathBuf,
 }
 
 /// `evax seg predict`.
@@ -50,19 +78,41 @@ pub struct PredictArgs {
 pub fn run(c: Command) -> anyhow::Result<ExitCode> {
     match c {
         Command::Predict(a) => predict(a),
+        Command::Eval(a) => eval(a),
     }
 }
 
-fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
-    let ck = Checkpoint::load(&a.weights)?;
+fn load(weights: &std::path::Path, kernels: KernelsArg) -> anyhow::Result<UperNet> {
+    let ck = Checkpoint::load(weights)?;
     let opts = LoadOptions {
-        kernels: a.kernels.into(),
+        kernels: kernels.into(),
         ..Default::default()
     };
     let (model, report) = UperNet::from_checkpoint(&ck, &opts)?;
     if !report.unused.is_empty() {
         eprintln!("unused keys: {}", report.unused.join(", "));
     }
+    Ok(model)
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    let model = load(&a.weights, a.kernels)?;
+    let (samples, mut failures) = evax::segment::read_split(&a.data_dir, &a.list)?;
+    let job = evax::segment::SegEvalJob {
+        model: &model,
+        weights: &a.weights,
+        size: a.input_size.unwrap_or_else(|| model.default_input_size()),
+        threshold: a.threshold,
+    };
+    let (report, f) = job.run(&samples, &a.output)?;
+    failures.extend(f);
+    print!("{}", evax::segment::eval::summary_text(&report));
+    eprintln!("-> {}", a.output.join("metrics.json").display());
+    Ok(finish(&failures, report.images))
+}
+
+fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
+    let model = load(&a.weights, a.kernels)?;
     let job = SegPredictJob {
         model: &model,
         size: a.input_size.unwrap_or_else(|| model.default_input_size()),

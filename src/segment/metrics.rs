@@ -63,6 +63,15 @@ impl IouTotals {
         Ok(())
     }
 
+    /// Add counts made elsewhere: per class, intersection, predicted and true pixels.
+    pub fn add_counts(&mut self, intersect: &[u64], pred: &[u64], label: &[u64]) {
+        for c in 0..self.intersect.len().min(intersect.len()) {
+            self.intersect[c] += intersect[c];
+            self.area_pred[c] += pred[c];
+            self.area_label[c] += label[c];
+        }
+    }
+
     /// IoU and Dice from the totals.
     pub fn scores(&self) -> SegScores {
         let per_class = |f: &dyn Fn(f64, f64, f64) -> f64| -> Vec<f64> {

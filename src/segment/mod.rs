@@ -1,11 +1,13 @@
 //! Segmentation as the original does it (REFERENCE.md 8): the EVA-X backbone's last block as a
 //! feature map, a ViTDet-style pyramid and mmsegmentation's UperNet head ([`UperNet`]).
 
+pub mod eval;
 pub mod metrics;
 pub mod predict;
 mod train;
 mod upernet;
 
+pub use eval::{SegEvalJob, SegEvalReport, SegSample, read_mask, read_split};
 pub use metrics::{IouTotals, SegScores};
 pub use predict::{SegPredictJob, SegRecord, seg_input};
 pub use train::SegTrainable;

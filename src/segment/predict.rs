@@ -72,19 +72,7 @@ impl SegPredictJob<'_> {
         inputs: &[PathBuf],
         out_dir: &Path,
     ) -> Result<(Vec<SegRecord>, Vec<Failure>)> {
-        if !(self.threshold > 0.0 && self.threshold < 1.0) {
-            return Err(Error::Invalid(format!(
-                "threshold {} is not a probability strictly between 0 and 1",
-                self.threshold
-            )));
-        }
-        let (h, w) = self.size;
-        if h % 32 != 0 || w % 32 != 0 || h == 0 || w == 0 {
-            return Err(Error::Invalid(format!(
-                "input size {h}x{w}: both sides must be positive multiples of 32 (the patch \
-                 size 16 and the pyramid's 2x2 pooling)"
-            )));
-        }
+        check_settings(self.size, self.threshold)?;
         std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
         let pb = progress(inputs.len(), "seg");
         let mut stems = UniqueStems::default();
@@ -113,17 +101,15 @@ impl SegPredictJob<'_> {
 
     fn one(&self, path: &Path, stem: &str, out_dir: &Path) -> Result<SegRecord> {
         let img = Image::open(path)?;
-        let (h, w) = self.size;
-        let x = Tensor::from_vec(seg_input(&img, self.size), (1, 3, h, w), &Device::Cpu)?;
-        let logits = self.model.logits(&x)?;
-        let classes = logits.dim(1)?;
+        let (logits, labels) = predict_labels(self.model, &img, self.size, self.threshold)?;
+        let (classes, h, w) = logits.dims3()?;
         let mut record = SegRecord {
             input: path.display().to_string(),
             size: [img.height, img.width],
             mask: format!("{stem}_mask.png"),
             overlay: None,
             logits: None,
-            foreground: 0.0,
+            foreground: labels.iter().filter(|&&v| v != 0).count() as f64 / labels.len() as f64,
         };
         if self.logits {
             let name = format!("{stem}_logits.npy");
@@ -133,28 +119,13 @@ impl SegPredictJob<'_> {
                 .map_err(|e| Error::io(&file, e))?;
             record.logits = Some(name);
         }
-        // Back to the image's own size, then per pixel: one channel thresholded (0 / 255),
-        // several by their largest logit (the class index).
-        let full = resample(&logits, (img.height, img.width), bilinear_matrix)?;
-        let full = full.squeeze(0)?.flatten_from(1)?.to_vec2::<f32>()?;
-        let logit_threshold = (self.threshold / (1.0 - self.threshold)).ln();
-        let labels: Vec<u8> = (0..img.width * img.height)
-            .map(|i| {
-                if classes == 1 {
-                    if full[0][i] > logit_threshold { 255 } else { 0 }
-                } else {
-                    (0..classes)
-                        .max_by(|&a, &b| full[a][i].total_cmp(&full[b][i]))
-                        .unwrap_or(0) as u8
-                }
-            })
-            .collect();
-        record.foreground = labels.iter().filter(|&&v| v != 0).count() as f64 / labels.len() as f64;
+        // One channel: 0 / 255; several: the class index.
+        let scale = if classes == 1 { 255 } else { 1 };
         let mask = Image {
             width: img.width,
             height: img.height,
             channels: 1,
-            data: labels,
+            data: labels.iter().map(|&v| v * scale).collect(),
         };
         let file = out_dir.join(&record.mask);
         crate::explain::overlay::Rgb::from_image(&mask)
@@ -170,6 +141,54 @@ impl SegPredictJob<'_> {
         }
         Ok(record)
     }
+}
+
+/// A threshold strictly between 0 and 1 and an input size the model takes (positive multiples
+/// of 32: the patch size 16 and the pyramid's 2x2 pooling), or why not.
+pub fn check_settings((h, w): (usize, usize), threshold: f32) -> Result<()> {
+    if !(threshold > 0.0 && threshold < 1.0) {
+        return Err(Error::Invalid(format!(
+            "threshold {threshold} is not a probability strictly between 0 and 1"
+        )));
+    }
+    if h % 32 != 0 || w % 32 != 0 || h == 0 || w == 0 {
+        return Err(Error::Invalid(format!(
+            "input size {h}x{w}: both sides must be positive multiples of 32 (the patch size 16 \
+             and the pyramid's 2x2 pooling)"
+        )));
+    }
+    Ok(())
+}
+
+/// The model's logits `[classes, h, w]` at its input size `size`, and the label of every pixel
+/// of `img` at the image's own size: the logits resized back bilinearly (as mmsegmentation
+/// does before it scores or saves), then with one channel 1 where sigmoid > `threshold`, with
+/// several the largest.
+pub fn predict_labels(
+    model: &UperNet,
+    img: &Image,
+    size: (usize, usize),
+    threshold: f32,
+) -> Result<(Tensor, Vec<u8>)> {
+    let (h, w) = size;
+    let x = Tensor::from_vec(seg_input(img, size), (1, 3, h, w), &Device::Cpu)?;
+    let logits = model.logits(&x)?;
+    let classes = logits.dim(1)?;
+    let full = resample(&logits, (img.height, img.width), bilinear_matrix)?;
+    let full = full.squeeze(0)?.flatten_from(1)?.to_vec2::<f32>()?;
+    let logit_threshold = (threshold / (1.0 - threshold)).ln();
+    let labels = (0..img.width * img.height)
+        .map(|i| {
+            if classes == 1 {
+                (full[0][i] > logit_threshold) as u8
+            } else {
+                (0..classes)
+                    .max_by(|&a, &b| full[a][i].total_cmp(&full[b][i]))
+                    .unwrap_or(0) as u8
+            }
+        })
+        .collect();
+    Ok((logits.squeeze(0)?, labels))
 }
 
 /// The image with its foreground tinted red (40 %), the radiograph still readable under it.
