@@ -17,6 +17,44 @@ pub enum Command {
     Predict(PredictArgs),
     /// Score a split as the original does (mmseg IoU / Dice over the set); resumable.
     Eval(EvalArgs),
+    /// Turn a public download (SIIM, RSNA, lung, Shenzhen) into image / mask pairs and splits.
+    Prepare(PrepareArgs),
+}
+
+/// The datasets `seg prepare` knows.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DatasetArg {
+    Siim,
+    Rsna,
+    Lung,
+    Shenzhen,
+}
+
+/// `evax seg prepare`.
+#[derive(clap::Args)]
+pub struct PrepareArgs {
+    /// Which dataset.
+    #[arg(long, value_enum)]
+    dataset: DatasetArg,
+    /// The download as published (SIIM: dicom-images-train/, train-rle.csv; RSNA:
+    /// stage_2_train_images/, stage_2_train_labels.csv; lung: Train/, Test/; Shenzhen:
+    /// CXR_png/, Annotations/masks/).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// A folder with train.txt and test.txt (the original's data_splits); default: a seeded
+    /// 70 / 30 split.
+    #[arg(long)]
+    splits: Option<PathBuf>,
+    /// SIIM: every run-length row and the negative images; RSNA: every box of a patient (the
+    /// original keeps the last row only).
+    #[arg(long)]
+    all_parts: bool,
+    /// Seed of the random split.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder: images/, masks/, train.txt, test.txt.
+    #[arg(short, long)]
+    output: PathBuf,
 }
 
 /// `evax seg eval`.
@@ -79,7 +117,34 @@ pub fn run(c: Command) -> anyhow::Result<ExitCode> {
     match c {
         Command::Predict(a) => predict(a),
         Command::Eval(a) => eval(a),
+        Command::Prepare(a) => prepare(a),
     }
+}
+
+fn prepare(a: PrepareArgs) -> anyhow::Result<ExitCode> {
+    use evax::segment::prepare::{PrepareOptions, SegDataset};
+    let o = PrepareOptions {
+        dataset: match a.dataset {
+            DatasetArg::Siim => SegDataset::Siim,
+            DatasetArg::Rsna => SegDataset::Rsna,
+            DatasetArg::Lung => SegDataset::Lung,
+            DatasetArg::Shenzhen => SegDataset::Shenzhen,
+        },
+        raw: a.data_dir,
+        out: a.output,
+        splits: a.splits,
+        all_parts: a.all_parts,
+        seed: a.seed,
+    };
+    let r = evax::segment::prepare::prepare(&o)?;
+    eprintln!(
+        "{} pairs ({} train, {} test) -> {}",
+        r.pairs,
+        r.train,
+        r.test,
+        o.out.display()
+    );
+    Ok(finish(&r.skipped, r.pairs))
 }
 
 fn load(weights: &std::path::Path, kernels: KernelsArg) -> anyhow::Result<UperNet> {

@@ -290,6 +290,11 @@ impl DicomFile {
         Ok(())
     }
 
+    /// Patient ID (0010,0020), if present.
+    pub fn patient_id(&self) -> Option<String> {
+        str_of(&self.obj, tags::PATIENT_ID)
+    }
+
     /// The stored values of frame `frame` (None: every frame), sign applied, no LUT.
     pub fn stored_values(&self, frame: Option<usize>) -> Result<StoredValues, DicomError> {
         let err = |what: String| DicomError {

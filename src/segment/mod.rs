@@ -4,6 +4,7 @@
 pub mod eval;
 pub mod metrics;
 pub mod predict;
+pub mod prepare;
 mod train;
 mod upernet;
 
