@@ -249,7 +249,7 @@ pub fn rle_to_mask(rle: &str, rows: usize, cols: usize) -> std::result::Result<V
         .split_whitespace()
         .map(|t| t.parse().map_err(|_| format!("'{t}' is not a number")))
         .collect::<std::result::Result<_, _>>()?;
-    if nums.len() % 2 != 0 {
+    if !nums.len().is_multiple_of(2) {
         return Err(format!(
             "{} numbers: starts and lengths must pair up",
             nums.len()
