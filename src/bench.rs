@@ -90,9 +90,12 @@ pub fn run(
     iters: usize,
     work: Workload,
 ) -> Result<BenchResult, ModelError> {
+    if let Some(preset) = model_name.strip_prefix("seg-") {
+        return run_seg(model_name, preset, batch, input, iters, work);
+    }
     let unknown = || {
         ModelError::Input(format!(
-            "unknown model '{model_name}' (ti, s, b, r50, dn121, vit-s)"
+            "unknown model '{model_name}' (ti, s, b, r50, dn121, vit-s, seg-ti, seg-s, seg-b)"
         ))
     };
     let baseline = Baseline::from_name(model_name);
@@ -171,7 +174,24 @@ pub fn run(
         }
         Ok(())
     };
-    step()?; // warm-up: pools, caches, page faults
+    let (mean, min, n) = timed(iters, &mut step)?;
+    Ok(result(
+        model_name,
+        variant,
+        (batch, input),
+        (mean, min, n),
+        gflop,
+        work,
+    ))
+}
+
+/// One warm-up call (pools, caches, page faults), then `iters` timed ones: mean and fastest
+/// seconds, and how many.
+fn timed(
+    iters: usize,
+    step: &mut dyn FnMut() -> Result<(), ModelError>,
+) -> Result<(f64, f64, usize), ModelError> {
+    step()?;
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters.max(1) {
         let t0 = Instant::now();
@@ -180,12 +200,23 @@ pub fn run(
     }
     let mean = times.iter().sum::<f64>() / times.len() as f64;
     let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
-    Ok(BenchResult {
-        model: model_name.to_string(),
+    Ok((mean, min, times.len()))
+}
+
+fn result(
+    model: &str,
+    variant: String,
+    (batch, input): (usize, usize),
+    (mean, min, iters): (f64, f64, usize),
+    gflop: f64,
+    work: Workload,
+) -> BenchResult {
+    BenchResult {
+        model: model.to_string(),
         variant,
         batch,
         input_size: input,
-        iters: times.len(),
+        iters,
         threads: rayon::current_num_threads(),
         batch_s: mean,
         step_s: (work == Workload::Train).then_some(mean),
@@ -194,7 +225,77 @@ pub fn run(
         gflop_per_img: gflop,
         gflop_per_s: gflop * batch as f64 / mean,
         peak_rss_mb: peak_rss_mb(),
-    })
+    }
+}
+
+/// The original's segmentation model (`seg-ti`, `seg-s`, `seg-b`: EVA-X of that size at full
+/// depth, the pyramid, UperNet with 256 channels, one output channel) on random weights: the
+/// prediction (logits at the input size) or one training step (drop path 0.15, BCE on a random
+/// mask, backward, AdamW).
+fn run_seg(
+    model_name: &str,
+    preset: &str,
+    batch: usize,
+    input: usize,
+    iters: usize,
+    work: Workload,
+) -> Result<BenchResult, ModelError> {
+    use crate::segment::{SegTrainable, UperNet, head_flops, random_state_dict};
+    let mut cfg = EvaXConfig::preset(preset)
+        .ok_or_else(|| ModelError::Input(format!("unknown model '{model_name}'")))?;
+    if input == 0 || !input.is_multiple_of(32) {
+        return Err(ModelError::Input(format!(
+            "input size {input} is not a multiple of 32"
+        )));
+    }
+    let grid = (input / cfg.patch_size, input / cfg.patch_size);
+    cfg.train_grid = grid;
+    let sd = random_state_dict(&cfg, 256, 0);
+    let gflop = (flops_per_image(&cfg, input) + head_flops(grid, cfg.dim, 256)) / 1e9;
+    let variant = format!("{} + UperNet-256", cfg.variant());
+    let x = Tensor::randn(0f32, 1f32, (batch, 3, input, input), &Device::Cpu)?;
+    let (mean, min, n) = match work {
+        Workload::Train => {
+            let model = SegTrainable::from_state_dict(&sd, &Device::Cpu, Default::default())?;
+            let targets = Tensor::rand(0f32, 1f32, (batch, 1, input, input), &Device::Cpu)?
+                .ge(0.5)?
+                .to_dtype(candle_core::DType::F32)?;
+            let groups: Groups = model
+                .vars()
+                .keys()
+                .map(|k| (k.clone(), (1.0, 0.05)))
+                .collect();
+            let mut opt = AdamW::new();
+            let mut rng = crate::rng::Rng::new(0);
+            timed(iters, &mut || {
+                let logits = model.forward_train(&x, 0.15, Some(&mut rng))?;
+                let grads = bce_with_logits(&logits, &targets)?.backward()?;
+                let grads = crate::train::optim::grads_by_name(model.vars(), &grads);
+                opt.update(model.vars(), &grads, 6e-5, &groups, 1.0)?;
+                Ok(())
+            })?
+        }
+        Workload::Forward => {
+            let model = UperNet::from_state_dict(&sd, &Default::default())?.0;
+            timed(iters, &mut || {
+                model.logits(&x)?;
+                Ok(())
+            })?
+        }
+        Workload::Cam => {
+            return Err(ModelError::Input(
+                "no Grad-CAM for the segmentation model".into(),
+            ));
+        }
+    };
+    Ok(result(
+        model_name,
+        variant,
+        (batch, input),
+        (mean, min, n),
+        gflop,
+        work,
+    ))
 }
 
 /// Input-pipeline throughput: decode + preprocess of one image file, repeated.

@@ -9,7 +9,8 @@ use evax::bench::{self, Workload};
 /// random weights.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model: an EVA-X size (ti, s, b) or a comparison baseline (r50, dn121, vit-s).
+    /// Model: an EVA-X size (ti, s, b), a comparison baseline (r50, dn121, vit-s) or the
+    /// segmentation model on an EVA-X size (seg-ti, seg-s, seg-b; use --input-size 512).
     #[arg(long, default_value = "s")]
     model: String,
     /// Images per batch.

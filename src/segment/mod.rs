@@ -12,4 +12,4 @@ pub use eval::{SegEvalJob, SegEvalReport, SegSample, read_mask, read_split};
 pub use metrics::{IouTotals, SegScores};
 pub use predict::{SegPredictJob, SegRecord, seg_input};
 pub use train::SegTrainable;
-pub use upernet::{SegLoadReport, UperNet};
+pub use upernet::{SegLoadReport, UperNet, head_flops, random_state_dict};

@@ -344,3 +344,125 @@ fn upsample_weights(
         .ok_or_else(|| bad(format!("{key}.bias missing or not [{out}]")))?;
     Ok((w.to_tensor(&opts.device)?, b.to_tensor(&opts.device)?))
 }
+
+/// Random weights of the original's segmentation model (seeded; He-scaled convolutions,
+/// BatchNorms with identity statistics): an EVA-X backbone of `config` at its `train_grid`,
+/// the pyramid, and an UperNet head of `channels` channels with one output channel.
+pub fn random_state_dict(
+    config: &crate::model::EvaXConfig,
+    channels: usize,
+    seed: u64,
+) -> BTreeMap<String, Param> {
+    use crate::checkpoint::StorageDtype;
+    let mut sd: BTreeMap<String, Param> = crate::model::eva_x::random_state_dict(config, seed)
+        .tensors
+        .into_iter()
+        .map(|(k, v)| (format!("backbone.{k}"), v))
+        .collect();
+    let mut rng = crate::rng::Rng::new(seed ^ 0x7365_6768);
+    let mut put = |key: String, shape: Vec<usize>, std: f64| {
+        let n = shape.iter().product();
+        let half = std * 3f64.sqrt();
+        let data = (0..n)
+            .map(|_| ((rng.unit() * 2.0 - 1.0) * half) as f32)
+            .collect();
+        sd.insert(
+            key,
+            Param {
+                dtype: StorageDtype::F32,
+                shape,
+                data,
+            },
+        );
+    };
+    let c = config.dim;
+    for key in UPSAMPLES {
+        put(
+            format!("{key}.weight"),
+            vec![c, c, 2, 2],
+            (1.0 / c as f64).sqrt(),
+        );
+        put(format!("{key}.bias"), vec![c], 0.0);
+    }
+    let mut conv = |name: &str, cin: usize, k: usize| {
+        put(
+            format!("{name}.conv.weight"),
+            vec![channels, cin, k, k],
+            (2.0 / (cin * k * k) as f64).sqrt(),
+        );
+    };
+    for i in 0..POOL_SCALES.len() {
+        conv(&format!("decode_head.psp_modules.{i}.1"), c, 1);
+    }
+    conv(
+        "decode_head.bottleneck",
+        c + POOL_SCALES.len() * channels,
+        3,
+    );
+    for i in 0..3 {
+        conv(&format!("decode_head.lateral_convs.{i}"), c, 1);
+        conv(&format!("decode_head.fpn_convs.{i}"), channels, 3);
+    }
+    conv("decode_head.fpn_bottleneck", 4 * channels, 3);
+    put(
+        "decode_head.conv_seg.weight".into(),
+        vec![1, channels, 1, 1],
+        0.01,
+    );
+    put("decode_head.conv_seg.bias".into(), vec![1], 0.0);
+    for u in units(3) {
+        let (Unit::ConvBn { bn, .. } | Unit::Bn { bn, .. }) = u else {
+            continue;
+        };
+        for (stat, v) in [
+            ("weight", 1.0),
+            ("bias", 0.0),
+            ("running_mean", 0.0),
+            ("running_var", 1.0),
+        ] {
+            sd.insert(
+                format!("{bn}.{stat}"),
+                Param {
+                    dtype: StorageDtype::F32,
+                    shape: vec![channels],
+                    data: vec![v; channels],
+                },
+            );
+        }
+    }
+    for (stat, v) in [
+        ("weight", 1.0),
+        ("bias", 0.0),
+        ("running_mean", 0.0),
+        ("running_var", 1.0),
+    ] {
+        sd.insert(
+            format!("{PYRAMID_BN}.{stat}"),
+            Param {
+                dtype: StorageDtype::F32,
+                shape: vec![c],
+                data: vec![v; c],
+            },
+        );
+    }
+    sd
+}
+
+/// Forward FLOPs of the pyramid and head for one image of `grid` patches (width `dim`, head
+/// `channels`): the convolutions' and transposed convolutions' multiply-adds x 2.
+pub fn head_flops((gh, gw): (usize, usize), dim: usize, channels: usize) -> f64 {
+    let (c, ch) = (dim as f64, channels as f64);
+    let px = |s: usize| (gh * s * gw * s) as f64;
+    let up = 2.0 * c * c * 4.0 * (px(1) + px(2) + px(1));
+    let psp: f64 = POOL_SCALES
+        .iter()
+        .map(|&s| 2.0 * (s * s) as f64 * c * ch)
+        .sum();
+    let quarter = (gh * gw) as f64 / 4.0;
+    let bottleneck = 2.0 * quarter * (c + 4.0 * ch) * ch * 9.0;
+    let levels = [px(4), px(2), px(1)];
+    let laterals: f64 = levels.iter().map(|p| 2.0 * p * c * ch).sum();
+    let fpn: f64 = levels.iter().map(|p| 2.0 * p * ch * ch * 9.0).sum();
+    let fuse = 2.0 * px(4) * 4.0 * ch * ch * 9.0;
+    up + psp + bottleneck + laterals + fpn + fuse
+}
