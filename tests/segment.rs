@@ -563,3 +563,35 @@ fn seg_eval_scores_as_mmseg_over_the_set() {
     assert!(!dir.join("out/per_image.journal").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `evax bench --model seg-ti` runs both workloads on random weights and reports them.
+#[test]
+fn bench_times_the_segmentation_model() {
+    for extra in [&[][..], &["--train"][..]] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_evax"))
+            .args([
+                "bench",
+                "--model",
+                "seg-ti",
+                "--input-size",
+                "64",
+                "--batch",
+                "1",
+            ])
+            .args(["--iters", "1", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(r["variant"], "EVA-X-Ti + UperNet-256");
+        assert!(r["batch_s"].as_f64().unwrap() > 0.0);
+        assert!(r["gflop_per_img"].as_f64().unwrap() > 0.0);
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_evax"))
+        .args(["bench", "--model", "seg-s", "--input-size", "100"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a multiple of 32"));
+}

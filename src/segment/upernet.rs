@@ -410,40 +410,26 @@ pub fn random_state_dict(
         0.01,
     );
     put("decode_head.conv_seg.bias".into(), vec![1], 0.0);
-    for u in units(3) {
-        let (Unit::ConvBn { bn, .. } | Unit::Bn { bn, .. }) = u else {
-            continue;
-        };
+    // BatchNorms with identity statistics: the head's (width `channels`) and the pyramid's.
+    let bns = units(3).into_iter().filter_map(|u| match u {
+        Unit::ConvBn { bn, .. } => Some((bn, channels)),
+        _ => None,
+    });
+    for (bn, n) in bns.chain([(PYRAMID_BN.to_string(), c)]) {
         for (stat, v) in [
             ("weight", 1.0),
             ("bias", 0.0),
             ("running_mean", 0.0),
             ("running_var", 1.0),
         ] {
-            sd.insert(
-                format!("{bn}.{stat}"),
-                Param {
-                    dtype: StorageDtype::F32,
-                    shape: vec![channels],
-                    data: vec![v; channels],
-                },
-            );
-        }
-    }
-    for (stat, v) in [
-        ("weight", 1.0),
-        ("bias", 0.0),
-        ("running_mean", 0.0),
-        ("running_var", 1.0),
-    ] {
-        sd.insert(
-            format!("{PYRAMID_BN}.{stat}"),
-            Param {
+            let data = vec![v; n];
+            let p = Param {
                 dtype: StorageDtype::F32,
-                shape: vec![c],
-                data: vec![v; c],
-            },
-        );
+                shape: vec![n],
+                data,
+            };
+            sd.insert(format!("{bn}.{stat}"), p);
+        }
     }
     sd
 }
