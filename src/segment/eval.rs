@@ -4,6 +4,7 @@
 //! IoU of the foreground go to `per_image.csv`. Resumable: each image's counts are appended to
 //! a journal as it is done, and a rerun of the same job skips them.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -180,13 +181,13 @@ impl SegEvalJob<'_> {
         let pb = progress(samples.len(), "seg eval");
         let mut failures = Vec::new();
         for s in samples {
-            if !done.iter().any(|(stem, _)| stem == &s.stem) {
+            if !done.contains_key(&s.stem) {
                 match self.count(s) {
                     Ok(c) => {
                         file.write_all(journal_line(&s.stem, &c).as_bytes())
                             .and_then(|_| file.flush())
                             .map_err(|e| Error::io(&journal, e))?;
-                        done.push((s.stem.clone(), c));
+                        done.insert(s.stem.clone(), c);
                     }
                     Err(e) => failures.push(Failure {
                         input: s.image.clone(),
@@ -202,7 +203,7 @@ impl SegEvalJob<'_> {
         let mut csv = String::from("image,dice,iou,predicted_pixels,true_pixels\n");
         let mut images = 0;
         for s in samples {
-            let Some((_, c)) = done.iter().find(|(stem, _)| stem == &s.stem) else {
+            let Some(c) = done.get(&s.stem) else {
                 continue;
             };
             totals.add_counts(&[c[0], c[3]], &[c[1], c[4]], &[c[2], c[5]]);
@@ -288,12 +289,12 @@ fn journal_line(stem: &str, c: &Counts) -> String {
 }
 
 /// The images an earlier run of the same job finished (whole lines only).
-fn load_journal(path: &Path, header: &str) -> Vec<(String, Counts)> {
+fn load_journal(path: &Path, header: &str) -> BTreeMap<String, Counts> {
     let Ok(text) = std::fs::read_to_string(path) else {
-        return Vec::new();
+        return BTreeMap::new();
     };
     let Some(body) = text.strip_prefix(header) else {
-        return Vec::new();
+        return BTreeMap::new();
     };
     body.split_inclusive('\n')
         .filter(|l| l.ends_with('\n'))
@@ -342,7 +343,7 @@ mod tests {
         std::fs::write(&p, body).unwrap();
         let done = load_journal(&p, header);
         assert_eq!(done.len(), 2);
-        assert_eq!(done[0], ("a".to_string(), [1, 2, 3, 4, 5, 6]));
+        assert_eq!(done["a"], [1, 2, 3, 4, 5, 6]);
         // Another job's journal is not reused.
         assert!(load_journal(&p, "evax-seg-eval-journal 1\tother\n").is_empty());
         let _ = std::fs::remove_dir_all(&dir);
