@@ -268,7 +268,7 @@ fn run_seg(
             let mut opt = AdamW::new();
             let mut rng = crate::rng::Rng::new(0);
             timed(iters, &mut || {
-                let logits = model.forward_train(&x, 0.15, Some(&mut rng))?;
+                let logits = model.forward_seg(&x, 0.15, Some(&mut rng))?;
                 let grads = bce_with_logits(&logits, &targets)?.backward()?;
                 let grads = crate::train::optim::grads_by_name(model.vars(), &grads);
                 opt.update(model.vars(), &grads, 6e-5, &groups, 1.0)?;

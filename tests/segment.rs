@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use evax::checkpoint::{Checkpoint, Param};
 use evax::fixtures::shared_or_skip;
 use evax::kernels::Kernels;
-use evax::model::LoadOptions;
+use evax::model::{LoadOptions, Trainable};
 use evax::segment::UperNet;
 
 fn reference(sh: &Path) -> BTreeMap<String, Param> {
@@ -248,7 +248,7 @@ fn train_step_matches_the_original(kernels: Kernels) {
         .unwrap();
     let batch = Tensor::cat(&[x.clone(), x.flip(&[3]).unwrap()], 0).unwrap();
     let targets = Tensor::cat(&[y.clone(), y.flip(&[3]).unwrap()], 0).unwrap();
-    let logits = model.forward_train(&batch, 0.0, None).unwrap();
+    let logits = model.forward_seg(&batch, 0.0, None).unwrap();
     assert_eq!(logits.dims(), &[2, 1, 512, 512]);
     let loss = evax::train::bce_with_logits(&logits, &targets).unwrap();
     let l = loss.to_scalar::<f32>().unwrap();

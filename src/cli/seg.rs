@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use candle_core::Device;
 use evax::checkpoint::Checkpoint;
 use evax::infer;
 use evax::model::LoadOptions;
@@ -19,6 +20,38 @@ pub enum Command {
     Eval(EvalArgs),
     /// Turn a public download (SIIM, RSNA, lung, Shenzhen) into image / mask pairs and splits.
     Prepare(PrepareArgs),
+    /// Train with the original's recipe (siim, rsna, lung, shenzhen); resumable.
+    Train(TrainArgs),
+}
+
+/// `evax seg train`.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// The recipe: siim, rsna, lung or shenzhen.
+    #[arg(long)]
+    preset: String,
+    /// Starting weights: an EVA-X checkpoint (MIM or fine-tuned; the pyramid and head start
+    /// fresh) or an mmsegmentation checkpoint of the whole model.
+    #[arg(long)]
+    weights: PathBuf,
+    /// A folder as `seg prepare` writes it (images/, masks/, train.txt, test.txt).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Change a setting of the recipe (repeatable), e.g. `--set epochs=2`.
+    #[arg(long = "set")]
+    sets: Vec<String>,
+    /// Width of a freshly initialised head.
+    #[arg(long, default_value_t = 256)]
+    channels: usize,
+    /// Stop after N steps (resumable: run the same command again).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Kernel implementation.
+    #[arg(long, value_enum, default_value = "fused")]
+    kernels: KernelsArg,
+    /// Output folder: checkpoints, train_log.jsonl, curves.svg, eval/.
+    #[arg(short, long)]
+    output: PathBuf,
 }
 
 /// The datasets `seg prepare` knows.
@@ -118,7 +151,68 @@ pub fn run(c: Command) -> anyhow::Result<ExitCode> {
         Command::Predict(a) => predict(a),
         Command::Eval(a) => eval(a),
         Command::Prepare(a) => prepare(a),
+        Command::Train(a) => train(a),
     }
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
+    use evax::segment::engine::{SegRun, SegTrainConfig, initial_state_dict};
+    let mut cfg = SegTrainConfig::preset(&a.preset).ok_or_else(|| {
+        anyhow::anyhow!("unknown preset '{}' (siim, rsna, lung, shenzhen)", a.preset)
+    })?;
+    for kv in &a.sets {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--set {kv}: expected key=value"))?;
+        cfg.set(k.trim(), v.trim())?;
+    }
+    let ck = Checkpoint::load(&a.weights)?;
+    let (sd, notes) = initial_state_dict(&ck, cfg.input_size, a.channels, cfg.seed)?;
+    for n in notes {
+        eprintln!("{n}");
+    }
+    let mut model =
+        evax::segment::SegTrainable::from_state_dict(&sd, &Device::Cpu, a.kernels.into())?;
+    let split = |name: &str| evax::segment::read_split(&a.data_dir, &a.data_dir.join(name));
+    let (train, mut failures) = split("train.txt")?;
+    let (eval, f) = split("test.txt")?;
+    failures.extend(f);
+    if !failures.is_empty() {
+        finish(&failures, 0);
+        anyhow::bail!("{} pairs of the lists are missing files", failures.len());
+    }
+    eprintln!(
+        "training {} on {} pairs ({} to evaluate), {} epochs",
+        evax::model::Trainable::name(&model),
+        train.len(),
+        eval.len(),
+        cfg.epochs
+    );
+    let run = SegRun {
+        cfg,
+        out_dir: a.output.clone(),
+        train,
+        eval,
+        max_steps: a.max_steps,
+        progress: true,
+    };
+    let s = run.run(&mut model)?;
+    if s.interrupted {
+        eprintln!(
+            "stopped after {} steps; run the same command to continue",
+            s.steps
+        );
+    }
+    if let Some(b) = &s.best {
+        println!(
+            "best: epoch {} foreground Dice {:.4} IoU {:.4} -> {}",
+            b.epoch,
+            b.fg_dice,
+            b.fg_iou,
+            a.output.join("checkpoint-best.safetensors").display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn prepare(a: PrepareArgs) -> anyhow::Result<ExitCode> {

@@ -1,6 +1,7 @@
 //! Segmentation as the original does it (REFERENCE.md 8): the EVA-X backbone's last block as a
 //! feature map, a ViTDet-style pyramid and mmsegmentation's UperNet head ([`UperNet`]).
 
+pub mod engine;
 pub mod eval;
 pub mod metrics;
 pub mod predict;

@@ -25,6 +25,7 @@ pub struct SegTrainable {
     ops: BatchStats,
     laterals: usize,
     vars: BTreeMap<String, Var>,
+    device: Device,
 }
 
 impl SegTrainable {
@@ -81,28 +82,46 @@ impl SegTrainable {
             ops,
             laterals,
             vars,
+            device: device.clone(),
         })
     }
 
-    /// Every parameter by its mmsegmentation key.
-    pub fn vars(&self) -> &BTreeMap<String, Var> {
-        &self.vars
+    /// The current weights as an mmsegmentation state dict (parameters, running statistics,
+    /// and the RoPE tables the backbone computes with).
+    pub fn state_dict(&self) -> Result<BTreeMap<String, Param>> {
+        let mut sd = crate::model::training::state_dict(&self.vars)?;
+        sd.extend(crate::model::training::state_dict(
+            self.ops.running_stats(),
+        )?);
+        if let Some((_, t)) = &self.backbone.stored_rope {
+            let shape = vec![t.cos.len() / t.dim, t.dim];
+            for (name, data) in [("cos", &t.cos), ("sin", &t.sin)] {
+                sd.insert(
+                    format!("backbone.rope.freqs_{name}"),
+                    Param {
+                        dtype: crate::checkpoint::StorageDtype::F32,
+                        shape: shape.clone(),
+                        data: data.clone(),
+                    },
+                );
+            }
+        }
+        Ok(sd)
     }
 
-    /// The BatchNorms' running statistics by key.
-    pub fn buffers(&self) -> &BTreeMap<String, Var> {
-        self.ops.running_stats()
-    }
-
-    /// PyTorch's `train()` (BatchNorm on batch statistics, moving the running ones) or
-    /// `eval()`.
-    pub fn set_training(&mut self, training: bool) {
-        self.ops.set_training(training);
+    /// An inference model with the current weights.
+    pub fn to_upernet(&self) -> Result<super::UperNet> {
+        let opts = crate::model::LoadOptions {
+            device: self.device.clone(),
+            kernels: self.backbone.kernels,
+            ..Default::default()
+        };
+        Ok(super::UperNet::from_state_dict(&self.state_dict()?, &opts)?.0)
     }
 
     /// Logits at the input's size `[B, classes, H, W]`, recording the graph; drop path in the
     /// backbone drawn from `rng`. (The head's dropout before the classifier is not applied.)
-    pub fn forward_train(
+    pub fn forward_seg(
         &self,
         x: &Tensor,
         drop_path: f64,
@@ -133,5 +152,73 @@ fn prefix_of(found: &str) -> String {
         "backbone.".into()
     } else {
         found.to_string()
+    }
+}
+
+impl crate::model::Trainable for SegTrainable {
+    fn name(&self) -> String {
+        format!("{} + UperNet", self.backbone.config.variant())
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn normalization(&self) -> crate::preprocess::Normalization {
+        crate::preprocess::Normalization::EVAX
+    }
+
+    fn input_multiple(&self) -> usize {
+        32
+    }
+
+    fn vars(&self) -> &BTreeMap<String, Var> {
+        &self.vars
+    }
+
+    fn buffers(&self) -> BTreeMap<String, Var> {
+        self.ops.running_stats().clone()
+    }
+
+    fn set_training(&mut self, training: bool) {
+        self.ops.set_training(training);
+    }
+
+    /// Logits at the input's size `[B, classes, H, W]` (see [`SegTrainable::forward_seg`]).
+    fn forward_train(
+        &self,
+        x: &Tensor,
+        drop_path: f64,
+        rng: Option<&mut Rng>,
+    ) -> candle_core::Result<Tensor> {
+        self.forward_seg(x, drop_path, rng)
+    }
+
+    /// mmsegmentation's layer decay for EVA (embeddings 0, block i at i + 1, the pyramid and head
+    /// last) and its weight-decay rule: none on 1-D parameters and biases only (its check of
+    /// `pos_embed` / `cls_token` compares unprefixed names, so those two are decayed).
+    fn param_group(&self, name: &str, layer_decay: f64, weight_decay: f64) -> (f64, f64) {
+        let depth = self.backbone.config.depth;
+        let id = match name.strip_prefix("backbone.") {
+            Some(rest) if !rest.starts_with("fpn") => crate::model::training::layer_id(rest, depth),
+            _ => depth + 1,
+        };
+        let ndim = self.vars.get(name).map_or(1, |v| v.dims().len());
+        let decay = if ndim <= 1 || name.ends_with(".bias") {
+            0.0
+        } else {
+            weight_decay
+        };
+        (layer_decay.powi((depth + 1 - id) as i32), decay)
+    }
+
+    fn to_inference(&self) -> Result<Box<dyn crate::model::Classifier>> {
+        Err(ModelError::Input(
+            "a segmentation model is not a classifier (SegTrainable::to_upernet)".into(),
+        ))
+    }
+
+    fn checkpoint_metadata(&self) -> Vec<(String, String)> {
+        Vec::new()
     }
 }

@@ -113,7 +113,7 @@ pub struct Run {
 }
 
 /// SplitMix64 of several values: an independent seed per (seed, epoch, batch, image).
-fn mix(parts: &[u64]) -> u64 {
+pub(crate) fn mix(parts: &[u64]) -> u64 {
     let mut h = 0x9e37_79b9_7f4a_7c15u64;
     for &p in parts {
         h ^= p
@@ -310,7 +310,7 @@ impl Run {
                         || (cfg.save_every_steps > 0
                             && prog.steps.is_multiple_of(cfg.save_every_steps as u64))
                     {
-                        save_checkpoint(&last, model, &opt, &prog, cfg)?;
+                        save_checkpoint(&last, model, &opt, &prog, &cfg.to_toml())?;
                         if stop {
                             pb.finish_and_clear();
                             return Ok(self.summary(&prog, true, resumed_at_step));
@@ -340,7 +340,7 @@ impl Run {
                 crate::io::write_atomic(&curves, curves_svg(&prog, &cfg.select_metric).as_bytes())
                     .map_err(|e| crate::Error::io(&curves, e))?;
             }
-            save_checkpoint(&last, model, &opt, &prog, cfg)?;
+            save_checkpoint(&last, model, &opt, &prog, &cfg.to_toml())?;
         }
         pb.finish_and_clear();
         Ok(self.summary(&prog, false, resumed_at_step))
@@ -433,13 +433,14 @@ fn save_weights(path: &Path, model: &dyn Trainable, cfg: &TrainConfig) -> crate:
     )?)
 }
 
-/// Weights, optimiser moments and progress in one file, written atomically.
-fn save_checkpoint(
+/// Weights, optimiser moments, progress and the run's settings (`config`, TOML) in one file,
+/// written atomically.
+pub(crate) fn save_checkpoint<P: serde::Serialize>(
     path: &Path,
     model: &dyn Trainable,
     opt: &AdamW,
-    prog: &Progress,
-    cfg: &TrainConfig,
+    prog: &P,
+    config: &str,
 ) -> crate::Result<()> {
     let mut t = tensors_of(model, "model.")?;
     for (k, v) in model.vars().iter() {
@@ -454,19 +455,20 @@ fn save_checkpoint(
     let mut meta = HashMap::from([
         ("evax.progress".to_string(), serde_json::to_string(prog)?),
         ("evax.adam_step".to_string(), opt.step.to_string()),
-        ("evax.train_config".to_string(), cfg.to_toml()),
+        ("evax.train_config".to_string(), config.to_string()),
     ]);
     meta.extend(model.checkpoint_metadata());
     Ok(crate::checkpoint::save_safetensors(&t, Some(meta), path)?)
 }
 
-fn load_checkpoint(
+/// Restore what [`save_checkpoint`] wrote into `model` and `opt`; returns the progress.
+pub(crate) fn load_checkpoint<P: serde::de::DeserializeOwned>(
     path: &Path,
     model: &mut dyn Trainable,
     opt: &mut AdamW,
-) -> crate::Result<Progress> {
+) -> crate::Result<P> {
     let ck = crate::checkpoint::Checkpoint::load(path)?;
-    let prog: Progress = serde_json::from_str(ck.metadata.get("evax.progress").ok_or(format!(
+    let prog: P = serde_json::from_str(ck.metadata.get("evax.progress").ok_or(format!(
         "{}: not an evax training checkpoint",
         path.display()
     ))?)
@@ -497,6 +499,16 @@ fn load_checkpoint(
 
 /// Loss per step and the selection metric per evaluation, as an SVG line chart.
 pub fn curves_svg(prog: &Progress, metric: &str) -> String {
+    let evals: Vec<(f64, f64)> = prog
+        .history
+        .iter()
+        .map(|e| (e.epoch as f64, e.metric(metric)))
+        .collect();
+    curves(&prog.losses, &evals, metric)
+}
+
+/// Loss per step and `metric` per evaluation `(epoch, value)`, as an SVG line chart.
+pub fn curves(losses: &[f32], evals: &[(f64, f64)], metric: &str) -> String {
     let (w, h, pad) = (640.0, 240.0, 40.0);
     let panel = |x0: f64, title: &str, pts: &[(f64, f64)], colour: &str| -> String {
         let pw = w / 2.0 - pad * 1.5;
@@ -531,16 +543,10 @@ pub fn curves_svg(prog: &Progress, metric: &str) -> String {
             path.join(" ")
         )
     };
-    let loss: Vec<(f64, f64)> = prog
-        .losses
+    let loss: Vec<(f64, f64)> = losses
         .iter()
         .enumerate()
         .map(|(i, &l)| (i as f64 + 1.0, l as f64))
-        .collect();
-    let evals: Vec<(f64, f64)> = prog
-        .history
-        .iter()
-        .map(|e| (e.epoch as f64, e.metric(metric)))
         .collect();
     format!(
         "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif'>{}{}</svg>\n",
@@ -548,7 +554,7 @@ pub fn curves_svg(prog: &Progress, metric: &str) -> String {
         panel(
             w / 2.0 + pad / 2.0,
             &format!("{metric} per evaluation (epoch)"),
-            &evals,
+            evals,
             "#06c"
         )
     )
