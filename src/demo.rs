@@ -35,7 +35,20 @@ pub type Boxes = Vec<(String, [usize; 4])>;
 
 /// Draw one phantom of `size` x `size` with random anatomy jitter and findings.
 pub fn phantom(size: usize, rng: &mut Rng) -> (Image, [u8; 3], Boxes) {
+    let (img, labels, boxes, _) = draw(size, rng);
+    (img, labels, boxes)
+}
+
+/// A phantom and its lung fields as a 0/1 mask (the two lung ellipses where neither the spine
+/// nor the heart covers them).
+pub fn phantom_lungs(size: usize, rng: &mut Rng) -> (Image, Vec<u8>) {
+    let (img, _, _, lungs) = draw(size, rng);
+    (img, lungs)
+}
+
+fn draw(size: usize, rng: &mut Rng) -> (Image, [u8; 3], Boxes, Vec<u8>) {
     let s = size as f64;
+    let mut lung_mask = vec![0u8; size * size];
     let u = |rng: &mut Rng, a: f64, b: f64| a + (b - a) * rng.unit();
     let mut f = vec![20.0f64; size * size];
     let inside = |x: f64, y: f64, cx: f64, cy: f64, rx: f64, ry: f64| {
@@ -69,10 +82,12 @@ pub fn phantom(size: usize, rng: &mut Rng) -> (Image, [u8; 3], Boxes) {
             for &(cx, cy) in &lungs {
                 if inside(xf, yf, cx, cy, lrx, lry) {
                     *v = 60.0;
+                    lung_mask[y * size + x] = 1;
                 }
             }
             if (xf - s * 0.5).abs() < s * 0.03 && yf > s * 0.1 {
                 *v = 190.0;
+                lung_mask[y * size + x] = 0;
             }
             // Ribs: curved bright bands across the chest.
             for k in 0..7 {
@@ -84,6 +99,7 @@ pub fn phantom(size: usize, rng: &mut Rng) -> (Image, [u8; 3], Boxes) {
             }
             if inside(xf, yf, hx, hy, hrx, hry) {
                 *v = v.max(175.0);
+                lung_mask[y * size + x] = 0;
             }
         }
     }
@@ -163,6 +179,7 @@ pub fn phantom(size: usize, rng: &mut Rng) -> (Image, [u8; 3], Boxes) {
         },
         labels,
         boxes,
+        lung_mask,
     )
 }
 
@@ -372,6 +389,172 @@ pub fn run(o: &DemoOptions, note: &mut dyn FnMut(&str)) -> crate::Result<DemoRep
     Ok(DemoReport {
         mauc: last.mauc,
         seconds: secs,
+        report,
+    })
+}
+
+/// What the segmentation demo measured.
+#[derive(Debug, Clone)]
+pub struct SegDemoReport {
+    /// Held-out foreground Dice (0-1).
+    pub fg_dice: f64,
+    /// The Dice of calling every pixel lung (the chance level to beat).
+    pub chance_dice: f64,
+    /// Seconds in all.
+    pub seconds: f64,
+    /// The report (`report.md`).
+    pub report: std::path::PathBuf,
+}
+
+/// The segmentation demo (`evax demo --task seg`): phantoms with their lung fields as masks,
+/// EVA-X-Ti + pyramid + UperNet (64 channels) trained on them at 128 px with the segmentation
+/// engine, scored on held-out phantoms; `metrics.json`, `report.md` and an overlay in
+/// `output/seg`.
+pub fn run_seg(o: &DemoOptions, note: &mut dyn FnMut(&str)) -> crate::Result<SegDemoReport> {
+    use crate::error::Error;
+    use crate::segment::engine::{SegRun, SegTrainConfig, initial_state_dict};
+    let t0 = std::time::Instant::now();
+    let out = o.output.join("seg");
+    let data = out.join("data");
+    note("evax demo --task seg: SYNTHETIC chest phantoms (not real radiographs), lung fields");
+    for sub in ["images", "masks"] {
+        let d = data.join(sub);
+        std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+    }
+    let size = 128;
+    let (mut train, mut test) = (String::new(), String::new());
+    let mut fg = [0u64; 2];
+    for i in 0..o.train_images + o.test_images {
+        let mut rng = Rng::new(
+            o.seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(7_000_000 + i as u64),
+        );
+        let (img, mask) = phantom_lungs(size, &mut rng);
+        let name = format!("phantom_{i:04}");
+        let save = |dir: &str, data_: &Image| {
+            let p = data.join(dir).join(format!("{name}.png"));
+            Rgb::from_image(data_)
+                .save_png_grey_or_rgb(&p, true)
+                .map_err(|e| Error::io(&p, e))
+        };
+        save("images", &img)?;
+        let m = Image {
+            width: size,
+            height: size,
+            channels: 1,
+            data: mask,
+        };
+        save("masks", &m)?;
+        if i < o.train_images {
+            train.push_str(&format!("{name}\n"));
+        } else {
+            test.push_str(&format!("{name}\n"));
+            fg[0] += m.data.iter().map(|&v| v as u64).sum::<u64>();
+            fg[1] += m.data.len() as u64;
+        }
+    }
+    for (f, text) in [("train.txt", &train), ("test.txt", &test)] {
+        let p = data.join(f);
+        crate::io::write_atomic(&p, text.as_bytes()).map_err(|e| Error::io(&p, e))?;
+    }
+    note(&format!(
+        "generated {} training and {} held-out phantoms with lung masks in {}",
+        o.train_images,
+        o.test_images,
+        data.display()
+    ));
+    let mut cfg = SegTrainConfig::preset("lung").expect("preset");
+    cfg.input_size = size;
+    cfg.batch_size = 8;
+    cfg.epochs = o.epochs;
+    cfg.eval_every = o.epochs;
+    cfg.lr = 1e-3;
+    cfg.drop_path = 0.1;
+    cfg.seed = o.seed;
+    // Backbone: the given EVA-X weights, or timm's initialisation of EVA-X-Ti; the pyramid and
+    // a 64-channel head initialised fresh.
+    let sd = match &o.weights {
+        Some(w) => {
+            initial_state_dict(&crate::checkpoint::Checkpoint::load(w)?, size, 64, o.seed)?.0
+        }
+        None => {
+            let mut c = crate::model::EvaXConfig::preset("ti").expect("preset");
+            c.train_grid = (size / 16, size / 16);
+            let mut sd = crate::segment::random_state_dict(&c, 64, o.seed);
+            for (k, p) in crate::model::eva_x::train::init_state_dict(&c, o.seed).tensors {
+                sd.insert(format!("backbone.{k}"), p);
+            }
+            sd
+        }
+    };
+    let mut model = crate::segment::SegTrainable::from_state_dict(
+        &sd,
+        &candle_core::Device::Cpu,
+        Default::default(),
+    )?;
+    let read = |f: &str| crate::segment::read_split(&data, &data.join(f));
+    let (train_s, _) = read("train.txt")?;
+    let (test_s, _) = read("test.txt")?;
+    note(&format!(
+        "training EVA-X-Ti + UperNet at {size} px for {} epochs (batch 8)",
+        o.epochs
+    ));
+    let run = SegRun {
+        cfg,
+        out_dir: out.join("run"),
+        train: train_s,
+        eval: test_s.clone(),
+        max_steps: None,
+        progress: true,
+    };
+    let summary = run.run(&mut model)?;
+    let best = summary
+        .best
+        .ok_or_else(|| Error::Invalid("the demo ran no evaluation".into()))?;
+    let p = fg[0] as f64 / fg[1].max(1) as f64;
+    let chance = 2.0 * p / (1.0 + p);
+    // An overlay of the first held-out phantom with the trained model.
+    let upernet = model.to_upernet()?;
+    let job = crate::segment::SegPredictJob {
+        model: &upernet,
+        size: (size, size),
+        threshold: 0.3,
+        logits: false,
+        overlays: true,
+    };
+    job.run(&[test_s[0].image.clone()], &out.join("example"))?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let metrics = serde_json::json!({
+        "fg_dice": best.fg_dice, "fg_iou": best.fg_iou, "mdice": best.mdice,
+        "chance_fg_dice": chance, "epochs": o.epochs, "seconds": seconds,
+        "train_images": o.train_images, "test_images": o.test_images,
+    });
+    let mp = out.join("metrics.json");
+    crate::io::write_atomic(&mp, serde_json::to_vec_pretty(&metrics)?.as_slice())
+        .map_err(|e| Error::io(&mp, e))?;
+    let report = out.join("report.md");
+    let text = format!(
+        "# evax segmentation demo (synthetic phantoms)\n\n\
+         These are drawings (lung fields, ribs, spine, heart), not radiographs; the numbers say\n\
+         that training and scoring work end to end, nothing about real images.\n\n\
+         - held-out foreground (lung) Dice: {:.4} (IoU {:.4}); calling every pixel lung scores {:.4}\n\
+         - {} training / {} held-out phantoms at {size} px, {} epochs, {:.0} s\n\n\
+         ![example](example/{}_overlay.png)\n",
+        best.fg_dice,
+        best.fg_iou,
+        chance,
+        o.train_images,
+        o.test_images,
+        o.epochs,
+        seconds,
+        test_s[0].stem
+    );
+    crate::io::write_atomic(&report, text.as_bytes()).map_err(|e| Error::io(&report, e))?;
+    Ok(SegDemoReport {
+        fg_dice: best.fg_dice,
+        chance_dice: chance,
+        seconds,
         report,
     })
 }

@@ -1,7 +1,8 @@
-//! `evax seg prepare` on small synthetic downloads laid out as the public ones are, with the
-//! original's quirks: SIIM's last run-length row, column-major relative runs and positives
-//! only; RSNA's last box per patient, filled corners included; lung's folders; Shenzhen's
-//! merged left / right masks.
+//! Segmentation workflows end to end: `evax seg prepare` on small synthetic downloads laid out
+//! as the public ones are, with the original's quirks (SIIM's last run-length row, column-major
+//! relative runs and positives only; RSNA's last box per patient, filled corners included;
+//! lung's folders; Shenzhen's merged left / right masks); `seg train` resuming bit for bit;
+//! the segmentation demo.
 
 use std::path::{Path, PathBuf};
 
@@ -407,5 +408,37 @@ fn seg_train_resumes_bit_exactly_and_its_best_checkpoint_predicts() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(dir.join("pred/s4_mask.png").exists());
     assert!(dir.join("whole/curves.svg").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `evax demo --task seg` end to end on a handful of phantoms: it trains, scores the held-out
+/// ones and writes its report, metrics and an overlay.
+#[test]
+fn seg_demo_runs_end_to_end() {
+    let dir = scratch("segdemo");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_evax"))
+        .args([
+            "demo",
+            "--task",
+            "seg",
+            "--train-images",
+            "16",
+            "--test-images",
+            "4",
+        ])
+        .args(["--epochs", "1", "-o"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("held-out lung Dice"), "{out}");
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("seg/metrics.json")).unwrap()).unwrap();
+    let dice = m["fg_dice"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&dice), "{m}");
+    assert_eq!(m["test_images"], 4);
+    assert!(dir.join("seg/report.md").exists());
+    assert!(dir.join("seg/example/phantom_0016_overlay.png").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
