@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::SegTrainable;
-use super::eval::{SegEvalJob, SegSample, read_mask};
+use super::eval::{SegEvalJob, SegSample};
 use crate::error::{Error, Result};
 use crate::model::Trainable;
 use crate::preprocess::{Image, opencv};
@@ -270,18 +270,7 @@ fn resize_nearest(m: &Image, (w, h): (usize, usize)) -> Image {
 /// One training pair as the original's train pipeline makes it: `[3, s, s]` input and
 /// `[s, s]` 0/1 target.
 fn training_pair(s: &SegSample, size: usize, rng: &mut Rng) -> Result<(Vec<f32>, Vec<f32>)> {
-    let img = Image::open(&s.image)?;
-    let mask = read_mask(&s.mask)?;
-    if (mask.width, mask.height) != (img.width, img.height) {
-        return Err(Error::Invalid(format!(
-            "{}: mask is {}x{}, image {}x{}",
-            s.mask.display(),
-            mask.width,
-            mask.height,
-            img.width,
-            img.height
-        )));
-    }
+    let (img, mask) = s.load()?;
     let mut img = opencv::resize_linear(&img, (size, size));
     let mut mask = resize_nearest(&mask, (size, size));
     if rng.unit() < 0.5 {

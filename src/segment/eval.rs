@@ -30,6 +30,25 @@ pub struct SegSample {
     pub mask: PathBuf,
 }
 
+impl SegSample {
+    /// The image and its mask as labels ([`read_mask`]), which must be the same size.
+    pub fn load(&self) -> Result<(Image, Image)> {
+        let img = Image::open(&self.image)?;
+        let mask = read_mask(&self.mask)?;
+        if (mask.width, mask.height) != (img.width, img.height) {
+            return Err(Error::Invalid(format!(
+                "{}: mask is {}x{}, image {}x{}",
+                self.mask.display(),
+                mask.width,
+                mask.height,
+                img.width,
+                img.height
+            )));
+        }
+        Ok((img, mask))
+    }
+}
+
 /// The samples of a split list (one stem a line, as the original's split files) in a folder
 /// laid out as `seg prepare` writes it: `images/<stem>.{png,jpg,jpeg,dcm}` and
 /// `masks/<stem>.png`. Stems whose files are missing are returned as failures.
@@ -247,18 +266,7 @@ impl SegEvalJob<'_> {
     }
 
     fn count(&self, s: &SegSample) -> Result<Counts> {
-        let img = Image::open(&s.image)?;
-        let mask = read_mask(&s.mask)?;
-        if (mask.width, mask.height) != (img.width, img.height) {
-            return Err(Error::Invalid(format!(
-                "{}: mask is {}x{}, image {}x{}",
-                s.mask.display(),
-                mask.width,
-                mask.height,
-                img.width,
-                img.height
-            )));
-        }
+        let (img, mask) = s.load()?;
         let (_, pred) = predict_labels(self.model, &img, self.size, self.threshold)?;
         let mut c = [0u64; 6];
         for (&p, &l) in pred.iter().zip(&mask.data) {
