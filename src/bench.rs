@@ -4,11 +4,12 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
+use crate::compute::{Precision, device_name};
 use crate::explain::cam_maps;
 use crate::model::eva_x::random_state_dict;
 use crate::model::random::Baseline;
 use crate::model::registry;
-use crate::model::{Classifier, EvaX, EvaXConfig, ModelError};
+use crate::model::{Classifier, EvaX, EvaXConfig, LoadOptions, ModelError};
 use crate::model::{EvaXTrainable, Trainable};
 use crate::train::bce_with_logits;
 use crate::train::optim::{AdamW, Groups};
@@ -42,6 +43,28 @@ pub struct BenchResult {
     pub gflop_per_s: f64,
     /// Peak resident memory of the process (MiB).
     pub peak_rss_mb: f64,
+    /// Where it ran (`cpu`, `cuda:0`).
+    pub device: String,
+    /// The arithmetic (`f32`, `bf16`, `f16`).
+    pub precision: Precision,
+}
+
+/// Where and how a benchmark computes.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The device.
+    pub device: Device,
+    /// The arithmetic; reduced precision is implemented for the EVA-X models.
+    pub precision: Precision,
+}
+
+impl Default for Target {
+    fn default() -> Self {
+        Target {
+            device: Device::Cpu,
+            precision: Precision::F32,
+        }
+    }
 }
 
 /// Forward FLOPs of one image (matrix products only).
@@ -89,8 +112,15 @@ pub fn run(
     input: usize,
     iters: usize,
     work: Workload,
+    target: &Target,
 ) -> Result<BenchResult, ModelError> {
+    let dev = &target.device;
     if let Some(preset) = model_name.strip_prefix("seg-") {
+        if !dev.is_cpu() || target.precision != Precision::F32 {
+            return Err(ModelError::Input(
+                "the segmentation model runs on the CPU in f32 only so far".into(),
+            ));
+        }
         return run_seg(model_name, preset, batch, input, iters, work);
     }
     let unknown = || {
@@ -103,14 +133,33 @@ pub fn run(
         Some(_) => None,
         None => Some(EvaXConfig::preset(model_name).ok_or_else(unknown)?),
     };
+    if baseline.is_some() && target.precision != Precision::F32 {
+        return Err(ModelError::Input(format!(
+            "--precision {} is implemented for the EVA-X models (ti, s, b) only",
+            target.precision.name()
+        )));
+    }
+    let load = LoadOptions {
+        rope_grid: None,
+        device: dev.clone(),
+        kernels: Default::default(),
+        precision: target.precision,
+    };
     let (model, variant, gflop): (Box<dyn Classifier>, String, f64) = match (&cfg, baseline) {
-        (Some(cfg), _) => (
-            Box::new(EvaX::random(cfg.clone(), 0)?),
-            cfg.variant(),
-            flops_per_image(cfg, input) / 1e9,
-        ),
+        (Some(cfg), _) => {
+            let sd = random_state_dict(cfg, 0);
+            let load = LoadOptions {
+                rope_grid: Some(cfg.rope_grid),
+                ..load.clone()
+            };
+            (
+                Box::new(EvaX::from_eva_state_dict(&sd, &load)?.0),
+                cfg.variant(),
+                flops_per_image(cfg, input) / 1e9,
+            )
+        }
         (None, Some(b)) => {
-            let m = registry::load(&b.random_checkpoint(0), &Default::default())?.0;
+            let m = registry::load(&b.random_checkpoint(0), &load)?.0;
             let name = m.name();
             (m, name, b.flops_per_image(input) / 1e9)
         }
@@ -122,28 +171,32 @@ pub fn run(
             "input size {input} is not a multiple of {multiple}"
         )));
     }
-    let x = Tensor::randn(0f32, 1f32, (batch, 3, input, input), &Device::Cpu)?;
+    let x = Tensor::randn(0f32, 1f32, (batch, 3, input, input), dev)?;
     let layer = model.default_cam_layer();
     let trainable: Option<Box<dyn Trainable>> = match (work, &cfg, baseline) {
         (Workload::Train, Some(cfg), _) => {
             let mut cfg = cfg.clone();
             cfg.train_grid = (input / cfg.patch_size, input / cfg.patch_size);
-            Some(Box::new(EvaXTrainable::from_state_dict(
+            let mut t = EvaXTrainable::from_state_dict_on(
                 &random_state_dict(&cfg, 0),
                 14,
                 0,
-            )?))
+                dev,
+                Default::default(),
+            )?;
+            t.precision = target.precision;
+            Some(Box::new(t))
         }
         (Workload::Train, None, Some(b)) => Some(registry::load_trainable(
             &b.random_checkpoint(0),
             14,
             0,
-            &Device::Cpu,
+            dev,
             Default::default(),
         )?),
         _ => None,
     };
-    let targets = Tensor::rand(0f32, 1f32, (batch, 14), &Device::Cpu)?
+    let targets = Tensor::rand(0f32, 1f32, (batch, 14), dev)?
         .ge(0.5)?
         .to_dtype(candle_core::DType::F32)?;
     let groups: Groups = trainable.as_ref().map_or_else(Groups::new, |t| {
@@ -172,17 +225,22 @@ pub fn run(
                 cam_maps(&b.rounds[0], (input, input))?;
             }
         }
+        // Asynchronous devices: the step is done when the device is.
+        dev.synchronize()?;
         Ok(())
     };
     let (mean, min, n) = timed(iters, &mut step)?;
-    Ok(result(
+    let mut r = result(
         model_name,
         variant,
         (batch, input),
         (mean, min, n),
         gflop,
         work,
-    ))
+    );
+    r.device = device_name(dev);
+    r.precision = target.precision;
+    Ok(r)
 }
 
 /// One warm-up call (pools, caches, page faults), then `iters` timed ones: mean and fastest
@@ -225,6 +283,8 @@ fn result(
         gflop_per_img: gflop,
         gflop_per_s: gflop * batch as f64 / mean,
         peak_rss_mb: peak_rss_mb(),
+        device: "cpu".into(),
+        precision: Precision::F32,
     }
 }
 
@@ -350,33 +410,33 @@ pub fn pipeline(path: &std::path::Path, size: usize, n: usize) -> crate::Result<
 pub fn render_text(r: &BenchResult, work: Workload) -> String {
     match work {
         Workload::Train => format!(
-            "{} training step, batch {} at {}px, {} threads: {:.2} s per step (best {:.2} s), {:.1} img/s, peak RSS {:.0} MiB",
+            "{} training step, batch {} at {}px, {}: {:.2} s per step (best {:.2} s), {:.1} img/s, peak RSS {:.0} MiB",
             r.variant,
             r.batch,
             r.input_size,
-            r.threads,
+            place(r),
             r.batch_s,
             r.min_batch_s,
             r.img_per_s,
             r.peak_rss_mb
         ),
         Workload::Cam => format!(
-            "{} Grad-CAM batch {} at {}px, {} threads: {:.1} ms per CAM ({:.1} ms/batch, best {:.1} ms), peak RSS {:.0} MiB",
+            "{} Grad-CAM batch {} at {}px, {}: {:.1} ms per CAM ({:.1} ms/batch, best {:.1} ms), peak RSS {:.0} MiB",
             r.variant,
             r.batch,
             r.input_size,
-            r.threads,
+            place(r),
             r.batch_s * 1e3 / r.batch as f64,
             r.batch_s * 1e3,
             r.min_batch_s * 1e3,
             r.peak_rss_mb
         ),
         Workload::Forward => format!(
-            "{} batch {} at {}px, {} threads: {:.1} img/s ({:.1} ms/batch, best {:.1} ms), {:.0} GFLOP/s, peak RSS {:.0} MiB",
+            "{} batch {} at {}px, {}: {:.1} img/s ({:.1} ms/batch, best {:.1} ms), {:.0} GFLOP/s, peak RSS {:.0} MiB",
             r.variant,
             r.batch,
             r.input_size,
-            r.threads,
+            place(r),
             r.img_per_s,
             r.batch_s * 1e3,
             r.min_batch_s * 1e3,
@@ -396,4 +456,18 @@ pub fn pipeline_text(r: &PipelineResult, size: usize) -> String {
         r.images,
         r.decode_share * 100.0
     )
+}
+
+/// Where a benchmark ran, for its line: the CPU's thread count or the device, and the
+/// arithmetic when not f32.
+fn place(r: &BenchResult) -> String {
+    let mut s = if r.device == "cpu" {
+        format!("{} threads", r.threads)
+    } else {
+        r.device.clone()
+    };
+    if r.precision != Precision::F32 {
+        s.push_str(&format!(", {}", r.precision.name()));
+    }
+    s
 }

@@ -246,6 +246,10 @@ pub struct DemoOptions {
     pub epochs: usize,
     /// Seed.
     pub seed: u64,
+    /// Where the classification demo trains, and in what arithmetic.
+    pub device: candle_core::Device,
+    /// The forward's arithmetic.
+    pub precision: crate::compute::Precision,
 }
 
 /// What the demo measured.
@@ -277,9 +281,13 @@ pub fn run(o: &DemoOptions, note: &mut dyn FnMut(&str)) -> crate::Result<DemoRep
         move |e: std::io::Error| Error::io(p, e)
     };
     let t0 = std::time::Instant::now();
-    note(
-        "evax demo: SYNTHETIC chest phantoms (not real radiographs), fine-tuning EVA-X-Ti on the CPU",
-    );
+    note(&format!(
+        "evax demo: SYNTHETIC chest phantoms (not real radiographs), fine-tuning EVA-X-Ti on {}",
+        match crate::compute::device_name(&o.device).as_str() {
+            "cpu" => "the CPU".to_string(),
+            d => d.to_string(),
+        }
+    ));
     let size = 256;
     let train_dir = output.join("data/train");
     let test_dir = output.join("data/test");
@@ -313,9 +321,10 @@ pub fn run(o: &DemoOptions, note: &mut dyn FnMut(&str)) -> crate::Result<DemoRep
         cfg.input_size,
         3,
         seed,
-        &candle_core::Device::Cpu,
+        &o.device,
         crate::kernels::Kernels::Fused,
     )?;
+    model.set_precision(o.precision)?;
     let run = Run {
         cfg,
         out_dir: output.join("run"),

@@ -32,3 +32,10 @@ pub fn shared_or_skip(test: &str) -> Option<PathBuf> {
     );
     None
 }
+
+/// The device the parity tests compute on: `$EVAX_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`;
+/// default `cpu`), so that the same tests check a GPU build on a GPU.
+pub fn test_device() -> candle_core::Device {
+    let spec = std::env::var("EVAX_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    crate::compute::parse_device(&spec).unwrap_or_else(|e| panic!("EVAX_TEST_DEVICE={spec}: {e}"))
+}

@@ -17,6 +17,7 @@ macro_rules! w {
 pub mod bench;
 pub mod checkpoint;
 pub mod compare;
+pub mod compute;
 pub mod data;
 pub mod demo;
 pub mod dicom;

@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use evax::checkpoint::{Checkpoint, Param};
-use evax::fixtures::shared_or_skip;
+use evax::compute::Precision;
+use evax::fixtures::{shared_or_skip, test_device};
 use evax::kernels::Kernels;
 use evax::model::{EvaX, LoadOptions};
 
@@ -23,13 +24,14 @@ fn model(shared: &Path, name: &str, kernels: Kernels) -> EvaX {
     let ck = Checkpoint::load(shared.join("fixtures").join(name)).unwrap();
     let opts = LoadOptions {
         kernels,
+        device: test_device(),
         ..Default::default()
     };
     EvaX::from_checkpoint(&ck, &opts).unwrap().0
 }
 
 fn input(r: &BTreeMap<String, Param>, key: &str) -> Tensor {
-    r[key].to_tensor(&Device::Cpu).unwrap()
+    r[key].to_tensor(&test_device()).unwrap()
 }
 
 /// Max |a - b| between a tensor and a reference, asserting equal shapes and lengths.
@@ -226,4 +228,49 @@ fn legacy_file_loads_the_same_tensors_as_zip() {
     assert_eq!(legacy.format, evax::checkpoint::Format::TorchLegacy);
     assert_eq!(zip.tensors.len(), 191);
     assert_eq!(zip.tensors, legacy.tensors);
+}
+
+/// Reduced precision against the original's f32 logits: the agreement a user gets from
+/// `--precision bf16|f16`, with its stated tolerance (bf16 keeps 8 bits of mantissa, f16 11;
+/// norms, residuals and the head stay f32).
+#[test]
+fn reduced_precision_agrees_with_f32() {
+    let Some(s) = shared_or_skip("reduced_precision_agrees_with_f32") else {
+        return;
+    };
+    let r = reference(&s);
+    let ck = Checkpoint::load(s.join("fixtures/eva_x_ti_cxr14_ft.pth")).unwrap();
+    let want = &r["ti_ft/logits"];
+    // (precision, max |logit diff|, max |probability diff|) allowed; measured on the CPU
+    // (2026-11-30): bf16 5.1e-2 / 1.1e-2, f16 2.1e-3 / 5.2e-4, logits of magnitude 0.07..2.3.
+    let cases = [(Precision::Bf16, 1e-1, 2e-2), (Precision::F16, 5e-3, 1e-3)];
+    for (precision, tol_logit, tol_prob) in cases {
+        let opts = LoadOptions {
+            device: test_device(),
+            precision,
+            ..Default::default()
+        };
+        let m = EvaX::from_checkpoint(&ck, &opts).unwrap().0;
+        let got = m.logits(&input(&r, "input224")).unwrap();
+        let d = max_diff(&got, want);
+        let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let dp = g
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| (sig(*a) - sig(*b)).abs())
+            .fold(0.0, f32::max);
+        eprintln!(
+            "ti_ft/logits ({}): max |logit diff| {d:.3e} (tolerance {tol_logit:.0e}), \
+             max |probability diff| {dp:.3e} (tolerance {tol_prob:.0e}) over {} values",
+            precision.name(),
+            g.len()
+        );
+        assert!(d <= tol_logit, "{}: logits differ by {d}", precision.name());
+        assert!(
+            dp <= tol_prob,
+            "{}: probabilities differ by {dp}",
+            precision.name()
+        );
+    }
 }

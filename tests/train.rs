@@ -3,9 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::Device;
 use evax::checkpoint::{Checkpoint, Param};
-use evax::fixtures::shared_or_skip;
+use evax::fixtures::{shared_or_skip, test_device};
 use evax::kernels::Kernels;
 use evax::model::EvaXTrainable;
 use evax::model::adapt::to_eva_layout;
@@ -36,7 +35,7 @@ fn one_step(kernels: Kernels) {
     let r = reference(&s);
     let ck = Checkpoint::load(s.join("fixtures/eva_x_ti_cxr14_ft.pth")).unwrap();
     let sd = to_eva_layout(&ck.tensors).unwrap();
-    let model = EvaXTrainable::from_state_dict_on(&sd, 14, 0, &Device::Cpu, kernels).unwrap();
+    let model = EvaXTrainable::from_state_dict_on(&sd, 14, 0, &test_device(), kernels).unwrap();
     // Parameter groups: the rule's output for every parameter.
     let groups_ref: serde_json::Value =
         serde_json::from_slice(&std::fs::read(s.join("fixtures/ti_param_groups.json")).unwrap())
@@ -58,8 +57,8 @@ fn one_step(kernels: Kernels) {
         );
         groups.insert(name.clone(), g);
     }
-    let x = r["input224"].to_tensor(&Device::Cpu).unwrap();
-    let y = r["train/targets"].to_tensor(&Device::Cpu).unwrap();
+    let x = r["input224"].to_tensor(&test_device()).unwrap();
+    let y = r["train/targets"].to_tensor(&test_device()).unwrap();
     let logits = model.forward(&x, 0.0, None).unwrap();
     let loss = bce_with_logits(&logits, &y).unwrap();
     let l = loss.to_scalar::<f32>().unwrap();

@@ -34,6 +34,9 @@ pub struct Args {
     /// Time the input pipeline (decode + preprocessing) on this image instead.
     #[arg(long, conflicts_with = "cam")]
     pipeline: Option<PathBuf>,
+    /// Device and precision.
+    #[command(flatten)]
+    compute: super::ComputeArgs,
 }
 
 /// Run the benchmark and print its line (or JSON).
@@ -54,7 +57,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     } else {
         Workload::Forward
     };
-    let r = bench::run(&a.model, a.batch, a.input_size, a.iters, work)?;
+    let (device, precision) = a.compute.resolve()?;
+    let target = bench::Target { device, precision };
+    let r = bench::run(&a.model, a.batch, a.input_size, a.iters, work, &target)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

@@ -41,7 +41,7 @@ pub struct Args {
 
 /// Write CAMs for every input; exit 1 if any failed.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let p = Predictor::load(&a.model.predictor_options(a.labels.clone()))?;
+    let p = Predictor::load(&a.model.predictor_options(a.labels.clone())?)?;
     let labels = p.labels()?.clone();
     let n = labels.classes.len();
     let choice = if a.classes.is_empty() {

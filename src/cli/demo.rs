@@ -32,6 +32,9 @@ pub struct Args {
     /// Which demo: classification (findings) or seg (lung fields).
     #[arg(long, default_value = "classification")]
     task: String,
+    /// Device and precision (classification).
+    #[command(flatten)]
+    compute: super::ComputeArgs,
 }
 
 /// Run the demo and print the held-out mAUC (or foreground Dice).
@@ -40,6 +43,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let pick = |v: Option<usize>, classification: usize, seg_default: usize| {
         v.unwrap_or(if seg { seg_default } else { classification })
     };
+    let (device, precision) = a.compute.resolve()?;
+    if seg && !device.is_cpu() {
+        anyhow::bail!("the segmentation demo runs on the CPU only so far");
+    }
     let o = DemoOptions {
         output: a.output,
         weights: a.weights,
@@ -47,6 +54,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         test_images: pick(a.test_images, 300, 60),
         epochs: pick(a.epochs, 12, 10),
         seed: a.seed,
+        device,
+        precision,
     };
     match a.task.as_str() {
         "classification" => {}

@@ -31,7 +31,7 @@ pub struct Args {
 /// Embed every input; exit 1 if any failed.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     check_extension(&a.output, &["safetensors", "npy"])?;
-    let p = Predictor::load(&a.model.predictor_options(None))?;
+    let p = Predictor::load(&a.model.predictor_options(None)?)?;
     let (paths, mut failures) = infer::collect_inputs(&a.inputs);
     let pb = infer::progress(paths.len(), "embed");
     let (emb, f) = p.embed_files(&paths, a.tokens, &a.layers, &pb)?;

@@ -31,7 +31,7 @@ pub struct Args {
 
 /// Evaluate and print the report; exit 1 if any listed image could not be read.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let p = Predictor::load(&a.model.predictor_options(None))?;
+    let p = Predictor::load(&a.model.predictor_options(None)?)?;
     let split = a.data.load()?;
     let job = EvalJob {
         model: p.model.as_ref(),

@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use candle_core::Device;
 use evax::train::config::TrainConfig;
 use evax::train::setup::{Finetune, summary_text};
 
@@ -36,6 +35,9 @@ pub struct Args {
     /// Kernel implementation.
     #[arg(long, value_enum, default_value = "fused")]
     kernels: KernelsArg,
+    /// Device and precision.
+    #[command(flatten)]
+    compute: super::ComputeArgs,
 }
 
 /// Train and print the best and last evaluations.
@@ -48,13 +50,15 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     let cfg = TrainConfig::build(a.preset.as_deref(), text.as_deref(), &a.overrides)?;
     let metric = cfg.select_metric.clone();
+    let (device, precision) = a.compute.resolve()?;
     let s = Finetune {
         cfg,
         weights: a.weights,
         data_dir: a.data_dir,
         out_dir: a.output,
         max_steps: a.max_steps,
-        device: Device::Cpu,
+        device,
+        precision,
         kernels: a.kernels.into(),
     }
     .run(&mut |s| note(s))?;

@@ -18,7 +18,9 @@ pub mod seg;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use candle_core::Device;
 use clap::ValueEnum;
+use evax::compute::{self, Precision};
 use evax::infer::Failure;
 use evax::kernels::Kernels;
 use evax::model::LoadOptions;
@@ -54,6 +56,40 @@ impl From<KernelsArg> for Kernels {
     }
 }
 
+/// Where and in what precision a command computes.
+#[derive(clap::Args, Clone)]
+pub struct ComputeArgs {
+    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Arithmetic of matrix products and attention: f32, bf16 or f16 (EVA-X models; norms,
+    /// residuals and outputs stay f32). On the CPU reduced precision falls back to f32.
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    pub precision: Precision,
+}
+
+impl ComputeArgs {
+    /// The device and the precision to use on it (a note on stderr where it falls back).
+    pub fn resolve(&self) -> evax::Result<(Device, Precision)> {
+        let device = compute::parse_device(&self.device)?;
+        let precision = if device.is_cpu() && self.precision != Precision::F32 {
+            eprintln!(
+                "note: --precision {} computes in f32 on the CPU (no reduced-precision CPU \
+                 kernels yet)",
+                self.precision.name()
+            );
+            Precision::F32
+        } else {
+            self.precision
+        };
+        Ok((device, precision))
+    }
+}
+
+fn parse_precision(s: &str) -> Result<Precision, String> {
+    Precision::parse(s).map_err(|e| e.to_string())
+}
+
 /// How a command loads and feeds a model.
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
@@ -79,18 +115,23 @@ pub struct ModelArgs {
     /// Kernel implementation.
     #[arg(long, value_enum, default_value = "fused")]
     pub kernels: KernelsArg,
+    /// Device and precision.
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 impl ModelArgs {
     /// The library's options for loading this model.
-    pub fn predictor_options(&self, labels: Option<String>) -> PredictorOptions {
-        PredictorOptions {
+    pub fn predictor_options(&self, labels: Option<String>) -> evax::Result<PredictorOptions> {
+        let (device, precision) = self.compute.resolve()?;
+        Ok(PredictorOptions {
             weights: self.weights.clone(),
             state_key: self.state_key.clone(),
             load: LoadOptions {
                 rope_grid: self.rope_grid,
                 kernels: self.kernels.into(),
-                ..Default::default()
+                device,
+                precision,
             },
             input_size: self.input_size,
             normalization: match self.norm {
@@ -101,7 +142,7 @@ impl ModelArgs {
             labels,
             activation: None,
             batch: self.batch,
-        }
+        })
     }
 }
 

@@ -43,7 +43,7 @@ pub struct Args {
 /// Predict every input; exit 1 if any failed.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     check_extension(&a.output, &["csv", "json"])?;
-    let mut o = a.model.predictor_options(a.labels.clone());
+    let mut o = a.model.predictor_options(a.labels.clone())?;
     o.activation = a.activation.map(|a| match a {
         ActivationArg::Sigmoid => Activation::Sigmoid,
         ActivationArg::Softmax => Activation::Softmax,

@@ -47,6 +47,8 @@ pub fn layer_norm(
     eps: f32,
     grad: bool,
 ) -> Result<Tensor> {
+    // Reduced-precision activations are normalised in the weights' f32, as autocast does.
+    let x = &x.to_dtype(w.dtype())?;
     match (k, grad) {
         (Kernels::Fused, false) => candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps),
         (Kernels::Fused, true) if k.fused_for(x) => candle_ops::layer_norm(x, w, b, eps),
@@ -65,7 +67,9 @@ pub fn attention(
     if k.fused_for(qkv) {
         candle_ops::attention(qkv, heads, rope, grad)
     } else {
-        reference::attention(qkv, heads, rope)
+        // Inference on another device uses candle's fused softmax and RoPE (no backward).
+        let fast = k == Kernels::Fused && !grad;
+        reference::attention(qkv, heads, rope, fast)
     }
 }
 
@@ -95,7 +99,7 @@ pub fn linear(
     b: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if k.fused_for(x) && wt.is_contiguous() {
+    if k.fused_for(x) && k.fused_for(wt) && wt.is_contiguous() {
         candle_ops::linear(x, wt, b, residual)
     } else {
         reference::linear(x, wt, b, residual)
@@ -104,7 +108,7 @@ pub fn linear(
 
 /// Differentiable `x W^T + b` with `W` `[N, K]` as stored.
 pub fn linear_train(k: Kernels, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if k.fused_for(x) {
+    if k.fused_for(x) && k.fused_for(w) {
         candle_ops::linear_train(x, w, b)
     } else {
         reference::linear(x, &w.t()?, Some(b), None)
@@ -220,6 +224,9 @@ mod tests {
         let qkv = rand(&[2, 7, 3 * 128], 1);
         let [(yf, gf), (yr, gr)] = both(&qkv, |k, x| attention(k, x, 2, &rope, true));
         assert_eq!(yf.dims(), &[2, 7, 128]);
+        // The other devices' inference path: candle's fused softmax and RoPE.
+        let yc = reference::attention(&qkv, 2, &rope, true).unwrap();
+        assert!(max_diff(&yc, &yr) < 1e-5, "candle-fused attention");
         assert!(
             max_diff(&yf, &yr) < 1e-5,
             "attention {}",

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{D, Result, Tensor};
+use candle_core::{D, DType, Result, Tensor};
 
 use crate::model::rope::RopeTables;
 
@@ -42,8 +42,15 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// Multi-head attention with RoPE over `qkv` `[B, T, 3C]` (biases added): token 0 is the class
-/// token, tokens 1.. get RoPE (none when the tables are empty); returns `[B, T, C]`.
-pub fn attention(qkv: &Tensor, heads: usize, tables: &Arc<RopeTables>) -> Result<Tensor> {
+/// token, tokens 1.. get RoPE (none when the tables are empty); returns `[B, T, C]`. With
+/// `fused`, candle's own softmax and interleaved RoPE kernels (no backward; the inference path
+/// on devices without our fused kernels); otherwise composed primitives, the softmax in f32.
+pub fn attention(
+    qkv: &Tensor,
+    heads: usize,
+    tables: &Arc<RopeTables>,
+    fused: bool,
+) -> Result<Tensor> {
     let (b, t, c3) = qkv.dims3()?;
     let c = c3 / 3;
     if heads == 0 || c3 != 3 * c || !c.is_multiple_of(heads) {
@@ -59,14 +66,19 @@ pub fn attention(qkv: &Tensor, heads: usize, tables: &Arc<RopeTables>) -> Result
             t - 1
         );
     }
-    let dev = qkv.device();
+    let (dev, dt) = (qkv.device(), qkv.dtype());
     let rot = if no_rope {
         None
     } else {
-        Some((
-            Tensor::from_slice(&tables.cos, (t - 1, d), dev)?,
-            Tensor::from_slice(&tables.sin, (t - 1, d), dev)?,
-        ))
+        let table = |v: &[f32]| Tensor::from_slice(v, (t - 1, d), dev)?.to_dtype(dt);
+        let (cos, sin) = (table(&tables.cos)?, table(&tables.sin)?);
+        if fused {
+            // candle's interleaved RoPE takes one angle per pair: the tables repeat each.
+            let half = |x: &Tensor| x.reshape((t - 1, d / 2, 2))?.narrow(2, 0, 1)?.squeeze(2);
+            Some((half(&cos)?.contiguous()?, half(&sin)?.contiguous()?))
+        } else {
+            Some((cos, sin))
+        }
     };
     // [B, T, 3, H, d] -> three [B, H, T, d]
     let parts = qkv.reshape((b, t, 3, heads, d))?.permute((2, 0, 3, 1, 4))?;
@@ -77,12 +89,22 @@ pub fn attention(qkv: &Tensor, heads: usize, tables: &Arc<RopeTables>) -> Result
             return Ok(x.clone());
         };
         let cls = x.narrow(2, 0, 1)?;
-        let patches = rope(&x.narrow(2, 1, t - 1)?.contiguous()?, cos, sin)?;
+        let patches = x.narrow(2, 1, t - 1)?.contiguous()?;
+        let patches = if fused {
+            candle_nn::rotary_emb::rope_i(&patches, cos, sin)?
+        } else {
+            rope(&patches, cos, sin)?
+        };
         Tensor::cat(&[&cls, &patches], 2)
     };
     let q = (roped(&q)? * (1.0 / (d as f64).sqrt()))?;
     let k = roped(&k)?;
-    let p = softmax_last(&q.matmul(&k.t()?.contiguous()?)?)?;
+    let scores = q.matmul(&k.t()?.contiguous()?)?;
+    let p = if fused {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    } else {
+        softmax_last(&scores.to_dtype(DType::F32)?)?.to_dtype(dt)?
+    };
     p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))
 }
 
@@ -107,6 +129,8 @@ pub fn linear(
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&0);
     let n = wt.dim(1)?;
+    // Reduced precision: the product in the weights' type, a residual kept in its own.
+    let x = x.to_dtype(wt.dtype())?;
     let mut y = x.reshape(((), k))?.matmul(wt)?;
     if let Some(b) = b {
         y = y.broadcast_add(b)?;
@@ -115,7 +139,7 @@ pub fn linear(
     *shape.last_mut().expect("non-scalar") = n;
     let y = y.reshape(shape)?;
     match residual {
-        Some(r) => r + y,
+        Some(r) => r + y.to_dtype(r.dtype())?,
         None => Ok(y),
     }
 }

@@ -31,7 +31,10 @@ pub fn linear(x: &Tensor, lin: &Linear, k: Kernels) -> Result<Tensor> {
             let dims = x.dims().to_vec();
             let kdim = *dims.last().unwrap_or(&0);
             let w = lin.weight()?;
-            let y = x.reshape(((), kdim))?.matmul(&w.t()?)?;
+            let y = x
+                .to_dtype(w.dtype())?
+                .reshape(((), kdim))?
+                .matmul(&w.t()?)?;
             let mut shape = dims;
             *shape.last_mut().expect("non-scalar") = w.dim(0)?;
             y.reshape(shape)
@@ -78,12 +81,13 @@ fn residuals(
     drop: DropPath,
     k: Kernels,
 ) -> Result<Tensor> {
-    let mut a = attention(block, y, rope, k)?;
+    // Branches computed in reduced precision join the residual stream in its own type.
+    let mut a = attention(block, y, rope, k)?.to_dtype(x.dtype())?;
     if let Some((s, _)) = drop {
         a = a.broadcast_mul(s)?;
     }
     let x = (x + a)?;
-    let mut m = mlp(block, &layer_norm(&x, &block.norm2, k)?, k)?;
+    let mut m = mlp(block, &layer_norm(&x, &block.norm2, k)?, k)?.to_dtype(x.dtype())?;
     if let Some((_, s)) = drop {
         m = m.broadcast_mul(s)?;
     }
@@ -117,5 +121,5 @@ pub fn head_logits(
 ) -> Result<Tensor> {
     let t = features.dim(1)?;
     let pooled = features.narrow(1, 1, t - 1)?.mean(1)?;
-    linear(&layer_norm(&pooled, fc_norm, k)?, head, k)
+    linear(&layer_norm(&pooled, fc_norm, k)?, head, k)?.to_dtype(candle_core::DType::F32)
 }

@@ -114,6 +114,24 @@ pub trait Trainable: Send {
     /// gradients still reach every parameter. A no-op for families without BatchNorm.
     fn set_training(&mut self, _training: bool) {}
 
+    /// The forward's arithmetic (master weights stay f32, as with autocast); families that
+    /// have only f32 refuse others in [`Trainable::set_precision`].
+    fn precision(&self) -> crate::compute::Precision {
+        crate::compute::Precision::F32
+    }
+
+    /// Compute the forward in `precision` (see [`Trainable::precision`]).
+    fn set_precision(&mut self, precision: crate::compute::Precision) -> Result<(), ModelError> {
+        if precision == crate::compute::Precision::F32 {
+            Ok(())
+        } else {
+            Err(ModelError::Input(format!(
+                "--precision {} is implemented for EVA-X models only",
+                precision.name()
+            )))
+        }
+    }
+
     /// Logits `[B, K]` of a batch, recording the graph; `drop_path` (stochastic depth) and
     /// any other training-time randomness drawn from `rng` when given.
     fn forward_train(
@@ -295,11 +313,14 @@ pub fn patch_tokens(
     let (b, ch, h, w) = x.dims4()?;
     let (gh, gw) = (h / p, w / p);
     let c = weight.dim(0)?;
-    x.reshape((b, ch, gh, p, gw, p))?
+    // The product in the weight's type (reduced precision), the tokens in the bias's.
+    x.to_dtype(weight.dtype())?
+        .reshape((b, ch, gh, p, gw, p))?
         .permute((0, 2, 4, 1, 3, 5))?
         .contiguous()?
         .reshape((b * gh * gw, ch * p * p))?
         .matmul(&weight.t()?)?
+        .to_dtype(bias.dtype())?
         .broadcast_add(bias)?
         .reshape((b, gh * gw, c))
 }

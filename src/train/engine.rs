@@ -75,6 +75,10 @@ pub struct Progress {
     pub best: Option<usize>,
     /// Mean loss of each optimiser step (for the curves).
     pub losses: Vec<f32>,
+    /// The f16 loss scale and the finite steps taken at it (dynamic loss scaling as PyTorch's
+    /// GradScaler: start 2^16, halve and skip the step on an overflow, double after 2000).
+    #[serde(default)]
+    pub loss_scale: Option<(f64, u64)>,
 }
 
 /// How a run ended.
@@ -199,6 +203,9 @@ impl Run {
             prog = load_checkpoint(&last, model, &mut opt)?;
         }
         let resumed_at_step = prog.steps;
+        if model.precision() == crate::compute::Precision::F16 && prog.loss_scale.is_none() {
+            prog.loss_scale = Some((65536.0, 0));
+        }
         let groups = self.groups(model);
         let schedule = Schedule {
             lr: cfg.lr,
@@ -268,7 +275,8 @@ impl Run {
                         last.display()
                     )));
                 }
-                let scaled = (loss / cfg.accum_iter as f64)?;
+                let loss_scale = prog.loss_scale.map_or(1.0, |(s, _)| s);
+                let scaled = (loss * (loss_scale / cfg.accum_iter as f64))?;
                 let store = scaled.backward()?;
                 accumulate(&mut acc, grads_by_name(model.vars(), &store))?;
                 acc_loss += lv;
@@ -283,13 +291,29 @@ impl Run {
                     // batch_size x accum_iter = the seed's effective batch, its steps).
                     let first = it - it % cfg.accum_iter;
                     let lr = schedule.at(epoch as f64 + first as f64 / iters as f64);
-                    let norm = grad_norm(&acc)?;
+                    let norm = grad_norm(&acc)? / loss_scale;
+                    if let Some((scale, good)) = prog.loss_scale.as_mut() {
+                        if !norm.is_finite() {
+                            // An f16 overflow: skip the step at a halved scale.
+                            *scale /= 2.0;
+                            *good = 0;
+                            acc.clear();
+                            acc_loss = 0.0;
+                            acc_n = 0;
+                            continue;
+                        }
+                        *good += 1;
+                        if *good == 2000 {
+                            *scale *= 2.0;
+                            *good = 0;
+                        }
+                    }
                     let clip = if cfg.clip_grad > 0.0 && norm > cfg.clip_grad {
                         cfg.clip_grad / (norm + 1e-6)
                     } else {
                         1.0
                     };
-                    opt.update(model.vars(), &acc, lr, &groups, clip)?;
+                    opt.update(model.vars(), &acc, lr, &groups, clip / loss_scale)?;
                     acc.clear();
                     prog.steps += 1;
                     this_run += 1;
@@ -445,9 +469,9 @@ pub(crate) fn save_checkpoint<P: serde::Serialize>(
     let mut t = tensors_of(model, "model.")?;
     for (k, v) in model.vars().iter() {
         let shape = v.dims();
-        if let (Some(m), Some(s)) = (opt.m.get(k), opt.v.get(k)) {
-            let m = Tensor::from_slice(m, shape, &Device::Cpu)?;
-            let s = Tensor::from_slice(s, shape, &Device::Cpu)?;
+        if let Some((m, s)) = opt.moments(k)? {
+            let m = Tensor::from_vec(m, shape, &Device::Cpu)?;
+            let s = Tensor::from_vec(s, shape, &Device::Cpu)?;
             t.insert(format!("adam.m.{k}"), m);
             t.insert(format!("adam.v.{k}"), s);
         }

@@ -21,6 +21,9 @@ pub struct AdamW {
     pub m: BTreeMap<String, Vec<f32>>,
     /// Second moments by parameter.
     pub v: BTreeMap<String, Vec<f32>>,
+    /// Moments of parameters that live on a GPU, kept there (read them with
+    /// [`AdamW::moments`]; `m` / `v` seed them after a resume).
+    on_device: BTreeMap<String, (Tensor, Tensor)>,
 }
 
 /// Per-parameter learning-rate scale and weight decay.
@@ -58,7 +61,49 @@ impl AdamW {
             step: 0,
             m: BTreeMap::new(),
             v: BTreeMap::new(),
+            on_device: BTreeMap::new(),
         }
+    }
+
+    /// The first and second moments of parameter `name`, wherever they are kept.
+    pub fn moments(&self, name: &str) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        if let Some((m, v)) = self.on_device.get(name) {
+            let host = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            return Ok(Some((host(m)?, host(v)?)));
+        }
+        Ok(match (self.m.get(name), self.v.get(name)) {
+            (Some(m), Some(v)) => Some((m.clone(), v.clone())),
+            _ => None,
+        })
+    }
+
+    /// The same update as the host loop, as tensor operations on the parameter's device.
+    #[allow(clippy::too_many_arguments)]
+    fn update_on_device(
+        &mut self,
+        name: &str,
+        var: &Var,
+        g: &Tensor,
+        (decay, step_size, gs): (f64, f64, f64),
+        (b1, b2, eps, bc2_sqrt): (f64, f64, f64, f64),
+    ) -> Result<()> {
+        let p = var.as_tensor();
+        if !self.on_device.contains_key(name) {
+            let seed = |h: Option<&Vec<f32>>| match h {
+                Some(h) => Tensor::from_slice(h, p.shape(), p.device()),
+                None => p.zeros_like(),
+            };
+            let state = (seed(self.m.get(name))?, seed(self.v.get(name))?);
+            self.on_device.insert(name.to_string(), state);
+        }
+        let (m, v) = self.on_device.get_mut(name).expect("inserted above");
+        let g = g.affine(gs, 0.0)?;
+        let p = p.affine(decay, 0.0)?;
+        *m = (m.affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?;
+        *v = (v.affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
+        let denom = v.sqrt()?.affine(1.0 / bc2_sqrt, eps)?;
+        let p = (p - m.div(&denom)?.affine(step_size, 0.0)?)?;
+        var.set(&p)
     }
 
     /// One update of every variable with a gradient: `lr * lr_scale` and the group's weight
@@ -80,9 +125,15 @@ impl AdamW {
             let Some(g) = grads.get(name) else {
                 continue;
             };
-            let g = g.flatten_all()?.to_vec1::<f32>()?;
             let (scale, wd) = groups.get(name).copied().unwrap_or((1.0, 0.0));
             let lr_i = lr * scale;
+            if !var.device().is_cpu() {
+                let f = (1.0 - lr_i * wd, lr_i / bc1, grad_scale);
+                let consts = (self.beta1, self.beta2, self.eps, bc2.sqrt());
+                self.update_on_device(name, var, g, f, consts)?;
+                continue;
+            }
+            let g = g.flatten_all()?.to_vec1::<f32>()?;
             let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             let m = self
                 .m
@@ -172,5 +223,61 @@ mod tests {
         assert!((s.at(5.0) - 1e-3).abs() < 1e-12);
         assert!((s.at(45.0) - 1e-6).abs() < 1e-12);
         assert_eq!(Schedule { fixed: true, ..s }.at(30.0), 1e-3);
+    }
+
+    #[test]
+    fn device_update_matches_the_host_loop() {
+        // The GPU path's tensor operations, run on CPU tensors, against the host loop.
+        let dev = candle_core::Device::Cpu;
+        let p0: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let (host_var, dev_var) = (
+            Var::from_slice(&p0, (8, 8), &dev).unwrap(),
+            Var::from_slice(&p0, (8, 8), &dev).unwrap(),
+        );
+        let (mut host, mut on_dev) = (AdamW::new(), AdamW::new());
+        let groups = Groups::from([("w".to_string(), (0.5, 0.05))]);
+        for step in 1..=3 {
+            let g: Vec<f32> = (0..64).map(|i| ((i * step) as f32 * 0.11).cos()).collect();
+            let g = Tensor::from_vec(g, (8, 8), &dev).unwrap();
+            let vars = BTreeMap::from([("w".to_string(), host_var.clone())]);
+            let grads = Grads::from([("w".to_string(), g.clone())]);
+            host.update(&vars, &grads, 1e-3, &groups, 0.8).unwrap();
+            on_dev.step += 1;
+            let t = on_dev.step as i32;
+            let (bc1, bc2) = (1.0 - 0.9f64.powi(t), 1.0 - 0.999f64.powi(t));
+            let lr_i = 1e-3 * 0.5;
+            on_dev
+                .update_on_device(
+                    "w",
+                    &dev_var,
+                    &g,
+                    (1.0 - lr_i * 0.05, lr_i / bc1, 0.8),
+                    (0.9, 0.999, 1e-8, bc2.sqrt()),
+                )
+                .unwrap();
+        }
+        let a = host_var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = dev_var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a.len(), 64);
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(d < 1e-6, "parameters differ by {d}");
+        let (m, v) = on_dev.moments("w").unwrap().expect("moments");
+        let (hm, hv) = host.moments("w").unwrap().expect("moments");
+        assert_eq!((m.len(), v.len()), (64, 64));
+        let dm = m
+            .iter()
+            .zip(&hm)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        let dv = v
+            .iter()
+            .zip(&hv)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(dm < 1e-7 && dv < 1e-7, "moments differ by {dm} / {dv}");
     }
 }

@@ -8,6 +8,7 @@ use candle_core::Device;
 use super::config::TrainConfig;
 use super::engine::{EvalPoint, Run, RunSummary, TrainData};
 use crate::checkpoint::Checkpoint;
+use crate::compute::Precision;
 use crate::data::{self, DatasetKind, LoadOptions as DataOptions, chexpert::UncertaintyPolicy};
 use crate::error::{Error, Result, ResultExt};
 use crate::kernels::Kernels;
@@ -107,6 +108,8 @@ pub struct Finetune {
     pub max_steps: Option<u64>,
     /// Device of the parameters.
     pub device: Device,
+    /// Arithmetic of the forward (master weights and optimiser state stay f32).
+    pub precision: Precision,
     /// Kernels.
     pub kernels: Kernels,
 }
@@ -130,6 +133,7 @@ impl Finetune {
             &self.device,
             self.kernels,
         )?;
+        model.set_precision(self.precision)?;
         model.init_notes().iter().for_each(|n| note(n));
         note(&format!(
             "fine-tuning {} on {} ({} training images, evaluating on {} {}); selecting on {} {}",

@@ -10,12 +10,13 @@ pub mod train;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::adapt::{self, EvaStateDict};
 use super::rope::{self, RopeTables};
 use super::{Backbone, Classifier, Representation};
 use crate::checkpoint::{Checkpoint, Param};
+use crate::compute::Precision;
 use crate::kernels::{self, Kernels};
 use crate::preprocess::Normalization;
 
@@ -126,6 +127,8 @@ pub struct LoadOptions {
     pub device: Device,
     /// Fused kernels or the reference path.
     pub kernels: Kernels,
+    /// The arithmetic of matrix products and attention (norms, residuals and outputs stay f32).
+    pub precision: Precision,
 }
 
 impl Default for LoadOptions {
@@ -134,6 +137,7 @@ impl Default for LoadOptions {
             rope_grid: None,
             device: Device::Cpu,
             kernels: Kernels::Fused,
+            precision: Precision::F32,
         }
     }
 }
@@ -169,6 +173,7 @@ pub struct LoadReport {
 struct WeightSource<'a> {
     sd: &'a BTreeMap<String, Param>,
     device: &'a Device,
+    dtype: DType,
     used: BTreeSet<String>,
     problems: Vec<String>,
 }
@@ -179,6 +184,11 @@ pub trait TensorSource {
     /// The tensor `key` of shape `shape` (a missing or misshapen one is recorded by the source
     /// and replaced by zeros, so that every problem is reported at once).
     fn tensor(&mut self, key: &str, shape: &[usize]) -> Tensor;
+
+    /// The type matrix products compute in (f32 unless a reduced precision was asked for).
+    fn compute_dtype(&self) -> DType {
+        DType::F32
+    }
 
     /// A LayerNorm's weight and bias under `prefix`.
     fn layer_norm(&mut self, prefix: &str, dim: usize) -> LayerNorm {
@@ -191,7 +201,11 @@ pub trait TensorSource {
     /// A Linear layer from its tensors (inference: with the transposed copy the fused kernels
     /// read).
     fn make_linear(&self, weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Linear> {
-        Linear::new(weight, bias)
+        let dt = self.compute_dtype();
+        Linear::new(
+            weight.to_dtype(dt)?,
+            bias.map(|b| b.to_dtype(dt)).transpose()?,
+        )
     }
 
     /// A Linear layer's weight and bias under `prefix`.
@@ -236,6 +250,10 @@ impl TensorSource for WeightSource<'_> {
             Some(p) => Tensor::from_slice(&p.data, shape, device).expect("shape checked"),
             None => Tensor::zeros(shape, candle_core::DType::F32, device).expect("alloc"),
         }
+    }
+
+    fn compute_dtype(&self) -> DType {
+        self.dtype
     }
 }
 
@@ -501,12 +519,14 @@ impl EvaX {
         let mut ws = WeightSource {
             sd: &sd.tensors,
             device: &opts.device,
+            dtype: opts.precision.dtype(),
             used: BTreeSet::new(),
             problems: Vec::new(),
         };
         let patch_weight = ws
             .tensor("patch_embed.proj.weight", &[c, 3, p, p])
-            .reshape((c, 3 * p * p))?;
+            .reshape((c, 3 * p * p))?
+            .to_dtype(opts.precision.dtype())?;
         let patch_bias = ws.tensor("patch_embed.proj.bias", &[c]);
         let cls_token = ws.tensor("cls_token", &[1, 1, c]);
         let n = 1 + config.train_grid.0 * config.train_grid.1;
@@ -708,7 +728,7 @@ impl EvaX {
     /// Class logits `[B, classes]` from pooled features; an error for a model without a head.
     pub fn head_logits(&self, pooled: &Tensor) -> Result<Tensor> {
         match &self.head {
-            Some(h) => Ok(h.forward(pooled, self.kernels)?),
+            Some(h) => Ok(h.forward(pooled, self.kernels)?.to_dtype(DType::F32)?),
             None => Err(ModelError::Input(format!(
                 "this {:?} checkpoint has no classification head",
                 self.config.kind

@@ -4,13 +4,14 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::{
     Block, EvaX, EvaXConfig, Kind, LayerNorm, Linear, LoadOptions, ModelError, TensorSource,
     infer_config,
 };
 use crate::checkpoint::{Param, StorageDtype};
+use crate::compute::Precision;
 use crate::kernels::Kernels;
 use crate::model::adapt::EvaStateDict;
 use crate::model::grad::{self, RopeTensors};
@@ -35,9 +36,12 @@ pub struct EvaXTrainable {
     /// RoPE tables to use instead of computing them, for inputs of their grid (see
     /// [`EvaX::use_rope_tables`]).
     pub stored_rope: Option<((usize, usize), RopeTensors)>,
+    /// The arithmetic of the forward's matrix products: the variables stay f32 (master
+    /// weights) and are cast on the way in, as PyTorch's autocast does.
+    pub precision: Precision,
 }
 
-struct VarSource<'a>(&'a BTreeMap<String, Var>);
+struct VarSource<'a>(&'a BTreeMap<String, Var>, DType);
 
 impl TensorSource for VarSource<'_> {
     fn tensor(&mut self, key: &str, shape: &[usize]) -> Tensor {
@@ -49,8 +53,16 @@ impl TensorSource for VarSource<'_> {
         v.as_tensor().clone()
     }
 
+    fn compute_dtype(&self) -> DType {
+        self.1
+    }
+
     fn make_linear(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
-        Linear::new_view(weight, bias)
+        let dt = self.1;
+        Linear::new_view(
+            weight.to_dtype(dt)?,
+            bias.map(|b| b.to_dtype(dt)).transpose()?,
+        )
     }
 }
 
@@ -128,6 +140,7 @@ impl EvaXTrainable {
             device: device.clone(),
             kernels,
             stored_rope: None,
+            precision: Precision::F32,
         })
     }
 
@@ -153,6 +166,7 @@ impl EvaXTrainable {
             rope_grid: Some(self.config.rope_grid),
             device: self.device.clone(),
             kernels: self.kernels,
+            precision: self.precision,
         };
         Ok(EvaX::from_eva_state_dict(&sd, &opts)?.0)
     }
@@ -192,7 +206,8 @@ impl EvaXTrainable {
         let c = cfg.dim;
         let pw = self
             .var("patch_embed.proj.weight")
-            .reshape((c, 3 * p * p))?;
+            .reshape((c, 3 * p * p))?
+            .to_dtype(self.precision.dtype())?;
         let tokens = crate::model::patch_tokens(x, &pw, self.var("patch_embed.proj.bias"), p)?;
         let cls = self.var("cls_token").broadcast_as((b, 1, c))?;
         let pos = self.pos_embed((gh, gw))?;
@@ -201,7 +216,7 @@ impl EvaXTrainable {
             Some((grid, tables)) if *grid == (gh, gw) => tables.clone(),
             _ => std::sync::Arc::new(RopeTables::new((gh, gw), cfg.rope_grid, 64)),
         };
-        let mut src = VarSource(&self.vars);
+        let mut src = VarSource(&self.vars, self.precision.dtype());
         let mut rng = rng;
         for i in 0..cfg.depth {
             let block = Block::load(&mut src, i, cfg)
@@ -276,6 +291,15 @@ impl Trainable for EvaXTrainable {
 
     fn vars(&self) -> &BTreeMap<String, Var> {
         &self.vars
+    }
+
+    fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    fn set_precision(&mut self, precision: Precision) -> std::result::Result<(), ModelError> {
+        self.precision = precision;
+        Ok(())
     }
 
     fn forward_train(&self, x: &Tensor, drop_path: f64, rng: Option<&mut Rng>) -> Result<Tensor> {
