@@ -273,6 +273,11 @@ mod tests {
         let none = Arc::new(RopeTables::none(64));
         let qkv = rand(&[2, 5, 3 * 128], 11);
         let [(yf, gf), (yr, gr)] = both(&qkv, |k, x| attention(k, x, 2, &none, true));
+        let yc = reference::attention(&qkv, 2, &none, true).unwrap();
+        assert!(
+            max_diff(&yc, &yr) < 1e-5,
+            "candle-fused attention without RoPE"
+        );
         assert!(max_diff(&yf, &yr) < 1e-5 && max_diff(&gf, &gr) < 1e-5);
     }
 

@@ -66,45 +66,43 @@ pub fn attention(
             t - 1
         );
     }
-    let (dev, dt) = (qkv.device(), qkv.dtype());
-    let rot = if no_rope {
-        None
-    } else {
-        let table = |v: &[f32]| Tensor::from_slice(v, (t - 1, d), dev)?.to_dtype(dt);
-        let (cos, sin) = (table(&tables.cos)?, table(&tables.sin)?);
-        if fused {
-            // candle's interleaved RoPE takes one angle per pair: the tables repeat each.
-            let half = |x: &Tensor| x.reshape((t - 1, d / 2, 2))?.narrow(2, 0, 1)?.squeeze(2);
-            Some((half(&cos)?.contiguous()?, half(&sin)?.contiguous()?))
-        } else {
-            Some((cos, sin))
-        }
-    };
     // [B, T, 3, H, d] -> three [B, H, T, d]
     let parts = qkv.reshape((b, t, 3, heads, d))?.permute((2, 0, 3, 1, 4))?;
     let take = |i: usize| parts.get(i)?.contiguous();
     let (q, k, v) = (take(0)?, take(1)?, take(2)?);
+    let scale = 1.0 / (d as f64).sqrt();
+    if fused {
+        // candle's kernels, fewest steps: RoPE over every token (the class token's rotation is
+        // the identity) with the query's scale folded into its tables.
+        let (dev, dt) = (qkv.device(), qkv.dtype());
+        let (q, k) = if no_rope {
+            ((q * scale)?, k)
+        } else {
+            let (qc, qs) = tables.kernel_tensors(dev, dt, scale)?;
+            let (kc, ks) = tables.kernel_tensors(dev, dt, 1.0)?;
+            let rope = candle_nn::rotary_emb::rope_i;
+            (rope(&q, &qc, &qs)?, rope(&k, &kc, &ks)?)
+        };
+        let p = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        return p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c));
+    }
+    let rot = if no_rope {
+        None
+    } else {
+        Some(tables.tensors(qkv.device(), qkv.dtype())?)
+    };
     let roped = |x: &Tensor| -> Result<Tensor> {
         let Some((cos, sin)) = &rot else {
             return Ok(x.clone());
         };
         let cls = x.narrow(2, 0, 1)?;
-        let patches = x.narrow(2, 1, t - 1)?.contiguous()?;
-        let patches = if fused {
-            candle_nn::rotary_emb::rope_i(&patches, cos, sin)?
-        } else {
-            rope(&patches, cos, sin)?
-        };
+        let patches = rope(&x.narrow(2, 1, t - 1)?.contiguous()?, cos, sin)?;
         Tensor::cat(&[&cls, &patches], 2)
     };
-    let q = (roped(&q)? * (1.0 / (d as f64).sqrt()))?;
+    let q = (roped(&q)? * scale)?;
     let k = roped(&k)?;
     let scores = q.matmul(&k.t()?.contiguous()?)?;
-    let p = if fused {
-        candle_nn::ops::softmax_last_dim(&scores)?
-    } else {
-        softmax_last(&scores.to_dtype(DType::F32)?)?.to_dtype(dt)?
-    };
+    let p = softmax_last(&scores.to_dtype(DType::F32)?)?.to_dtype(qkv.dtype())?;
     p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))
 }
 

@@ -1,10 +1,14 @@
 //! 2-D rotary position embedding of EVA-02 / EVA-X ("fast" variant, interleaved pairs).
 
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Result, Tensor};
+
 /// Per-head rotary dimension split: 32 angles per axis for head_dim 64.
 const THETA: f64 = 10000.0;
 
 /// Cos and sin tables, `[grid_h * grid_w, head_dim]`, row-major over the patch grid.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RopeTables {
     /// Cosines of the angles.
     pub cos: Vec<f32>,
@@ -12,6 +16,19 @@ pub struct RopeTables {
     pub sin: Vec<f32>,
     /// Rotary width (the head dimension).
     pub dim: usize,
+    /// Copies on devices other than the CPU, by device, type and layout (a copy from host
+    /// memory waits for the device: made once, not at every block).
+    on_device: Mutex<Vec<DeviceTables>>,
+}
+
+/// One device copy of the tables: device, type, the kernel layout's scale (bits) or none, cos,
+/// sin.
+type DeviceTables = (Device, DType, Option<u64>, Tensor, Tensor);
+
+impl Clone for RopeTables {
+    fn clone(&self) -> Self {
+        RopeTables::from_parts(self.cos.clone(), self.sin.clone(), self.dim)
+    }
 }
 
 /// Angles for one axis of length `n` with reference grid `r`: `[n, half]`, each frequency
@@ -53,22 +70,71 @@ impl RopeTables {
                 }
             }
         }
+        RopeTables::from_parts(cos, sin, head_dim)
+    }
+
+    /// Tables given as `[n, dim]` cosines and sines.
+    pub fn from_parts(cos: Vec<f32>, sin: Vec<f32>, dim: usize) -> Self {
         RopeTables {
             cos,
             sin,
-            dim: head_dim,
+            dim,
+            on_device: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The tables as `[n, dim]` tensors of type `dt` on `dev` (cached off the CPU).
+    pub fn tensors(&self, dev: &Device, dt: DType) -> Result<(Tensor, Tensor)> {
+        self.cached(dev, dt, None, || {
+            let n = self.cos.len() / self.dim.max(1);
+            let t = |v: &[f32]| Tensor::from_slice(v, (n, self.dim), dev)?.to_dtype(dt);
+            Ok((t(&self.cos)?, t(&self.sin)?))
+        })
+    }
+
+    /// The tables in the layout of candle's interleaved RoPE kernel over all `1 + n` tokens:
+    /// `[1 + n, dim / 2]`, one angle per pair, the class token's row the identity, every value
+    /// times `scale` (the attention's `1 / sqrt(d)` folded into the query's rotation).
+    pub fn kernel_tensors(&self, dev: &Device, dt: DType, scale: f64) -> Result<(Tensor, Tensor)> {
+        self.cached(dev, dt, Some(scale.to_bits()), || {
+            let half = self.dim / 2;
+            let table = |v: &[f32], cls: f32| {
+                let mut out = vec![cls; half];
+                out.extend(v.iter().step_by(2).map(|&x| (x as f64 * scale) as f32));
+                let rows = out.len() / half.max(1);
+                Tensor::from_vec(out, (rows, half), dev)?.to_dtype(dt)
+            };
+            Ok((table(&self.cos, scale as f32)?, table(&self.sin, 0.0)?))
+        })
+    }
+
+    fn cached(
+        &self,
+        dev: &Device,
+        dt: DType,
+        key: Option<u64>,
+        make: impl FnOnce() -> Result<(Tensor, Tensor)>,
+    ) -> Result<(Tensor, Tensor)> {
+        if dev.is_cpu() {
+            return make();
+        }
+        let mut cache = self.on_device.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, _, c, s)) = cache
+            .iter()
+            .find(|(d, t, k, _, _)| d.same_device(dev) && *t == dt && *k == key)
+        {
+            return Ok((c.clone(), s.clone()));
+        }
+        let (c, s) = make()?;
+        cache.push((dev.clone(), dt, key, c.clone(), s.clone()));
+        Ok((c, s))
     }
 }
 
 impl RopeTables {
     /// No rotary embedding (plain ViTs): empty tables, which the attention kernels skip.
     pub fn none(head_dim: usize) -> Self {
-        RopeTables {
-            cos: Vec::new(),
-            sin: Vec::new(),
-            dim: head_dim,
-        }
+        RopeTables::from_parts(Vec::new(), Vec::new(), head_dim)
     }
 }
 

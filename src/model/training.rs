@@ -23,8 +23,12 @@ pub fn trunc_normal(rng: &mut Rng, std: f64) -> f32 {
 
 /// Per-image drop-path scale `[B, 1, 1]`: 0 with probability `rate`, else 1 / (1 - rate).
 pub fn drop_mask(rng: &mut Rng, b: usize, rate: f64, device: &Device) -> Result<Tensor> {
+    Tensor::from_vec(drop_scales(rng, b, rate), (b, 1, 1), device)
+}
+
+fn drop_scales(rng: &mut Rng, b: usize, rate: f64) -> Vec<f32> {
     let keep = 1.0 - rate;
-    let v: Vec<f32> = (0..b)
+    (0..b)
         .map(|_| {
             if rng.unit() < keep {
                 (1.0 / keep) as f32
@@ -32,32 +36,83 @@ pub fn drop_mask(rng: &mut Rng, b: usize, rate: f64, device: &Device) -> Result<
                 0.0
             }
         })
-        .collect();
-    Tensor::from_vec(v, (b, 1, 1), device)
+        .collect()
 }
 
-/// Drop-path scales of block `i` of `depth` for its two residual branches: the rate rises
-/// linearly from 0 at the first block to `drop_path` at the last; `None` when the rate is 0 or
-/// no generator is given (evaluation).
-pub fn drop_path_masks(
+/// Drop-path scales `[B, 1, 1]` (0 or 1 / keep) of every block of a `depth`-block model for
+/// its two residual branches: the rate rises linearly from 0 at the first block to
+/// `drop_path` at the last; `None` for a block whose rate is 0 and for all without `rng`.
+/// Drawn block by block (attention, then MLP), sent to the device in one copy: a copy from
+/// host memory waits for the device, so one per block would stall a GPU.
+pub fn drop_path_schedule(
     rng: Option<&mut Rng>,
     drop_path: f64,
-    i: usize,
     depth: usize,
     b: usize,
     device: &Device,
-) -> Result<Option<(Tensor, Tensor)>> {
-    let rate = if depth > 1 {
-        drop_path * i as f64 / (depth - 1) as f64
-    } else {
-        0.0
+) -> Result<Vec<Option<(Tensor, Tensor)>>> {
+    let Some(r) = rng else {
+        return Ok(vec![None; depth]);
     };
-    match rng {
-        Some(r) if rate > 0.0 => Ok(Some((
-            drop_mask(r, b, rate, device)?,
-            drop_mask(r, b, rate, device)?,
-        ))),
-        _ => Ok(None),
+    let rates: Vec<f64> = (0..depth)
+        .map(|i| {
+            if depth > 1 {
+                drop_path * i as f64 / (depth - 1) as f64
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mut all = Vec::new();
+    for &rate in rates.iter().filter(|&&r| r > 0.0) {
+        all.extend(drop_scales(r, b, rate));
+        all.extend(drop_scales(r, b, rate));
+    }
+    let n = all.len() / b.max(1);
+    let t = Tensor::from_vec(all, (n, b, 1, 1), device)?;
+    let mut next = 0;
+    rates
+        .iter()
+        .map(|&rate| {
+            if rate > 0.0 {
+                let pair = (t.get(next)?, t.get(next + 1)?);
+                next += 2;
+                Ok(Some(pair))
+            } else {
+                Ok(None)
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_draws_what_the_per_block_masks_draw() {
+        let dev = Device::Cpu;
+        let (mut r1, mut r2) = (Rng::new(7), Rng::new(7));
+        let all = drop_path_schedule(Some(&mut r1), 0.3, 5, 6, &dev).unwrap();
+        assert_eq!(all.len(), 5);
+        for (i, got) in all.iter().enumerate() {
+            let rate = 0.3 * i as f64 / 4.0;
+            let want = (rate > 0.0).then(|| {
+                let a = drop_mask(&mut r2, 6, rate, &dev).unwrap();
+                (a, drop_mask(&mut r2, 6, rate, &dev).unwrap())
+            });
+            match (got, want) {
+                (None, None) => assert_eq!(i, 0),
+                (Some((a, m)), Some((wa, wm))) => {
+                    let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert_eq!(v(a), v(&wa), "block {i} attention");
+                    assert_eq!(v(m), v(&wm), "block {i} mlp");
+                    assert_eq!(a.dims(), &[6, 1, 1]);
+                }
+                _ => panic!("block {i}: presence differs"),
+            }
+        }
+        assert_eq!(r1.unit(), r2.unit(), "both used the same draws");
     }
 }
 

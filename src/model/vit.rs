@@ -663,8 +663,8 @@ impl Trainable for VitTrainable {
         let pos =
             training::resample_pos_embed(self.var("pos_embed"), cfg.train_grid, (h / p, w / p))?;
         let mut hs = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&pos)?;
-        let mut rng = rng;
-        for i in 0..cfg.depth {
+        let masks = training::drop_path_schedule(rng, drop_path, cfg.depth, b, &self.device)?;
+        for (i, masks) in masks.iter().enumerate() {
             let pre = format!("blocks.{i}");
             let block = VitBlock {
                 norm1: self.norm(&format!("{pre}.norm1")),
@@ -675,14 +675,6 @@ impl Trainable for VitTrainable {
                 fc2: self.linear(&format!("{pre}.mlp.fc2"))?,
                 heads: cfg.heads,
             };
-            let masks = training::drop_path_masks(
-                rng.as_deref_mut(),
-                drop_path,
-                i,
-                cfg.depth,
-                b,
-                &self.device,
-            )?;
             hs = block.forward(
                 &hs,
                 None,

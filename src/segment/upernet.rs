@@ -315,11 +315,8 @@ pub(crate) fn stored_rope(
 ) -> Option<RopeTables> {
     let (cos, sin) = (sd.get("rope.freqs_cos")?, sd.get("rope.freqs_sin")?);
     let shape = [grid.0 * grid.1, 64];
-    (cos.shape == shape && sin.shape == shape).then(|| RopeTables {
-        cos: cos.data.clone(),
-        sin: sin.data.clone(),
-        dim: 64,
-    })
+    (cos.shape == shape && sin.shape == shape)
+        .then(|| RopeTables::from_parts(cos.data.clone(), sin.data.clone(), 64))
 }
 
 /// A transposed convolution's weight `[in, out, 2, 2]` and bias `[out]`, checked.

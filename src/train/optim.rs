@@ -168,6 +168,19 @@ impl Default for AdamW {
 
 /// Global L2 norm of gradients.
 pub fn grad_norm(grads: &Grads) -> Result<f64> {
+    if let Some(first) = grads.values().next()
+        && !first.device().is_cpu()
+    {
+        // One read back instead of one per parameter (each waits for the device).
+        let sums = grads
+            .values()
+            .map(|g| g.sqr()?.sum_all())
+            .collect::<Result<Vec<_>>>()?;
+        let total = Tensor::stack(&sums, 0)?
+            .to_dtype(candle_core::DType::F64)?
+            .sum_all()?;
+        return Ok(total.to_scalar::<f64>()?.sqrt());
+    }
     let mut sq = 0f64;
     for g in grads.values() {
         sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;

@@ -217,18 +217,10 @@ impl EvaXTrainable {
             _ => std::sync::Arc::new(RopeTables::new((gh, gw), cfg.rope_grid, 64)),
         };
         let mut src = VarSource(&self.vars, self.precision.dtype());
-        let mut rng = rng;
-        for i in 0..cfg.depth {
+        let masks = training::drop_path_schedule(rng, drop_path, cfg.depth, b, &self.device)?;
+        for (i, masks) in masks.iter().enumerate() {
             let block = Block::load(&mut src, i, cfg)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            let masks = training::drop_path_masks(
-                rng.as_deref_mut(),
-                drop_path,
-                i,
-                cfg.depth,
-                b,
-                &self.device,
-            )?;
             hs = grad::block_with_drop_path(
                 &block,
                 &hs,
