@@ -85,37 +85,6 @@ pub fn drop_path_schedule(
         .collect()
 }
 
-#[cfg(test)]
-mod schedule_tests {
-    use super::*;
-
-    #[test]
-    fn the_schedule_draws_what_the_per_block_masks_draw() {
-        let dev = Device::Cpu;
-        let (mut r1, mut r2) = (Rng::new(7), Rng::new(7));
-        let all = drop_path_schedule(Some(&mut r1), 0.3, 5, 6, &dev).unwrap();
-        assert_eq!(all.len(), 5);
-        for (i, got) in all.iter().enumerate() {
-            let rate = 0.3 * i as f64 / 4.0;
-            let want = (rate > 0.0).then(|| {
-                let a = drop_mask(&mut r2, 6, rate, &dev).unwrap();
-                (a, drop_mask(&mut r2, 6, rate, &dev).unwrap())
-            });
-            match (got, want) {
-                (None, None) => assert_eq!(i, 0),
-                (Some((a, m)), Some((wa, wm))) => {
-                    let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                    assert_eq!(v(a), v(&wa), "block {i} attention");
-                    assert_eq!(v(m), v(&wm), "block {i} mlp");
-                    assert_eq!(a.dims(), &[6, 1, 1]);
-                }
-                _ => panic!("block {i}: presence differs"),
-            }
-        }
-        assert_eq!(r1.unit(), r2.unit(), "both used the same draws");
-    }
-}
-
 /// The original's layer id of a parameter: patch embedding, class token and position embedding
 /// 0, block i i + 1, everything after the blocks depth + 1.
 pub fn layer_id(name: &str, depth: usize) -> usize {
@@ -190,4 +159,35 @@ pub fn resample_pos_embed(
         .matmul(&pos.narrow(1, 1, g0 * g1)?.squeeze(0)?)?
         .unsqueeze(0)?;
     Tensor::cat(&[&pos.narrow(1, 0, 1)?, &patch], 1)?.reshape((1, 1 + grid.0 * grid.1, c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_draws_what_the_per_block_masks_draw() {
+        let dev = Device::Cpu;
+        let (mut r1, mut r2) = (Rng::new(7), Rng::new(7));
+        let all = drop_path_schedule(Some(&mut r1), 0.3, 5, 6, &dev).unwrap();
+        assert_eq!(all.len(), 5);
+        for (i, got) in all.iter().enumerate() {
+            let rate = 0.3 * i as f64 / 4.0;
+            let want = (rate > 0.0).then(|| {
+                let a = drop_mask(&mut r2, 6, rate, &dev).unwrap();
+                (a, drop_mask(&mut r2, 6, rate, &dev).unwrap())
+            });
+            match (got, want) {
+                (None, None) => assert_eq!(i, 0),
+                (Some((a, m)), Some((wa, wm))) => {
+                    let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert_eq!(v(a), v(&wa), "block {i} attention");
+                    assert_eq!(v(m), v(&wm), "block {i} mlp");
+                    assert_eq!(a.dims(), &[6, 1, 1]);
+                }
+                _ => panic!("block {i}: presence differs"),
+            }
+        }
+        assert_eq!(r1.unit(), r2.unit(), "both used the same draws");
+    }
 }
