@@ -133,12 +133,6 @@ pub fn run(
         Some(_) => None,
         None => Some(EvaXConfig::preset(model_name).ok_or_else(unknown)?),
     };
-    if baseline.is_some() && target.precision != Precision::F32 {
-        return Err(ModelError::Input(format!(
-            "--precision {} is implemented for the EVA-X models (ti, s, b) only",
-            target.precision.name()
-        )));
-    }
     let load = LoadOptions {
         rope_grid: None,
         device: dev.clone(),

@@ -328,9 +328,53 @@ fn bench_json_has_the_contract_fields() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["img_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["peak_rss_mb"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["device"], "cpu");
+    assert_eq!(v["precision"], "f32");
     let o = evax(&["bench", "--model", "xl"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("unknown model 'xl'"));
+}
+
+#[test]
+fn device_and_precision_settings_are_checked() {
+    // Reduced precision on the CPU says it computes in f32, and does.
+    let o = evax(&[
+        "bench",
+        "--model",
+        "ti",
+        "--batch",
+        "1",
+        "--iters",
+        "1",
+        "--json",
+        "--precision",
+        "bf16",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("computes in f32 on the CPU"),
+        "{}",
+        stderr(&o)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["precision"], "f32");
+    expect_clear_error(
+        &["bench", "--device", "tpu:0"],
+        "expected cpu, cuda or cuda:N",
+        "unknown device",
+    );
+    expect_clear_error(
+        &["bench", "--precision", "int8"],
+        "int8",
+        "unknown precision",
+    );
+    if !cfg!(feature = "cuda") {
+        expect_clear_error(
+            &["bench", "--device", "cuda"],
+            "--features cuda",
+            "cuda without the cuda build",
+        );
+    }
 }
 
 #[test]

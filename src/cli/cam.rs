@@ -126,11 +126,20 @@ pub struct EvalArgs {
     /// Output folder.
     #[arg(short, long)]
     output: PathBuf,
+    /// Device and precision.
+    #[command(flatten)]
+    compute: super::ComputeArgs,
 }
 
 /// Score and print the localisation metrics; exit 1 if any image failed.
 pub fn run_eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
-    let (model, _) = registry::load_file(&a.weights, None, &Default::default())?;
+    let (device, precision) = a.compute.resolve()?;
+    let load = evax::model::LoadOptions {
+        device,
+        precision,
+        ..Default::default()
+    };
+    let (model, _) = registry::load_file(&a.weights, None, &load)?;
     let layer = a.layer.unwrap_or_else(|| model.default_cam_layer());
     model.check_cam_layer(&layer)?;
     let job = CamEvalJob {

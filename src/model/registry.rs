@@ -82,7 +82,14 @@ pub fn load(
     ck: &Checkpoint,
     opts: &LoadOptions,
 ) -> Result<(Box<dyn Classifier>, LoadReport), ModelError> {
-    match recognise(ck)? {
+    let family = recognise(ck)?;
+    if family != Family::EvaX && opts.precision != crate::compute::Precision::F32 {
+        return Err(ModelError::Input(format!(
+            "--precision {} is implemented for EVA-X models only; this is a {family:?} checkpoint",
+            opts.precision.name()
+        )));
+    }
+    match family {
         Family::EvaX => {
             let (m, report) = EvaX::from_checkpoint(ck, opts)?;
             Ok((Box::new(m), report))
