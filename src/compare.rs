@@ -144,6 +144,7 @@ impl CompareJob<'_> {
             batch: self.batch,
         })?;
         let job = EvalJob {
+            shard: None,
             model: p.model.as_ref(),
             weights: weights.to_path_buf(),
             split: self.split,

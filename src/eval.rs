@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
-use crate::data::Split;
+use crate::data::{DatasetKind, Split};
 use crate::infer::{Failure, batches, progress};
 use crate::metrics::{self, AucSummary, Bootstrap, Classification};
 use crate::model::Classifier;
 use crate::preprocess::Preprocess;
+use crate::shard::{Manifest, Shard, manifest_path};
 
 /// The reason recorded for listed images that are not on disk.
 pub const NOT_FOUND: &str = "image not found";
@@ -29,6 +30,26 @@ pub struct EvalJob<'a> {
     pub preprocess: Preprocess,
     /// Images per batch.
     pub batch: usize,
+    /// Bootstrap resamples (0: none).
+    pub bootstrap: usize,
+    /// Bootstrap seed.
+    pub seed: u64,
+    /// Evaluate only this part of the split (`evax merge` joins the parts).
+    pub shard: Option<Shard>,
+}
+
+/// What an evaluation's metrics depend on besides the predictions (a shard's manifest keeps it,
+/// so that `evax merge` recomputes them on the union).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ReportSettings {
+    /// Dataset name.
+    pub dataset: String,
+    /// List file.
+    pub list: String,
+    /// Checkpoint.
+    pub weights: String,
+    /// Input size.
+    pub input_size: (usize, usize),
     /// Bootstrap resamples (0: none).
     pub bootstrap: usize,
     /// Bootstrap seed.
@@ -180,7 +201,9 @@ impl EvalJob<'_> {
             }
         }
         std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
-        let samples = &self.split.samples;
+        let all = &self.split.samples;
+        let rows_taken = self.shard.map_or(0..all.len(), |s| s.range(all.len()));
+        let samples = &all[rows_taken.clone()];
         let journal = Journal {
             path: out_dir.join("predictions.journal"),
             header: format!(
@@ -194,6 +217,7 @@ impl EvalJob<'_> {
                     "classes": k,
                     "size": [self.preprocess.size.0, self.preprocess.size.1],
                     "norm": [self.preprocess.norm.mean, self.preprocess.norm.std],
+                    "shard": self.shard,
                 })
             ),
             k,
@@ -213,15 +237,19 @@ impl EvalJob<'_> {
         let pb = progress(samples.len(), "eval");
         pb.inc(resumed as u64);
         let (h, w) = self.preprocess.size;
-        let mut skipped: Vec<Failure> = self
-            .split
-            .missing
-            .iter()
-            .map(|s| Failure {
-                input: s.path.clone(),
-                error: NOT_FOUND.into(),
-            })
-            .collect();
+        // Listed images not on disk: reported once, by the first part.
+        let mut skipped: Vec<Failure> = if self.shard.is_none_or(|s| s.index == 0) {
+            self.split
+                .missing
+                .iter()
+                .map(|s| Failure {
+                    input: s.path.clone(),
+                    error: NOT_FOUND.into(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         for b in batches(todo, self.preprocess, self.batch) {
             skipped.extend(b.failures);
             if !b.positions.is_empty() {
@@ -254,21 +282,25 @@ impl EvalJob<'_> {
             .iter()
             .flat_map(|&i| samples[i].labels.iter().copied())
             .collect();
-        let mut report = self.metrics(&classes, &y_gt, &y_pred, rows.len(), skipped, resumed);
-        let write = |name: &str, bytes: &[u8]| {
-            crate::io::write_atomic(&out_dir.join(name), bytes)
-                .map_err(|e| Error::io(out_dir.join(name), e))
-        };
-        write("y_pred.npy", &crate::io::npy_f32(&[rows.len(), k], &y_pred))?;
-        write("y_gt.npy", &crate::io::npy_f32(&[rows.len(), k], &y_gt))?;
-        write("metrics.json", &serde_json::to_vec_pretty(&report)?)?;
-        write("report.md", markdown(&report).as_bytes())?;
-        let skipped_txt: String = report
-            .skipped
-            .iter()
-            .map(|f| format!("{}\t{}\n", f.input.display(), f.error))
-            .collect();
-        write("skipped.txt", skipped_txt.as_bytes())?;
+        let settings = self.settings();
+        let mut report = report(
+            &settings,
+            self.split.kind,
+            (&y_gt, &y_pred, rows.len()),
+            skipped,
+            resumed,
+        );
+        write_outputs(out_dir, &report, &y_gt, &y_pred)?;
+        if let Some(shard) = self.shard {
+            let m = Manifest {
+                command: "eval".into(),
+                shard,
+                rows: [rows_taken.start, rows_taken.end],
+                total: all.len(),
+                settings: serde_json::to_value(&settings)?,
+            };
+            crate::shard::write_manifest(&manifest_path(out_dir, true), &m)?;
+        }
         let _ = std::fs::remove_file(&journal.path);
         report.predictions = Predictions {
             names: rows.iter().map(|&i| samples[i].name.clone()).collect(),
@@ -278,57 +310,93 @@ impl EvalJob<'_> {
         Ok(report)
     }
 
-    fn metrics(
-        &self,
-        classes: &[String],
-        y_gt: &[f32],
-        y_pred: &[f32],
-        n: usize,
-        skipped: Vec<Failure>,
-        resumed: usize,
-    ) -> EvalReport {
-        let k = classes.len();
-        let t: Vec<f64> = y_gt.iter().map(|&v| v as f64).collect();
-        let p: Vec<f64> = y_pred.iter().map(|&v| v as f64).collect();
-        let auc: AucSummary = metrics::auc_summary(&t, &p, k);
-        let boot: Option<Bootstrap> = (self.bootstrap > 0 && n > 0)
-            .then(|| metrics::bootstrap(&t, &p, k, self.bootstrap, self.seed));
-        let cls = self
-            .split
-            .kind
-            .single_label()
-            .then(|| metrics::classification(&t, &p, k));
-        EvalReport {
+    fn settings(&self) -> ReportSettings {
+        ReportSettings {
             dataset: self.split.kind.name().into(),
             list: self.split.list.display().to_string(),
             weights: self.weights.display().to_string(),
             input_size: self.preprocess.size,
-            images: n,
-            classes: classes.to_vec(),
-            mauc: auc.mean,
+            bootstrap: self.bootstrap,
+            seed: self.seed,
+        }
+    }
+}
+
+/// Write `y_pred.npy`, `y_gt.npy`, `metrics.json`, `report.md` and `skipped.txt`.
+pub fn write_outputs(
+    out_dir: &Path,
+    report: &EvalReport,
+    y_gt: &[f32],
+    y_pred: &[f32],
+) -> crate::Result<()> {
+    let k = report.classes.len();
+    let write = |name: &str, bytes: &[u8]| {
+        crate::io::write_atomic(&out_dir.join(name), bytes)
+            .map_err(|e| crate::Error::io(out_dir.join(name), e))
+    };
+    write(
+        "y_pred.npy",
+        &crate::io::npy_f32(&[report.images, k], y_pred),
+    )?;
+    write("y_gt.npy", &crate::io::npy_f32(&[report.images, k], y_gt))?;
+    write("metrics.json", &serde_json::to_vec_pretty(report)?)?;
+    write("report.md", markdown(report).as_bytes())?;
+    let skipped_txt: String = report
+        .skipped
+        .iter()
+        .map(|f| format!("{}\t{}\n", f.input.display(), f.error))
+        .collect();
+    write("skipped.txt", skipped_txt.as_bytes())
+}
+
+/// The metrics of `n` rows of labels and scores (`[n, K]` row-major) under `settings`.
+pub fn report(
+    settings: &ReportSettings,
+    kind: DatasetKind,
+    (y_gt, y_pred, n): (&[f32], &[f32], usize),
+    skipped: Vec<Failure>,
+    resumed: usize,
+) -> EvalReport {
+    let classes = kind.classes();
+    let k = classes.len();
+    let t: Vec<f64> = y_gt.iter().map(|&v| v as f64).collect();
+    let p: Vec<f64> = y_pred.iter().map(|&v| v as f64).collect();
+    let auc: AucSummary = metrics::auc_summary(&t, &p, k);
+    let boot: Option<Bootstrap> = (settings.bootstrap > 0 && n > 0)
+        .then(|| metrics::bootstrap(&t, &p, k, settings.bootstrap, settings.seed));
+    let cls = kind
+        .single_label()
+        .then(|| metrics::classification(&t, &p, k));
+    EvalReport {
+        dataset: settings.dataset.clone(),
+        list: settings.list.clone(),
+        weights: settings.weights.clone(),
+        input_size: settings.input_size,
+        images: n,
+        classes: classes.to_vec(),
+        mauc: auc.mean,
+        auc_per_class: classes
+            .iter()
+            .cloned()
+            .zip(auc.per_class.iter().copied())
+            .collect(),
+        left_out: auc.left_out.iter().map(|&c| classes[c].clone()).collect(),
+        bootstrap: boot.map(|b| BootstrapReport {
+            resamples: b.resamples,
+            seed: b.seed,
+            level: b.level,
             auc_per_class: classes
                 .iter()
                 .cloned()
-                .zip(auc.per_class.iter().copied())
+                .zip(b.per_class.iter().copied())
                 .collect(),
-            left_out: auc.left_out.iter().map(|&c| classes[c].clone()).collect(),
-            bootstrap: boot.map(|b| BootstrapReport {
-                resamples: b.resamples,
-                seed: b.seed,
-                level: b.level,
-                auc_per_class: classes
-                    .iter()
-                    .cloned()
-                    .zip(b.per_class.iter().copied())
-                    .collect(),
-                mauc: b.mean,
-            }),
-            accuracy: cls.as_ref().map(|c| c.accuracy),
-            classification: cls,
-            skipped,
-            resumed,
-            predictions: Predictions::default(),
-        }
+            mauc: b.mean,
+        }),
+        accuracy: cls.as_ref().map(|c| c.accuracy),
+        classification: cls,
+        skipped,
+        resumed,
+        predictions: Predictions::default(),
     }
 }
 

@@ -15,7 +15,7 @@ pub const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "dcm", "dicom"];
 pub const LIST_EXTENSIONS: [&str; 3] = ["txt", "lst", "list"];
 
 /// An input that could not be used, and why.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Failure {
     /// The path as given or found.
     pub input: PathBuf,

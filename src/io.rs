@@ -93,3 +93,45 @@ mod tests {
         );
     }
 }
+
+/// Read an `f32` `.npy` (little-endian, C order, format 1.x) as its shape and values.
+pub fn read_npy_f32(path: &Path) -> crate::Result<(Vec<usize>, Vec<f32>)> {
+    let bad = |m: &str| crate::Error::Invalid(format!("{}: {m}", path.display()));
+    let b = std::fs::read(path).map_err(|e| crate::Error::io(path, e))?;
+    if b.len() < 10 || &b[..6] != b"\x93NUMPY" || b[6] != 1 {
+        return Err(bad("not a version-1 .npy file"));
+    }
+    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+    let header = b
+        .get(10..10 + hlen)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(|| bad("truncated header"))?;
+    if !header.contains("'descr': '<f4'") || !header.contains("'fortran_order': False") {
+        return Err(bad("not a C-order little-endian float32 array"));
+    }
+    let dims = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| bad("no shape in the header"))?;
+    let shape = dims
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>().map_err(|_| bad("bad shape")))
+        .collect::<crate::Result<Vec<_>>>()?;
+    let data = &b[10 + hlen..];
+    let n: usize = shape.iter().product();
+    if data.len() != 4 * n {
+        return Err(bad(&format!(
+            "{} data bytes for shape {shape:?} ({} expected)",
+            data.len(),
+            4 * n
+        )));
+    }
+    let values = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok((shape, values))
+}

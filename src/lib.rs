@@ -30,12 +30,14 @@ pub mod infer;
 pub mod io;
 pub mod kernels;
 pub mod labels;
+pub mod merge;
 pub mod metrics;
 pub mod model;
 pub mod predict;
 pub mod preprocess;
 pub mod rng;
 pub mod segment;
+pub mod shard;
 pub mod train;
 
 pub use error::{Error, Result, ResultExt};

@@ -41,6 +41,8 @@ enum Command {
     CamEval(cli::cam::EvalArgs),
     /// Evaluate on a dataset split with the original's protocol; resumable.
     Eval(cli::eval::Args),
+    /// Join the outputs of a sharded run (--shard K/N) as one run writes them.
+    Merge(cli::merge::Args),
     /// Evaluate several models on one split: one table, bootstrap intervals, paired tests.
     Compare(cli::compare::Args),
     /// Dataset tools: check a layout, prepare it, label statistics.
@@ -99,6 +101,7 @@ fn main() -> ExitCode {
         Command::CamEval(a) => cli::cam::run_eval(a),
         Command::Eval(a) => cli::eval::run(a),
         Command::Compare(a) => cli::compare::run(a),
+        Command::Merge(a) => cli::merge::run(a),
         Command::Data { command } => cli::data::run(command),
         Command::Finetune(a) => cli::finetune::run(a),
         Command::Demo(a) => cli::demo::run(a),

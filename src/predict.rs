@@ -39,7 +39,7 @@ pub struct PredictorOptions {
 }
 
 /// One image's prediction.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Prediction {
     /// The input as given.
     pub input: String,

@@ -303,37 +303,7 @@ fn eval_end_to_end_in_each_layout() {
     };
     let root = scratch("e2e");
     let nih = sh.join("data/nih");
-
-    // ChestX-ray14: the NIH download's images_00N/images/ folders, real and synthetic images.
-    let cxr = root.join("cxr14");
-    let mut images = Vec::new();
-    let mut list = String::new();
-    for (i, name) in ["00000001_000.png", "00003440_000.png", "00027426_000.png"]
-        .iter()
-        .enumerate()
-    {
-        let d = cxr.join(format!("images_00{}/images", i + 1));
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::copy(nih.join(name), d.join(name)).unwrap();
-        images.push(d.join(name));
-        list.push_str(&format!(
-            "{name} {}\n",
-            if i == 1 {
-                "1 0 0 0 1 0 0 0 0 0 0 0 0 0"
-            } else {
-                "0 1 0 0 0 0 0 0 0 0 0 0 0 0"
-            }
-        ));
-    }
-    for i in 0..3 {
-        let name = format!("9999{i:04}_000.png");
-        let p = cxr.join("images_003/images").join(&name);
-        synth_png(&p, 300 + 40 * i, 280, i, if i == 2 { 16 } else { 8 });
-        images.push(p);
-        list.push_str(&format!("{name} {} 0 0 0 0 0 0 0 0 0 0 0 0 0\n", i % 2));
-    }
-    list.push_str("00099999_000.png 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n"); // listed, not on disk
-    std::fs::write(cxr.join("test_official.txt"), list).unwrap();
+    let (cxr, images) = cxr14_layout(&root, &nih);
     let ti = sh.join("fixtures/eva_x_ti_cxr14_ft.pth");
     let m = eval_and_compare(&ti, "cxr14", &cxr, &images, &[], &root.join("out_cxr14"));
     assert_eq!(m["images"], 6);
@@ -440,6 +410,188 @@ fn eval_end_to_end_in_each_layout() {
         .sum();
     assert_eq!(total, 4);
     assert!(m["accuracy"].as_f64().is_some());
+}
+
+#[test]
+fn three_shards_merge_into_the_single_run() {
+    let Some(sh) = shared_or_skip("three_shards_merge_into_the_single_run") else {
+        return;
+    };
+    let root = scratch("shards");
+    let (cxr, images) = cxr14_layout(&root, &sh.join("data/nih"));
+    let ti = sh.join("fixtures/eva_x_ti_cxr14_ft.pth");
+    let eval = |out: &Path, extra: &[&str], env: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_evax"));
+        c.args([
+            "eval",
+            "--weights",
+            s(&ti),
+            "--dataset",
+            "cxr14",
+            "--data-dir",
+        ])
+        .args([s(&cxr), "--bootstrap", "50", "-o", s(out)])
+        .args(extra);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let whole = root.join("whole");
+    eval(&whole, &[], &[]);
+    // Shard 0 from --shard, 1 from a Slurm array (--array=1-3: task 2), 2 from an Indexed Job.
+    let parts = [root.join("p0"), root.join("p1"), root.join("p2")];
+    let said = eval(&parts[0], &["--shard", "0/3"], &[]);
+    assert!(said.contains("shard 0/3 (from --shard)"), "{said}");
+    let said = eval(
+        &parts[1],
+        &[],
+        &[
+            ("SLURM_ARRAY_TASK_ID", "2"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+        ],
+    );
+    assert!(said.contains("shard 1/3 (from Slurm job array)"), "{said}");
+    let said = eval(
+        &parts[2],
+        &[],
+        &[("JOB_COMPLETION_INDEX", "2"), ("EVAX_SHARD_COUNT", "3")],
+    );
+    assert!(
+        said.contains("shard 2/3 (from Kubernetes Indexed Job)"),
+        "{said}"
+    );
+    let rows: Vec<usize> = parts
+        .iter()
+        .map(|p| read_npy(&p.join("y_pred.npy")).0[0])
+        .collect();
+    assert_eq!(rows, vec![2, 2, 2], "6 images in three parts");
+    // Given out of order; a part missing or repeated is refused.
+    let merged = root.join("merged");
+    let o = evax(&[
+        "merge",
+        "-o",
+        s(&merged),
+        s(&parts[2]),
+        s(&parts[0]),
+        s(&parts[1]),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in [
+        "y_pred.npy",
+        "y_gt.npy",
+        "metrics.json",
+        "report.md",
+        "skipped.txt",
+    ] {
+        let (a, b) = (
+            std::fs::read(whole.join(f)).unwrap(),
+            std::fs::read(merged.join(f)).unwrap(),
+        );
+        assert!(!a.is_empty(), "{f} empty");
+        assert!(
+            a == b,
+            "{f} differs between the single run and the merged shards"
+        );
+    }
+    let o = evax(&[
+        "merge",
+        "-o",
+        s(&root.join("bad")),
+        s(&parts[0]),
+        s(&parts[2]),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("missing 1/3"), "{}", stderr(&o));
+    let o = evax(&[
+        "merge",
+        "-o",
+        s(&root.join("bad")),
+        s(&parts[0]),
+        s(&parts[0]),
+        s(&parts[2]),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("given twice"), "{}", stderr(&o));
+
+    // Predictions: three shards of a folder merge into the single run's file, CSV and JSON.
+    for ext in ["csv", "json"] {
+        let one = root.join(format!("pred.{ext}"));
+        let args = |out: &Path, shard: Option<&str>| {
+            let mut v = vec!["predict", "--weights", s(&ti), "-o"];
+            v.push(s(out));
+            v.push(s(&cxr));
+            if let Some(sh) = shard {
+                v.extend(["--shard", sh]);
+            }
+            v.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+        };
+        let run = |a: Vec<String>| {
+            let a: Vec<&str> = a.iter().map(|x| x.as_str()).collect();
+            let o = evax(&a);
+            assert!(o.status.success(), "{}", stderr(&o));
+        };
+        run(args(&one, None));
+        let parts: Vec<PathBuf> = (0..3)
+            .map(|k| root.join(format!("pred{k}.{ext}")))
+            .collect();
+        for (k, p) in parts.iter().enumerate() {
+            run(args(p, Some(&format!("{k}/3"))));
+        }
+        let merged = root.join(format!("merged.{ext}"));
+        let o = evax(&[
+            "merge",
+            "-o",
+            s(&merged),
+            s(&parts[1]),
+            s(&parts[2]),
+            s(&parts[0]),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(
+            std::fs::read(&one).unwrap(),
+            std::fs::read(&merged).unwrap(),
+            "merged .{ext} predictions"
+        );
+    }
+}
+
+/// A ChestX-ray14 folder as the NIH download lays it out (`images_00N/images/`): three real
+/// and three synthetic images, one listed image missing; the list and the images' paths.
+fn cxr14_layout(root: &Path, nih: &Path) -> (PathBuf, Vec<PathBuf>) {
+    let cxr = root.join("cxr14");
+    let mut images = Vec::new();
+    let mut list = String::new();
+    for (i, name) in ["00000001_000.png", "00003440_000.png", "00027426_000.png"]
+        .iter()
+        .enumerate()
+    {
+        let d = cxr.join(format!("images_00{}/images", i + 1));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(nih.join(name), d.join(name)).unwrap();
+        images.push(d.join(name));
+        list.push_str(&format!(
+            "{name} {}\n",
+            if i == 1 {
+                "1 0 0 0 1 0 0 0 0 0 0 0 0 0"
+            } else {
+                "0 1 0 0 0 0 0 0 0 0 0 0 0 0"
+            }
+        ));
+    }
+    for i in 0..3 {
+        let name = format!("9999{i:04}_000.png");
+        let p = cxr.join("images_003/images").join(&name);
+        synth_png(&p, 300 + 40 * i, 280, i, if i == 2 { 16 } else { 8 });
+        images.push(p);
+        list.push_str(&format!("{name} {} 0 0 0 0 0 0 0 0 0 0 0 0 0\n", i % 2));
+    }
+    list.push_str("00099999_000.png 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n"); // listed, not on disk
+    std::fs::write(cxr.join("test_official.txt"), list).unwrap();
+    (cxr, images)
 }
 
 #[test]

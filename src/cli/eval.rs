@@ -27,10 +27,13 @@ pub struct Args {
     /// Output folder (y_pred.npy, y_gt.npy, metrics.json, report.md).
     #[arg(short, long)]
     output: PathBuf,
+    #[command(flatten)]
+    shard: super::ShardArgs,
 }
 
 /// Evaluate and print the report; exit 1 if any listed image could not be read.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let shard = a.shard.resolve()?;
     let p = Predictor::load(&a.model.predictor_options(None)?)?;
     let split = a.data.load()?;
     let job = EvalJob {
@@ -41,6 +44,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         batch: a.model.batch,
         bootstrap: a.bootstrap,
         seed: a.seed,
+        shard,
     };
     let r = job.run(&a.output)?;
     print!("{}", markdown(&r));

@@ -12,6 +12,7 @@ pub mod embed;
 pub mod eval;
 pub mod finetune;
 pub mod info;
+pub mod merge;
 pub mod predict;
 pub mod seg;
 
@@ -88,6 +89,27 @@ impl ComputeArgs {
 
 fn parse_precision(s: &str) -> Result<Precision, String> {
     Precision::parse(s).map_err(|e| e.to_string())
+}
+
+/// Which part of a batch run this is.
+#[derive(clap::Args, Clone)]
+pub struct ShardArgs {
+    /// Process the K-th of N contiguous parts of the inputs (0 <= K < N) and write a manifest
+    /// for `evax merge`; default: from a Slurm job array or a Kubernetes Indexed Job
+    /// (`JOB_COMPLETION_INDEX` with `EVAX_SHARD_COUNT`), else everything.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<String>,
+}
+
+impl ShardArgs {
+    /// The shard to run (announced on stderr), or `None`.
+    pub fn resolve(&self) -> evax::Result<Option<evax::shard::Shard>> {
+        let r = evax::shard::Shard::resolve(self.shard.as_deref())?;
+        if let Some((s, from)) = r {
+            eprintln!("shard {}/{} (from {from})", s.index, s.count);
+        }
+        Ok(r.map(|(s, _)| s))
+    }
 }
 
 /// How a command loads and feeds a model.

@@ -38,11 +38,14 @@ pub struct Args {
     /// Images, folders (walked for .png/.jpg/.jpeg/.dcm) or list files (.txt/.lst).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
+    #[command(flatten)]
+    shard: super::ShardArgs,
 }
 
 /// Predict every input; exit 1 if any failed.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     check_extension(&a.output, &["csv", "json"])?;
+    let shard = a.shard.resolve()?;
     let mut o = a.model.predictor_options(a.labels.clone())?;
     o.activation = a.activation.map(|a| match a {
         ActivationArg::Sigmoid => Activation::Sigmoid,
@@ -50,11 +53,35 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     });
     let p = Predictor::load(&o)?;
     let labels = p.labels()?.clone();
-    let (paths, mut failures) = infer::collect_inputs(&a.inputs);
+    let (mut paths, mut failures) = infer::collect_inputs(&a.inputs);
+    let total = paths.len();
+    let rows = shard.map_or(0..total, |s| s.range(total));
+    if let Some(s) = shard {
+        paths = paths[rows.clone()].to_vec();
+        if s.index > 0 {
+            failures.clear(); // inputs that could not be listed: reported by the first part
+        }
+    }
     let pb = infer::progress(paths.len(), "predict");
     let (preds, f) = p.predict_files(&paths, a.threshold, &pb)?;
     failures.extend(f);
     write_predictions(&a.output, &labels, &preds)?;
+    if let Some(shard) = shard {
+        let m = evax::shard::Manifest {
+            command: "predict".into(),
+            shard,
+            rows: [rows.start, rows.end],
+            total,
+            settings: serde_json::json!({
+                "weights": a.model.weights.display().to_string(),
+                "labels": labels.classes,
+                "threshold": a.threshold,
+                "input_size": p.preprocess.size,
+                "inputs": a.inputs.iter().map(|i| i.display().to_string()).collect::<Vec<_>>(),
+            }),
+        };
+        evax::shard::write_manifest(&evax::shard::manifest_path(&a.output, false), &m)?;
+    }
     eprintln!("predicted {} images -> {}", preds.len(), a.output.display());
     Ok(finish(&failures, preds.len()))
 }

@@ -1,0 +1,220 @@
+//! `evax merge`: the parts of a sharded run ([`crate::shard`]) put back together as one run
+//! writes them: predictions concatenated in input order, an evaluation's labels and scores
+//! joined and its metrics (bootstrap intervals included) recomputed on the union.
+
+use std::path::{Path, PathBuf};
+
+use crate::data::DatasetKind;
+use crate::eval::{EvalReport, ReportSettings, report, write_outputs};
+use crate::infer::Failure;
+use crate::predict::Prediction;
+use crate::shard::{Manifest, manifest_path, read_manifest};
+use crate::{Error, Result};
+
+/// What a merge did.
+#[derive(Debug, Clone)]
+pub struct MergeReport {
+    /// The sharded command (`eval`, `predict`).
+    pub command: String,
+    /// Parts joined.
+    pub parts: usize,
+    /// Rows (images) in the merged output.
+    pub rows: usize,
+    /// The evaluation's report, for `eval`.
+    pub eval: Option<EvalReport>,
+}
+
+/// Join the parts at `inputs` (each an output folder or file of one shard, any order) into
+/// `output` (a folder for `eval`, a `.csv` / `.json` file for `predict`).
+pub fn merge(inputs: &[PathBuf], output: &Path) -> Result<MergeReport> {
+    let mut parts: Vec<(Manifest, PathBuf)> = inputs
+        .iter()
+        .map(|p| {
+            let m = manifest_path(p, p.is_dir());
+            read_manifest(&m).map(|man| (man, p.clone()))
+        })
+        .collect::<Result<_>>()?;
+    check_parts(&mut parts)?;
+    let command = parts[0].0.command.clone();
+    match command.as_str() {
+        "eval" => merge_eval(&parts, output),
+        "predict" => merge_predict(&parts, output),
+        c => Err(Error::Invalid(format!(
+            "{}: shards of '{c}' cannot be merged",
+            parts[0].1.display()
+        ))),
+    }
+}
+
+/// The parts must be one run's: the same command, settings and total, every index once, their
+/// rows tiling the whole list. Sorts them by index.
+fn check_parts(parts: &mut [(Manifest, PathBuf)]) -> Result<()> {
+    let Some((first, first_path)) = parts.first().cloned() else {
+        return Err(Error::Invalid(
+            "nothing to merge: give the shards' outputs".into(),
+        ));
+    };
+    for (m, p) in parts.iter() {
+        let differs = |what: &str| {
+            Error::Invalid(format!(
+                "{} and {} are not parts of one run: their {what} differ",
+                first_path.display(),
+                p.display()
+            ))
+        };
+        if m.command != first.command {
+            return Err(differs("commands"));
+        }
+        if m.shard.count != first.shard.count || m.total != first.total {
+            return Err(differs("shard counts or input totals"));
+        }
+        if m.settings != first.settings {
+            return Err(differs("settings (checkpoint, list or options)"));
+        }
+    }
+    parts.sort_by_key(|(m, _)| m.shard.index);
+    let n = first.shard.count;
+    let have: Vec<usize> = parts.iter().map(|(m, _)| m.shard.index).collect();
+    if have != (0..n).collect::<Vec<_>>() {
+        let mut problems: Vec<String> = (0..n)
+            .filter(|k| have.iter().filter(|h| *h == k).count() > 1)
+            .map(|k| format!("{k}/{n} given twice"))
+            .collect();
+        problems.extend(
+            (0..n)
+                .filter(|k| !have.contains(k))
+                .map(|k| format!("missing {k}/{n}")),
+        );
+        return Err(Error::Invalid(format!(
+            "the run has {n} shards; given {have:?}: {}",
+            problems.join(", ")
+        )));
+    }
+    let mut next = 0;
+    for (m, p) in parts.iter() {
+        if m.rows[0] != next || m.rows[1] < m.rows[0] {
+            return Err(Error::Invalid(format!(
+                "{}: rows {:?} do not follow row {next}",
+                p.display(),
+                m.rows
+            )));
+        }
+        next = m.rows[1];
+    }
+    if next != first.total {
+        return Err(Error::Invalid(format!(
+            "the shards cover {next} of {} rows",
+            first.total
+        )));
+    }
+    Ok(())
+}
+
+fn merge_eval(parts: &[(Manifest, PathBuf)], out_dir: &Path) -> Result<MergeReport> {
+    let settings: ReportSettings = serde_json::from_value(parts[0].0.settings.clone())
+        .map_err(|e| Error::Invalid(format!("{}: settings: {e}", parts[0].1.display())))?;
+    let kind = DatasetKind::parse(&settings.dataset)?;
+    let k = kind.classes().len();
+    let (mut y_gt, mut y_pred, mut skipped, mut rows) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    for (_, dir) in parts {
+        let read = |name: &str| -> Result<Vec<f32>> {
+            let (shape, v) = crate::io::read_npy_f32(&dir.join(name))?;
+            if shape.len() != 2 || shape[1] != k {
+                return Err(Error::Invalid(format!(
+                    "{}: shape {shape:?}, expected [rows, {k}]",
+                    dir.join(name).display()
+                )));
+            }
+            Ok(v)
+        };
+        let (g, p) = (read("y_gt.npy")?, read("y_pred.npy")?);
+        if g.len() != p.len() {
+            return Err(Error::Invalid(format!(
+                "{}: y_gt.npy and y_pred.npy have different row counts",
+                dir.display()
+            )));
+        }
+        rows += g.len() / k.max(1);
+        y_gt.extend(g);
+        y_pred.extend(p);
+        let metrics = dir.join("metrics.json");
+        let bytes = std::fs::read(&metrics).map_err(|e| Error::io(&metrics, e))?;
+        #[derive(serde::Deserialize)]
+        struct Skipped {
+            skipped: Vec<Failure>,
+        }
+        let s: Skipped = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", metrics.display())))?;
+        skipped.extend(s.skipped);
+    }
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+    let r = report(&settings, kind, (&y_gt, &y_pred, rows), skipped, 0);
+    write_outputs(out_dir, &r, &y_gt, &y_pred)?;
+    Ok(MergeReport {
+        command: "eval".into(),
+        parts: parts.len(),
+        rows,
+        eval: Some(r),
+    })
+}
+
+fn merge_predict(parts: &[(Manifest, PathBuf)], output: &Path) -> Result<MergeReport> {
+    let ext = |p: &Path| {
+        p.extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase()
+    };
+    let want = ext(output);
+    if let Some((_, p)) = parts.iter().find(|(_, p)| ext(p) != want) {
+        return Err(Error::Invalid(format!(
+            "{}: merging into .{want} needs .{want} parts",
+            p.display()
+        )));
+    }
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::io(p, e));
+    let (bytes, rows) = match want.as_str() {
+        "json" => {
+            let mut all: Vec<Prediction> = Vec::new();
+            for (_, p) in parts {
+                let part: Vec<Prediction> = serde_json::from_str(&read(p)?)
+                    .map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))?;
+                all.extend(part);
+            }
+            (serde_json::to_vec_pretty(&all)?, all.len())
+        }
+        "csv" => {
+            let mut out = String::new();
+            let mut rows = 0;
+            for (i, (_, p)) in parts.iter().enumerate() {
+                let text = read(p)?;
+                let (header, body) = text.split_once('\n').unwrap_or((&text, ""));
+                if i == 0 {
+                    out.push_str(header);
+                    out.push('\n');
+                } else if !out.starts_with(header) {
+                    return Err(Error::Invalid(format!(
+                        "{}: its columns differ from the first part's",
+                        p.display()
+                    )));
+                }
+                rows += body.lines().count();
+                out.push_str(body);
+            }
+            (out.into_bytes(), rows)
+        }
+        _ => {
+            return Err(Error::Invalid(format!(
+                "{}: merged predictions are .csv or .json",
+                output.display()
+            )));
+        }
+    };
+    crate::io::write_atomic(output, &bytes).map_err(|e| Error::io(output, e))?;
+    Ok(MergeReport {
+        command: "predict".into(),
+        parts: parts.len(),
+        rows,
+        eval: None,
+    })
+}
