@@ -78,22 +78,6 @@ pub fn npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
     npy("<f4", shape, &bytes)
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn npy_header_is_aligned() {
-        let b = super::npy_f32(&[2, 3], &[0.0; 6]);
-        let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
-        assert_eq!((10 + hlen) % 64, 0);
-        assert_eq!(b.len(), 10 + hlen + 24);
-        assert!(
-            std::str::from_utf8(&b[10..10 + hlen])
-                .unwrap()
-                .contains("'shape': (2, 3)")
-        );
-    }
-}
-
 /// Read an `f32` `.npy` (little-endian, C order, format 1.x) as its shape and values.
 pub fn read_npy_f32(path: &Path) -> crate::Result<(Vec<usize>, Vec<f32>)> {
     let bad = |m: &str| crate::Error::Invalid(format!("{}: {m}", path.display()));
@@ -134,4 +118,20 @@ pub fn read_npy_f32(path: &Path) -> crate::Result<(Vec<usize>, Vec<f32>)> {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     Ok((shape, values))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn npy_header_is_aligned() {
+        let b = super::npy_f32(&[2, 3], &[0.0; 6]);
+        let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+        assert_eq!((10 + hlen) % 64, 0);
+        assert_eq!(b.len(), 10 + hlen + 24);
+        assert!(
+            std::str::from_utf8(&b[10..10 + hlen])
+                .unwrap()
+                .contains("'shape': (2, 3)")
+        );
+    }
 }
