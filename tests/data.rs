@@ -468,6 +468,7 @@ fn three_shards_merge_into_the_single_run() {
         .iter()
         .map(|p| read_npy(&p.join("y_pred.npy")).0[0])
         .collect();
+    assert_eq!(images.len(), 6);
     assert_eq!(rows, vec![2, 2, 2], "6 images in three parts");
     // Given out of order; a part missing or repeated is refused.
     let merged = root.join("merged");
