@@ -39,6 +39,7 @@ pub fn merge(inputs: &[PathBuf], output: &Path) -> Result<MergeReport> {
     match command.as_str() {
         "eval" => merge_eval(&parts, output),
         "predict" => merge_predict(&parts, output),
+        "embed" => merge_embed(&parts, output),
         c => Err(Error::Invalid(format!(
             "{}: shards of '{c}' cannot be merged",
             parts[0].1.display()
@@ -158,20 +159,137 @@ fn merge_eval(parts: &[(Manifest, PathBuf)], out_dir: &Path) -> Result<MergeRepo
     })
 }
 
-fn merge_predict(parts: &[(Manifest, PathBuf)], output: &Path) -> Result<MergeReport> {
-    let ext = |p: &Path| {
-        p.extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("")
-            .to_ascii_lowercase()
-    };
-    let want = ext(output);
-    if let Some((_, p)) = parts.iter().find(|(_, p)| ext(p) != want) {
+fn extension(p: &Path) -> String {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase()
+}
+
+/// The output's extension, which every part must share.
+fn same_extension(parts: &[(Manifest, PathBuf)], output: &Path) -> Result<String> {
+    let want = extension(output);
+    if let Some((_, p)) = parts.iter().find(|(_, p)| extension(p) != want) {
         return Err(Error::Invalid(format!(
             "{}: merging into .{want} needs .{want} parts",
             p.display()
         )));
     }
+    Ok(want)
+}
+
+/// Embeddings: every tensor concatenated along the image axis, the input lists joined.
+fn merge_embed(parts: &[(Manifest, PathBuf)], output: &Path) -> Result<MergeReport> {
+    let want = same_extension(parts, output)?;
+    let settings = &parts[0].0.settings;
+    let mut names = vec!["pooled".to_string()];
+    if settings["tokens"].as_bool() == Some(true) {
+        names.push("tokens".into());
+    }
+    if let Some(layers) = settings["layers"].as_array() {
+        names.extend(
+            layers
+                .iter()
+                .filter_map(|l| l.as_str())
+                .map(|l| format!("layer.{l}")),
+        );
+    }
+    let mut joined: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); names.len()];
+    let mut inputs: Vec<String> = Vec::new();
+    for (_, p) in parts {
+        let (tensors, part_inputs): (Vec<(Vec<usize>, Vec<f32>)>, Vec<String>) =
+            if want == "safetensors" {
+                let ck = crate::checkpoint::Checkpoint::load(p)?;
+                let list = ck.metadata.get("inputs").ok_or_else(|| {
+                    Error::Invalid(format!("{}: no `inputs` in the metadata", p.display()))
+                })?;
+                let list: Vec<String> = serde_json::from_str(list)?;
+                let t = names
+                    .iter()
+                    .map(|n| {
+                        let t = ck.tensors.get(n).ok_or_else(|| {
+                            Error::Invalid(format!("{}: no tensor {n}", p.display()))
+                        })?;
+                        Ok((t.shape.clone(), t.data.clone()))
+                    })
+                    .collect::<Result<_>>()?;
+                (t, list)
+            } else {
+                let file = |n: &str| match n {
+                    "pooled" => p.clone(),
+                    "tokens" => p.with_extension("tokens.npy"),
+                    l => p.with_extension(format!("{}.npy", &l["layer.".len()..])),
+                };
+                let t = names
+                    .iter()
+                    .map(|n| crate::io::read_npy_f32(&file(n)))
+                    .collect::<Result<_>>()?;
+                let list_path = p.with_extension("inputs.txt");
+                let text =
+                    std::fs::read_to_string(&list_path).map_err(|e| Error::io(&list_path, e))?;
+                (t, text.lines().map(str::to_string).collect())
+            };
+        for ((shape, data), (name, (all_shape, all))) in
+            tensors.into_iter().zip(names.iter().zip(joined.iter_mut()))
+        {
+            if shape.first() != Some(&part_inputs.len()) {
+                return Err(Error::Invalid(format!(
+                    "{}: {name} has {:?} rows for {} inputs",
+                    p.display(),
+                    shape.first(),
+                    part_inputs.len()
+                )));
+            }
+            if all_shape.is_empty() {
+                *all_shape = shape.clone();
+                all_shape[0] = 0;
+            } else if all_shape[1..] != shape[1..] {
+                return Err(Error::Invalid(format!(
+                    "{}: {name} has shape {shape:?}, the first part {all_shape:?}",
+                    p.display()
+                )));
+            }
+            all_shape[0] += shape[0];
+            all.extend(data);
+        }
+        inputs.extend(part_inputs);
+    }
+    let dev = candle_core::Device::Cpu;
+    let mut tensors = joined
+        .into_iter()
+        .map(|(shape, data)| Ok(candle_core::Tensor::from_vec(data, shape, &dev)?))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter();
+    let pooled = tensors.next().expect("pooled is always there");
+    let tokens = if names.iter().any(|n| n == "tokens") {
+        tensors.next()
+    } else {
+        None
+    };
+    let intermediates = names
+        .iter()
+        .filter_map(|n| n.strip_prefix("layer."))
+        .map(str::to_string)
+        .zip(tensors)
+        .collect();
+    let rows = inputs.len();
+    let e = crate::predict::Embeddings {
+        inputs,
+        pooled,
+        tokens,
+        intermediates,
+    };
+    crate::predict::write_embeddings(output, &e)?;
+    Ok(MergeReport {
+        command: "embed".into(),
+        parts: parts.len(),
+        rows,
+        eval: None,
+    })
+}
+
+fn merge_predict(parts: &[(Manifest, PathBuf)], output: &Path) -> Result<MergeReport> {
+    let want = same_extension(parts, output)?;
     let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::io(p, e));
     let (bytes, rows) = match want.as_str() {
         "json" => {

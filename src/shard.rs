@@ -91,6 +91,61 @@ impl Shard {
     }
 }
 
+/// The inputs of a file command (`predict`, `embed`) after sharding, and where they came from.
+#[derive(Debug, Clone)]
+pub struct Part {
+    /// The shard, if the run is split.
+    pub shard: Option<Shard>,
+    /// The rows of all inputs this part takes.
+    pub rows: Range<usize>,
+    /// All inputs.
+    pub total: usize,
+}
+
+impl Part {
+    /// This shard's slice of `paths` (all of them when `shard` is `None`); `failures` (inputs
+    /// that could not be listed) stay with the first part only.
+    pub fn take(
+        shard: Option<Shard>,
+        paths: Vec<PathBuf>,
+        failures: Vec<crate::infer::Failure>,
+    ) -> (Vec<PathBuf>, Vec<crate::infer::Failure>, Part) {
+        let total = paths.len();
+        let rows = shard.map_or(0..total, |s| s.range(total));
+        let failures = if shard.is_none_or(|s| s.index == 0) {
+            failures
+        } else {
+            Vec::new()
+        };
+        let part = Part {
+            shard,
+            rows: rows.clone(),
+            total,
+        };
+        (paths[rows].to_vec(), failures, part)
+    }
+
+    /// For a split run, write the manifest of `command` beside its output file.
+    pub fn write_manifest(
+        &self,
+        command: &str,
+        output: &Path,
+        settings: serde_json::Value,
+    ) -> Result<()> {
+        let Some(shard) = self.shard else {
+            return Ok(());
+        };
+        let m = Manifest {
+            command: command.into(),
+            shard,
+            rows: [self.rows.start, self.rows.end],
+            total: self.total,
+            settings,
+        };
+        write_manifest(&manifest_path(output, false), &m)
+    }
+}
+
 /// What a shard's run writes beside its outputs, for `evax merge`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {

@@ -558,6 +558,61 @@ fn three_shards_merge_into_the_single_run() {
             "merged .{ext} predictions"
         );
     }
+
+    // Embeddings with tokens and a layer's maps, safetensors and npy (with their side files).
+    for ext in ["safetensors", "npy"] {
+        let embed = |out: &Path, shard: Option<&str>| {
+            let mut v = vec![
+                "embed",
+                "--weights",
+                s(&ti),
+                "--tokens",
+                "--layers",
+                "blocks.5",
+            ];
+            v.extend(["-o", s(out), s(&cxr)]);
+            if let Some(sh) = shard {
+                v.extend(["--shard", sh]);
+            }
+            let o = evax(&v);
+            assert!(o.status.success(), "{}", stderr(&o));
+        };
+        let one = root.join(format!("emb.{ext}"));
+        embed(&one, None);
+        let parts: Vec<PathBuf> = (0..3).map(|k| root.join(format!("emb{k}.{ext}"))).collect();
+        for (k, p) in parts.iter().enumerate() {
+            embed(p, Some(&format!("{k}/3")));
+        }
+        let merged = root.join(format!("emb-merged.{ext}"));
+        let o = evax(&[
+            "merge",
+            "-o",
+            s(&merged),
+            s(&parts[0]),
+            s(&parts[2]),
+            s(&parts[1]),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let files: Vec<(PathBuf, PathBuf)> = if ext == "npy" {
+            ["npy", "tokens.npy", "blocks.5.npy", "inputs.txt"]
+                .iter()
+                .map(|e| (one.with_extension(e), merged.with_extension(e)))
+                .collect()
+        } else {
+            vec![(one.clone(), merged.clone())]
+        };
+        assert_eq!(files.len(), if ext == "npy" { 4 } else { 1 });
+        for (a, b) in files {
+            let (a_bytes, b_bytes) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+            assert!(!a_bytes.is_empty());
+            assert!(
+                a_bytes == b_bytes,
+                "{} differs from {}",
+                b.display(),
+                a.display()
+            );
+        }
+    }
 }
 
 /// A ChestX-ray14 folder as the NIH download lays it out (`images_00N/images/`): three real

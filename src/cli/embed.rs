@@ -26,13 +26,17 @@ pub struct Args {
     /// Images, folders (walked for .png/.jpg/.jpeg/.dcm) or list files (.txt/.lst).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
+    #[command(flatten)]
+    shard: super::ShardArgs,
 }
 
 /// Embed every input; exit 1 if any failed.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     check_extension(&a.output, &["safetensors", "npy"])?;
+    let shard = a.shard.resolve()?;
     let p = Predictor::load(&a.model.predictor_options(None)?)?;
-    let (paths, mut failures) = infer::collect_inputs(&a.inputs);
+    let (paths, failures) = infer::collect_inputs(&a.inputs);
+    let (paths, mut failures, part) = evax::shard::Part::take(shard, paths, failures);
     let pb = infer::progress(paths.len(), "embed");
     let (emb, f) = p.embed_files(&paths, a.tokens, &a.layers, &pb)?;
     failures.extend(f);
@@ -41,6 +45,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         anyhow::bail!("no input could be embedded");
     };
     write_embeddings(&a.output, &emb)?;
+    let settings = serde_json::json!({
+        "weights": a.model.weights.display().to_string(),
+        "tokens": a.tokens,
+        "layers": a.layers,
+        "input_size": p.preprocess.size,
+        "inputs": a.inputs.iter().map(|i| i.display().to_string()).collect::<Vec<_>>(),
+    });
+    part.write_manifest("embed", &a.output, settings)?;
     eprintln!(
         "embedded {} images -> {}",
         emb.inputs.len(),

@@ -53,35 +53,20 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     });
     let p = Predictor::load(&o)?;
     let labels = p.labels()?.clone();
-    let (mut paths, mut failures) = infer::collect_inputs(&a.inputs);
-    let total = paths.len();
-    let rows = shard.map_or(0..total, |s| s.range(total));
-    if let Some(s) = shard {
-        paths = paths[rows.clone()].to_vec();
-        if s.index > 0 {
-            failures.clear(); // inputs that could not be listed: reported by the first part
-        }
-    }
+    let (paths, failures) = infer::collect_inputs(&a.inputs);
+    let (paths, mut failures, part) = evax::shard::Part::take(shard, paths, failures);
     let pb = infer::progress(paths.len(), "predict");
     let (preds, f) = p.predict_files(&paths, a.threshold, &pb)?;
     failures.extend(f);
     write_predictions(&a.output, &labels, &preds)?;
-    if let Some(shard) = shard {
-        let m = evax::shard::Manifest {
-            command: "predict".into(),
-            shard,
-            rows: [rows.start, rows.end],
-            total,
-            settings: serde_json::json!({
-                "weights": a.model.weights.display().to_string(),
-                "labels": labels.classes,
-                "threshold": a.threshold,
-                "input_size": p.preprocess.size,
-                "inputs": a.inputs.iter().map(|i| i.display().to_string()).collect::<Vec<_>>(),
-            }),
-        };
-        evax::shard::write_manifest(&evax::shard::manifest_path(&a.output, false), &m)?;
-    }
+    let settings = serde_json::json!({
+        "weights": a.model.weights.display().to_string(),
+        "labels": labels.classes,
+        "threshold": a.threshold,
+        "input_size": p.preprocess.size,
+        "inputs": a.inputs.iter().map(|i| i.display().to_string()).collect::<Vec<_>>(),
+    });
+    part.write_manifest("predict", &a.output, settings)?;
     eprintln!("predicted {} images -> {}", preds.len(), a.output.display());
     Ok(finish(&failures, preds.len()))
 }
