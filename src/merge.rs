@@ -178,6 +178,9 @@ fn same_extension(parts: &[(Manifest, PathBuf)], output: &Path) -> Result<String
     Ok(want)
 }
 
+/// An f32 array: shape and values.
+type Array = (Vec<usize>, Vec<f32>);
+
 /// Embeddings: every tensor concatenated along the image axis, the input lists joined.
 fn merge_embed(parts: &[(Manifest, PathBuf)], output: &Path) -> Result<MergeReport> {
     let want = same_extension(parts, output)?;
@@ -194,10 +197,10 @@ fn merge_embed(parts: &[(Manifest, PathBuf)], output: &Path) -> Result<MergeRepo
                 .map(|l| format!("layer.{l}")),
         );
     }
-    let mut joined: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); names.len()];
+    let mut joined: Vec<Array> = vec![(Vec::new(), Vec::new()); names.len()];
     let mut inputs: Vec<String> = Vec::new();
     for (_, p) in parts {
-        let (tensors, part_inputs): (Vec<(Vec<usize>, Vec<f32>)>, Vec<String>) =
+        let (tensors, part_inputs): (Vec<Array>, Vec<String>) =
             if want == "safetensors" {
                 let ck = crate::checkpoint::Checkpoint::load(p)?;
                 let list = ck.metadata.get("inputs").ok_or_else(|| {
