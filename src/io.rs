@@ -26,6 +26,13 @@ impl UniqueStems {
     }
 }
 
+/// Output names of a run's inputs, in order ([`UniqueStems`] over all of them, so that a
+/// name depends on the input list alone, not on which inputs failed or which shard ran them).
+pub fn output_names(inputs: &[std::path::PathBuf]) -> Vec<String> {
+    let mut stems = UniqueStems::default();
+    inputs.iter().map(|p| stems.next(p)).collect()
+}
+
 /// Write `bytes` to `path` atomically: a temporary file in the same folder, then a rename, so an
 /// interrupted run never leaves a half-written output.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -40,6 +40,7 @@ pub fn merge(inputs: &[PathBuf], output: &Path) -> Result<MergeReport> {
         "eval" => merge_eval(&parts, output),
         "predict" => merge_predict(&parts, output),
         "embed" => merge_embed(&parts, output),
+        "cam" => merge_cam(&parts, output),
         c => Err(Error::Invalid(format!(
             "{}: shards of '{c}' cannot be merged",
             parts[0].1.display()
@@ -178,6 +179,45 @@ fn same_extension(parts: &[(Manifest, PathBuf)], output: &Path) -> Result<String
     Ok(want)
 }
 
+/// Grad-CAM folders: every part's maps and overlays copied into one folder, `cams.json`
+/// joined in input order.
+fn merge_cam(parts: &[(Manifest, PathBuf)], out_dir: &Path) -> Result<MergeReport> {
+    use crate::explain::jobs::CamRecord;
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+    let mut records: Vec<CamRecord> = Vec::new();
+    let mut inputs = 0;
+    for (m, dir) in parts {
+        let index = dir.join("cams.json");
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let part: Vec<CamRecord> = serde_json::from_str(&text)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", index.display())))?;
+        for r in &part {
+            for f in std::iter::once(&r.cam).chain(r.overlay.as_ref()) {
+                if f.contains(['/', '\\']) || f.starts_with('.') {
+                    return Err(Error::Invalid(format!(
+                        "{}: '{f}' is not a file name of the folder",
+                        index.display()
+                    )));
+                }
+                let (from, to) = (dir.join(f), out_dir.join(f));
+                let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+                crate::io::write_atomic(&to, &bytes).map_err(|e| Error::io(&to, e))?;
+            }
+        }
+        inputs += m.rows[1] - m.rows[0];
+        records.extend(part);
+    }
+    let index = out_dir.join("cams.json");
+    crate::io::write_atomic(&index, &serde_json::to_vec_pretty(&records)?)
+        .map_err(|e| Error::io(&index, e))?;
+    Ok(MergeReport {
+        command: "cam".into(),
+        parts: parts.len(),
+        rows: inputs,
+        eval: None,
+    })
+}
+
 /// An f32 array: shape and values.
 type Array = (Vec<usize>, Vec<f32>);
 
@@ -200,38 +240,37 @@ fn merge_embed(parts: &[(Manifest, PathBuf)], output: &Path) -> Result<MergeRepo
     let mut joined: Vec<Array> = vec![(Vec::new(), Vec::new()); names.len()];
     let mut inputs: Vec<String> = Vec::new();
     for (_, p) in parts {
-        let (tensors, part_inputs): (Vec<Array>, Vec<String>) =
-            if want == "safetensors" {
-                let ck = crate::checkpoint::Checkpoint::load(p)?;
-                let list = ck.metadata.get("inputs").ok_or_else(|| {
-                    Error::Invalid(format!("{}: no `inputs` in the metadata", p.display()))
-                })?;
-                let list: Vec<String> = serde_json::from_str(list)?;
-                let t = names
-                    .iter()
-                    .map(|n| {
-                        let t = ck.tensors.get(n).ok_or_else(|| {
-                            Error::Invalid(format!("{}: no tensor {n}", p.display()))
-                        })?;
-                        Ok((t.shape.clone(), t.data.clone()))
-                    })
-                    .collect::<Result<_>>()?;
-                (t, list)
-            } else {
-                let file = |n: &str| match n {
-                    "pooled" => p.clone(),
-                    "tokens" => p.with_extension("tokens.npy"),
-                    l => p.with_extension(format!("{}.npy", &l["layer.".len()..])),
-                };
-                let t = names
-                    .iter()
-                    .map(|n| crate::io::read_npy_f32(&file(n)))
-                    .collect::<Result<_>>()?;
-                let list_path = p.with_extension("inputs.txt");
-                let text =
-                    std::fs::read_to_string(&list_path).map_err(|e| Error::io(&list_path, e))?;
-                (t, text.lines().map(str::to_string).collect())
+        let (tensors, part_inputs): (Vec<Array>, Vec<String>) = if want == "safetensors" {
+            let ck = crate::checkpoint::Checkpoint::load(p)?;
+            let list = ck.metadata.get("inputs").ok_or_else(|| {
+                Error::Invalid(format!("{}: no `inputs` in the metadata", p.display()))
+            })?;
+            let list: Vec<String> = serde_json::from_str(list)?;
+            let t = names
+                .iter()
+                .map(|n| {
+                    let t = ck
+                        .tensors
+                        .get(n)
+                        .ok_or_else(|| Error::Invalid(format!("{}: no tensor {n}", p.display())))?;
+                    Ok((t.shape.clone(), t.data.clone()))
+                })
+                .collect::<Result<_>>()?;
+            (t, list)
+        } else {
+            let file = |n: &str| match n {
+                "pooled" => p.clone(),
+                "tokens" => p.with_extension("tokens.npy"),
+                l => p.with_extension(format!("{}.npy", &l["layer.".len()..])),
             };
+            let t = names
+                .iter()
+                .map(|n| crate::io::read_npy_f32(&file(n)))
+                .collect::<Result<_>>()?;
+            let list_path = p.with_extension("inputs.txt");
+            let text = std::fs::read_to_string(&list_path).map_err(|e| Error::io(&list_path, e))?;
+            (t, text.lines().map(str::to_string).collect())
+        };
         for ((shape, data), (name, (all_shape, all))) in
             tensors.into_iter().zip(names.iter().zip(joined.iter_mut()))
         {

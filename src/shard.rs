@@ -91,7 +91,8 @@ impl Shard {
     }
 }
 
-/// The inputs of a file command (`predict`, `embed`) after sharding, and where they came from.
+/// The inputs of a command over files (`predict`, `embed`, `cam`) after sharding, and where
+/// they came from.
 #[derive(Debug, Clone)]
 pub struct Part {
     /// The shard, if the run is split.
@@ -125,11 +126,13 @@ impl Part {
         (paths[rows].to_vec(), failures, part)
     }
 
-    /// For a split run, write the manifest of `command` beside its output file.
+    /// For a split run, write the manifest of `command` beside its output file (inside its
+    /// output folder with `is_dir`).
     pub fn write_manifest(
         &self,
         command: &str,
         output: &Path,
+        is_dir: bool,
         settings: serde_json::Value,
     ) -> Result<()> {
         let Some(shard) = self.shard else {
@@ -142,7 +145,7 @@ impl Part {
             total: self.total,
             settings,
         };
-        write_manifest(&manifest_path(output, false), &m)
+        write_manifest(&manifest_path(output, is_dir), &m)
     }
 }
 

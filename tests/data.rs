@@ -613,6 +613,58 @@ fn three_shards_merge_into_the_single_run() {
             );
         }
     }
+
+    // Grad-CAM folders: the same maps, overlays and index.
+    let cam = |out: &Path, shard: Option<&str>| {
+        let mut v = vec![
+            "cam",
+            "--weights",
+            s(&ti),
+            "--top",
+            "2",
+            "-o",
+            s(out),
+            s(&cxr),
+        ];
+        if let Some(sh) = shard {
+            v.extend(["--shard", sh]);
+        }
+        let o = evax(&v);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    let one = root.join("cam-one");
+    cam(&one, None);
+    let parts: Vec<PathBuf> = (0..3).map(|k| root.join(format!("cam{k}"))).collect();
+    for (k, p) in parts.iter().enumerate() {
+        cam(p, Some(&format!("{k}/3")));
+    }
+    let merged = root.join("cam-merged");
+    let o = evax(&[
+        "merge",
+        "-o",
+        s(&merged),
+        s(&parts[1]),
+        s(&parts[0]),
+        s(&parts[2]),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut files: Vec<String> = std::fs::read_dir(&one)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    // 6 images x 2 classes x (map + overlay) + cams.json.
+    assert_eq!(files.len(), 25, "{files:?}");
+    for f in &files {
+        let (a, b) = (
+            std::fs::read(one.join(f)).unwrap(),
+            std::fs::read(merged.join(f)),
+        );
+        assert!(
+            b.is_ok_and(|b| b == a),
+            "{f} differs or is missing after the merge"
+        );
+    }
 }
 
 /// A ChestX-ray14 folder as the NIH download lays it out (`images_00N/images/`): three real

@@ -37,10 +37,13 @@ pub struct Args {
     /// Images, folders or list files.
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
+    #[command(flatten)]
+    shard: super::ShardArgs,
 }
 
 /// Write CAMs for every input; exit 1 if any failed.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let shard = a.shard.resolve()?;
     let p = Predictor::load(&a.model.predictor_options(a.labels.clone())?)?;
     let labels = p.labels()?.clone();
     let n = labels.classes.len();
@@ -56,6 +59,16 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     let layer = a.layer.unwrap_or_else(|| p.model.default_cam_layer());
     p.model.check_cam_layer(&layer)?;
+    let settings = serde_json::json!({
+        "weights": a.model.weights.display().to_string(),
+        "labels": labels.classes,
+        "classes": a.classes,
+        "top": a.top,
+        "layer": layer,
+        "overlays": !a.no_overlay,
+        "input_size": p.preprocess.size,
+        "inputs": a.inputs.iter().map(|i| i.display().to_string()).collect::<Vec<_>>(),
+    });
     let job = CamJob {
         preprocess: p.preprocess,
         layer,
@@ -65,9 +78,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         batch: a.model.batch,
         overlays: !a.no_overlay,
     };
-    let (paths, mut failures) = infer::collect_inputs(&a.inputs);
-    let (records, f) = job.run(&paths, &a.output)?;
+    let (paths, failures) = infer::collect_inputs(&a.inputs);
+    // Output names from the whole list, so that every shard names its files as one run does.
+    let names = evax::io::output_names(&paths);
+    let (paths, mut failures, part) = evax::shard::Part::take(shard, paths, failures);
+    let (records, f) = job.run(&paths, &names[part.rows.clone()], &a.output)?;
     failures.extend(f);
+    part.write_manifest("cam", &a.output, true, settings)?;
     eprintln!(
         "wrote {} CAMs -> {}",
         records.len(),

@@ -52,7 +52,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         "input_size": p.preprocess.size,
         "inputs": a.inputs.iter().map(|i| i.display().to_string()).collect::<Vec<_>>(),
     });
-    part.write_manifest("embed", &a.output, settings)?;
+    part.write_manifest("embed", &a.output, false, settings)?;
     eprintln!(
         "embedded {} images -> {}",
         emb.inputs.len(),

@@ -4,15 +4,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Join the outputs of a run's shards (`--shard K/N`, Slurm arrays, Indexed Jobs): an
-/// evaluation's folders into one (metrics recomputed on the union), predictions or embeddings
-/// into one file.
+/// evaluation's folders into one (metrics recomputed on the union), Grad-CAM folders into one,
+/// predictions or embeddings into one file.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Output: a folder for `eval` shards, a file of the parts' type for `predict` (.csv,
-    /// .json) and `embed` (.safetensors, .npy) shards.
+    /// Output: a folder for `eval` and `cam` shards, a file of the parts' type for `predict`
+    /// (.csv, .json) and `embed` (.safetensors, .npy) shards.
     #[arg(short, long)]
     output: PathBuf,
-    /// The shards' output folders (eval) or files (predict, embed), in any order.
+    /// The shards' output folders (eval, cam) or files (predict, embed), in any order.
     #[arg(required = true)]
     parts: Vec<PathBuf>,
 }

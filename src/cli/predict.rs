@@ -66,7 +66,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         "input_size": p.preprocess.size,
         "inputs": a.inputs.iter().map(|i| i.display().to_string()).collect::<Vec<_>>(),
     });
-    part.write_manifest("predict", &a.output, settings)?;
+    part.write_manifest("predict", &a.output, false, settings)?;
     eprintln!("predicted {} images -> {}", preds.len(), a.output.display());
     Ok(finish(&failures, preds.len()))
 }

@@ -26,7 +26,7 @@ pub enum ClassChoice {
 }
 
 /// One written CAM, as listed in `cams.json`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CamRecord {
     /// The input image.
     pub input: String,
@@ -75,19 +75,29 @@ fn safe_name(s: &str) -> String {
 }
 
 impl CamJob<'_> {
-    /// Compute and write CAMs for `inputs` into `out_dir`; returns the records and failures.
+    /// Compute and write CAMs for `inputs` into `out_dir`, the files of input `i` named after
+    /// `names[i]` (see [`crate::io::output_names`]); returns the records and failures.
     pub fn run(
         &self,
         inputs: &[PathBuf],
+        names: &[String],
         out_dir: &Path,
     ) -> crate::Result<(Vec<CamRecord>, Vec<Failure>)> {
+        if names.len() != inputs.len() {
+            return Err(Error::Invalid(format!(
+                "{} output names for {} inputs",
+                names.len(),
+                inputs.len()
+            )));
+        }
         std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
         let (h, w) = self.preprocess.size;
         let pb = progress(inputs.len(), "cam");
         let mut records = Vec::new();
         let mut failures = Vec::new();
-        let mut stems = crate::io::UniqueStems::default();
-        for chunk in inputs.chunks(self.batch.max(1)) {
+        let batch_size = self.batch.max(1);
+        for (c, chunk) in inputs.chunks(batch_size).enumerate() {
+            let chunk_names = &names[c * batch_size..c * batch_size + chunk.len()];
             let (ok, data) = load_batch(
                 chunk,
                 |p| p.as_path(),
@@ -97,8 +107,10 @@ impl CamJob<'_> {
                 },
                 &mut failures,
             );
-            let ok: Vec<(&PathBuf, Image)> =
-                ok.into_iter().map(|(i, crop)| (&chunk[i], crop)).collect();
+            let ok: Vec<(&PathBuf, Image, &String)> = ok
+                .into_iter()
+                .map(|(i, crop)| (&chunk[i], crop, &chunk_names[i]))
+                .collect();
             pb.inc(chunk.len() as u64);
             if ok.is_empty() {
                 continue;
@@ -122,7 +134,7 @@ impl CamJob<'_> {
             let batch = match result {
                 Ok(b) => b,
                 Err(e) => {
-                    failures.extend(ok.iter().map(|(p, _)| Failure {
+                    failures.extend(ok.iter().map(|(p, _, _)| Failure {
                         input: (*p).clone(),
                         error: e.clone(),
                     }));
@@ -134,8 +146,7 @@ impl CamJob<'_> {
                 .iter()
                 .map(|r| cam_maps(r, (h, w)))
                 .collect::<Result<_, _>>()?;
-            for (i, (path, crop)) in ok.iter().enumerate() {
-                let stem = stems.next(path);
+            for (i, (path, crop, stem)) in ok.iter().enumerate() {
                 let probs = self.labels.activation.apply(&batch.logits[i]);
                 for (r, &class) in batch.targets[i].iter().enumerate() {
                     let cam = &maps[r][i];
