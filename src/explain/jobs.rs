@@ -156,7 +156,7 @@ impl CamJob<'_> {
                         .get(class)
                         .cloned()
                         .unwrap_or_else(|| format!("class_{class}"));
-                    let base = format!("{}_{}", safe_name(&stem), safe_name(&name));
+                    let base = format!("{}_{}", safe_name(stem), safe_name(&name));
                     let npy = format!("{base}.npy");
                     let npy_path = out_dir.join(&npy);
                     crate::io::write_atomic(&npy_path, &crate::io::npy_f32(&[h, w], cam))
