@@ -7,6 +7,7 @@
 //! dimensions and pixel-data lengths are checked before anything is decoded, and the parser and
 //! codecs run behind a guard that turns an unexpected panic into an error naming the file.
 
+pub mod jpegls;
 mod scan;
 pub mod voi;
 
@@ -317,6 +318,12 @@ impl DicomFile {
         let mut values = Vec::with_capacity(per_frame * frames.len());
         for &f in &frames {
             let decoded = guarded("malformed DICOM data", || {
+                if is_jpeg_ls(&i.transfer_syntax) {
+                    return self
+                        .jpeg_ls_frame(f)
+                        .map(|d| (d, dicom_pixeldata::PlanarConfiguration::Standard))
+                        .map_err(|e| format!("cannot decode {}: {e}", i.transfer_syntax_name));
+                }
                 self.obj
                     .decode_pixel_data_frame(f as u32)
                     .map(|d| (d.data().to_vec(), d.planar_configuration()))
@@ -361,9 +368,68 @@ impl DicomFile {
         })
     }
 
+    /// Frame `f` of a JPEG-LS file through our decoder, as little-endian stored values of
+    /// Bits Allocated.
+    fn jpeg_ls_frame(&self, f: usize) -> Result<Vec<u8>, String> {
+        let i = &self.info;
+        let pixel = self
+            .obj
+            .element(tags::PIXEL_DATA)
+            .map_err(|_| "no Pixel Data (7FE0,0010)".to_string())?;
+        let fragments = pixel
+            .value()
+            .fragments()
+            .ok_or("JPEG-LS Pixel Data (7FE0,0010) is not encapsulated")?;
+        let stream: Vec<u8> = if i.frames == 1 {
+            fragments.concat()
+        } else if fragments.len() == i.frames {
+            fragments[f].clone()
+        } else {
+            // Frames spanning fragments: split at the basic offset table.
+            let table = pixel.value().offset_table().unwrap_or(&[]);
+            if table.len() != i.frames {
+                return Err(format!(
+                    "{} fragments for {} frames and no offset table to split them",
+                    fragments.len(),
+                    i.frames
+                ));
+            }
+            let mut at = 0u32;
+            let mut out = Vec::new();
+            for frag in fragments {
+                let next = table.get(f + 1).copied().unwrap_or(u32::MAX);
+                if at >= table[f] && at < next {
+                    out.extend_from_slice(frag);
+                }
+                at += frag.len() as u32 + 8;
+            }
+            out
+        };
+        if i.samples_per_pixel != 1 {
+            return Err(format!(
+                "JPEG-LS with {} samples per pixel: only grey images are supported",
+                i.samples_per_pixel
+            ));
+        }
+        let d = jpegls::decode(&stream, Some((i.cols, i.rows))).map_err(|e| e.to_string())?;
+        Ok(match i.bits_allocated {
+            8 => d.samples.iter().map(|&v| v as u8).collect(),
+            16 => d.samples.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            b => return Err(format!("JPEG-LS with Bits Allocated {b}")),
+        })
+    }
+
     pub(crate) fn object(&self) -> &InMemDicomObject {
         &self.obj
     }
+}
+
+/// JPEG-LS Lossless or Near-Lossless, which evax decodes itself ([`jpegls`]).
+fn is_jpeg_ls(ts: &str) -> bool {
+    matches!(
+        ts.trim_end_matches('\0'),
+        "1.2.840.10008.1.2.4.80" | "1.2.840.10008.1.2.4.81"
+    )
 }
 
 /// Unpack raw decoded bytes into masked, sign-extended sample values.
