@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::cam_maps;
 use super::localize::{self, BoxMapping, NihBox, ScoredBox, Scores};
-use super::overlay::{Rgb, show_cam_on_image};
+use super::overlay::{Rgb, cam_on_original, show_cam_on_image};
 use crate::error::Error;
 use crate::infer::{Failure, progress};
 use crate::labels::LabelSet;
@@ -103,11 +103,13 @@ impl CamJob<'_> {
                 |p| p.as_path(),
                 |img| {
                     let crop = self.preprocess.resize_crop(img);
-                    (self.preprocess.normalize(&crop), crop)
+                    // The overlay is drawn on the original (only when asked for).
+                    let keep = self.overlays.then(|| img.clone());
+                    (self.preprocess.normalize(&crop), keep)
                 },
                 &mut failures,
             );
-            let ok: Vec<(&PathBuf, Image, &String)> = ok
+            let ok: Vec<(&PathBuf, Option<Image>, &String)> = ok
                 .into_iter()
                 .map(|(i, crop)| (&chunk[i], crop, &chunk_names[i]))
                 .collect();
@@ -146,7 +148,7 @@ impl CamJob<'_> {
                 .iter()
                 .map(|r| cam_maps(r, (h, w)))
                 .collect::<Result<_, _>>()?;
-            for (i, (path, crop, stem)) in ok.iter().enumerate() {
+            for (i, (path, original, stem)) in ok.iter().enumerate() {
                 let probs = self.labels.activation.apply(&batch.logits[i]);
                 for (r, &class) in batch.targets[i].iter().enumerate() {
                     let cam = &maps[r][i];
@@ -163,14 +165,14 @@ impl CamJob<'_> {
                         .map_err(|e| Error::io(&npy_path, e))?;
                     let overlay = if self.overlays {
                         let png = format!("{base}.png");
-                        let mut pic = show_cam_on_image(&Rgb::from_image(crop), cam);
-                        let scale = (512 / h.max(w)).max(1);
-                        if scale > 1 {
-                            pic = pic.upscale(scale);
-                        }
+                        let original = original.as_ref().expect("kept for overlays");
+                        let geometry = self
+                            .preprocess
+                            .crop_geometry((original.width, original.height));
+                        let mut pic = cam_on_original(original, cam, geometry);
                         pic.caption(
                             &format!("{name} {:.2}", probs[class]),
-                            (pic.width / 140).clamp(1, 4),
+                            (pic.width / 140).clamp(1, 8),
                         );
                         let png_path = out_dir.join(&png);
                         pic.save_png(&png_path)

@@ -41,6 +41,77 @@ pub fn show_cam_on_image(image: &Rgb, cam: &[f32]) -> Rgb {
     }
 }
 
+/// A CAM `[ch, cw]` over the model's input crop drawn on the whole original image at its own
+/// resolution: each pixel's place in the crop found through the resize and centre crop
+/// `g`, the CAM read there bilinearly (no heat outside the crop, whose edge is outlined), and
+/// blended in proportion to its value (`0.6 * cam` of JET colour), so that the anatomy stays
+/// readable under weak heat; a JET colour bar (1 at the top, 0 at the bottom) on the right.
+pub fn cam_on_original(
+    img: &crate::preprocess::Image,
+    cam: &[f32],
+    g: crate::preprocess::CropGeometry,
+) -> Rgb {
+    let (w, h) = (img.width, img.height);
+    let (cw, ch) = g.crop;
+    assert_eq!(cam.len(), cw * ch, "CAM size");
+    let base = Rgb::from_image(img);
+    let bar = (w / 40).max(12);
+    let gap = (bar / 3).max(4);
+    let mut out = Rgb {
+        width: w + gap + bar,
+        height: h,
+        data: vec![0; (w + gap + bar) * h * 3],
+    };
+    let sx = g.resized.0 as f64 / w as f64;
+    let sy = g.resized.1 as f64 / h as f64;
+    let at = |u: f64, v: f64| -> Option<f32> {
+        if u < -0.5 || v < -0.5 || u > cw as f64 - 0.5 || v > ch as f64 - 0.5 {
+            return None;
+        }
+        let (u, v) = (u.clamp(0.0, (cw - 1) as f64), v.clamp(0.0, (ch - 1) as f64));
+        let (x0, y0) = (u.floor() as usize, v.floor() as usize);
+        let (x1, y1) = ((x0 + 1).min(cw - 1), (y0 + 1).min(ch - 1));
+        let (fx, fy) = ((u - x0 as f64) as f32, (v - y0 as f64) as f32);
+        let c = |x: usize, y: usize| cam[y * cw + x].clamp(0.0, 1.0);
+        let top = c(x0, y0) * (1.0 - fx) + c(x1, y0) * fx;
+        let bottom = c(x0, y1) * (1.0 - fx) + c(x1, y1) * fx;
+        Some(top * (1.0 - fy) + bottom * fy)
+    };
+    for y in 0..h {
+        let v = (y as f64 + 0.5) * sy - 0.5 + g.offset.1;
+        for x in 0..w {
+            let u = (x as f64 + 0.5) * sx - 0.5 + g.offset.0;
+            let src = &base.data[(y * w + x) * 3..(y * w + x) * 3 + 3];
+            let dst = (y * out.width + x) * 3;
+            let px = match at(u, v) {
+                Some(c) => {
+                    let heat = jet((255.0 * c) as u8);
+                    let a = 0.6 * c;
+                    [0, 1, 2].map(|k| (src[k] as f32 * (1.0 - a) + heat[k] as f32 * a) as u8)
+                }
+                None => [src[0], src[1], src[2]],
+            };
+            out.data[dst..dst + 3].copy_from_slice(&px);
+        }
+    }
+    // The crop's edge, in original coordinates.
+    let to_x = |u: f64| ((u + 0.5 - g.offset.0) / sx - 0.5).round() as i64;
+    let to_y = |v: f64| ((v + 0.5 - g.offset.1) / sy - 0.5).round() as i64;
+    let (x0, y0) = (to_x(-0.5), to_y(-0.5));
+    let (x1, y1) = (to_x(cw as f64 - 0.5), to_y(ch as f64 - 0.5));
+    let thick = (w.max(h) / 600).max(1) as i64;
+    out.rect(x0, y0, x1 - x0, y1 - y0, thick, [200, 200, 200]);
+    // The colour bar.
+    for y in 0..h {
+        let c = jet((255.0 * (1.0 - y as f32 / (h.max(2) - 1) as f32)) as u8);
+        for x in w + gap..w + gap + bar {
+            let i = (y * out.width + x) * 3;
+            out.data[i..i + 3].copy_from_slice(&c);
+        }
+    }
+    out
+}
+
 impl Rgb {
     /// From an 8-bit grey or RGB image.
     pub fn from_image(img: &crate::preprocess::Image) -> Self {
@@ -210,6 +281,41 @@ fn glyph(c: char) -> Option<[u8; 7]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cams_land_on_the_original_where_the_crop_took_it() {
+        use crate::preprocess::{Image, Normalization, Preprocess};
+        // A landscape image: the crop keeps its middle, the sides get no heat.
+        let (w, h) = (400, 300);
+        let img = Image {
+            width: w,
+            height: h,
+            channels: 1,
+            data: vec![100; w * h],
+        };
+        let pre = Preprocess::eval((224, 224), Normalization::EVAX);
+        let g = pre.crop_geometry((w, h));
+        let (rw, rh) = g.resized;
+        assert_eq!(rh, 256, "short side resized to 224 / 0.875");
+        assert_eq!(rw, (256.0 * 400.0 / 300.0) as usize);
+        // The crop's centre is the image's centre.
+        let centre = ((112.0 - g.offset.0 + 0.5) * w as f64 / rw as f64 - 0.5) as i64;
+        assert!((centre - (w as i64 - 1) / 2).abs() <= 1, "{centre}");
+        let out = cam_on_original(&img, &vec![1.0; 224 * 224], g);
+        assert!(
+            out.width > w && out.height == h,
+            "the colour bar is beside the image"
+        );
+        let px =
+            |x: usize, y: usize| &out.data[(y * out.width + x) * 3..(y * out.width + x) * 3 + 3];
+        assert_eq!(px(2, h / 2), &[100, 100, 100], "outside the crop: no heat");
+        assert_ne!(px(w / 2, h / 2), &[100, 100, 100], "inside: heat");
+        assert_eq!(
+            px(w + out.width.saturating_sub(w) - 1, 0),
+            &jet(255),
+            "bar top is 1"
+        );
+    }
 
     #[test]
     fn jet_runs_blue_to_red() {

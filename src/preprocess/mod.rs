@@ -296,6 +296,17 @@ pub(crate) fn round_half_even(x: f64) -> usize {
     r.max(0.0) as usize
 }
 
+/// How an image maps onto the model's input crop (see [`Preprocess::crop_geometry`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CropGeometry {
+    /// The size after the resize, `(width, height)`.
+    pub resized: (usize, usize),
+    /// Added to a resized coordinate to get the crop's, `(x, y)`.
+    pub offset: (f64, f64),
+    /// The crop, `(width, height)`.
+    pub crop: (usize, usize),
+}
+
 impl Preprocess {
     /// The evaluation transform of the original for `size` (height, width): shorter side to
     /// `int(s / 0.875)` when the larger output side `s <= 224`, else to `s`; centre crop.
@@ -360,6 +371,36 @@ impl Preprocess {
             padded.data[dst..dst + nw * c].copy_from_slice(&resized[y * nw * c..(y + 1) * nw * c]);
         }
         padded.crop((padded.width - cw) / 2, (padded.height - ch) / 2, cw, ch)
+    }
+
+    /// Where an image of `(width, height)` lands in the crop [`Preprocess::resize_crop`] makes:
+    /// the resized size `(nw, nh)` and the offset to add to a resized coordinate to get the
+    /// crop's (`u = (x + 0.5) * nw / width - 0.5 + off_x`).
+    pub fn crop_geometry(&self, (w, h): (usize, usize)) -> CropGeometry {
+        let s = self.resize_short;
+        let (nw, nh) = if w <= h {
+            (s, (s as f64 * h as f64 / w as f64) as usize)
+        } else {
+            ((s as f64 * w as f64 / h as f64) as usize, s)
+        };
+        let (ch, cw) = self.size;
+        let (off_x, off_y) = if ch <= nh && cw <= nw {
+            (
+                -(round_half_even((nw - cw) as f64 / 2.0) as f64),
+                -(round_half_even((nh - ch) as f64 / 2.0) as f64),
+            )
+        } else {
+            let (pw, ph) = (cw.max(nw), ch.max(nh));
+            (
+                ((pw - nw) / 2) as f64 - ((pw - cw) / 2) as f64,
+                ((ph - nh) / 2) as f64 - ((ph - ch) / 2) as f64,
+            )
+        };
+        CropGeometry {
+            resized: (nw, nh),
+            offset: (off_x, off_y),
+            crop: (cw, ch),
+        }
     }
 
     /// The full transform into a `[3, H, W]` f32 buffer (channel-first).
