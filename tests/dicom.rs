@@ -550,3 +550,162 @@ fn jpeg_ls_files_decode_as_pydicom_decodes_them() {
     }
     assert_eq!(compared, names.len());
 }
+
+/// `evax cam --dicom-out` on a DICOM radiograph: a Secondary Capture of the overlay and an
+/// Enhanced SR of the probabilities, in the source's study with new series and instances,
+/// referencing the source; read back with dicom-rs and by `evax dicom info`.
+#[test]
+fn cam_writes_secondary_capture_and_structured_report() {
+    let Some(sh) = shared_or_skip("cam_writes_secondary_capture_and_structured_report") else {
+        return;
+    };
+    use dicom_dictionary_std::tags;
+    let src_path = sh.join("data/dicom/siim_chest_jpeg_baseline.dcm");
+    let dir = scratch("dicom-out");
+    let o = evax(&[
+        "cam",
+        "--weights",
+        s(&sh.join("fixtures/eva_x_ti_cxr14_ft.pth")),
+        "--top",
+        "2",
+        "--dicom-out",
+        "-o",
+        s(&dir),
+        s(&src_path),
+        s(&sh.join("data/nih/00000001_000.png")),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read =
+        |p: &Path| dicom_object::open_file(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let text = |o: &dicom_object::DefaultDicomObject, t| {
+        o.element(t)
+            .unwrap_or_else(|_| panic!("{t} missing"))
+            .to_str()
+            .unwrap()
+            .trim_end_matches(['\0', ' '])
+            .to_string()
+    };
+    let src = read(&src_path);
+    let mut dcm: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+        .collect();
+    dcm.sort();
+    // Two overlays (top 2 classes) and one report, for the DICOM input only.
+    assert_eq!(dcm.len(), 3, "{dcm:?}");
+    let mut series = std::collections::BTreeSet::new();
+    let mut instances = std::collections::BTreeSet::new();
+    for p in &dcm {
+        let o = read(p);
+        for t in [
+            tags::PATIENT_ID,
+            tags::PATIENT_NAME,
+            tags::STUDY_INSTANCE_UID,
+            tags::STUDY_DATE,
+            tags::ACCESSION_NUMBER,
+        ] {
+            assert_eq!(text(&o, t), text(&src, t), "{}: {t} copied", p.display());
+        }
+        for t in [tags::SERIES_INSTANCE_UID, tags::SOP_INSTANCE_UID] {
+            assert_ne!(text(&o, t), text(&src, t), "{}: {t} new", p.display());
+            assert!(text(&o, t).starts_with("2.25."));
+        }
+        assert_eq!(
+            o.meta()
+                .media_storage_sop_instance_uid()
+                .trim_end_matches('\0'),
+            text(&o, tags::SOP_INSTANCE_UID)
+        );
+        series.insert(text(&o, tags::SERIES_INSTANCE_UID));
+        instances.insert(text(&o, tags::SOP_INSTANCE_UID));
+        for t in [
+            tags::SERIES_NUMBER,
+            tags::INSTANCE_NUMBER,
+            tags::CONTENT_DATE,
+            tags::CONTENT_TIME,
+            tags::MANUFACTURER,
+        ] {
+            assert!(!text(&o, t).is_empty(), "{}: {t}", p.display());
+        }
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with("_sc.dcm") {
+            assert_eq!(text(&o, tags::SOP_CLASS_UID), "1.2.840.10008.5.1.4.1.1.7");
+            assert_eq!(text(&o, tags::MODALITY), "OT");
+            assert_eq!(text(&o, tags::CONVERSION_TYPE), "WSD");
+            assert_eq!(text(&o, tags::PHOTOMETRIC_INTERPRETATION), "RGB");
+            let rows: usize = text(&o, tags::ROWS).parse().unwrap();
+            let cols: usize = text(&o, tags::COLUMNS).parse().unwrap();
+            assert_eq!(
+                rows,
+                text(&src, tags::ROWS).parse::<usize>().unwrap(),
+                "overlay at the source's size"
+            );
+            assert!(
+                cols > text(&src, tags::COLUMNS).parse::<usize>().unwrap(),
+                "and a colour bar"
+            );
+            let px = o.element(tags::PIXEL_DATA).unwrap().to_bytes().unwrap();
+            assert_eq!(px.len(), (rows * cols * 3).div_ceil(2) * 2);
+            let refs = o
+                .element(tags::SOURCE_IMAGE_SEQUENCE)
+                .unwrap()
+                .items()
+                .unwrap();
+            assert_eq!(
+                text_item(&refs[0], tags::REFERENCED_SOP_INSTANCE_UID),
+                text(&src, tags::SOP_INSTANCE_UID)
+            );
+        } else {
+            assert!(name.ends_with("_sr.dcm"), "{name}");
+            assert_eq!(
+                text(&o, tags::SOP_CLASS_UID),
+                "1.2.840.10008.5.1.4.1.1.88.22"
+            );
+            assert_eq!(text(&o, tags::MODALITY), "SR");
+            assert_eq!(text(&o, tags::VALUE_TYPE), "CONTAINER");
+            assert_eq!(text(&o, tags::COMPLETION_FLAG), "COMPLETE");
+            assert_eq!(text(&o, tags::VERIFICATION_FLAG), "UNVERIFIED");
+            let content = o.element(tags::CONTENT_SEQUENCE).unwrap().items().unwrap();
+            // Model, checkpoint, software, threshold, 14 probabilities, findings.
+            assert_eq!(content.len(), 4 + 14 + 1);
+        }
+    }
+    assert_eq!(series.len(), 3, "a new series each");
+    assert_eq!(instances.len(), 3);
+    // The report's probabilities are the ones cams.json gives.
+    let sr = dcm
+        .iter()
+        .find(|p| p.to_string_lossy().ends_with("_sr.dcm"))
+        .unwrap();
+    let o = evax(&["dicom", "info", s(sr)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let info = String::from_utf8_lossy(&o.stdout).into_owned();
+    let idx: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("cams.json")).unwrap()).unwrap();
+    let first = idx
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["input"].as_str().unwrap().ends_with(".dcm"))
+        .unwrap();
+    let line = format!(
+        "  {}: {:.6} (probability)",
+        first["class"].as_str().unwrap(),
+        first["probability"].as_f64().unwrap()
+    );
+    assert!(info.contains(&line), "{line} not in\n{info}");
+    assert!(
+        info.contains(&text(&src, tags::SOP_INSTANCE_UID)),
+        "evidence"
+    );
+}
+
+fn text_item(o: &dicom_object::InMemDicomObject, t: dicom_core::Tag) -> String {
+    o.element(t)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string()
+}

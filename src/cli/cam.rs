@@ -31,6 +31,14 @@ pub struct Args {
     /// Skip the overlay PNGs.
     #[arg(long)]
     no_overlay: bool,
+    /// For DICOM inputs, also write results a PACS can store: each overlay as a Secondary
+    /// Capture image (`*_sc.dcm`) and the probabilities and findings as a Structured Report
+    /// (`*_sr.dcm`), in the source's study.
+    #[arg(long)]
+    dicom_out: bool,
+    /// Probability at or above which the report lists a class as a finding.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f32,
     /// Output folder.
     #[arg(short, long)]
     output: PathBuf,
@@ -77,6 +85,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         classes: choice,
         batch: a.model.batch,
         overlays: !a.no_overlay,
+        dicom_out: a.dicom_out.then(|| evax::dicom::results::Producer {
+            model: p.model.name(),
+            checkpoint: checkpoint_label(&a.model.weights),
+            threshold: a.threshold,
+        }),
     };
     let (paths, failures) = infer::collect_inputs(&a.inputs);
     // Output names from the whole list, so that every shard names its files as one run does.
@@ -94,6 +107,25 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         &failures,
         paths.len() - failures.len().min(paths.len()),
     ))
+}
+
+/// A checkpoint as a report names it: file name and a hash of its bytes (FNV-1a 64).
+fn checkpoint_label(path: &std::path::Path) -> String {
+    let name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in bytes {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+            format!("{name} (fnv1a64 {h:016x})")
+        }
+        Err(_) => name,
+    }
 }
 
 /// Preprocessing of `cam-eval`.

@@ -43,6 +43,14 @@ pub enum Command {
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Info { file, json } => {
+            if let Some(r) = dicom::results::read_report(&file)? {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    print!("{}", dicom::results::report_text(&file, &r));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let f = DicomFile::open(&file)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&f.info)?);

@@ -8,6 +8,7 @@
 //! codecs run behind a guard that turns an unexpected panic into an error naming the file.
 
 pub mod jpegls;
+pub mod results;
 mod scan;
 pub mod voi;
 

@@ -60,6 +60,9 @@ pub struct CamJob<'a> {
     pub batch: usize,
     /// Write overlay PNGs.
     pub overlays: bool,
+    /// For DICOM inputs, also write each overlay as a Secondary Capture image and the
+    /// image's probabilities and findings as a Structured Report (`<name>_sr.dcm`).
+    pub dicom_out: Option<crate::dicom::results::Producer>,
 }
 
 fn safe_name(s: &str) -> String {
@@ -104,7 +107,7 @@ impl CamJob<'_> {
                 |img| {
                     let crop = self.preprocess.resize_crop(img);
                     // The overlay is drawn on the original (only when asked for).
-                    let keep = self.overlays.then(|| img.clone());
+                    let keep = (self.overlays || self.dicom_out.is_some()).then(|| img.clone());
                     (self.preprocess.normalize(&crop), keep)
                 },
                 &mut failures,
@@ -150,6 +153,29 @@ impl CamJob<'_> {
                 .collect::<Result<_, _>>()?;
             for (i, (path, original, stem)) in ok.iter().enumerate() {
                 let probs = self.labels.activation.apply(&batch.logits[i]);
+                // A DICOM source gets its results as DICOM too.
+                let source = match &self.dicom_out {
+                    Some(producer) => match crate::dicom::DicomFile::open(path.as_path()) {
+                        Ok(src) => {
+                            let classes: Vec<crate::dicom::results::ClassResult> = self
+                                .labels
+                                .classes
+                                .iter()
+                                .zip(&probs)
+                                .map(|(n, &p)| crate::dicom::results::ClassResult {
+                                    name: n.clone(),
+                                    probability: p,
+                                    finding: p >= producer.threshold,
+                                })
+                                .collect();
+                            let sr = out_dir.join(format!("{}_sr.dcm", safe_name(stem)));
+                            crate::dicom::results::write_report(&src, producer, &classes, &sr)?;
+                            Some(src)
+                        }
+                        Err(_) => None, // not a DICOM file: PNG / JPEG outputs only
+                    },
+                    None => None,
+                };
                 for (r, &class) in batch.targets[i].iter().enumerate() {
                     let cam = &maps[r][i];
                     let name = self
@@ -163,9 +189,7 @@ impl CamJob<'_> {
                     let npy_path = out_dir.join(&npy);
                     crate::io::write_atomic(&npy_path, &crate::io::npy_f32(&[h, w], cam))
                         .map_err(|e| Error::io(&npy_path, e))?;
-                    let overlay = if self.overlays {
-                        let png = format!("{base}.png");
-                        let original = original.as_ref().expect("kept for overlays");
+                    let pic = original.as_ref().map(|original| {
                         let geometry = self
                             .preprocess
                             .crop_geometry((original.width, original.height));
@@ -174,12 +198,22 @@ impl CamJob<'_> {
                             &format!("{name} {:.2}", probs[class]),
                             (pic.width / 140).clamp(1, 8),
                         );
-                        let png_path = out_dir.join(&png);
-                        pic.save_png(&png_path)
-                            .map_err(|e| Error::io(&png_path, e))?;
-                        Some(png)
-                    } else {
-                        None
+                        pic
+                    });
+                    if let (Some(src), Some(pic)) = (&source, &pic) {
+                        let sc = out_dir.join(format!("{base}_sc.dcm"));
+                        let what = format!("Grad-CAM of {name} (probability {:.3})", probs[class]);
+                        crate::dicom::results::write_secondary_capture(src, pic, &what, &sc)?;
+                    }
+                    let overlay = match (&pic, self.overlays) {
+                        (Some(pic), true) => {
+                            let png = format!("{base}.png");
+                            let png_path = out_dir.join(&png);
+                            pic.save_png(&png_path)
+                                .map_err(|e| Error::io(&png_path, e))?;
+                            Some(png)
+                        }
+                        _ => None,
                     };
                     records.push(CamRecord {
                         input: path.display().to_string(),
