@@ -324,16 +324,21 @@ impl Preprocess {
         }
     }
 
-    /// Resize and crop to the 8-bit image the model sees (before `ToTensor`).
-    pub fn resize_crop(&self, img: &Image) -> Image {
-        let (w, h) = (img.width, img.height);
+    /// The size an image of `(width, height)` is resized to before the crop, as torchvision's
+    /// `Resize(s)`: short side to s, long side int(s * long / short).
+    fn resized_size(&self, (w, h): (usize, usize)) -> (usize, usize) {
         let s = self.resize_short;
-        // torchvision: short side to s, long side int(s * long / short).
-        let (nw, nh) = if w <= h {
+        if w <= h {
             (s, (s as f64 * h as f64 / w as f64) as usize)
         } else {
             ((s as f64 * w as f64 / h as f64) as usize, s)
-        };
+        }
+    }
+
+    /// Resize and crop to the 8-bit image the model sees (before `ToTensor`).
+    pub fn resize_crop(&self, img: &Image) -> Image {
+        let (w, h) = (img.width, img.height);
+        let (nw, nh) = self.resized_size((w, h));
         let (ch, cw) = self.size;
         if ch <= nh && cw <= nw {
             let top = round_half_even((nh - ch) as f64 / 2.0);
@@ -377,12 +382,7 @@ impl Preprocess {
     /// the resized size `(nw, nh)` and the offset to add to a resized coordinate to get the
     /// crop's (`u = (x + 0.5) * nw / width - 0.5 + off_x`).
     pub fn crop_geometry(&self, (w, h): (usize, usize)) -> CropGeometry {
-        let s = self.resize_short;
-        let (nw, nh) = if w <= h {
-            (s, (s as f64 * h as f64 / w as f64) as usize)
-        } else {
-            ((s as f64 * w as f64 / h as f64) as usize, s)
-        };
+        let (nw, nh) = self.resized_size((w, h));
         let (ch, cw) = self.size;
         let (off_x, off_y) = if ch <= nh && cw <= nw {
             (
