@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -235,26 +236,32 @@ impl Run {
         let mut this_run = 0u64;
         let mut t_step = Instant::now();
         let mut images_since = 0usize;
+        let paths: Arc<Vec<PathBuf>> =
+            Arc::new(self.train.samples.iter().map(|(p, _)| p.clone()).collect());
         while prog.epoch < cfg.epochs {
             let epoch = prog.epoch;
-            let order = self.epoch_order(epoch);
+            let order = Arc::new(self.epoch_order(epoch));
+            // The epoch's batches decoded and augmented ahead on a background thread (two in
+            // flight), so that the device does not wait for the CPU between steps; each image's
+            // randomness comes from (seed, epoch, batch, position), so prefetching changes
+            // nothing. Leaving the loop early drops the receiver, which stops the thread.
+            let batches = prefetch_batches(
+                paths.clone(),
+                order.clone(),
+                augment,
+                (cfg.seed, epoch, cfg.batch_size),
+                prog.batch..iters,
+            );
             while prog.batch < iters {
                 let it = prog.batch;
                 let idx = &order[it * cfg.batch_size..((it + 1) * cfg.batch_size).min(order.len())];
-                let loaded: Vec<crate::Result<Vec<f32>>> = idx
-                    .par_iter()
-                    .enumerate()
-                    .map(|(j, &i)| {
-                        let (path, _) = &self.train.samples[i];
-                        let img = Image::open(path)?;
-                        let mut rng = Rng::new(mix(&[cfg.seed, epoch as u64, it as u64, j as u64]));
-                        Ok(augment.apply(&img, &mut rng))
-                    })
-                    .collect();
-                let mut x = Vec::with_capacity(idx.len() * 3 * cfg.input_size * cfg.input_size);
+                let (got, x) = batches.recv().map_err(|_| {
+                    crate::Error::Invalid("the batch loader stopped unexpectedly".into())
+                })?;
+                debug_assert_eq!(got, it);
+                let x = x?;
                 let mut y = Vec::with_capacity(idx.len() * k);
-                for (r, &i) in loaded.into_iter().zip(idx) {
-                    x.extend(r?);
+                for &i in idx {
                     y.extend_from_slice(&self.train.samples[i].1);
                 }
                 let n = idx.len();
@@ -483,6 +490,44 @@ pub(crate) fn save_checkpoint<P: serde::Serialize>(
     ]);
     meta.extend(model.checkpoint_metadata());
     Ok(crate::checkpoint::save_safetensors(&t, Some(meta), path)?)
+}
+
+/// A batch loader's output: the batch index and its images `[n, 3, s, s]` flattened, or the
+/// first image that failed.
+type LoadedBatch = (usize, crate::Result<Vec<f32>>);
+
+/// Decode and augment batches `its` of an epoch's `order` on a background thread, in order,
+/// at most two ahead of the consumer.
+fn prefetch_batches(
+    paths: Arc<Vec<PathBuf>>,
+    order: Arc<Vec<usize>>,
+    augment: Augment,
+    (seed, epoch, batch_size): (u64, usize, usize),
+    its: std::ops::Range<usize>,
+) -> std::sync::mpsc::Receiver<LoadedBatch> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<LoadedBatch>(2);
+    std::thread::spawn(move || {
+        for it in its {
+            let idx = &order[it * batch_size..((it + 1) * batch_size).min(order.len())];
+            let loaded: Vec<crate::Result<Vec<f32>>> = idx
+                .par_iter()
+                .enumerate()
+                .map(|(j, &i)| {
+                    let img = Image::open(&paths[i])?;
+                    let mut rng = Rng::new(mix(&[seed, epoch as u64, it as u64, j as u64]));
+                    Ok(augment.apply(&img, &mut rng))
+                })
+                .collect();
+            let batch = loaded
+                .into_iter()
+                .collect::<crate::Result<Vec<Vec<f32>>>>()
+                .map(|v| v.concat());
+            if tx.send((it, batch)).is_err() {
+                return; // the consumer left
+            }
+        }
+    });
+    rx
 }
 
 /// Restore what [`save_checkpoint`] wrote into `model` and `opt`; returns the progress.
