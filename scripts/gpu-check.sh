@@ -3,6 +3,7 @@
 #
 #   scripts/gpu-check.sh pack      # here: build with --features cuda, pack binaries + fixtures
 #   scripts/gpu-check.sh run       # on the GPU machine, from the repository root
+#   scripts/gpu-check.sh run parity demo   # only some parts (parity, speed, demo)
 #
 # `pack` builds `evax` and the parity test binaries with the CUDA toolkit from the package
 # registry (set up as README describes; `CUDA_ENV` names the file that exports its variables),
@@ -40,6 +41,7 @@ for l in sys.stdin:
 }
 
 run() {
+    local parts=${*:-parity speed demo}
     local out=${OUT:-/tmp/gpu-check}
     mkdir -p "$out"
     exec > >(tee -a "$out/gpu-check.log") 2>&1
@@ -59,10 +61,13 @@ run() {
     lscpu | grep -E "Model name|^CPU\(s\)"
     local evax=$bin/evax
     export EVAX_SHARED=$PWD/$PACK/shared EVAX_TEST_DEVICE=cuda
+    if [[ " $parts " == *" parity "* ]]; then
     echo "== 1. parity on cuda (f32, the CPU's tolerances) and the reduced-precision agreement"
     "$bin/test-parity" --test-threads 1 --nocapture ti_ft reduced 2>&1 | grep -Ev "^\s*$"
     "$bin/test-train" --test-threads 1 --nocapture 2>&1 | grep -Ev "^\s*$"
+    fi
     unset EVAX_TEST_DEVICE
+    if [[ " $parts " == *" speed "* ]]; then
     echo "== 2. speed: evax bench beside PyTorch (timm Eva as EVA-X) on the same GPU"
     for prec in f32 bf16; do
         for m in s b; do
@@ -75,16 +80,20 @@ run() {
         echo "pytorch s b64 $prec train: $(python3 bench/torch_gpu_bench.py train s 64 10 $prec) s/step"
     done
     "$evax" bench --device cuda --model s --batch 16 --iters 5 --cam
+    fi
+    if [[ " $parts " == *" demo "* ]]; then
     echo "== 3. a short fine-tuning run on the demo data, on the GPU"
     "$evax" demo --device cuda -o /tmp/evax-demo-gpu --epochs 6 2>&1 | grep -v "^\s*$" | tail -8
     "$evax" demo --device cuda --precision bf16 -o /tmp/evax-demo-gpu-bf16 --epochs 6 2>&1 |
         grep -v "^\s*$" | tail -3
+    grep -h img_per_s /tmp/evax-demo-gpu/run/train_log.jsonl | tail -2
+    fi
     echo "== done"
 }
 
 case "${1:-}" in
 pack) pack ;;
-run) run ;;
+run) shift; run "$@" ;;
 *)
     echo "usage: $0 pack|run" >&2
     exit 2
