@@ -75,9 +75,11 @@ impl Shard {
         Ok(None)
     }
 
-    /// `--shard` if given, else the scheduler's; `None` for an undivided run.
+    /// `--shard` if given (`none`: the whole input even inside a job array), else the
+    /// scheduler's; `None` for an undivided run.
     pub fn resolve(arg: Option<&str>) -> Result<Option<(Shard, &'static str)>> {
         match arg {
+            Some(s) if s.trim().eq_ignore_ascii_case("none") => Ok(None),
             Some(s) => Ok(Some((Shard::parse(s)?, "--shard"))),
             None => Shard::from_env(&|k| std::env::var(k).ok()),
         }
@@ -242,6 +244,10 @@ mod tests {
         ]);
         assert!(Shard::from_env(&gap).is_err());
         assert!(Shard::from_env(&env(&[])).unwrap().is_none());
+        assert!(
+            Shard::resolve(Some("none")).unwrap().is_none(),
+            "opting out"
+        );
     }
 
     #[test]

@@ -96,7 +96,8 @@ fn parse_precision(s: &str) -> Result<Precision, String> {
 pub struct ShardArgs {
     /// Process the K-th of N contiguous parts of the inputs (0 <= K < N) and write a manifest
     /// for `evax merge`; default: from a Slurm job array or a Kubernetes Indexed Job
-    /// (`JOB_COMPLETION_INDEX` with `EVAX_SHARD_COUNT`), else everything.
+    /// (`JOB_COMPLETION_INDEX` with `EVAX_SHARD_COUNT`), else everything; `none` processes
+    /// everything even inside a job array.
     #[arg(long, value_name = "K/N")]
     pub shard: Option<String>,
 }
