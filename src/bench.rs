@@ -116,12 +116,14 @@ pub fn run(
 ) -> Result<BenchResult, ModelError> {
     let dev = &target.device;
     if let Some(preset) = model_name.strip_prefix("seg-") {
-        if !dev.is_cpu() || target.precision != Precision::F32 {
+        if target.precision != Precision::F32 {
             return Err(ModelError::Input(
-                "the segmentation model runs on the CPU in f32 only so far".into(),
+                "the segmentation model computes in f32 only so far".into(),
             ));
         }
-        return run_seg(model_name, preset, batch, input, iters, work);
+        let mut r = run_seg(model_name, preset, (batch, input), iters, work, dev)?;
+        r.device = device_name(dev);
+        return Ok(r);
     }
     let unknown = || {
         ModelError::Input(format!(
@@ -289,10 +291,10 @@ fn result(
 fn run_seg(
     model_name: &str,
     preset: &str,
-    batch: usize,
-    input: usize,
+    (batch, input): (usize, usize),
     iters: usize,
     work: Workload,
+    dev: &Device,
 ) -> Result<BenchResult, ModelError> {
     use crate::segment::{SegTrainable, UperNet, head_flops, random_state_dict};
     let mut cfg = EvaXConfig::preset(preset)
@@ -307,11 +309,11 @@ fn run_seg(
     let sd = random_state_dict(&cfg, 256, 0);
     let gflop = (flops_per_image(&cfg, input) + head_flops(grid, cfg.dim, 256)) / 1e9;
     let variant = format!("{} + UperNet-256", cfg.variant());
-    let x = Tensor::randn(0f32, 1f32, (batch, 3, input, input), &Device::Cpu)?;
+    let x = Tensor::randn(0f32, 1f32, (batch, 3, input, input), dev)?;
     let (mean, min, n) = match work {
         Workload::Train => {
-            let model = SegTrainable::from_state_dict(&sd, &Device::Cpu, Default::default())?;
-            let targets = Tensor::rand(0f32, 1f32, (batch, 1, input, input), &Device::Cpu)?
+            let model = SegTrainable::from_state_dict(&sd, dev, Default::default())?;
+            let targets = Tensor::rand(0f32, 1f32, (batch, 1, input, input), dev)?
                 .ge(0.5)?
                 .to_dtype(candle_core::DType::F32)?;
             let groups: Groups = model
@@ -326,13 +328,19 @@ fn run_seg(
                 let grads = bce_with_logits(&logits, &targets)?.backward()?;
                 let grads = crate::train::optim::grads_by_name(model.vars(), &grads);
                 opt.update(model.vars(), &grads, 6e-5, &groups, 1.0)?;
+                dev.synchronize()?;
                 Ok(())
             })?
         }
         Workload::Forward => {
-            let model = UperNet::from_state_dict(&sd, &Default::default())?.0;
+            let load = LoadOptions {
+                device: dev.clone(),
+                ..Default::default()
+            };
+            let model = UperNet::from_state_dict(&sd, &load)?.0;
             timed(iters, &mut || {
                 model.logits(&x)?;
+                dev.synchronize()?;
                 Ok(())
             })?
         }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use evax::checkpoint::{Checkpoint, Param};
-use evax::fixtures::shared_or_skip;
+use evax::fixtures::{shared_or_skip, test_device};
 use evax::kernels::Kernels;
 use evax::model::{LoadOptions, Trainable};
 use evax::segment::UperNet;
@@ -21,6 +21,7 @@ fn load(sh: &Path, kernels: Kernels) -> UperNet {
     let ck = Checkpoint::load(sh.join("fixtures/upernet_eva_x_s_d2_seg.pth")).unwrap();
     let opts = LoadOptions {
         kernels,
+        device: test_device(),
         ..Default::default()
     };
     let (m, report) = UperNet::from_checkpoint(&ck, &opts).unwrap();
@@ -46,7 +47,7 @@ fn forward_matches_the_original(kernels: Kernels) {
     };
     let r = reference(&sh);
     let m = load(&sh, kernels);
-    let x = r["seg/input"].to_tensor(&Device::Cpu).unwrap();
+    let x = r["seg/input"].to_tensor(&test_device()).unwrap();
     assert_eq!(x.dims(), &[1, 3, 512, 512]);
     let levels = m.pyramid(&x).unwrap();
     let sides = [128, 64, 32, 16];
@@ -239,10 +240,10 @@ fn train_step_matches_the_original(kernels: Kernels) {
     let r = reference(&sh);
     let ck = Checkpoint::load(sh.join("fixtures/upernet_eva_x_s_d2_seg.pth")).unwrap();
     let model =
-        evax::segment::SegTrainable::from_state_dict(&ck.tensors, &Device::Cpu, kernels).unwrap();
-    let x = r["seg/input"].to_tensor(&Device::Cpu).unwrap();
+        evax::segment::SegTrainable::from_state_dict(&ck.tensors, &test_device(), kernels).unwrap();
+    let x = r["seg/input"].to_tensor(&test_device()).unwrap();
     let y = r["seg/target"]
-        .to_tensor(&Device::Cpu)
+        .to_tensor(&test_device())
         .unwrap()
         .unsqueeze(1)
         .unwrap();

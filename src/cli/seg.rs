@@ -49,6 +49,9 @@ pub struct TrainArgs {
     /// Kernel implementation.
     #[arg(long, value_enum, default_value = "fused")]
     kernels: KernelsArg,
+    /// Device (the segmentation model computes in f32).
+    #[command(flatten)]
+    compute: super::ComputeArgs,
     /// Output folder: checkpoints, train_log.jsonl, curves.svg, eval/.
     #[arg(short, long)]
     output: PathBuf,
@@ -111,6 +114,9 @@ pub struct EvalArgs {
     /// Kernel implementation.
     #[arg(long, value_enum, default_value = "fused")]
     kernels: KernelsArg,
+    /// Device (the segmentation model computes in f32).
+    #[command(flatten)]
+    compute: super::ComputeArgs,
     /// Output folder: metrics.json, per_image.csv, report.md.
     #[arg(short, long)]
     output: PathBuf,
@@ -137,6 +143,9 @@ pub struct PredictArgs {
     /// Kernel implementation.
     #[arg(long, value_enum, default_value = "fused")]
     kernels: KernelsArg,
+    /// Device (the segmentation model computes in f32).
+    #[command(flatten)]
+    compute: super::ComputeArgs,
     /// Output folder.
     #[arg(short, long)]
     output: PathBuf,
@@ -171,8 +180,11 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     for n in notes {
         eprintln!("{n}");
     }
-    let mut model =
-        evax::segment::SegTrainable::from_state_dict(&sd, &Device::Cpu, a.kernels.into())?;
+    let mut model = evax::segment::SegTrainable::from_state_dict(
+        &sd,
+        &seg_device(&a.compute)?,
+        a.kernels.into(),
+    )?;
     let split = |name: &str| evax::segment::read_split(&a.data_dir, &a.data_dir.join(name));
     let (train, mut failures) = split("train.txt")?;
     let (eval, f) = split("test.txt")?;
@@ -241,10 +253,15 @@ fn prepare(a: PrepareArgs) -> anyhow::Result<ExitCode> {
     Ok(finish(&r.skipped, r.pairs))
 }
 
-fn load(weights: &std::path::Path, kernels: KernelsArg) -> anyhow::Result<UperNet> {
+fn load(
+    weights: &std::path::Path,
+    kernels: KernelsArg,
+    compute: &super::ComputeArgs,
+) -> anyhow::Result<UperNet> {
     let ck = Checkpoint::load(weights)?;
     let opts = LoadOptions {
         kernels: kernels.into(),
+        device: seg_device(compute)?,
         ..Default::default()
     };
     let (model, report) = UperNet::from_checkpoint(&ck, &opts)?;
@@ -255,7 +272,7 @@ fn load(weights: &std::path::Path, kernels: KernelsArg) -> anyhow::Result<UperNe
 }
 
 fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
-    let model = load(&a.weights, a.kernels)?;
+    let model = load(&a.weights, a.kernels, &a.compute)?;
     let (samples, mut failures) = evax::segment::read_split(&a.data_dir, &a.list)?;
     let job = evax::segment::SegEvalJob {
         model: &model,
@@ -271,7 +288,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
-    let model = load(&a.weights, a.kernels)?;
+    let model = load(&a.weights, a.kernels, &a.compute)?;
     let job = SegPredictJob {
         model: &model,
         size: a.input_size.unwrap_or_else(|| model.default_input_size()),
@@ -288,4 +305,16 @@ fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
         a.output.join("predictions.json").display()
     );
     Ok(finish(&failures, records.len()))
+}
+
+/// The device of a segmentation command; reduced precision is refused (f32 only so far).
+fn seg_device(compute: &super::ComputeArgs) -> anyhow::Result<Device> {
+    let (device, precision) = compute.resolve()?;
+    if precision != evax::compute::Precision::F32 {
+        anyhow::bail!(
+            "--precision {}: the segmentation model computes in f32 only",
+            precision.name()
+        );
+    }
+    Ok(device)
 }

@@ -374,8 +374,8 @@ impl SegRun {
                     y.extend(b);
                 }
                 let n = idx.len();
-                let xt = Tensor::from_vec(x, (n, 3, s, s), &Device::Cpu)?;
-                let yt = Tensor::from_vec(y, (n, 1, s, s), &Device::Cpu)?;
+                let xt = Tensor::from_vec(x, (n, 3, s, s), model.device())?;
+                let yt = Tensor::from_vec(y, (n, 1, s, s), model.device())?;
                 let mut rng = Rng::new(mix(&[cfg.seed, epoch as u64, it as u64, 0xd0]));
                 let logits = model.forward_seg(&xt, cfg.drop_path, Some(&mut rng))?;
                 let loss = crate::train::bce_with_logits(&logits, &yt)?;
