@@ -5,7 +5,7 @@ tokens as a map; the ViTDet pyramid and mmsegmentation's UPerHead (256 channels,
 6, BN + ReLU, one output channel) are written out here, since mmsegmentation 0.x does not install
 on current PyTorch. The shared torch_bench.py has no segmentation model.
 
-usage: torch_seg_bench.py infer BATCH SIZE ITERS | train BATCH SIZE ITERS
+usage: torch_seg_bench.py infer BATCH SIZE ITERS [cuda] | train BATCH SIZE ITERS [cuda]
 Prints the median seconds per iteration (a forward pass to logits at the input size, or one AdamW
 step with drop path 0.15 and BCE on a random mask)."""
 import statistics
@@ -71,22 +71,29 @@ class Seg(nn.Module):
 
 def main():
     mode, b, size, iters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    m = Seg(size)
-    x = torch.randn(b, 3, size, size)
+    dev = sys.argv[5] if len(sys.argv) > 5 else "cpu"
+    if dev != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    sync = torch.cuda.synchronize if dev != "cpu" else (lambda: None)
+    m = Seg(size).to(dev)
+    x = torch.randn(b, 3, size, size, device=dev)
     ts = []
     if mode == "infer":
         m.eval()
         with torch.inference_mode():
             m(x)
+            sync()
             for _ in range(iters):
-                t = time.perf_counter(); m(x); ts.append(time.perf_counter() - t)
+                t = time.perf_counter(); m(x); sync(); ts.append(time.perf_counter() - t)
     else:
         m.train()
         opt = torch.optim.AdamW(m.parameters(), lr=6e-5, weight_decay=0.05)
-        y = (torch.rand(b, 1, size, size) > 0.5).float()
+        y = (torch.rand(b, 1, size, size, device=dev) > 0.5).float()
         for i in range(iters + 1):
             t = time.perf_counter()
             opt.zero_grad(); F.binary_cross_entropy_with_logits(m(x), y).backward(); opt.step()
+            sync()
             if i: ts.append(time.perf_counter() - t)
     print(statistics.median(ts))
 
