@@ -121,9 +121,7 @@ pub fn run(
                 "the segmentation model computes in f32 only so far".into(),
             ));
         }
-        let mut r = run_seg(model_name, preset, (batch, input), iters, work, dev)?;
-        r.device = device_name(dev);
-        return Ok(r);
+        return run_seg(model_name, preset, (batch, input), iters, work, target);
     }
     let unknown = || {
         ModelError::Input(format!(
@@ -226,17 +224,15 @@ pub fn run(
         Ok(())
     };
     let (mean, min, n) = timed(iters, &mut step)?;
-    let mut r = result(
+    Ok(result(
         model_name,
         variant,
         (batch, input),
         (mean, min, n),
         gflop,
         work,
-    );
-    r.device = device_name(dev);
-    r.precision = target.precision;
-    Ok(r)
+        target,
+    ))
 }
 
 /// One warm-up call (pools, caches, page faults), then `iters` timed ones: mean and fastest
@@ -264,6 +260,7 @@ fn result(
     (mean, min, iters): (f64, f64, usize),
     gflop: f64,
     work: Workload,
+    target: &Target,
 ) -> BenchResult {
     BenchResult {
         model: model.to_string(),
@@ -279,8 +276,8 @@ fn result(
         gflop_per_img: gflop,
         gflop_per_s: gflop * batch as f64 / mean,
         peak_rss_mb: peak_rss_mb(),
-        device: "cpu".into(),
-        precision: Precision::F32,
+        device: device_name(&target.device),
+        precision: target.precision,
     }
 }
 
@@ -294,8 +291,9 @@ fn run_seg(
     (batch, input): (usize, usize),
     iters: usize,
     work: Workload,
-    dev: &Device,
+    target: &Target,
 ) -> Result<BenchResult, ModelError> {
+    let dev = &target.device;
     use crate::segment::{SegTrainable, UperNet, head_flops, random_state_dict};
     let mut cfg = EvaXConfig::preset(preset)
         .ok_or_else(|| ModelError::Input(format!("unknown model '{model_name}'")))?;
@@ -357,6 +355,7 @@ fn run_seg(
         (mean, min, n),
         gflop,
         work,
+        target,
     ))
 }
 

@@ -46,12 +46,9 @@ pub struct TrainArgs {
     /// Stop after N steps (resumable: run the same command again).
     #[arg(long)]
     max_steps: Option<u64>,
-    /// Kernel implementation.
-    #[arg(long, value_enum, default_value = "fused")]
-    kernels: KernelsArg,
-    /// Device (the segmentation model computes in f32).
+    /// Kernels and device.
     #[command(flatten)]
-    compute: super::ComputeArgs,
+    run: SegCompute,
     /// Output folder: checkpoints, train_log.jsonl, curves.svg, eval/.
     #[arg(short, long)]
     output: PathBuf,
@@ -111,12 +108,9 @@ pub struct EvalArgs {
     /// Foreground where sigmoid(logit) exceeds this (the original: 0.3).
     #[arg(long, default_value_t = 0.3)]
     threshold: f32,
-    /// Kernel implementation.
-    #[arg(long, value_enum, default_value = "fused")]
-    kernels: KernelsArg,
-    /// Device (the segmentation model computes in f32).
+    /// Kernels and device.
     #[command(flatten)]
-    compute: super::ComputeArgs,
+    run: SegCompute,
     /// Output folder: metrics.json, per_image.csv, report.md.
     #[arg(short, long)]
     output: PathBuf,
@@ -140,12 +134,9 @@ pub struct PredictArgs {
     /// Skip the overlay PNGs.
     #[arg(long)]
     no_overlay: bool,
-    /// Kernel implementation.
-    #[arg(long, value_enum, default_value = "fused")]
-    kernels: KernelsArg,
-    /// Device (the segmentation model computes in f32).
+    /// Kernels and device.
     #[command(flatten)]
-    compute: super::ComputeArgs,
+    run: SegCompute,
     /// Output folder.
     #[arg(short, long)]
     output: PathBuf,
@@ -180,11 +171,8 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     for n in notes {
         eprintln!("{n}");
     }
-    let mut model = evax::segment::SegTrainable::from_state_dict(
-        &sd,
-        &seg_device(&a.compute)?,
-        a.kernels.into(),
-    )?;
+    let mut model =
+        evax::segment::SegTrainable::from_state_dict(&sd, &a.run.device()?, a.run.kernels.into())?;
     let split = |name: &str| evax::segment::read_split(&a.data_dir, &a.data_dir.join(name));
     let (train, mut failures) = split("train.txt")?;
     let (eval, f) = split("test.txt")?;
@@ -253,15 +241,11 @@ fn prepare(a: PrepareArgs) -> anyhow::Result<ExitCode> {
     Ok(finish(&r.skipped, r.pairs))
 }
 
-fn load(
-    weights: &std::path::Path,
-    kernels: KernelsArg,
-    compute: &super::ComputeArgs,
-) -> anyhow::Result<UperNet> {
+fn load(weights: &std::path::Path, run: &SegCompute) -> anyhow::Result<UperNet> {
     let ck = Checkpoint::load(weights)?;
     let opts = LoadOptions {
-        kernels: kernels.into(),
-        device: seg_device(compute)?,
+        kernels: run.kernels.into(),
+        device: run.device()?,
         ..Default::default()
     };
     let (model, report) = UperNet::from_checkpoint(&ck, &opts)?;
@@ -272,7 +256,7 @@ fn load(
 }
 
 fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
-    let model = load(&a.weights, a.kernels, &a.compute)?;
+    let model = load(&a.weights, &a.run)?;
     let (samples, mut failures) = evax::segment::read_split(&a.data_dir, &a.list)?;
     let job = evax::segment::SegEvalJob {
         model: &model,
@@ -288,7 +272,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
-    let model = load(&a.weights, a.kernels, &a.compute)?;
+    let model = load(&a.weights, &a.run)?;
     let job = SegPredictJob {
         model: &model,
         size: a.input_size.unwrap_or_else(|| model.default_input_size()),
@@ -307,14 +291,27 @@ fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
     Ok(finish(&failures, records.len()))
 }
 
-/// The device of a segmentation command; reduced precision is refused (f32 only so far).
-fn seg_device(compute: &super::ComputeArgs) -> anyhow::Result<Device> {
-    let (device, precision) = compute.resolve()?;
-    if precision != evax::compute::Precision::F32 {
-        anyhow::bail!(
-            "--precision {}: the segmentation model computes in f32 only",
-            precision.name()
-        );
+/// How a segmentation command computes: kernels and device (f32 only).
+#[derive(clap::Args)]
+pub struct SegCompute {
+    /// Kernel implementation.
+    #[arg(long, value_enum, default_value = "fused")]
+    kernels: KernelsArg,
+    /// Device (the segmentation model computes in f32).
+    #[command(flatten)]
+    compute: super::ComputeArgs,
+}
+
+impl SegCompute {
+    /// The device; reduced precision is refused (the segmentation model has f32 only so far).
+    fn device(&self) -> anyhow::Result<Device> {
+        let (device, precision) = self.compute.resolve()?;
+        if precision != evax::compute::Precision::F32 {
+            anyhow::bail!(
+                "--precision {}: the segmentation model computes in f32 only",
+                precision.name()
+            );
+        }
+        Ok(device)
     }
-    Ok(device)
 }
