@@ -472,15 +472,7 @@ fn three_shards_merge_into_the_single_run() {
     assert_eq!(rows, vec![2, 2, 2], "6 images in three parts");
     // Given out of order; a part missing or repeated is refused.
     let merged = root.join("merged");
-    let o = evax(&[
-        "merge",
-        "-o",
-        s(&merged),
-        s(&parts[2]),
-        s(&parts[0]),
-        s(&parts[1]),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    merge_parts(&merged, [&parts[2], &parts[0], &parts[1]]);
     for f in [
         "y_pred.npy",
         "y_gt.npy",
@@ -543,15 +535,7 @@ fn three_shards_merge_into_the_single_run() {
             run(args(p, Some(&format!("{k}/3"))));
         }
         let merged = root.join(format!("merged.{ext}"));
-        let o = evax(&[
-            "merge",
-            "-o",
-            s(&merged),
-            s(&parts[1]),
-            s(&parts[2]),
-            s(&parts[0]),
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
+        merge_parts(&merged, [&parts[1], &parts[2], &parts[0]]);
         assert_eq!(
             std::fs::read(&one).unwrap(),
             std::fs::read(&merged).unwrap(),
@@ -584,15 +568,7 @@ fn three_shards_merge_into_the_single_run() {
             embed(p, Some(&format!("{k}/3")));
         }
         let merged = root.join(format!("emb-merged.{ext}"));
-        let o = evax(&[
-            "merge",
-            "-o",
-            s(&merged),
-            s(&parts[0]),
-            s(&parts[2]),
-            s(&parts[1]),
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
+        merge_parts(&merged, [&parts[0], &parts[2], &parts[1]]);
         let files: Vec<(PathBuf, PathBuf)> = if ext == "npy" {
             ["npy", "tokens.npy", "blocks.5.npy", "inputs.txt"]
                 .iter()
@@ -639,15 +615,7 @@ fn three_shards_merge_into_the_single_run() {
         cam(p, Some(&format!("{k}/3")));
     }
     let merged = root.join("cam-merged");
-    let o = evax(&[
-        "merge",
-        "-o",
-        s(&merged),
-        s(&parts[1]),
-        s(&parts[0]),
-        s(&parts[2]),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    merge_parts(&merged, [&parts[1], &parts[0], &parts[2]]);
     let mut files: Vec<String> = std::fs::read_dir(&one)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -665,6 +633,12 @@ fn three_shards_merge_into_the_single_run() {
             "{f} differs or is missing after the merge"
         );
     }
+}
+
+/// `evax merge -o out` of three parts (given in any order), which must succeed.
+fn merge_parts(out: &Path, parts: [&PathBuf; 3]) {
+    let o = evax(&["merge", "-o", s(out), s(parts[0]), s(parts[1]), s(parts[2])]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 /// A ChestX-ray14 folder as the NIH download lays it out (`images_00N/images/`): three real
