@@ -33,6 +33,29 @@ pub fn output_names(inputs: &[std::path::PathBuf]) -> Vec<String> {
     inputs.iter().map(|p| stems.next(p)).collect()
 }
 
+/// The SHA-256 of a file's bytes, as lower-case hex (how checkpoints are identified in reports
+/// and server answers).
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A checkpoint as reports name it: `file.pth (sha256 ...)`, or the path alone when it cannot
+/// be read.
+pub fn checkpoint_label(path: &Path) -> String {
+    let name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    match sha256_file(path) {
+        Ok(h) => format!("{name} (sha256 {h})"),
+        Err(_) => name,
+    }
+}
+
 /// Write `bytes` to `path` atomically: a temporary file in the same folder, then a rename, so an
 /// interrupted run never leaves a half-written output.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -37,6 +37,7 @@ pub mod predict;
 pub mod preprocess;
 pub mod rng;
 pub mod segment;
+pub mod serve;
 pub mod shard;
 pub mod train;
 

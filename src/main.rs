@@ -61,6 +61,8 @@ enum Command {
     },
     /// Speed and peak memory with random weights.
     Bench(cli::bench::Args),
+    /// Serve models over HTTP: predict, Grad-CAM, embed; dynamic batching, metrics.
+    Serve(cli::serve::Args),
     /// Segmentation with the original's EVA-X + UperNet model.
     Seg {
         #[command(subcommand)]
@@ -108,6 +110,7 @@ fn main() -> ExitCode {
         Command::Dicom { command } => cli::dicom::run(command),
         Command::Bench(a) => cli::bench::run(a),
         Command::Seg { command } => cli::seg::run(command),
+        Command::Serve(a) => cli::serve::run(a),
     };
     match result {
         Ok(code) => code,

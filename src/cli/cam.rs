@@ -87,7 +87,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         overlays: !a.no_overlay,
         dicom_out: a.dicom_out.then(|| evax::dicom::results::Producer {
             model: p.model.name(),
-            checkpoint: checkpoint_label(&a.model.weights),
+            checkpoint: evax::io::checkpoint_label(&a.model.weights),
             threshold: a.threshold,
         }),
     };
@@ -107,25 +107,6 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         &failures,
         paths.len() - failures.len().min(paths.len()),
     ))
-}
-
-/// A checkpoint as a report names it: file name and a hash of its bytes (FNV-1a 64).
-fn checkpoint_label(path: &std::path::Path) -> String {
-    let name = path.file_name().map_or_else(
-        || path.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    );
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-            for b in bytes {
-                h ^= b as u64;
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
-            format!("{name} (fnv1a64 {h:016x})")
-        }
-        Err(_) => name,
-    }
 }
 
 /// Preprocessing of `cam-eval`.

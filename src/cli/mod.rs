@@ -15,6 +15,7 @@ pub mod info;
 pub mod merge;
 pub mod predict;
 pub mod seg;
+pub mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -157,15 +158,20 @@ impl ModelArgs {
                 precision,
             },
             input_size: self.input_size,
-            normalization: match self.norm {
-                NormArg::Auto => None,
-                NormArg::Evax => Some(Normalization::EVAX),
-                NormArg::Others => Some(Normalization::OTHERS),
-            },
+            normalization: normalization(self.norm),
             labels,
             activation: None,
             batch: self.batch,
         })
+    }
+}
+
+/// The statistics `--norm` asks for (`None`: the family's own).
+pub fn normalization(n: NormArg) -> Option<Normalization> {
+    match n {
+        NormArg::Auto => None,
+        NormArg::Evax => Some(Normalization::EVAX),
+        NormArg::Others => Some(Normalization::OTHERS),
     }
 }
 

@@ -208,7 +208,8 @@ fn now() -> (String, String) {
     )
 }
 
-fn write(obj: InMemDicomObject, sop_class: &str, path: &Path) -> crate::Result<()> {
+/// The object as a DICOM file (explicit VR little endian) in memory.
+fn encode(obj: InMemDicomObject, sop_class: &str) -> crate::Result<Vec<u8>> {
     let file = obj
         .with_meta(
             FileMetaTableBuilder::new()
@@ -217,20 +218,46 @@ fn write(obj: InMemDicomObject, sop_class: &str, path: &Path) -> crate::Result<(
                 .implementation_class_uid("2.25.137038125948464847900039011591283709926")
                 .implementation_version_name("EVAX"),
         )
-        .map_err(|e| crate::Error::Invalid(format!("{}: {e}", path.display())))?;
+        .map_err(|e| crate::Error::Invalid(format!("DICOM result: {e}")))?;
     let mut bytes = Vec::new();
     file.write_all(&mut bytes)
-        .map_err(|e| crate::Error::Invalid(format!("{}: {e}", path.display())))?;
+        .map_err(|e| crate::Error::Invalid(format!("DICOM result: {e}")))?;
+    Ok(bytes)
+}
+
+fn write(bytes: crate::Result<Vec<u8>>, path: &Path) -> crate::Result<()> {
+    let bytes = bytes.map_err(|e| crate::Error::Invalid(format!("{}: {e}", path.display())))?;
     crate::io::write_atomic(path, &bytes).map_err(|e| crate::Error::io(path, e))
 }
 
-/// Write the overlay `pic` as a Secondary Capture image of the source's study.
+/// Write the overlay `pic` as a Secondary Capture image of the source's study (see
+/// [`secondary_capture_bytes`]).
 pub fn write_secondary_capture(
     source: &DicomFile,
     pic: &Rgb,
     description: &str,
     path: &Path,
 ) -> crate::Result<()> {
+    write(secondary_capture_bytes(source, pic, description), path)
+}
+
+/// Write the findings and probabilities as an Enhanced SR of the source's study (see
+/// [`report_bytes`]).
+pub fn write_report(
+    source: &DicomFile,
+    producer: &Producer,
+    classes: &[ClassResult],
+    path: &Path,
+) -> crate::Result<()> {
+    write(report_bytes(source, producer, classes), path)
+}
+
+/// The overlay `pic` as a Secondary Capture image of the source's study, encoded.
+pub fn secondary_capture_bytes(
+    source: &DicomFile,
+    pic: &Rgb,
+    description: &str,
+) -> crate::Result<Vec<u8>> {
     let mut obj = common(source, SECONDARY_CAPTURE, "OT", "9001");
     text(
         &mut obj,
@@ -257,10 +284,8 @@ pub fn write_secondary_capture(
     }
     if pic.width > u16::MAX as usize || pic.height > u16::MAX as usize {
         return Err(crate::Error::Invalid(format!(
-            "{}: an overlay of {}x{} does not fit a DICOM image",
-            path.display(),
-            pic.width,
-            pic.height
+            "an overlay of {}x{} does not fit a DICOM image",
+            pic.width, pic.height
         )));
     }
     let mut data = pic.data.clone();
@@ -277,18 +302,18 @@ pub fn write_secondary_capture(
         tags::SOURCE_IMAGE_SEQUENCE,
         vec![source_reference(source)],
     );
-    write(obj, SECONDARY_CAPTURE, path)
+    encode(obj, SECONDARY_CAPTURE)
 }
 
-/// Write the findings and probabilities as an Enhanced SR of the source's study: a container
-/// "EVA-X classification" holding the model, the checkpoint, the threshold, one numeric item
-/// per class (probability) and the findings as text, with the source image as evidence.
-pub fn write_report(
+/// The findings and probabilities as an Enhanced SR of the source's study, encoded: a
+/// container "EVA-X classification" holding the model, the checkpoint, the threshold, one
+/// numeric item per class (probability) and the findings as text, with the source image as
+/// evidence.
+pub fn report_bytes(
     source: &DicomFile,
     producer: &Producer,
     classes: &[ClassResult],
-    path: &Path,
-) -> crate::Result<()> {
+) -> crate::Result<Vec<u8>> {
     let mut obj = common(source, ENHANCED_SR, "SR", "9002");
     text(
         &mut obj,
@@ -405,7 +430,7 @@ pub fn write_report(
         tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE,
         vec![study],
     );
-    write(obj, ENHANCED_SR, path)
+    encode(obj, ENHANCED_SR)
 }
 
 /// A Structured Report read back: identity, and its content items as name and value.

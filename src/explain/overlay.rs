@@ -204,6 +204,15 @@ impl Rgb {
 
     /// Write as an 8-bit PNG, atomically: greyscale (the first channel) when `grey`, else RGB.
     pub fn save_png_grey_or_rgb(&self, path: &Path, grey: bool) -> std::io::Result<()> {
+        crate::io::write_atomic(path, &self.encode_png(grey)?)
+    }
+
+    /// The 8-bit RGB PNG encoding.
+    pub fn png_bytes(&self) -> std::io::Result<Vec<u8>> {
+        self.encode_png(false)
+    }
+
+    fn encode_png(&self, grey: bool) -> std::io::Result<Vec<u8>> {
         let mut buf = Vec::new();
         {
             let mut enc = png::Encoder::new(&mut buf, self.width as u32, self.height as u32);
@@ -221,7 +230,7 @@ impl Rgb {
             };
             w.write_image_data(&data).map_err(std::io::Error::other)?;
         }
-        crate::io::write_atomic(path, &buf)
+        Ok(buf)
     }
 }
 
