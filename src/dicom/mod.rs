@@ -7,6 +7,7 @@
 //! dimensions and pixel-data lengths are checked before anything is decoded, and the parser and
 //! codecs run behind a guard that turns an unexpected panic into an error naming the file.
 
+pub mod jpeg12;
 pub mod jpegls;
 pub mod results;
 mod scan;
@@ -325,6 +326,18 @@ impl DicomFile {
                         .map(|d| (d, dicom_pixeldata::PlanarConfiguration::Standard))
                         .map_err(|e| format!("cannot decode {}: {e}", i.transfer_syntax_name));
                 }
+                if is_jpeg_extended(&i.transfer_syntax) {
+                    // 12-bit JPEG Extended: our decoder (the JPEG crates take 8 bits only).
+                    let stream = self
+                        .frame_stream(f)
+                        .map_err(|e| format!("cannot decode {}: {e}", i.transfer_syntax_name))?;
+                    if jpeg12::frame_precision(&stream) == Some(12) {
+                        return self
+                            .jpeg12_frame(&stream)
+                            .map(|d| (d, dicom_pixeldata::PlanarConfiguration::Standard))
+                            .map_err(|e| format!("cannot decode {}: {e}", i.transfer_syntax_name));
+                    }
+                }
                 self.obj
                     .decode_pixel_data_frame(f as u32)
                     .map(|d| (d.data().to_vec(), d.planar_configuration()))
@@ -369,9 +382,8 @@ impl DicomFile {
         })
     }
 
-    /// Frame `f` of a JPEG-LS file through our decoder, as little-endian stored values of
-    /// Bits Allocated.
-    fn jpeg_ls_frame(&self, f: usize) -> Result<Vec<u8>, String> {
+    /// The encapsulated codestream of frame `f` (its fragments joined).
+    fn frame_stream(&self, f: usize) -> Result<Vec<u8>, String> {
         let i = &self.info;
         let pixel = self
             .obj
@@ -380,7 +392,7 @@ impl DicomFile {
         let fragments = pixel
             .value()
             .fragments()
-            .ok_or("JPEG-LS Pixel Data (7FE0,0010) is not encapsulated")?;
+            .ok_or("Pixel Data (7FE0,0010) is not encapsulated")?;
         let stream: Vec<u8> = if i.frames == 1 {
             fragments.concat()
         } else if fragments.len() == i.frames {
@@ -406,6 +418,14 @@ impl DicomFile {
             }
             out
         };
+        Ok(stream)
+    }
+
+    /// Frame `f` of a JPEG-LS file through our decoder, as little-endian stored values of
+    /// Bits Allocated.
+    fn jpeg_ls_frame(&self, f: usize) -> Result<Vec<u8>, String> {
+        let i = &self.info;
+        let stream = self.frame_stream(f)?;
         if i.samples_per_pixel != 1 {
             return Err(format!(
                 "JPEG-LS with {} samples per pixel: only grey images are supported",
@@ -420,9 +440,34 @@ impl DicomFile {
         })
     }
 
+    /// A 12-bit JPEG Extended frame through our decoder, as little-endian 16-bit stored values.
+    fn jpeg12_frame(&self, stream: &[u8]) -> Result<Vec<u8>, String> {
+        let i = &self.info;
+        if i.samples_per_pixel != 1 || i.bits_allocated != 16 {
+            return Err(format!(
+                "12-bit JPEG with {} samples per pixel and Bits Allocated {}: only grey images \
+                 stored in 16 bits are supported",
+                i.samples_per_pixel, i.bits_allocated
+            ));
+        }
+        let d = jpeg12::decode(stream).map_err(|e| e.to_string())?;
+        if (d.width, d.height) != (i.cols, i.rows) {
+            return Err(format!(
+                "the JPEG stream is {}x{}, the header says {}x{} (Columns x Rows)",
+                d.width, d.height, i.cols, i.rows
+            ));
+        }
+        Ok(d.samples.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
     pub(crate) fn object(&self) -> &InMemDicomObject {
         &self.obj
     }
+}
+
+/// JPEG Extended (Process 2 & 4), whose 12-bit streams evax decodes itself ([`jpeg12`]).
+fn is_jpeg_extended(ts: &str) -> bool {
+    ts.trim_end_matches('\0') == "1.2.840.10008.1.2.4.51"
 }
 
 /// JPEG-LS Lossless or Near-Lossless, which evax decodes itself ([`jpegls`]).
