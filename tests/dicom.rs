@@ -557,7 +557,15 @@ fn jpeg_ls_files_decode_as_pydicom_decodes_them() {
 #[test]
 fn jpeg_extended_12_bit_files_decode_as_pydicom_decodes_them() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/jpeg12");
-    let names = ["q90", "q50_odd", "q100_odd", "q5", "noise_q75", "edges_q60"];
+    let names = [
+        "q90",
+        "q50_odd",
+        "q100_odd",
+        "q5",
+        "noise_q75",
+        "edges_q60",
+        "restart5_q80",
+    ];
     let mut compared = 0;
     for name in names {
         let f = DicomFile::open(dir.join(format!("{name}.dcm"))).unwrap();
@@ -597,7 +605,15 @@ fn jpeg_extended_12_bit_files_decode_as_pydicom_decodes_them() {
 #[test]
 fn mutated_12_bit_jpeg_streams_never_panic() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/jpeg12");
-    let names = ["q90", "q50_odd", "q100_odd", "q5", "noise_q75", "edges_q60"];
+    let names = [
+        "q90",
+        "q50_odd",
+        "q100_odd",
+        "q5",
+        "noise_q75",
+        "edges_q60",
+        "restart5_q80",
+    ];
     let streams: Vec<(String, Vec<u8>)> = names
         .iter()
         .map(|n| {
@@ -606,7 +622,7 @@ fn mutated_12_bit_jpeg_streams_never_panic() {
             (n.to_string(), b[at..].to_vec())
         })
         .collect();
-    assert_eq!(streams.len(), 6);
+    assert_eq!(streams.len(), 7);
     let mut tally = FuzzTally::default();
     for k in fuzz_range(1000) {
         let (name, src) = &streams[(k as usize) % streams.len()];
