@@ -683,3 +683,82 @@ fn shutdown_answers_every_accepted_request() {
     // Nothing listens any more.
     assert!(std::net::TcpStream::connect(addr).is_err());
 }
+
+/// `evax serve` as a user runs it: it announces its address, answers, and on SIGTERM finishes
+/// the request in flight, then exits 0.
+#[test]
+fn the_command_serves_and_stops_on_sigterm() {
+    let Some(shared) = shared_or_skip("the_command_serves_and_stops_on_sigterm") else {
+        return;
+    };
+    use std::io::BufRead;
+    let weights = shared.join("fixtures").join(MODEL);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_evax"))
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--max-batch",
+            "1",
+            "--weights",
+        ])
+        .arg(format!("ti={}", weights.display()))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let addr: SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address announced: {line}"))
+        .parse()
+        .unwrap();
+    let c = std::sync::Arc::new(Client::new(addr));
+    let png = image(&shared, "00003440_000.png");
+    let rt = runtime();
+    assert_eq!(
+        rt.block_on(c.post("/v1/models/ti/predict", png.clone()))
+            .status()
+            .as_u16(),
+        200
+    );
+    // Two requests in flight, then SIGTERM.
+    let pending: Vec<_> = (0..2)
+        .map(|_| {
+            let c = c.clone();
+            let png = png.clone();
+            rt.spawn(async move { c.post("/v1/models/ti/predict", png).await.status().as_u16() })
+        })
+        .collect();
+    rt.block_on(async {
+        for _ in 0..2000 {
+            let text = c.get("/metrics").await.text().await.unwrap();
+            if metric(&text, "evax_in_flight") == Some(2.0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("the two requests were not in flight");
+    });
+    // SAFETY: kill only sends a signal to the child we started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let statuses: Vec<u16> = rt.block_on(async {
+        let mut s = Vec::new();
+        for p in pending {
+            s.push(p.await.unwrap());
+        }
+        s
+    });
+    assert_eq!(statuses, vec![200, 200]);
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    let _ = err.read_to_string(&mut rest);
+    assert!(status.success(), "{rest}");
+    assert!(
+        rest.contains("SIGTERM") && rest.contains("stopped"),
+        "{rest}"
+    );
+}
