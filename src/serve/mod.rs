@@ -797,7 +797,7 @@ async fn run(
     })?;
     let pre = m.predictor.preprocess;
     let keep_original = endpoint == Endpoint::Cam;
-    let decoded = tokio::task::spawn_blocking(move || {
+    let mut decoded = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         crate::guard::guarded("the image decoder failed", || {
             decode(&bytes, kind, &pre, keep_original, dicom_out)
@@ -815,7 +815,7 @@ async fn run(
     };
     let (tx, rx) = oneshot::channel();
     let job = Job {
-        input: decoded.input.clone(),
+        input: std::mem::take(&mut decoded.input),
         work,
         reply: tx,
     };
