@@ -515,7 +515,6 @@ fn deflated_multiframe_and_unsupported_syntaxes() {
 /// (`scripts/make-jpegls-testdata.py`), committed under `tests/data/jpegls`.
 #[test]
 fn jpeg_ls_files_decode_as_pydicom_decodes_them() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/jpegls");
     let names = [
         "lossless8",
         "near8",
@@ -525,11 +524,20 @@ fn jpeg_ls_files_decode_as_pydicom_decodes_them() {
         "noise8",
         "noise16",
     ];
+    assert_decoded_as_pydicom("jpegls", &names, "JPEG-LS");
+}
+
+/// Every `tests/data/DIR/NAME.dcm` (of transfer syntax `syntax...`) gives exactly the stored
+/// values pydicom gave (`NAME.npy`).
+fn assert_decoded_as_pydicom(dir: &str, names: &[&str], syntax: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(dir);
     let mut compared = 0;
     for name in names {
         let f = DicomFile::open(dir.join(format!("{name}.dcm"))).unwrap();
         assert!(
-            f.info.transfer_syntax_name.starts_with("JPEG-LS"),
+            f.info.transfer_syntax_name.starts_with(syntax),
             "{name}: {}",
             f.info.transfer_syntax_name
         );
@@ -551,76 +559,45 @@ fn jpeg_ls_files_decode_as_pydicom_decodes_them() {
     assert_eq!(compared, names.len());
 }
 
+/// The 12-bit JPEG Extended test files (scripts/make-jpeg12-testdata.py).
+const JPEG12_FILES: [&str; 7] = [
+    "q90",
+    "q50_odd",
+    "q100_odd",
+    "q5",
+    "noise_q75",
+    "edges_q60",
+    "restart5_q80",
+];
+
 /// 12-bit JPEG Extended files (made by libjpeg-turbo, see scripts/make-jpeg12-testdata.py)
 /// decode to exactly what pydicom (pylibjpeg-libjpeg) gives, sample for sample; libjpeg-turbo's
 /// own decoding differs from it in 126 to 468 samples per file.
 #[test]
 fn jpeg_extended_12_bit_files_decode_as_pydicom_decodes_them() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/jpeg12");
-    let names = [
-        "q90",
-        "q50_odd",
-        "q100_odd",
-        "q5",
-        "noise_q75",
-        "edges_q60",
-        "restart5_q80",
-    ];
-    let mut compared = 0;
-    for name in names {
-        let f = DicomFile::open(dir.join(format!("{name}.dcm"))).unwrap();
-        assert!(
-            f.info
-                .transfer_syntax_name
-                .starts_with("JPEG Extended (Process 2 & 4)")
-        );
-        assert_eq!(f.info.bits_stored, 12);
-        let v = f
-            .stored_values(None)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let (shape, want) = read_npy(&dir.join(format!("{name}.npy")));
-        assert_eq!(shape, vec![v.rows, v.cols], "{name}: shape");
-        assert_eq!(v.values.len(), want.len(), "{name}: length");
-        let wrong = v
-            .values
-            .iter()
-            .zip(&want)
-            .filter(|(a, b)| **a as f32 != **b)
-            .count();
-        assert_eq!(wrong, 0, "{name}: {wrong} of {} samples differ", want.len());
-        compared += 1;
-    }
-    assert_eq!(compared, names.len());
+    assert_decoded_as_pydicom("jpeg12", &JPEG12_FILES, "JPEG Extended (Process 2 & 4)");
     // A stream cut short is an error, not an image completed with zeros.
-    let b = std::fs::read(dir.join("q90.dcm")).unwrap();
-    let at = b.windows(3).position(|w| w == [0xff, 0xd8, 0xff]).unwrap();
-    let stream = &b[at..];
+    let stream = jpeg12_stream("q90");
     let e = evax::dicom::jpeg12::decode(&stream[..stream.len() * 3 / 4]).unwrap_err();
     assert!(e.to_string().contains("ends early"), "{e}");
-    assert!(evax::dicom::jpeg12::decode(stream).is_ok());
+    assert!(evax::dicom::jpeg12::decode(&stream).is_ok());
+}
+
+/// The JPEG stream inside a 12-bit test file (to its end).
+fn jpeg12_stream(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/data/jpeg12/{name}.dcm"));
+    let b = std::fs::read(path).unwrap();
+    let at = b.windows(3).position(|w| w == [0xff, 0xd8, 0xff]).unwrap();
+    b[at..].to_vec()
 }
 
 /// Our 12-bit JPEG decoder on damaged streams: errors, never a panic (the DICOM layer's guard
 /// is not involved here).
 #[test]
 fn mutated_12_bit_jpeg_streams_never_panic() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/jpeg12");
-    let names = [
-        "q90",
-        "q50_odd",
-        "q100_odd",
-        "q5",
-        "noise_q75",
-        "edges_q60",
-        "restart5_q80",
-    ];
-    let streams: Vec<(String, Vec<u8>)> = names
+    let streams: Vec<(&str, Vec<u8>)> = JPEG12_FILES
         .iter()
-        .map(|n| {
-            let b = std::fs::read(dir.join(format!("{n}.dcm"))).unwrap();
-            let at = b.windows(3).position(|w| w == [0xff, 0xd8, 0xff]).unwrap();
-            (n.to_string(), b[at..].to_vec())
-        })
+        .map(|n| (*n, jpeg12_stream(n)))
         .collect();
     assert_eq!(streams.len(), 7);
     let mut tally = FuzzTally::default();

@@ -31,6 +31,21 @@ pub struct ClassResult {
     pub finding: bool,
 }
 
+impl ClassResult {
+    /// One result per class: its probability, and whether it reaches `threshold`.
+    pub fn list(classes: &[String], probabilities: &[f32], threshold: f32) -> Vec<ClassResult> {
+        classes
+            .iter()
+            .zip(probabilities)
+            .map(|(n, &p)| ClassResult {
+                name: n.clone(),
+                probability: p,
+                finding: p >= threshold,
+            })
+            .collect()
+    }
+}
+
 /// What produced the results.
 #[derive(Debug, Clone)]
 pub struct Producer {

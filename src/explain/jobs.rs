@@ -157,17 +157,11 @@ impl CamJob<'_> {
                 let source = match &self.dicom_out {
                     Some(producer) => match crate::dicom::DicomFile::open(path.as_path()) {
                         Ok(src) => {
-                            let classes: Vec<crate::dicom::results::ClassResult> = self
-                                .labels
-                                .classes
-                                .iter()
-                                .zip(&probs)
-                                .map(|(n, &p)| crate::dicom::results::ClassResult {
-                                    name: n.clone(),
-                                    probability: p,
-                                    finding: p >= producer.threshold,
-                                })
-                                .collect();
+                            let classes = crate::dicom::results::ClassResult::list(
+                                &self.labels.classes,
+                                &probs,
+                                producer.threshold,
+                            );
                             let sr = out_dir.join(format!("{}_sr.dcm", safe_name(stem)));
                             crate::dicom::results::write_report(&src, producer, &classes, &sr)?;
                             Some(src)

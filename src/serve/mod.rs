@@ -356,13 +356,22 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi_json))
         .route("/v1/models", get(list_models))
-        .route("/v1/models/{name}/predict", post(predict))
-        .route("/v1/models/{name}/cam", post(cam))
-        .route("/v1/models/{name}/embed", post(embed))
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
-        })
+        .route("/v1/models/{name}/{action}", post(compute))
+        .fallback(|| async { not_found() })
         .with_state(state)
+}
+
+/// `404 not_found`, closing the connection (the request's body is not read).
+fn not_found() -> Response {
+    closing(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint").into_response())
+}
+
+/// An answer given before the request's body was read ends the connection: the unread body must
+/// not be taken for the next request, and the client must not reuse the connection.
+fn closing(mut r: Response) -> Response {
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 async fn healthz() -> Response {
@@ -479,34 +488,21 @@ impl Endpoint {
     }
 }
 
-async fn predict(
+/// `POST /v1/models/{name}/{action}`: predict, cam or embed.
+async fn compute(
     State(s): State<Arc<AppState>>,
-    UrlPath(name): UrlPath<String>,
+    UrlPath((name, action)): UrlPath<(String, String)>,
     q: std::result::Result<Query<Params>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(s, Endpoint::Predict, name, q, headers, body).await
-}
-
-async fn cam(
-    State(s): State<Arc<AppState>>,
-    UrlPath(name): UrlPath<String>,
-    q: std::result::Result<Query<Params>, axum::extract::rejection::QueryRejection>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    handle(s, Endpoint::Cam, name, q, headers, body).await
-}
-
-async fn embed(
-    State(s): State<Arc<AppState>>,
-    UrlPath(name): UrlPath<String>,
-    q: std::result::Result<Query<Params>, axum::extract::rejection::QueryRejection>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    handle(s, Endpoint::Embed, name, q, headers, body).await
+    let endpoint = match action.as_str() {
+        "predict" => Endpoint::Predict,
+        "cam" => Endpoint::Cam,
+        "embed" => Endpoint::Embed,
+        _ => return not_found(),
+    };
+    handle(s, endpoint, name, q, headers, body).await
 }
 
 /// Counts a request as in flight while it lives.
@@ -534,14 +530,11 @@ async fn handle(
         Ok(r) => r,
         Err(e) => {
             s.metrics.failure(e.code);
-            let mut r = e.into_response();
-            // An answer given before the body was read ends the connection: the unread body
-            // must not be taken for the next request, and the client must not reuse it.
-            if !body_read {
-                r.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            if body_read {
+                e.into_response()
+            } else {
+                closing(e.into_response())
             }
-            r
         }
     };
     // Unknown names share one label so that clients cannot grow the metrics without bound.
@@ -998,17 +991,11 @@ impl Answer<'_> {
                 checkpoint: format!("{} (sha256 {})", self.m.checkpoint, self.m.sha256),
                 threshold: self.threshold,
             };
-            let classes: Vec<crate::dicom::results::ClassResult> = self
-                .labels
-                .classes
-                .iter()
-                .zip(&probabilities)
-                .map(|(n, &p)| crate::dicom::results::ClassResult {
-                    name: n.clone(),
-                    probability: p,
-                    finding: p >= self.threshold,
-                })
-                .collect();
+            let classes = crate::dicom::results::ClassResult::list(
+                &self.labels.classes,
+                &probabilities,
+                self.threshold,
+            );
             let bytes =
                 crate::dicom::results::report_bytes(src, &producer, &classes).map_err(|e| {
                     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
