@@ -139,6 +139,19 @@ struct AppState {
     shutting_down: AtomicBool,
 }
 
+impl AppState {
+    /// A place on the bounded pool of blocking work (decoding, drawing overlays).
+    async fn pool_slot(&self) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
+        self.decode.clone().acquire_owned().await.map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the server is shutting down",
+            )
+        })
+    }
+}
+
 /// An answer with an error: HTTP status, a stable machine-readable code and a message.
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -781,13 +794,7 @@ async fn run(
     }
 
     // Decode and preprocess on the bounded pool.
-    let permit = s.decode.clone().acquire_owned().await.map_err(|_| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the server is shutting down",
-        )
-    })?;
+    let permit = s.pool_slot().await?;
     let pre = m.predictor.preprocess;
     let keep_original = endpoint == Endpoint::Cam;
     let mut decoded = tokio::task::spawn_blocking(move || {
@@ -843,13 +850,7 @@ async fn run(
             answer.prediction(logits, Some((class, map)), dicom_out)
         }
         (Endpoint::Cam, Output::Cam { logits, class, map }) => {
-            let permit = s.decode.clone().acquire_owned().await.map_err(|_| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "shutting_down",
-                    "the server is shutting down",
-                )
-            })?;
+            let permit = s.pool_slot().await?;
             let Answer {
                 m, labels, decoded, ..
             } = answer;
