@@ -762,3 +762,50 @@ fn the_command_serves_and_stops_on_sigterm() {
         "{rest}"
     );
 }
+
+/// Weights without a head (the Ti MIM fixture) are served for embeddings: `pooled` is the
+/// original's (`ti_mim/pooled`), and predict / cam answer `no_head`.
+#[test]
+fn mim_weights_embed_and_refuse_to_predict() {
+    let Some(shared) = shared_or_skip("mim_weights_embed_and_refuse_to_predict") else {
+        return;
+    };
+    let r = reference(&shared);
+    let mut o = options(&shared);
+    o.models = vec![
+        ModelSpec::parse(
+            &format!(
+                "mim={}",
+                shared.join("fixtures/eva_x_ti_mim_fp16.pt").display()
+            ),
+            PredictorOptions::default(),
+        )
+        .unwrap(),
+    ];
+    let server = Server::start(o).unwrap();
+    let c = Client::new(server.addr());
+    runtime().block_on(async {
+        let v: Value = c.get("/v1/models").await.json().await.unwrap();
+        assert!(v["models"][0]["labels"].is_null(), "{v}");
+        let png = image(&shared, "00000001_000.png");
+        let v: Value = c
+            .post("/v1/models/mim/embed", png.clone())
+            .await
+            .json()
+            .await
+            .unwrap();
+        let d = max_diff(
+            &floats(&v["pooled"]),
+            &reference_row(&r["ti_mim/pooled"], 0),
+        );
+        eprintln!("MIM embed: pooled max abs diff {d:.2e} (tolerance 1e-4)");
+        assert!(d <= 1e-4, "{d}");
+        for path in ["/v1/models/mim/predict", "/v1/models/mim/cam"] {
+            assert_eq!(
+                error_code(c.post(path, png.clone()).await, 400).await,
+                "no_head"
+            );
+        }
+    });
+    server.shutdown().unwrap();
+}

@@ -224,7 +224,6 @@ impl Server {
             }
             let weights = &spec.options.weights;
             let predictor = Arc::new(Predictor::load(&spec.options)?);
-            predictor.labels()?;
             let sha256 = crate::io::sha256_file(weights).map_err(|e| Error::io(weights, e))?;
             let (batcher, handle) =
                 Batcher::start(&spec.name, predictor.clone(), policy, metrics.clone())
@@ -690,13 +689,22 @@ fn plan(
     params: &Params,
     headers: &HeaderMap,
 ) -> ApiResult<Plan> {
-    let labels = m.predictor.labels.clone().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "no_head",
-            "this model has no classification head",
-        )
-    })?;
+    let labels = match (&m.predictor.labels, endpoint) {
+        (Some(l), _) => l.clone(),
+        // Weights without a head (MIM pre-training) still embed.
+        (None, Endpoint::Embed) => crate::labels::LabelSet {
+            name: "none".into(),
+            classes: Vec::new(),
+            activation: crate::labels::Activation::Sigmoid,
+        },
+        (None, _) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "no_head",
+                "this model has no classification head: use /embed",
+            ));
+        }
+    };
     let threshold = params.threshold.unwrap_or(s.threshold);
     if !threshold.is_finite() {
         return Err(ApiError::new(
