@@ -166,6 +166,8 @@ fn answers_match_the_reference_for_png_and_the_other_inputs_work() {
         let v: Value = c.get("/openapi.json").await.json().await.unwrap();
         assert_eq!(v["openapi"], "3.0.3");
         assert_eq!(v["paths"].as_object().unwrap().len(), 8);
+        // No token configured: the document asks for none.
+        assert!(v.get("security").is_none(), "{}", v["security"]);
 
         // PNG: logits against the original's, both NIH images, concurrently (one batch or
         // two, whichever the batcher makes of them).
@@ -583,7 +585,12 @@ fn a_token_guards_the_api_but_not_the_probes() {
         assert_eq!(a.status().as_u16(), 200);
         assert_eq!(c.get("/healthz").await.status().as_u16(), 200);
         assert_eq!(c.get("/readyz").await.status().as_u16(), 200);
-        assert_eq!(c.get("/openapi.json").await.status().as_u16(), 200);
+        let doc: Value = c.get("/openapi.json").await.json().await.unwrap();
+        assert_eq!(doc["security"], serde_json::json!([{"bearer": []}]));
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
         assert_eq!(
             error_code(c.get("/metrics").await, 401).await,
             "unauthorized"

@@ -403,8 +403,8 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
     axum::Json(serde_json::json!({"status": "ready", "models": names})).into_response()
 }
 
-async fn openapi_json() -> Response {
-    axum::Json(openapi::document()).into_response()
+async fn openapi_json(State(s): State<Arc<AppState>>) -> Response {
+    axum::Json(openapi::document(s.token.is_some())).into_response()
 }
 
 async fn metrics_text(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {

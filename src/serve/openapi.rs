@@ -2,8 +2,9 @@
 
 use serde_json::{Value, json};
 
-/// The OpenAPI document of every endpoint.
-pub fn document() -> Value {
+/// The OpenAPI document of every endpoint; `secured`: the server requires a bearer token (on
+/// `/v1/*` and `/metrics`).
+pub fn document(secured: bool) -> Value {
     let image_body = json!({
         "required": true,
         "description": "One PNG, JPEG or DICOM image, recognised by its content (the \
@@ -48,7 +49,7 @@ pub fn document() -> Value {
         m.insert("200".into(), ok);
         Value::Object(m)
     };
-    json!({
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {
             "title": "evax inference server",
@@ -58,7 +59,6 @@ pub fn document() -> Value {
                             stable code; 503 answers carry Retry-After."
         },
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
                 "Error": {
                     "type": "object",
@@ -115,7 +115,6 @@ pub fn document() -> Value {
                 }}
             }
         },
-        "security": [{"bearer": []}],
         "paths": {
             "/healthz": {"get": {"summary": "The process is up.", "security": [],
                                   "responses": {"200": {"description": "ok"}}}},
@@ -164,5 +163,11 @@ pub fn document() -> Value {
                 }}), &compute_errors)
             }}
         }
-    })
+    });
+    if secured {
+        doc["components"]["securitySchemes"] =
+            json!({"bearer": {"type": "http", "scheme": "bearer"}});
+        doc["security"] = json!([{"bearer": []}]);
+    }
+    doc
 }
