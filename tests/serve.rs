@@ -644,6 +644,46 @@ fn a_full_queue_answers_503_with_retry_after() {
     server.shutdown().unwrap();
 }
 
+/// Start `n` predictions of `png` on `rt` and wait until the server counts all of them in
+/// flight; the handles give each answer's status.
+fn predictions_in_flight(
+    rt: &tokio::runtime::Runtime,
+    c: &std::sync::Arc<Client>,
+    png: &[u8],
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<u16>> {
+    let pending: Vec<_> = (0..n)
+        .map(|_| {
+            let c = c.clone();
+            let png = png.to_vec();
+            rt.spawn(async move { c.post("/v1/models/ti/predict", png).await.status().as_u16() })
+        })
+        .collect();
+    let admitted = rt.block_on(async {
+        for _ in 0..2000 {
+            let text = c.get("/metrics").await.text().await.unwrap();
+            if metric(&text, "evax_in_flight") == Some(n as f64) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        false
+    });
+    assert!(admitted, "the {n} requests were not all in flight at once");
+    pending
+}
+
+/// The statuses of `pending`, in order.
+fn statuses(rt: &tokio::runtime::Runtime, pending: Vec<tokio::task::JoinHandle<u16>>) -> Vec<u16> {
+    rt.block_on(async {
+        let mut s = Vec::new();
+        for p in pending {
+            s.push(p.await.unwrap());
+        }
+        s
+    })
+}
+
 #[test]
 fn shutdown_answers_every_accepted_request() {
     let Some(shared) = shared_or_skip("shutdown_answers_every_accepted_request") else {
@@ -656,37 +696,10 @@ fn shutdown_answers_every_accepted_request() {
     let c = std::sync::Arc::new(Client::new(addr));
     let png = image(&shared, "00000001_000.png");
     let rt = runtime();
-    let pending: Vec<_> = (0..8)
-        .map(|_| {
-            let c = c.clone();
-            let png = png.clone();
-            rt.spawn(async move { c.post("/v1/models/ti/predict", png).await.status().as_u16() })
-        })
-        .collect();
-    // Wait until all eight are admitted (they are computed one at a time), then stop.
-    let admitted = rt.block_on(async {
-        for _ in 0..2000 {
-            let text = c.get("/metrics").await.text().await.unwrap();
-            if metric(&text, "evax_in_flight") == Some(8.0) {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        false
-    });
-    assert!(
-        admitted,
-        "the eight requests were not all in flight at once"
-    );
+    // Eight admitted at once (computed one at a time), then stop.
+    let pending = predictions_in_flight(&rt, &c, &png, 8);
     server.shutdown().unwrap();
-    let statuses: Vec<u16> = rt.block_on(async {
-        let mut s = Vec::new();
-        for p in pending {
-            s.push(p.await.unwrap());
-        }
-        s
-    });
-    assert_eq!(statuses, vec![200; 8]);
+    assert_eq!(statuses(&rt, pending), vec![200; 8]);
     // Nothing listens any more.
     assert!(std::net::TcpStream::connect(addr).is_err());
 }
@@ -733,33 +746,10 @@ fn the_command_serves_and_stops_on_sigterm() {
         200
     );
     // Two requests in flight, then SIGTERM.
-    let pending: Vec<_> = (0..2)
-        .map(|_| {
-            let c = c.clone();
-            let png = png.clone();
-            rt.spawn(async move { c.post("/v1/models/ti/predict", png).await.status().as_u16() })
-        })
-        .collect();
-    rt.block_on(async {
-        for _ in 0..2000 {
-            let text = c.get("/metrics").await.text().await.unwrap();
-            if metric(&text, "evax_in_flight") == Some(2.0) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        panic!("the two requests were not in flight");
-    });
+    let pending = predictions_in_flight(&rt, &c, &png, 2);
     // SAFETY: kill only sends a signal to the child we started.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let statuses: Vec<u16> = rt.block_on(async {
-        let mut s = Vec::new();
-        for p in pending {
-            s.push(p.await.unwrap());
-        }
-        s
-    });
-    assert_eq!(statuses, vec![200, 200]);
+    assert_eq!(statuses(&rt, pending), vec![200, 200]);
     let status = child.wait().unwrap();
     let mut rest = String::new();
     let _ = err.read_to_string(&mut rest);
