@@ -240,31 +240,11 @@ fn encode(obj: InMemDicomObject, sop_class: &str) -> crate::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn write(bytes: crate::Result<Vec<u8>>, path: &Path) -> crate::Result<()> {
+/// Write an encoded result (from [`secondary_capture_bytes`] or [`report_bytes`]) to `path`
+/// atomically; an encoding error is reported with the path.
+pub fn write(bytes: crate::Result<Vec<u8>>, path: &Path) -> crate::Result<()> {
     let bytes = bytes.map_err(|e| crate::Error::Invalid(format!("{}: {e}", path.display())))?;
     crate::io::write_atomic(path, &bytes).map_err(|e| crate::Error::io(path, e))
-}
-
-/// Write the overlay `pic` as a Secondary Capture image of the source's study (see
-/// [`secondary_capture_bytes`]).
-pub fn write_secondary_capture(
-    source: &DicomFile,
-    pic: &Rgb,
-    description: &str,
-    path: &Path,
-) -> crate::Result<()> {
-    write(secondary_capture_bytes(source, pic, description), path)
-}
-
-/// Write the findings and probabilities as an Enhanced SR of the source's study (see
-/// [`report_bytes`]).
-pub fn write_report(
-    source: &DicomFile,
-    producer: &Producer,
-    classes: &[ClassResult],
-    path: &Path,
-) -> crate::Result<()> {
-    write(report_bytes(source, producer, classes), path)
 }
 
 /// The overlay `pic` as a Secondary Capture image of the source's study, encoded.

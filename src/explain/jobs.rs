@@ -163,7 +163,10 @@ impl CamJob<'_> {
                                 producer.threshold,
                             );
                             let sr = out_dir.join(format!("{}_sr.dcm", safe_name(stem)));
-                            crate::dicom::results::write_report(&src, producer, &classes, &sr)?;
+                            crate::dicom::results::write(
+                                crate::dicom::results::report_bytes(&src, producer, &classes),
+                                &sr,
+                            )?;
                             Some(src)
                         }
                         Err(_) => None, // not a DICOM file: PNG / JPEG outputs only
@@ -197,7 +200,10 @@ impl CamJob<'_> {
                     if let (Some(src), Some(pic)) = (&source, &pic) {
                         let sc = out_dir.join(format!("{base}_sc.dcm"));
                         let what = format!("Grad-CAM of {name} (probability {:.3})", probs[class]);
-                        crate::dicom::results::write_secondary_capture(src, pic, &what, &sc)?;
+                        crate::dicom::results::write(
+                            crate::dicom::results::secondary_capture_bytes(src, pic, &what),
+                            &sc,
+                        )?;
                     }
                     let overlay = match (&pic, self.overlays) {
                         (Some(pic), true) => {
