@@ -1,5 +1,5 @@
 //! The CNN kernels on NCHW f32 slices (no candle types): convolution as im2col into a reused
-//! per-thread buffer + AVX-512 GEMM (1x1 stride-1 convolutions multiply the input in place),
+//! per-thread buffer + our GEMM ([`super::sgemm`]) (1x1 stride-1 convolutions multiply the input in place),
 //! with bias and ReLU fused for inference and a backward for training; BatchNorm in training
 //! mode; max pooling. Images of a batch run in parallel, one GEMM per image; a batch smaller
 //! than the thread count parallelises inside the GEMM instead.
@@ -33,7 +33,7 @@ pub(crate) fn matmul(
     accumulate: bool,
     a: Mat,
     b: Mat,
-    par: gemm::Parallelism,
+    threads: usize,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -42,37 +42,19 @@ pub(crate) fn matmul(
         (m - 1) * dst_rs + n <= dst.len() && a.fits(m, k) && b.fits(k, n),
         "matmul: operands do not fit their slices"
     );
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    // SAFETY: every element gemm reads or writes lies inside the slices (asserted above);
-    // dst is borrowed mutably, so it overlaps neither operand.
+    // SAFETY: every element read or written lies inside the slices (asserted above); dst
+    // is borrowed mutably, so it overlaps neither operand.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        super::sgemm::sgemm(
+            (m, n, k),
             dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
+            dst_rs,
             accumulate,
             a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
+            (a.rs, a.cs),
             b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            par,
+            (b.rs, b.cs),
+            threads,
         );
     }
 }
@@ -260,14 +242,12 @@ fn col2im(col: &[f32], s: &ConvShape, dx: &mut [f32]) {
 
 /// How the work of a batch is split: across images (each GEMM single-threaded) when there are
 /// at least as many images as threads, otherwise inside each GEMM.
-fn split(b: usize) -> (bool, gemm::Parallelism) {
+fn split(b: usize) -> (bool, usize) {
     let threads = rayon::current_num_threads();
     if b >= threads && threads > 1 {
-        (true, gemm::Parallelism::None)
-    } else if threads > 1 {
-        (false, gemm::Parallelism::Rayon(threads))
+        (true, 1)
     } else {
-        (false, gemm::Parallelism::None)
+        (false, threads)
     }
 }
 

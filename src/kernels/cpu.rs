@@ -210,28 +210,18 @@ unsafe fn mm(
     b_rs: usize,
     b_cs: usize,
 ) {
-    // SAFETY: the caller's contract covers every element gemm touches.
+    // SAFETY: the caller's contract covers every element the product touches.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        super::sgemm::sgemm(
+            (m, n, k),
             dst,
-            1,
-            dst_rs as isize,
+            dst_rs,
             false,
             a,
-            a_cs as isize,
-            a_rs as isize,
+            (a_rs, a_cs),
             b,
-            b_cs as isize,
-            b_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
+            (b_rs, b_cs),
+            1,
         );
     }
 }
@@ -674,26 +664,16 @@ pub fn linear_forward(
     // SAFETY: x is m x k (row stride k), W^T is k x n at strides (w_rs, w_cs) inside w
     // (n * k values), y is m x n; lengths asserted above.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        super::sgemm::sgemm(
+            (m, n, k),
             y.as_mut_ptr(),
-            1,
-            n as isize,
+            n,
             true,
             x.as_ptr(),
-            1,
-            k as isize,
+            (k, 1),
             w.as_ptr(),
-            w_cs as isize,
-            w_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            (w_rs, w_cs),
+            rayon::current_num_threads(),
         );
     }
     y
@@ -742,11 +722,7 @@ pub fn linear_backward(
     // ViT-S training step than one after the other, each split across all threads; with one
     // thread, join runs them in turn).
     let half = threads / 2;
-    let par = if half > 1 {
-        gemm::Parallelism::Rayon(half)
-    } else {
-        gemm::Parallelism::None
-    };
+    let par = half.max(1);
     rayon::join(
         || matmul((m, k, n), &mut dx, k, false, gm, wm, par),
         || matmul((n, k, m), &mut dw, k, false, gt, xm, par),

@@ -13,6 +13,7 @@ pub mod conv;
 pub mod cpu;
 pub mod dispatch;
 pub mod reference;
+pub mod sgemm;
 
 use std::sync::Arc;
 

@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
+use rayon::prelude::*;
 
 /// AdamW state.
 #[derive(Debug, Clone)]
@@ -133,28 +136,22 @@ impl AdamW {
                 self.update_on_device(name, var, g, f, consts)?;
                 continue;
             }
-            let g = g.flatten_all()?.to_vec1::<f32>()?;
-            let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            let m = self
-                .m
-                .entry(name.clone())
-                .or_insert_with(|| vec![0.0; p.len()]);
-            let v = self
-                .v
-                .entry(name.clone())
-                .or_insert_with(|| vec![0.0; p.len()]);
-            let decay = (1.0 - lr_i * wd) as f32;
-            let step_size = (lr_i / bc1) as f32;
-            let gs = grad_scale as f32;
-            for i in 0..p.len() {
-                let gi = g[i] * gs;
-                p[i] *= decay;
-                m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                let denom = v[i].sqrt() / bc2_sqrt + eps;
-                p[i] -= step_size * m[i] / denom;
-            }
-            var.set(&Tensor::from_vec(p, var.shape(), var.device())?)?;
+            let n = var.elem_count();
+            let m = self.m.entry(name.clone()).or_insert_with(|| vec![0.0; n]);
+            let v = self.v.entry(name.clone()).or_insert_with(|| vec![0.0; n]);
+            let step = HostStep {
+                m: RefCell::new(m),
+                v: RefCell::new(v),
+                decay: (1.0 - lr_i * wd) as f32,
+                step_size: (lr_i / bc1) as f32,
+                gs: grad_scale as f32,
+                b1,
+                b2,
+                eps,
+                bc2_sqrt,
+            };
+            var.as_tensor()
+                .inplace_op2(&g.to_dtype(DType::F32)?.contiguous()?, &step)?;
         }
         Ok(())
     }
@@ -163,6 +160,71 @@ impl AdamW {
 impl Default for AdamW {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// One AdamW step of a parameter on the host, in place in the variable's own storage: the
+/// same arithmetic, in the same order, as PyTorch's single-tensor AdamW, elements split
+/// across threads (each element's result does not depend on the split).
+struct HostStep<'a> {
+    m: RefCell<&'a mut Vec<f32>>,
+    v: RefCell<&'a mut Vec<f32>>,
+    decay: f32,
+    step_size: f32,
+    gs: f32,
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    bc2_sqrt: f32,
+}
+
+impl InplaceOp2 for HostStep<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
+            candle_core::bail!("adamw: parameters and gradients must be f32");
+        };
+        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("adamw: parameter or gradient not contiguous");
+        };
+        let (p, g) = (&mut p[p0..p1], &g[g0..g1]);
+        let (mut m, mut v) = (self.m.borrow_mut(), self.v.borrow_mut());
+        if g.len() != p.len() || m.len() != p.len() || v.len() != p.len() {
+            candle_core::bail!(
+                "adamw: {} values, gradient {}, moments {}",
+                p.len(),
+                g.len(),
+                m.len()
+            );
+        }
+        let (b1, b2, eps, bc2_sqrt) = (self.b1, self.b2, self.eps, self.bc2_sqrt);
+        let (decay, step_size, gs) = (self.decay, self.step_size, self.gs);
+        const CHUNK: usize = 1 << 14;
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                    let gi = g * gs;
+                    *p *= decay;
+                    *m = b1 * *m + (1.0 - b1) * gi;
+                    *v = b2 * *v + (1.0 - b2) * gi * gi;
+                    let denom = v.sqrt() / bc2_sqrt + eps;
+                    *p -= step_size * *m / denom;
+                }
+            });
+        Ok(())
     }
 }
 
