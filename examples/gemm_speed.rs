@@ -15,6 +15,9 @@ const SHAPES: &[(&str, usize, usize, usize, bool, bool)] = &[
     ("r50 3x3 layer1", 64, 3136, 576, false, false),
     ("r50 1x1 layer4", 2048, 49, 512, false, false),
     ("attention q k^T", 197, 197, 64, false, true),
+    ("attention p v", 197, 64, 197, false, false),
+    ("dn121 3x3 dW", 32, 1152, 3136, false, true),
+    ("dn121 3x3 dcol", 1152, 3136, 32, true, false),
 ];
 
 fn main() {

@@ -1,7 +1,10 @@
 //! Our single-precision matrix product for AVX2 + FMA CPUs (no AVX-512), where the `gemm`
-//! crate's AVX2 kernels reach about 58 % of the core's peak: the BLIS scheme (B packed in
-//! `KC x 16` slivers shared by the threads, A in `6 x KC` slivers per task, a 6 x 16 register
-//! tile of 12 accumulators). CPUs with AVX-512 keep the `gemm` crate's AVX-512 kernels.
+//! crate's AVX2 kernels ran at about 58 GFLOP/s a core inside the models (peak about 100 on
+//! this Zen 3): the BLIS scheme, with B packed in `KC x 16` slivers shared by the threads, A in
+//! `6 x KC` slivers per task (a row-major A read in place when C is at most 64 columns wide:
+//! the attention's products), and a 6 x 16 register tile of 12 accumulators, unrolled by four
+//! (94 GFLOP/s a core on data in L1). CPUs with AVX-512 keep the `gemm` crate's AVX-512
+//! kernels; see `examples/gemm_speed.rs` to compare the two.
 //!
 //! `C[m, n] (+)= A[m, k] B[k, n]`, C row-major with unit column stride, A and B at any strides.
 
@@ -17,8 +20,8 @@ const NR: usize = 16;
 const KC: usize = 256;
 /// Rows of one packed A block (`MC x KC`, 144 KiB: L2).
 const MC: usize = 144;
-/// At most this many rows of C read a row-major B in place (no packing).
-const DIRECT_MAX_M: usize = 256;
+/// At most this many columns of C read a row-major A in place (no packing).
+const DIRECT_A_MAX_N: usize = 64;
 /// Columns of one packed B block (`KC x NC`, 4 MiB: L3).
 const NC: usize = 4096;
 
@@ -183,22 +186,8 @@ unsafe fn pack_b(
         if j0 >= nc {
             break;
         }
-        let w = NR.min(nc - j0);
-        // SAFETY: rows < kc and columns j0 + j < nc lie inside the block.
-        unsafe {
-            for j in 0..NR {
-                if j < w {
-                    let col = b.add((j0 + j) * b_cs);
-                    for p in 0..kc {
-                        sliver[p * NR + j] = *col.add(p * b_rs);
-                    }
-                } else {
-                    for p in 0..kc {
-                        sliver[p * NR + j] = 0.0;
-                    }
-                }
-            }
-        }
+        // SAFETY: columns j0.. (at most nc - j0 of them) and rows < kc lie inside the block.
+        unsafe { pack_panel::<NR>(sliver, b.add(j0 * b_cs), (b_cs, b_rs), kc, nc - j0) };
     }
 }
 
@@ -218,26 +207,47 @@ unsafe fn pack_a(
         if i0 >= mc {
             break;
         }
-        let h = MR.min(mc - i0);
-        // SAFETY: rows i0 + i < mc and columns < kc lie inside the block.
-        unsafe {
-            if a_rs == 1 && h == MR {
-                for p in 0..kc {
-                    let src = std::slice::from_raw_parts(a.add(p * a_cs + i0), MR);
-                    sliver[p * MR..p * MR + MR].copy_from_slice(src);
+        // SAFETY: rows i0.. (at most mc - i0 of them) and columns < kc lie inside the block.
+        unsafe { pack_panel::<MR>(sliver, a.add(i0 * a_rs), (a_rs, a_cs), kc, mc - i0) };
+    }
+}
+
+/// Packs one panel of `W` lanes (rows of A, columns of B) over `kc` steps:
+/// `dst[p * W + l] = src[l * lane_s + p * step_s]` for the first `lanes` lanes, zeros after.
+///
+/// # Safety
+/// `src` must be readable at those offsets for `l < min(lanes, W)`, `p < kc`; `dst` holds
+/// `kc * W` values.
+unsafe fn pack_panel<const W: usize>(
+    dst: &mut [f32],
+    src: *const f32,
+    (lane_s, step_s): (usize, usize),
+    kc: usize,
+    lanes: usize,
+) {
+    let dst = &mut dst[..kc * W];
+    // SAFETY: every read is one the caller allows; writes stay inside dst (checked above).
+    unsafe {
+        if lanes >= W && lane_s == 1 {
+            for (p, out) in dst.chunks_exact_mut(W).enumerate() {
+                out.copy_from_slice(std::slice::from_raw_parts(src.add(p * step_s), W));
+            }
+        } else if lanes >= W && step_s == 1 {
+            let lane: [*const f32; W] = std::array::from_fn(|l| src.add(l * lane_s));
+            for (p, out) in dst.chunks_exact_mut(W).enumerate() {
+                for l in 0..W {
+                    out[l] = *lane[l].add(p);
                 }
-            } else {
-                for i in 0..MR {
-                    if i < h {
-                        let row = a.add((i0 + i) * a_rs);
-                        for p in 0..kc {
-                            sliver[p * MR + i] = *row.add(p * a_cs);
-                        }
+            }
+        } else {
+            let w = lanes.min(W);
+            for (p, out) in dst.chunks_exact_mut(W).enumerate() {
+                for (l, o) in out.iter_mut().enumerate() {
+                    *o = if l < w {
+                        *src.add(l * lane_s + p * step_s)
                     } else {
-                        for p in 0..kc {
-                            sliver[p * MR + i] = 0.0;
-                        }
-                    }
+                        0.0
+                    };
                 }
             }
         }
@@ -248,6 +258,15 @@ unsafe fn pack_a(
 mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
+
+    /// Where a tile's six rows of A come from.
+    #[derive(Clone, Copy)]
+    enum ASliver {
+        /// A packed sliver (`kc x 6`, step-major).
+        Packed(*const f32),
+        /// Six rows of a row-major A read in place, at this row stride.
+        Rows(*const f32, usize),
+    }
 
     /// The product on AVX2 (see [`super::sgemm`]).
     ///
@@ -276,9 +295,8 @@ mod avx2 {
         }
         let threads = threads.max(1);
         let (c, a, b) = (SendPtr(c), SendPtr(a), SendPtr(b));
-        // Few rows of C use each value of a row-major B only a few times: read it in place
-        // rather than pack it.
-        let direct = b_cs == 1 && m <= DIRECT_MAX_M;
+        // A row-major A that only a few columns of C use is read in place, not packed.
+        let direct_a = a_cs == 1 && n <= DIRECT_A_MAX_N;
         let mut bbuf = take_buf(&B_BUF, KC * NC.min(n.div_ceil(NR) * NR));
         for j0 in (0..n).step_by(NC) {
             let nc = NC.min(n - j0);
@@ -289,16 +307,7 @@ mod avx2 {
                 // SAFETY: the block lies inside B (the caller's contract).
                 let bsrc = unsafe { b.get().add(p0 * b_rs + j0 * b_cs) };
                 let bsrc = SendPtr(bsrc);
-                let full = nc / NR;
-                if direct {
-                    // Only a last, partial sliver is packed (into the first place).
-                    if full < slivers {
-                        // SAFETY: columns full * NR..nc of the block.
-                        unsafe {
-                            pack_b(bp, bsrc.get().add(full * NR), (b_rs, 1), kc, nc - full * NR)
-                        };
-                    }
-                } else if threads > 1 && slivers >= 2 * threads {
+                if threads > 1 && slivers >= 2 * threads {
                     let per = slivers.div_ceil(threads);
                     bp.par_chunks_mut(per * kc * NR)
                         .enumerate()
@@ -332,29 +341,40 @@ mod avx2 {
                     let (s0, s1) = (cb * per, ((cb + 1) * per).min(slivers));
                     let mut abuf = take_buf(&A_BUF, MC * KC);
                     let ap = &mut aligned(&mut abuf)[..mc.div_ceil(MR) * kc * MR];
+                    let a_full = mc / MR;
                     // SAFETY: rows i0..i0 + mc, columns p0..p0 + kc of A.
-                    unsafe { pack_a(ap, a.get().add(i0 * a_rs + p0 * a_cs), (a_rs, a_cs), mc, kc) };
+                    let ablock = unsafe { a.get().add(i0 * a_rs + p0 * a_cs) };
+                    if !direct_a {
+                        // SAFETY: as above.
+                        unsafe { pack_a(ap, ablock, (a_rs, a_cs), mc, kc) };
+                    } else if a_full * MR < mc {
+                        // Only a last, partial sliver is packed (into the first place).
+                        // SAFETY: rows a_full * MR..mc of the block.
+                        let rest = unsafe { ablock.add(a_full * MR * a_rs) };
+                        unsafe { pack_a(ap, rest, (a_rs, a_cs), mc - a_full * MR, kc) };
+                    }
+                    let ap: &[f32] = ap;
                     for s in s0..s1 {
-                        let (bs, b_step) = if direct && s < full {
-                            // SAFETY: columns s * NR.. of the block, read in place.
-                            (unsafe { bsrc.get().add(s * NR) }, b_rs)
-                        } else {
-                            let at = if direct { 0 } else { s * kc * NR };
-                            (bp[at..at + kc * NR].as_ptr(), NR)
-                        };
+                        let bs = bp[s * kc * NR..(s + 1) * kc * NR].as_ptr();
                         let jj = j0 + s * NR;
                         let nr = NR.min(n - jj);
-                        for (r, asl) in ap.chunks_exact(kc * MR).enumerate() {
+                        for r in 0..mc.div_ceil(MR) {
                             let ii = i0 + r * MR;
                             let mr = MR.min(m - ii);
+                            let asl = if direct_a && r < a_full {
+                                // SAFETY: rows ii..ii + MR of the block, read in place.
+                                ASliver::Rows(unsafe { ablock.add(r * MR * a_rs) }, a_rs)
+                            } else {
+                                let at = if direct_a { 0 } else { r * kc * MR };
+                                ASliver::Packed(ap[at..at + kc * MR].as_ptr())
+                            };
                             // SAFETY: the tile rows ii..ii + mr, columns jj..jj + nr of C;
                             // the slivers hold kc * MR and kc * NR values.
                             unsafe {
                                 tile(
                                     kc,
-                                    asl.as_ptr(),
+                                    asl,
                                     bs,
-                                    b_step,
                                     c.get().add(ii * c_rs + jj),
                                     c_rs,
                                     mr,
@@ -385,9 +405,8 @@ mod avx2 {
     #[inline]
     unsafe fn tile(
         kc: usize,
-        a: *const f32,
+        a: ASliver,
         b: *const f32,
-        b_step: usize,
         c: *mut f32,
         c_rs: usize,
         mr: usize,
@@ -398,10 +417,17 @@ mod avx2 {
         // through a local 6 x 16 buffer.
         unsafe {
             if mr == MR && nr == NR {
-                kernel(kc, a, b, b_step, c, c_rs, overwrite);
+                match a {
+                    ASliver::Packed(a) => kernel::<true>(kc, a, 0, b, c, c_rs, overwrite),
+                    ASliver::Rows(a, rs) => kernel::<false>(kc, a, rs, b, c, c_rs, overwrite),
+                }
             } else {
                 let mut tmp = [0f32; MR * NR];
-                kernel(kc, a, b, b_step, tmp.as_mut_ptr(), NR, true);
+                let t = tmp.as_mut_ptr();
+                match a {
+                    ASliver::Packed(a) => kernel::<true>(kc, a, 0, b, t, NR, true),
+                    ASliver::Rows(a, rs) => kernel::<false>(kc, a, rs, b, t, NR, true),
+                }
                 for i in 0..mr {
                     let row = std::slice::from_raw_parts_mut(c.add(i * c_rs), nr);
                     let t = &tmp[i * NR..i * NR + nr];
@@ -421,11 +447,11 @@ mod avx2 {
     /// `a` holds `kc * 6`, `b` `kc * 16` values; six rows of 16 values at stride `c_rs` are
     /// writable at `c`; AVX2 and FMA present.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn kernel(
+    unsafe fn kernel<const PACKED: bool>(
         kc: usize,
         a: *const f32,
+        a_rs: usize,
         b: *const f32,
-        b_step: usize,
         c: *mut f32,
         c_rs: usize,
         overwrite: bool,
@@ -440,26 +466,29 @@ mod avx2 {
             let (mut c00, mut c01, mut c10, mut c11, mut c20, mut c21) = (z, z, z, z, z, z);
             let (mut c30, mut c31, mut c40, mut c41, mut c50, mut c51) = (z, z, z, z, z, z);
             let (mut a, mut b) = (a, b);
+            // Where A's value of step o (from the current position), row i lies.
+            let at = |o: usize, i: usize| if PACKED { o * MR + i } else { o + i * a_rs };
+            let a_step = if PACKED { MR } else { 1 };
             macro_rules! step {
                 ($o:expr) => {{
-                    let b0 = _mm256_loadu_ps(b.add($o * b_step));
-                    let b1 = _mm256_loadu_ps(b.add($o * b_step + 8));
-                    let x = _mm256_broadcast_ss(&*a.add($o * MR));
+                    let b0 = _mm256_loadu_ps(b.add($o * NR));
+                    let b1 = _mm256_loadu_ps(b.add($o * NR + 8));
+                    let x = _mm256_broadcast_ss(&*a.add(at($o, 0)));
                     c00 = _mm256_fmadd_ps(x, b0, c00);
                     c01 = _mm256_fmadd_ps(x, b1, c01);
-                    let x = _mm256_broadcast_ss(&*a.add($o * MR + 1));
+                    let x = _mm256_broadcast_ss(&*a.add(at($o, 1)));
                     c10 = _mm256_fmadd_ps(x, b0, c10);
                     c11 = _mm256_fmadd_ps(x, b1, c11);
-                    let x = _mm256_broadcast_ss(&*a.add($o * MR + 2));
+                    let x = _mm256_broadcast_ss(&*a.add(at($o, 2)));
                     c20 = _mm256_fmadd_ps(x, b0, c20);
                     c21 = _mm256_fmadd_ps(x, b1, c21);
-                    let x = _mm256_broadcast_ss(&*a.add($o * MR + 3));
+                    let x = _mm256_broadcast_ss(&*a.add(at($o, 3)));
                     c30 = _mm256_fmadd_ps(x, b0, c30);
                     c31 = _mm256_fmadd_ps(x, b1, c31);
-                    let x = _mm256_broadcast_ss(&*a.add($o * MR + 4));
+                    let x = _mm256_broadcast_ss(&*a.add(at($o, 4)));
                     c40 = _mm256_fmadd_ps(x, b0, c40);
                     c41 = _mm256_fmadd_ps(x, b1, c41);
-                    let x = _mm256_broadcast_ss(&*a.add($o * MR + 5));
+                    let x = _mm256_broadcast_ss(&*a.add(at($o, 5)));
                     c50 = _mm256_fmadd_ps(x, b0, c50);
                     c51 = _mm256_fmadd_ps(x, b1, c51);
                 }};
@@ -469,13 +498,13 @@ mod avx2 {
                 step!(1);
                 step!(2);
                 step!(3);
-                a = a.add(4 * MR);
-                b = b.add(4 * b_step);
+                a = a.add(4 * a_step);
+                b = b.add(4 * NR);
             }
             for _ in 0..kc % 4 {
                 step!(0);
-                a = a.add(MR);
-                b = b.add(b_step);
+                a = a.add(a_step);
+                b = b.add(NR);
             }
             let rows = [
                 (c00, c01),
