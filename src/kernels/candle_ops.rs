@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::conv::{self, ConvShape, PoolShape};
 use super::cpu::{self, AttentionShape, WeightLayout};
@@ -704,6 +704,50 @@ pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) ->
         &shift.contiguous()?,
         ChannelAffine { relu, param_grads },
     )
+}
+
+/// `relu(a + b)` with a backward: one pass forward, one backward, one graph node.
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "evax-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("add + relu: shapes {:?} and {:?}", l1.shape(), l2.shape());
+        }
+        let a = contiguous_f32(s1, l1, "add + relu")?;
+        let b = contiguous_f32(s2, l2, "add + relu")?;
+        Ok((
+            CpuStorage::F32(cpu::add_relu_forward(a, b)),
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = read(y, |yv| read(dy, |g| Ok(cpu::relu_backward(yv, g))))?;
+        let d = Tensor::from_vec(d, a.shape(), a.device())?;
+        Ok((Some(d.clone()), Some(d)))
+    }
+}
+
+/// `relu(a + b)` of two CPU f32 tensors of one shape, differentiable.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
 }
 
 /// GELU (erf form) with a backward.

@@ -61,6 +61,35 @@ pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
     y
 }
 
+/// `max(a + b, 0)` over two slices of the same length, in parallel (a residual block's end).
+pub fn add_relu_forward(a: &[f32], b: &[f32]) -> Vec<f32> {
+    assert_eq!(a.len(), b.len(), "add + relu: lengths");
+    let mut y = vec![0f32; a.len()];
+    y.par_chunks_mut(1 << 14)
+        .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
+        .for_each(|(o, (a, b))| {
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = (a + b).max(0.0);
+            }
+        });
+    y
+}
+
+/// The gradient of [`add_relu_forward`] for either input, from its output `y`: `dy` where
+/// `y > 0`, else 0 (as torch's ReLU backward).
+pub fn relu_backward(y: &[f32], dy: &[f32]) -> Vec<f32> {
+    assert_eq!(y.len(), dy.len(), "relu backward: lengths");
+    let mut d = vec![0f32; y.len()];
+    d.par_chunks_mut(1 << 14)
+        .zip(y.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
+        .for_each(|(o, (y, g))| {
+            for ((o, y), g) in o.iter_mut().zip(y).zip(g) {
+                *o = if *y > 0.0 { *g } else { 0.0 };
+            }
+        });
+    d
+}
+
 /// The input gradient of [`gelu_forward`].
 pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), dy.len(), "gelu backward: lengths");

@@ -92,6 +92,15 @@ pub fn gelu(k: Kernels, x: &Tensor, grad: bool) -> Result<Tensor> {
     }
 }
 
+/// `relu(a + b)` (a residual block's end), differentiable on both paths.
+pub fn add_relu(k: Kernels, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if k.fused_for(a) && k.fused_for(b) {
+        candle_ops::add_relu(a, b)
+    } else {
+        (a + b)?.relu()
+    }
+}
+
 /// Inference `x Wt + b (+ residual)` with `Wt` = `W^T` `[K, N]`.
 pub fn linear(
     k: Kernels,
@@ -280,6 +289,22 @@ mod tests {
             "candle-fused attention without RoPE"
         );
         assert!(max_diff(&yf, &yr) < 1e-5 && max_diff(&gf, &gr) < 1e-5);
+    }
+
+    #[test]
+    fn fused_residual_add_relu_agrees_with_the_reference_path() {
+        let (x, other) = (rand(&[2, 3, 5, 4], 31), rand(&[2, 3, 5, 4], 32));
+        for first in [true, false] {
+            let [(yf, gf), (yr, gr)] = both(&x, |k, x| {
+                if first {
+                    add_relu(k, x, &other)
+                } else {
+                    add_relu(k, &other, x)
+                }
+            });
+            assert_eq!(yf.dims(), &[2, 3, 5, 4]);
+            assert!(max_diff(&yf, &yr) == 0.0 && max_diff(&gf, &gr) == 0.0);
+        }
     }
 
     #[test]

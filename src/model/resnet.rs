@@ -88,7 +88,7 @@ impl ResNetLayout {
 
     fn block(&self, ops: &dyn Ops, s: usize, i: usize, x: &Tensor) -> candle_core::Result<Tensor> {
         let (y, shortcut) = self.branches(ops, s, i, x)?;
-        (y + shortcut)?.relu()
+        crate::kernels::add_relu(ops.kernels(), &y, &shortcut)
     }
 
     /// The outputs of the stem and stages up to `layers` (0 = stem only).
