@@ -61,43 +61,43 @@ pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
     y
 }
 
-/// `max(a + b, 0)` over two slices of the same length, in parallel (a residual block's end).
-pub fn add_relu_forward(a: &[f32], b: &[f32]) -> Vec<f32> {
-    assert_eq!(a.len(), b.len(), "add + relu: lengths");
+/// `f` over matching pieces of two slices of one length and a fresh output, in parallel.
+fn zip_map(
+    a: &[f32],
+    b: &[f32],
+    what: &str,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
     let mut y = vec![0f32; a.len()];
     y.par_chunks_mut(1 << 14)
         .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
-        .for_each(|(o, (a, b))| {
-            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                *o = (a + b).max(0.0);
-            }
-        });
+        .for_each(|(o, (a, b))| f(a, b, o));
     y
+}
+
+/// `max(a + b, 0)` over two slices of the same length, in parallel (a residual block's end).
+pub fn add_relu_forward(a: &[f32], b: &[f32]) -> Vec<f32> {
+    zip_map(a, b, "add + relu", |a, b, o| {
+        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+            *o = (a + b).max(0.0);
+        }
+    })
 }
 
 /// The gradient of [`add_relu_forward`] for either input, from its output `y`: `dy` where
 /// `y > 0`, else 0 (as torch's ReLU backward).
 pub fn relu_backward(y: &[f32], dy: &[f32]) -> Vec<f32> {
-    assert_eq!(y.len(), dy.len(), "relu backward: lengths");
-    let mut d = vec![0f32; y.len()];
-    d.par_chunks_mut(1 << 14)
-        .zip(y.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
-        .for_each(|(o, (y, g))| {
-            for ((o, y), g) in o.iter_mut().zip(y).zip(g) {
-                *o = if *y > 0.0 { *g } else { 0.0 };
-            }
-        });
-    d
+    zip_map(y, dy, "relu backward", |y, g, o| {
+        for ((o, y), g) in o.iter_mut().zip(y).zip(g) {
+            *o = if *y > 0.0 { *g } else { 0.0 };
+        }
+    })
 }
 
 /// The input gradient of [`gelu_forward`].
 pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
-    assert_eq!(x.len(), dy.len(), "gelu backward: lengths");
-    let mut d = vec![0f32; x.len()];
-    d.par_chunks_mut(1 << 14)
-        .zip(x.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
-        .for_each(|(o, (x, g))| simd::gelu_back(x, g, o));
-    d
+    zip_map(x, dy, "gelu backward", simd::gelu_back)
 }
 
 /// Kernels compiled for several instruction sets, dispatched at run time.
