@@ -88,6 +88,16 @@ pub unsafe fn sgemm(
     if m == 0 || n == 0 {
         return;
     }
+    if k == 0 {
+        // An empty sum: C is zero (or kept), on both paths.
+        if !accumulate {
+            for i in 0..m {
+                // SAFETY: row i of C holds n values (the caller's contract).
+                unsafe { std::slice::from_raw_parts_mut(c.add(i * c_rs), n).fill(0.0) };
+            }
+        }
+        return;
+    }
     // Our tiles are 16 columns wide: a width that wastes more than a tenth of the last one
     // (a 7 x 7 feature map's 49) goes to the `gemm` crate, which tiles the other way.
     #[cfg(target_arch = "x86_64")]
@@ -284,15 +294,6 @@ mod avx2 {
         (b_rs, b_cs): (usize, usize),
         threads: usize,
     ) {
-        if k == 0 {
-            if !accumulate {
-                for i in 0..m {
-                    // SAFETY: row i of C holds n values.
-                    unsafe { std::slice::from_raw_parts_mut(c.add(i * c_rs), n).fill(0.0) };
-                }
-            }
-            return;
-        }
         let threads = threads.max(1);
         let (c, a, b) = (SendPtr(c), SendPtr(a), SendPtr(b));
         // A row-major A that only a few columns of C use is read in place, not packed.
@@ -560,6 +561,7 @@ mod tests {
         let mut r = crate::rng::Rng::new(7);
         let shapes = [
             (1, 1, 1),
+            (3, 20, 0),
             (6, 16, 1),
             (7, 17, 3),
             (13, 33, 257),
