@@ -1,11 +1,10 @@
 //! AdamW as PyTorch computes it (decoupled weight decay, bias corrections), the per-iteration
 //! learning-rate schedule, and gradient clipping.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;
-use std::cell::RefCell;
-
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
 
