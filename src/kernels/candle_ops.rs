@@ -22,6 +22,80 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [
     }
 }
 
+/// One dense layer's inference weights (see [`conv::DenseLayer`]): `norm1`'s scale and shift
+/// `[C]`, `conv1`'s weight `[mid, C, 1, 1]` and bias `[mid]` (`norm2` folded in), `conv2`'s
+/// weight `[growth, mid, k, k]`; contiguous CPU f32 tensors.
+#[derive(Debug, Clone)]
+pub struct DenseLayerWeights {
+    /// `norm1`'s scale and shift.
+    pub norm1: (Tensor, Tensor),
+    /// `conv1`'s weight and bias.
+    pub conv1: (Tensor, Tensor),
+    /// `conv2`'s weight.
+    pub conv2: Tensor,
+}
+
+/// Dense layers for inference, one output buffer for the block (no backward: an inference
+/// model's weights are constants).
+struct DenseLayersOp {
+    layers: Vec<DenseLayerWeights>,
+}
+
+impl CustomOp1 for DenseLayersOp {
+    fn name(&self) -> &'static str {
+        "evax-dense-layers"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "dense layers input")?;
+        let &[b, c, h, w] = l.dims() else {
+            candle_core::bail!("dense layers: expected [B, C, H, W], got {:?}", l.dims());
+        };
+        let tensors: Vec<&Tensor> = self
+            .layers
+            .iter()
+            .flat_map(|d| [&d.norm1.0, &d.norm1.1, &d.conv1.0, &d.conv1.1, &d.conv2])
+            .collect();
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let values = guards
+            .iter()
+            .map(|(storage, layout)| match &**storage {
+                candle_core::Storage::Cpu(s) => contiguous_f32(s, layout, "dense layer weight"),
+                _ => candle_core::bail!("dense layers: weights must be on the CPU"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let layers: Vec<conv::DenseLayer> = values
+            .chunks_exact(5)
+            .zip(&self.layers)
+            .map(|(v, d)| conv::DenseLayer {
+                norm1: (v[0], v[1]),
+                conv1: (v[2], v[3]),
+                conv2: v[4],
+                k: d.conv2.dims().last().copied().unwrap_or(0),
+            })
+            .collect();
+        let (y, width) = conv::dense_layers_forward(x, (b, c, h, w), &layers)
+            .map_err(candle_core::Error::Msg)?;
+        Ok((CpuStorage::F32(y), Shape::from((b, width, h, w))))
+    }
+}
+
+/// DenseNet layers over CPU f32 `x` `[B, C, H, W]` for inference: each one's `norm1` + ReLU
+/// applied as `conv1` reads its input, its new features written straight after it.
+pub fn dense_layers(x: &Tensor, layers: &[DenseLayerWeights]) -> Result<Tensor> {
+    let layers = layers
+        .iter()
+        .map(|d| {
+            Ok(DenseLayerWeights {
+                norm1: (d.norm1.0.contiguous()?, d.norm1.1.contiguous()?),
+                conv1: (d.conv1.0.contiguous()?, d.conv1.1.contiguous()?),
+                conv2: d.conv2.contiguous()?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    x.contiguous()?.apply_op1(DenseLayersOp { layers })
+}
+
 /// Borrow a CPU tensor's f32 values (copying only when it is not contiguous).
 fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let t = if t.is_contiguous() {
@@ -392,7 +466,7 @@ impl CustomOp3 for ConvOp {
         let w = contiguous_f32(s2, l2, "convolution weight")?;
         let b = contiguous_f32(s3, l3, "convolution bias")?;
         let s = conv_shape(l1.dims(), l2.dims(), self.stride, self.pad)?;
-        let y = conv::conv_forward(x, w, self.bias.then_some(b), self.relu, &s)
+        let y = conv::conv_forward(x, w, self.bias.then_some(b), self.relu, None, &s)
             .map_err(candle_core::Error::Msg)?;
         let (ho, wo) = s.out().expect("checked");
         Ok((CpuStorage::F32(y), Shape::from((s.b, s.cout, ho, wo))))

@@ -27,7 +27,7 @@ impl Mat<'_> {
 /// keeps what `dst` holds. Panics when an operand does not fit its slice.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(
-    (m, n, k): (usize, usize, usize),
+    shape: (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
@@ -35,17 +35,43 @@ pub(crate) fn matmul(
     b: Mat,
     threads: usize,
 ) {
+    matmul_pre(shape, dst, dst_rs, accumulate, a, b, None, threads)
+}
+
+/// A BatchNorm in evaluation mode + ReLU on a 1x1 convolution's input channels, applied as
+/// the convolution reads them: per-channel scale and shift.
+pub type PreActivation<'a> = (&'a [f32], &'a [f32]);
+
+/// [`matmul`] with each row `p` of B read as `max(b * scale[p] + shift[p], 0)`.
+#[allow(clippy::too_many_arguments)]
+fn matmul_pre(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    pre: Option<PreActivation>,
+    threads: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
     assert!(
-        (m - 1) * dst_rs + n <= dst.len() && a.fits(m, k) && b.fits(k, n),
+        (m - 1) * dst_rs + n <= dst.len()
+            && a.fits(m, k)
+            && b.fits(k, n)
+            && pre.is_none_or(|(s, t)| s.len() >= k && t.len() >= k),
         "matmul: operands do not fit their slices"
     );
+    let pre = pre.map(|(scale, shift)| super::sgemm::RowAffineRelu {
+        scale: scale.as_ptr(),
+        shift: shift.as_ptr(),
+    });
     // SAFETY: every element read or written lies inside the slices (asserted above); dst
     // is borrowed mutably, so it overlaps neither operand.
     unsafe {
-        super::sgemm::sgemm(
+        super::sgemm::sgemm_pre(
             (m, n, k),
             dst.as_mut_ptr(),
             dst_rs,
@@ -54,6 +80,7 @@ pub(crate) fn matmul(
             (a.rs, a.cs),
             b.data.as_ptr(),
             (b.rs, b.cs),
+            pre,
             threads,
         );
     }
@@ -253,6 +280,7 @@ fn split(b: usize) -> (bool, usize) {
 
 /// `y = conv(x, weight) (+ bias) (then ReLU)` for `x` `[b, cin, h, w]` and `weight`
 /// `[cout, cin, kh, kw]`; returns `[b, cout, ho, wo]`. Lengths must fit `s` ([`ConvShape::check`]).
+/// `pre` (a 1x1 stride-1 convolution only) is applied to the input channels as they are read.
 ///
 /// One GEMM `[cout, rows] x [rows, plane]` per image, written in place. (One GEMM over a group
 /// of images' columns side by side measured no faster here, even for 7x7 planes.)
@@ -261,43 +289,18 @@ pub fn conv_forward(
     weight: &[f32],
     bias: Option<&[f32]>,
     relu: bool,
+    pre: Option<PreActivation>,
     s: &ConvShape,
 ) -> Result<Vec<f32>, String> {
     s.check(x.len(), weight.len(), bias.map(|b| b.len()))?;
-    let (plane, rows) = (s.out_plane(), s.col_rows());
+    check_pre(pre, s)?;
+    let plane = s.out_plane();
     let mut y = vec![0f32; s.b * s.cout * plane];
     let (across, par) = split(s.b);
-    let wm = Mat {
-        data: weight,
-        rs: rows,
-        cs: 1,
-    };
+    let image_in = s.cin * s.h * s.w;
     let image = |i: usize, yi: &mut [f32]| {
-        if let Some(bias) = bias {
-            for (row, &v) in yi.chunks_exact_mut(plane).zip(bias) {
-                row.fill(v);
-            }
-        }
-        let xi = &x[i * s.cin * s.h * s.w..(i + 1) * s.cin * s.h * s.w];
-        let run = |cols: &[f32], yi: &mut [f32]| {
-            let b = Mat {
-                data: cols,
-                rs: plane,
-                cs: 1,
-            };
-            matmul((s.cout, plane, rows), yi, plane, bias.is_some(), wm, b, par);
-        };
-        if s.pointwise() {
-            run(xi, yi);
-        } else {
-            with_columns(rows * plane, |col| {
-                im2col(xi, s, col);
-                run(col, yi);
-            });
-        }
-        if relu {
-            yi.iter_mut().for_each(|v| *v = v.max(0.0));
-        }
+        let xi = &x[i * image_in..(i + 1) * image_in];
+        conv_image(xi, weight, bias, relu, pre, s, yi, par);
     };
     if across {
         y.par_chunks_mut(s.cout * plane)
@@ -309,6 +312,175 @@ pub fn conv_forward(
             .for_each(|(i, yi)| image(i, yi));
     }
     Ok(y)
+}
+
+/// An error unless `pre` fits a 1x1 stride-1 convolution's input channels.
+fn check_pre(pre: Option<PreActivation>, s: &ConvShape) -> Result<(), String> {
+    match pre {
+        Some((scale, shift)) if !s.pointwise() || scale.len() != s.cin || shift.len() != s.cin => {
+            Err(format!(
+                "convolution: a pre-activation of {} channels does not fit ({s:?})",
+                scale.len()
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// One image's convolution, `xi` `[cin, h, w]` into `yi` `[cout, plane]` (shapes checked by
+/// the caller), the GEMM on `par` threads.
+#[allow(clippy::too_many_arguments)]
+fn conv_image(
+    xi: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+    pre: Option<PreActivation>,
+    s: &ConvShape,
+    yi: &mut [f32],
+    par: usize,
+) {
+    let (plane, rows) = (s.out_plane(), s.col_rows());
+    let wm = Mat {
+        data: weight,
+        rs: rows,
+        cs: 1,
+    };
+    if let Some(bias) = bias {
+        for (row, &v) in yi.chunks_exact_mut(plane).zip(bias) {
+            row.fill(v);
+        }
+    }
+    let run = |cols: &[f32], yi: &mut [f32]| {
+        let b = Mat {
+            data: cols,
+            rs: plane,
+            cs: 1,
+        };
+        let shape = (s.cout, plane, rows);
+        matmul_pre(shape, yi, plane, bias.is_some(), wm, b, pre, par);
+    };
+    if s.pointwise() {
+        run(xi, yi);
+    } else {
+        with_columns(rows * plane, |col| {
+            im2col(xi, s, col);
+            run(col, yi);
+        });
+    }
+    if relu {
+        yi.iter_mut().for_each(|v| *v = v.max(0.0));
+    }
+}
+
+/// One DenseNet layer's inference weights: `norm1` as scale and shift `[cin]`, `conv1`
+/// `[mid, cin, 1, 1]` with `norm2` folded in (its bias `[mid]`, then ReLU), `conv2`
+/// `[growth, mid, k, k]` (padding `k / 2`, no bias).
+#[derive(Debug, Clone, Copy)]
+pub struct DenseLayer<'a> {
+    /// `norm1`'s scale and shift.
+    pub norm1: PreActivation<'a>,
+    /// `conv1`'s weight and (folded `norm2`) bias.
+    pub conv1: (&'a [f32], &'a [f32]),
+    /// `conv2`'s weight.
+    pub conv2: &'a [f32],
+    /// `conv2`'s kernel side.
+    pub k: usize,
+}
+
+thread_local! {
+    /// Each thread's buffer for a dense layer's bottleneck (`conv1`'s output).
+    static BOTTLENECK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Dense layers over `x` `[b, c0, h, w]`: each layer's new features are written after its
+/// input's channels in one output buffer (no concatenation), and its `norm1` + ReLU is
+/// applied as `conv1` reads them. Returns `[b, c0 + sum of growths, h, w]` and its width.
+pub fn dense_layers_forward(
+    x: &[f32],
+    (b, c0, h, w): (usize, usize, usize, usize),
+    layers: &[DenseLayer],
+) -> Result<(Vec<f32>, usize), String> {
+    let plane = h * w;
+    if x.len() != b * c0 * plane || plane == 0 {
+        return Err(format!(
+            "dense layers: input of {} values is not [{b}, {c0}, {h}, {w}]",
+            x.len()
+        ));
+    }
+    // Each layer's two convolutions, checked.
+    let mut shapes = Vec::with_capacity(layers.len());
+    let mut cin = c0;
+    for (i, l) in layers.iter().enumerate() {
+        let mid = l.conv1.1.len();
+        let growth = l.conv2.len() / (mid * l.k * l.k).max(1);
+        let first = ConvShape {
+            b: 1,
+            cin,
+            h,
+            w,
+            cout: mid,
+            kh: 1,
+            kw: 1,
+            stride: 1,
+            pad: 0,
+        };
+        let second = ConvShape {
+            b: 1,
+            cin: mid,
+            h,
+            w,
+            cout: growth,
+            kh: l.k,
+            kw: l.k,
+            stride: 1,
+            pad: l.k / 2,
+        };
+        let fits = l.k % 2 == 1
+            && growth > 0
+            && first.check(cin * plane, l.conv1.0.len(), Some(mid)).is_ok()
+            && second.check(mid * plane, l.conv2.len(), None).is_ok()
+            && second.out() == Some((h, w))
+            && check_pre(Some(l.norm1), &first).is_ok();
+        if !fits {
+            return Err(format!(
+                "dense layer {i}: weights do not fit {cin} input channels"
+            ));
+        }
+        shapes.push((first, second));
+        cin += growth;
+    }
+    let width = cin;
+    let mut y = vec![0f32; b * width * plane];
+    let (across, par) = split(b);
+    let image = |xi: &[f32], yi: &mut [f32]| {
+        yi[..c0 * plane].copy_from_slice(xi);
+        BOTTLENECK.with(|cell| {
+            let mut middle = cell.borrow_mut();
+            for (l, (first, second)) in layers.iter().zip(&shapes) {
+                let need = first.cout * plane;
+                if middle.len() < need {
+                    middle.resize(need, 0.0);
+                }
+                let mid = &mut middle[..need];
+                let (input, rest) = yi.split_at_mut(first.cin * plane);
+                let (w1, b1) = l.conv1;
+                conv_image(input, w1, Some(b1), true, Some(l.norm1), first, mid, par);
+                let new = &mut rest[..second.cout * plane];
+                conv_image(mid, l.conv2, None, false, None, second, new, par);
+            }
+        });
+    };
+    if across {
+        y.par_chunks_mut(width * plane)
+            .zip(x.par_chunks(c0 * plane))
+            .for_each(|(yi, xi)| image(xi, yi));
+    } else {
+        y.chunks_mut(width * plane)
+            .zip(x.chunks(c0 * plane))
+            .for_each(|(yi, xi)| image(xi, yi));
+    }
+    Ok((y, width))
 }
 
 /// A convolution's gradients: the input's (when asked for), the weight's and the bias's.
@@ -716,6 +888,78 @@ mod tests {
         (0..n).map(|_| r.unit() as f32 * 2.0 - 1.0).collect()
     }
 
+    /// Dense layers in one buffer equal the definition layer by layer: BN + ReLU, a 1x1
+    /// convolution + bias + ReLU, a 3x3 convolution, concatenation; across images (batch 3)
+    /// and inside the products (batch 1), planes that take either product path (7 x 7, 8 x 8).
+    #[test]
+    fn dense_layers_match_the_definition() {
+        let (mid, growth, c0) = (5, 3, 4);
+        let mut compared = 0;
+        for (b, h, w) in [(3, 7, 7), (1, 8, 8), (2, 5, 9)] {
+            let plane = h * w;
+            let owned: Vec<[Vec<f32>; 5]> = (0..3u64)
+                .map(|l| {
+                    let cin = c0 + l as usize * growth;
+                    let seed = 10 * l;
+                    [
+                        values(cin, seed),
+                        values(cin, seed + 1),
+                        values(mid * cin, seed + 2),
+                        values(mid, seed + 3),
+                        values(growth * mid * 9, seed + 4),
+                    ]
+                })
+                .collect();
+            let layers: Vec<DenseLayer> = owned
+                .iter()
+                .map(|v| DenseLayer {
+                    norm1: (&v[0], &v[1]),
+                    conv1: (&v[2], &v[3]),
+                    conv2: &v[4],
+                    k: 3,
+                })
+                .collect();
+            let x = values(b * c0 * plane, 99);
+            let (y, width) = dense_layers_forward(&x, (b, c0, h, w), &layers).unwrap();
+            assert_eq!((width, y.len()), (c0 + 3 * growth, b * width * plane));
+            for i in 0..b {
+                let mut feats = x[i * c0 * plane..(i + 1) * c0 * plane].to_vec();
+                for (l, v) in owned.iter().enumerate() {
+                    let cin = c0 + l * growth;
+                    let shape = |cin, cout, k| ConvShape {
+                        b: 1,
+                        cin,
+                        h,
+                        w,
+                        cout,
+                        kh: k,
+                        kw: k,
+                        stride: 1,
+                        pad: k / 2,
+                    };
+                    let act: Vec<f32> = feats
+                        .iter()
+                        .enumerate()
+                        .map(|(j, &f)| (f * v[0][j / plane] + v[1][j / plane]).max(0.0))
+                        .collect();
+                    let m: Vec<f32> = naive(&act, &v[2], &shape(cin, mid, 1))
+                        .iter()
+                        .enumerate()
+                        .map(|(j, &f)| (f + v[3][j / plane]).max(0.0))
+                        .collect();
+                    feats.extend(naive(&m, &v[4], &shape(mid, growth, 3)));
+                }
+                let got = &y[i * width * plane..(i + 1) * width * plane];
+                assert_eq!(got.len(), feats.len());
+                for (g, f) in got.iter().zip(&feats) {
+                    assert!((g - f).abs() < 1e-5, "{b}x{h}x{w}: {g} vs {f}");
+                    compared += 1;
+                }
+            }
+        }
+        assert_eq!(compared, 13 * (3 * 49 + 64 + 2 * 45));
+    }
+
     #[test]
     fn convolution_matches_the_definition_and_its_adjoint() {
         let shapes = [
@@ -740,7 +984,7 @@ mod tests {
             };
             let x = values(b * cin * h * w, i as u64);
             let wt = values(cout * cin * k * k, 100 + i as u64);
-            let y = conv_forward(&x, &wt, None, false, &s).unwrap();
+            let y = conv_forward(&x, &wt, None, false, None, &s).unwrap();
             let want = naive(&x, &wt, &s);
             assert_eq!(y.len(), want.len());
             let worst = y

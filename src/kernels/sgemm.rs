@@ -85,6 +85,80 @@ pub unsafe fn sgemm(
     (b_rs, b_cs): (usize, usize),
     threads: usize,
 ) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        sgemm_pre(
+            (m, n, k),
+            c,
+            c_rs,
+            accumulate,
+            a,
+            (a_rs, a_cs),
+            b,
+            (b_rs, b_cs),
+            None,
+            threads,
+        )
+    }
+}
+
+/// A BatchNorm + ReLU on each row `p` of B, applied as B is read: `max(b * scale[p] +
+/// shift[p], 0)` (the pre-activation of a 1x1 convolution's input channels).
+#[derive(Clone, Copy)]
+pub struct RowAffineRelu {
+    /// `k` scales.
+    pub scale: *const f32,
+    /// `k` shifts.
+    pub shift: *const f32,
+}
+
+// SAFETY: only read, by the tasks of one product.
+unsafe impl Send for RowAffineRelu {}
+// SAFETY: as above.
+unsafe impl Sync for RowAffineRelu {}
+
+impl RowAffineRelu {
+    /// These rows from row `p0` on.
+    ///
+    /// # Safety
+    /// `p0` must not pass the end of the rows.
+    unsafe fn from(self, p0: usize) -> Self {
+        // SAFETY: the caller's contract.
+        unsafe {
+            RowAffineRelu {
+                scale: self.scale.add(p0),
+                shift: self.shift.add(p0),
+            }
+        }
+    }
+
+    /// Row `p`'s scale and shift.
+    ///
+    /// # Safety
+    /// Row `p` must exist.
+    unsafe fn at(self, p: usize) -> (f32, f32) {
+        // SAFETY: the caller's contract.
+        unsafe { (*self.scale.add(p), *self.shift.add(p)) }
+    }
+}
+
+/// [`sgemm`] with B's rows first passed through `pre`.
+///
+/// # Safety
+/// As [`sgemm`]; `pre`'s slices hold `k` values each.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_pre(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    c_rs: usize,
+    accumulate: bool,
+    a: *const f32,
+    (a_rs, a_cs): (usize, usize),
+    b: *const f32,
+    (b_rs, b_cs): (usize, usize),
+    pre: Option<RowAffineRelu>,
+    threads: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -113,11 +187,28 @@ pub unsafe fn sgemm(
                 (a_rs, a_cs),
                 b,
                 (b_rs, b_cs),
+                pre,
                 threads,
             )
         };
         return;
     }
+    // The `gemm` crate reads B as stored: apply `pre` to a copy first.
+    let transformed: Vec<f32>;
+    let (b, (b_rs, b_cs)) = match pre {
+        None => (b, (b_rs, b_cs)),
+        Some(pre) => {
+            transformed = (0..k * n)
+                .map(|i| {
+                    let (p, j) = (i / n, i % n);
+                    // SAFETY: row p < k of B and of `pre` (the caller's contract).
+                    let (v, (s, t)) = unsafe { (*b.add(p * b_rs + j * b_cs), pre.at(p)) };
+                    (v * s + t).max(0.0)
+                })
+                .collect();
+            (transformed.as_ptr(), (n, 1))
+        }
+    };
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -172,6 +263,7 @@ unsafe fn pack_b(
     dst: &mut [f32],
     b: *const f32,
     (b_rs, b_cs): (usize, usize),
+    pre: Option<RowAffineRelu>,
     kc: usize,
     nc: usize,
 ) {
@@ -181,9 +273,24 @@ unsafe fn pack_b(
         for p in 0..kc {
             // SAFETY: row p of the block holds nc values.
             let row = unsafe { std::slice::from_raw_parts(b.add(p * b_rs), nc) };
-            for (s, piece) in row.chunks_exact(NR).enumerate() {
-                let at = s * kc * NR + p * NR;
-                dst[at..at + NR].copy_from_slice(piece);
+            let pieces = row.chunks_exact(NR).enumerate();
+            match pre {
+                None => {
+                    for (s, piece) in pieces {
+                        let at = s * kc * NR + p * NR;
+                        dst[at..at + NR].copy_from_slice(piece);
+                    }
+                }
+                Some(pre) => {
+                    // SAFETY: row p of the block is a row of B.
+                    let (sc, sh) = unsafe { pre.at(p) };
+                    for (s, piece) in pieces {
+                        let at = s * kc * NR + p * NR;
+                        for (d, v) in dst[at..at + NR].iter_mut().zip(piece) {
+                            *d = (v * sc + sh).max(0.0);
+                        }
+                    }
+                }
             }
         }
         if full * NR == nc {
@@ -198,6 +305,14 @@ unsafe fn pack_b(
         }
         // SAFETY: columns j0.. (at most nc - j0 of them) and rows < kc lie inside the block.
         unsafe { pack_panel::<NR>(sliver, b.add(j0 * b_cs), (b_cs, b_rs), kc, nc - j0) };
+        if let Some(pre) = pre {
+            // The padding lanes change too, but their columns are never stored.
+            for (p, row) in sliver.chunks_exact_mut(NR).enumerate() {
+                // SAFETY: p < kc, a row of B.
+                let (sc, sh) = unsafe { pre.at(p) };
+                row.iter_mut().for_each(|v| *v = (*v * sc + sh).max(0.0));
+            }
+        }
     }
 }
 
@@ -292,6 +407,7 @@ mod avx2 {
         (a_rs, a_cs): (usize, usize),
         b: *const f32,
         (b_rs, b_cs): (usize, usize),
+        pre: Option<RowAffineRelu>,
         threads: usize,
     ) {
         let threads = threads.max(1);
@@ -308,6 +424,8 @@ mod avx2 {
                 // SAFETY: the block lies inside B (the caller's contract).
                 let bsrc = unsafe { b.get().add(p0 * b_rs + j0 * b_cs) };
                 let bsrc = SendPtr(bsrc);
+                // SAFETY: rows p0.. of `pre` (as many as B's).
+                let pre = pre.map(|r| unsafe { r.from(p0) });
                 if threads > 1 && slivers >= 2 * threads {
                     let per = slivers.div_ceil(threads);
                     bp.par_chunks_mut(per * kc * NR)
@@ -317,12 +435,12 @@ mod avx2 {
                             let w = (per * NR).min(nc - jj);
                             // SAFETY: columns jj..jj + w of the block.
                             unsafe {
-                                pack_b(chunk, bsrc.get().add(jj * b_cs), (b_rs, b_cs), kc, w)
+                                pack_b(chunk, bsrc.get().add(jj * b_cs), (b_rs, b_cs), pre, kc, w)
                             };
                         });
                 } else {
                     // SAFETY: the whole block.
-                    unsafe { pack_b(bp, bsrc.get(), (b_rs, b_cs), kc, nc) };
+                    unsafe { pack_b(bp, bsrc.get(), (b_rs, b_cs), pre, kc, nc) };
                 }
                 let overwrite = p0 == 0 && !accumulate;
                 let bp: &[f32] = bp;
@@ -612,5 +730,61 @@ mod tests {
             }
         }
         assert_eq!(checked, shapes.len() * 16);
+    }
+
+    /// A per-row BatchNorm + ReLU on B gives the product with the transformed B, on both
+    /// paths (n = 49 goes to the `gemm` crate), both B layouts, one and two threads.
+    #[test]
+    fn pre_activated_products_match_the_definition() {
+        let mut r = crate::rng::Rng::new(11);
+        let shapes = [(7, 17, 3), (32, 64, 300), (13, 49, 40), (20, 150, 513)];
+        let mut checked = 0;
+        for &(m, n, k) in &shapes {
+            let a: Vec<f32> = (0..m * k).map(|_| r.unit() as f32 - 0.5).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| r.unit() as f32 - 0.5).collect();
+            let scale: Vec<f32> = (0..k).map(|_| r.unit() as f32 * 2.0 - 1.0).collect();
+            let shift: Vec<f32> = (0..k).map(|_| r.unit() as f32 - 0.5).collect();
+            for sb in [(n, 1), (1, k)] {
+                let tb: Vec<f32> = (0..k * n)
+                    .map(|i| {
+                        let (p, j) = (i / n, i % n);
+                        (b[p * sb.0 + j * sb.1] * scale[p] + shift[p]).max(0.0)
+                    })
+                    .collect();
+                let want = naive(m, n, k, &a, (k, 1), &tb, (n, 1));
+                for threads in [1, 2] {
+                    let mut c = vec![f32::NAN; m * n];
+                    let pre = RowAffineRelu {
+                        scale: scale.as_ptr(),
+                        shift: shift.as_ptr(),
+                    };
+                    // SAFETY: the slices hold the shapes at these strides.
+                    unsafe {
+                        sgemm_pre(
+                            (m, n, k),
+                            c.as_mut_ptr(),
+                            n,
+                            false,
+                            a.as_ptr(),
+                            (k, 1),
+                            b.as_ptr(),
+                            sb,
+                            Some(pre),
+                            threads,
+                        )
+                    };
+                    assert_eq!(c.len(), want.len());
+                    for (g, w) in c.iter().zip(&want) {
+                        let tol = 1e-5 * (k as f64).sqrt() + 1e-6;
+                        assert!(
+                            (*g as f64 - w).abs() <= tol,
+                            "{m}x{n}x{k} {sb:?}: {g} vs {w}"
+                        );
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, shapes.len() * 4);
     }
 }

@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor, Var};
 
 use super::{Classifier, LoadReport, ModelError, Trainable};
 use crate::checkpoint::{Param, StorageDtype};
-use crate::kernels::{self, Kernels};
+use crate::kernels::{self, Kernels, candle_ops};
 use crate::preprocess::Normalization;
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -58,6 +58,12 @@ pub(crate) trait Ops {
 
     /// The kernels the operations run on.
     fn kernels(&self) -> Kernels;
+
+    /// DenseNet layers (the prefixes of their `norm1`, `conv1`, `norm2`, `conv2`) over `x`,
+    /// each appending its new features to its input's channels.
+    fn dense_layers(&self, x: &Tensor, prefixes: &[String]) -> candle_core::Result<Tensor> {
+        super::densenet::layers_stepwise(self, x, prefixes)
+    }
 
     /// torchvision's stem: `conv`, `bn`, ReLU, 3x3 max pool with stride 2 and padding 1.
     fn stem(&self, x: &Tensor, conv: &str, bn: &str) -> candle_core::Result<Tensor> {
@@ -166,6 +172,37 @@ impl Ops for Folded {
 
     fn kernels(&self) -> Kernels {
         self.kernels
+    }
+
+    /// On the fused CPU kernels, one buffer for all the layers' features, each `norm1` applied
+    /// as `conv1` reads them.
+    fn dense_layers(&self, x: &Tensor, prefixes: &[String]) -> candle_core::Result<Tensor> {
+        if !self.kernels.fused_for(x) {
+            return super::densenet::layers_stepwise(self, x, prefixes);
+        }
+        let conv = |key: String| {
+            self.convs
+                .get(&key)
+                .ok_or_else(|| missing("convolution", &key))
+        };
+        let layers = prefixes
+            .iter()
+            .map(|p| {
+                let norm1 = format!("{p}.norm1");
+                let bn = self
+                    .bns
+                    .get(&norm1)
+                    .ok_or_else(|| missing("BatchNorm", &norm1))?;
+                let (c1, c2) = (conv(format!("{p}.conv1"))?, conv(format!("{p}.conv2"))?);
+                let bias = c1.bias.clone().ok_or_else(|| missing("folded norm2", p))?;
+                Ok(candle_ops::DenseLayerWeights {
+                    norm1: (bn.scale.clone(), bn.shift.clone()),
+                    conv1: (c1.weight.clone(), bias),
+                    conv2: c2.weight.clone(),
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        candle_ops::dense_layers(x, &layers)
     }
 }
 

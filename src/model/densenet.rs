@@ -86,15 +86,7 @@ impl DenseLayout {
         l: usize,
         h: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let p = format!("features.denseblock{b}.denselayer{l}");
-        let h = ops.conv_bn(h, &format!("{p}.conv1"), &format!("{p}.norm2"), 1, true)?;
-        ops.conv(&h, &format!("{p}.conv2"), 1)
-    }
-
-    fn layer(&self, ops: &dyn Ops, b: usize, l: usize, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = ops.bn_relu(x, &format!("features.denseblock{b}.denselayer{l}.norm1"))?;
-        let new = self.new_features(ops, b, l, &h)?;
-        Tensor::cat(&[x, &new], 1)
+        new_features(ops, &layer_prefix(b, l), h)
     }
 
     /// The input of the last dense layer, or (`whole`) the last block's output.
@@ -103,12 +95,13 @@ impl DenseLayout {
         let nblocks = self.blocks.len();
         for (bi, widths) in self.blocks.iter().enumerate() {
             let (b, last_block) = (bi + 1, bi + 1 == nblocks);
-            for l in 1..=widths.len() {
-                if last_block && l == widths.len() && !whole {
-                    return Ok(h);
-                }
-                h = self.layer(ops, b, l, &h)?;
-            }
+            let layers = if last_block && !whole {
+                widths.len().saturating_sub(1)
+            } else {
+                widths.len()
+            };
+            let prefixes: Vec<String> = (1..=layers).map(|l| layer_prefix(b, l)).collect();
+            h = ops.dense_layers(&h, &prefixes)?;
             if !last_block {
                 let p = format!("features.transition{b}");
                 let t = ops.bn_relu(&h, &format!("{p}.norm"))?;
@@ -196,6 +189,31 @@ impl CnnLayout for DenseLayout {
             DenseNet::from_state_dict(sd, Origin::default(), &opts)?.0,
         ))
     }
+}
+
+/// The key prefix of dense layer `l` of block `b` (both 1-based).
+fn layer_prefix(b: usize, l: usize) -> String {
+    format!("features.denseblock{b}.denselayer{l}")
+}
+
+/// A dense layer's new features from ReLU(`norm1`'s output): `conv1`, `norm2`, ReLU, `conv2`.
+fn new_features<O: Ops + ?Sized>(ops: &O, p: &str, h: &Tensor) -> candle_core::Result<Tensor> {
+    let h = ops.conv_bn(h, &format!("{p}.conv1"), &format!("{p}.norm2"), 1, true)?;
+    ops.conv(&h, &format!("{p}.conv2"), 1)
+}
+
+/// Dense layers one operation at a time: each layer's input, `norm1` + ReLU, its new
+/// features, and the two concatenated.
+pub(crate) fn layers_stepwise<O: Ops + ?Sized>(
+    ops: &O,
+    x: &Tensor,
+    prefixes: &[String],
+) -> candle_core::Result<Tensor> {
+    prefixes.iter().try_fold(x.clone(), |x, p| {
+        let h = ops.bn_relu(&x, &format!("{p}.norm1"))?;
+        let new = new_features(ops, p, &h)?;
+        Tensor::cat(&[&x, &new], 1)
+    })
 }
 
 /// A DenseNet ready for inference.
