@@ -8,6 +8,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::sgemm::{BOperand, RowAffineRelu};
+
 /// A matrix operand: values and the strides of its rows and columns.
 #[derive(Clone, Copy)]
 pub(crate) struct Mat<'a> {
@@ -35,52 +37,75 @@ pub(crate) fn matmul(
     b: Mat,
     threads: usize,
 ) {
-    matmul_pre(shape, dst, dst_rs, accumulate, a, b, None, threads)
+    matmul_b(
+        shape,
+        dst,
+        dst_rs,
+        accumulate,
+        a,
+        BSource::Mat(b, None),
+        threads,
+    )
 }
 
 /// A BatchNorm in evaluation mode + ReLU on a 1x1 convolution's input channels, applied as
 /// the convolution reads them: per-channel scale and shift.
 pub type PreActivation<'a> = (&'a [f32], &'a [f32]);
 
-/// [`matmul`] with each row `p` of B read as `max(b * scale[p] + shift[p], 0)`.
+/// A product's B: a matrix (each row `p` optionally read as `max(b * scale[p] + shift[p],
+/// 0)`), or a function that writes `B[p, j0..j0 + out.len()]` into `out`.
+enum BSource<'a> {
+    Mat(Mat<'a>, Option<PreActivation<'a>>),
+    Rows(&'a (dyn Fn(usize, usize, &mut [f32]) + Sync)),
+}
+
+/// [`matmul`] with B from a [`BSource`].
 #[allow(clippy::too_many_arguments)]
-fn matmul_pre(
+fn matmul_b(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
     a: Mat,
-    b: Mat,
-    pre: Option<PreActivation>,
+    b: BSource,
     threads: usize,
 ) {
     if m == 0 || n == 0 {
         return;
     }
+    let b_fits = match &b {
+        BSource::Mat(b, pre) => {
+            b.fits(k, n) && pre.is_none_or(|(s, t)| s.len() >= k && t.len() >= k)
+        }
+        BSource::Rows(_) => true,
+    };
     assert!(
-        (m - 1) * dst_rs + n <= dst.len()
-            && a.fits(m, k)
-            && b.fits(k, n)
-            && pre.is_none_or(|(s, t)| s.len() >= k && t.len() >= k),
+        (m - 1) * dst_rs + n <= dst.len() && a.fits(m, k) && b_fits,
         "matmul: operands do not fit their slices"
     );
-    let pre = pre.map(|(scale, shift)| super::sgemm::RowAffineRelu {
-        scale: scale.as_ptr(),
-        shift: shift.as_ptr(),
-    });
+    let b = match b {
+        BSource::Mat(b, pre) => BOperand::Strided {
+            ptr: b.data.as_ptr(),
+            rs: b.rs,
+            cs: b.cs,
+            pre: pre.map(|(scale, shift)| RowAffineRelu {
+                scale: scale.as_ptr(),
+                shift: shift.as_ptr(),
+            }),
+        },
+        BSource::Rows(make) => BOperand::Rows(make),
+    };
     // SAFETY: every element read or written lies inside the slices (asserted above); dst
     // is borrowed mutably, so it overlaps neither operand.
     unsafe {
-        super::sgemm::sgemm_pre(
+        super::sgemm::sgemm_b(
             (m, n, k),
             dst.as_mut_ptr(),
             dst_rs,
             accumulate,
             a.data.as_ptr(),
             (a.rs, a.cs),
-            b.data.as_ptr(),
-            (b.rs, b.cs),
-            pre,
+            b,
             threads,
         );
     }
@@ -227,6 +252,41 @@ fn im2col_channel(x: &[f32], s: &ConvShape, out: &mut [f32], row_stride: usize) 
     }
 }
 
+/// Row `p` of one image's im2col matrix, columns `j0..j0 + out.len()`, into `out`.
+fn im2col_part(x: &[f32], s: &ConvShape, p: usize, j0: usize, out: &mut [f32]) {
+    let (_, wo) = s.out().expect("checked shape");
+    let kk = s.kh * s.kw;
+    let (c, ky, kx) = (p / kk, p % kk / s.kw, p % s.kw);
+    let x = &x[c * s.h * s.w..(c + 1) * s.h * s.w];
+    let (lo, hi) = valid_columns(wo, s.w, s.stride, kx, s.pad);
+    let (mut j, end) = (j0, j0 + out.len());
+    while j < end {
+        let (oy, ox0) = (j / wo, j % wo);
+        let ox1 = wo.min(ox0 + end - j);
+        let seg = &mut out[j - j0..j - j0 + ox1 - ox0];
+        j += ox1 - ox0;
+        let iy = (oy * s.stride + ky).wrapping_sub(s.pad);
+        let (a, b) = (lo.clamp(ox0, ox1), hi.clamp(ox0, ox1));
+        if iy >= s.h || a >= b {
+            seg.fill(0.0);
+            continue;
+        }
+        seg[..a - ox0].fill(0.0);
+        seg[b - ox0..].fill(0.0);
+        let src = &x[iy * s.w..(iy + 1) * s.w];
+        // Input column of output column a.
+        let first = a * s.stride + kx - s.pad;
+        let inside = &mut seg[a - ox0..b - ox0];
+        if s.stride == 1 {
+            inside.copy_from_slice(&src[first..first + b - a]);
+        } else {
+            for (o, &v) in inside.iter_mut().zip(src[first..].iter().step_by(s.stride)) {
+                *o = v;
+            }
+        }
+    }
+}
+
 /// Columns back onto one image's gradient `[cin, h, w]` (added to what it holds).
 fn col2im(col: &[f32], s: &ConvShape, dx: &mut [f32]) {
     let (ho, wo) = s.out().expect("checked shape");
@@ -351,22 +411,34 @@ fn conv_image(
             row.fill(v);
         }
     }
-    let run = |cols: &[f32], yi: &mut [f32]| {
+    let shape = (s.cout, plane, rows);
+    if s.pointwise() {
         let b = Mat {
-            data: cols,
+            data: xi,
             rs: plane,
             cs: 1,
         };
-        let shape = (s.cout, plane, rows);
-        matmul_pre(shape, yi, plane, bias.is_some(), wm, b, pre, par);
-    };
-    if s.pointwise() {
-        run(xi, yi);
+        matmul_b(
+            shape,
+            yi,
+            plane,
+            bias.is_some(),
+            wm,
+            BSource::Mat(b, pre),
+            par,
+        );
     } else {
-        with_columns(rows * plane, |col| {
-            im2col(xi, s, col);
-            run(col, yi);
-        });
+        // The im2col matrix is made a block of rows at a time as the product packs it.
+        let make = |p: usize, j0: usize, out: &mut [f32]| im2col_part(xi, s, p, j0, out);
+        matmul_b(
+            shape,
+            yi,
+            plane,
+            bias.is_some(),
+            wm,
+            BSource::Rows(&make),
+            par,
+        );
     }
     if relu {
         yi.iter_mut().for_each(|v| *v = v.max(0.0));

@@ -85,21 +85,14 @@ pub unsafe fn sgemm(
     (b_rs, b_cs): (usize, usize),
     threads: usize,
 ) {
+    let b = BOperand::Strided {
+        ptr: b,
+        rs: b_rs,
+        cs: b_cs,
+        pre: None,
+    };
     // SAFETY: the caller's contract.
-    unsafe {
-        sgemm_pre(
-            (m, n, k),
-            c,
-            c_rs,
-            accumulate,
-            a,
-            (a_rs, a_cs),
-            b,
-            (b_rs, b_cs),
-            None,
-            threads,
-        )
-    }
+    unsafe { sgemm_b((m, n, k), c, c_rs, accumulate, a, (a_rs, a_cs), b, threads) }
 }
 
 /// A BatchNorm + ReLU on each row `p` of B, applied as B is read: `max(b * scale[p] +
@@ -112,26 +105,7 @@ pub struct RowAffineRelu {
     pub shift: *const f32,
 }
 
-// SAFETY: only read, by the tasks of one product.
-unsafe impl Send for RowAffineRelu {}
-// SAFETY: as above.
-unsafe impl Sync for RowAffineRelu {}
-
 impl RowAffineRelu {
-    /// These rows from row `p0` on.
-    ///
-    /// # Safety
-    /// `p0` must not pass the end of the rows.
-    unsafe fn from(self, p0: usize) -> Self {
-        // SAFETY: the caller's contract.
-        unsafe {
-            RowAffineRelu {
-                scale: self.scale.add(p0),
-                shift: self.shift.add(p0),
-            }
-        }
-    }
-
     /// Row `p`'s scale and shift.
     ///
     /// # Safety
@@ -142,21 +116,44 @@ impl RowAffineRelu {
     }
 }
 
-/// [`sgemm`] with B's rows first passed through `pre`.
+/// Where B's values come from.
+#[derive(Clone, Copy)]
+pub enum BOperand<'a> {
+    /// Stored at row stride `rs` and column stride `cs`, each row optionally through `pre`.
+    Strided {
+        /// B's first value.
+        ptr: *const f32,
+        /// Row stride.
+        rs: usize,
+        /// Column stride.
+        cs: usize,
+        /// A per-row BatchNorm + ReLU.
+        pre: Option<RowAffineRelu>,
+    },
+    /// Made row by row: `row(p, j0, out)` writes `B[p, j0..j0 + out.len()]` into `out` (an
+    /// im2col matrix made as it is packed, never whole).
+    Rows(&'a (dyn Fn(usize, usize, &mut [f32]) + Sync)),
+}
+
+// SAFETY: B is only read, by the tasks of one product.
+unsafe impl Send for BOperand<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for BOperand<'_> {}
+
+/// [`sgemm`] with B given as a [`BOperand`].
 ///
 /// # Safety
-/// As [`sgemm`]; `pre`'s slices hold `k` values each.
+/// As [`sgemm`] for C and A; a strided B (and its `pre`, `k` values each) must be readable
+/// over `k x n`; a row function must fill every value it is given.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn sgemm_pre(
+pub unsafe fn sgemm_b(
     (m, n, k): (usize, usize, usize),
     c: *mut f32,
     c_rs: usize,
     accumulate: bool,
     a: *const f32,
     (a_rs, a_cs): (usize, usize),
-    b: *const f32,
-    (b_rs, b_cs): (usize, usize),
-    pre: Option<RowAffineRelu>,
+    b: BOperand,
     threads: usize,
 ) {
     if m == 0 || n == 0 {
@@ -177,36 +174,26 @@ pub unsafe fn sgemm_pre(
     #[cfg(target_arch = "x86_64")]
     if ours() && n.div_ceil(NR) * NR * 10 <= n * 11 {
         // SAFETY: the caller's contract; AVX2 and FMA checked by `ours`.
-        unsafe {
-            avx2::sgemm(
-                (m, n, k),
-                c,
-                c_rs,
-                accumulate,
-                a,
-                (a_rs, a_cs),
-                b,
-                (b_rs, b_cs),
-                pre,
-                threads,
-            )
-        };
+        unsafe { avx2::sgemm((m, n, k), c, c_rs, accumulate, a, (a_rs, a_cs), b, threads) };
         return;
     }
-    // The `gemm` crate reads B as stored: apply `pre` to a copy first.
-    let transformed: Vec<f32>;
-    let (b, (b_rs, b_cs)) = match pre {
-        None => (b, (b_rs, b_cs)),
-        Some(pre) => {
-            transformed = (0..k * n)
-                .map(|i| {
-                    let (p, j) = (i / n, i % n);
-                    // SAFETY: row p < k of B and of `pre` (the caller's contract).
-                    let (v, (s, t)) = unsafe { (*b.add(p * b_rs + j * b_cs), pre.at(p)) };
-                    (v * s + t).max(0.0)
-                })
-                .collect();
-            (transformed.as_ptr(), (n, 1))
+    // The `gemm` crate reads B as stored: a B made or transformed on the way is made whole.
+    let made: Vec<f32>;
+    let (b, (b_rs, b_cs)) = match b {
+        BOperand::Strided {
+            ptr,
+            rs,
+            cs,
+            pre: None,
+        } => (ptr, (rs, cs)),
+        b => {
+            let mut whole = vec![0f32; k * n];
+            for (p, row) in whole.chunks_exact_mut(n).enumerate() {
+                // SAFETY: row p < k of B (the caller's contract).
+                unsafe { b_row(b, p, 0, row) };
+            }
+            made = whole;
+            (made.as_ptr(), (n, 1))
         }
     };
     let par = if threads > 1 {
@@ -255,63 +242,105 @@ fn aligned(v: &mut [f32]) -> &mut [f32] {
     &mut v[off..]
 }
 
-/// Packs `B[p0.., j0..]` (`kc x nc`) into `NR`-column slivers, each `kc x NR`, zero-padded.
+/// Writes `B[p, j0..j0 + out.len()]` into `out`.
 ///
 /// # Safety
-/// B must be readable over the block at its strides; `dst` holds `ceil(nc / NR) * kc * NR`.
-unsafe fn pack_b(
-    dst: &mut [f32],
-    b: *const f32,
-    (b_rs, b_cs): (usize, usize),
-    pre: Option<RowAffineRelu>,
-    kc: usize,
-    nc: usize,
-) {
-    let full = nc / NR;
-    if b_cs == 1 {
-        // Row by row: B is read in order, each row's 16-value pieces go to their slivers.
-        for p in 0..kc {
-            // SAFETY: row p of the block holds nc values.
-            let row = unsafe { std::slice::from_raw_parts(b.add(p * b_rs), nc) };
-            let pieces = row.chunks_exact(NR).enumerate();
-            match pre {
-                None => {
-                    for (s, piece) in pieces {
-                        let at = s * kc * NR + p * NR;
-                        dst[at..at + NR].copy_from_slice(piece);
-                    }
-                }
-                Some(pre) => {
-                    // SAFETY: row p of the block is a row of B.
-                    let (sc, sh) = unsafe { pre.at(p) };
-                    for (s, piece) in pieces {
-                        let at = s * kc * NR + p * NR;
-                        for (d, v) in dst[at..at + NR].iter_mut().zip(piece) {
-                            *d = (v * sc + sh).max(0.0);
-                        }
-                    }
-                }
+/// That part of B must exist (for a strided B: be readable).
+unsafe fn b_row(b: BOperand, p: usize, j0: usize, out: &mut [f32]) {
+    match b {
+        BOperand::Strided { ptr, rs, cs, pre } => {
+            for (j, o) in out.iter_mut().enumerate() {
+                // SAFETY: the caller's contract.
+                *o = unsafe { *ptr.add(p * rs + (j0 + j) * cs) };
+            }
+            if let Some(pre) = pre {
+                // SAFETY: row p exists.
+                let (sc, sh) = unsafe { pre.at(p) };
+                out.iter_mut().for_each(|v| *v = (*v * sc + sh).max(0.0));
             }
         }
-        if full * NR == nc {
-            return;
+        BOperand::Rows(row) => row(p, j0, out),
+    }
+}
+
+/// Copies row `p` of a block, `row` (its `nc` values), into the `NR`-column slivers of `dst`
+/// (each `kc x NR`), zero-padding the last; with `pre`, through `max(v * scale + shift, 0)`.
+fn scatter_row(dst: &mut [f32], row: &[f32], p: usize, kc: usize, pre: Option<(f32, f32)>) {
+    for (s, piece) in row.chunks(NR).enumerate() {
+        let at = s * kc * NR + p * NR;
+        let out = &mut dst[at..at + NR];
+        match pre {
+            None if piece.len() == NR => out.copy_from_slice(piece),
+            None => {
+                out[..piece.len()].copy_from_slice(piece);
+                out[piece.len()..].fill(0.0);
+            }
+            Some((sc, sh)) => {
+                for (d, v) in out.iter_mut().zip(piece) {
+                    *d = (v * sc + sh).max(0.0);
+                }
+                out[piece.len()..].fill(0.0);
+            }
         }
     }
-    let skip = if b_cs == 1 { full } else { 0 };
-    for (s, sliver) in dst.chunks_exact_mut(kc * NR).enumerate().skip(skip) {
-        let j0 = s * NR;
-        if j0 >= nc {
-            break;
-        }
-        // SAFETY: columns j0.. (at most nc - j0 of them) and rows < kc lie inside the block.
-        unsafe { pack_panel::<NR>(sliver, b.add(j0 * b_cs), (b_cs, b_rs), kc, nc - j0) };
-        if let Some(pre) = pre {
-            // The padding lanes change too, but their columns are never stored.
-            for (p, row) in sliver.chunks_exact_mut(NR).enumerate() {
-                // SAFETY: p < kc, a row of B.
-                let (sc, sh) = unsafe { pre.at(p) };
-                row.iter_mut().for_each(|v| *v = (*v * sc + sh).max(0.0));
+}
+
+thread_local! {
+    /// Each thread's row buffer for a B made row by row.
+    static ROW_BUF: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Packs `B[p0..p0 + kc, j0..j0 + nc]` into `NR`-column slivers, each `kc x NR`, zero-padded.
+///
+/// # Safety
+/// That block of B must exist (for a strided B: be readable); `dst` holds
+/// `ceil(nc / NR) * kc * NR` values.
+unsafe fn pack_b(dst: &mut [f32], b: BOperand, (p0, j0): (usize, usize), kc: usize, nc: usize) {
+    match b {
+        BOperand::Strided {
+            ptr,
+            rs,
+            cs: 1,
+            pre,
+        } => {
+            // Row by row: B is read in order, each row's 16-value pieces go to their slivers.
+            for p in 0..kc {
+                // SAFETY: row p0 + p of B holds the block's nc values from column j0.
+                let row = unsafe { std::slice::from_raw_parts(ptr.add((p0 + p) * rs + j0), nc) };
+                // SAFETY: row p0 + p exists.
+                let pre = pre.map(|r| unsafe { r.at(p0 + p) });
+                scatter_row(dst, row, p, kc, pre);
             }
+        }
+        BOperand::Strided { ptr, rs, cs, pre } => {
+            for (s, sliver) in dst.chunks_exact_mut(kc * NR).enumerate() {
+                let jj = s * NR;
+                if jj >= nc {
+                    break;
+                }
+                // SAFETY: columns j0 + jj.. (at most nc - jj of them), rows p0..p0 + kc.
+                let src = unsafe { ptr.add(p0 * rs + (j0 + jj) * cs) };
+                unsafe { pack_panel::<NR>(sliver, src, (cs, rs), kc, nc - jj) };
+                if let Some(pre) = pre {
+                    // The padding lanes change too, but their columns are never stored.
+                    for (p, row) in sliver.chunks_exact_mut(NR).enumerate() {
+                        // SAFETY: row p0 + p exists.
+                        let (sc, sh) = unsafe { pre.at(p0 + p) };
+                        row.iter_mut().for_each(|v| *v = (*v * sc + sh).max(0.0));
+                    }
+                }
+            }
+        }
+        BOperand::Rows(make) => {
+            let mut buf = ROW_BUF.with(|c| c.take());
+            if buf.len() < nc {
+                buf.resize(nc, 0.0);
+            }
+            for p in 0..kc {
+                make(p0 + p, j0, &mut buf[..nc]);
+                scatter_row(dst, &buf[..nc], p, kc, None);
+            }
+            ROW_BUF.with(|c| c.set(buf));
         }
     }
 }
@@ -405,13 +434,11 @@ mod avx2 {
         accumulate: bool,
         a: *const f32,
         (a_rs, a_cs): (usize, usize),
-        b: *const f32,
-        (b_rs, b_cs): (usize, usize),
-        pre: Option<RowAffineRelu>,
+        b: BOperand,
         threads: usize,
     ) {
         let threads = threads.max(1);
-        let (c, a, b) = (SendPtr(c), SendPtr(a), SendPtr(b));
+        let (c, a) = (SendPtr(c), SendPtr(a));
         // A row-major A that only a few columns of C use is read in place, not packed.
         let direct_a = a_cs == 1 && n <= DIRECT_A_MAX_N;
         let mut bbuf = take_buf(&B_BUF, KC * NC.min(n.div_ceil(NR) * NR));
@@ -421,11 +448,6 @@ mod avx2 {
             for p0 in (0..k).step_by(KC) {
                 let kc = KC.min(k - p0);
                 let bp = &mut aligned(&mut bbuf)[..slivers * kc * NR];
-                // SAFETY: the block lies inside B (the caller's contract).
-                let bsrc = unsafe { b.get().add(p0 * b_rs + j0 * b_cs) };
-                let bsrc = SendPtr(bsrc);
-                // SAFETY: rows p0.. of `pre` (as many as B's).
-                let pre = pre.map(|r| unsafe { r.from(p0) });
                 if threads > 1 && slivers >= 2 * threads {
                     let per = slivers.div_ceil(threads);
                     bp.par_chunks_mut(per * kc * NR)
@@ -434,13 +456,11 @@ mod avx2 {
                             let jj = t * per * NR;
                             let w = (per * NR).min(nc - jj);
                             // SAFETY: columns jj..jj + w of the block.
-                            unsafe {
-                                pack_b(chunk, bsrc.get().add(jj * b_cs), (b_rs, b_cs), pre, kc, w)
-                            };
+                            unsafe { pack_b(chunk, b, (p0, j0 + jj), kc, w) };
                         });
                 } else {
                     // SAFETY: the whole block.
-                    unsafe { pack_b(bp, bsrc.get(), (b_rs, b_cs), pre, kc, nc) };
+                    unsafe { pack_b(bp, b, (p0, j0), kc, nc) };
                 }
                 let overwrite = p0 == 0 && !accumulate;
                 let bp: &[f32] = bp;
@@ -732,10 +752,11 @@ mod tests {
         assert_eq!(checked, shapes.len() * 16);
     }
 
-    /// A per-row BatchNorm + ReLU on B gives the product with the transformed B, on both
-    /// paths (n = 49 goes to the `gemm` crate), both B layouts, one and two threads.
+    /// A per-row BatchNorm + ReLU on a stored B, and a B made row by row, give the product
+    /// with the B they stand for, on both paths (n = 49 goes to the `gemm` crate), both
+    /// layouts of the stored B, one and two threads.
     #[test]
-    fn pre_activated_products_match_the_definition() {
+    fn products_with_made_or_transformed_b_match_the_definition() {
         let mut r = crate::rng::Rng::new(11);
         let shapes = [(7, 17, 3), (32, 64, 300), (13, 49, 40), (20, 150, 513)];
         let mut checked = 0;
@@ -752,39 +773,47 @@ mod tests {
                     })
                     .collect();
                 let want = naive(m, n, k, &a, (k, 1), &tb, (n, 1));
-                for threads in [1, 2] {
-                    let mut c = vec![f32::NAN; m * n];
-                    let pre = RowAffineRelu {
+                let make = |p: usize, j0: usize, out: &mut [f32]| {
+                    out.copy_from_slice(&tb[p * n + j0..p * n + j0 + out.len()]);
+                };
+                let strided = BOperand::Strided {
+                    ptr: b.as_ptr(),
+                    rs: sb.0,
+                    cs: sb.1,
+                    pre: Some(RowAffineRelu {
                         scale: scale.as_ptr(),
                         shift: shift.as_ptr(),
-                    };
-                    // SAFETY: the slices hold the shapes at these strides.
-                    unsafe {
-                        sgemm_pre(
-                            (m, n, k),
-                            c.as_mut_ptr(),
-                            n,
-                            false,
-                            a.as_ptr(),
-                            (k, 1),
-                            b.as_ptr(),
-                            sb,
-                            Some(pre),
-                            threads,
-                        )
-                    };
-                    assert_eq!(c.len(), want.len());
-                    for (g, w) in c.iter().zip(&want) {
-                        let tol = 1e-5 * (k as f64).sqrt() + 1e-6;
-                        assert!(
-                            (*g as f64 - w).abs() <= tol,
-                            "{m}x{n}x{k} {sb:?}: {g} vs {w}"
-                        );
+                    }),
+                };
+                for operand in [strided, BOperand::Rows(&make)] {
+                    for threads in [1, 2] {
+                        let mut c = vec![f32::NAN; m * n];
+                        // SAFETY: the slices hold the shapes at these strides.
+                        unsafe {
+                            sgemm_b(
+                                (m, n, k),
+                                c.as_mut_ptr(),
+                                n,
+                                false,
+                                a.as_ptr(),
+                                (k, 1),
+                                operand,
+                                threads,
+                            )
+                        };
+                        assert_eq!(c.len(), want.len());
+                        for (g, w) in c.iter().zip(&want) {
+                            let tol = 1e-5 * (k as f64).sqrt() + 1e-6;
+                            assert!(
+                                (*g as f64 - w).abs() <= tol,
+                                "{m}x{n}x{k} {sb:?}: {g} vs {w}"
+                            );
+                        }
+                        checked += 1;
                     }
-                    checked += 1;
                 }
             }
         }
-        assert_eq!(checked, shapes.len() * 4);
+        assert_eq!(checked, shapes.len() * 8);
     }
 }
