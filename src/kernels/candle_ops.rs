@@ -56,28 +56,81 @@ impl CustomOp1 for DenseLayersOp {
             .iter()
             .flat_map(|d| [&d.norm1.0, &d.norm1.1, &d.conv1.0, &d.conv1.1, &d.conv2])
             .collect();
-        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-        let values = guards
-            .iter()
-            .map(|(storage, layout)| match &**storage {
-                candle_core::Storage::Cpu(s) => contiguous_f32(s, layout, "dense layer weight"),
-                _ => candle_core::bail!("dense layers: weights must be on the CPU"),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let layers: Vec<conv::DenseLayer> = values
-            .chunks_exact(5)
-            .zip(&self.layers)
-            .map(|(v, d)| conv::DenseLayer {
-                norm1: (v[0], v[1]),
-                conv1: (v[2], v[3]),
-                conv2: v[4],
-                k: d.conv2.dims().last().copied().unwrap_or(0),
-            })
-            .collect();
-        let (y, width) = conv::dense_layers_forward(x, (b, c, h, w), &layers)
-            .map_err(candle_core::Error::Msg)?;
+        let (y, width) = with_values(&tensors, "dense layer weight", |values| {
+            let layers: Vec<conv::DenseLayer> = values
+                .chunks_exact(5)
+                .zip(&self.layers)
+                .map(|(v, d)| conv::DenseLayer {
+                    norm1: (v[0], v[1]),
+                    conv1: (v[2], v[3]),
+                    conv2: v[4],
+                    k: d.conv2.dims().last().copied().unwrap_or(0),
+                })
+                .collect();
+            conv::dense_layers_forward(x, (b, c, h, w), &layers).map_err(candle_core::Error::Msg)
+        })?;
         Ok((CpuStorage::F32(y), Shape::from((b, width, h, w))))
     }
+}
+
+/// Runs `f` on the values of contiguous CPU f32 tensors (an op's constant operands).
+fn with_values<R>(
+    tensors: &[&Tensor],
+    what: &str,
+    f: impl FnOnce(&[&[f32]]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let values = guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            candle_core::Storage::Cpu(s) => contiguous_f32(s, layout, what),
+            _ => candle_core::bail!("{what}: expected a CPU tensor"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    f(&values)
+}
+
+/// A 1x1 convolution (no bias) whose input channels pass through a BatchNorm in evaluation
+/// mode + ReLU as it reads them, for inference (the constants: scale, shift, weight).
+struct PreActivatedConv {
+    scale: Tensor,
+    shift: Tensor,
+    weight: Tensor,
+}
+
+impl CustomOp1 for PreActivatedConv {
+    fn name(&self) -> &'static str {
+        "evax-pre-activated-conv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "convolution input")?;
+        let shape = conv_shape(l.dims(), self.weight.dims(), 1, 0)?;
+        let tensors = [&self.scale, &self.shift, &self.weight];
+        let y = with_values(&tensors, "convolution weight", |v| {
+            conv::conv_forward(x, v[2], None, false, Some((v[0], v[1])), &shape)
+                .map_err(candle_core::Error::Msg)
+        })?;
+        let (ho, wo) = shape.out().expect("checked");
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((shape.b, shape.cout, ho, wo)),
+        ))
+    }
+}
+
+/// `conv1x1(relu(x * scale + shift))` over CPU f32 `x` `[B, C, H, W]` (`scale`, `shift` `[C]`,
+/// `weight` `[Cout, C, 1, 1]`) in one pass, for inference.
+pub fn pre_activated_conv(
+    x: &Tensor,
+    (scale, shift): (&Tensor, &Tensor),
+    weight: &Tensor,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(PreActivatedConv {
+        scale: scale.contiguous()?,
+        shift: shift.contiguous()?,
+        weight: weight.contiguous()?,
+    })
 }
 
 /// DenseNet layers over CPU f32 `x` `[B, C, H, W]` for inference: each one's `norm1` + ReLU

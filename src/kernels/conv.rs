@@ -259,31 +259,64 @@ fn im2col_part(x: &[f32], s: &ConvShape, p: usize, j0: usize, out: &mut [f32]) {
     let (c, ky, kx) = (p / kk, p % kk / s.kw, p % s.kw);
     let x = &x[c * s.h * s.w..(c + 1) * s.h * s.w];
     let (lo, hi) = valid_columns(wo, s.w, s.stride, kx, s.pad);
-    let (mut j, end) = (j0, j0 + out.len());
-    while j < end {
-        let (oy, ox0) = (j / wo, j % wo);
-        let ox1 = wo.min(ox0 + end - j);
-        let seg = &mut out[j - j0..j - j0 + ox1 - ox0];
-        j += ox1 - ox0;
+    if s.stride == 1 && s.out() == Some((s.h, s.w)) {
+        // A "same" convolution: the row is the plane shifted by a constant, with zeros
+        // where the shifted index leaves the plane and in the columns outside lo..hi.
+        let plane = s.h * s.w;
+        let shift = (ky * s.w + kx) as isize - (s.pad * s.w + s.pad) as isize;
+        let from = (j0 as isize + shift).clamp(0, plane as isize) as usize;
+        let to = ((j0 + out.len()) as isize + shift).clamp(0, plane as isize) as usize;
+        let at = (from as isize - shift) as usize - j0;
+        out[..at].fill(0.0);
+        out[at..at + to - from].copy_from_slice(&x[from..to]);
+        out[at + to - from..].fill(0.0);
+        if lo > 0 || hi < wo {
+            let first_row_start = j0 - j0 % wo;
+            for row in (first_row_start..j0 + out.len()).step_by(wo) {
+                let (a, b) = (row.max(j0), (row + lo).min(j0 + out.len()));
+                if a < b {
+                    out[a - j0..b - j0].fill(0.0);
+                }
+                let (a, b) = ((row + hi).max(j0), (row + wo).min(j0 + out.len()));
+                if a < b {
+                    out[a - j0..b - j0].fill(0.0);
+                }
+            }
+        }
+        return;
+    }
+    // Output row oy from column ox0 on; the segments after the first start at column 0.
+    let (mut oy, mut ox0) = (j0 / wo, j0 % wo);
+    let mut rest = out;
+    while !rest.is_empty() {
+        let ox1 = wo.min(ox0 + rest.len());
+        let (seg, tail) = rest.split_at_mut(ox1 - ox0);
+        rest = tail;
         let iy = (oy * s.stride + ky).wrapping_sub(s.pad);
         let (a, b) = (lo.clamp(ox0, ox1), hi.clamp(ox0, ox1));
         if iy >= s.h || a >= b {
             seg.fill(0.0);
-            continue;
-        }
-        seg[..a - ox0].fill(0.0);
-        seg[b - ox0..].fill(0.0);
-        let src = &x[iy * s.w..(iy + 1) * s.w];
-        // Input column of output column a.
-        let first = a * s.stride + kx - s.pad;
-        let inside = &mut seg[a - ox0..b - ox0];
-        if s.stride == 1 {
-            inside.copy_from_slice(&src[first..first + b - a]);
         } else {
-            for (o, &v) in inside.iter_mut().zip(src[first..].iter().step_by(s.stride)) {
-                *o = v;
+            let (head, inside) = seg.split_at_mut(a - ox0);
+            let (inside, after) = inside.split_at_mut(b - a);
+            head.fill(0.0);
+            after.fill(0.0);
+            // Input column of output column a.
+            let src = &x[iy * s.w + a * s.stride + kx - s.pad..];
+            if s.stride == 1 {
+                inside.copy_from_slice(&src[..b - a]);
+            } else if s.stride == 2 {
+                for (o, pair) in inside.iter_mut().zip(src.chunks(2)) {
+                    *o = pair[0];
+                }
+            } else {
+                for (o, &v) in inside.iter_mut().zip(src.iter().step_by(s.stride)) {
+                    *o = v;
+                }
             }
         }
+        oy += 1;
+        ox0 = 0;
     }
 }
 
@@ -1041,6 +1074,8 @@ mod tests {
             (2, 5, 5, 5, 4, 1, 2, 0),
             (1, 3, 5, 6, 2, 3, 1, 1),
             (2, 2, 34, 34, 3, 3, 1, 1),
+            (1, 2, 9, 9, 3, 3, 1, 1),
+            (1, 3, 11, 10, 4, 5, 1, 2),
         ];
         for (i, &(b, cin, h, w, cout, k, stride, pad)) in shapes.iter().enumerate() {
             let s = ConvShape {

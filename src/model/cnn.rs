@@ -59,6 +59,11 @@ pub(crate) trait Ops {
     /// The kernels the operations run on.
     fn kernels(&self) -> Kernels;
 
+    /// BatchNorm `bn`, ReLU, then the 1x1 convolution `conv` (a DenseNet transition's).
+    fn bn_relu_conv(&self, x: &Tensor, bn: &str, conv: &str) -> candle_core::Result<Tensor> {
+        self.conv(&self.bn_relu(x, bn)?, conv, 1)
+    }
+
     /// DenseNet layers (the prefixes of their `norm1`, `conv1`, `norm2`, `conv2`) over `x`,
     /// each appending its new features to its input's channels.
     fn dense_layers(&self, x: &Tensor, prefixes: &[String]) -> candle_core::Result<Tensor> {
@@ -172,6 +177,21 @@ impl Ops for Folded {
 
     fn kernels(&self) -> Kernels {
         self.kernels
+    }
+
+    /// On the fused CPU kernels, the BatchNorm + ReLU applied as the convolution reads its
+    /// input (no pass of its own).
+    fn bn_relu_conv(&self, x: &Tensor, bn: &str, conv: &str) -> candle_core::Result<Tensor> {
+        let c = self
+            .convs
+            .get(conv)
+            .ok_or_else(|| missing("convolution", conv))?;
+        let fits = c.bias.is_none() && c.pad == 0 && c.weight.dims().ends_with(&[1, 1]);
+        if !self.kernels.fused_for(x) || !fits {
+            return self.conv(&self.bn_relu(x, bn)?, conv, 1);
+        }
+        let b = self.bns.get(bn).ok_or_else(|| missing("BatchNorm", bn))?;
+        candle_ops::pre_activated_conv(x, (&b.scale, &b.shift), &c.weight)
     }
 
     /// On the fused CPU kernels, one buffer for all the layers' features, each `norm1` applied

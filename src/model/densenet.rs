@@ -104,8 +104,9 @@ impl DenseLayout {
             h = ops.dense_layers(&h, &prefixes)?;
             if !last_block {
                 let p = format!("features.transition{b}");
-                let t = ops.bn_relu(&h, &format!("{p}.norm"))?;
-                h = ops.conv(&t, &format!("{p}.conv"), 1)?.avg_pool2d(2)?;
+                h = ops
+                    .bn_relu_conv(&h, &format!("{p}.norm"), &format!("{p}.conv"))?
+                    .avg_pool2d(2)?;
             }
         }
         Ok(h)
