@@ -18,6 +18,11 @@ const SHAPES: &[(&str, usize, usize, usize, bool, bool)] = &[
     ("attention p v", 197, 64, 197, false, false),
     ("dn121 3x3 dW", 32, 1152, 3136, false, true),
     ("dn121 3x3 dcol", 1152, 3136, 32, true, false),
+    ("dn121 3x3 dW^T = col dy^T", 1152, 32, 3136, false, true),
+    ("dn121 1x1 dW", 128, 256, 3136, false, true),
+    ("dn121 1x1 dW^T = x dy^T", 256, 128, 3136, false, true),
+    ("r50 3x3 dW^T", 576, 64, 3136, false, true),
+    ("r50 3x3 dW", 64, 576, 3136, false, true),
 ];
 
 fn main() {

@@ -321,10 +321,35 @@ fn im2col_part(x: &[f32], s: &ConvShape, p: usize, j0: usize, out: &mut [f32]) {
 }
 
 /// Columns back onto one image's gradient `[cin, h, w]` (added to what it holds).
-fn col2im(col: &[f32], s: &ConvShape, dx: &mut [f32]) {
+fn col2im(col: &mut [f32], s: &ConvShape, dx: &mut [f32]) {
     let (ho, wo) = s.out().expect("checked shape");
     let (st, pad) = (s.stride, s.pad);
     let kk = s.kh * s.kw;
+    if st == 1 && (ho, wo) == (s.h, s.w) {
+        // A "same" convolution: each row adds onto the plane shifted by a constant, once its
+        // columns outside lo..hi are zeroed (they would land on the neighbouring rows).
+        let n = s.h * s.w;
+        for (plane, rows) in dx.chunks_exact_mut(n).zip(col.chunks_exact_mut(kk * n)) {
+            for (r, row) in rows.chunks_exact_mut(n).enumerate() {
+                let (ky, kx) = (r / s.kw, r % s.kw);
+                let (lo, hi) = valid_columns(wo, s.w, st, kx, pad);
+                if lo > 0 || hi < wo {
+                    for line in row.chunks_exact_mut(wo) {
+                        line[..lo].fill(0.0);
+                        line[hi.max(lo)..].fill(0.0);
+                    }
+                }
+                let shift = (ky * s.w + kx) as isize - (pad * s.w + pad) as isize;
+                let from = shift.clamp(0, n as isize) as usize;
+                let to = (n as isize + shift).clamp(0, n as isize) as usize;
+                let src = &row[(from as isize - shift) as usize..][..to - from];
+                for (d, g) in plane[from..to].iter_mut().zip(src) {
+                    *d += g;
+                }
+            }
+        }
+        return;
+    }
     for (plane, rows) in dx
         .chunks_exact_mut(s.h * s.w)
         .zip(col.chunks_exact(kk * ho * wo))
@@ -616,7 +641,9 @@ pub fn conv_backward(
         s.b
     };
     let partial = |c: usize| -> (Vec<f32>, Vec<f32>) {
-        let mut dw = vec![0f32; s.cout * rows];
+        // Summed transposed, dW^T = col dy^T ([rows, cout]: the long im2col rows are read in
+        // place as A, where as B they would be gathered across), then turned.
+        let mut dwt = vec![0f32; rows * s.cout];
         let mut db = vec![0f32; s.cout];
         for i in c * chunk..((c + 1) * chunk).min(s.b) {
             let xi = &x[i * in_len..(i + 1) * in_len];
@@ -624,27 +651,33 @@ pub fn conv_backward(
             for (d, row) in db.iter_mut().zip(gi.chunks_exact(plane)) {
                 *d += row.iter().sum::<f32>();
             }
-            let g = Mat {
+            let gt = Mat {
                 data: gi,
-                rs: plane,
-                cs: 1,
+                rs: 1,
+                cs: plane,
             };
-            // dW[co, r] += sum_p dy[co, p] col[r, p]
-            let run = |cols: &[f32], dw: &mut [f32]| {
-                let ct = Mat {
+            // dW^T[r, co] += sum_p col[r, p] dy[co, p]
+            let run = |cols: &[f32], dwt: &mut [f32]| {
+                let col = Mat {
                     data: cols,
-                    rs: 1,
-                    cs: plane,
+                    rs: plane,
+                    cs: 1,
                 };
-                matmul((s.cout, rows, plane), dw, rows, true, g, ct, par);
+                matmul((rows, s.cout, plane), dwt, s.cout, true, col, gt, par);
             };
             if s.pointwise() {
-                run(xi, &mut dw);
+                run(xi, &mut dwt);
             } else {
                 with_columns(rows * plane, |col| {
                     im2col(xi, s, col);
-                    run(col, &mut dw);
+                    run(col, &mut dwt);
                 });
+            }
+        }
+        let mut dw = vec![0f32; s.cout * rows];
+        for (r, row) in dwt.chunks_exact(s.cout).enumerate() {
+            for (co, &v) in row.iter().enumerate() {
+                dw[co * rows + r] = v;
             }
         }
         (dw, db)
