@@ -23,6 +23,8 @@ const SHAPES: &[(&str, usize, usize, usize, bool, bool)] = &[
     ("dn121 1x1 dW^T = x dy^T", 256, 128, 3136, false, true),
     ("r50 3x3 dW^T", 576, 64, 3136, false, true),
     ("r50 3x3 dW", 64, 576, 3136, false, true),
+    ("r50 1x1 64->256 dW", 256, 64, 3136, false, true),
+    ("r50 1x1 64->256 dW^T", 64, 256, 3136, false, true),
 ];
 
 fn main() {

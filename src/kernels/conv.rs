@@ -640,10 +640,12 @@ pub fn conv_backward(
     } else {
         s.b
     };
+    // The weight gradient is summed as dW = dy col^T, or transposed as dW^T = col dy^T
+    // ([rows, cout], then turned) when there are fewer output channels than im2col rows: the
+    // operand read across (gathered into the packing) is then dy, the smaller one.
+    let transposed = s.cout < rows;
     let partial = |c: usize| -> (Vec<f32>, Vec<f32>) {
-        // Summed transposed, dW^T = col dy^T ([rows, cout]: the long im2col rows are read in
-        // place as A, where as B they would be gathered across), then turned.
-        let mut dwt = vec![0f32; rows * s.cout];
+        let mut dw = vec![0f32; rows * s.cout];
         let mut db = vec![0f32; s.cout];
         for i in c * chunk..((c + 1) * chunk).min(s.b) {
             let xi = &x[i * in_len..(i + 1) * in_len];
@@ -651,34 +653,56 @@ pub fn conv_backward(
             for (d, row) in db.iter_mut().zip(gi.chunks_exact(plane)) {
                 *d += row.iter().sum::<f32>();
             }
-            let gt = Mat {
-                data: gi,
-                rs: 1,
-                cs: plane,
-            };
-            // dW^T[r, co] += sum_p col[r, p] dy[co, p]
-            let run = |cols: &[f32], dwt: &mut [f32]| {
-                let col = Mat {
-                    data: cols,
-                    rs: plane,
-                    cs: 1,
-                };
-                matmul((rows, s.cout, plane), dwt, s.cout, true, col, gt, par);
+            let run = |cols: &[f32], dw: &mut [f32]| {
+                let (col, col_t) = (
+                    Mat {
+                        data: cols,
+                        rs: plane,
+                        cs: 1,
+                    },
+                    Mat {
+                        data: cols,
+                        rs: 1,
+                        cs: plane,
+                    },
+                );
+                let (g, g_t) = (
+                    Mat {
+                        data: gi,
+                        rs: plane,
+                        cs: 1,
+                    },
+                    Mat {
+                        data: gi,
+                        rs: 1,
+                        cs: plane,
+                    },
+                );
+                if transposed {
+                    // dW^T[r, co] += sum_p col[r, p] dy[co, p]
+                    matmul((rows, s.cout, plane), dw, s.cout, true, col, g_t, par);
+                } else {
+                    // dW[co, r] += sum_p dy[co, p] col[r, p]
+                    matmul((s.cout, rows, plane), dw, rows, true, g, col_t, par);
+                }
             };
             if s.pointwise() {
-                run(xi, &mut dwt);
+                run(xi, &mut dw);
             } else {
                 with_columns(rows * plane, |col| {
                     im2col(xi, s, col);
-                    run(col, &mut dwt);
+                    run(col, &mut dw);
                 });
             }
         }
-        let mut dw = vec![0f32; s.cout * rows];
-        for (r, row) in dwt.chunks_exact(s.cout).enumerate() {
-            for (co, &v) in row.iter().enumerate() {
-                dw[co * rows + r] = v;
+        if transposed {
+            let mut turned = vec![0f32; s.cout * rows];
+            for (r, row) in dw.chunks_exact(s.cout).enumerate() {
+                for (co, &v) in row.iter().enumerate() {
+                    turned[co * rows + r] = v;
+                }
             }
+            dw = turned;
         }
         (dw, db)
     };
