@@ -1,8 +1,10 @@
-//! The CNN kernels on NCHW f32 slices (no candle types): convolution as im2col into a reused
-//! per-thread buffer + our GEMM ([`super::sgemm`]) (1x1 stride-1 convolutions multiply the input in place),
-//! with bias and ReLU fused for inference and a backward for training; BatchNorm in training
-//! mode; max pooling. Images of a batch run in parallel, one GEMM per image; a batch smaller
-//! than the thread count parallelises inside the GEMM instead.
+//! The CNN kernels on NCHW f32 slices (no candle types): convolution as a GEMM on our
+//! [`super::sgemm`] whose im2col matrix is made a block of rows at a time as the product packs
+//! it (1x1 stride-1 convolutions read the input in place, optionally through a BatchNorm +
+//! ReLU), with bias and ReLU fused for inference and a backward for training; DenseNet's dense
+//! layers in one buffer per block; BatchNorm in training mode; max pooling. Images of a batch
+//! run in parallel, one GEMM per image (several side by side for small planes); a batch
+//! smaller than the thread count parallelises inside the GEMM instead.
 
 use std::cell::RefCell;
 
@@ -400,8 +402,8 @@ fn split(b: usize) -> (bool, usize) {
 /// `[cout, cin, kh, kw]`; returns `[b, cout, ho, wo]`. Lengths must fit `s` ([`ConvShape::check`]).
 /// `pre` (a 1x1 stride-1 convolution only) is applied to the input channels as they are read.
 ///
-/// One GEMM `[cout, rows] x [rows, plane]` per image, written in place. (One GEMM over a group
-/// of images' columns side by side measured no faster here, even for 7x7 planes.)
+/// One GEMM `[cout, rows] x [rows, plane]` per image, written in place; for planes under
+/// [`GROUP_BELOW`] outputs, one per thread over its images' columns side by side.
 pub fn conv_forward(
     x: &[f32],
     weight: &[f32],

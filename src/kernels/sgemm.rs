@@ -6,7 +6,9 @@
 //! (94 GFLOP/s a core on data in L1). CPUs with AVX-512 keep the `gemm` crate's AVX-512
 //! kernels; see `examples/gemm_speed.rs` to compare the two.
 //!
-//! `C[m, n] (+)= A[m, k] B[k, n]`, C row-major with unit column stride, A and B at any strides.
+//! `C[m, n] (+)= A[m, k] B[k, n]`, C row-major with unit column stride, A at any strides, B
+//! at any strides (optionally through a per-row BatchNorm + ReLU) or made row by row by a
+//! function as it is packed (a convolution's im2col matrix, never whole): [`BOperand`].
 
 use std::cell::Cell;
 
