@@ -403,7 +403,7 @@ fn split(b: usize) -> (bool, usize) {
 /// `pre` (a 1x1 stride-1 convolution only) is applied to the input channels as they are read.
 ///
 /// One GEMM `[cout, rows] x [rows, plane]` per image, written in place; for planes under
-/// [`GROUP_BELOW`] outputs, one per thread over its images' columns side by side.
+/// `GROUP_BELOW` (256) outputs, one per thread over its images' columns side by side.
 pub fn conv_forward(
     x: &[f32],
     weight: &[f32],
