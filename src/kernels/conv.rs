@@ -915,10 +915,10 @@ fn lane_sums(g: &[f32], v: &[f32], m: f32, mask: Option<&[f32]>) -> (f64, f64) {
         Some(_) => 0.0,
         None => g[i],
     };
-    for (i, &vi) in v.iter().enumerate().skip(full) {
+    for i in full..n {
         let gi = grad(i);
         ta += gi;
-        tb += gi * (vi - m);
+        tb += gi * (v[i] - m);
     }
     match mask {
         None => {
