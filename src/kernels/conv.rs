@@ -903,41 +903,19 @@ pub fn batch_norm_forward(
     channel_affine(x, &scale, &shift, plane, relu)
 }
 
-/// `(sum g, sum g * (v - m))` over two equal planes in eight f32 lanes each, in one pass;
-/// with `mask` (the forward's ReLU output), `g` counts only where the mask is positive.
-fn lane_sums(g: &[f32], v: &[f32], m: f32, mask: Option<&[f32]>) -> (f64, f64) {
+/// `(sum g, sum g * (v - m))` over two equal planes in eight f32 lanes each, in one pass.
+fn lane_sums(g: &[f32], v: &[f32], m: f32) -> (f64, f64) {
     let (mut a, mut b) = ([0f32; 8], [0f32; 8]);
-    let n = g.len();
-    let full = n - n % 8;
+    let (cg, cv) = (g.chunks_exact(8), v.chunks_exact(8));
     let (mut ta, mut tb) = (0f32, 0f32);
-    let grad = |i: usize| match mask {
-        Some(y) if y[i] > 0.0 => g[i],
-        Some(_) => 0.0,
-        None => g[i],
-    };
-    for i in full..n {
-        let gi = grad(i);
-        ta += gi;
-        tb += gi * (v[i] - m);
+    for (&g, &v) in cg.remainder().iter().zip(cv.remainder()) {
+        ta += g;
+        tb += g * (v - m);
     }
-    match mask {
-        None => {
-            for (g8, v8) in g[..full].chunks_exact(8).zip(v[..full].chunks_exact(8)) {
-                for i in 0..8 {
-                    a[i] += g8[i];
-                    b[i] += g8[i] * (v8[i] - m);
-                }
-            }
-        }
-        Some(y) => {
-            let lanes = g[..full].chunks_exact(8).zip(v[..full].chunks_exact(8));
-            for ((g8, v8), y8) in lanes.zip(y[..full].chunks_exact(8)) {
-                for i in 0..8 {
-                    let gi = if y8[i] > 0.0 { g8[i] } else { 0.0 };
-                    a[i] += gi;
-                    b[i] += gi * (v8[i] - m);
-                }
-            }
+    for (g8, v8) in cg.zip(cv) {
+        for i in 0..8 {
+            a[i] += g8[i];
+            b[i] += g8[i] * (v8[i] - m);
         }
     }
     let sum = |l: [f32; 8], t: f32| l.iter().map(|&x| x as f64).sum::<f64>() + t as f64;
@@ -959,6 +937,18 @@ pub fn batch_norm_backward(
     let c = gamma.len();
     let b = x.len() / (c * plane).max(1);
     let n = (b * plane) as f64;
+    let masked;
+    let dy = match relu_out {
+        Some(y) => {
+            masked = dy
+                .par_iter()
+                .zip(y.par_iter())
+                .map(|(&g, &v)| if v > 0.0 { g } else { 0.0 })
+                .collect::<Vec<f32>>();
+            &masked[..]
+        }
+        None => dy,
+    };
     let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = (0..c)
         .into_par_iter()
         .map(|ch| {
@@ -966,8 +956,7 @@ pub fn batch_norm_backward(
             let (mut sg, mut sgx) = (0f64, 0f64);
             for i in 0..b {
                 let o = (i * c + ch) * plane;
-                let mask = relu_out.map(|y| &y[o..o + plane]);
-                let (a, b) = lane_sums(&dy[o..o + plane], &x[o..o + plane], m, mask);
+                let (a, b) = lane_sums(&dy[o..o + plane], &x[o..o + plane], m);
                 sg += a;
                 sgx += b;
             }
@@ -981,21 +970,9 @@ pub fn batch_norm_backward(
         let k = gamma[ch] * inv;
         let (mg, mgx) = (dbeta[ch] / n as f32, dgamma[ch] / n as f32);
         let o = i * plane;
-        let (g, v) = (&dy[o..o + plane], &x[o..o + plane]);
-        match relu_out {
-            None => {
-                for ((d, &g), &v) in d.iter_mut().zip(g).zip(v) {
-                    let xhat = (v - mean[ch]) * inv;
-                    *d = k * (g - mg - xhat * mgx);
-                }
-            }
-            Some(y) => {
-                for (((d, &g), &v), &y) in d.iter_mut().zip(g).zip(v).zip(&y[o..o + plane]) {
-                    let g = if y > 0.0 { g } else { 0.0 };
-                    let xhat = (v - mean[ch]) * inv;
-                    *d = k * (g - mg - xhat * mgx);
-                }
-            }
+        for ((d, &g), &v) in d.iter_mut().zip(&dy[o..o + plane]).zip(&x[o..o + plane]) {
+            let xhat = (v - mean[ch]) * inv;
+            *d = k * (g - mg - xhat * mgx);
         }
     });
     (dx, dgamma, dbeta)
