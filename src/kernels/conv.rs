@@ -560,35 +560,20 @@ fn conv_image(
             row.fill(v);
         }
     }
-    let shape = (s.cout, plane, rows);
-    if s.pointwise() {
-        let b = Mat {
+    // The im2col matrix is made a block of rows at a time as the product packs it.
+    let make = |p: usize, j0: usize, out: &mut [f32]| im2col_part(xi, s, p, j0, out);
+    let b = if s.pointwise() {
+        let x = Mat {
             data: xi,
             rs: plane,
             cs: 1,
         };
-        matmul_b(
-            shape,
-            yi,
-            plane,
-            bias.is_some(),
-            wm,
-            BSource::Mat(b, pre),
-            par,
-        );
+        BSource::Mat(x, pre)
     } else {
-        // The im2col matrix is made a block of rows at a time as the product packs it.
-        let make = |p: usize, j0: usize, out: &mut [f32]| im2col_part(xi, s, p, j0, out);
-        matmul_b(
-            shape,
-            yi,
-            plane,
-            bias.is_some(),
-            wm,
-            BSource::Rows(&make),
-            par,
-        );
-    }
+        BSource::Rows(&make)
+    };
+    let shape = (s.cout, plane, rows);
+    matmul_b(shape, yi, plane, bias.is_some(), wm, b, par);
     if relu {
         yi.iter_mut().for_each(|v| *v = v.max(0.0));
     }
