@@ -266,9 +266,15 @@ fn im2col_part(x: &[f32], s: &ConvShape, p: usize, j0: usize, out: &mut [f32]) {
         // where the shifted index leaves the plane and in the columns outside lo..hi.
         let plane = s.h * s.w;
         let shift = (ky * s.w + kx) as isize - (s.pad * s.w + s.pad) as isize;
-        let from = (j0 as isize + shift).clamp(0, plane as isize) as usize;
-        let to = ((j0 + out.len()) as isize + shift).clamp(0, plane as isize) as usize;
-        let at = (from as isize - shift) as usize - j0;
+        // Input indices of the first and one past the last output column.
+        let (first, last) = (j0 as isize + shift, (j0 + out.len()) as isize + shift);
+        if first >= plane as isize || last <= 0 {
+            out.fill(0.0);
+            return;
+        }
+        let from = first.max(0) as usize;
+        let to = last.min(plane as isize) as usize;
+        let at = (from as isize - first) as usize;
         out[..at].fill(0.0);
         out[at..at + to - from].copy_from_slice(&x[from..to]);
         out[at + to - from..].fill(0.0);
@@ -1124,6 +1130,52 @@ mod tests {
     fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut r = crate::rng::Rng::new(seed);
         (0..n).map(|_| r.unit() as f32 * 2.0 - 1.0).collect()
+    }
+
+    /// Every piece of every im2col row (any start, any length) equals that piece of the whole
+    /// matrix: "same" convolutions (whose rows are shifted planes) and others.
+    #[test]
+    fn im2col_parts_match_the_whole_matrix() {
+        let shapes = [
+            (2, 5, 6, 3, 1, 1),
+            (1, 7, 7, 5, 1, 2),
+            (2, 6, 5, 3, 2, 1),
+            (1, 4, 4, 1, 1, 0),
+        ];
+        let mut compared = 0;
+        for (i, &(cin, h, w, k, stride, pad)) in shapes.iter().enumerate() {
+            let s = ConvShape {
+                b: 1,
+                cin,
+                h,
+                w,
+                cout: 1,
+                kh: k,
+                kw: k,
+                stride,
+                pad,
+            };
+            let plane = s.out_plane();
+            let x = values(cin * h * w, 500 + i as u64);
+            let mut whole = vec![0f32; s.col_rows() * plane];
+            im2col(&x, &s, &mut whole);
+            for p in 0..s.col_rows() {
+                for j0 in 0..plane {
+                    for len in [1, 2, 3, plane - j0] {
+                        let len = len.min(plane - j0);
+                        let mut part = vec![f32::NAN; len];
+                        im2col_part(&x, &s, p, j0, &mut part);
+                        assert_eq!(
+                            part,
+                            whole[p * plane + j0..][..len],
+                            "shape {i} row {p} at {j0}"
+                        );
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(compared, 4 * (2 * 9 * 30 + 25 * 49 + 2 * 9 * 9 + 16));
     }
 
     /// Dense layers in one buffer equal the definition layer by layer: BN + ReLU, a 1x1
