@@ -207,8 +207,7 @@ pub fn run(
                 let t = trainable.as_ref().expect("built above");
                 let logits = t.forward_train(&x, 0.1, Some(&mut rng))?;
                 let loss = bce_with_logits(&logits, &targets)?;
-                let grads = loss.backward()?;
-                let grads = crate::train::optim::grads_by_name(t.vars(), &grads);
+                let grads = t.grads(&loss.backward()?)?;
                 opt.update(t.vars(), &grads, 1e-4, &groups, 1.0)?;
             }
             Workload::Forward => {

@@ -13,7 +13,7 @@ use evax::model::registry::{self, Family};
 use evax::model::{Classifier, LoadOptions};
 use evax::preprocess::{Image, Normalization, cam_eval_input};
 use evax::train::bce_with_logits;
-use evax::train::optim::{AdamW, grads_by_name};
+use evax::train::optim::AdamW;
 
 fn reference(sh: &Path) -> BTreeMap<String, Param> {
     Checkpoint::load(sh.join("fixtures/baseline_reference.safetensors"))
@@ -239,7 +239,7 @@ fn train_step(file: &str, tag: &str, family: Family, kernels: Kernels) {
         .unwrap()
         .get(13)
         .unwrap();
-    let leftover = grads_by_name(model.vars(), &cam_logit.backward().unwrap());
+    let leftover = model.grads(&cam_logit.backward().unwrap()).unwrap();
     model.set_training(true);
     // The step itself.
     let x = r["input224_others"].to_tensor(&Device::Cpu).unwrap();
@@ -250,7 +250,7 @@ fn train_step(file: &str, tag: &str, family: Family, kernels: Kernels) {
     let want = r[&format!("{tag}_train/loss")].data[0];
     eprintln!("{tag} loss {l} (reference {want}, {kernels:?})");
     assert!((l - want).abs() <= 1e-5, "{tag} loss {l} vs {want}");
-    let step = grads_by_name(model.vars(), &loss.backward().unwrap());
+    let step = model.grads(&loss.backward().unwrap()).unwrap();
     assert_eq!(
         step.len(),
         model.vars().len(),

@@ -2,10 +2,11 @@
 //! [`super::cpu`] and wrap the result. They run on CPU f32 tensors only; [`super`] sends
 //! everything else to the reference path.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::block_train::{self, BlockParts, BlockShape, Mlp, Saved};
 use super::conv::{self, ConvShape, PoolShape};
 use super::cpu::{self, AttentionShape, WeightLayout};
 use crate::model::rope::RopeTables;
@@ -904,4 +905,138 @@ pub fn gelu(x: &Tensor, grad: bool) -> Result<Tensor> {
     } else {
         x.apply_op1_no_bwd(&Gelu)
     }
+}
+
+/// Parameter gradients that fused training blocks leave for their model, with the block's
+/// index: the parameters are the op's constants, not graph inputs, so candle's backward does
+/// not see them and the model collects them from here after it.
+#[derive(Debug, Clone, Default)]
+pub struct BlockGradSink(Arc<Mutex<Vec<BlockGrads>>>);
+
+/// A block's index and its parameter gradients.
+pub type BlockGrads = (usize, BlockParts<Vec<f32>>);
+
+impl BlockGradSink {
+    /// Everything left since the last call, emptying the sink.
+    pub fn take(&self) -> Vec<BlockGrads> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn push(&self, index: usize, grads: BlockParts<Vec<f32>>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((index, grads));
+    }
+}
+
+/// One pre-norm transformer block to train as a single op (see [`block_train`]).
+pub struct TrainingBlock {
+    /// The block's index in the model (reported with its gradients).
+    pub index: usize,
+    /// Its parameters: CPU f32 tensors.
+    pub weights: BlockParts<Tensor>,
+    /// Attention heads.
+    pub heads: usize,
+    /// The MLP's kind.
+    pub mlp: Mlp,
+    /// LayerNorm epsilon.
+    pub eps: f32,
+    /// RoPE tables (empty: none).
+    pub rope: Arc<RopeTables>,
+    /// Per-image drop-path scales of the attention and MLP branches.
+    pub drop: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+struct TransformerBlockOp {
+    block: TrainingBlock,
+    saved: Mutex<Option<Saved>>,
+    sink: BlockGradSink,
+}
+
+impl TransformerBlockOp {
+    /// Runs `f` on the block's shape and weights for an input of `dims`.
+    fn with_block<R>(
+        &self,
+        dims: &[usize],
+        f: impl FnOnce(&BlockShape, &BlockParts<&[f32]>) -> Result<R>,
+    ) -> Result<R> {
+        let &[b, t, c] = dims else {
+            candle_core::bail!("transformer block: expected [B, T, C], got {dims:?}");
+        };
+        let blk = &self.block;
+        let shape = BlockShape {
+            attention: AttentionShape {
+                b,
+                t,
+                c,
+                heads: blk.heads,
+                cos: &blk.rope.cos,
+                sin: &blk.rope.sin,
+            },
+            mlp: blk.mlp,
+            eps: blk.eps,
+        };
+        with_values(
+            &blk.weights.as_ref().into_list(),
+            "transformer block weight",
+            |v| {
+                let w = BlockParts::from_list(v.iter().copied()).expect("the same list");
+                f(&shape, &w)
+            },
+        )
+    }
+
+    fn drop_scales(&self) -> block_train::DropScales<'_> {
+        self.block
+            .drop
+            .as_ref()
+            .map(|(a, m)| (a.as_slice(), m.as_slice()))
+    }
+}
+
+impl CustomOp1 for TransformerBlockOp {
+    fn name(&self) -> &'static str {
+        "evax-transformer-block"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "transformer block input")?;
+        let (y, saved) = self.with_block(l.dims(), |shape, w| {
+            block_train::forward(x, w, shape, self.drop_scales()).map_err(candle_core::Error::Msg)
+        })?;
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let Some(saved) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            candle_core::bail!("transformer block: a second backward through one forward");
+        };
+        let (dx, grads) = read(x, |xv| {
+            read(dy, |g| {
+                self.with_block(x.dims(), |shape, w| {
+                    block_train::backward(xv, g, w, shape, self.drop_scales(), &saved)
+                        .map_err(candle_core::Error::Msg)
+                })
+            })
+        })?;
+        self.sink.push(self.block.index, grads);
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// A whole pre-norm transformer block on a CPU f32 `x` `[B, T, C]`, differentiable in `x`; its
+/// parameter gradients go to `sink`.
+pub fn transformer_block_train(
+    x: &Tensor,
+    block: TrainingBlock,
+    sink: &BlockGradSink,
+) -> Result<Tensor> {
+    let op = TransformerBlockOp {
+        block,
+        saved: Mutex::new(None),
+        sink: sink.clone(),
+    };
+    x.contiguous()?.apply_op1(op)
 }

@@ -141,6 +141,16 @@ pub trait Trainable: Send {
         rng: Option<&mut Rng>,
     ) -> candle_core::Result<Tensor>;
 
+    /// The parameters' gradients by name once `backward` of a loss from
+    /// [`Trainable::forward_train`] gave `store` (with those that fused training ops keep
+    /// outside candle's graph).
+    fn grads(
+        &self,
+        store: &candle_core::backprop::GradStore,
+    ) -> candle_core::Result<crate::train::optim::Grads> {
+        Ok(crate::train::optim::grads_by_name(self.vars(), store))
+    }
+
     /// `(lr_scale, weight_decay)` of parameter `name` under the recipe's layer decay and
     /// weight decay.
     fn param_group(&self, name: &str, layer_decay: f64, weight_decay: f64) -> (f64, f64);

@@ -21,8 +21,11 @@ use super::{
 };
 use crate::checkpoint::{Checkpoint, Param};
 use crate::explain::{CamBatch, CamSource};
+use crate::kernels::block_train::{BlockParts, Mlp};
+use crate::kernels::candle_ops::{BlockGradSink, TrainingBlock, transformer_block_train};
 use crate::kernels::{self, Kernels};
 use crate::preprocess::Normalization;
+use crate::train::optim::{Grads, grads_by_name};
 
 type Result<T> = std::result::Result<T, ModelError>;
 
@@ -526,6 +529,8 @@ pub struct VitTrainable {
     device: Device,
     kernels: Kernels,
     notes: Vec<String>,
+    /// Gradients of the blocks trained as single ops.
+    block_grads: BlockGradSink,
 }
 
 impl VitTrainable {
@@ -601,6 +606,7 @@ impl VitTrainable {
             device: device.clone(),
             kernels,
             notes,
+            block_grads: BlockGradSink::default(),
         })
     }
 
@@ -619,6 +625,25 @@ impl VitTrainable {
         LayerNorm {
             weight: self.var(&format!("{prefix}.weight")).clone(),
             bias: self.var(&format!("{prefix}.bias")).clone(),
+        }
+    }
+
+    /// The parameter names of block `i`, as [`BlockParts`].
+    fn block_names(i: usize) -> BlockParts<String> {
+        let pair = |p: &str| {
+            (
+                format!("blocks.{i}.{p}.weight"),
+                format!("blocks.{i}.{p}.bias"),
+            )
+        };
+        BlockParts {
+            norm1: pair("norm1"),
+            qkv: pair("attn.qkv"),
+            proj: pair("attn.proj"),
+            norm2: pair("norm2"),
+            fc1: pair("mlp.fc1"),
+            sub_ln: None,
+            fc2: pair("mlp.fc2"),
         }
     }
 }
@@ -664,7 +689,30 @@ impl Trainable for VitTrainable {
             training::resample_pos_embed(self.var("pos_embed"), cfg.train_grid, (h / p, w / p))?;
         let mut hs = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&pos)?;
         let masks = training::drop_path_schedule(rng, drop_path, cfg.depth, b, &self.device)?;
+        // Whole blocks as single ops where the fused kernels run (their parameter gradients
+        // come back through `grads`), else step by step.
+        let whole = self.kernels.fused_for(&hs);
+        self.block_grads.take();
         for (i, masks) in masks.iter().enumerate() {
+            if whole {
+                let drop = masks
+                    .as_ref()
+                    .map(|(a, m)| -> candle_core::Result<_> {
+                        Ok((a.flatten_all()?.to_vec1()?, m.flatten_all()?.to_vec1()?))
+                    })
+                    .transpose()?;
+                let block = TrainingBlock {
+                    index: i,
+                    weights: Self::block_names(i).map(|k| self.var(k).clone()),
+                    heads: cfg.heads,
+                    mlp: Mlp::Gelu,
+                    eps: LN_EPS,
+                    rope: Arc::new(RopeTables::none(c / cfg.heads)),
+                    drop,
+                };
+                hs = transformer_block_train(&hs, block, &self.block_grads)?;
+                continue;
+            }
             let pre = format!("blocks.{i}");
             let block = VitBlock {
                 norm1: self.norm(&format!("{pre}.norm1")),
@@ -693,6 +741,21 @@ impl Trainable for VitTrainable {
             self.var("head.weight"),
             self.var("head.bias"),
         )
+    }
+
+    fn grads(&self, store: &candle_core::backprop::GradStore) -> candle_core::Result<Grads> {
+        let mut grads = grads_by_name(&self.vars, store);
+        for (i, parts) in self.block_grads.take() {
+            for (name, g) in Self::block_names(i)
+                .into_list()
+                .into_iter()
+                .zip(parts.into_list())
+            {
+                let t = Tensor::from_vec(g, self.vars[&name].shape(), &self.device)?;
+                grads.insert(name, t);
+            }
+        }
+        Ok(grads)
     }
 
     fn param_group(&self, name: &str, layer_decay: f64, weight_decay: f64) -> (f64, f64) {

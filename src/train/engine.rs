@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::augment::Augment;
 use super::config::TrainConfig;
-use super::optim::{AdamW, Grads, Groups, Schedule, accumulate, grad_norm, grads_by_name};
+use super::optim::{AdamW, Grads, Groups, Schedule, accumulate, grad_norm};
 use super::{bce_with_logits, cross_entropy};
 use crate::error::ResultExt;
 use crate::infer::batches;
@@ -285,7 +285,7 @@ impl Run {
                 let loss_scale = prog.loss_scale.map_or(1.0, |(s, _)| s);
                 let scaled = (loss * (loss_scale / cfg.accum_iter as f64))?;
                 let store = scaled.backward()?;
-                accumulate(&mut acc, grads_by_name(model.vars(), &store))?;
+                accumulate(&mut acc, model.grads(&store)?)?;
                 acc_loss += lv;
                 acc_n += 1;
                 images_since += n;

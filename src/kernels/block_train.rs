@@ -1,0 +1,299 @@
+//! One pre-norm transformer block (ViT's and EVA-X's) for training, forward and backward on
+//! CPU slices, keeping what the backward needs in between.
+//!
+//! `x1 = x + s_a * proj(attn(qkv(norm1(x))))`, then `x2 = x1 + s_m * mlp(norm2(x1))`, with
+//! per-image drop-path scales `s_a`, `s_m` (0 or 1 / keep). Each step is one of the fused
+//! kernels of [`super::cpu`], in the same order and with the same arithmetic as the step-by-step
+//! graph, so the results are the same to the bit; what the whole block saves is the graph's
+//! bookkeeping between the steps (a zeroed buffer and an add for every intermediate gradient).
+
+use rayon::prelude::*;
+
+use super::cpu::{self, AttentionShape, WeightLayout};
+
+/// The MLP of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mlp {
+    /// `fc2(gelu(fc1(y)))` (ViT).
+    Gelu,
+    /// `fc2(silu(h1) * h2)`, `[h1 | h2] = fc1(y)`, with EVA-X-B's sub-LN on the product when
+    /// [`BlockParts::sub_ln`] is there (EVA-X).
+    SwiGlu,
+}
+
+/// One value per parameter of a block (`(weight, bias)` pairs; linear weights `[out, in]`).
+#[derive(Debug, Clone)]
+pub struct BlockParts<T> {
+    /// Pre-attention LayerNorm.
+    pub norm1: (T, T),
+    /// Fused q/k/v projection `[3C, C]`.
+    pub qkv: (T, T),
+    /// Attention output projection `[C, C]`.
+    pub proj: (T, T),
+    /// Pre-MLP LayerNorm.
+    pub norm2: (T, T),
+    /// MLP input projection `[H, C]` (GELU) or `[2H, C]` (SwiGLU).
+    pub fc1: (T, T),
+    /// LayerNorm of the MLP's hidden activation (EVA-X-B).
+    pub sub_ln: Option<(T, T)>,
+    /// MLP output projection `[C, H]`.
+    pub fc2: (T, T),
+}
+
+fn pair<T>(p: &(T, T)) -> (&T, &T) {
+    (&p.0, &p.1)
+}
+
+impl<T> BlockParts<T> {
+    /// References to the parts.
+    pub fn as_ref(&self) -> BlockParts<&T> {
+        BlockParts {
+            norm1: pair(&self.norm1),
+            qkv: pair(&self.qkv),
+            proj: pair(&self.proj),
+            norm2: pair(&self.norm2),
+            fc1: pair(&self.fc1),
+            sub_ln: self.sub_ln.as_ref().map(pair),
+            fc2: pair(&self.fc2),
+        }
+    }
+
+    /// The parts in order: norm1, qkv, proj, norm2, fc1, sub-LN (when there), fc2; weight
+    /// before bias.
+    pub fn into_list(self) -> Vec<T> {
+        let mut out = Vec::with_capacity(14);
+        for (w, b) in [self.norm1, self.qkv, self.proj, self.norm2, self.fc1]
+            .into_iter()
+            .chain(self.sub_ln)
+            .chain([self.fc2])
+        {
+            out.push(w);
+            out.push(b);
+        }
+        out
+    }
+
+    /// The parts from values in [`BlockParts::into_list`]'s order (`None` unless there are 12
+    /// or 14).
+    pub fn from_list(values: impl IntoIterator<Item = T>) -> Option<Self> {
+        let v: Vec<T> = values.into_iter().collect();
+        if v.len() != 12 && v.len() != 14 {
+            return None;
+        }
+        let with_sub_ln = v.len() == 14;
+        let mut it = v.into_iter();
+        let mut pair = || Some((it.next()?, it.next()?));
+        Some(BlockParts {
+            norm1: pair()?,
+            qkv: pair()?,
+            proj: pair()?,
+            norm2: pair()?,
+            fc1: pair()?,
+            sub_ln: if with_sub_ln { Some(pair()?) } else { None },
+            fc2: pair()?,
+        })
+    }
+
+    /// The same parts through `f`.
+    pub fn map<U>(&self, f: impl FnMut(&T) -> U) -> BlockParts<U> {
+        BlockParts::from_list(self.as_ref().into_list().into_iter().map(f)).expect("as many parts")
+    }
+}
+
+/// The shape of a block's computation.
+pub struct BlockShape<'a> {
+    /// Images, tokens, width and heads, and the RoPE tables (empty: none).
+    pub attention: AttentionShape<'a>,
+    /// The MLP's kind.
+    pub mlp: Mlp,
+    /// LayerNorm epsilon.
+    pub eps: f32,
+}
+
+/// What the forward keeps for the backward.
+pub struct Saved {
+    y1: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    x1: Vec<f32>,
+    y2: Vec<f32>,
+    hidden: Vec<f32>,
+    act: Vec<f32>,
+    normed: Option<Vec<f32>>,
+}
+
+/// Per-image drop-path scales of the attention and MLP branches.
+pub type DropScales<'a> = Option<(&'a [f32], &'a [f32])>;
+
+/// `x + s * t` row by row (`s` per image of `rows_per_image` rows of width `c`; 1 without
+/// scales), in place in `t`: a residual branch joining the stream, as `x + t * s` in the graph.
+fn join_branch(x: &[f32], t: &mut [f32], s: Option<&[f32]>, image: usize) {
+    t.par_chunks_mut(image)
+        .zip(x.par_chunks(image))
+        .enumerate()
+        .for_each(|(i, (t, x))| match s {
+            Some(s) => t.iter_mut().zip(x).for_each(|(t, x)| *t = x + *t * s[i]),
+            None => t.iter_mut().zip(x).for_each(|(t, x)| *t += x),
+        });
+}
+
+/// `g * s` per image (the gradient of a scaled branch), or `g` itself without scales.
+fn scaled<'a>(g: &'a [f32], s: Option<&[f32]>, image: usize) -> std::borrow::Cow<'a, [f32]> {
+    match s {
+        None => std::borrow::Cow::Borrowed(g),
+        Some(s) => {
+            let mut out = g.to_vec();
+            out.par_chunks_mut(image)
+                .enumerate()
+                .for_each(|(i, o)| o.iter_mut().for_each(|v| *v *= s[i]));
+            std::borrow::Cow::Owned(out)
+        }
+    }
+}
+
+/// `a + b` elementwise, in place in `a`.
+fn add_into(a: &mut [f32], b: &[f32]) {
+    a.par_chunks_mut(1 << 14)
+        .zip(b.par_chunks(1 << 14))
+        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+}
+
+/// Widths checked against the parameters: `(hidden, fc1 outputs)`.
+fn widths(w: &BlockParts<&[f32]>, shape: &BlockShape) -> Result<(usize, usize), String> {
+    let c = shape.attention.c;
+    let bad = |what: &str| Err(format!("transformer block: {what} does not fit width {c}"));
+    if c == 0 || w.norm1.0.len() != c || w.norm1.1.len() != c {
+        return bad("norm1");
+    }
+    if w.qkv.0.len() != 3 * c * c || w.qkv.1.len() != 3 * c {
+        return bad("qkv");
+    }
+    if w.proj.0.len() != c * c || w.proj.1.len() != c || w.norm2.0.len() != c {
+        return bad("proj / norm2");
+    }
+    let hidden = w.fc2.0.len() / c;
+    let fc1_out = match shape.mlp {
+        Mlp::Gelu => hidden,
+        Mlp::SwiGlu => 2 * hidden,
+    };
+    if hidden == 0
+        || w.fc2.0.len() != c * hidden
+        || w.fc2.1.len() != c
+        || w.fc1.0.len() != fc1_out * c
+        || w.fc1.1.len() != fc1_out
+        || w.sub_ln
+            .is_some_and(|(a, b)| a.len() != hidden || b.len() != hidden)
+    {
+        return bad("the MLP");
+    }
+    if w.sub_ln.is_some() && shape.mlp == Mlp::Gelu {
+        return bad("a sub-LN with GELU");
+    }
+    Ok((hidden, fc1_out))
+}
+
+/// The block's output `[b, t, c]` from its input `x`, and what the backward needs.
+pub fn forward(
+    x: &[f32],
+    w: &BlockParts<&[f32]>,
+    shape: &BlockShape,
+    scales: DropScales,
+) -> Result<(Vec<f32>, Saved), String> {
+    let a = &shape.attention;
+    let (c, image) = (a.c, a.t * a.c);
+    let (hidden, fc1_out) = widths(w, shape)?;
+    if x.len() != a.b * image || scales.is_some_and(|(s, m)| s.len() != a.b || m.len() != a.b) {
+        return Err("transformer block: input or drop-path scales do not fit".into());
+    }
+    let eps = shape.eps;
+    let linear = |x: &[f32], (w, b): (&[f32], &[f32]), k: usize, n: usize| {
+        cpu::linear_forward(x, k, w, WeightLayout::AsStored, n, Some(b), None)
+    };
+    let y1 = cpu::layer_norm_forward(x, w.norm1.0, w.norm1.1, eps);
+    let qkv = linear(&y1, w.qkv, c, 3 * c);
+    let attn = cpu::attention_forward(&qkv, a)?;
+    let mut x1 = linear(&attn, w.proj, c, c);
+    join_branch(x, &mut x1, scales.map(|d| d.0), image);
+    let y2 = cpu::layer_norm_forward(&x1, w.norm2.0, w.norm2.1, eps);
+    let hidden_pre = linear(&y2, w.fc1, c, fc1_out);
+    let act = match shape.mlp {
+        Mlp::Gelu => cpu::gelu_forward(&hidden_pre),
+        Mlp::SwiGlu => cpu::swiglu_forward(&hidden_pre, hidden),
+    };
+    let normed = w
+        .sub_ln
+        .map(|(g, b)| cpu::layer_norm_forward(&act, g, b, eps));
+    let mut out = linear(normed.as_deref().unwrap_or(&act), w.fc2, hidden, c);
+    join_branch(&x1, &mut out, scales.map(|d| d.1), image);
+    let saved = Saved {
+        y1,
+        qkv,
+        attn,
+        x1,
+        y2,
+        hidden: hidden_pre,
+        act,
+        normed,
+    };
+    Ok((out, saved))
+}
+
+/// The input gradient and the parameter gradients of [`forward`], from the output gradient
+/// `dy` and what the forward kept.
+pub fn backward(
+    x: &[f32],
+    dy: &[f32],
+    w: &BlockParts<&[f32]>,
+    shape: &BlockShape,
+    scales: DropScales,
+    saved: &Saved,
+) -> Result<(Vec<f32>, BlockParts<Vec<f32>>), String> {
+    let a = &shape.attention;
+    let (c, image) = (a.c, a.t * a.c);
+    let (hidden, fc1_out) = widths(w, shape)?;
+    if dy.len() != x.len() || saved.x1.len() != x.len() {
+        return Err("transformer block backward: gradient does not fit".into());
+    }
+    let eps = shape.eps;
+    // The MLP branch.
+    let dm = scaled(dy, scales.map(|d| d.1), image);
+    let fc2_in = saved.normed.as_deref().unwrap_or(&saved.act);
+    let (mut dact, dfc2_w, dfc2_b) = cpu::linear_backward(fc2_in, w.fc2.0, &dm, c, hidden);
+    let sub_ln = match w.sub_ln {
+        Some((g, _)) => {
+            let (d, dg, db) = cpu::layer_norm_backward(&saved.act, g, &dact, eps);
+            dact = d;
+            Some((dg, db))
+        }
+        None => None,
+    };
+    let dhidden = match shape.mlp {
+        Mlp::Gelu => cpu::gelu_backward(&saved.hidden, &dact),
+        Mlp::SwiGlu => cpu::swiglu_backward(&saved.hidden, &dact, hidden),
+    };
+    drop(dact);
+    let (dy2, dfc1_w, dfc1_b) = cpu::linear_backward(&saved.y2, w.fc1.0, &dhidden, fc1_out, c);
+    drop(dhidden);
+    let (mut dx1, dn2_w, dn2_b) = cpu::layer_norm_backward(&saved.x1, w.norm2.0, &dy2, eps);
+    add_into(&mut dx1, dy);
+    // The attention branch.
+    let da = scaled(&dx1, scales.map(|d| d.0), image);
+    let (dattn, dproj_w, dproj_b) = cpu::linear_backward(&saved.attn, w.proj.0, &da, c, c);
+    drop(da);
+    let dqkv = cpu::attention_backward(&saved.qkv, &dattn, a)?;
+    drop(dattn);
+    let (dy1, dqkv_w, dqkv_b) = cpu::linear_backward(&saved.y1, w.qkv.0, &dqkv, 3 * c, c);
+    drop(dqkv);
+    let (mut dx, dn1_w, dn1_b) = cpu::layer_norm_backward(x, w.norm1.0, &dy1, eps);
+    add_into(&mut dx, &dx1);
+    let grads = BlockParts {
+        norm1: (dn1_w, dn1_b),
+        qkv: (dqkv_w, dqkv_b),
+        proj: (dproj_w, dproj_b),
+        norm2: (dn2_w, dn2_b),
+        fc1: (dfc1_w, dfc1_b),
+        sub_ln,
+        fc2: (dfc2_w, dfc2_b),
+    };
+    Ok((dx, grads))
+}
