@@ -322,8 +322,7 @@ fn run_seg(
             let mut rng = crate::rng::Rng::new(0);
             timed(iters, &mut || {
                 let logits = model.forward_seg(&x, 0.15, Some(&mut rng))?;
-                let grads = bce_with_logits(&logits, &targets)?.backward()?;
-                let grads = crate::train::optim::grads_by_name(model.vars(), &grads);
+                let grads = model.grads(&bce_with_logits(&logits, &targets)?.backward()?)?;
                 opt.update(model.vars(), &grads, 6e-5, &groups, 1.0)?;
                 dev.synchronize()?;
                 Ok(())

@@ -20,7 +20,7 @@ use crate::model::Trainable;
 use crate::preprocess::{Image, opencv};
 use crate::rng::Rng;
 use crate::train::engine::{curves, load_checkpoint, mix, save_checkpoint};
-use crate::train::optim::{AdamW, Groups, grads_by_name};
+use crate::train::optim::{AdamW, Groups};
 
 /// The recipe's settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -386,7 +386,7 @@ impl SegRun {
                         last.display()
                     )));
                 }
-                let grads = grads_by_name(model.vars(), &loss.backward()?);
+                let grads = model.grads(&loss.backward()?)?;
                 let lr = cfg.lr_at(epoch, prog.steps);
                 opt.update(model.vars(), &grads, lr, &groups, 1.0)?;
                 prog.steps += 1;

@@ -22,6 +22,8 @@ type Result<T> = std::result::Result<T, ModelError>;
 /// UperNet on EVA-X with every parameter a variable, named by its mmsegmentation key.
 pub struct SegTrainable {
     backbone: EvaXTrainable,
+    /// What the backbone's names carry before them here (`backbone.`).
+    backbone_prefix: String,
     ops: BatchStats,
     laterals: usize,
     vars: BTreeMap<String, Var>,
@@ -71,14 +73,16 @@ impl SegTrainable {
             ops.add_var(tensors, &format!("{key}.weight"), device)?;
             ops.add_var(tensors, &format!("{key}.bias"), device)?;
         }
+        let backbone_prefix = prefix_of(&eva.prefix);
         let mut vars: BTreeMap<String, Var> = backbone
             .vars
             .iter()
-            .map(|(k, v)| (format!("{}{k}", prefix_of(&eva.prefix)), v.clone()))
+            .map(|(k, v)| (format!("{backbone_prefix}{k}"), v.clone()))
             .collect();
         vars.extend(ops.vars().iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(SegTrainable {
             backbone,
+            backbone_prefix,
             ops,
             laterals,
             vars,
@@ -178,6 +182,16 @@ impl crate::model::Trainable for SegTrainable {
 
     fn buffers(&self) -> BTreeMap<String, Var> {
         self.ops.running_stats().clone()
+    }
+
+    fn grads(
+        &self,
+        store: &candle_core::backprop::GradStore,
+    ) -> candle_core::Result<crate::train::optim::Grads> {
+        let mut grads = crate::train::optim::grads_by_name(&self.vars, store);
+        self.backbone
+            .block_grads(&mut grads, &self.backbone_prefix)?;
+        Ok(grads)
     }
 
     fn set_training(&mut self, training: bool) {

@@ -7,18 +7,21 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::{
-    Block, EvaX, EvaXConfig, Kind, LayerNorm, Linear, LoadOptions, ModelError, TensorSource,
-    infer_config,
+    Block, EvaX, EvaXConfig, Kind, LN_EPS, LayerNorm, Linear, LoadOptions, ModelError,
+    TensorSource, infer_config,
 };
 use crate::checkpoint::{Param, StorageDtype};
 use crate::compute::Precision;
 use crate::kernels::Kernels;
+use crate::kernels::block_train::{BlockParts, Mlp};
+use crate::kernels::candle_ops::{BlockGradSink, TrainingBlock, transformer_block_train};
 use crate::model::adapt::EvaStateDict;
 use crate::model::grad::{self, RopeTensors};
 use crate::model::rope::RopeTables;
 use crate::model::{Classifier, Trainable, training};
 use crate::preprocess::Normalization;
 use crate::rng::Rng;
+use crate::train::optim::{Grads, grads_by_name};
 
 /// Keys of a MIM checkpoint that fine-tuning does not use.
 const MIM_ONLY: [&str; 4] = ["mask_token", "lm_head.weight", "lm_head.bias", "norm."];
@@ -39,6 +42,8 @@ pub struct EvaXTrainable {
     /// The arithmetic of the forward's matrix products: the variables stay f32 (master
     /// weights) and are cast on the way in, as PyTorch's autocast does.
     pub precision: Precision,
+    /// Gradients of the blocks trained as single ops (see [`EvaXTrainable::block_grads`]).
+    block_grads: BlockGradSink,
 }
 
 struct VarSource<'a>(&'a BTreeMap<String, Var>, DType);
@@ -141,6 +146,7 @@ impl EvaXTrainable {
             kernels,
             stored_rope: None,
             precision: Precision::F32,
+            block_grads: BlockGradSink::default(),
         })
     }
 
@@ -218,9 +224,32 @@ impl EvaXTrainable {
         };
         let mut src = VarSource(&self.vars, self.precision.dtype());
         let masks = training::drop_path_schedule(rng, drop_path, cfg.depth, b, &self.device)?;
+        // Whole blocks as single ops where the fused kernels run in f32 (their parameter
+        // gradients come back through `block_grads`), else step by step.
+        let whole = self.kernels.fused_for(&hs) && self.precision == Precision::F32;
+        self.block_grads.take();
         for (i, masks) in masks.iter().enumerate() {
             let block = Block::load(&mut src, i, cfg)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            if let Some(weights) = whole.then(|| training_parts(&block)).transpose()?.flatten() {
+                let drop = masks
+                    .as_ref()
+                    .map(|(a, m)| -> Result<_> {
+                        Ok((a.flatten_all()?.to_vec1()?, m.flatten_all()?.to_vec1()?))
+                    })
+                    .transpose()?;
+                let op = TrainingBlock {
+                    index: i,
+                    weights,
+                    heads: cfg.heads,
+                    mlp: Mlp::SwiGlu,
+                    eps: LN_EPS,
+                    rope: rope.clone(),
+                    drop,
+                };
+                hs = transformer_block_train(&hs, op, &self.block_grads)?;
+                continue;
+            }
             hs = grad::block_with_drop_path(
                 &block,
                 &hs,
@@ -232,10 +261,98 @@ impl EvaXTrainable {
         Ok(hs)
     }
 
+    /// Adds to `grads` the parameter gradients that the blocks trained as single ops left
+    /// since the last forward, under the variables' names with `prefix` before them: the
+    /// packed q/k/v and SwiGLU weights go back to the parameters they were packed from.
+    pub fn block_grads(&self, grads: &mut Grads, prefix: &str) -> Result<()> {
+        let (c, hidden) = (self.config.dim, self.config.mlp_hidden);
+        for (i, parts) in self.block_grads.take() {
+            let mut put = |key: String, v: &[f32]| -> Result<()> {
+                let var = self.vars.get(&key).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("no parameter {key} for a block gradient"))
+                })?;
+                let t = Tensor::from_slice(v, var.shape(), &self.device)?;
+                grads.insert(format!("{prefix}{key}"), t);
+                Ok(())
+            };
+            let p = format!("blocks.{i}");
+            put(format!("{p}.norm1.weight"), &parts.norm1.0)?;
+            put(format!("{p}.norm1.bias"), &parts.norm1.1)?;
+            let (qkv_w, qkv_b) = &parts.qkv;
+            if self.config.fused_qkv {
+                put(format!("{p}.attn.qkv.weight"), qkv_w)?;
+            } else {
+                for (j, part) in ["q", "k", "v"].iter().enumerate() {
+                    put(
+                        format!("{p}.attn.{part}_proj.weight"),
+                        &qkv_w[j * c * c..(j + 1) * c * c],
+                    )?;
+                }
+            }
+            // The k part of the bias is a constant zero.
+            put(format!("{p}.attn.q_bias"), &qkv_b[..c])?;
+            put(format!("{p}.attn.v_bias"), &qkv_b[2 * c..])?;
+            put(format!("{p}.attn.proj.weight"), &parts.proj.0)?;
+            put(format!("{p}.attn.proj.bias"), &parts.proj.1)?;
+            put(format!("{p}.norm2.weight"), &parts.norm2.0)?;
+            put(format!("{p}.norm2.bias"), &parts.norm2.1)?;
+            let (fc1_w, fc1_b) = &parts.fc1;
+            match &parts.sub_ln {
+                Some((g, b)) => {
+                    for (j, part) in ["w1", "w2"].iter().enumerate() {
+                        let rows = j * hidden..(j + 1) * hidden;
+                        put(
+                            format!("{p}.mlp.{part}.weight"),
+                            &fc1_w[rows.start * c..rows.end * c],
+                        )?;
+                        put(format!("{p}.mlp.{part}.bias"), &fc1_b[rows])?;
+                    }
+                    put(format!("{p}.mlp.ffn_ln.weight"), g)?;
+                    put(format!("{p}.mlp.ffn_ln.bias"), b)?;
+                }
+                None => {
+                    put(format!("{p}.mlp.w12.weight"), fc1_w)?;
+                    put(format!("{p}.mlp.w12.bias"), fc1_b)?;
+                }
+            }
+            put(format!("{p}.mlp.w3.weight"), &parts.fc2.0)?;
+            put(format!("{p}.mlp.w3.bias"), &parts.fc2.1)?;
+        }
+        Ok(())
+    }
+
     /// `pos_embed` for a grid (resampled differentiably when it differs).
     fn pos_embed(&self, grid: (usize, usize)) -> Result<Tensor> {
         training::resample_pos_embed(self.var("pos_embed"), self.config.train_grid, grid)
     }
+}
+
+/// A block's parameters for the single-op training block (`None` if a layer has no bias).
+fn training_parts(block: &Block) -> Result<Option<BlockParts<Tensor>>> {
+    let lin = |l: &Linear| -> Result<Option<(Tensor, Tensor)>> {
+        l.bias
+            .as_ref()
+            .map(|b| Ok((l.weight()?.contiguous()?, b.contiguous()?)))
+            .transpose()
+    };
+    let norm = |n: &LayerNorm| (n.weight.clone(), n.bias.clone());
+    let (Some(qkv), Some(proj), Some(fc1), Some(fc2)) = (
+        lin(&block.qkv)?,
+        lin(&block.proj)?,
+        lin(&block.w12)?,
+        lin(&block.w3)?,
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some(BlockParts {
+        norm1: norm(&block.norm1),
+        qkv,
+        proj,
+        norm2: norm(&block.norm2),
+        fc1,
+        sub_ln: block.ffn_ln.as_ref().map(norm),
+        fc2,
+    }))
 }
 
 fn sd_rope_grid(sd: &EvaStateDict) -> f64 {
@@ -296,6 +413,12 @@ impl Trainable for EvaXTrainable {
 
     fn forward_train(&self, x: &Tensor, drop_path: f64, rng: Option<&mut Rng>) -> Result<Tensor> {
         self.forward(x, drop_path, rng)
+    }
+
+    fn grads(&self, store: &candle_core::backprop::GradStore) -> Result<Grads> {
+        let mut grads = grads_by_name(&self.vars, store);
+        self.block_grads(&mut grads, "")?;
+        Ok(grads)
     }
 
     fn param_group(&self, name: &str, layer_decay: f64, weight_decay: f64) -> (f64, f64) {
