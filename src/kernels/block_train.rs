@@ -297,3 +297,172 @@ pub fn backward(
     };
     Ok((dx, grads))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use candle_core::{Device, Tensor, Var};
+
+    use super::*;
+    use crate::kernels::candle_ops::{BlockGradSink, TrainingBlock, transformer_block_train};
+    use crate::kernels::{self, Kernels};
+    use crate::model::rope::RopeTables;
+
+    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut r = crate::rng::Rng::new(seed);
+        (0..n)
+            .map(|_| (r.unit() as f32 * 2.0 - 1.0) * scale)
+            .collect()
+    }
+
+    fn var(shape: &[usize], seed: u64, scale: f32, offset: f32) -> Var {
+        let n = shape.iter().product();
+        let v = values(n, seed, scale).iter().map(|v| v + offset).collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    /// The same block step by step from the fused kernels that have a backward (the path
+    /// the fixtures check against PyTorch).
+    fn step_by_step(
+        x: &Tensor,
+        w: &BlockParts<Var>,
+        mlp: Mlp,
+        heads: usize,
+        rope: &Arc<RopeTables>,
+        drop: Option<&(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let k = Kernels::Fused;
+        let ln = |x: &Tensor, (g, b): &(Var, Var)| kernels::layer_norm(k, x, g, b, 1e-6, true);
+        let lin = |x: &Tensor, (wt, b): &(Var, Var)| kernels::linear_train(k, x, wt, b);
+        let y = ln(x, &w.norm1)?;
+        let mut a = lin(
+            &kernels::attention(k, &lin(&y, &w.qkv)?, heads, rope, true)?,
+            &w.proj,
+        )?;
+        if let Some((s, _)) = drop {
+            a = a.broadcast_mul(s)?;
+        }
+        let x1 = (x + a)?;
+        let h = lin(&ln(&x1, &w.norm2)?, &w.fc1)?;
+        let mut h = match mlp {
+            Mlp::Gelu => kernels::gelu(k, &h, true)?,
+            Mlp::SwiGlu => kernels::swiglu(k, &h, true)?,
+        };
+        if let Some(sub) = &w.sub_ln {
+            h = ln(&h, sub)?;
+        }
+        let mut m = lin(&h, &w.fc2)?;
+        if let Some((_, s)) = drop {
+            m = m.broadcast_mul(s)?;
+        }
+        &x1 + m
+    }
+
+    /// The single-op block gives the step-by-step graph's output, input gradient and
+    /// parameter gradients to the bit, with and without RoPE, sub-LN and drop path (the
+    /// fixtures' training steps have neither drop path nor a sub-LN).
+    #[test]
+    fn whole_block_matches_the_step_by_step_graph() {
+        let (b, c, heads) = (3usize, 128usize, 2usize);
+        let mut compared = 0;
+        for (case, (mlp, rope, sub_ln, drop)) in [
+            (Mlp::Gelu, false, false, false),
+            (Mlp::Gelu, false, false, true),
+            (Mlp::SwiGlu, true, true, true),
+            (Mlp::SwiGlu, true, false, false),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seed = 100 * case as u64;
+            let (hidden, grid) = (96usize, (2usize, 3usize));
+            let t = 1 + grid.0 * grid.1;
+            let fc1_out = if mlp == Mlp::Gelu { hidden } else { 2 * hidden };
+            let norm = |n: usize, s: u64| (var(&[n], s, 0.2, 1.0), var(&[n], s + 1, 0.1, 0.0));
+            let linear = |o: usize, i: usize, s: u64| {
+                (var(&[o, i], s, 0.1, 0.0), var(&[o], s + 1, 0.1, 0.0))
+            };
+            let w = BlockParts {
+                norm1: norm(c, seed + 1),
+                qkv: linear(3 * c, c, seed + 3),
+                proj: linear(c, c, seed + 5),
+                norm2: norm(c, seed + 7),
+                fc1: linear(fc1_out, c, seed + 9),
+                sub_ln: sub_ln.then(|| norm(hidden, seed + 11)),
+                fc2: linear(c, hidden, seed + 13),
+            };
+            let tables = if rope {
+                RopeTables::new(grid, 2.0, c / heads)
+            } else {
+                RopeTables::none(c / heads)
+            };
+            let rope = Arc::new(tables);
+            let scales = drop.then(|| (vec![0.0, 1.25, 1.25], vec![1.25, 1.25, 0.0]));
+            let drop_t = scales.as_ref().map(|(a, m)| {
+                let t = |v: &Vec<f32>| Tensor::from_vec(v.clone(), (b, 1, 1), &Device::Cpu);
+                (t(a).unwrap(), t(m).unwrap())
+            });
+            let x = var(&[b, t, c], seed + 20, 1.0, 0.0);
+            let cot = Tensor::from_vec(values(b * t * c, seed + 21, 1.0), (b, t, c), &Device::Cpu)
+                .unwrap();
+            let graph =
+                step_by_step(x.as_tensor(), &w, mlp, heads, &rope, drop_t.as_ref()).unwrap();
+            let graph_grads = (&graph * &cot)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let sink = BlockGradSink::default();
+            let block = TrainingBlock {
+                index: 7,
+                weights: w.map(|v| v.as_tensor().clone()),
+                heads,
+                mlp,
+                eps: 1e-6,
+                rope: rope.clone(),
+                drop: scales,
+            };
+            let whole = transformer_block_train(x.as_tensor(), block, &sink).unwrap();
+            let whole_grads = (&whole * &cot)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let same = |a: &Tensor, b: &Tensor, what: &str| {
+                let (a, b) = (
+                    a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                );
+                assert_eq!(a.len(), b.len(), "case {case}: {what} length");
+                assert!(a == b, "case {case}: {what} differs");
+            };
+            same(&graph, &whole, "output");
+            same(
+                graph_grads.get(x.as_tensor()).unwrap(),
+                whole_grads.get(x.as_tensor()).unwrap(),
+                "input gradient",
+            );
+            compared += 2;
+            let mut left = sink.take();
+            assert_eq!(left.len(), 1, "one block's gradients");
+            let (index, parts) = left.pop().unwrap();
+            assert_eq!(index, 7);
+            let vars = w.into_list();
+            let grads = parts.into_list();
+            assert_eq!(grads.len(), vars.len(), "case {case}: parameter gradients");
+            for (i, (v, g)) in vars.iter().zip(grads).enumerate() {
+                let g = Tensor::from_vec(g, v.shape(), &Device::Cpu).unwrap();
+                same(
+                    graph_grads.get(v.as_tensor()).unwrap(),
+                    &g,
+                    &format!("part {i}"),
+                );
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 4 * 2 + 3 * 12 + 14, "tensors compared");
+    }
+}
