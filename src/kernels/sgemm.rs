@@ -466,8 +466,16 @@ mod avx2 {
                 }
                 let overwrite = p0 == 0 && !accumulate;
                 let bp: &[f32] = bp;
-                // Tasks: row blocks of MC, and column chunks when there are too few of those.
-                let row_blocks = m.div_ceil(MC);
+                // Tasks: row blocks of at most MC, as many as a multiple of the threads (11
+                // blocks on 2 threads would leave one idle for a twelfth of the time), and
+                // column chunks when there are too few of those.
+                let row_block = if threads > 1 {
+                    let blocks = m.div_ceil(MC * threads) * threads;
+                    m.div_ceil(blocks).div_ceil(MR) * MR
+                } else {
+                    MC
+                };
+                let row_blocks = m.div_ceil(row_block);
                 let col_chunks = if threads > 1 {
                     (2 * threads).div_ceil(row_blocks).min(slivers)
                 } else {
@@ -477,8 +485,8 @@ mod avx2 {
                 let col_chunks = slivers.div_ceil(per);
                 let task = |t: usize| {
                     let (ib, cb) = (t / col_chunks, t % col_chunks);
-                    let i0 = ib * MC;
-                    let mc = MC.min(m - i0);
+                    let i0 = ib * row_block;
+                    let mc = row_block.min(m - i0);
                     let (s0, s1) = (cb * per, ((cb + 1) * per).min(slivers));
                     let mut abuf = take_buf(&A_BUF, MC * KC);
                     let ap = &mut aligned(&mut abuf)[..mc.div_ceil(MR) * kc * MR];
