@@ -114,6 +114,7 @@ pub struct BlockShape<'a> {
 pub struct Saved {
     y1: Vec<f32>,
     qkv: Vec<f32>,
+    probs: Vec<f32>,
     attn: Vec<f32>,
     x1: Vec<f32>,
     y2: Vec<f32>,
@@ -211,7 +212,7 @@ pub fn forward(
     };
     let y1 = cpu::layer_norm_forward(x, w.norm1.0, w.norm1.1, eps);
     let qkv = linear(&y1, w.qkv, c, 3 * c);
-    let attn = cpu::attention_forward(&qkv, a)?;
+    let (attn, probs) = cpu::attention_forward_keeping(&qkv, a, true)?;
     let mut x1 = linear(&attn, w.proj, c, c);
     join_branch(x, &mut x1, scales.map(|d| d.0), image);
     let y2 = cpu::layer_norm_forward(&x1, w.norm2.0, w.norm2.1, eps);
@@ -228,6 +229,7 @@ pub fn forward(
     let saved = Saved {
         y1,
         qkv,
+        probs,
         attn,
         x1,
         y2,
@@ -280,7 +282,7 @@ pub fn backward(
     let da = scaled(&dx1, scales.map(|d| d.0), image);
     let (dattn, dproj_w, dproj_b) = cpu::linear_backward(&saved.attn, w.proj.0, &da, c, c);
     drop(da);
-    let dqkv = cpu::attention_backward(&saved.qkv, &dattn, a)?;
+    let dqkv = cpu::attention_backward(&saved.qkv, &dattn, a, Some(&saved.probs))?;
     drop(dattn);
     let (dy1, dqkv_w, dqkv_b) = cpu::linear_backward(&saved.y1, w.qkv.0, &dqkv, 3 * c, c);
     drop(dqkv);

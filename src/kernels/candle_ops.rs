@@ -209,7 +209,7 @@ impl CustomOp1 for Attention {
         let shape = self.shape(b, t, c3);
         let dq = read(qkv, |x| {
             read(dy, |g| {
-                cpu::attention_backward(x, g, &shape).map_err(candle_core::Error::Msg)
+                cpu::attention_backward(x, g, &shape, None).map_err(candle_core::Error::Msg)
             })
         })?;
         Ok(Some(Tensor::from_vec(dq, (b, t, c3), qkv.device())?))

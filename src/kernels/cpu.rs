@@ -340,6 +340,16 @@ impl AttentionShape<'_> {
 /// Multi-head self-attention with RoPE: `qkv` `[b, t, 3c]` (biases added) to `[b, t, c]`, one
 /// GEMM pair per (image, head); an error unless the shapes fit ([`AttentionShape::check`]).
 pub fn attention_forward(qkv: &[f32], shape: &AttentionShape) -> Result<Vec<f32>, String> {
+    Ok(attention_forward_keeping(qkv, shape, false)?.0)
+}
+
+/// [`attention_forward`], and with `keep` the attention probabilities `[b, heads, t, t]` for
+/// [`attention_backward`] (else an empty vector).
+pub fn attention_forward_keeping(
+    qkv: &[f32],
+    shape: &AttentionShape,
+    keep: bool,
+) -> Result<(Vec<f32>, Vec<f32>), String> {
     shape.check(qkv.len())?;
     let AttentionShape {
         b, t, c, heads: h, ..
@@ -347,6 +357,8 @@ pub fn attention_forward(qkv: &[f32], shape: &AttentionShape) -> Result<Vec<f32>
     let d = c / h;
     let mut out: Vec<f32> = Vec::with_capacity(b * t * c);
     let dst = SharedMut(out.as_mut_ptr());
+    let mut probs: Vec<f32> = Vec::with_capacity(if keep { b * h * t * t } else { 0 });
+    let kept = SharedMut(probs.as_mut_ptr());
     (0..b * h).into_par_iter().for_each_init(
         || {
             (
@@ -376,6 +388,14 @@ pub fn attention_forward(qkv: &[f32], shape: &AttentionShape) -> Result<Vec<f32>
                 )
             };
             simd::softmax_rows(sc, t);
+            if keep {
+                let whole = kept;
+                // SAFETY: each (image, head) task writes its own t * t probabilities; `probs`
+                // holds b * heads * t * t.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(sc.as_ptr(), whole.0.add(bh * t * t), t * t)
+                };
+            }
             let o = dst;
             // SAFETY: each (image, head) task writes its own d columns of its own image's rows
             // of `out` (t rows of stride c); no two tasks overlap, and `out` holds b * t * c.
@@ -396,17 +416,25 @@ pub fn attention_forward(qkv: &[f32], shape: &AttentionShape) -> Result<Vec<f32>
             };
         },
     );
-    // SAFETY: the (image, head) tasks together wrote all b * t * c elements.
-    unsafe { out.set_len(b * t * c) };
-    Ok(out)
+    // SAFETY: the (image, head) tasks together wrote all b * t * c elements (and, kept, all
+    // b * heads * t * t probabilities).
+    unsafe {
+        out.set_len(b * t * c);
+        if keep {
+            probs.set_len(b * h * t * t);
+        }
+    }
+    Ok((out, probs))
 }
 
 /// Gradient of [`attention_forward`] with respect to `qkv`, given the output gradient `dy`
-/// `[b, t, c]`; the probabilities are recomputed. An error unless the shapes fit.
+/// `[b, t, c]`; the probabilities those of [`attention_forward_keeping`], or recomputed
+/// without them. An error unless the shapes fit.
 pub fn attention_backward(
     qkv: &[f32],
     dy: &[f32],
     shape: &AttentionShape,
+    probs: Option<&[f32]>,
 ) -> Result<Vec<f32>, String> {
     shape.check(qkv.len())?;
     let AttentionShape {
@@ -421,6 +449,9 @@ pub fn attention_backward(
             dy.len(),
             b * t * c
         ));
+    }
+    if probs.is_some_and(|p| p.len() != b * h * t * t) {
+        return Err("attention backward: kept probabilities do not fit".into());
     }
     let mut dqkv: Vec<f32> = vec![0f32; b * t * c3];
     let dst = SharedMut(dqkv.as_mut_ptr());
@@ -441,23 +472,32 @@ pub fn attention_backward(
             let (bi, hi) = (bh / h, bh % h);
             shape.prepare(qkv, bi, hi, q, k, v);
             let dout = dy[bi * t * c + hi * d..].as_ptr();
+            let p: &[f32] = match probs {
+                Some(kept) => &kept[bh * t * t..(bh + 1) * t * t],
+                None => {
+                    // SAFETY: q and k are t x d, p is t x t, all owned by this task.
+                    unsafe {
+                        mm(
+                            t,
+                            t,
+                            d,
+                            p.as_mut_ptr(),
+                            t,
+                            q.as_ptr(),
+                            d,
+                            1,
+                            k.as_ptr(),
+                            1,
+                            d,
+                        )
+                    };
+                    simd::softmax_rows(p, t);
+                    p
+                }
+            };
             // SAFETY: every buffer is owned by this task and sized as the shapes say; `dout`
             // addresses t rows of stride c and width d inside `dy` (checked above).
             unsafe {
-                mm(
-                    t,
-                    t,
-                    d,
-                    p.as_mut_ptr(),
-                    t,
-                    q.as_ptr(),
-                    d,
-                    1,
-                    k.as_ptr(),
-                    1,
-                    d,
-                );
-                simd::softmax_rows(p, t);
                 // dV = P^T dO; dP = dO V^T.
                 mm(t, d, t, dv.as_mut_ptr(), d, p.as_ptr(), 1, t, dout, c, 1);
                 mm(t, t, d, dp.as_mut_ptr(), t, dout, c, 1, v.as_ptr(), 1, d);
