@@ -9,6 +9,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use super::block_train::{self, BlockParts, BlockShape, Mlp, Saved};
 use super::conv::{self, ConvShape, PoolShape};
 use super::cpu::{self, AttentionShape, WeightLayout};
+use super::dense_train::{self, DenseLayerParts, LayerStats, SavedLayer};
 use crate::model::rope::RopeTables;
 
 /// The f32 values of a contiguous CPU storage.
@@ -1039,4 +1040,139 @@ pub fn transformer_block_train(
         sink: sink.clone(),
     };
     x.contiguous()?.apply_op1(op)
+}
+
+/// Parameter gradients by name that fused training ops leave for their model (their
+/// parameters are the ops' constants, not graph inputs).
+#[derive(Debug, Clone, Default)]
+pub struct NamedGradSink(Arc<Mutex<Vec<NamedGrad>>>);
+
+/// A parameter's name and gradient.
+pub type NamedGrad = (String, Vec<f32>);
+
+impl NamedGradSink {
+    /// Everything left since the last call, emptying the sink.
+    pub fn take(&self) -> Vec<NamedGrad> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn extend(&self, grads: impl IntoIterator<Item = NamedGrad>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(grads);
+    }
+}
+
+/// A DenseNet dense block to train as a single op (see [`dense_train`]).
+pub struct TrainingDenseBlock {
+    /// Each layer's parameters: CPU f32 tensors.
+    pub layers: Vec<DenseLayerParts<Tensor>>,
+    /// Their names, for the gradients.
+    pub names: Vec<DenseLayerParts<String>>,
+    /// BatchNorm epsilon.
+    pub eps: f32,
+}
+
+struct DenseBlockOp {
+    block: TrainingDenseBlock,
+    saved: Mutex<Option<Vec<SavedLayer>>>,
+    stats: Arc<Mutex<Vec<LayerStats>>>,
+    sink: NamedGradSink,
+}
+
+impl DenseBlockOp {
+    /// Runs `f` on the layers' parameter values.
+    fn with_layers<R>(&self, f: impl FnOnce(&[DenseLayerParts<&[f32]>]) -> Result<R>) -> Result<R> {
+        let tensors: Vec<&Tensor> = self
+            .block
+            .layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    &l.norm1.0, &l.norm1.1, &l.conv1, &l.norm2.0, &l.norm2.1, &l.conv2,
+                ]
+            })
+            .collect();
+        with_values(&tensors, "dense layer parameter", |v| {
+            let layers: Vec<DenseLayerParts<&[f32]>> = v
+                .chunks_exact(6)
+                .zip(&self.block.layers)
+                .map(|(p, l)| DenseLayerParts {
+                    norm1: (p[0], p[1]),
+                    conv1: p[2],
+                    norm2: (p[3], p[4]),
+                    conv2: p[5],
+                    conv2_size: l.conv2_size,
+                })
+                .collect();
+            f(&layers)
+        })
+    }
+}
+
+fn dense_dims(d: &[usize]) -> Result<dense_train::Dims> {
+    match *d {
+        [b, c, h, w] => Ok((b, c, h, w)),
+        _ => candle_core::bail!("dense block: expected [B, C, H, W], got {d:?}"),
+    }
+}
+
+impl CustomOp1 for DenseBlockOp {
+    fn name(&self) -> &'static str {
+        "evax-dense-block-train"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "dense block input")?;
+        let dims = dense_dims(l.dims())?;
+        let (y, saved) = self.with_layers(|layers| {
+            dense_train::forward(x, dims, layers, self.block.eps).map_err(candle_core::Error::Msg)
+        })?;
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = dense_train::stats(&saved);
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        let (b, _, h, w) = dims;
+        let total = y.len() / (b * h * w);
+        Ok((CpuStorage::F32(y), Shape::from((b, total, h, w))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let Some(saved) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            candle_core::bail!("dense block: a second backward through one forward");
+        };
+        let dims = dense_dims(x.dims())?;
+        let (dx, grads) = read(dy, |g| {
+            self.with_layers(|layers| {
+                dense_train::backward(g, dims, layers, &saved, self.block.eps)
+                    .map_err(candle_core::Error::Msg)
+            })
+        })?;
+        self.sink.extend(
+            self.block
+                .names
+                .iter()
+                .zip(grads)
+                .flat_map(|(n, g)| n.clone().into_list().into_iter().zip(g.into_list())),
+        );
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// A whole dense block on a CPU f32 `x` `[B, C, H, W]` in training mode, differentiable in
+/// `x` (parameter gradients go to `sink`), with every layer's batch statistics.
+pub fn dense_block_train(
+    x: &Tensor,
+    block: TrainingDenseBlock,
+    sink: &NamedGradSink,
+) -> Result<(Tensor, Vec<LayerStats>)> {
+    let stats = Arc::new(Mutex::new(Vec::new()));
+    let op = DenseBlockOp {
+        block,
+        saved: Mutex::new(None),
+        stats: stats.clone(),
+        sink: sink.clone(),
+    };
+    let y = x.contiguous()?.apply_op1(op)?;
+    let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok((y, stats))
 }

@@ -12,6 +12,7 @@ pub mod block_train;
 pub mod candle_ops;
 pub mod conv;
 pub mod cpu;
+pub mod dense_train;
 pub mod dispatch;
 pub mod reference;
 pub mod sgemm;

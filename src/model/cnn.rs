@@ -11,6 +11,7 @@ use candle_core::{Device, Tensor, Var};
 
 use super::{Classifier, LoadReport, ModelError, Trainable};
 use crate::checkpoint::{Param, StorageDtype};
+use crate::kernels::dense_train::DenseLayerParts;
 use crate::kernels::{self, Kernels, candle_ops};
 use crate::preprocess::Normalization;
 
@@ -499,6 +500,8 @@ pub(crate) struct BatchStats {
     running: BTreeMap<String, Var>,
     kernels: Kernels,
     training: bool,
+    /// Gradients of the parts trained as single ops (DenseNet's dense blocks).
+    grad_sink: candle_ops::NamedGradSink,
 }
 
 impl BatchStats {
@@ -515,6 +518,7 @@ impl BatchStats {
             running: BTreeMap::new(),
             kernels,
             training: true,
+            grad_sink: Default::default(),
         };
         for u in units {
             match u {
@@ -620,6 +624,57 @@ impl Ops for BatchStats {
     fn kernels(&self) -> Kernels {
         self.kernels
     }
+
+    /// In training mode on the fused kernels, the whole block as one op (its parameter
+    /// gradients come back through [`BatchStats::block_grads`]); else layer by layer.
+    fn dense_layers(&self, x: &Tensor, prefixes: &[String]) -> candle_core::Result<Tensor> {
+        let biased = prefixes.iter().any(|p| {
+            self.vars.contains_key(&format!("{p}.conv1.bias"))
+                || self.vars.contains_key(&format!("{p}.conv2.bias"))
+        });
+        if !self.training || biased || !self.kernels.fused_for(x) {
+            return super::densenet::layers_stepwise(self, x, prefixes);
+        }
+        let names: Vec<DenseLayerParts<String>> = prefixes
+            .iter()
+            .map(|p| DenseLayerParts {
+                norm1: (format!("{p}.norm1.weight"), format!("{p}.norm1.bias")),
+                conv1: format!("{p}.conv1.weight"),
+                norm2: (format!("{p}.norm2.weight"), format!("{p}.norm2.bias")),
+                conv2: format!("{p}.conv2.weight"),
+                conv2_size: 0,
+            })
+            .collect();
+        let layers = names
+            .iter()
+            .map(|n| -> candle_core::Result<_> {
+                let v = |k: &String| self.var(k).cloned();
+                let conv2 = v(&n.conv2)?;
+                Ok(DenseLayerParts {
+                    norm1: (v(&n.norm1.0)?, v(&n.norm1.1)?),
+                    conv1: v(&n.conv1)?,
+                    norm2: (v(&n.norm2.0)?, v(&n.norm2.1)?),
+                    conv2_size: conv2.dim(3)?,
+                    conv2,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let block = candle_ops::TrainingDenseBlock {
+            layers,
+            names,
+            eps: BN_EPS as f32,
+        };
+        let (y, stats) = candle_ops::dense_block_train(x, block, &self.grad_sink)?;
+        let (b, _, h, w) = x.dims4()?;
+        let dev = x.device();
+        for (p, st) in prefixes.iter().zip(stats) {
+            for (bn, (mean, var)) in [("norm1", st.norm1), ("norm2", st.norm2)] {
+                let (mean, var) = (Tensor::new(mean, dev)?, Tensor::new(var, dev)?);
+                self.update_running(&format!("{p}.{bn}"), &mean, &var, b * h * w)?;
+            }
+        }
+        Ok(y)
+    }
 }
 
 impl BatchStats {
@@ -646,7 +701,20 @@ impl BatchStats {
         let (y, mean, var) =
             kernels::batch_norm_train(self.kernels, x, gamma, beta, BN_EPS as f32, relu)?;
         let (b, _, h, w) = x.dims4()?;
-        let n = (b * h * w) as f64;
+        self.update_running(bn, &mean, &var, b * h * w)?;
+        Ok(y)
+    }
+
+    /// Moves `bn`'s running statistics towards a batch's mean and biased variance over `n`
+    /// values per channel, as PyTorch does (the variance made unbiased).
+    fn update_running(
+        &self,
+        bn: &str,
+        mean: &Tensor,
+        var: &Tensor,
+        n: usize,
+    ) -> candle_core::Result<()> {
+        let n = n as f64;
         let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
         for (name, batch, factor) in [("running_mean", mean, 1.0), ("running_var", var, unbiased)] {
             let run = self.running(bn, name)?;
@@ -655,7 +723,23 @@ impl BatchStats {
                 + (batch.detach() * (BN_MOMENTUM * factor))?)?;
             run.set(&new)?;
         }
-        Ok(y)
+        Ok(())
+    }
+
+    /// Adds to `grads` the parameter gradients that the parts trained as single ops left
+    /// since the last call.
+    pub(crate) fn block_grads(
+        &self,
+        grads: &mut crate::train::optim::Grads,
+    ) -> candle_core::Result<()> {
+        for (name, g) in self.grad_sink.take() {
+            let var = self
+                .vars
+                .get(&name)
+                .ok_or_else(|| missing("parameter", &name))?;
+            grads.insert(name, Tensor::from_vec(g, var.shape(), var.device())?);
+        }
+        Ok(())
     }
 }
 
@@ -768,6 +852,7 @@ impl Trainable for CnnTrainable {
         _rng: Option<&mut crate::rng::Rng>,
     ) -> candle_core::Result<Tensor> {
         let x = x.to_device(&self.device)?;
+        self.ops.grad_sink.take();
         let pooled = self.layout.pooled(&self.ops, &x)?;
         let head = self.layout.head_key();
         kernels::linear_train(
@@ -776,6 +861,15 @@ impl Trainable for CnnTrainable {
             self.ops.var(&format!("{head}.weight"))?,
             self.ops.var(&format!("{head}.bias"))?,
         )
+    }
+
+    fn grads(
+        &self,
+        store: &candle_core::backprop::GradStore,
+    ) -> candle_core::Result<crate::train::optim::Grads> {
+        let mut grads = crate::train::optim::grads_by_name(&self.ops.vars, store);
+        self.ops.block_grads(&mut grads)?;
+        Ok(grads)
     }
 
     /// No layer decay (as the original trains CNNs); no weight decay on 1-D parameters.

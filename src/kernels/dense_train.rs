@@ -1,0 +1,261 @@
+//! A DenseNet dense block for training, forward and backward on CPU slices, keeping what the
+//! backward needs in between.
+//!
+//! Layer `l` reads the block's first `c0 + l * growth` channels and appends `growth` new ones:
+//! `conv2(relu(norm2(conv1(relu(norm1(x))))))`, BatchNorm on the batch's statistics. Each step
+//! is the kernel the step-by-step graph uses, in the same order, and the gradient of the
+//! block's channels is summed in one buffer in the order the graph's concatenations sum it, so
+//! the results are the same to the bit; what the whole block saves is the graph's
+//! concatenations and its bookkeeping (a zeroed buffer and an add for every intermediate
+//! gradient).
+
+use rayon::prelude::*;
+
+use super::conv::{self, ConvShape};
+
+/// One dense layer's parameters (weights `[out, in, kh, kw]`).
+#[derive(Debug, Clone)]
+pub struct DenseLayerParts<T> {
+    /// `norm1`'s weight and bias.
+    pub norm1: (T, T),
+    /// `conv1`'s weight (1x1).
+    pub conv1: T,
+    /// `norm2`'s weight and bias.
+    pub norm2: (T, T),
+    /// `conv2`'s weight (3x3).
+    pub conv2: T,
+    /// `conv2`'s kernel side (3).
+    pub conv2_size: usize,
+}
+
+impl<T> DenseLayerParts<T> {
+    /// The parts in order: norm1 weight, bias, conv1, norm2 weight, bias, conv2.
+    pub fn into_list(self) -> [T; 6] {
+        [
+            self.norm1.0,
+            self.norm1.1,
+            self.conv1,
+            self.norm2.0,
+            self.norm2.1,
+            self.conv2,
+        ]
+    }
+}
+
+/// One layer's parameter gradients.
+pub type LayerGrads = DenseLayerParts<Vec<f32>>;
+
+/// A layer's batch statistics: mean and biased variance per channel of `norm1` and `norm2`.
+#[derive(Debug, Clone)]
+pub struct LayerStats {
+    /// `norm1`'s.
+    pub norm1: (Vec<f32>, Vec<f32>),
+    /// `norm2`'s.
+    pub norm2: (Vec<f32>, Vec<f32>),
+}
+
+/// What the forward keeps of one layer for the backward.
+pub struct SavedLayer {
+    input: Vec<f32>,
+    act1: Vec<f32>,
+    mid: Vec<f32>,
+    act2: Vec<f32>,
+    stats: LayerStats,
+}
+
+/// Images, input channels, height and width of a block's input.
+pub type Dims = (usize, usize, usize, usize);
+
+/// The shapes of layer `l`'s two convolutions, and its input and new channels.
+fn layer_shapes(
+    (b, c0, h, w): Dims,
+    before: usize,
+    p: &DenseLayerParts<&[f32]>,
+) -> Result<(ConvShape, ConvShape), String> {
+    let cin = c0 + before;
+    let mid = p.norm2.0.len();
+    let bad = || {
+        Err(format!(
+            "dense layer: parameters do not fit {cin} input channels"
+        ))
+    };
+    if p.norm1.0.len() != cin || p.norm1.1.len() != cin || mid == 0 || p.norm2.1.len() != mid {
+        return bad();
+    }
+    if p.conv1.len() != mid * cin {
+        return bad();
+    }
+    let k = p.conv2_size;
+    let growth = p.conv2.len() / (mid * k * k).max(1);
+    if k == 0 || k.is_multiple_of(2) || growth == 0 || growth * mid * k * k != p.conv2.len() {
+        return bad();
+    }
+    let s1 = ConvShape {
+        b,
+        cin,
+        h,
+        w,
+        cout: mid,
+        kh: 1,
+        kw: 1,
+        stride: 1,
+        pad: 0,
+    };
+    let s2 = ConvShape {
+        cin: mid,
+        cout: growth,
+        kh: k,
+        kw: k,
+        pad: k / 2,
+        ..s1
+    };
+    Ok((s1, s2))
+}
+
+/// The growth (new channels) of each layer, checked against the parameters.
+fn growths(dims: Dims, layers: &[DenseLayerParts<&[f32]>]) -> Result<Vec<usize>, String> {
+    let mut before = 0;
+    layers
+        .iter()
+        .map(|p| {
+            let (_, s2) = layer_shapes(dims, before, p)?;
+            before += s2.cout;
+            Ok(s2.cout)
+        })
+        .collect()
+}
+
+/// Copies the first `cin` channels of each image of `src` (`total` channels of `plane` values
+/// per image) into `dst` (`cin` channels per image).
+fn channels(src: &[f32], total: usize, dst: &mut [f32], cin: usize, plane: usize) {
+    dst.par_chunks_mut(cin * plane)
+        .zip(src.par_chunks(total * plane))
+        .for_each(|(d, s)| d.copy_from_slice(&s[..cin * plane]));
+}
+
+/// The block's output `[b, c0 + sum of growths, h, w]` from its input, the batch statistics
+/// of every layer's norms, and what the backward needs.
+pub fn forward(
+    x: &[f32],
+    dims: Dims,
+    layers: &[DenseLayerParts<&[f32]>],
+    eps: f32,
+) -> Result<(Vec<f32>, Vec<SavedLayer>), String> {
+    let (b, c0, h, w) = dims;
+    let plane = h * w;
+    if b * c0 * plane == 0 || x.len() != b * c0 * plane {
+        return Err(format!("dense block: input does not fit {dims:?}"));
+    }
+    let total = c0 + growths(dims, layers)?.iter().sum::<usize>();
+    let mut out = vec![0f32; b * total * plane];
+    out.par_chunks_mut(total * plane)
+        .zip(x.par_chunks(c0 * plane))
+        .for_each(|(o, x)| o[..c0 * plane].copy_from_slice(x));
+    let mut saved = Vec::with_capacity(layers.len());
+    let mut cin = c0;
+    for p in layers {
+        let (s1, s2) = layer_shapes(dims, cin - c0, p)?;
+        let mut input = vec![0f32; b * cin * plane];
+        channels(&out, total, &mut input, cin, plane);
+        let (m1, v1) = conv::channel_stats(&input, cin, plane);
+        let act1 = conv::batch_norm_forward(&input, (&m1, &v1), p.norm1, plane, eps, true);
+        let mid = conv::conv_forward(&act1, p.conv1, None, false, None, &s1)?;
+        let (m2, v2) = conv::channel_stats(&mid, s1.cout, plane);
+        let act2 = conv::batch_norm_forward(&mid, (&m2, &v2), p.norm2, plane, eps, true);
+        let new = conv::conv_forward(&act2, p.conv2, None, false, None, &s2)?;
+        let g = s2.cout;
+        out.par_chunks_mut(total * plane)
+            .zip(new.par_chunks(g * plane))
+            .for_each(|(o, n)| o[cin * plane..(cin + g) * plane].copy_from_slice(n));
+        saved.push(SavedLayer {
+            input,
+            act1,
+            mid,
+            act2,
+            stats: LayerStats {
+                norm1: (m1, v1),
+                norm2: (m2, v2),
+            },
+        });
+        cin += g;
+    }
+    Ok((out, saved))
+}
+
+/// The batch statistics of a forward's layers.
+pub fn stats(saved: &[SavedLayer]) -> Vec<LayerStats> {
+    saved.iter().map(|s| s.stats.clone()).collect()
+}
+
+/// The input gradient and every layer's parameter gradients of [`forward`], from the output
+/// gradient `dy` and what the forward kept.
+pub fn backward(
+    dy: &[f32],
+    dims: Dims,
+    layers: &[DenseLayerParts<&[f32]>],
+    saved: &[SavedLayer],
+    eps: f32,
+) -> Result<(Vec<f32>, Vec<LayerGrads>), String> {
+    let (b, c0, h, w) = dims;
+    let plane = h * w;
+    let grow = growths(dims, layers)?;
+    let total = c0 + grow.iter().sum::<usize>();
+    if dy.len() != b * total * plane || saved.len() != layers.len() {
+        return Err("dense block backward: gradient or saved layers do not fit".into());
+    }
+    // The gradient of every channel of the block, summed layer by layer from the last.
+    let mut grad = dy.to_vec();
+    let mut grads = Vec::with_capacity(layers.len());
+    let mut cin = total;
+    for ((p, s), &g) in layers.iter().zip(saved).rev().zip(grow.iter().rev()) {
+        cin -= g;
+        let (s1, s2) = layer_shapes(dims, cin - c0, p)?;
+        let mut dnew = vec![0f32; b * g * plane];
+        dnew.par_chunks_mut(g * plane)
+            .zip(grad.par_chunks(total * plane))
+            .for_each(|(d, gr)| d.copy_from_slice(&gr[cin * plane..(cin + g) * plane]));
+        let (dact2, dconv2, _) = conv::conv_backward(&s.act2, p.conv2, &dnew, &s2, true)?;
+        let dact2 = dact2.expect("asked for");
+        let (m2, v2) = (&s.stats.norm2.0[..], &s.stats.norm2.1[..]);
+        let (dmid, dg2, db2) = conv::batch_norm_backward(
+            &s.mid,
+            &dact2,
+            p.norm2.0,
+            (m2, v2),
+            plane,
+            eps,
+            Some(&s.act2),
+        );
+        let (dact1, dconv1, _) = conv::conv_backward(&s.act1, p.conv1, &dmid, &s1, true)?;
+        let dact1 = dact1.expect("asked for");
+        let (m1, v1) = (&s.stats.norm1.0[..], &s.stats.norm1.1[..]);
+        let (dinput, dg1, db1) = conv::batch_norm_backward(
+            &s.input,
+            &dact1,
+            p.norm1.0,
+            (m1, v1),
+            plane,
+            eps,
+            Some(&s.act1),
+        );
+        grad.par_chunks_mut(total * plane)
+            .zip(dinput.par_chunks(cin * plane))
+            .for_each(|(gr, d)| {
+                gr[..cin * plane]
+                    .iter_mut()
+                    .zip(d)
+                    .for_each(|(a, v)| *a += v)
+            });
+        grads.push(DenseLayerParts {
+            norm1: (dg1, db1),
+            conv1: dconv1,
+            norm2: (dg2, db2),
+            conv2: dconv2,
+            conv2_size: p.conv2_size,
+        });
+    }
+    grads.reverse();
+    let mut dx = vec![0f32; b * c0 * plane];
+    channels(&grad, total, &mut dx, c0, plane);
+    Ok((dx, grads))
+}
