@@ -259,3 +259,115 @@ pub fn backward(
     channels(&grad, total, &mut dx, c0, plane);
     Ok((dx, grads))
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::*;
+    use crate::kernels::candle_ops::{NamedGradSink, TrainingDenseBlock, dense_block_train};
+    use crate::kernels::{self, Kernels};
+
+    fn var(shape: &[usize], seed: u64, scale: f32, offset: f32) -> Var {
+        let mut r = crate::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v = (0..n)
+            .map(|_| (r.unit() as f32 * 2.0 - 1.0) * scale + offset)
+            .collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// The single-op dense block gives the step-by-step graph's output, batch statistics, input
+    /// gradient and parameter gradients to the bit (odd batch, a non-square plane).
+    #[test]
+    fn whole_dense_block_matches_the_step_by_step_graph() {
+        let (b, c0, h, w, mid, growth, eps) = (3usize, 5usize, 5usize, 7usize, 8, 4, 1e-5f32);
+        let k = Kernels::Fused;
+        let layers: Vec<DenseLayerParts<Var>> = (0..3)
+            .map(|l| {
+                let cin = c0 + l * growth;
+                let s = 10 * l as u64;
+                DenseLayerParts {
+                    norm1: (var(&[cin], s, 0.2, 1.0), var(&[cin], s + 1, 0.1, 0.0)),
+                    conv1: var(&[mid, cin, 1, 1], s + 2, 0.3, 0.0),
+                    norm2: (var(&[mid], s + 3, 0.2, 1.0), var(&[mid], s + 4, 0.1, 0.0)),
+                    conv2: var(&[growth, mid, 3, 3], s + 5, 0.2, 0.0),
+                    conv2_size: 3,
+                }
+            })
+            .collect();
+        let x = var(&[b, c0, h, w], 99, 1.0, 0.3);
+        // Step by step, as `densenet::layers_stepwise` on `BatchStats` builds it.
+        let mut graph = x.as_tensor().clone();
+        let mut graph_stats = Vec::new();
+        for p in &layers {
+            let (y1, m1, v1) =
+                kernels::batch_norm_train(k, &graph, &p.norm1.0, &p.norm1.1, eps, true).unwrap();
+            let z = kernels::conv2d(k, &y1, &p.conv1, None, 1, 0, false).unwrap();
+            let (y2, m2, v2) =
+                kernels::batch_norm_train(k, &z, &p.norm2.0, &p.norm2.1, eps, true).unwrap();
+            let new = kernels::conv2d(k, &y2, &p.conv2, None, 1, 1, false).unwrap();
+            graph_stats.push([m1, v1, m2, v2].map(|t| flat(&t)));
+            graph = Tensor::cat(&[&graph, &new], 1).unwrap();
+        }
+        let total = c0 + 3 * growth;
+        assert_eq!(graph.dims(), &[b, total, h, w]);
+        let cot = var(&[b, total, h, w], 7, 1.0, 0.0).as_tensor().clone();
+        let graph_grads = (&graph * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+        // The single op.
+        let names: Vec<DenseLayerParts<String>> = (0..3)
+            .map(|l| DenseLayerParts {
+                norm1: (format!("{l}.n1w"), format!("{l}.n1b")),
+                conv1: format!("{l}.c1"),
+                norm2: (format!("{l}.n2w"), format!("{l}.n2b")),
+                conv2: format!("{l}.c2"),
+                conv2_size: 3,
+            })
+            .collect();
+        let block = TrainingDenseBlock {
+            layers: layers
+                .iter()
+                .map(|p| DenseLayerParts {
+                    norm1: (p.norm1.0.as_tensor().clone(), p.norm1.1.as_tensor().clone()),
+                    conv1: p.conv1.as_tensor().clone(),
+                    norm2: (p.norm2.0.as_tensor().clone(), p.norm2.1.as_tensor().clone()),
+                    conv2: p.conv2.as_tensor().clone(),
+                    conv2_size: 3,
+                })
+                .collect(),
+            names: names.clone(),
+            eps,
+        };
+        let sink = NamedGradSink::default();
+        let (whole, stats) = dense_block_train(x.as_tensor(), block, &sink).unwrap();
+        let whole_grads = (&whole * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut compared = 0;
+        assert_eq!(flat(&whole), flat(&graph), "output");
+        let dx = |g: &candle_core::backprop::GradStore| flat(g.get(x.as_tensor()).unwrap());
+        assert_eq!(dx(&whole_grads), dx(&graph_grads), "input gradient");
+        compared += 2;
+        assert_eq!(stats.len(), 3, "layers' statistics");
+        for (s, want) in stats.iter().zip(&graph_stats) {
+            let got = [&s.norm1.0, &s.norm1.1, &s.norm2.0, &s.norm2.1];
+            for (g, w) in got.into_iter().zip(want) {
+                assert_eq!(g, w, "batch statistics");
+                compared += 1;
+            }
+        }
+        let left: std::collections::BTreeMap<String, Vec<f32>> = sink.take().into_iter().collect();
+        assert_eq!(left.len(), 18, "parameter gradients");
+        for (p, n) in layers.iter().zip(&names) {
+            let vars = p.clone().into_list();
+            for (v, name) in vars.iter().zip(n.clone().into_list()) {
+                let want = flat(graph_grads.get(v.as_tensor()).unwrap());
+                assert_eq!(left[&name], want, "{name}");
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 2 + 12 + 18, "tensors compared");
+    }
+}
