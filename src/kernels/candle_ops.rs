@@ -10,6 +10,7 @@ use super::block_train::{self, BlockParts, BlockShape, Mlp, Saved};
 use super::conv::{self, ConvShape, PoolShape};
 use super::cpu::{self, AttentionShape, WeightLayout};
 use super::dense_train::{self, DenseLayerParts, LayerStats, SavedLayer};
+use super::residual_train::{self, Bottleneck};
 use crate::model::rope::RopeTables;
 
 /// The f32 values of a contiguous CPU storage.
@@ -1167,6 +1168,107 @@ pub fn dense_block_train(
 ) -> Result<(Tensor, Vec<LayerStats>)> {
     let stats = Arc::new(Mutex::new(Vec::new()));
     let op = DenseBlockOp {
+        block,
+        saved: Mutex::new(None),
+        stats: stats.clone(),
+        sink: sink.clone(),
+    };
+    let y = x.contiguous()?.apply_op1(op)?;
+    let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok((y, stats))
+}
+
+/// A ResNet bottleneck block to train as a single op (see [`residual_train`]).
+pub struct TrainingBottleneck {
+    /// Its parameters: CPU f32 tensors.
+    pub parts: Bottleneck<Tensor>,
+    /// Their names, for the gradients.
+    pub names: Bottleneck<String>,
+    /// BatchNorm epsilon.
+    pub eps: f32,
+}
+
+struct BottleneckOp {
+    block: TrainingBottleneck,
+    saved: Mutex<Option<residual_train::Saved>>,
+    stats: Arc<Mutex<Vec<residual_train::Stats>>>,
+    sink: NamedGradSink,
+}
+
+impl BottleneckOp {
+    /// Runs `f` on the block's parameter values.
+    fn with_parts<R>(&self, f: impl FnOnce(&Bottleneck<&[f32]>) -> Result<R>) -> Result<R> {
+        let p = &self.block.parts;
+        let tensors: Vec<&Tensor> = p
+            .main
+            .iter()
+            .chain(&p.down)
+            .flat_map(|u| [&u.conv, &u.bn.0, &u.bn.1])
+            .collect();
+        with_values(&tensors, "bottleneck parameter", |v| {
+            let unit = |i: usize, u: &residual_train::ConvBn<Tensor>| residual_train::ConvBn {
+                conv: v[3 * i],
+                bn: (v[3 * i + 1], v[3 * i + 2]),
+                size: u.size,
+            };
+            let [a, b, c] = &p.main;
+            let parts = Bottleneck {
+                main: [unit(0, a), unit(1, b), unit(2, c)],
+                down: p.down.as_ref().map(|d| unit(3, d)),
+                stride: p.stride,
+            };
+            f(&parts)
+        })
+    }
+}
+
+impl CustomOp1 for BottleneckOp {
+    fn name(&self) -> &'static str {
+        "evax-bottleneck-train"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "bottleneck input")?;
+        let dims = dense_dims(l.dims())?;
+        let (y, out, saved) = self.with_parts(|p| {
+            residual_train::forward(x, dims, p, self.block.eps).map_err(candle_core::Error::Msg)
+        })?;
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = saved.stats();
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        Ok((CpuStorage::F32(y), Shape::from(out)))
+    }
+
+    fn bwd(&self, x: &Tensor, res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let Some(saved) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            candle_core::bail!("bottleneck: a second backward through one forward");
+        };
+        let dims = dense_dims(x.dims())?;
+        let (dx, grads) = read(x, |xv| {
+            read(res, |out| {
+                read(dy, |g| {
+                    self.with_parts(|p| {
+                        residual_train::backward((xv, out), dims, g, p, &saved, self.block.eps)
+                            .map_err(candle_core::Error::Msg)
+                    })
+                })
+            })
+        })?;
+        let names = self.block.names.clone().into_list();
+        self.sink.extend(names.into_iter().zip(grads.into_list()));
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// A whole bottleneck block on a CPU f32 `x` `[B, C, H, W]` in training mode, differentiable
+/// in `x` (parameter gradients go to `sink`), with its BatchNorms' batch statistics (main
+/// units, then the shortcut's).
+pub fn bottleneck_train(
+    x: &Tensor,
+    block: TrainingBottleneck,
+    sink: &NamedGradSink,
+) -> Result<(Tensor, Vec<residual_train::Stats>)> {
+    let stats = Arc::new(Mutex::new(Vec::new()));
+    let op = BottleneckOp {
         block,
         saved: Mutex::new(None),
         stats: stats.clone(),

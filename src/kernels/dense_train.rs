@@ -317,7 +317,12 @@ mod tests {
         let total = c0 + 3 * growth;
         assert_eq!(graph.dims(), &[b, total, h, w]);
         let cot = var(&[b, total, h, w], 7, 1.0, 0.0).as_tensor().clone();
-        let graph_grads = (&graph * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+        let graph_grads = (&graph * &cot)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         // The single op.
         let names: Vec<DenseLayerParts<String>> = (0..3)
             .map(|l| DenseLayerParts {
@@ -344,7 +349,12 @@ mod tests {
         };
         let sink = NamedGradSink::default();
         let (whole, stats) = dense_block_train(x.as_tensor(), block, &sink).unwrap();
-        let whole_grads = (&whole * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+        let whole_grads = (&whole * &cot)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let mut compared = 0;
         assert_eq!(flat(&whole), flat(&graph), "output");
         let dx = |g: &candle_core::backprop::GradStore| flat(g.get(x.as_tensor()).unwrap());

@@ -15,6 +15,7 @@ pub mod cpu;
 pub mod dense_train;
 pub mod dispatch;
 pub mod reference;
+pub mod residual_train;
 pub mod sgemm;
 
 use std::sync::Arc;

@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor, Var};
 use super::{Classifier, LoadReport, ModelError, Trainable};
 use crate::checkpoint::{Param, StorageDtype};
 use crate::kernels::dense_train::DenseLayerParts;
+use crate::kernels::residual_train::{Bottleneck, ConvBn};
 use crate::kernels::{self, Kernels, candle_ops};
 use crate::preprocess::Normalization;
 
@@ -63,6 +64,18 @@ pub(crate) trait Ops {
     /// BatchNorm `bn`, ReLU, then the 1x1 convolution `conv` (a DenseNet transition's).
     fn bn_relu_conv(&self, x: &Tensor, bn: &str, conv: &str) -> candle_core::Result<Tensor> {
         self.conv(&self.bn_relu(x, bn)?, conv, 1)
+    }
+
+    /// A ResNet bottleneck block `prefix` (`conv1..3`, `bn1..3`, and `downsample.0/1` when
+    /// `down`) as one operation, where these ops have one (`None`: build it step by step).
+    fn bottleneck(
+        &self,
+        _x: &Tensor,
+        _prefix: &str,
+        _stride: usize,
+        _down: bool,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
     }
 
     /// DenseNet layers (the prefixes of their `norm1`, `conv1`, `norm2`, `conv2`) over `x`,
@@ -623,6 +636,77 @@ impl Ops for BatchStats {
 
     fn kernels(&self) -> Kernels {
         self.kernels
+    }
+
+    /// In training mode on the fused kernels, the whole block as one op (its parameter
+    /// gradients come back through [`BatchStats::block_grads`]).
+    fn bottleneck(
+        &self,
+        x: &Tensor,
+        prefix: &str,
+        stride: usize,
+        down: bool,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let mut units: Vec<(String, String)> = (1..=3)
+            .map(|j| (format!("{prefix}.conv{j}"), format!("{prefix}.bn{j}")))
+            .collect();
+        if down {
+            units.push((
+                format!("{prefix}.downsample.0"),
+                format!("{prefix}.downsample.1"),
+            ));
+        }
+        let biased = units
+            .iter()
+            .any(|(c, _)| self.vars.contains_key(&format!("{c}.bias")));
+        if !self.training || biased || !self.kernels.fused_for(x) {
+            return Ok(None);
+        }
+        let unit = |(conv, bn): &(String, String)| -> candle_core::Result<_> {
+            let names = ConvBn {
+                conv: format!("{conv}.weight"),
+                bn: (format!("{bn}.weight"), format!("{bn}.bias")),
+                size: 0,
+            };
+            let w = self.var(&names.conv)?.clone();
+            let parts = ConvBn {
+                size: w.dim(3)?,
+                conv: w,
+                bn: (
+                    self.var(&names.bn.0)?.clone(),
+                    self.var(&names.bn.1)?.clone(),
+                ),
+            };
+            Ok((parts, names))
+        };
+        let [u1, u2, u3] = [unit(&units[0])?, unit(&units[1])?, unit(&units[2])?];
+        let d = units.get(3).map(unit).transpose()?;
+        let (dp, dn) = match d {
+            Some((p, n)) => (Some(p), Some(n)),
+            None => (None, None),
+        };
+        let block = candle_ops::TrainingBottleneck {
+            parts: Bottleneck {
+                main: [u1.0, u2.0, u3.0],
+                down: dp,
+                stride,
+            },
+            names: Bottleneck {
+                main: [u1.1, u2.1, u3.1],
+                down: dn,
+                stride,
+            },
+            eps: BN_EPS as f32,
+        };
+        let (y, stats) = candle_ops::bottleneck_train(x, block, &self.grad_sink)?;
+        let ((b, _, h, w), (_, _, ho, wo)) = (x.dims4()?, y.dims4()?);
+        let dev = x.device();
+        for (i, ((_, bn), (mean, var))) in units.iter().zip(stats).enumerate() {
+            let n = if i == 0 { b * h * w } else { b * ho * wo };
+            let (mean, var) = (Tensor::new(mean, dev)?, Tensor::new(var, dev)?);
+            self.update_running(bn, &mean, &var, n)?;
+        }
+        Ok(Some(y))
     }
 
     /// In training mode on the fused kernels, the whole block as one op (its parameter

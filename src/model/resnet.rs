@@ -87,6 +87,11 @@ impl ResNetLayout {
     }
 
     fn block(&self, ops: &dyn Ops, s: usize, i: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        let stride = if s > 1 && i == 0 { 2 } else { 1 };
+        let down = self.stages[s - 1][i];
+        if let Some(y) = ops.bottleneck(x, &format!("layer{s}.{i}"), stride, down)? {
+            return Ok(y);
+        }
         let (y, shortcut) = self.branches(ops, s, i, x)?;
         crate::kernels::add_relu(ops.kernels(), &y, &shortcut)
     }
