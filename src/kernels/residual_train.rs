@@ -239,3 +239,147 @@ pub fn backward(
     };
     Ok((dx, grads))
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::*;
+    use crate::kernels::candle_ops::{NamedGradSink, TrainingBottleneck, bottleneck_train};
+    use crate::kernels::{self, Kernels};
+
+    fn var(shape: &[usize], seed: u64, scale: f32, offset: f32) -> Var {
+        let mut r = crate::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v = (0..n)
+            .map(|_| (r.unit() as f32 * 2.0 - 1.0) * scale + offset)
+            .collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn unit(cout: usize, cin: usize, k: usize, seed: u64) -> ConvBn<Var> {
+        ConvBn {
+            conv: var(&[cout, cin, k, k], seed, 0.3, 0.0),
+            bn: (
+                var(&[cout], seed + 1, 0.2, 1.0),
+                var(&[cout], seed + 2, 0.1, 0.0),
+            ),
+            size: k,
+        }
+    }
+
+    /// The single-op bottleneck gives the step-by-step graph's output, batch statistics, input
+    /// gradient and parameter gradients to the bit: an identity shortcut, and a strided
+    /// convolution shortcut on an odd plane.
+    #[test]
+    fn whole_bottleneck_matches_the_step_by_step_graph() {
+        let (eps, k) = (1e-5f32, Kernels::Fused);
+        let mut compared = 0;
+        for (case, (cin, stride, down, (h, w))) in [(16, 1, false, (6, 5)), (8, 2, true, (7, 9))]
+            .into_iter()
+            .enumerate()
+        {
+            let (b, mid, cout) = (3usize, 4usize, 16usize);
+            let s = 100 * case as u64;
+            let p = Bottleneck {
+                main: [
+                    unit(mid, cin, 1, s),
+                    unit(mid, mid, 3, s + 10),
+                    unit(cout, mid, 1, s + 20),
+                ],
+                down: down.then(|| unit(cout, cin, 1, s + 30)),
+                stride,
+            };
+            let x = var(&[b, cin, h, w], s + 40, 1.0, 0.2);
+            // Step by step, as `ResNetLayout::branches` + `add_relu` on `BatchStats`.
+            let mut graph_stats = Vec::new();
+            let mut conv_bn = |x: &Tensor, u: &ConvBn<Var>, stride: usize, relu: bool| {
+                let z = kernels::conv2d(k, x, &u.conv, None, stride, u.size / 2, false).unwrap();
+                let (y, m, v) =
+                    kernels::batch_norm_train(k, &z, &u.bn.0, &u.bn.1, eps, relu).unwrap();
+                graph_stats.push((flat(&m), flat(&v)));
+                y
+            };
+            let h1 = conv_bn(x.as_tensor(), &p.main[0], 1, true);
+            let h2 = conv_bn(&h1, &p.main[1], stride, true);
+            let y = conv_bn(&h2, &p.main[2], 1, false);
+            let shortcut = match &p.down {
+                Some(u) => conv_bn(x.as_tensor(), u, stride, false),
+                None => x.as_tensor().clone(),
+            };
+            let graph = kernels::add_relu(k, &y, &shortcut).unwrap();
+            let cot = var(graph.dims(), s + 50, 1.0, 0.0).as_tensor().clone();
+            let graph_grads = (&graph * &cot)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            // The single op.
+            let tensors = |u: &ConvBn<Var>| ConvBn {
+                conv: u.conv.as_tensor().clone(),
+                bn: (u.bn.0.as_tensor().clone(), u.bn.1.as_tensor().clone()),
+                size: u.size,
+            };
+            let named = |i: usize| ConvBn {
+                conv: format!("{i}.conv"),
+                bn: (format!("{i}.bn.w"), format!("{i}.bn.b")),
+                size: 0,
+            };
+            let block = TrainingBottleneck {
+                parts: Bottleneck {
+                    main: [
+                        tensors(&p.main[0]),
+                        tensors(&p.main[1]),
+                        tensors(&p.main[2]),
+                    ],
+                    down: p.down.as_ref().map(tensors),
+                    stride,
+                },
+                names: Bottleneck {
+                    main: [named(0), named(1), named(2)],
+                    down: down.then(|| named(3)),
+                    stride,
+                },
+                eps,
+            };
+            let sink = NamedGradSink::default();
+            let (whole, stats) = bottleneck_train(x.as_tensor(), block, &sink).unwrap();
+            let whole_grads = (&whole * &cot)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert_eq!(whole.dims(), graph.dims(), "case {case}: output shape");
+            assert_eq!(flat(&whole), flat(&graph), "case {case}: output");
+            let dx = |g: &candle_core::backprop::GradStore| flat(g.get(x.as_tensor()).unwrap());
+            assert_eq!(
+                dx(&whole_grads),
+                dx(&graph_grads),
+                "case {case}: input gradient"
+            );
+            compared += 2;
+            assert_eq!(stats.len(), graph_stats.len(), "case {case}: statistics");
+            for (got, want) in stats.iter().zip(&graph_stats) {
+                assert_eq!(got, want, "case {case}: batch statistics");
+                compared += 1;
+            }
+            let left: std::collections::BTreeMap<String, Vec<f32>> =
+                sink.take().into_iter().collect();
+            let vars = p.into_list();
+            assert_eq!(left.len(), vars.len(), "case {case}: parameter gradients");
+            for (i, v) in vars.iter().enumerate() {
+                let name = format!("{}.{}", i / 3, ["conv", "bn.w", "bn.b"][i % 3]);
+                let want = flat(graph_grads.get(v.as_tensor()).unwrap());
+                assert_eq!(left[&name], want, "case {case}: {name}");
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, (2 + 3 + 9) + (2 + 4 + 12), "tensors compared");
+    }
+}
