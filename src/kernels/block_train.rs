@@ -308,21 +308,9 @@ mod tests {
 
     use super::*;
     use crate::kernels::candle_ops::{BlockGradSink, TrainingBlock, transformer_block_train};
+    use crate::kernels::testing::{flat, var};
     use crate::kernels::{self, Kernels};
     use crate::model::rope::RopeTables;
-
-    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut r = crate::rng::Rng::new(seed);
-        (0..n)
-            .map(|_| (r.unit() as f32 * 2.0 - 1.0) * scale)
-            .collect()
-    }
-
-    fn var(shape: &[usize], seed: u64, scale: f32, offset: f32) -> Var {
-        let n = shape.iter().product();
-        let v = values(n, seed, scale).iter().map(|v| v + offset).collect();
-        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
-    }
 
     /// The same block step by step from the fused kernels that have a backward (the path
     /// the fixtures check against PyTorch).
@@ -406,8 +394,7 @@ mod tests {
                 (t(a).unwrap(), t(m).unwrap())
             });
             let x = var(&[b, t, c], seed + 20, 1.0, 0.0);
-            let cot = Tensor::from_vec(values(b * t * c, seed + 21, 1.0), (b, t, c), &Device::Cpu)
-                .unwrap();
+            let cot = var(&[b, t, c], seed + 21, 1.0, 0.0).as_tensor().clone();
             let graph =
                 step_by_step(x.as_tensor(), &w, mlp, heads, &rope, drop_t.as_ref()).unwrap();
             let graph_grads = (&graph * &cot)
@@ -434,10 +421,7 @@ mod tests {
                 .backward()
                 .unwrap();
             let same = |a: &Tensor, b: &Tensor, what: &str| {
-                let (a, b) = (
-                    a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                    b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                );
+                let (a, b) = (flat(a), flat(b));
                 assert_eq!(a.len(), b.len(), "case {case}: {what} length");
                 assert!(a == b, "case {case}: {what} differs");
             };

@@ -1075,12 +1075,59 @@ pub struct TrainingDenseBlock {
     pub eps: f32,
 }
 
-struct DenseBlockOp {
-    block: TrainingDenseBlock,
-    saved: Mutex<Option<Vec<SavedLayer>>>,
-    stats: Arc<Mutex<Vec<LayerStats>>>,
+/// A CNN block trained as one op: its description, what its forward keeps for the backward,
+/// the batch statistics the forward measured, and where its parameter gradients go.
+struct CnnBlockOp<B, S, T> {
+    block: B,
+    saved: Mutex<Option<S>>,
+    stats: Arc<Mutex<Vec<T>>>,
     sink: NamedGradSink,
 }
+
+impl<B, S, T> CnnBlockOp<B, S, T> {
+    /// Keeps what the forward measured and saved.
+    fn keep(&self, stats: Vec<T>, saved: S) {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+    }
+
+    /// What the forward saved (an error on a second backward).
+    fn take_saved(&self) -> Result<S> {
+        match self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(s) => Ok(s),
+            None => candle_core::bail!("{}: a second backward through one forward", self.name()),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        std::any::type_name::<B>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("block")
+    }
+}
+
+/// Runs `block` as one op on `x`: its output and the batch statistics its forward measured.
+fn cnn_block_train<B, S, T>(x: &Tensor, block: B, sink: &NamedGradSink) -> Result<(Tensor, Vec<T>)>
+where
+    B: Send + Sync + 'static,
+    S: Send + 'static,
+    T: Send + 'static,
+    CnnBlockOp<B, S, T>: CustomOp1,
+{
+    let stats = Arc::new(Mutex::new(Vec::new()));
+    let op = CnnBlockOp {
+        block,
+        saved: Mutex::new(None),
+        stats: stats.clone(),
+        sink: sink.clone(),
+    };
+    let y = x.contiguous()?.apply_op1(op)?;
+    let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok((y, stats))
+}
+
+type DenseBlockOp = CnnBlockOp<TrainingDenseBlock, Vec<SavedLayer>, LayerStats>;
 
 impl DenseBlockOp {
     /// Runs `f` on the layers' parameter values.
@@ -1130,17 +1177,14 @@ impl CustomOp1 for DenseBlockOp {
         let (y, saved) = self.with_layers(|layers| {
             dense_train::forward(x, dims, layers, self.block.eps).map_err(candle_core::Error::Msg)
         })?;
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = dense_train::stats(&saved);
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        self.keep(dense_train::stats(&saved), saved);
         let (b, _, h, w) = dims;
         let total = y.len() / (b * h * w);
         Ok((CpuStorage::F32(y), Shape::from((b, total, h, w))))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let Some(saved) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-            candle_core::bail!("dense block: a second backward through one forward");
-        };
+        let saved = self.take_saved()?;
         let dims = dense_dims(x.dims())?;
         let (dx, grads) = read(dy, |g| {
             self.with_layers(|layers| {
@@ -1166,16 +1210,7 @@ pub fn dense_block_train(
     block: TrainingDenseBlock,
     sink: &NamedGradSink,
 ) -> Result<(Tensor, Vec<LayerStats>)> {
-    let stats = Arc::new(Mutex::new(Vec::new()));
-    let op = DenseBlockOp {
-        block,
-        saved: Mutex::new(None),
-        stats: stats.clone(),
-        sink: sink.clone(),
-    };
-    let y = x.contiguous()?.apply_op1(op)?;
-    let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(|e| e.into_inner()));
-    Ok((y, stats))
+    cnn_block_train::<_, Vec<SavedLayer>, _>(x, block, sink)
 }
 
 /// A ResNet bottleneck block to train as a single op (see [`residual_train`]).
@@ -1188,12 +1223,7 @@ pub struct TrainingBottleneck {
     pub eps: f32,
 }
 
-struct BottleneckOp {
-    block: TrainingBottleneck,
-    saved: Mutex<Option<residual_train::Saved>>,
-    stats: Arc<Mutex<Vec<residual_train::Stats>>>,
-    sink: NamedGradSink,
-}
+type BottleneckOp = CnnBlockOp<TrainingBottleneck, residual_train::Saved, residual_train::Stats>;
 
 impl BottleneckOp {
     /// Runs `f` on the block's parameter values.
@@ -1233,15 +1263,12 @@ impl CustomOp1 for BottleneckOp {
         let (y, out, saved) = self.with_parts(|p| {
             residual_train::forward(x, dims, p, self.block.eps).map_err(candle_core::Error::Msg)
         })?;
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = saved.stats();
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        self.keep(saved.stats(), saved);
         Ok((CpuStorage::F32(y), Shape::from(out)))
     }
 
     fn bwd(&self, x: &Tensor, res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let Some(saved) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-            candle_core::bail!("bottleneck: a second backward through one forward");
-        };
+        let saved = self.take_saved()?;
         let dims = dense_dims(x.dims())?;
         let (dx, grads) = read(x, |xv| {
             read(res, |out| {
@@ -1267,14 +1294,5 @@ pub fn bottleneck_train(
     block: TrainingBottleneck,
     sink: &NamedGradSink,
 ) -> Result<(Tensor, Vec<residual_train::Stats>)> {
-    let stats = Arc::new(Mutex::new(Vec::new()));
-    let op = BottleneckOp {
-        block,
-        saved: Mutex::new(None),
-        stats: stats.clone(),
-        sink: sink.clone(),
-    };
-    let y = x.contiguous()?.apply_op1(op)?;
-    let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(|e| e.into_inner()));
-    Ok((y, stats))
+    cnn_block_train::<_, residual_train::Saved, _>(x, block, sink)
 }

@@ -18,6 +18,27 @@ pub mod reference;
 pub mod residual_train;
 pub mod sgemm;
 
+/// Random test inputs shared by the kernels' tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{Device, Tensor, Var};
+
+    /// A variable of `shape` with values uniform in `offset ± scale`, drawn from `seed`.
+    pub(crate) fn var(shape: &[usize], seed: u64, scale: f32, offset: f32) -> Var {
+        let mut r = crate::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v = (0..n)
+            .map(|_| (r.unit() as f32 * 2.0 - 1.0) * scale + offset)
+            .collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    /// A tensor's values, flattened.
+    pub(crate) fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+}
+
 use std::sync::Arc;
 
 use candle_core::{DType, Result, Tensor};

@@ -242,24 +242,12 @@ pub fn backward(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor, Var};
+    use candle_core::{Tensor, Var};
 
     use super::*;
     use crate::kernels::candle_ops::{NamedGradSink, TrainingBottleneck, bottleneck_train};
+    use crate::kernels::testing::{flat, var};
     use crate::kernels::{self, Kernels};
-
-    fn var(shape: &[usize], seed: u64, scale: f32, offset: f32) -> Var {
-        let mut r = crate::rng::Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v = (0..n)
-            .map(|_| (r.unit() as f32 * 2.0 - 1.0) * scale + offset)
-            .collect();
-        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
-    }
-
-    fn flat(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1().unwrap()
-    }
 
     fn unit(cout: usize, cin: usize, k: usize, seed: u64) -> ConvBn<Var> {
         ConvBn {
