@@ -1,6 +1,8 @@
 //! The seed's comparison backbones against the original (baseline_reference.safetensors): the
 //! ViT-S/16 family through the common model interface, both kernel paths.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -132,7 +134,7 @@ fn vit_s_through_the_command_line() {
     };
     let r = reference(&sh);
     let bin = env!("CARGO_BIN_EXE_evax");
-    let dir = std::env::temp_dir().join(format!("evax-test-{}-vit", std::process::id()));
+    let dir = common::scratch("vit");
     std::fs::create_dir_all(&dir).unwrap();
     let weights = sh.join("fixtures/vit_s_d2_cxr14_ft.pth");
     let nih = sh.join("data/nih");
@@ -429,7 +431,7 @@ fn vit_s_finetunes_from_mae_weights_through_the_same_engine() {
         return;
     };
     let bin = env!("CARGO_BIN_EXE_evax");
-    let dir = std::env::temp_dir().join(format!("evax-test-{}-vit-ft", std::process::id()));
+    let dir = common::scratch("vit-ft");
     let _ = std::fs::remove_dir_all(&dir);
     let data = dir.join("data");
     std::fs::create_dir_all(data.join("images")).unwrap();
@@ -530,7 +532,7 @@ fn resnet50_through_the_command_line() {
     };
     let r = reference(&sh);
     let bin = env!("CARGO_BIN_EXE_evax");
-    let dir = std::env::temp_dir().join(format!("evax-test-{}-r50", std::process::id()));
+    let dir = common::scratch("r50");
     std::fs::create_dir_all(&dir).unwrap();
     let weights = sh.join("fixtures/resnet50_l1111_cxr14_ft.pth");
     let nih = sh.join("data/nih");
@@ -645,7 +647,7 @@ fn resnet_checkpoint_layouts_on_synthetic_files() {
     let r = reference(&sh);
     let x = r["input224_others"].to_tensor(&Device::Cpu).unwrap();
     let want = bare.embed(&x).unwrap().pooled;
-    let dir = std::env::temp_dir().join(format!("evax-test-{}-layouts", std::process::id()));
+    let dir = common::scratch("layouts");
     std::fs::create_dir_all(&dir).unwrap();
     // (layout, how a torchvision key is written, keys of other modules, whether fc survives)
     type Rekey = fn(&str) -> Option<String>;
@@ -794,7 +796,7 @@ fn densenet_checkpoint_layouts_on_synthetic_files() {
         .embed(&x)
         .unwrap()
         .pooled;
-    let dir = std::env::temp_dir().join(format!("evax-test-{}-dn-layouts", std::process::id()));
+    let dir = common::scratch("dn-layouts");
     std::fs::create_dir_all(&dir).unwrap();
     for (prefix, layout) in [
         ("module.encoder_q.", "MoCo v2"),
@@ -832,7 +834,7 @@ fn densenet121_cam_eval_through_the_command_line() {
     let Some(sh) = shared_or_skip("densenet121_cam_eval_through_the_command_line") else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("evax-test-{}-dn121-cam", std::process::id()));
+    let dir = common::scratch("dn121-cam");
     let nih = sh.join("data/nih");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_evax"))
         .args(["cam-eval", "--weights"])

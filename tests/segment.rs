@@ -1,6 +1,8 @@
 //! Segmentation against the original (seg_reference.safetensors, upernet_eva_x_s_d2_seg.pth):
 //! the EVA-X backbone at 512, the ViTDet pyramid, UperNet's logits and the predicted mask.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -302,7 +304,7 @@ fn seg_predict_writes_the_original_logits_and_mask() {
     let r = reference(&sh);
     let rgb = fixture_input_rgb(&r);
     let plane = 512 * 512;
-    let dir = std::env::temp_dir().join(format!("evax-test-{}-segpredict", std::process::id()));
+    let dir = common::scratch("segpredict");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let png = dir.join("input.png");
@@ -396,7 +398,7 @@ fn seg_predict_reports_bad_inputs_and_finishes_the_rest() {
     let Some(sh) = shared_or_skip("seg_predict_reports_bad_inputs_and_finishes_the_rest") else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("evax-test-{}-seghostile", std::process::id()));
+    let dir = common::scratch("seghostile");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let jpg = std::fs::read(sh.join("data/seg/16747_3_1.jpg")).unwrap();
@@ -479,7 +481,7 @@ fn seg_eval_scores_as_mmseg_over_the_set() {
         return;
     };
     let r = reference(&sh);
-    let dir = std::env::temp_dir().join(format!("evax-test-{}-segeval", std::process::id()));
+    let dir = common::scratch("segeval");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("images")).unwrap();
     std::fs::create_dir_all(dir.join("masks")).unwrap();

@@ -212,7 +212,8 @@ fn answers_match_the_reference_for_png_and_the_other_inputs_work() {
             .post("/v1/models/ti/embed?format=npy", image(&shared, names[0]))
             .await;
         assert_eq!(a.headers()["content-type"], "application/x-npy");
-        let npy_path = common::scratch("serve-npy").join("pooled.npy");
+        let npy_dir = common::scratch("serve-npy");
+        let npy_path = npy_dir.join("pooled.npy");
         std::fs::write(&npy_path, a.bytes().await.unwrap()).unwrap();
         let (shape, data) = common::read_npy(&npy_path);
         assert_eq!(shape, vec![1, 192]);
