@@ -308,7 +308,7 @@ mod tests {
 
     use super::*;
     use crate::kernels::candle_ops::{BlockGradSink, TrainingBlock, transformer_block_train};
-    use crate::kernels::testing::{flat, var};
+    use crate::kernels::testing::{backward_with, flat, var};
     use crate::kernels::{self, Kernels};
     use crate::model::rope::RopeTables;
 
@@ -397,12 +397,7 @@ mod tests {
             let cot = var(&[b, t, c], seed + 21, 1.0, 0.0).as_tensor().clone();
             let graph =
                 step_by_step(x.as_tensor(), &w, mlp, heads, &rope, drop_t.as_ref()).unwrap();
-            let graph_grads = (&graph * &cot)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let graph_grads = backward_with(&graph, &cot);
             let sink = BlockGradSink::default();
             let block = TrainingBlock {
                 index: 7,
@@ -414,12 +409,7 @@ mod tests {
                 drop: scales,
             };
             let whole = transformer_block_train(x.as_tensor(), block, &sink).unwrap();
-            let whole_grads = (&whole * &cot)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let whole_grads = backward_with(&whole, &cot);
             let same = |a: &Tensor, b: &Tensor, what: &str| {
                 let (a, b) = (flat(a), flat(b));
                 assert_eq!(a.len(), b.len(), "case {case}: {what} length");

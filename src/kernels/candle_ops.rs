@@ -909,28 +909,49 @@ pub fn gelu(x: &Tensor, grad: bool) -> Result<Tensor> {
     }
 }
 
-/// Parameter gradients that fused training blocks leave for their model, with the block's
-/// index: the parameters are the op's constants, not graph inputs, so candle's backward does
-/// not see them and the model collects them from here after it.
-#[derive(Debug, Clone, Default)]
-pub struct BlockGradSink(Arc<Mutex<Vec<BlockGrads>>>);
+/// Parameter gradients that training blocks run as single ops leave for their model: the
+/// parameters are the ops' constants, not graph inputs, so candle's backward does not see them
+/// and the model collects them from here after it.
+#[derive(Debug)]
+pub struct GradSink<T>(Arc<Mutex<Vec<T>>>);
 
-/// A block's index and its parameter gradients.
-pub type BlockGrads = (usize, BlockParts<Vec<f32>>);
+impl<T> Default for GradSink<T> {
+    fn default() -> Self {
+        GradSink(Arc::new(Mutex::new(Vec::new())))
+    }
+}
 
-impl BlockGradSink {
+impl<T> Clone for GradSink<T> {
+    fn clone(&self) -> Self {
+        GradSink(self.0.clone())
+    }
+}
+
+impl<T> GradSink<T> {
     /// Everything left since the last call, emptying the sink.
-    pub fn take(&self) -> Vec<BlockGrads> {
+    pub fn take(&self) -> Vec<T> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn push(&self, index: usize, grads: BlockParts<Vec<f32>>) {
+    fn extend(&self, grads: impl IntoIterator<Item = T>) {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((index, grads));
+            .extend(grads);
     }
 }
+
+/// A transformer block's index and its parameter gradients.
+pub type BlockGrads = (usize, BlockParts<Vec<f32>>);
+
+/// Where transformer blocks leave their gradients, by block index.
+pub type BlockGradSink = GradSink<BlockGrads>;
+
+/// A parameter's name and gradient.
+pub type NamedGrad = (String, Vec<f32>);
+
+/// Where CNN blocks leave their gradients, by parameter name.
+pub type NamedGradSink = GradSink<NamedGrad>;
 
 /// One pre-norm transformer block to train as a single op (see [`block_train`]).
 pub struct TrainingBlock {
@@ -1023,7 +1044,7 @@ impl CustomOp1 for TransformerBlockOp {
                 })
             })
         })?;
-        self.sink.push(self.block.index, grads);
+        self.sink.extend([(self.block.index, grads)]);
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -1041,28 +1062,6 @@ pub fn transformer_block_train(
         sink: sink.clone(),
     };
     x.contiguous()?.apply_op1(op)
-}
-
-/// Parameter gradients by name that fused training ops leave for their model (their
-/// parameters are the ops' constants, not graph inputs).
-#[derive(Debug, Clone, Default)]
-pub struct NamedGradSink(Arc<Mutex<Vec<NamedGrad>>>);
-
-/// A parameter's name and gradient.
-pub type NamedGrad = (String, Vec<f32>);
-
-impl NamedGradSink {
-    /// Everything left since the last call, emptying the sink.
-    pub fn take(&self) -> Vec<NamedGrad> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    fn extend(&self, grads: impl IntoIterator<Item = NamedGrad>) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(grads);
-    }
 }
 
 /// A DenseNet dense block to train as a single op (see [`dense_train`]).
@@ -1159,10 +1158,10 @@ impl DenseBlockOp {
     }
 }
 
-fn dense_dims(d: &[usize]) -> Result<dense_train::Dims> {
+fn nchw_dims(d: &[usize]) -> Result<dense_train::Dims> {
     match *d {
         [b, c, h, w] => Ok((b, c, h, w)),
-        _ => candle_core::bail!("dense block: expected [B, C, H, W], got {d:?}"),
+        _ => candle_core::bail!("training block: expected [B, C, H, W], got {d:?}"),
     }
 }
 
@@ -1173,7 +1172,7 @@ impl CustomOp1 for DenseBlockOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, "dense block input")?;
-        let dims = dense_dims(l.dims())?;
+        let dims = nchw_dims(l.dims())?;
         let (y, saved) = self.with_layers(|layers| {
             dense_train::forward(x, dims, layers, self.block.eps).map_err(candle_core::Error::Msg)
         })?;
@@ -1185,7 +1184,7 @@ impl CustomOp1 for DenseBlockOp {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let saved = self.take_saved()?;
-        let dims = dense_dims(x.dims())?;
+        let dims = nchw_dims(x.dims())?;
         let (dx, grads) = read(dy, |g| {
             self.with_layers(|layers| {
                 dense_train::backward(g, dims, layers, &saved, self.block.eps)
@@ -1259,7 +1258,7 @@ impl CustomOp1 for BottleneckOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, "bottleneck input")?;
-        let dims = dense_dims(l.dims())?;
+        let dims = nchw_dims(l.dims())?;
         let (y, out, saved) = self.with_parts(|p| {
             residual_train::forward(x, dims, p, self.block.eps).map_err(candle_core::Error::Msg)
         })?;
@@ -1269,7 +1268,7 @@ impl CustomOp1 for BottleneckOp {
 
     fn bwd(&self, x: &Tensor, res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let saved = self.take_saved()?;
-        let dims = dense_dims(x.dims())?;
+        let dims = nchw_dims(x.dims())?;
         let (dx, grads) = read(x, |xv| {
             read(res, |out| {
                 read(dy, |g| {

@@ -266,7 +266,7 @@ mod tests {
 
     use super::*;
     use crate::kernels::candle_ops::{NamedGradSink, TrainingDenseBlock, dense_block_train};
-    use crate::kernels::testing::{flat, var};
+    use crate::kernels::testing::{backward_with, flat, var};
     use crate::kernels::{self, Kernels};
 
     /// The single-op dense block gives the step-by-step graph's output, batch statistics, input
@@ -305,12 +305,7 @@ mod tests {
         let total = c0 + 3 * growth;
         assert_eq!(graph.dims(), &[b, total, h, w]);
         let cot = var(&[b, total, h, w], 7, 1.0, 0.0).as_tensor().clone();
-        let graph_grads = (&graph * &cot)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let graph_grads = backward_with(&graph, &cot);
         // The single op.
         let names: Vec<DenseLayerParts<String>> = (0..3)
             .map(|l| DenseLayerParts {
@@ -337,12 +332,7 @@ mod tests {
         };
         let sink = NamedGradSink::default();
         let (whole, stats) = dense_block_train(x.as_tensor(), block, &sink).unwrap();
-        let whole_grads = (&whole * &cot)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let whole_grads = backward_with(&whole, &cot);
         let mut compared = 0;
         assert_eq!(flat(&whole), flat(&graph), "output");
         let dx = |g: &candle_core::backprop::GradStore| flat(g.get(x.as_tensor()).unwrap());

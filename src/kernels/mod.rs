@@ -33,6 +33,11 @@ pub(crate) mod testing {
         Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
     }
 
+    /// The gradients of `sum(y * cot)`: a backward pass with `cot` as the output gradient.
+    pub(crate) fn backward_with(y: &Tensor, cot: &Tensor) -> candle_core::backprop::GradStore {
+        (y * cot).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
     /// A tensor's values, flattened.
     pub(crate) fn flat(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1().unwrap()

@@ -246,7 +246,7 @@ mod tests {
 
     use super::*;
     use crate::kernels::candle_ops::{NamedGradSink, TrainingBottleneck, bottleneck_train};
-    use crate::kernels::testing::{flat, var};
+    use crate::kernels::testing::{backward_with, flat, var};
     use crate::kernels::{self, Kernels};
 
     fn unit(cout: usize, cin: usize, k: usize, seed: u64) -> ConvBn<Var> {
@@ -301,12 +301,7 @@ mod tests {
             };
             let graph = kernels::add_relu(k, &y, &shortcut).unwrap();
             let cot = var(graph.dims(), s + 50, 1.0, 0.0).as_tensor().clone();
-            let graph_grads = (&graph * &cot)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let graph_grads = backward_with(&graph, &cot);
             // The single op.
             let tensors = |u: &ConvBn<Var>| ConvBn {
                 conv: u.conv.as_tensor().clone(),
@@ -337,12 +332,7 @@ mod tests {
             };
             let sink = NamedGradSink::default();
             let (whole, stats) = bottleneck_train(x.as_tensor(), block, &sink).unwrap();
-            let whole_grads = (&whole * &cot)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let whole_grads = backward_with(&whole, &cot);
             assert_eq!(whole.dims(), graph.dims(), "case {case}: output shape");
             assert_eq!(flat(&whole), flat(&graph), "case {case}: output");
             let dx = |g: &candle_core::backprop::GradStore| flat(g.get(x.as_tensor()).unwrap());
