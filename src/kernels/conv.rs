@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::sgemm::{BOperand, RowAffineRelu};
+use super::unfilled;
 
 /// A matrix operand: values and the strides of its rows and columns.
 #[derive(Clone, Copy)]
@@ -421,7 +422,9 @@ pub fn conv_forward(
     s.check(x.len(), weight.len(), bias.map(|b| b.len()))?;
     check_pre(pre, s)?;
     let plane = s.out_plane();
-    let mut y = vec![0f32; s.b * s.cout * plane];
+    // SAFETY: every image's planes are written below (bias or a product that does not read
+    // its destination, then at most a ReLU over what was written).
+    let mut y = unsafe { unfilled(s.b * s.cout * plane) };
     let (across, par) = split(s.b);
     let image_in = s.cin * s.h * s.w;
     let per_thread = s.b.div_ceil(rayon::current_num_threads());
@@ -663,7 +666,9 @@ pub fn dense_layers_forward(
         cin += growth;
     }
     let width = cin;
-    let mut y = vec![0f32; b * width * plane];
+    // SAFETY: each image's first `c0` channels are copied in, and each layer writes its new
+    // channels before the next reads them.
+    let mut y = unsafe { unfilled(b * width * plane) };
     let (across, par) = split(b);
     let image = |xi: &[f32], yi: &mut [f32]| {
         yi[..c0 * plane].copy_from_slice(xi);
@@ -800,7 +805,14 @@ pub fn conv_backward(
         db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
     }
     let dx = want_dx.then(|| {
-        let mut dx = vec![0f32; s.b * in_len];
+        // A 1x1 convolution's product writes the whole input gradient; otherwise col2im adds
+        // into zeros.
+        let mut dx = if s.pointwise() {
+            // SAFETY: as said.
+            unsafe { unfilled(s.b * in_len) }
+        } else {
+            vec![0f32; s.b * in_len]
+        };
         // dcol[r, p] = sum_co W[co, r] dy[co, p]
         let wt = Mat {
             data: weight,
@@ -954,7 +966,8 @@ pub fn batch_norm_backward(
             ((sgx * inv as f64) as f32, sg as f32)
         })
         .unzip();
-    let mut dx = vec![0f32; x.len()];
+    // SAFETY: every plane is written below.
+    let mut dx = unsafe { unfilled(x.len()) };
     dx.par_chunks_mut(plane).enumerate().for_each(|(i, d)| {
         let ch = i % c;
         let inv = 1.0 / (var[ch] + eps).sqrt();
@@ -979,7 +992,8 @@ pub fn channel_affine(
     relu: bool,
 ) -> Vec<f32> {
     let c = scale.len();
-    let mut y = vec![0f32; x.len()];
+    // SAFETY: every plane is written below.
+    let mut y = unsafe { unfilled(x.len()) };
     y.par_chunks_mut(plane)
         .zip(x.par_chunks(plane))
         .enumerate()
@@ -1066,7 +1080,8 @@ pub fn max_pool_forward(x: &[f32], s: &PoolShape) -> Result<Vec<f32>, String> {
     if x.len() != s.planes * s.h * s.w {
         return Err(format!("max pool: input does not fit ({s:?})"));
     }
-    let mut y = vec![0f32; s.planes * ho * wo];
+    // SAFETY: every output of every plane is written below.
+    let mut y = unsafe { unfilled(s.planes * ho * wo) };
     y.par_chunks_mut(ho * wo)
         .zip(x.par_chunks(s.h * s.w))
         .for_each(|(yo, xi)| s.argmax(xi, |o, j| yo[o] = xi[j]));

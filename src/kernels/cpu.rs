@@ -10,6 +10,8 @@
 
 use rayon::prelude::*;
 
+use super::unfilled;
+
 /// Fast `exp` for f32 (Cephes-style range reduction and degree-6 polynomial, ~1 ulp over the
 /// range softmax and SiLU use); branch-free so loops over it vectorise.
 #[inline(always)]
@@ -54,7 +56,8 @@ pub fn erf_f32(x: f32) -> f32 {
 
 /// `gelu(x)` (the erf form) over a slice, in parallel.
 pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
+    // SAFETY: `simd::gelu` writes every value of each chunk.
+    let mut y = unsafe { unfilled(x.len()) };
     y.par_chunks_mut(1 << 14)
         .zip(x.par_chunks(1 << 14))
         .for_each(|(o, x)| simd::gelu(x, o));
@@ -69,7 +72,8 @@ fn zip_map(
     f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
 ) -> Vec<f32> {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
-    let mut y = vec![0f32; a.len()];
+    // SAFETY: `f` writes every value of each chunk (all its callers do).
+    let mut y = unsafe { unfilled(a.len()) };
     y.par_chunks_mut(1 << 14)
         .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
         .for_each(|(o, (a, b))| f(a, b, o));

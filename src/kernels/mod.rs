@@ -18,6 +18,22 @@ pub mod reference;
 pub mod residual_train;
 pub mod sgemm;
 
+/// A buffer of `n` values for an output that the caller overwrites entirely before anything
+/// reads it: zeroing it first would be one more pass over memory, which for a training step's
+/// large activations is a few per cent of the step.
+///
+/// # Safety
+/// Every value must be written before it is read (by the caller or whoever it hands the
+/// vector to).
+#[allow(clippy::uninit_vec)]
+pub(crate) unsafe fn unfilled(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: the capacity is `n`; f32 needs no drop, and the caller writes every value
+    // before any is read.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Random test inputs shared by the kernels' tests.
 #[cfg(test)]
 pub(crate) mod testing {
