@@ -612,10 +612,9 @@ impl CustomOp3 for BatchNormOp {
             candle_core::bail!("batch norm: {} channels, statistics do not fit", g.len());
         }
         let y = conv::batch_norm_forward(
-            x,
+            conv::Planes::whole(x, g.len(), plane),
             (&self.mean, &self.var),
             (g, b),
-            plane,
             self.eps,
             self.relu,
         );
@@ -635,22 +634,14 @@ impl CustomOp3 for BatchNormOp {
             read(g, |gv| {
                 read(dy, |d| {
                     let stats = (&self.mean[..], &self.var[..]);
+                    let run = |yv: Option<&[f32]>| {
+                        conv::batch_norm_backward(xv, d, gv, stats, plane, self.eps, yv)
+                            .map_err(candle_core::Error::Msg)
+                    };
                     if self.relu {
-                        read(y, |yv| {
-                            Ok(conv::batch_norm_backward(
-                                xv,
-                                d,
-                                gv,
-                                stats,
-                                plane,
-                                self.eps,
-                                Some(yv),
-                            ))
-                        })
+                        read(y, |yv| run(Some(yv)))
                     } else {
-                        Ok(conv::batch_norm_backward(
-                            xv, d, gv, stats, plane, self.eps, None,
-                        ))
+                        run(None)
                     }
                 })
             })
@@ -703,7 +694,9 @@ pub fn batch_norm_train(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (_, c, plane) = bn_dims(x.dims())?;
     let x = x.contiguous()?;
-    let (mean, var) = read(&x, |v| Ok(conv::channel_stats(v, c, plane)))?;
+    let (mean, var) = read(&x, |v| {
+        Ok(conv::channel_stats(conv::Planes::whole(v, c, plane)))
+    })?;
     let (m, v) = (
         Tensor::new(mean.as_slice(), x.device())?,
         Tensor::new(var.as_slice(), x.device())?,
@@ -799,7 +792,7 @@ impl CustomOp3 for ChannelAffine {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, a, b, plane) = per_channel_args((s1, l1), (s2, l2), (s3, l3), "channel affine")?;
-        let y = conv::channel_affine(x, a, b, plane, self.relu);
+        let y = conv::channel_affine(conv::Planes::whole(x, a.len(), plane), a, b, self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -1182,13 +1175,15 @@ impl CustomOp1 for DenseBlockOp {
         Ok((CpuStorage::F32(y), Shape::from((b, total, h, w))))
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, x: &Tensor, res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let saved = self.take_saved()?;
         let dims = nchw_dims(x.dims())?;
-        let (dx, grads) = read(dy, |g| {
-            self.with_layers(|layers| {
-                dense_train::backward(g, dims, layers, &saved, self.block.eps)
-                    .map_err(candle_core::Error::Msg)
+        let (dx, grads) = read(res, |out| {
+            read(dy, |g| {
+                self.with_layers(|layers| {
+                    dense_train::backward(out, g, dims, layers, &saved, self.block.eps)
+                        .map_err(candle_core::Error::Msg)
+                })
             })
         })?;
         self.sink.extend(

@@ -848,6 +848,48 @@ pub fn conv_backward(
     Ok((dx, dw, db))
 }
 
+/// `b` images of `c` planes of `plane` values, each image `stride` values after the one
+/// before: `c * plane` when the buffer holds only them, more in a DenseNet block's buffer,
+/// whose later channels lie between a layer's inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct Planes<'a> {
+    data: &'a [f32],
+    b: usize,
+    c: usize,
+    plane: usize,
+    stride: usize,
+}
+
+impl<'a> Planes<'a> {
+    /// All of `data` as `[b, c, plane]`.
+    pub fn whole(data: &'a [f32], c: usize, plane: usize) -> Self {
+        Self::leading(data, c, c, plane)
+    }
+
+    /// The first `c` of the `total` channels of each image of `data` `[b, total, plane]`.
+    pub fn leading(data: &'a [f32], c: usize, total: usize, plane: usize) -> Self {
+        let stride = total * plane;
+        let b = data.len().checked_div(stride).unwrap_or(0);
+        Self {
+            data,
+            b: if c <= total { b } else { 0 },
+            c,
+            plane,
+            stride,
+        }
+    }
+
+    /// Plane `ch` of image `i`.
+    fn get(&self, i: usize, ch: usize) -> &'a [f32] {
+        &self.data[i * self.stride + ch * self.plane..][..self.plane]
+    }
+
+    /// Images, channels and values per plane.
+    pub fn dims(&self) -> (usize, usize, usize) {
+        (self.b, self.c, self.plane)
+    }
+}
+
 /// `sum f(v)` over a plane in eight f32 lanes (vectorisable), returned in f64.
 fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     let mut acc = [0f32; 8];
@@ -861,15 +903,15 @@ fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64
 }
 
-/// Per-channel batch statistics of `x` `[b, c, plane]`: means and biased variances (each
-/// plane summed in f32 lanes, planes added in f64; two passes).
-pub fn channel_stats(x: &[f32], c: usize, plane: usize) -> (Vec<f32>, Vec<f32>) {
-    let b = x.len().checked_div(c * plane).unwrap_or(0);
+/// Per-channel batch statistics of `x`: means and biased variances (each plane summed in f32
+/// lanes, planes added in f64; two passes).
+pub fn channel_stats(x: Planes) -> (Vec<f32>, Vec<f32>) {
+    let (b, c, plane) = x.dims();
     let n = (b * plane) as f64;
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let planes = || (0..b).map(move |i| &x[(i * c + ch) * plane..][..plane]);
+            let planes = || (0..b).map(move |i| x.get(i, ch));
             let mean = planes().map(|p| lane_sum(p, |v| v)).sum::<f64>() / n;
             let m = mean as f32;
             let var = planes()
@@ -881,14 +923,13 @@ pub fn channel_stats(x: &[f32], c: usize, plane: usize) -> (Vec<f32>, Vec<f32>) 
         .unzip()
 }
 
-/// BatchNorm in training mode over `x` `[b, c, plane]` with the batch statistics `mean`,
-/// `var` (from [`channel_stats`]): `(x - mean) / sqrt(var + eps) * gamma + beta`, then ReLU if
-/// asked, as the per-channel affine it is.
+/// BatchNorm in training mode over `x` with the batch statistics `mean`, `var` (from
+/// [`channel_stats`]): `(x - mean) / sqrt(var + eps) * gamma + beta`, then ReLU if asked, as
+/// the per-channel affine it is; the output is `[b, c, plane]`.
 pub fn batch_norm_forward(
-    x: &[f32],
+    x: Planes,
     (mean, var): (&[f32], &[f32]),
     (gamma, beta): (&[f32], &[f32]),
-    plane: usize,
     eps: f32,
     relu: bool,
 ) -> Vec<f32> {
@@ -903,7 +944,7 @@ pub fn batch_norm_forward(
         .zip(&scale)
         .map(|((b, m), s)| b - m * s)
         .collect();
-    channel_affine(x, &scale, &shift, plane, relu)
+    channel_affine(x, &scale, &shift, relu)
 }
 
 /// `(sum g, sum g * (v - m))` over two equal planes in eight f32 lanes each, in one pass.
@@ -925,88 +966,146 @@ fn lane_sums(g: &[f32], v: &[f32], m: f32) -> (f64, f64) {
     (sum(a, ta), sum(b, tb))
 }
 
-/// Gradients `(dx, dgamma, dbeta)` of [`batch_norm_forward`] with the forward's batch
-/// statistics `(mean, var)` (which depend on `x`); `relu_out`: the forward's output when it
-/// applied the ReLU (its zeros mask `dy`).
-pub fn batch_norm_backward(
-    x: &[f32],
-    dy: &[f32],
+/// Where [`batch_norm_backward_over`] puts the input gradient.
+pub enum InputGrad<'a> {
+    /// Over the output gradient it was given.
+    Over,
+    /// Added to the first channels of each image of a buffer laid out as the input's
+    /// [`Planes`] (same images, same stride).
+    AddTo(&'a mut [f32]),
+}
+
+/// Gradients of [`batch_norm_forward`] with the forward's batch statistics `(mean, var)`
+/// (which depend on `x`) from the output gradient `dy` `[b, c, plane]`, which it uses as its
+/// work space: the gradients of `gamma` and `beta`, and the input's in `dx`. `relu_out`: the
+/// forward's output when it applied the ReLU (its zeros mask `dy`).
+pub fn batch_norm_backward_over(
+    x: Planes,
+    dy: &mut [f32],
     gamma: &[f32],
     (mean, var): (&[f32], &[f32]),
-    plane: usize,
     eps: f32,
     relu_out: Option<&[f32]>,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let c = gamma.len();
-    let b = x.len() / (c * plane).max(1);
+    dx: InputGrad,
+) -> Result<(Vec<f32>, Vec<f32>), String> {
+    let (b, c, plane) = x.dims();
+    if dy.len() != b * c * plane
+        || gamma.len() != c
+        || relu_out.is_some_and(|y| y.len() != dy.len())
+    {
+        return Err(format!(
+            "batch norm backward: gradient does not fit {:?}",
+            x.dims()
+        ));
+    }
+    if let Some(y) = relu_out {
+        dy.par_chunks_mut(1 << 14)
+            .zip(y.par_chunks(1 << 14))
+            .for_each(|(g, y)| {
+                g.iter_mut()
+                    .zip(y)
+                    .for_each(|(g, &v)| *g = if v > 0.0 { *g } else { 0.0 })
+            });
+    }
     let n = (b * plane) as f64;
-    let masked;
-    let dy = match relu_out {
-        Some(y) => {
-            masked = dy
-                .par_iter()
-                .zip(y.par_iter())
-                .map(|(&g, &v)| if v > 0.0 { g } else { 0.0 })
-                .collect::<Vec<f32>>();
-            &masked[..]
-        }
-        None => dy,
-    };
+    let dy_at = |i: usize, ch: usize| (i * c + ch) * plane;
     let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = (0..c)
         .into_par_iter()
         .map(|ch| {
             let (m, inv) = (mean[ch], 1.0 / (var[ch] + eps).sqrt());
             let (mut sg, mut sgx) = (0f64, 0f64);
             for i in 0..b {
-                let o = (i * c + ch) * plane;
-                let (a, b) = lane_sums(&dy[o..o + plane], &x[o..o + plane], m);
+                let (a, b) = lane_sums(&dy[dy_at(i, ch)..][..plane], x.get(i, ch), m);
                 sg += a;
                 sgx += b;
             }
             ((sgx * inv as f64) as f32, sg as f32)
         })
         .unzip();
-    // SAFETY: every plane is written below.
-    let mut dx = unsafe { unfilled(x.len()) };
-    dx.par_chunks_mut(plane).enumerate().for_each(|(i, d)| {
-        let ch = i % c;
+    // dx = k * (g - mean of g - xhat * mean of g xhat), per channel.
+    let coefficients = |ch: usize| {
         let inv = 1.0 / (var[ch] + eps).sqrt();
-        let k = gamma[ch] * inv;
         let (mg, mgx) = (dbeta[ch] / n as f32, dgamma[ch] / n as f32);
-        let o = i * plane;
-        for ((d, &g), &v) in d.iter_mut().zip(&dy[o..o + plane]).zip(&x[o..o + plane]) {
-            let xhat = (v - mean[ch]) * inv;
-            *d = k * (g - mg - xhat * mgx);
+        (mean[ch], inv, gamma[ch] * inv, mg, mgx)
+    };
+    match dx {
+        InputGrad::Over => dy.par_chunks_mut(plane).enumerate().for_each(|(j, d)| {
+            let (i, ch) = (j / c, j % c);
+            let (m, inv, k, mg, mgx) = coefficients(ch);
+            for (d, &v) in d.iter_mut().zip(x.get(i, ch)) {
+                let xhat = (v - m) * inv;
+                *d = k * (*d - mg - xhat * mgx);
+            }
+        }),
+        InputGrad::AddTo(grad) => {
+            if grad.len() < b * x.stride || x.stride < c * plane {
+                return Err("batch norm backward: the gradient buffer does not fit".into());
+            }
+            let dy = &*dy;
+            grad.par_chunks_mut(x.stride)
+                .take(b)
+                .enumerate()
+                .for_each(|(i, gi)| {
+                    for (ch, acc) in gi[..c * plane].chunks_exact_mut(plane).enumerate() {
+                        let (m, inv, k, mg, mgx) = coefficients(ch);
+                        let d = &dy[dy_at(i, ch)..][..plane];
+                        for ((a, &g), &v) in acc.iter_mut().zip(d).zip(x.get(i, ch)) {
+                            let xhat = (v - m) * inv;
+                            *a += k * (g - mg - xhat * mgx);
+                        }
+                    }
+                });
         }
-    });
-    (dx, dgamma, dbeta)
+    }
+    Ok((dgamma, dbeta))
 }
 
-/// `x * scale[c] + shift[c]` per channel of `x` `[b, c, plane]`, then ReLU if asked (a
-/// BatchNorm in evaluation mode).
-pub fn channel_affine(
+/// A BatchNorm's gradients: the input's, the weight's and the bias's.
+pub type BatchNormGrads = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// Gradients `(dx, dgamma, dbeta)` of [`batch_norm_forward`] over a whole `x` `[b, c, plane]`
+/// (see [`batch_norm_backward_over`]), leaving `dy` as it is.
+pub fn batch_norm_backward(
     x: &[f32],
-    scale: &[f32],
-    shift: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    stats: (&[f32], &[f32]),
     plane: usize,
-    relu: bool,
-) -> Vec<f32> {
-    let c = scale.len();
+    eps: f32,
+    relu_out: Option<&[f32]>,
+) -> Result<BatchNormGrads, String> {
+    let mut dx = match relu_out {
+        Some(y) if y.len() == dy.len() => dy
+            .par_iter()
+            .zip(y.par_iter())
+            .map(|(&g, &v)| if v > 0.0 { g } else { 0.0 })
+            .collect::<Vec<f32>>(),
+        Some(_) => return Err("batch norm backward: output does not fit the gradient".into()),
+        None => dy.to_vec(),
+    };
+    let x = Planes::whole(x, gamma.len(), plane);
+    let (dg, db) = batch_norm_backward_over(x, &mut dx, gamma, stats, eps, None, InputGrad::Over)?;
+    Ok((dx, dg, db))
+}
+
+/// `x * scale[c] + shift[c]` per channel of `x`, then ReLU if asked (a BatchNorm in
+/// evaluation mode); the output is `[b, c, plane]`.
+pub fn channel_affine(x: Planes, scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
+    let (b, c, plane) = x.dims();
     // SAFETY: every plane is written below.
-    let mut y = unsafe { unfilled(x.len()) };
-    y.par_chunks_mut(plane)
-        .zip(x.par_chunks(plane))
-        .enumerate()
-        .for_each(|(i, (yo, xi))| {
-            let (a, b) = (scale[i % c], shift[i % c]);
-            if relu {
-                yo.iter_mut()
-                    .zip(xi)
-                    .for_each(|(o, &v)| *o = (v * a + b).max(0.0));
-            } else {
-                yo.iter_mut().zip(xi).for_each(|(o, &v)| *o = v * a + b);
-            }
-        });
+    let mut y = unsafe { unfilled(b * c * plane) };
+    y.par_chunks_mut(plane).enumerate().for_each(|(j, yo)| {
+        let (i, ch) = (j / c, j % c);
+        let (a, b) = (scale[ch], shift[ch]);
+        let xi = x.get(i, ch);
+        if relu {
+            yo.iter_mut()
+                .zip(xi)
+                .for_each(|(o, &v)| *o = (v * a + b).max(0.0));
+        } else {
+            yo.iter_mut().zip(xi).for_each(|(o, &v)| *o = v * a + b);
+        }
+    });
     y
 }
 

@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::conv::{self, ConvShape};
+use super::conv::{self, ConvShape, InputGrad, Planes};
 
 /// One dense layer's parameters (weights `[out, in, kh, kw]`).
 #[derive(Debug, Clone)]
@@ -54,9 +54,9 @@ pub struct LayerStats {
     pub norm2: (Vec<f32>, Vec<f32>),
 }
 
-/// What the forward keeps of one layer for the backward.
+/// What the forward keeps of one layer for the backward (its input is the block output's
+/// first channels).
 pub struct SavedLayer {
-    input: Vec<f32>,
     act1: Vec<f32>,
     mid: Vec<f32>,
     act2: Vec<f32>,
@@ -125,14 +125,6 @@ fn growths(dims: Dims, layers: &[DenseLayerParts<&[f32]>]) -> Result<Vec<usize>,
         .collect()
 }
 
-/// Copies the first `cin` channels of each image of `src` (`total` channels of `plane` values
-/// per image) into `dst` (`cin` channels per image).
-fn channels(src: &[f32], total: usize, dst: &mut [f32], cin: usize, plane: usize) {
-    dst.par_chunks_mut(cin * plane)
-        .zip(src.par_chunks(total * plane))
-        .for_each(|(d, s)| d.copy_from_slice(&s[..cin * plane]));
-}
-
 /// The block's output `[b, c0 + sum of growths, h, w]` from its input, the batch statistics
 /// of every layer's norms, and what the backward needs.
 pub fn forward(
@@ -147,7 +139,9 @@ pub fn forward(
         return Err(format!("dense block: input does not fit {dims:?}"));
     }
     let total = c0 + growths(dims, layers)?.iter().sum::<usize>();
-    let mut out = vec![0f32; b * total * plane];
+    // SAFETY: the input channels are copied in here, and each layer writes its new channels
+    // before any later layer reads them.
+    let mut out = unsafe { super::unfilled(b * total * plane) };
     out.par_chunks_mut(total * plane)
         .zip(x.par_chunks(c0 * plane))
         .for_each(|(o, x)| o[..c0 * plane].copy_from_slice(x));
@@ -155,20 +149,19 @@ pub fn forward(
     let mut cin = c0;
     for p in layers {
         let (s1, s2) = layer_shapes(dims, cin - c0, p)?;
-        let mut input = vec![0f32; b * cin * plane];
-        channels(&out, total, &mut input, cin, plane);
-        let (m1, v1) = conv::channel_stats(&input, cin, plane);
-        let act1 = conv::batch_norm_forward(&input, (&m1, &v1), p.norm1, plane, eps, true);
+        let input = Planes::leading(&out, cin, total, plane);
+        let (m1, v1) = conv::channel_stats(input);
+        let act1 = conv::batch_norm_forward(input, (&m1, &v1), p.norm1, eps, true);
         let mid = conv::conv_forward(&act1, p.conv1, None, false, None, &s1)?;
-        let (m2, v2) = conv::channel_stats(&mid, s1.cout, plane);
-        let act2 = conv::batch_norm_forward(&mid, (&m2, &v2), p.norm2, plane, eps, true);
+        let mids = Planes::whole(&mid, s1.cout, plane);
+        let (m2, v2) = conv::channel_stats(mids);
+        let act2 = conv::batch_norm_forward(mids, (&m2, &v2), p.norm2, eps, true);
         let new = conv::conv_forward(&act2, p.conv2, None, false, None, &s2)?;
         let g = s2.cout;
         out.par_chunks_mut(total * plane)
             .zip(new.par_chunks(g * plane))
             .for_each(|(o, n)| o[cin * plane..(cin + g) * plane].copy_from_slice(n));
         saved.push(SavedLayer {
-            input,
             act1,
             mid,
             act2,
@@ -188,8 +181,9 @@ pub fn stats(saved: &[SavedLayer]) -> Vec<LayerStats> {
 }
 
 /// The input gradient and every layer's parameter gradients of [`forward`], from the output
-/// gradient `dy` and what the forward kept.
+/// gradient `dy` and what the forward kept (`out`: its output).
 pub fn backward(
+    out: &[f32],
     dy: &[f32],
     dims: Dims,
     layers: &[DenseLayerParts<&[f32]>],
@@ -200,7 +194,7 @@ pub fn backward(
     let plane = h * w;
     let grow = growths(dims, layers)?;
     let total = c0 + grow.iter().sum::<usize>();
-    if dy.len() != b * total * plane || saved.len() != layers.len() {
+    if dy.len() != b * total * plane || out.len() != dy.len() || saved.len() != layers.len() {
         return Err("dense block backward: gradient or saved layers do not fit".into());
     }
     // The gradient of every channel of the block, summed layer by layer from the last.
@@ -210,42 +204,37 @@ pub fn backward(
     for ((p, s), &g) in layers.iter().zip(saved).rev().zip(grow.iter().rev()) {
         cin -= g;
         let (s1, s2) = layer_shapes(dims, cin - c0, p)?;
-        let mut dnew = vec![0f32; b * g * plane];
+        // SAFETY: every image's part is copied in.
+        let mut dnew = unsafe { super::unfilled(b * g * plane) };
         dnew.par_chunks_mut(g * plane)
             .zip(grad.par_chunks(total * plane))
             .for_each(|(d, gr)| d.copy_from_slice(&gr[cin * plane..(cin + g) * plane]));
         let (dact2, dconv2, _) = conv::conv_backward(&s.act2, p.conv2, &dnew, &s2, true)?;
-        let dact2 = dact2.expect("asked for");
+        let mut dmid = dact2.expect("asked for");
         let (m2, v2) = (&s.stats.norm2.0[..], &s.stats.norm2.1[..]);
-        let (dmid, dg2, db2) = conv::batch_norm_backward(
-            &s.mid,
-            &dact2,
+        let mids = Planes::whole(&s.mid, s1.cout, plane);
+        let (dg2, db2) = conv::batch_norm_backward_over(
+            mids,
+            &mut dmid,
             p.norm2.0,
             (m2, v2),
-            plane,
             eps,
             Some(&s.act2),
-        );
+            InputGrad::Over,
+        )?;
         let (dact1, dconv1, _) = conv::conv_backward(&s.act1, p.conv1, &dmid, &s1, true)?;
-        let dact1 = dact1.expect("asked for");
+        let mut dact1 = dact1.expect("asked for");
         let (m1, v1) = (&s.stats.norm1.0[..], &s.stats.norm1.1[..]);
-        let (dinput, dg1, db1) = conv::batch_norm_backward(
-            &s.input,
-            &dact1,
+        // The input's gradient is added to the block's as it is made.
+        let (dg1, db1) = conv::batch_norm_backward_over(
+            Planes::leading(out, cin, total, plane),
+            &mut dact1,
             p.norm1.0,
             (m1, v1),
-            plane,
             eps,
             Some(&s.act1),
-        );
-        grad.par_chunks_mut(total * plane)
-            .zip(dinput.par_chunks(cin * plane))
-            .for_each(|(gr, d)| {
-                gr[..cin * plane]
-                    .iter_mut()
-                    .zip(d)
-                    .for_each(|(a, v)| *a += v)
-            });
+            InputGrad::AddTo(&mut grad),
+        )?;
         grads.push(DenseLayerParts {
             norm1: (dg1, db1),
             conv1: dconv1,
@@ -255,8 +244,11 @@ pub fn backward(
         });
     }
     grads.reverse();
-    let mut dx = vec![0f32; b * c0 * plane];
-    channels(&grad, total, &mut dx, c0, plane);
+    // SAFETY: every image's part is copied in.
+    let mut dx = unsafe { super::unfilled(b * c0 * plane) };
+    dx.par_chunks_mut(c0 * plane)
+        .zip(grad.par_chunks(total * plane))
+        .for_each(|(d, g)| d.copy_from_slice(&g[..c0 * plane]));
     Ok((dx, grads))
 }
 

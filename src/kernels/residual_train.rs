@@ -125,8 +125,9 @@ fn unit_forward(
     let (s, out) = unit_shape(dims, unit, stride)?;
     let conv_out = conv::conv_forward(x, unit.conv, None, false, None, &s)?;
     let plane = out.2 * out.3;
-    let (mean, var) = conv::channel_stats(&conv_out, out.1, plane);
-    let norm_out = conv::batch_norm_forward(&conv_out, (&mean, &var), unit.bn, plane, eps, relu);
+    let planes = conv::Planes::whole(&conv_out, out.1, plane);
+    let (mean, var) = conv::channel_stats(planes);
+    let norm_out = conv::batch_norm_forward(planes, (&mean, &var), unit.bn, eps, relu);
     let saved = SavedUnit {
         conv_out,
         stats: (mean, var),
@@ -166,7 +167,8 @@ pub fn forward(
 }
 
 /// The BatchNorm's and the convolution's backward of one unit: the gradients of its input,
-/// convolution weight, and BatchNorm weight and bias.
+/// convolution weight, and BatchNorm weight and bias (`dy`, the output gradient, is used as
+/// work space).
 #[allow(clippy::too_many_arguments)]
 fn unit_backward(
     input: &[f32],
@@ -174,23 +176,22 @@ fn unit_backward(
     unit: &ConvBn<&[f32]>,
     stride: usize,
     saved: &SavedUnit,
-    dy: &[f32],
+    mut dy: Vec<f32>,
     eps: f32,
     relu: bool,
 ) -> Result<(Vec<f32>, ConvBn<Vec<f32>>), String> {
     let (s, out) = unit_shape(dims, unit, stride)?;
-    let plane = out.2 * out.3;
     let (m, v) = (&saved.stats.0[..], &saved.stats.1[..]);
-    let (dconv_out, dg, db) = conv::batch_norm_backward(
-        &saved.conv_out,
-        dy,
+    let (dg, db) = conv::batch_norm_backward_over(
+        conv::Planes::whole(&saved.conv_out, out.1, out.2 * out.3),
+        &mut dy,
         unit.bn.0,
         (m, v),
-        plane,
         eps,
         relu.then_some(&saved.norm_out[..]),
-    );
-    let (dx, dw, _) = conv::conv_backward(input, unit.conv, &dconv_out, &s, true)?;
+        conv::InputGrad::Over,
+    )?;
+    let (dx, dw, _) = conv::conv_backward(input, unit.conv, &dy, &s, true)?;
     let grads = ConvBn {
         conv: dw,
         bn: (dg, db),
@@ -217,12 +218,12 @@ pub fn backward(
     // The sum's gradient, which both branches receive.
     let d = cpu::relu_backward(out, dy);
     let [s1, s2, s3] = [&saved.main[0], &saved.main[1], &saved.main[2]];
-    let (da2, g3) = unit_backward(&s2.norm_out, d2, &p.main[2], 1, s3, &d, eps, false)?;
-    let (da1, g2) = unit_backward(&s1.norm_out, d1, &p.main[1], p.stride, s2, &da2, eps, true)?;
-    let (mut dx, g1) = unit_backward(x, dims, &p.main[0], 1, s1, &da1, eps, true)?;
+    let (da2, g3) = unit_backward(&s2.norm_out, d2, &p.main[2], 1, s3, d.clone(), eps, false)?;
+    let (da1, g2) = unit_backward(&s1.norm_out, d1, &p.main[1], p.stride, s2, da2, eps, true)?;
+    let (mut dx, g1) = unit_backward(x, dims, &p.main[0], 1, s1, da1, eps, true)?;
     let down = match (&p.down, &saved.down) {
         (Some(unit), Some(su)) => {
-            let (dxs, gd) = unit_backward(x, dims, unit, p.stride, su, &d, eps, false)?;
+            let (dxs, gd) = unit_backward(x, dims, unit, p.stride, su, d, eps, false)?;
             dx.iter_mut().zip(&dxs).for_each(|(a, b)| *a += b);
             Some(gd)
         }
