@@ -1002,9 +1002,10 @@ pub fn batch_norm_backward_over(
         dy.par_chunks_mut(1 << 14)
             .zip(y.par_chunks(1 << 14))
             .for_each(|(g, y)| {
-                g.iter_mut()
-                    .zip(y)
-                    .for_each(|(g, &v)| *g = if v > 0.0 { *g } else { 0.0 })
+                g.iter_mut().zip(y).for_each(|(g, &v)| {
+                    let d = *g;
+                    *g = if v > 0.0 { d } else { 0.0 }
+                })
             });
     }
     let n = (b * plane) as f64;

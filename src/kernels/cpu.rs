@@ -93,8 +93,9 @@ pub fn add_relu_forward(a: &[f32], b: &[f32]) -> Vec<f32> {
 /// `y > 0`, else 0 (as torch's ReLU backward).
 pub fn relu_backward(y: &[f32], dy: &[f32]) -> Vec<f32> {
     zip_map(y, dy, "relu backward", |y, g, o| {
-        for ((o, y), g) in o.iter_mut().zip(y).zip(g) {
-            *o = if *y > 0.0 { *g } else { 0.0 };
+        // Both values read before the choice, so that the loop vectorises.
+        for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+            *o = if y > 0.0 { g } else { 0.0 };
         }
     })
 }
