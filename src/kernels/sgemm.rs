@@ -388,6 +388,10 @@ unsafe fn pack_panel<const W: usize>(
             for (p, out) in dst.chunks_exact_mut(W).enumerate() {
                 out.copy_from_slice(std::slice::from_raw_parts(src.add(p * step_s), W));
             }
+        } else if lanes >= W && step_s == 1 && cfg!(target_arch = "x86_64") && ours() {
+            // A row-major A (or column-major B): transposed eight steps at a time in registers.
+            #[cfg(target_arch = "x86_64")]
+            avx2::pack_transposed::<W>(dst, src, lane_s, kc);
         } else if lanes >= W && step_s == 1 {
             let lane: [*const f32; W] = std::array::from_fn(|l| src.add(l * lane_s));
             for (p, out) in dst.chunks_exact_mut(W).enumerate() {
@@ -584,6 +588,87 @@ mod avx2 {
                         row.copy_from_slice(t);
                     } else {
                         row.iter_mut().zip(t).for_each(|(d, v)| *d += v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `dst[p * W + l] = src[l * lane_s + p]` for `l < W`, `p < kc`: eight lanes and eight
+    /// steps at a time loaded as rows, transposed in registers and stored as steps.
+    ///
+    /// # Safety
+    /// `src` readable at those offsets; `dst` holds `kc * W` values; AVX2 present.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pack_transposed<const W: usize>(
+        dst: &mut [f32],
+        src: *const f32,
+        lane_s: usize,
+        kc: usize,
+    ) {
+        assert!(dst.len() >= kc * W, "packed panel too small");
+        let d = dst.as_mut_ptr();
+        // SAFETY: reads at l * lane_s + p for l < W, p < kc (the caller's contract); writes
+        // at p * W + l < kc * W (checked above).
+        unsafe {
+            for l0 in (0..W).step_by(8) {
+                let nl = (W - l0).min(8);
+                let row = |l: usize| src.add((l0 + l) * lane_s);
+                let mut p = 0;
+                while p + 8 <= kc {
+                    let r: [__m256; 8] = std::array::from_fn(|l| {
+                        if l < nl {
+                            _mm256_loadu_ps(row(l).add(p))
+                        } else {
+                            _mm256_setzero_ps()
+                        }
+                    });
+                    let t = [
+                        _mm256_unpacklo_ps(r[0], r[1]),
+                        _mm256_unpackhi_ps(r[0], r[1]),
+                        _mm256_unpacklo_ps(r[2], r[3]),
+                        _mm256_unpackhi_ps(r[2], r[3]),
+                        _mm256_unpacklo_ps(r[4], r[5]),
+                        _mm256_unpackhi_ps(r[4], r[5]),
+                        _mm256_unpacklo_ps(r[6], r[7]),
+                        _mm256_unpackhi_ps(r[6], r[7]),
+                    ];
+                    let u = [
+                        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+                    ];
+                    // Step q's eight lanes: the low halves give steps 0..4, the high 4..8.
+                    let steps = [
+                        _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
+                        _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
+                        _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
+                        _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
+                        _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
+                        _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
+                        _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
+                        _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
+                    ];
+                    for (q, v) in steps.iter().enumerate() {
+                        let out = d.add((p + q) * W + l0);
+                        if nl == 8 {
+                            _mm256_storeu_ps(out, *v);
+                        } else {
+                            let mut lanes = [0f32; 8];
+                            _mm256_storeu_ps(lanes.as_mut_ptr(), *v);
+                            std::ptr::copy_nonoverlapping(lanes.as_ptr(), out, nl);
+                        }
+                    }
+                    p += 8;
+                }
+                for p in p..kc {
+                    for l in 0..nl {
+                        *d.add(p * W + l0 + l) = *row(l).add(p);
                     }
                 }
             }
