@@ -545,7 +545,8 @@ impl CustomOp3 for ConvOp {
         let (dx, dw, db) = read(x, |xv| {
             read(w, |wv| {
                 read(&dy, |g| {
-                    conv::conv_backward(xv, wv, g, &s, true).map_err(candle_core::Error::Msg)
+                    conv::conv_backward(xv, wv, g, &s, true, self.bias)
+                        .map_err(candle_core::Error::Msg)
                 })
             })
         })?;
@@ -553,11 +554,8 @@ impl CustomOp3 for ConvOp {
             dx.map(|d| Tensor::from_vec(d, x.shape(), x.device()))
                 .transpose()?,
             Some(Tensor::from_vec(dw, w.shape(), w.device())?),
-            if self.bias {
-                Some(Tensor::from_vec(db, b.shape(), b.device())?)
-            } else {
-                None
-            },
+            db.map(|d| Tensor::from_vec(d, b.shape(), b.device()))
+                .transpose()?,
         ))
     }
 }

@@ -700,17 +700,19 @@ pub fn dense_layers_forward(
     Ok((y, width))
 }
 
-/// A convolution's gradients: the input's (when asked for), the weight's and the bias's.
-pub type ConvGrads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
+/// A convolution's gradients: the input's, the weight's and the bias's (each when asked for).
+pub type ConvGrads = (Option<Vec<f32>>, Vec<f32>, Option<Vec<f32>>);
 
 /// Gradients of a convolution for the output gradient `dy` `[b, cout, ho, wo]`: the input's
-/// (when `want_dx`), the weight's and the bias's (sums over images in a fixed order).
+/// (when `want_dx`), the weight's and the bias's (when `want_db`; sums over images in a
+/// fixed order).
 pub fn conv_backward(
     x: &[f32],
     weight: &[f32],
     dy: &[f32],
     s: &ConvShape,
     want_dx: bool,
+    want_db: bool,
 ) -> Result<ConvGrads, String> {
     s.check(x.len(), weight.len(), None)?;
     let (plane, rows) = (s.out_plane(), s.col_rows());
@@ -737,8 +739,10 @@ pub fn conv_backward(
         for i in c * chunk..((c + 1) * chunk).min(s.b) {
             let xi = &x[i * in_len..(i + 1) * in_len];
             let gi = &dy[i * s.cout * plane..(i + 1) * s.cout * plane];
-            for (d, row) in db.iter_mut().zip(gi.chunks_exact(plane)) {
-                *d += row.iter().sum::<f32>();
+            if want_db {
+                for (d, row) in db.iter_mut().zip(gi.chunks_exact(plane)) {
+                    *d += row.iter().sum::<f32>();
+                }
             }
             let run = |cols: &[f32], dw: &mut [f32]| {
                 let (col, col_t) = (
@@ -845,7 +849,7 @@ pub fn conv_backward(
         }
         dx
     });
-    Ok((dx, dw, db))
+    Ok((dx, dw, want_db.then_some(db)))
 }
 
 /// `b` images of `c` planes of `plane` values, each image `stride` values after the one
@@ -1142,27 +1146,29 @@ impl PoolShape {
         Some((o(self.h), o(self.w)))
     }
 
+    /// The input indices `lo..hi` along a side of `n` that output `o`'s window covers.
+    fn window(&self, o: usize, n: usize) -> std::ops::Range<usize> {
+        let start = (o * self.stride) as isize - self.pad as isize;
+        let lo = start.max(0) as usize;
+        let hi = (start + self.k as isize).clamp(0, n as isize) as usize;
+        lo..hi
+    }
+
     /// Index into the plane of the first maximum of each output's window (row-major order, as
-    /// PyTorch picks it).
+    /// PyTorch picks it; a NaN wins).
     fn argmax(&self, plane: &[f32], mut f: impl FnMut(usize, usize)) {
         let (ho, wo) = self.out().expect("checked shape");
+        let cols: Vec<std::ops::Range<usize>> = (0..wo).map(|o| self.window(o, self.w)).collect();
         for oy in 0..ho {
-            for ox in 0..wo {
+            let rows = self.window(oy, self.h);
+            for (ox, xs) in cols.iter().enumerate() {
                 let (mut best, mut at) = (f32::NEG_INFINITY, usize::MAX);
-                for ky in 0..self.k {
-                    let iy = (oy * self.stride + ky) as isize - self.pad as isize;
-                    if iy < 0 || iy >= self.h as isize {
-                        continue;
-                    }
-                    for kx in 0..self.k {
-                        let ix = (ox * self.stride + kx) as isize - self.pad as isize;
-                        if ix < 0 || ix >= self.w as isize {
-                            continue;
-                        }
-                        let j = iy as usize * self.w + ix as usize;
-                        if plane[j] > best || plane[j].is_nan() || at == usize::MAX {
-                            best = plane[j];
-                            at = j;
+                for iy in rows.clone() {
+                    let row = &plane[iy * self.w..][xs.clone()];
+                    for (ix, &v) in xs.clone().zip(row) {
+                        if v > best || v.is_nan() || at == usize::MAX {
+                            best = v;
+                            at = iy * self.w + ix;
                         }
                     }
                 }
@@ -1414,7 +1420,8 @@ mod tests {
             }
             // <dy, conv(x, W)> is linear in x and in W: check the gradients by the adjoint.
             let dy = values(y.len(), 200 + i as u64);
-            let (dx, dw, db) = conv_backward(&x, &wt, &dy, &s, true).unwrap();
+            let (dx, dw, db) = conv_backward(&x, &wt, &dy, &s, true, true).unwrap();
+            let db = db.unwrap();
             let dx = dx.unwrap();
             let dot = |a: &[f32], b: &[f32]| {
                 a.iter()
@@ -1431,6 +1438,80 @@ mod tests {
                 .sum();
             assert!((db[0] - db0).abs() < 1e-4);
         }
+    }
+
+    /// The pooling's choices against the definition (every window position checked against
+    /// the plane's bounds), on planes with ties and a NaN, several windows and paddings.
+    #[test]
+    fn max_pool_matches_the_definition() {
+        let mut r = crate::rng::Rng::new(5);
+        let shapes = [
+            (7, 9, 3, 2, 1),
+            (8, 8, 2, 2, 0),
+            (5, 6, 3, 1, 1),
+            (9, 4, 5, 3, 2),
+        ];
+        let mut compared = 0;
+        for &(h, w, k, stride, pad) in &shapes {
+            let s = PoolShape {
+                planes: 2,
+                h,
+                w,
+                k,
+                stride,
+                pad,
+            };
+            // Values on a coarse grid, so windows hold ties; one NaN in the second plane.
+            let mut x: Vec<f32> = (0..2 * h * w)
+                .map(|_| (r.unit() * 4.0).floor() as f32)
+                .collect();
+            x[h * w + w + 1] = f32::NAN;
+            let (ho, wo) = s.out().unwrap();
+            let dy: Vec<f32> = (0..2 * ho * wo).map(|i| 1.0 + i as f32).collect();
+            let mut want_y = vec![0f32; 2 * ho * wo];
+            let mut want_dx = vec![0f32; x.len()];
+            for p in 0..2 {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let (mut best, mut at) = (f32::NEG_INFINITY, usize::MAX);
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let iy = (oy * stride + ky) as isize - pad as isize;
+                                let ix = (ox * stride + kx) as isize - pad as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                let j = p * h * w + iy as usize * w + ix as usize;
+                                if x[j] > best || x[j].is_nan() || at == usize::MAX {
+                                    best = x[j];
+                                    at = j;
+                                }
+                            }
+                        }
+                        let o = (p * ho + oy) * wo + ox;
+                        want_y[o] = x[at];
+                        want_dx[at] += dy[o];
+                    }
+                }
+            }
+            let y = max_pool_forward(&x, &s).unwrap();
+            let dx = max_pool_backward(&x, &dy, &s).unwrap();
+            assert_eq!((y.len(), dx.len()), (want_y.len(), want_dx.len()));
+            let same = |a: f32, b: f32| a == b || (a.is_nan() && b.is_nan());
+            assert!(
+                y.iter().zip(&want_y).all(|(a, b)| same(*a, *b)),
+                "{h}x{w} k{k}: values"
+            );
+            assert!(
+                dx.iter().zip(&want_dx).all(|(a, b)| same(*a, *b)),
+                "{h}x{w} k{k}: gradient"
+            );
+            compared += y.len() + dx.len();
+        }
+        assert_eq!(
+            compared,
+            2 * (4 * 5 + 63 + 4 * 4 + 64 + 5 * 6 + 30 + 3 * 2 + 36)
+        );
     }
 
     #[test]

@@ -209,7 +209,7 @@ pub fn backward(
         dnew.par_chunks_mut(g * plane)
             .zip(grad.par_chunks(total * plane))
             .for_each(|(d, gr)| d.copy_from_slice(&gr[cin * plane..(cin + g) * plane]));
-        let (dact2, dconv2, _) = conv::conv_backward(&s.act2, p.conv2, &dnew, &s2, true)?;
+        let (dact2, dconv2, _) = conv::conv_backward(&s.act2, p.conv2, &dnew, &s2, true, false)?;
         let mut dmid = dact2.expect("asked for");
         let (m2, v2) = (&s.stats.norm2.0[..], &s.stats.norm2.1[..]);
         let mids = Planes::whole(&s.mid, s1.cout, plane);
@@ -222,7 +222,7 @@ pub fn backward(
             Some(&s.act2),
             InputGrad::Over,
         )?;
-        let (dact1, dconv1, _) = conv::conv_backward(&s.act1, p.conv1, &dmid, &s1, true)?;
+        let (dact1, dconv1, _) = conv::conv_backward(&s.act1, p.conv1, &dmid, &s1, true, false)?;
         let mut dact1 = dact1.expect("asked for");
         let (m1, v1) = (&s.stats.norm1.0[..], &s.stats.norm1.1[..]);
         // The input's gradient is added to the block's as it is made.

@@ -191,7 +191,7 @@ fn unit_backward(
         relu.then_some(&saved.norm_out[..]),
         conv::InputGrad::Over,
     )?;
-    let (dx, dw, _) = conv::conv_backward(input, unit.conv, &dy, &s, true)?;
+    let (dx, dw, _) = conv::conv_backward(input, unit.conv, &dy, &s, true, false)?;
     let grads = ConvBn {
         conv: dw,
         bn: (dg, db),
