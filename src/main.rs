@@ -77,8 +77,11 @@ fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts allocator thresholds; called before any threads start.
     unsafe {
-        // 32 MiB is the largest threshold glibc accepts; larger buffers are still mapped.
+        // 32 MiB is the largest threshold glibc accepts; larger buffers (a segmentation
+        // model's feature maps) would still be mapped and unmapped on every use, so mapping is
+        // turned off: everything comes from the heap and stays there.
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
