@@ -1002,25 +1002,30 @@ pub fn batch_norm_backward_over(
             x.dims()
         ));
     }
-    if let Some(y) = relu_out {
-        dy.par_chunks_mut(1 << 14)
-            .zip(y.par_chunks(1 << 14))
-            .for_each(|(g, y)| {
-                g.iter_mut().zip(y).for_each(|(g, &v)| {
-                    let d = *g;
-                    *g = if v > 0.0 { d } else { 0.0 }
-                })
-            });
-    }
+    // Each plane masked (while it is in cache) and summed; the planes' sums are added per
+    // channel in image order.
+    let planes: Vec<(f64, f64)> = dy
+        .par_chunks_mut(plane)
+        .enumerate()
+        .map(|(j, d)| {
+            if let Some(y) = relu_out {
+                d.iter_mut().zip(&y[j * plane..]).for_each(|(g, &v)| {
+                    let g0 = *g;
+                    *g = if v > 0.0 { g0 } else { 0.0 }
+                });
+            }
+            let (i, ch) = (j / c, j % c);
+            lane_sums(d, x.get(i, ch), mean[ch])
+        })
+        .collect();
     let n = (b * plane) as f64;
     let dy_at = |i: usize, ch: usize| (i * c + ch) * plane;
     let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = (0..c)
-        .into_par_iter()
         .map(|ch| {
-            let (m, inv) = (mean[ch], 1.0 / (var[ch] + eps).sqrt());
+            let inv = 1.0 / (var[ch] + eps).sqrt();
             let (mut sg, mut sgx) = (0f64, 0f64);
             for i in 0..b {
-                let (a, b) = lane_sums(&dy[dy_at(i, ch)..][..plane], x.get(i, ch), m);
+                let (a, b) = planes[i * c + ch];
                 sg += a;
                 sgx += b;
             }
