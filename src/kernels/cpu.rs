@@ -161,6 +161,27 @@ pub mod simd {
     }
 
     dispatch! {
+        /// The gradient of [`swiglu_rows`] for each `2h`-long row of `x`, from the `h`-long
+        /// rows of `dy`, into `2h`-long rows of `dx` (`[d silu part | d gate part]`).
+        fn swiglu_back_rows(x: &[f32], dy: &[f32], dx: &mut [f32], h: usize) {
+            for ((dxr, xr), dyr) in dx
+                .chunks_exact_mut(2 * h)
+                .zip(x.chunks_exact(2 * h))
+                .zip(dy.chunks_exact(h))
+            {
+                let (da, db) = dxr.split_at_mut(h);
+                let (a, b) = xr.split_at(h);
+                for ((((da, db), &a), &b), &g) in da.iter_mut().zip(db).zip(a).zip(b).zip(dyr) {
+                    let s = 1.0 / (1.0 + exp_f32(-a));
+                    let silu = a * s;
+                    *db = g * silu;
+                    *da = g * b * s * (1.0 + a * (1.0 - s));
+                }
+            }
+        }
+    }
+
+    dispatch! {
         /// `out[i] = gelu(x[i])` with erf (Abramowitz-Stegun 7.1.26, see [`super::erf_f32`]).
         fn gelu(x: &[f32], out: &mut [f32]) {
             for (o, &v) in out.iter_mut().zip(x) {
@@ -586,26 +607,12 @@ pub fn swiglu_forward(x: &[f32], h: usize) -> Vec<f32> {
 /// Gradient of [`swiglu_forward`] with respect to `x`, given the output gradient `dy`.
 pub fn swiglu_backward(x: &[f32], dy: &[f32], h: usize) -> Vec<f32> {
     let w = 2 * h;
-    let mut dx = vec![0f32; x.len()];
+    // SAFETY: `simd::swiglu_back_rows` writes every value of each row.
+    let mut dx = unsafe { unfilled(x.len()) };
     dx.par_chunks_mut(ROWS_PER_TASK * w)
         .zip(x.par_chunks(ROWS_PER_TASK * w))
         .zip(dy.par_chunks(ROWS_PER_TASK * h))
-        .for_each(|((dx, x), dy)| {
-            for ((dxr, xr), dyr) in dx
-                .chunks_exact_mut(w)
-                .zip(x.chunks_exact(w))
-                .zip(dy.chunks_exact(h))
-            {
-                let (da, db) = dxr.split_at_mut(h);
-                let (a, b) = xr.split_at(h);
-                for i in 0..h {
-                    let s = 1.0 / (1.0 + exp_f32(-a[i]));
-                    let silu = a[i] * s;
-                    db[i] = dyr[i] * silu;
-                    da[i] = dyr[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
-                }
-            }
-        });
+        .for_each(|((dx, x), dy)| simd::swiglu_back_rows(x, dy, dx, h));
     dx
 }
 
