@@ -138,6 +138,36 @@ pub struct ConvShape {
 }
 
 impl ConvShape {
+    /// A DenseNet layer's two convolutions on `b` images of `cin` channels of `h x w`: the 1x1
+    /// to `mid` channels, then the "same" `k x k` to `growth`.
+    pub fn dense_layer(
+        (b, cin, h, w): (usize, usize, usize, usize),
+        mid: usize,
+        growth: usize,
+        k: usize,
+    ) -> (ConvShape, ConvShape) {
+        let first = ConvShape {
+            b,
+            cin,
+            h,
+            w,
+            cout: mid,
+            kh: 1,
+            kw: 1,
+            stride: 1,
+            pad: 0,
+        };
+        let second = ConvShape {
+            cin: mid,
+            cout: growth,
+            kh: k,
+            kw: k,
+            pad: k / 2,
+            ..first
+        };
+        (first, second)
+    }
+
     /// Output height and width, or `None` when the kernel does not fit the padded input.
     pub fn out(&self) -> Option<(usize, usize)> {
         let (ph, pw) = (self.h + 2 * self.pad, self.w + 2 * self.pad);
@@ -629,28 +659,7 @@ pub fn dense_layers_forward(
     for (i, l) in layers.iter().enumerate() {
         let mid = l.conv1.1.len();
         let growth = l.conv2.len() / (mid * l.k * l.k).max(1);
-        let first = ConvShape {
-            b: 1,
-            cin,
-            h,
-            w,
-            cout: mid,
-            kh: 1,
-            kw: 1,
-            stride: 1,
-            pad: 0,
-        };
-        let second = ConvShape {
-            b: 1,
-            cin: mid,
-            h,
-            w,
-            cout: growth,
-            kh: l.k,
-            kw: l.k,
-            stride: 1,
-            pad: l.k / 2,
-        };
+        let (first, second) = ConvShape::dense_layer((1, cin, h, w), mid, growth, l.k);
         let fits = l.k % 2 == 1
             && growth > 0
             && first.check(cin * plane, l.conv1.0.len(), Some(mid)).is_ok()

@@ -90,26 +90,7 @@ fn layer_shapes(
     if k == 0 || k.is_multiple_of(2) || growth == 0 || growth * mid * k * k != p.conv2.len() {
         return bad();
     }
-    let s1 = ConvShape {
-        b,
-        cin,
-        h,
-        w,
-        cout: mid,
-        kh: 1,
-        kw: 1,
-        stride: 1,
-        pad: 0,
-    };
-    let s2 = ConvShape {
-        cin: mid,
-        cout: growth,
-        kh: k,
-        kw: k,
-        pad: k / 2,
-        ..s1
-    };
-    Ok((s1, s2))
+    Ok(ConvShape::dense_layer((b, cin, h, w), mid, growth, k))
 }
 
 /// The growth (new channels) of each layer, checked against the parameters.
