@@ -3,18 +3,39 @@
 
 /// SplitMix64: a fast 64-bit generator with good statistical quality for sampling.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng {
+    state: u64,
+    rows: Option<(usize, usize)>,
+}
 
 impl Rng {
     /// A generator from a seed.
     pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x853c_49e6_748f_ea9b)
+        Rng {
+            state: seed ^ 0x853c_49e6_748f_ea9b,
+            rows: None,
+        }
+    }
+
+    /// This generator for the rows `start..` of a batch of `total` images split across
+    /// data-parallel replicas: per-image draws (drop-path masks) are made for the whole batch
+    /// and the replica keeps its own rows, so that the replicas together draw what one model
+    /// given the whole batch draws ([`Rng::batch_rows`]).
+    pub fn for_rows(mut self, start: usize, total: usize) -> Self {
+        self.rows = Some((start, total));
+        self
+    }
+
+    /// `(start, total)` set by [`Rng::for_rows`]: draw `total` per-image values, keep those
+    /// from `start`.
+    pub fn batch_rows(&self) -> Option<(usize, usize)> {
+        self.rows
     }
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)

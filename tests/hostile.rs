@@ -585,3 +585,27 @@ fn negative_and_absurd_lut_descriptors_are_refused() {
     );
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
 }
+
+/// `finetune --gpus` names what it needs before touching any data: a build with NCCL for
+/// several GPUs, and not also `--device`.
+#[test]
+fn finetune_gpus_says_what_it_needs() {
+    let dir = scratch("ft-gpus");
+    let base = [
+        "finetune",
+        "--preset",
+        "cxr14-ti",
+        "--data-dir",
+        "no-such-dir",
+        "-o",
+    ];
+    let out = dir.join("out");
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend([s(&out), "--gpus", "0,1"]);
+    if !cfg!(feature = "nccl") {
+        expect_error(&args, "--gpus 0,1", "--features cuda,nccl");
+    }
+    args.extend(["--device", "cuda:1"]);
+    expect_error(&args, "--gpus", "not both");
+    assert!(!out.exists());
+}

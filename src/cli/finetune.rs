@@ -38,6 +38,10 @@ pub struct Args {
     /// Device and precision.
     #[command(flatten)]
     compute: super::ComputeArgs,
+    /// Data-parallel training on these GPUs of this machine, e.g. --gpus 0,1,2,3 (each batch
+    /// split between them, gradients summed over NCCL; replaces --device).
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    gpus: Vec<usize>,
 }
 
 /// Train and print the best and last evaluations.
@@ -50,7 +54,37 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     let cfg = TrainConfig::build(a.preset.as_deref(), text.as_deref(), &a.overrides)?;
     let metric = cfg.select_metric.clone();
-    let (device, precision) = a.compute.resolve()?;
+    let (device, precision, replicas) = if a.gpus.is_empty() {
+        let (device, precision) = a.compute.resolve()?;
+        (device, precision, Vec::new())
+    } else {
+        if a.compute.device != "cpu" {
+            anyhow::bail!(
+                "give --gpus or --device, not both (--gpus 0,1 trains on cuda:0 and cuda:1)"
+            );
+        }
+        if a.gpus.len() > 1 && !cfg!(feature = "nccl") {
+            anyhow::bail!(
+                "--gpus {}: training on several GPUs needs a build with `--features cuda,nccl` \
+                 (README: several GPUs of one machine)",
+                a.gpus
+                    .iter()
+                    .map(|g| g.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+        }
+        let devices = a
+            .gpus
+            .iter()
+            .map(|g| evax::compute::parse_device(&format!("cuda:{g}")))
+            .collect::<evax::Result<Vec<_>>>()?;
+        (
+            devices[0].clone(),
+            a.compute.precision,
+            devices[1..].to_vec(),
+        )
+    };
     let s = Finetune {
         cfg,
         weights: a.weights,
@@ -60,6 +94,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         device,
         precision,
         kernels: a.kernels.into(),
+        replicas,
     }
     .run(&mut |s| note(s))?;
     print!("{}", summary_text(&s, &metric));

@@ -23,12 +23,18 @@ pub fn trunc_normal(rng: &mut Rng, std: f64) -> f32 {
 
 /// Per-image drop-path scale `[B, 1, 1]`: 0 with probability `rate`, else 1 / (1 - rate).
 pub fn drop_mask(rng: &mut Rng, b: usize, rate: f64, device: &Device) -> Result<Tensor> {
-    Tensor::from_vec(drop_scales(rng, b, rate), (b, 1, 1), device)
+    Tensor::from_vec(drop_scales(rng, b, rate)?, (b, 1, 1), device)
 }
 
-fn drop_scales(rng: &mut Rng, b: usize, rate: f64) -> Vec<f32> {
+/// `b` per-image scales; a generator for some rows of a larger batch ([`Rng::for_rows`])
+/// draws the whole batch's and returns its rows' (an error if they do not fit).
+fn drop_scales(rng: &mut Rng, b: usize, rate: f64) -> Result<Vec<f32>> {
     let keep = 1.0 - rate;
-    (0..b)
+    let (start, total) = rng.batch_rows().unwrap_or((0, b));
+    if start + b > total {
+        candle_core::bail!("rows {start}..{} of a batch of {total}", start + b);
+    }
+    let all: Vec<f32> = (0..total)
         .map(|_| {
             if rng.unit() < keep {
                 (1.0 / keep) as f32
@@ -36,7 +42,8 @@ fn drop_scales(rng: &mut Rng, b: usize, rate: f64) -> Vec<f32> {
                 0.0
             }
         })
-        .collect()
+        .collect();
+    Ok(all[start..start + b].to_vec())
 }
 
 /// Drop-path scales `[B, 1, 1]` (0 or 1 / keep) of every block of a `depth`-block model for
@@ -65,8 +72,8 @@ pub fn drop_path_schedule(
         .collect();
     let mut all = Vec::new();
     for &rate in rates.iter().filter(|&&r| r > 0.0) {
-        all.extend(drop_scales(r, b, rate));
-        all.extend(drop_scales(r, b, rate));
+        all.extend(drop_scales(r, b, rate)?);
+        all.extend(drop_scales(r, b, rate)?);
     }
     let n = all.len() / b.max(1);
     let t = Tensor::from_vec(all, (n, b, 1, 1), device)?;

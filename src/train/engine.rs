@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use super::augment::Augment;
 use super::config::TrainConfig;
 use super::optim::{AdamW, Grads, Groups, Schedule, accumulate, grad_norm};
+use super::parallel::{DataParallel, HostBatch, batch_grads};
 use super::{bce_with_logits, cross_entropy};
 use crate::error::ResultExt;
 use crate::infer::batches;
@@ -192,6 +193,24 @@ impl Run {
 
     /// Train (resuming from `checkpoint-last.safetensors` in the output folder if present).
     pub fn run(&self, model: &mut dyn Trainable) -> crate::Result<RunSummary> {
+        self.run_with(model, None)
+    }
+
+    /// [`Run::run`] with each batch split between `model` and the replicas of `parallel`
+    /// (data-parallel training: the same steps as one device given the whole batch).
+    pub fn run_data_parallel(
+        &self,
+        model: &mut dyn Trainable,
+        parallel: &mut DataParallel,
+    ) -> crate::Result<RunSummary> {
+        self.run_with(model, Some(parallel))
+    }
+
+    fn run_with(
+        &self,
+        model: &mut dyn Trainable,
+        mut parallel: Option<&mut DataParallel>,
+    ) -> crate::Result<RunSummary> {
         let cfg = &self.cfg;
         std::fs::create_dir_all(&self.out_dir).map_err(|e| crate::Error::io(&self.out_dir, e))?;
         let config = self.out_dir.join("config.toml");
@@ -202,6 +221,9 @@ impl Run {
         let last = self.out_dir.join(LAST);
         if last.is_file() {
             prog = load_checkpoint(&last, model, &mut opt)?;
+        }
+        if let Some(dp) = parallel.as_deref_mut() {
+            dp.sync(model)?;
         }
         let resumed_at_step = prog.steps;
         if model.precision() == crate::compute::Precision::F16 && prog.loss_scale.is_none() {
@@ -265,27 +287,38 @@ impl Run {
                     y.extend_from_slice(&self.train.samples[i].1);
                 }
                 let n = idx.len();
-                let s = cfg.input_size;
-                let xt = Tensor::from_vec(x, (n, 3, s, s), model.device())?;
-                let yt = Tensor::from_vec(y, (n, k), model.device())?;
-                let mut rng = Rng::new(mix(&[cfg.seed, epoch as u64, it as u64, 0xd0]));
-                let logits = model.forward_train(&xt, cfg.drop_path, Some(&mut rng))?;
-                let loss = if self.train.single_label {
-                    cross_entropy(&logits, &yt, cfg.smoothing)
-                } else {
-                    bce_with_logits(&logits, &yt)
-                }?;
-                let lv = loss.to_scalar::<f32>()?;
+                let batch = HostBatch {
+                    x: &x,
+                    y: &y,
+                    n,
+                    side: cfg.input_size,
+                    classes: k,
+                };
+                let (single, smoothing) = (self.train.single_label, cfg.smoothing);
+                let loss_fn = move |l: &Tensor, t: &Tensor| {
+                    if single {
+                        cross_entropy(l, t, smoothing)
+                    } else {
+                        bce_with_logits(l, t)
+                    }
+                };
+                let loss_scale = prog.loss_scale.map_or(1.0, |(s, _)| s);
+                let (lv, grads) = batch_grads(
+                    &*model,
+                    parallel.as_deref_mut(),
+                    &batch,
+                    &loss_fn,
+                    cfg.drop_path,
+                    mix(&[cfg.seed, epoch as u64, it as u64, 0xd0]),
+                    loss_scale / cfg.accum_iter as f64,
+                )?;
                 if !lv.is_finite() {
                     return Err(crate::Error::Invalid(format!(
                         "loss is {lv} at epoch {epoch}, batch {it}: stopping (the last checkpoint is {})",
                         last.display()
                     )));
                 }
-                let loss_scale = prog.loss_scale.map_or(1.0, |(s, _)| s);
-                let scaled = (loss * (loss_scale / cfg.accum_iter as f64))?;
-                let store = scaled.backward()?;
-                accumulate(&mut acc, model.grads(&store)?)?;
+                accumulate(&mut acc, grads)?;
                 acc_loss += lv;
                 acc_n += 1;
                 images_since += n;
@@ -321,6 +354,9 @@ impl Run {
                         1.0
                     };
                     opt.update(model.vars(), &acc, lr, &groups, clip / loss_scale)?;
+                    if let Some(dp) = parallel.as_deref_mut() {
+                        dp.sync(model)?;
+                    }
                     acc.clear();
                     prog.steps += 1;
                     this_run += 1;

@@ -6,6 +6,7 @@ pub mod augment;
 pub mod config;
 pub mod engine;
 pub mod optim;
+pub mod parallel;
 pub mod randaugment;
 pub mod setup;
 

@@ -7,6 +7,7 @@ use candle_core::Device;
 
 use super::config::TrainConfig;
 use super::engine::{EvalPoint, Run, RunSummary, TrainData};
+use super::parallel;
 use crate::checkpoint::Checkpoint;
 use crate::compute::Precision;
 use crate::data::{self, DatasetKind, LoadOptions as DataOptions, chexpert::UncertaintyPolicy};
@@ -112,6 +113,9 @@ pub struct Finetune {
     pub precision: Precision,
     /// Kernels.
     pub kernels: Kernels,
+    /// More devices for data-parallel training (each batch split between `device` and
+    /// these; `--gpus`); empty for one device.
+    pub replicas: Vec<Device>,
 }
 
 impl Finetune {
@@ -145,6 +149,37 @@ impl Finetune {
             cfg.eval_split,
             cfg.select_metric
         ));
+        let make = |device: &Device| -> Result<Box<dyn Trainable>> {
+            let mut m = initial_model(
+                self.weights.as_deref(),
+                &cfg.model,
+                cfg.input_size,
+                train.classes.len(),
+                cfg.seed,
+                device,
+                self.kernels,
+            )?;
+            m.set_precision(self.precision)?;
+            Ok(m)
+        };
+        let mut parallel = if self.replicas.is_empty() {
+            None
+        } else {
+            let mut all = vec![self.device.clone()];
+            all.extend(self.replicas.iter().cloned());
+            let collective = parallel::collective_for(&all)?;
+            note(&format!(
+                "data-parallel on {} devices: each batch of {} split between them",
+                all.len(),
+                cfg.batch_size
+            ));
+            Some(parallel::DataParallel::new(
+                model.as_ref(),
+                &self.replicas,
+                collective,
+                &make,
+            )?)
+        };
         let run = Run {
             cfg,
             out_dir: self.out_dir.clone(),
@@ -153,7 +188,10 @@ impl Finetune {
             max_steps: self.max_steps,
             progress: true,
         };
-        let s = run.run(model.as_mut())?;
+        let s = match parallel.as_mut() {
+            Some(dp) => run.run_data_parallel(model.as_mut(), dp)?,
+            None => run.run(model.as_mut())?,
+        };
         let path = self.out_dir.join("summary.json");
         crate::io::write_atomic(&path, &serde_json::to_vec_pretty(&s)?)
             .map_err(|e| Error::io(&path, e))?;
