@@ -337,27 +337,31 @@ fn bench_json_has_the_contract_fields() {
 
 #[test]
 fn device_and_precision_settings_are_checked() {
-    // Reduced precision on the CPU says it computes in f32, and does.
-    let o = evax(&[
-        "bench",
-        "--model",
-        "ti",
-        "--batch",
-        "1",
-        "--iters",
-        "1",
-        "--json",
-        "--precision",
-        "bf16",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("computes in f32 on the CPU"),
-        "{}",
-        stderr(&o)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["precision"], "f32");
+    // bf16 on the CPU: bf16 products where the CPU has AVX512-BF16; elsewhere, and f16
+    // anywhere on the CPU, a note that it computes in f32, and it does.
+    for precision in ["bf16", "f16"] {
+        let o = evax(&[
+            "bench",
+            "--model",
+            "ti",
+            "--batch",
+            "1",
+            "--iters",
+            "1",
+            "--json",
+            "--precision",
+            precision,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        if precision == "bf16" && evax::kernels::bf16::native() {
+            assert_eq!(v["precision"], "bf16");
+            continue;
+        }
+        let note = format!("--precision {precision} computes in f32 on");
+        assert!(stderr(&o).contains(&note), "{}", stderr(&o));
+        assert_eq!(v["precision"], "f32");
+    }
     expect_clear_error(
         &["bench", "--device", "tpu:0"],
         "expected cpu, cuda or cuda:N",

@@ -57,7 +57,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     } else {
         Workload::Forward
     };
-    let (device, precision) = a.compute.resolve()?;
+    let (device, precision) = if a.train {
+        a.compute.resolve_training()?
+    } else {
+        a.compute.resolve()?
+    };
     let target = bench::Target { device, precision };
     let r = bench::run(&a.model, a.batch, a.input_size, a.iters, work, &target)?;
     if a.json {

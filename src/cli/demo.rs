@@ -43,7 +43,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let pick = |v: Option<usize>, classification: usize, seg_default: usize| {
         v.unwrap_or(if seg { seg_default } else { classification })
     };
-    let (device, precision) = a.compute.resolve()?;
+    let (device, precision) = a.compute.resolve_training()?;
     if seg && !device.is_cpu() {
         anyhow::bail!("the segmentation demo runs on the CPU only so far");
     }

@@ -55,7 +55,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let cfg = TrainConfig::build(a.preset.as_deref(), text.as_deref(), &a.overrides)?;
     let metric = cfg.select_metric.clone();
     let (device, precision, replicas) = if a.gpus.is_empty() {
-        let (device, precision) = a.compute.resolve()?;
+        let (device, precision) = a.compute.resolve_training()?;
         (device, precision, Vec::new())
     } else {
         if a.compute.device != "cpu" {

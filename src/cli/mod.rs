@@ -65,7 +65,8 @@ pub struct ComputeArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Arithmetic of matrix products and attention: f32, bf16 or f16 (EVA-X models; norms,
-    /// residuals and outputs stay f32). On the CPU reduced precision falls back to f32.
+    /// residuals and outputs stay f32). On the CPU, bf16 runs the dense layers' products in
+    /// bf16 where the CPU has AVX512-BF16; elsewhere (and for f16) it falls back to f32.
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     pub precision: Precision,
 }
@@ -74,16 +75,36 @@ impl ComputeArgs {
     /// The device and the precision to use on it (a note on stderr where it falls back).
     pub fn resolve(&self) -> evax::Result<(Device, Precision)> {
         let device = compute::parse_device(&self.device)?;
-        let precision = if device.is_cpu() && self.precision != Precision::F32 {
-            eprintln!(
-                "note: --precision {} computes in f32 on the CPU (no reduced-precision CPU \
-                 kernels yet)",
-                self.precision.name()
-            );
-            Precision::F32
-        } else {
-            self.precision
+        let precision = match self.precision {
+            Precision::Bf16 if device.is_cpu() && !evax::kernels::bf16::native() => {
+                eprintln!(
+                    "note: --precision bf16 computes in f32 on this CPU (bf16 products need \
+                     AVX512-BF16, which it lacks; emulating them would be slower than f32)"
+                );
+                Precision::F32
+            }
+            Precision::F16 if device.is_cpu() => {
+                eprintln!("note: --precision f16 computes in f32 on the CPU (no f16 CPU kernels)");
+                Precision::F32
+            }
+            p => p,
         };
+        Ok((device, precision))
+    }
+}
+
+impl ComputeArgs {
+    /// [`ComputeArgs::resolve`] for a command that trains: the CPU's bf16 products are for
+    /// inference only (no bf16 backward kernels), so CPU training computes in f32.
+    pub fn resolve_training(&self) -> evax::Result<(Device, Precision)> {
+        let (device, precision) = self.resolve()?;
+        if device.is_cpu() && precision == Precision::Bf16 {
+            eprintln!(
+                "note: --precision bf16 trains in f32 on the CPU (its bf16 products are for \
+                 inference only so far)"
+            );
+            return Ok((device, Precision::F32));
+        }
         Ok((device, precision))
     }
 }

@@ -473,6 +473,59 @@ pub fn linear(
     })
 }
 
+/// `x W^T + b (+ residual)` in bf16 products ([`super::bf16`]), inference only.
+struct Bf16Linear<'a> {
+    w: &'a super::bf16::Bf16Weight,
+    bias: Option<&'a [f32]>,
+    residual: Option<&'a [f32]>,
+}
+
+impl CustomOp1 for Bf16Linear<'_> {
+    fn name(&self) -> &'static str {
+        "evax-linear-bf16"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "bf16 linear")?;
+        let y = super::bf16::linear(x, self.w, self.bias, self.residual)
+            .map_err(candle_core::Error::Msg)?;
+        let mut shape = l.shape().dims().to_vec();
+        *shape.last_mut().expect("non-scalar") = self.w.n();
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+}
+
+/// `x W^T + b (+ residual)` for CPU f32 `x` `[..., K]` with the weight prepared for bf16
+/// products, `b` `[N]`, residual `[..., N]` (inference: no backward).
+pub fn linear_bf16(
+    x: &Tensor,
+    w: &super::bf16::Bf16Weight,
+    b: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let run = |bias: Option<&[f32]>| -> Result<Tensor> {
+        match residual {
+            Some(r) => read(r, |r| {
+                x.apply_op1_no_bwd(&Bf16Linear {
+                    w,
+                    bias,
+                    residual: Some(r),
+                })
+            }),
+            None => x.apply_op1_no_bwd(&Bf16Linear {
+                w,
+                bias,
+                residual: None,
+            }),
+        }
+    };
+    match b {
+        Some(b) => read(b, |b| run(Some(b))),
+        None => run(None),
+    }
+}
+
 /// Shape of a convolution of `x` `[B, Cin, H, W]` by `w` `[Cout, Cin, kh, kw]`.
 fn conv_shape(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<ConvShape> {
     match (x, w) {

@@ -8,6 +8,7 @@
 //! kernels for f32 tensors on the CPU, the reference path everywhere else (and on request, so
 //! the two can be checked against each other).
 
+pub mod bf16;
 pub mod block_train;
 pub mod candle_ops;
 pub mod conv;

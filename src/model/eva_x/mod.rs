@@ -174,6 +174,8 @@ struct WeightSource<'a> {
     sd: &'a BTreeMap<String, Param>,
     device: &'a Device,
     dtype: DType,
+    /// bf16 on the CPU: f32 tensors, the blocks' dense layers in bf16 products.
+    bf16_cpu: bool,
     used: BTreeSet<String>,
     problems: Vec<String>,
 }
@@ -200,12 +202,23 @@ pub trait TensorSource {
 
     /// A Linear layer from its tensors (inference: with the transposed copy the fused kernels
     /// read).
+    /// Whether the blocks' dense layers compute in bf16 on the CPU (their weights f32).
+    fn bf16_products(&self) -> bool {
+        false
+    }
+
+    /// A dense layer from its weight `[out, in]` and bias, in the compute type.
     fn make_linear(&self, weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Linear> {
         let dt = self.compute_dtype();
-        Linear::new(
+        let l = Linear::new(
             weight.to_dtype(dt)?,
             bias.map(|b| b.to_dtype(dt)).transpose()?,
-        )
+        )?;
+        if self.bf16_products() {
+            l.with_bf16_products()
+        } else {
+            Ok(l)
+        }
     }
 
     /// A Linear layer's weight and bias under `prefix`.
@@ -255,6 +268,10 @@ impl TensorSource for WeightSource<'_> {
     fn compute_dtype(&self) -> DType {
         self.dtype
     }
+
+    fn bf16_products(&self) -> bool {
+        self.bf16_cpu
+    }
 }
 
 /// LayerNorm over the last axis (eps 1e-6).
@@ -280,12 +297,30 @@ pub struct Linear {
     pub(crate) weight_t: Tensor,
     /// `[out]`.
     pub bias: Option<Tensor>,
+    /// The weight prepared for bf16 products on the CPU (`--precision bf16`), if asked for.
+    bf16: Option<Arc<kernels::bf16::Bf16Weight>>,
 }
 
 impl Linear {
     /// `x W^T + b` (inference).
     pub fn forward(&self, x: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
-        kernels::linear(k, x, &self.weight_t, self.bias.as_ref(), None)
+        match &self.bf16 {
+            Some(w) => kernels::candle_ops::linear_bf16(x, w, self.bias.as_ref(), None),
+            None => kernels::linear(k, x, &self.weight_t, self.bias.as_ref(), None),
+        }
+    }
+
+    /// This layer computing its products in bf16 on the CPU (the weight rounded and packed
+    /// once; see [`kernels::bf16`]).
+    pub fn with_bf16_products(mut self) -> candle_core::Result<Self> {
+        let (k, n) = self.weight_t.dims2()?;
+        let wt = self
+            .weight_t
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        self.bf16 = Some(Arc::new(kernels::bf16::Bf16Weight::new(&wt, k, n)));
+        Ok(self)
     }
 
     /// A layer for the differentiable path only: `W^T` kept as a view of `weight` (no copy; the
@@ -294,13 +329,18 @@ impl Linear {
         Ok(Linear {
             weight_t: weight.t()?,
             bias,
+            bf16: None,
         })
     }
 
     /// A layer from its weight `[out, in]` and optional bias `[out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
         let weight_t = weight.t()?.contiguous()?;
-        Ok(Linear { weight_t, bias })
+        Ok(Linear {
+            weight_t,
+            bias,
+            bf16: None,
+        })
     }
 
     /// The weight `[out, in]` (a transposed view).
@@ -320,7 +360,10 @@ impl Linear {
         residual: &Tensor,
         k: Kernels,
     ) -> candle_core::Result<Tensor> {
-        kernels::linear(k, x, &self.weight_t, self.bias.as_ref(), Some(residual))
+        match &self.bf16 {
+            Some(w) => kernels::candle_ops::linear_bf16(x, w, self.bias.as_ref(), Some(residual)),
+            None => kernels::linear(k, x, &self.weight_t, self.bias.as_ref(), Some(residual)),
+        }
     }
 }
 
@@ -516,17 +559,25 @@ impl EvaX {
     ) -> Result<(Self, LoadReport)> {
         let config = infer_config(&sd.tensors, opts)?;
         let (c, p) = (config.dim, config.patch_size);
+        // On the CPU bf16 means bf16 products in the dense layers ([`kernels::bf16`]); the rest
+        // stays f32 as on the f32 path.
+        let bf16_cpu = opts.precision == Precision::Bf16 && opts.device.is_cpu();
         let mut ws = WeightSource {
             sd: &sd.tensors,
             device: &opts.device,
-            dtype: opts.precision.dtype(),
+            dtype: if bf16_cpu {
+                DType::F32
+            } else {
+                opts.precision.dtype()
+            },
+            bf16_cpu,
             used: BTreeSet::new(),
             problems: Vec::new(),
         };
         let patch_weight = ws
             .tensor("patch_embed.proj.weight", &[c, 3, p, p])
             .reshape((c, 3 * p * p))?
-            .to_dtype(opts.precision.dtype())?;
+            .to_dtype(ws.dtype)?;
         let patch_bias = ws.tensor("patch_embed.proj.bias", &[c]);
         let cls_token = ws.tensor("cls_token", &[1, 1, c]);
         let n = 1 + config.train_grid.0 * config.train_grid.1;

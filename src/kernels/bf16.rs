@@ -1,0 +1,491 @@
+//! bf16 matrix products for inference on the CPU (`--precision bf16`): `x W^T + b (+ r)` with
+//! `x` and `W` rounded to bf16 (round to nearest even) and every product summed in f32, as
+//! PyTorch's CPU autocast computes a linear layer. On CPUs with AVX512-BF16 (`vdpbf16ps`: two
+//! bf16 products per f32 lane and instruction, twice the f32 FMA rate) the weights are packed
+//! once into 32-column panels of bf16 pairs and the product runs in an 8 x 32 register tile;
+//! elsewhere the rounded values go through the f32 product, which gives the same numbers up
+//! to the order of the f32 sums (and is no faster than f32: the command line falls back to
+//! f32 there).
+
+use rayon::prelude::*;
+
+/// Rows of the register tile.
+const MR: usize = 8;
+/// Columns of one packed panel (two 16-lane vectors).
+const NP: usize = 32;
+/// Rows of A per parallel task.
+const ROWS_PER_TASK: usize = 64;
+
+/// `x` rounded to the nearest bf16 (ties to even; NaN stays NaN), as its 16 bits.
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) as u16) | 0x40;
+    }
+    let lsb = (b >> 16) & 1;
+    (b.wrapping_add(0x7fff + lsb) >> 16) as u16
+}
+
+/// `x` rounded to the nearest bf16, as an f32.
+pub fn round_bf16(x: f32) -> f32 {
+    f32::from_bits((bf16_bits(x) as u32) << 16)
+}
+
+/// `x` as bf16 pairs: word `p` is `bf16(x[2p]) | bf16(x[2p + 1]) << 16` (zero past the end).
+fn pack_pairs(x: &[f32], out: &mut [u32]) {
+    for (p, o) in out.iter_mut().enumerate() {
+        let lo = x.get(2 * p).map_or(0, |&v| bf16_bits(v) as u32);
+        let hi = x.get(2 * p + 1).map_or(0, |&v| bf16_bits(v) as u32);
+        *o = lo | (hi << 16);
+    }
+}
+
+/// Whether this CPU runs the packed AVX512-BF16 product.
+pub fn native() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static NATIVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *NATIVE.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A weight `W^T` `[k, n]` prepared for bf16 products.
+#[derive(Debug, Clone)]
+pub struct Bf16Weight {
+    k: usize,
+    n: usize,
+    /// AVX512-BF16 panels: for each 32 columns, for each pair of rows `(2p, 2p + 1)`, 32
+    /// words holding `bf16(W^T[2p, j]) | bf16(W^T[2p + 1, j]) << 16` (zeros past the edges).
+    panels: Vec<u32>,
+    /// Elsewhere: `W^T` rounded to bf16, as f32 `[k, n]`.
+    rounded: Vec<f32>,
+}
+
+impl Bf16Weight {
+    /// Prepares `wt` (`W^T`, `[k, n]` row-major) for this CPU.
+    pub fn new(wt: &[f32], k: usize, n: usize) -> Self {
+        Self::with_panels(wt, k, n, native())
+    }
+
+    /// Prepares `wt` as packed panels (`panels`, for the AVX512-BF16 product) or as rounded
+    /// f32 values.
+    pub fn with_panels(wt: &[f32], k: usize, n: usize, panels: bool) -> Self {
+        assert_eq!(wt.len(), k * n, "bf16 weight: shape");
+        if !panels {
+            return Bf16Weight {
+                k,
+                n,
+                panels: Vec::new(),
+                rounded: wt.iter().map(|&v| round_bf16(v)).collect(),
+            };
+        }
+        let pairs = k.div_ceil(2);
+        let npanels = n.div_ceil(NP);
+        let mut out = vec![0u32; npanels * pairs * NP];
+        let at = |r: usize, c: usize| {
+            if r < k && c < n {
+                bf16_bits(wt[r * n + c]) as u32
+            } else {
+                0
+            }
+        };
+        for (j, panel) in out.chunks_exact_mut(pairs * NP).enumerate() {
+            for (p, row) in panel.chunks_exact_mut(NP).enumerate() {
+                for (l, w) in row.iter_mut().enumerate() {
+                    let c = j * NP + l;
+                    *w = at(2 * p, c) | (at(2 * p + 1, c) << 16);
+                }
+            }
+        }
+        Bf16Weight {
+            k,
+            n,
+            panels: out,
+            rounded: Vec::new(),
+        }
+    }
+
+    /// Input width.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Output width.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+}
+
+/// `x W^T + bias (+ residual)` for `x` `[m, k]` row-major; an error unless the shapes fit.
+pub fn linear(
+    x: &[f32],
+    w: &Bf16Weight,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Result<Vec<f32>, String> {
+    let (k, n) = (w.k, w.n);
+    if k == 0 || n == 0 || !x.len().is_multiple_of(k) {
+        return Err(format!(
+            "bf16 linear: {} input values do not fit width {k}",
+            x.len()
+        ));
+    }
+    let m = x.len() / k;
+    if bias.is_some_and(|b| b.len() != n) || residual.is_some_and(|r| r.len() != m * n) {
+        return Err(format!(
+            "bf16 linear: bias or residual does not match the {m}x{n} output"
+        ));
+    }
+    if w.panels.is_empty() {
+        let xq: Vec<f32> = x.par_iter().map(|&v| round_bf16(v)).collect();
+        return Ok(super::cpu::linear_forward(
+            &xq,
+            k,
+            &w.rounded,
+            super::cpu::WeightLayout::Transposed,
+            n,
+            bias,
+            residual,
+        ));
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if native() {
+            // SAFETY: AVX512F and AVX512-BF16 are present; the shapes were checked above.
+            return Ok(unsafe { avx512::linear(x, m, w, bias, residual) });
+        }
+    }
+    Err("bf16 linear: packed weights need a CPU with AVX512-BF16".into())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// Row `x` (k values) as bf16 in natural order into `out` (`2 * pairs` halves, the last
+    /// zero when k is odd), i.e. `pairs` words `bf16(x[2p]) | bf16(x[2p + 1]) << 16`.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512-BF16; `out` holds `ceil(x.len() / 2)` words.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn pack_row(x: &[f32], out: &mut [u32]) {
+        let k = x.len();
+        let full = k / 16;
+        for c in 0..full {
+            // SAFETY: 16 values from 16 * c lie in x; 8 words from 8 * c lie in out
+            // (out holds ceil(k / 2) >= 8 * full words).
+            unsafe {
+                let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.as_ptr().add(16 * c)));
+                let bits: __m256i = std::mem::transmute(v);
+                _mm256_storeu_si256(out.as_mut_ptr().add(8 * c) as *mut __m256i, bits);
+            }
+        }
+        pack_pairs(&x[16 * full..], &mut out[8 * full..]);
+    }
+
+    /// One 8 x 32 tile: rows `a` (8 rows of `pairs` words at stride `pairs`) times one panel,
+    /// plus `bias` and the residual rows, into the first `rows` rows and `cols` columns of
+    /// `c` (row stride `n`).
+    ///
+    /// # Safety
+    /// `a` holds 8 * pairs words, `panel` pairs * 32; `c` (and `residual`, same layout) is
+    /// writable (readable) for `rows` rows of `cols` values at stride `n`; `bias` holds `cols`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile(
+        a: *const u32,
+        pairs: usize,
+        panel: *const u32,
+        c: *mut f32,
+        n: usize,
+        rows: usize,
+        cols: usize,
+        bias: Option<*const f32>,
+        residual: Option<*const f32>,
+    ) {
+        // SAFETY: every access stays inside the ranges of the contract.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            for p in 0..pairs {
+                let b0: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(panel.add(p * NP) as *const __m512i));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                    panel.add(p * NP + 16) as *const __m512i
+                ));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*a.add(r * pairs + p) as i32));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate().take(rows) {
+                for (h, &v) in acc.iter().enumerate() {
+                    let c0 = 16 * h;
+                    if c0 >= cols {
+                        break;
+                    }
+                    let live = (cols - c0).min(16);
+                    let mask: __mmask16 = if live == 16 {
+                        0xffff
+                    } else {
+                        (1u16 << live) - 1
+                    };
+                    let mut y = v;
+                    if let Some(b) = bias {
+                        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, b.add(c0)));
+                    }
+                    if let Some(res) = residual {
+                        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, res.add(r * n + c0)));
+                    }
+                    _mm512_mask_storeu_ps(c.add(r * n + c0), mask, y);
+                }
+            }
+        }
+    }
+
+    /// The product on AVX512-BF16 (see [`super::linear`]).
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512-BF16; the shapes fit (checked by the caller).
+    pub(super) unsafe fn linear(
+        x: &[f32],
+        m: usize,
+        w: &Bf16Weight,
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
+        // SAFETY: the caller's contract; both functions need exactly these CPU features.
+        unsafe { packed_linear(x, m, w, bias, residual, pack_row, tile) }
+    }
+}
+
+/// Packs one row of A (see `avx512::pack_row`).
+type PackRow = unsafe fn(&[f32], &mut [u32]);
+/// One register tile (see `avx512::tile`).
+type Tile = unsafe fn(
+    *const u32,
+    usize,
+    *const u32,
+    *mut f32,
+    usize,
+    usize,
+    usize,
+    Option<*const f32>,
+    Option<*const f32>,
+);
+
+/// The output pointer shared by the tasks (each writes its own rows).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: tasks write disjoint rows.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+/// The packed product: row blocks of A in parallel, each packed into bf16 pairs by
+/// `pack_row`, times every panel of `w` in 8 x 32 tiles by `tile`.
+///
+/// # Safety
+/// `pack_row` and `tile` must be callable on this CPU and keep their contracts; `x` is
+/// `m x w.k`, `bias` `w.n`, `residual` `m x w.n`; `w` holds panels.
+unsafe fn packed_linear(
+    x: &[f32],
+    m: usize,
+    w: &Bf16Weight,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    pack_row: PackRow,
+    tile: Tile,
+) -> Vec<f32> {
+    let (k, n) = (w.k, w.n);
+    let pairs = k.div_ceil(2);
+    let npanels = n.div_ceil(NP);
+    assert_eq!(w.panels.len(), npanels * pairs * NP, "bf16 linear: panels");
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    let out = SendPtr(y.as_mut_ptr());
+    (0..m.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .for_each_init(Vec::new, |abuf: &mut Vec<u32>, t| {
+            let i0 = t * ROWS_PER_TASK;
+            let rows = ROWS_PER_TASK.min(m - i0);
+            let slivers = rows.div_ceil(MR);
+            abuf.clear();
+            abuf.resize(slivers * MR * pairs, 0);
+            for (r, dst) in abuf.chunks_exact_mut(pairs).take(rows).enumerate() {
+                // SAFETY: the caller's contract for pack_row.
+                unsafe { pack_row(&x[(i0 + r) * k..(i0 + r + 1) * k], dst) };
+            }
+            for j in 0..npanels {
+                let panel = w.panels[j * pairs * NP..(j + 1) * pairs * NP].as_ptr();
+                let c0 = j * NP;
+                let cols = NP.min(n - c0);
+                for s in 0..slivers {
+                    let r0 = i0 + s * MR;
+                    let live = MR.min(m - r0);
+                    // SAFETY: rows r0..r0 + live and columns c0..c0 + cols of the m x n
+                    // output, written by this task only (its rows); the A sliver and the
+                    // panel hold 8 * pairs and pairs * 32 words; bias and residual are n and
+                    // m x n values (the caller's contract).
+                    unsafe {
+                        tile(
+                            abuf[s * MR * pairs..].as_ptr(),
+                            pairs,
+                            panel,
+                            out.get().add(r0 * n + c0),
+                            n,
+                            live,
+                            cols,
+                            bias.map(|b| b.as_ptr().add(c0)),
+                            residual.map(|r| r.as_ptr().add(r0 * n + c0)),
+                        )
+                    };
+                }
+            }
+        });
+    // SAFETY: the tasks together wrote every row and column of the m x n output.
+    unsafe { y.set_len(m * n) };
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(round_bf16(1.0), 1.0);
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1).
+        assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0);
+        assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+        assert_eq!(round_bf16(-2.5), -2.5);
+        assert!(round_bf16(f32::NAN).is_nan());
+        assert_eq!(round_bf16(f32::INFINITY), f32::INFINITY);
+        assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
+    }
+
+    /// `avx512::pack_row` in scalar code.
+    unsafe fn pack_row_scalar(x: &[f32], out: &mut [u32]) {
+        pack_pairs(x, out)
+    }
+
+    /// `avx512::tile` in scalar code: lane by lane what `vdpbf16ps` computes (the low
+    /// halves' product plus the high halves', added to the f32 lane).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_scalar(
+        a: *const u32,
+        pairs: usize,
+        panel: *const u32,
+        c: *mut f32,
+        n: usize,
+        rows: usize,
+        cols: usize,
+        bias: Option<*const f32>,
+        residual: Option<*const f32>,
+    ) {
+        let half = |w: u32, hi: bool| f32::from_bits(if hi { w & 0xffff_0000 } else { w << 16 });
+        unsafe {
+            for r in 0..rows {
+                for l in 0..cols {
+                    let mut acc = 0f32;
+                    for p in 0..pairs {
+                        let (av, bv) = (*a.add(r * pairs + p), *panel.add(p * NP + l));
+                        acc += half(av, false) * half(bv, false) + half(av, true) * half(bv, true);
+                    }
+                    let b = bias.map_or(0.0, |b| *b.add(l));
+                    let res = residual.map_or(0.0, |x| *x.add(r * n + l));
+                    *c.add(r * n + l) = acc + b + res;
+                }
+            }
+        }
+    }
+
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        let mut r = crate::rng::Rng::new(seed);
+        (0..len).map(|_| r.unit() as f32 * 2.0 - 1.0).collect()
+    }
+
+    /// The definition in f64 from the bf16-rounded operands.
+    fn definition(x: &[f32], wt: &[f32], k: usize, n: usize, b: &[f32], r: &[f32]) -> Vec<f32> {
+        let m = x.len() / k;
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    s += round_bf16(x[i * k + p]) as f64 * round_bf16(wt[p * n + j]) as f64;
+                }
+                y[i * n + j] = (s + b[j] as f64 + r[i * n + j] as f64) as f32;
+            }
+        }
+        y
+    }
+
+    /// Every way against the definition on shapes with every kind of edge (odd k, k not a
+    /// multiple of 16, n not a multiple of 32 or 16, m not a multiple of 8 or 64): within f32
+    /// summation error. The packed panels go through the scalar emulation of the tile on every
+    /// CPU, and through `vdpbf16ps` where the CPU has AVX512-BF16 (skipped, with a message,
+    /// elsewhere).
+    #[test]
+    fn products_match_the_definition() {
+        let shapes = [
+            (1, 1, 1),
+            (7, 33, 17),
+            (9, 40, 31),
+            (70, 385, 50),
+            (130, 64, 100),
+        ];
+        let mut checked = 0;
+        for &(m, k, n) in &shapes {
+            let (x, wt) = (data(m * k, 1), data(k * n, 2));
+            let (b, r) = (data(n, 3), data(m * n, 4));
+            let want = definition(&x, &wt, k, n, &b, &r);
+            // Rounded, packed through the scalar emulation of the tile, packed natively.
+            let ways: &[u8] = if native() { &[0, 1, 2] } else { &[0, 1] };
+            for &way in ways {
+                let w = Bf16Weight::with_panels(&wt, k, n, way > 0);
+                let got = if way == 1 {
+                    // SAFETY: scalar code; shapes as above.
+                    let m = x.len() / k;
+                    unsafe {
+                        packed_linear(&x, m, &w, Some(&b), Some(&r), pack_row_scalar, tile_scalar)
+                    }
+                } else {
+                    linear(&x, &w, Some(&b), Some(&r)).unwrap()
+                };
+                let panels = way;
+                assert_eq!(got.len(), want.len());
+                let tol = 1e-5 * (k as f32).sqrt();
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= tol,
+                        "{m}x{k}x{n} panels {panels} [{i}]: {g} vs {e}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+        if !native() {
+            eprintln!("products_match_the_definition: no AVX512-BF16 here, packed layout skipped");
+        }
+        assert_eq!(checked, shapes.len() * if native() { 3 } else { 2 });
+        let w = Bf16Weight::with_panels(&data(6, 1), 3, 2, false);
+        assert!(linear(&data(5, 1), &w, None, None).is_err());
+        assert!(linear(&data(6, 1), &w, Some(&[0.0]), None).is_err());
+    }
+}
