@@ -326,16 +326,8 @@ impl AttentionShape<'_> {
         Ok(())
     }
 
-    /// The roped, scaled q, the roped k and v of one (image, head).
-    fn prepare(
-        &self,
-        qkv: &[f32],
-        bi: usize,
-        hi: usize,
-        q: &mut [f32],
-        k: &mut [f32],
-        v: &mut [f32],
-    ) {
+    /// The roped, scaled q and the roped k of one (image, head).
+    fn prepare(&self, qkv: &[f32], bi: usize, hi: usize, q: &mut [f32], k: &mut [f32]) {
         let (t, c) = (self.t, self.c);
         let d = c / self.heads;
         let c3 = 3 * c;
@@ -343,10 +335,9 @@ impl AttentionShape<'_> {
         let base = &qkv[bi * t * c3..(bi + 1) * t * c3];
         for ti in 0..t {
             let row = &base[ti * c3..(ti + 1) * c3];
-            let (qs, ks, vs) = (
+            let (qs, ks) = (
                 &row[hi * d..(hi + 1) * d],
                 &row[c + hi * d..c + (hi + 1) * d],
-                &row[2 * c + hi * d..2 * c + (hi + 1) * d],
             );
             let (qd, kd) = (&mut q[ti * d..(ti + 1) * d], &mut k[ti * d..(ti + 1) * d]);
             if ti == 0 || self.cos.is_empty() {
@@ -358,8 +349,14 @@ impl AttentionShape<'_> {
                 simd::rope_scale(qs, cos, sin, scale, qd);
                 simd::rope_scale(ks, cos, sin, 1.0, kd);
             }
-            v[ti * d..(ti + 1) * d].copy_from_slice(vs);
         }
+    }
+
+    /// Where v of one (image, head) starts in `qkv`: `t` rows of `d` values at stride `3c`
+    /// (read in place by the products).
+    fn v_start(&self, qkv: &[f32], bi: usize, hi: usize) -> *const f32 {
+        let d = self.c / self.heads;
+        qkv[bi * self.t * 3 * self.c + 2 * self.c + hi * d..].as_ptr()
     }
 }
 
@@ -386,17 +383,11 @@ pub fn attention_forward_keeping(
     let mut probs: Vec<f32> = Vec::with_capacity(if keep { b * h * t * t } else { 0 });
     let kept = SharedMut(probs.as_mut_ptr());
     (0..b * h).into_par_iter().for_each_init(
-        || {
-            (
-                vec![0f32; t * d],
-                vec![0f32; t * d],
-                vec![0f32; t * d],
-                vec![0f32; t * t],
-            )
-        },
-        |(q, k, v, sc), bh| {
+        || (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * t]),
+        |(q, k, sc), bh| {
             let (bi, hi) = (bh / h, bh % h);
-            shape.prepare(qkv, bi, hi, q, k, v);
+            shape.prepare(qkv, bi, hi, q, k);
+            let v = shape.v_start(qkv, bi, hi);
             // SAFETY: q and k are t x d, sc is t x t, all owned by this task.
             unsafe {
                 mm(
@@ -424,7 +415,8 @@ pub fn attention_forward_keeping(
             }
             let o = dst;
             // SAFETY: each (image, head) task writes its own d columns of its own image's rows
-            // of `out` (t rows of stride c); no two tasks overlap, and `out` holds b * t * c.
+            // of `out` (t rows of stride c); no two tasks overlap, and `out` holds b * t * c;
+            // v is t rows of d values at stride 3c inside `qkv` (b * t * 3c, checked).
             unsafe {
                 mm(
                     t,
@@ -435,8 +427,8 @@ pub fn attention_forward_keeping(
                     sc.as_ptr(),
                     t,
                     1,
-                    v.as_ptr(),
-                    d,
+                    v,
+                    3 * c,
                     1,
                 )
             };
@@ -486,7 +478,6 @@ pub fn attention_backward(
             (
                 vec![0f32; t * d],
                 vec![0f32; t * d],
-                vec![0f32; t * d],
                 vec![0f32; t * t],
                 vec![0f32; t * t],
                 vec![0f32; t * d],
@@ -494,9 +485,10 @@ pub fn attention_backward(
                 vec![0f32; t * d],
             )
         },
-        |(q, k, v, p, dp, dv, dq, dk), bh| {
+        |(q, k, p, dp, dv, dq, dk), bh| {
             let (bi, hi) = (bh / h, bh % h);
-            shape.prepare(qkv, bi, hi, q, k, v);
+            shape.prepare(qkv, bi, hi, q, k);
+            let v = shape.v_start(qkv, bi, hi);
             let dout = dy[bi * t * c + hi * d..].as_ptr();
             let p: &[f32] = match probs {
                 Some(kept) => &kept[bh * t * t..(bh + 1) * t * t],
@@ -522,11 +514,12 @@ pub fn attention_backward(
                 }
             };
             // SAFETY: every buffer is owned by this task and sized as the shapes say; `dout`
-            // addresses t rows of stride c and width d inside `dy` (checked above).
+            // addresses t rows of stride c and width d inside `dy`, v t rows of stride 3c and
+            // width d inside `qkv` (both checked above).
             unsafe {
                 // dV = P^T dO; dP = dO V^T.
                 mm(t, d, t, dv.as_mut_ptr(), d, p.as_ptr(), 1, t, dout, c, 1);
-                mm(t, t, d, dp.as_mut_ptr(), t, dout, c, 1, v.as_ptr(), 1, d);
+                mm(t, t, d, dp.as_mut_ptr(), t, dout, c, 1, v, 1, 3 * c);
             }
             // dS = P * (dP - rowsum(dP * P)), in place in dp.
             for (dpr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
@@ -596,7 +589,9 @@ pub fn attention_backward(
 
 /// `silu(x1) * x2` for each row `[x1 | x2]` of width `2h` of `x`.
 pub fn swiglu_forward(x: &[f32], h: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len() / 2];
+    assert!(h > 0 && x.len().is_multiple_of(2 * h), "swiglu: rows of 2h");
+    // SAFETY: the rows of x (2h values each) fill every h-value row of out below.
+    let mut out = unsafe { super::unfilled(x.len() / 2) };
     let rows_per_task = (4096 / h.max(1)).max(1);
     out.par_chunks_mut(rows_per_task * h)
         .zip(x.par_chunks(rows_per_task * 2 * h))

@@ -460,8 +460,8 @@ struct GridState {
 pub struct EvaX {
     /// The architecture.
     pub config: EvaXConfig,
-    patch_weight: Tensor,
-    patch_bias: Tensor,
+    /// Patch embedding as a dense layer over flattened `3 x p x p` patches.
+    patch: Linear,
     cls_token: Tensor,
     pos_embed: Param,
     /// The transformer blocks.
@@ -627,8 +627,7 @@ impl EvaX {
         unused.extend(sd.outside.iter().cloned());
         let model = EvaX {
             config,
-            patch_weight,
-            patch_bias,
+            patch: Linear::new(patch_weight, Some(patch_bias))?,
             cls_token,
             pos_embed: pos_embed.expect("checked above"),
             blocks,
@@ -732,12 +731,22 @@ impl EvaX {
         let (b, (gh, gw)) = self.check_input(x)?;
         let x = x.to_device(&self.device)?;
         let c = self.config.dim;
-        let tokens = super::patch_tokens(
-            &x,
-            &self.patch_weight,
-            &self.patch_bias,
-            self.config.patch_size,
-        )?;
+        let p = self.config.patch_size;
+        let bias = self.patch.bias.as_ref().expect("patch bias");
+        let tokens = if self.kernels.fused_for(&x) && self.kernels.fused_for(&self.patch.weight_t) {
+            // The fused product with its bias epilogue over the patches as rows.
+            let (gh, gw) = (x.dim(2)? / p, x.dim(3)? / p);
+            let rows = x
+                .reshape((b, 3, gh, p, gw, p))?
+                .permute((0, 2, 4, 1, 3, 5))?
+                .contiguous()?
+                .reshape((b * gh * gw, 3 * p * p))?;
+            self.patch
+                .forward(&rows, self.kernels)?
+                .reshape((b, gh * gw, c))?
+        } else {
+            super::patch_tokens(&x, &self.patch.weight()?, bias, p)?
+        };
         let cls = self.cls_token.broadcast_as((b, 1, c))?;
         let state = self.grid_state((gh, gw))?;
         Ok(Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&state.pos_embed)?)
