@@ -166,6 +166,14 @@ fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     }
 }
 
+/// [`read`] of an optional tensor (`None` passes `None`).
+fn read_optional<R>(t: Option<&Tensor>, f: impl FnOnce(Option<&[f32]>) -> Result<R>) -> Result<R> {
+    match t {
+        Some(t) => read(t, |v| f(Some(v))),
+        None => f(None),
+    }
+}
+
 /// The last dimension of a shape (0 for a scalar).
 fn last(dims: &[usize]) -> usize {
     dims.last().copied().unwrap_or(0)
@@ -448,28 +456,16 @@ pub fn linear(
     let x = x.contiguous()?;
     let out = wt.dim(1)?;
     read(wt, |w| {
-        let run = |bias: Option<&[f32]>| -> Result<Tensor> {
-            match residual {
-                Some(r) => read(r, |r| {
-                    x.apply_op1_no_bwd(&FusedLinear {
-                        w,
-                        out,
-                        bias,
-                        residual: Some(r),
-                    })
-                }),
-                None => x.apply_op1_no_bwd(&FusedLinear {
+        read_optional(b, |bias| {
+            read_optional(residual, |residual| {
+                x.apply_op1_no_bwd(&FusedLinear {
                     w,
                     out,
                     bias,
-                    residual: None,
-                }),
-            }
-        };
-        match b {
-            Some(b) => read(b, |b| run(Some(b))),
-            None => run(None),
-        }
+                    residual,
+                })
+            })
+        })
     })
 }
 
@@ -504,26 +500,11 @@ pub fn linear_bf16(
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let run = |bias: Option<&[f32]>| -> Result<Tensor> {
-        match residual {
-            Some(r) => read(r, |r| {
-                x.apply_op1_no_bwd(&Bf16Linear {
-                    w,
-                    bias,
-                    residual: Some(r),
-                })
-            }),
-            None => x.apply_op1_no_bwd(&Bf16Linear {
-                w,
-                bias,
-                residual: None,
-            }),
-        }
-    };
-    match b {
-        Some(b) => read(b, |b| run(Some(b))),
-        None => run(None),
-    }
+    read_optional(b, |bias| {
+        read_optional(residual, |residual| {
+            x.apply_op1_no_bwd(&Bf16Linear { w, bias, residual })
+        })
+    })
 }
 
 /// Shape of a convolution of `x` `[B, Cin, H, W]` by `w` `[Cout, Cin, kh, kw]`.
