@@ -9,6 +9,8 @@
 
 use rayon::prelude::*;
 
+use super::sgemm::SendPtr;
+
 /// Rows of the register tile.
 const MR: usize = 8;
 /// Columns of one packed panel (two 16-lane vectors).
@@ -282,21 +284,6 @@ type Tile = unsafe fn(
     Option<*const f32>,
     Option<*const f32>,
 );
-
-/// The output pointer shared by the tasks (each writes its own rows).
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: tasks write disjoint rows.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
 
 /// The packed product: row blocks of A in parallel, each packed into bf16 pairs by
 /// `pack_row`, times every panel of `w` in 8 x 32 tiles by `tile`.

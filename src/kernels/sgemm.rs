@@ -27,17 +27,19 @@ const DIRECT_A_MAX_N: usize = 64;
 /// Columns of one packed B block (`KC x NC`, 4 MiB: L3).
 const NC: usize = 4096;
 
-/// A raw pointer handed to the worker threads; every task writes a disjoint part of C.
+/// A raw pointer handed to the worker threads of a product; every task writes a disjoint part
+/// of its output (also used by the bf16 product).
 #[derive(Clone, Copy)]
-struct SendPtr<T>(T);
-// SAFETY: the tasks of one product touch disjoint tiles of C and only read A and B.
+pub(super) struct SendPtr<T>(pub(super) T);
+// SAFETY: the tasks of one product touch disjoint parts of its output and only read its
+// inputs.
 unsafe impl<T> Send for SendPtr<T> {}
 // SAFETY: as above.
 unsafe impl<T> Sync for SendPtr<T> {}
 
 impl<T: Copy> SendPtr<T> {
     /// The pointer (a method, so closures capture the whole wrapper).
-    fn get(self) -> T {
+    pub(super) fn get(self) -> T {
         self.0
     }
 }

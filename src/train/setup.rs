@@ -128,27 +128,7 @@ impl Finetune {
         let train = train_data(kind, &self.data_dir, &cfg.train_split, &cfg, &mut warnings)?;
         let eval = train_data(kind, &self.data_dir, &cfg.eval_split, &cfg, &mut warnings)?;
         warnings.iter().for_each(|w| note(w));
-        let mut model = initial_model(
-            self.weights.as_deref(),
-            &cfg.model,
-            cfg.input_size,
-            train.classes.len(),
-            cfg.seed,
-            &self.device,
-            self.kernels,
-        )?;
-        model.set_precision(self.precision)?;
-        model.init_notes().iter().for_each(|n| note(n));
-        note(&format!(
-            "fine-tuning {} on {} ({} training images, evaluating on {} {}); selecting on {} {}",
-            model.name(),
-            kind.name(),
-            train.samples.len(),
-            eval.samples.len(),
-            cfg.eval_split,
-            cfg.eval_split,
-            cfg.select_metric
-        ));
+        // The model as configured on `device` (the main one, and any data-parallel replicas).
         let make = |device: &Device| -> Result<Box<dyn Trainable>> {
             let mut m = initial_model(
                 self.weights.as_deref(),
@@ -162,6 +142,18 @@ impl Finetune {
             m.set_precision(self.precision)?;
             Ok(m)
         };
+        let mut model = make(&self.device)?;
+        model.init_notes().iter().for_each(|n| note(n));
+        note(&format!(
+            "fine-tuning {} on {} ({} training images, evaluating on {} {}); selecting on {} {}",
+            model.name(),
+            kind.name(),
+            train.samples.len(),
+            eval.samples.len(),
+            cfg.eval_split,
+            cfg.eval_split,
+            cfg.select_metric
+        ));
         let mut parallel = if self.replicas.is_empty() {
             None
         } else {
