@@ -3,9 +3,11 @@
 //! PyTorch's CPU autocast computes a linear layer. On CPUs with AVX512-BF16 (`vdpbf16ps`: two
 //! bf16 products per f32 lane and instruction, twice the f32 FMA rate) the weights are packed
 //! once into 32-column panels of bf16 pairs and the product runs in an 8 x 32 register tile;
-//! elsewhere the rounded values go through the f32 product, which gives the same numbers up
-//! to the order of the f32 sums (and is no faster than f32: the command line falls back to
-//! f32 there).
+//! on CPUs with AMX (Xeon since Sapphire Rapids) the same panels feed `tdpbf16ps` tile
+//! products (16 x 16 x 32 per instruction) where k is a multiple of 32, as it is in every
+//! EVA-X layer; elsewhere the rounded values go through the f32 product, which gives the same
+//! numbers up to the order of the f32 sums (and is no faster than f32: the command line falls
+//! back to f32 there).
 
 use rayon::prelude::*;
 
@@ -53,6 +55,52 @@ pub fn native() -> bool {
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU runs the packed product on AMX tiles (`tdpbf16ps`: a 16 x 16 f32 tile
+/// times 32 bf16 steps per instruction) and the kernel lets this process use them (Linux's
+/// `arch_prctl` permission for the tile data, asked for once). `EVAX_AMX=0` turns it off (to
+/// compare with the AVX512-BF16 tile).
+pub fn amx() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AMX.get_or_init(|| {
+            if !native() || std::env::var("EVAX_AMX").as_deref() == Ok("0") {
+                return false;
+            }
+            // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+            let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+            if leaf7.edx & (1 << 22) == 0 || leaf7.edx & (1 << 24) == 0 {
+                return false;
+            }
+            const ARCH_GET_XCOMP_PERM: libc::c_long = 0x1022;
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: arch_prctl with these codes takes an integer and writes one u64.
+            let granted = unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                ) == 0
+            };
+            let mut mask = 0u64;
+            // SAFETY: as above; `mask` outlives the call.
+            let read = unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_GET_XCOMP_PERM,
+                    &mut mask as *mut u64,
+                ) == 0
+            };
+            granted && read && mask & (1 << XFEATURE_XTILEDATA) != 0
+        })
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
     {
         false
     }
@@ -159,6 +207,11 @@ pub fn linear(
     }
     #[cfg(target_arch = "x86_64")]
     {
+        if amx() && k.is_multiple_of(amx_tiles::K_STEP) {
+            // SAFETY: AMX (and AVX512-BF16) usable; k is a whole number of tile steps; the
+            // shapes were checked above.
+            return Ok(unsafe { amx_tiles::linear(x, m, w, bias, residual) });
+        }
         if native() {
             // SAFETY: AVX512F and AVX512-BF16 are present; the shapes were checked above.
             return Ok(unsafe { avx512::linear(x, m, w, bias, residual) });
@@ -267,6 +320,193 @@ mod avx512 {
     ) -> Vec<f32> {
         // SAFETY: the caller's contract; both functions need exactly these CPU features.
         unsafe { packed_linear(x, m, w, bias, residual, pack_row, tile) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod amx_tiles {
+    use super::*;
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+
+    /// Depth of one tile step (32 bf16 values, 64 bytes a row).
+    pub(super) const K_STEP: usize = 32;
+    /// Rows of one block of C: two tiles of 16.
+    const BM: usize = 32;
+    /// Rows of A per parallel task (whole blocks).
+    const ROWS_PER_TASK: usize = 4 * BM;
+
+    /// The tile configuration (`ldtilecfg`'s 64-byte operand): palette 1, tiles 0..8 each 16
+    /// rows of 64 bytes (C: 16 x 16 f32; A: 16 rows x 32 bf16; B: 16 pairs x 16 columns).
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    impl Config {
+        fn new() -> Self {
+            let mut c = Config {
+                palette: 1,
+                start_row: 0,
+                reserved: [0; 14],
+                colsb: [0; 16],
+                rows: [0; 16],
+            };
+            for t in 0..8 {
+                c.colsb[t] = 64;
+                c.rows[t] = 16;
+            }
+            c
+        }
+    }
+
+    /// The product on AMX (see [`super::linear`]): C in blocks of 32 rows by one 32-column
+    /// panel, four accumulator tiles (tmm0..4) fed by two A tiles (tmm4, tmm5: rows 0..16 and
+    /// 16..32 of 32 steps) and two B tiles (tmm6, tmm7: the panel's left and right 16
+    /// columns), then stored, and the bias and residual added, through a 32 x 32 buffer.
+    ///
+    /// # Safety
+    /// AMX usable in this process ([`super::amx`]) with AVX512-BF16; `w.k` a multiple of
+    /// [`K_STEP`]; the shapes fit (checked by the caller); `w` holds panels.
+    pub(super) unsafe fn linear(
+        x: &[f32],
+        m: usize,
+        w: &Bf16Weight,
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let (k, n) = (w.k, w.n);
+        let pairs = k / 2;
+        let npanels = n.div_ceil(NP);
+        assert_eq!(w.panels.len(), npanels * pairs * NP, "bf16 linear: panels");
+        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        let out = SendPtr(y.as_mut_ptr());
+        (0..m.div_ceil(ROWS_PER_TASK))
+            .into_par_iter()
+            .for_each_init(Vec::new, |abuf: &mut Vec<u32>, t| {
+                let i0 = t * ROWS_PER_TASK;
+                let rows = ROWS_PER_TASK.min(m - i0);
+                let blocks = rows.div_ceil(BM);
+                abuf.clear();
+                abuf.resize(blocks * BM * pairs, 0);
+                for (r, dst) in abuf.chunks_exact_mut(pairs).take(rows).enumerate() {
+                    // SAFETY: AVX512-BF16 present (the caller's contract).
+                    unsafe { avx512::pack_row(&x[(i0 + r) * k..(i0 + r + 1) * k], dst) };
+                }
+                let cfg = Config::new();
+                let mut ctile = [0f32; BM * NP];
+                // SAFETY: AMX usable (the caller's contract); every tile load reads 16 rows
+                // of 64 bytes inside abuf (blocks * 32 rows of 2 * pairs bf16) or inside a
+                // panel (pairs rows of 128 bytes), every store writes inside `ctile`; the
+                // output rows i0..i0 + rows belong to this task.
+                unsafe {
+                    asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
+                    for blk in 0..blocks {
+                        let a0 = abuf.as_ptr().add(blk * BM * pairs);
+                        let a1 = a0.add(16 * pairs);
+                        let live_rows = BM.min(rows - blk * BM);
+                        for j in 0..npanels {
+                            let panel = w.panels.as_ptr().add(j * pairs * NP);
+                            asm!(
+                                "tilezero tmm0",
+                                "tilezero tmm1",
+                                "tilezero tmm2",
+                                "tilezero tmm3",
+                                options(nostack, nomem)
+                            );
+                            for p in (0..pairs).step_by(K_STEP / 2) {
+                                asm!(
+                                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                                    "tdpbf16ps tmm0, tmm4, tmm6",
+                                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                                    "tdpbf16ps tmm1, tmm4, tmm7",
+                                    "tdpbf16ps tmm2, tmm5, tmm6",
+                                    "tdpbf16ps tmm3, tmm5, tmm7",
+                                    a0 = in(reg) a0.add(p),
+                                    a1 = in(reg) a1.add(p),
+                                    b0 = in(reg) panel.add(p * NP),
+                                    b1 = in(reg) panel.add(p * NP + 16),
+                                    sa = in(reg) pairs * 4,
+                                    sb = in(reg) NP * 4,
+                                    options(nostack, readonly)
+                                );
+                            }
+                            let c = ctile.as_mut_ptr();
+                            asm!(
+                                "tilestored [{c} + {sc}*1], tmm0",
+                                "tilestored [{c1} + {sc}*1], tmm1",
+                                "tilestored [{c2} + {sc}*1], tmm2",
+                                "tilestored [{c3} + {sc}*1], tmm3",
+                                c = in(reg) c,
+                                c1 = in(reg) c.add(16),
+                                c2 = in(reg) c.add(16 * NP),
+                                c3 = in(reg) c.add(16 * NP + 16),
+                                sc = in(reg) NP * 4,
+                                options(nostack)
+                            );
+                            let c0 = j * NP;
+                            epilogue(
+                                &ctile,
+                                out.get().add((i0 + blk * BM) * n + c0),
+                                n,
+                                live_rows,
+                                NP.min(n - c0),
+                                bias.map(|b| b.as_ptr().add(c0)),
+                                residual.map(|r| r.as_ptr().add((i0 + blk * BM) * n + c0)),
+                            );
+                        }
+                    }
+                    asm!("tilerelease", options(nostack, nomem));
+                }
+            });
+        // SAFETY: the tasks together wrote every row and column of the m x n output.
+        unsafe { y.set_len(m * n) };
+        y
+    }
+
+    /// Writes the first `rows` x `cols` of a 32 x 32 block, plus `bias` and the residual rows,
+    /// to `c` (row stride `n`).
+    ///
+    /// # Safety
+    /// `c` (and `residual`, same layout) writable (readable) for `rows` rows of `cols` values
+    /// at stride `n`; `bias` holds `cols`; AVX-512 present.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn epilogue(
+        block: &[f32; BM * NP],
+        c: *mut f32,
+        n: usize,
+        rows: usize,
+        cols: usize,
+        bias: Option<*const f32>,
+        residual: Option<*const f32>,
+    ) {
+        // SAFETY: every access stays inside the ranges of the contract.
+        unsafe {
+            for r in 0..rows {
+                for c0 in (0..cols).step_by(16) {
+                    let live = (cols - c0).min(16);
+                    let mask: __mmask16 = if live == 16 {
+                        0xffff
+                    } else {
+                        (1u16 << live) - 1
+                    };
+                    let mut v = _mm512_loadu_ps(block.as_ptr().add(r * NP + c0));
+                    if let Some(b) = bias {
+                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, b.add(c0)));
+                    }
+                    if let Some(res) = residual {
+                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, res.add(r * n + c0)));
+                    }
+                    _mm512_mask_storeu_ps(c.add(r * n + c0), mask, v);
+                }
+            }
+        }
     }
 }
 
@@ -424,10 +664,10 @@ mod tests {
     }
 
     /// Every way against the definition on shapes with every kind of edge (odd k, k not a
-    /// multiple of 16, n not a multiple of 32 or 16, m not a multiple of 8 or 64): within f32
-    /// summation error. The packed panels go through the scalar emulation of the tile on every
-    /// CPU, and through `vdpbf16ps` where the CPU has AVX512-BF16 (skipped, with a message,
-    /// elsewhere).
+    /// multiple of 16, n not a multiple of 32 or 16, m not a multiple of 8, 32 or 64): within
+    /// f32 summation error. The packed panels go through the scalar emulation of the tile on
+    /// every CPU, through `vdpbf16ps` where the CPU has AVX512-BF16, and through AMX tiles
+    /// (for k a multiple of 32) where it has those (each skipped, with a message, elsewhere).
     #[test]
     fn products_match_the_definition() {
         let shapes = [
@@ -436,41 +676,54 @@ mod tests {
             (9, 40, 31),
             (70, 385, 50),
             (130, 64, 100),
+            (37, 96, 33),
+            (200, 384, 64),
         ];
-        let mut checked = 0;
+        // Rounded f32, the scalar emulation, AVX512-BF16, AMX.
+        let mut checked = [0usize; 4];
         for &(m, k, n) in &shapes {
             let (x, wt) = (data(m * k, 1), data(k * n, 2));
             let (b, r) = (data(n, 3), data(m * n, 4));
             let want = definition(&x, &wt, k, n, &b, &r);
-            // Rounded, packed through the scalar emulation of the tile, packed natively.
-            let ways: &[u8] = if native() { &[0, 1, 2] } else { &[0, 1] };
-            for &way in ways {
+            for (way, count) in checked.iter_mut().enumerate() {
                 let w = Bf16Weight::with_panels(&wt, k, n, way > 0);
-                let got = if way == 1 {
-                    // SAFETY: scalar code; shapes as above.
-                    let m = x.len() / k;
-                    unsafe {
+                // SAFETY (every arm): the features each way needs are checked; shapes as above.
+                let got = match way {
+                    0 => linear(&x, &w, Some(&b), Some(&r)).unwrap(),
+                    1 => unsafe {
                         packed_linear(&x, m, &w, Some(&b), Some(&r), pack_row_scalar, tile_scalar)
-                    }
-                } else {
-                    linear(&x, &w, Some(&b), Some(&r)).unwrap()
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    2 if native() => unsafe { avx512::linear(&x, m, &w, Some(&b), Some(&r)) },
+                    #[cfg(target_arch = "x86_64")]
+                    3 if amx() && k % amx_tiles::K_STEP == 0 => unsafe {
+                        amx_tiles::linear(&x, m, &w, Some(&b), Some(&r))
+                    },
+                    _ => continue,
                 };
-                let panels = way;
                 assert_eq!(got.len(), want.len());
                 let tol = 1e-5 * (k as f32).sqrt();
                 for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (g - e).abs() <= tol,
-                        "{m}x{k}x{n} panels {panels} [{i}]: {g} vs {e}"
+                        "{m}x{k}x{n} way {way} [{i}]: {g} vs {e}"
                     );
                 }
-                checked += 1;
+                *count += 1;
             }
         }
-        if !native() {
-            eprintln!("products_match_the_definition: no AVX512-BF16 here, packed layout skipped");
+        let n = shapes.len();
+        assert_eq!(checked[..2], [n, n]);
+        if native() {
+            assert_eq!(checked[2], n);
+        } else {
+            eprintln!("products_match_the_definition: no AVX512-BF16 here, its tile skipped");
         }
-        assert_eq!(checked, shapes.len() * if native() { 3 } else { 2 });
+        if amx() {
+            assert_eq!(checked[3], 3, "the shapes with k a multiple of 32");
+        } else {
+            eprintln!("products_match_the_definition: no AMX here, its tiles skipped");
+        }
         let w = Bf16Weight::with_panels(&data(6, 1), 3, 2, false);
         assert!(linear(&data(5, 1), &w, None, None).is_err());
         assert!(linear(&data(6, 1), &w, Some(&[0.0]), None).is_err());
