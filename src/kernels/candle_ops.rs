@@ -240,6 +240,29 @@ pub fn attention(qkv: &Tensor, heads: usize, rope: &Arc<RopeTables>, grad: bool)
     }
 }
 
+/// Attention (inference) with both products in bf16 on AMX tiles over a CPU f32 `qkv` `[B,
+/// T, 3C]` (see [`super::bf16::attention`]); `None` where that does not apply here.
+pub fn attention_bf16(
+    qkv: &Tensor,
+    heads: usize,
+    rope: &Arc<RopeTables>,
+) -> Result<Option<Tensor>> {
+    let (b, t, c3) = qkv.dims3()?;
+    if !c3.is_multiple_of(3) {
+        candle_core::bail!("attention: qkv width {c3} is not 3C");
+    }
+    let op = Attention {
+        heads,
+        rope: rope.clone(),
+    };
+    let shape = op.shape(b, t, c3);
+    let out = read(qkv, |x| {
+        super::bf16::attention(x, &shape).map_err(candle_core::Error::Msg)
+    })?;
+    out.map(|o| Tensor::from_vec(o, (b, t, c3 / 3), qkv.device()))
+        .transpose()
+}
+
 /// `silu(x1) * x2` over `[x1 | x2]`.
 struct SwiGlu;
 

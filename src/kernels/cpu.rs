@@ -327,7 +327,7 @@ impl AttentionShape<'_> {
     }
 
     /// The roped, scaled q and the roped k of one (image, head).
-    fn prepare(&self, qkv: &[f32], bi: usize, hi: usize, q: &mut [f32], k: &mut [f32]) {
+    pub(super) fn prepare(&self, qkv: &[f32], bi: usize, hi: usize, q: &mut [f32], k: &mut [f32]) {
         let (t, c) = (self.t, self.c);
         let d = c / self.heads;
         let c3 = 3 * c;
@@ -354,7 +354,7 @@ impl AttentionShape<'_> {
 
     /// Where v of one (image, head) starts in `qkv`: `t` rows of `d` values at stride `3c`
     /// (read in place by the products).
-    fn v_start(&self, qkv: &[f32], bi: usize, hi: usize) -> *const f32 {
+    pub(super) fn v_start(&self, qkv: &[f32], bi: usize, hi: usize) -> *const f32 {
         let d = self.c / self.heads;
         qkv[bi * self.t * 3 * self.c + 2 * self.c + hi * d..].as_ptr()
     }

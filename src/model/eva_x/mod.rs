@@ -439,7 +439,16 @@ impl Block {
     /// `x + attn(norm1(x))`, then `+ mlp(norm2(x))`.
     pub fn forward(&self, x: &Tensor, rope: &Arc<RopeTables>, k: Kernels) -> Result<Tensor> {
         let y = self.norm1.forward(x, k)?;
-        let a = kernels::attention(k, &self.qkv.forward(&y, k)?, self.heads, rope, false)?;
+        let qkv = self.qkv.forward(&y, k)?;
+        // With bf16 products on the CPU, attention's products are bf16 too where AMX runs them.
+        let bf16 = match self.qkv.bf16 {
+            Some(_) => kernels::candle_ops::attention_bf16(&qkv, self.heads, rope)?,
+            None => None,
+        };
+        let a = match bf16 {
+            Some(a) => a,
+            None => kernels::attention(k, &qkv, self.heads, rope, false)?,
+        };
         let x = self.proj.forward_add(&a, x, k)?;
         let y = self.norm2.forward(&x, k)?;
         let mut h = kernels::swiglu(k, &self.w12.forward(&y, k)?, false)?;
