@@ -211,7 +211,7 @@ pub fn linear(
         if amx() && k.is_multiple_of(amx_tiles::K_STEP) {
             // SAFETY: AMX (and AVX512-BF16) usable; k is a whole number of tile steps; the
             // shapes were checked above.
-            return Ok(unsafe { amx_tiles::linear(x, m, w, bias, residual) });
+            return Ok(unsafe { amx_tiles::linear(x, m, w, bias, residual, false) });
         }
         if native() {
             // SAFETY: AVX512F and AVX512-BF16 are present; the shapes were checked above.
@@ -219,6 +219,26 @@ pub fn linear(
         }
     }
     Err("bf16 linear: packed weights need a CPU with AVX512-BF16".into())
+}
+
+/// `silu(y1) * y2` for `[y1 | y2] = x W^T + bias` (SwiGLU after its packed dense layer), the
+/// product in bf16 as [`linear`]; on AMX each block of rows goes through SwiGLU while it is in
+/// cache. An error unless the shapes fit (an even output width).
+pub fn linear_swiglu(x: &[f32], w: &Bf16Weight, bias: Option<&[f32]>) -> Result<Vec<f32>, String> {
+    if !w.n.is_multiple_of(2) {
+        return Err(format!("bf16 SwiGLU: width {} is not 2h", w.n));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if amx() && !w.panels.is_empty() && w.k.is_multiple_of(amx_tiles::K_STEP) {
+        let (k, n) = (w.k, w.n);
+        if x.len().is_multiple_of(k) && bias.is_none_or(|b| b.len() == n) {
+            // SAFETY: AMX usable; k a whole number of tile steps; the shapes were checked
+            // (n even, no residual).
+            return Ok(unsafe { amx_tiles::linear(x, x.len() / k, w, bias, None, true) });
+        }
+    }
+    let y = linear(x, w, bias, None)?;
+    Ok(super::cpu::swiglu_forward(&y, w.n / 2))
 }
 
 /// Multi-head attention with RoPE over `qkv` `[b, t, 3c]` with both products in bf16 (summed
@@ -539,17 +559,21 @@ mod amx_tiles {
         }
     }
 
-    /// The product on AMX (see [`super::linear`]): row tasks of four 32-row [`block`]s.
+    /// The product on AMX (see [`super::linear`]): row tasks of four 32-row [`block`]s; with
+    /// `swiglu`, each block's rows go through SwiGLU (see [`super::linear_swiglu`]) while
+    /// they are in cache, and the output is `n / 2` wide.
     ///
     /// # Safety
     /// AMX usable in this process ([`super::amx`]) with AVX512-BF16; `w.k` a multiple of
-    /// [`K_STEP`]; the shapes fit (checked by the caller); `w` holds panels.
+    /// [`K_STEP`]; the shapes fit (checked by the caller; with `swiglu`, n even and no
+    /// residual); `w` holds panels.
     pub(super) unsafe fn linear(
         x: &[f32],
         m: usize,
         w: &Bf16Weight,
         bias: Option<&[f32]>,
         residual: Option<&[f32]>,
+        swiglu: bool,
     ) -> Vec<f32> {
         let (k, n) = (w.k, w.n);
         let pairs = k / 2;
@@ -558,44 +582,69 @@ mod amx_tiles {
             n.div_ceil(NP) * pairs * NP,
             "bf16 linear: panels"
         );
-        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        let width = if swiglu { n / 2 } else { n };
+        let mut y: Vec<f32> = Vec::with_capacity(m * width);
         let out = SendPtr(y.as_mut_ptr());
         (0..m.div_ceil(ROWS_PER_TASK))
             .into_par_iter()
-            .for_each_init(Vec::new, |abuf: &mut Vec<u32>, t| {
-                let i0 = t * ROWS_PER_TASK;
-                let rows = ROWS_PER_TASK.min(m - i0);
-                let blocks = rows.div_ceil(BM);
-                abuf.clear();
-                abuf.resize(blocks * BM * pairs, 0);
-                for (r, dst) in abuf.chunks_exact_mut(pairs).take(rows).enumerate() {
-                    // SAFETY: AVX512-BF16 present (the caller's contract).
-                    unsafe { avx512::pack_row(&x[(i0 + r) * k..(i0 + r + 1) * k], dst) };
-                }
-                let mut ctile = [0f32; BM * NP];
-                // SAFETY: AMX usable (the caller's contract); each block reads its 32 rows of
-                // abuf and the panels, and writes rows of the output that belong to this task.
-                unsafe {
-                    with_tiles(|| {
-                        for blk in 0..blocks {
-                            let r0 = i0 + blk * BM;
-                            block(
-                                abuf.as_ptr().add(blk * BM * pairs),
-                                pairs,
-                                BM.min(rows - blk * BM),
-                                w.panels.as_ptr(),
-                                n,
-                                (out.get().add(r0 * n), n),
-                                bias.map(|b| b.as_ptr()),
-                                residual.map(|r| (r.as_ptr().add(r0 * n), n)),
-                                &mut ctile,
-                            );
-                        }
-                    })
-                };
-            });
-        // SAFETY: the tasks together wrote every row and column of the m x n output.
-        unsafe { y.set_len(m * n) };
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(abuf, rows_buf): &mut (Vec<u32>, Vec<f32>), t| {
+                    let i0 = t * ROWS_PER_TASK;
+                    let rows = ROWS_PER_TASK.min(m - i0);
+                    let blocks = rows.div_ceil(BM);
+                    abuf.clear();
+                    abuf.resize(blocks * BM * pairs, 0);
+                    for (r, dst) in abuf.chunks_exact_mut(pairs).take(rows).enumerate() {
+                        // SAFETY: AVX512-BF16 present (the caller's contract).
+                        unsafe { avx512::pack_row(&x[(i0 + r) * k..(i0 + r + 1) * k], dst) };
+                    }
+                    if swiglu {
+                        rows_buf.resize(BM * n, 0.0);
+                    }
+                    let mut ctile = [0f32; BM * NP];
+                    // SAFETY: AMX usable (the caller's contract); each block reads its 32 rows of
+                    // abuf and the panels, and writes rows of the output that belong to this task
+                    // (directly, or through `rows_buf` and SwiGLU).
+                    unsafe {
+                        with_tiles(|| {
+                            for blk in 0..blocks {
+                                let r0 = i0 + blk * BM;
+                                let live = BM.min(rows - blk * BM);
+                                let dst = if swiglu {
+                                    rows_buf.as_mut_ptr()
+                                } else {
+                                    out.get().add(r0 * n)
+                                };
+                                block(
+                                    abuf.as_ptr().add(blk * BM * pairs),
+                                    pairs,
+                                    live,
+                                    w.panels.as_ptr(),
+                                    n,
+                                    (dst, n),
+                                    bias.map(|b| b.as_ptr()),
+                                    residual.map(|r| (r.as_ptr().add(r0 * n), n)),
+                                    &mut ctile,
+                                );
+                                if swiglu {
+                                    let h = std::slice::from_raw_parts_mut(
+                                        out.get().add(r0 * width),
+                                        live * width,
+                                    );
+                                    crate::kernels::cpu::simd::swiglu_rows(
+                                        &rows_buf[..live * n],
+                                        h,
+                                        width,
+                                    );
+                                }
+                            }
+                        })
+                    };
+                },
+            );
+        // SAFETY: the tasks together wrote every row and column of the m x width output.
+        unsafe { y.set_len(m * width) };
         y
     }
 
@@ -920,6 +969,34 @@ mod tests {
         assert!(attention(&qkv, &bad).is_err());
     }
 
+    /// SwiGLU after the product (fused per block of rows on AMX, after the whole product
+    /// elsewhere) against SwiGLU of the definition, on row counts across task and block edges:
+    /// within f32 summation error (scaled by the gate's slope, at most 1.1).
+    #[test]
+    fn swiglu_after_the_product_matches_the_definition() {
+        let (k, n) = (64, 2 * 40);
+        let mut compared = 0;
+        for m in [1, 33, 200] {
+            let (x, wt, b) = (data(m * k, 6), data(k * n, 7), data(n, 8));
+            let want = definition(&x, &wt, k, n, &b, &vec![0.0; m * n]);
+            let w = Bf16Weight::new(&wt, k, n);
+            let got = linear_swiglu(&x, &w, Some(&b)).unwrap();
+            assert_eq!(got.len(), m * n / 2);
+            let h = n / 2;
+            for (i, g) in got.iter().enumerate() {
+                let (r, j) = (i / h, i % h);
+                let (a, v) = (want[r * n + j] as f64, want[r * n + h + j] as f64);
+                let e = a / (1.0 + (-a).exp()) * v;
+                let tol = 1.1 * 1e-5 * (k as f64).sqrt() * (1.0 + v.abs() + a.abs());
+                assert!((*g as f64 - e).abs() <= tol, "{m} rows [{i}]: {g} vs {e}");
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, (1 + 33 + 200) * n / 2);
+        let odd = Bf16Weight::new(&data(k * 3, 7), k, 3);
+        assert!(linear_swiglu(&data(k, 6), &odd, None).is_err());
+    }
+
     #[test]
     fn rounding_is_to_nearest_even() {
         assert_eq!(round_bf16(1.0), 1.0);
@@ -1023,7 +1100,7 @@ mod tests {
                     2 if native() => unsafe { avx512::linear(&x, m, &w, Some(&b), Some(&r)) },
                     #[cfg(target_arch = "x86_64")]
                     3 if amx() && k % amx_tiles::K_STEP == 0 => unsafe {
-                        amx_tiles::linear(&x, m, &w, Some(&b), Some(&r))
+                        amx_tiles::linear(&x, m, &w, Some(&b), Some(&r), false)
                     },
                     _ => continue,
                 };

@@ -497,6 +497,8 @@ struct Bf16Linear<'a> {
     w: &'a super::bf16::Bf16Weight,
     bias: Option<&'a [f32]>,
     residual: Option<&'a [f32]>,
+    /// SwiGLU after the product (no residual; half the width).
+    swiglu: bool,
 }
 
 impl CustomOp1 for Bf16Linear<'_> {
@@ -506,10 +508,14 @@ impl CustomOp1 for Bf16Linear<'_> {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, "bf16 linear")?;
-        let y = super::bf16::linear(x, self.w, self.bias, self.residual)
-            .map_err(candle_core::Error::Msg)?;
+        let y = if self.swiglu {
+            super::bf16::linear_swiglu(x, self.w, self.bias)
+        } else {
+            super::bf16::linear(x, self.w, self.bias, self.residual)
+        }
+        .map_err(candle_core::Error::Msg)?;
         let mut shape = l.shape().dims().to_vec();
-        *shape.last_mut().expect("non-scalar") = self.w.n();
+        *shape.last_mut().expect("non-scalar") = self.w.n() / if self.swiglu { 2 } else { 1 };
         Ok((CpuStorage::F32(y), Shape::from(shape)))
     }
 }
@@ -525,7 +531,30 @@ pub fn linear_bf16(
     let x = x.contiguous()?;
     read_optional(b, |bias| {
         read_optional(residual, |residual| {
-            x.apply_op1_no_bwd(&Bf16Linear { w, bias, residual })
+            x.apply_op1_no_bwd(&Bf16Linear {
+                w,
+                bias,
+                residual,
+                swiglu: false,
+            })
+        })
+    })
+}
+
+/// SwiGLU after the product: `silu(y1) * y2` for `[y1 | y2] = x W^T + b`, for CPU f32 `x`
+/// `[..., K]` with the weight prepared for bf16 products (inference: no backward).
+pub fn linear_bf16_swiglu(
+    x: &Tensor,
+    w: &super::bf16::Bf16Weight,
+    b: Option<&Tensor>,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    read_optional(b, |bias| {
+        x.apply_op1_no_bwd(&Bf16Linear {
+            w,
+            bias,
+            residual: None,
+            swiglu: true,
         })
     })
 }

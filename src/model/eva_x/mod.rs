@@ -310,6 +310,15 @@ impl Linear {
         }
     }
 
+    /// `silu(y1) * y2` for `[y1 | y2] = x W^T + b` (inference; fused with the product where
+    /// it computes in bf16).
+    pub fn forward_swiglu(&self, x: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
+        match &self.bf16 {
+            Some(w) => kernels::candle_ops::linear_bf16_swiglu(x, w, self.bias.as_ref()),
+            None => kernels::swiglu(k, &self.forward(x, k)?, false),
+        }
+    }
+
     /// This layer computing its products in bf16 on the CPU (the weight rounded and packed
     /// once; see [`kernels::bf16`]).
     pub fn with_bf16_products(mut self) -> candle_core::Result<Self> {
@@ -451,7 +460,7 @@ impl Block {
         };
         let x = self.proj.forward_add(&a, x, k)?;
         let y = self.norm2.forward(&x, k)?;
-        let mut h = kernels::swiglu(k, &self.w12.forward(&y, k)?, false)?;
+        let mut h = self.w12.forward_swiglu(&y, k)?;
         if let Some(ln) = &self.ffn_ln {
             h = ln.forward(&h, k)?;
         }
