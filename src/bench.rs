@@ -468,5 +468,8 @@ fn place(r: &BenchResult) -> String {
     if r.precision != Precision::F32 {
         s.push_str(&format!(", {}", r.precision.name()));
     }
+    if r.device == "cpu" && r.precision == Precision::Bf16 {
+        s.push_str(&format!(" ({})", crate::kernels::bf16::cpu_unit()));
+    }
     s
 }

@@ -107,6 +107,18 @@ pub fn amx() -> bool {
     }
 }
 
+/// Which unit computes the CPU's bf16 products here (for reports): `AMX`, `AVX512-BF16`, or
+/// `emulated` (rounded operands through the f32 product).
+pub fn cpu_unit() -> &'static str {
+    if amx() {
+        "AMX"
+    } else if native() {
+        "AVX512-BF16"
+    } else {
+        "emulated"
+    }
+}
+
 /// A weight `W^T` `[k, n]` prepared for bf16 products.
 #[derive(Debug, Clone)]
 pub struct Bf16Weight {
