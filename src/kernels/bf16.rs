@@ -519,6 +519,18 @@ mod amx_tiles {
                     ),
                 }
                 for p in (0..pairs).step_by(K_STEP / 2) {
+                    // The next step's B rows (32 lines) and A rows (32 lines) into L1.
+                    let next = p + K_STEP / 2;
+                    if next < pairs {
+                        let bn = panel.add(next * NP) as *const i8;
+                        for line in 0..32 {
+                            _mm_prefetch::<_MM_HINT_T0>(bn.add(64 * line));
+                        }
+                        for r in 0..16 {
+                            _mm_prefetch::<_MM_HINT_T0>(a.add(r * pairs + next) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(a1.add(r * pairs + next) as *const i8);
+                        }
+                    }
                     asm!(
                         "tileloadd tmm4, [{a0} + {sa}*1]",
                         "tileloadd tmm6, [{b0} + {sb}*1]",
