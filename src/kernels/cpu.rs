@@ -149,6 +149,38 @@ pub mod simd {
     }
 
     dispatch! {
+        /// LayerNorm of each `w.len()`-long row of `x` into `y`: `(x - mean) / sqrt(var + eps)
+        /// * w + b`, the mean and the (biased) variance summed in 16 lanes.
+        fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+            let c = w.len();
+            for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                let mut s = [0f32; LANES];
+                let mut chunks = xr.chunks_exact(LANES);
+                for ch in &mut chunks {
+                    for (s, &v) in s.iter_mut().zip(ch) {
+                        *s += v;
+                    }
+                }
+                let sum: f32 = s.iter().chain(chunks.remainder()).sum();
+                let mean = sum / c as f32;
+                let mut q = [0f32; LANES];
+                let mut chunks = xr.chunks_exact(LANES);
+                for ch in &mut chunks {
+                    for (q, &v) in q.iter_mut().zip(ch) {
+                        *q += (v - mean) * (v - mean);
+                    }
+                }
+                let tail: f32 = chunks.remainder().iter().map(|&v| (v - mean) * (v - mean)).sum();
+                let var = (q.iter().sum::<f32>() + tail) / c as f32;
+                let rstd = 1.0 / (var + eps).sqrt();
+                for (((y, &v), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                    *y = (v - mean) * rstd * w + b;
+                }
+            }
+        }
+    }
+
+    dispatch! {
         /// `out[i] = silu(x[i]) * x[h + i]` for each `2h`-long row of `x` into `h`-long rows.
         fn swiglu_rows(x: &[f32], out: &mut [f32], h: usize) {
             for (row, o) in x.chunks_exact(2 * h).zip(out.chunks_exact_mut(h)) {
@@ -660,19 +692,11 @@ pub fn swiglu_backward(x: &[f32], dy: &[f32], h: usize) -> Vec<f32> {
 /// LayerNorm of each row of width `w.len()` of `x`, with weight `w` and bias `b`.
 pub fn layer_norm_forward(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
     let c = w.len();
-    let mut y = vec![0f32; x.len()];
+    // SAFETY: `simd::layer_norm_rows` writes every value of each row.
+    let mut y = unsafe { unfilled(x.len()) };
     y.par_chunks_mut(ROWS_PER_TASK * c)
         .zip(x.par_chunks(ROWS_PER_TASK * c))
-        .for_each(|(y, x)| {
-            for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                let mean = xr.iter().sum::<f32>() / c as f32;
-                let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
-                let rstd = 1.0 / (var + eps).sqrt();
-                for i in 0..c {
-                    yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
-                }
-            }
-        });
+        .for_each(|(y, x)| simd::layer_norm_rows(x, w, b, eps, y));
     y
 }
 
