@@ -36,15 +36,6 @@ pub fn round_bf16(x: f32) -> f32 {
     f32::from_bits((bf16_bits(x) as u32) << 16)
 }
 
-/// `x` as bf16 pairs: word `p` is `bf16(x[2p]) | bf16(x[2p + 1]) << 16` (zero past the end).
-fn pack_pairs(x: &[f32], out: &mut [u32]) {
-    for (p, o) in out.iter_mut().enumerate() {
-        let lo = x.get(2 * p).map_or(0, |&v| bf16_bits(v) as u32);
-        let hi = x.get(2 * p + 1).map_or(0, |&v| bf16_bits(v) as u32);
-        *o = lo | (hi << 16);
-    }
-}
-
 /// Whether this CPU runs the packed AVX512-BF16 product.
 pub fn native() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -52,6 +43,7 @@ pub fn native() -> bool {
         static NATIVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *NATIVE.get_or_init(|| {
             std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
                 && std::arch::is_x86_feature_detected!("avx512bf16")
         })
     }
@@ -275,8 +267,9 @@ mod avx512 {
     /// zero when k is odd), i.e. `pairs` words `bf16(x[2p]) | bf16(x[2p + 1]) << 16`.
     ///
     /// # Safety
-    /// The CPU has AVX512F and AVX512-BF16; `out` holds `ceil(x.len() / 2)` words.
-    #[target_feature(enable = "avx512f,avx512bf16")]
+    /// The CPU has AVX512F, AVX512VL and AVX512-BF16; `out` holds at least `ceil(x.len() /
+    /// 2)` words (any more are zeroed).
+    #[target_feature(enable = "avx512f,avx512vl,avx512bf16")]
     pub(super) unsafe fn pack_row(x: &[f32], out: &mut [u32]) {
         let k = x.len();
         let full = k / 16;
@@ -289,7 +282,21 @@ mod avx512 {
                 _mm256_storeu_si256(out.as_mut_ptr().add(8 * c) as *mut __m256i, bits);
             }
         }
-        pack_pairs(&x[16 * full..], &mut out[8 * full..]);
+        let rest = k - 16 * full;
+        if rest > 0 {
+            // The last values through a mask: zeros past the end, so an odd k's last high
+            // half is zero.
+            // SAFETY: `rest` values from 16 * full lie in x; ceil(rest / 2) words from
+            // 8 * full lie in out.
+            unsafe {
+                let mask: __mmask16 = (1u16 << rest) - 1;
+                let v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x.as_ptr().add(16 * full)));
+                let bits: __m256i = std::mem::transmute(v);
+                let words = ((1u16 << rest.div_ceil(2)) - 1) as __mmask8;
+                _mm256_mask_storeu_epi32(out.as_mut_ptr().add(8 * full) as *mut i32, words, bits);
+            }
+        }
+        out[k.div_ceil(2)..].fill(0);
     }
 
     /// Two rows `r0` and `r1` (`len` values each; `r1` absent: zeros) as bf16 pairs across
@@ -617,8 +624,9 @@ mod amx_tiles {
                     let i0 = t * ROWS_PER_TASK;
                     let rows = ROWS_PER_TASK.min(m - i0);
                     let blocks = rows.div_ceil(BM);
-                    abuf.clear();
+                    // Every live row is packed whole below; only the padding rows are zeroed.
                     abuf.resize(blocks * BM * pairs, 0);
+                    abuf[rows * pairs..].fill(0);
                     for (r, dst) in abuf.chunks_exact_mut(pairs).take(rows).enumerate() {
                         // SAFETY: AVX512-BF16 present (the caller's contract).
                         unsafe { avx512::pack_row(&x[(i0 + r) * k..(i0 + r + 1) * k], dst) };
@@ -1033,9 +1041,14 @@ mod tests {
         assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
     }
 
-    /// `avx512::pack_row` in scalar code.
+    /// `avx512::pack_row` in scalar code: word `p` is `bf16(x[2p]) | bf16(x[2p + 1]) << 16`
+    /// (zero past the end).
     unsafe fn pack_row_scalar(x: &[f32], out: &mut [u32]) {
-        pack_pairs(x, out)
+        for (p, o) in out.iter_mut().enumerate() {
+            let lo = x.get(2 * p).map_or(0, |&v| bf16_bits(v) as u32);
+            let hi = x.get(2 * p + 1).map_or(0, |&v| bf16_bits(v) as u32);
+            *o = lo | (hi << 16);
+        }
     }
 
     /// `avx512::tile` in scalar code: lane by lane what `vdpbf16ps` computes (the low
