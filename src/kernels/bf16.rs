@@ -590,6 +590,30 @@ mod amx_tiles {
         }
     }
 
+    /// `C = A B` for `rows` rows of A (packed as for [`block`], zero past `rows` to a whole
+    /// block) and B's panels, block by block.
+    ///
+    /// # Safety
+    /// As [`block`], for `ceil(rows / 32)` blocks of A and `rows` rows of C.
+    unsafe fn product(
+        a: *const u32,
+        pairs: usize,
+        rows: usize,
+        panels: *const u32,
+        n: usize,
+        (c, c_rs): (*mut f32, usize),
+        ctile: &mut [f32; BM * NP],
+    ) {
+        for blk in 0..rows.div_ceil(BM) {
+            let live = BM.min(rows - blk * BM);
+            // SAFETY: the caller's contract, block by block.
+            unsafe {
+                let (a, c) = (a.add(blk * BM * pairs), c.add(blk * BM * c_rs));
+                block(a, pairs, live, panels, n, (c, c_rs), None, None, ctile);
+            }
+        }
+    }
+
     /// The product on AMX (see [`super::linear`]): row tasks of four 32-row [`block`]s; with
     /// `swiglu`, each block's rows go through SwiGLU (see [`super::linear_swiglu`]) while
     /// they are in cache, and the output is `n / 2` wide.
@@ -756,38 +780,24 @@ mod amx_tiles {
                 // columns of its image's t rows of `out` (b * t * c values).
                 unsafe {
                     with_tiles(|| {
-                        for blk in 0..tp / BM {
-                            block(
-                                buf.q_rows.as_ptr().add(blk * BM * dpairs),
-                                dpairs,
-                                BM.min(t - blk * BM),
-                                buf.k_panels.as_ptr(),
-                                t,
-                                (buf.scores.as_mut_ptr().add(blk * BM * t), t),
-                                None,
-                                None,
-                                &mut buf.ctile,
-                            );
+                        let scores = (buf.scores.as_mut_ptr(), t);
+                        let q = buf.q_rows.as_ptr();
+                        product(
+                            q,
+                            dpairs,
+                            t,
+                            buf.k_panels.as_ptr(),
+                            t,
+                            scores,
+                            &mut buf.ctile,
+                        );
+                        crate::kernels::cpu::simd::softmax_rows(&mut buf.scores, t);
+                        for (ti, row) in buf.scores.chunks_exact(t).enumerate() {
+                            avx512::pack_row(row, &mut buf.p_rows[ti * tpairs..][..tpairs]);
                         }
-                    });
-                    crate::kernels::cpu::simd::softmax_rows(&mut buf.scores, t);
-                    for (ti, row) in buf.scores.chunks_exact(t).enumerate() {
-                        avx512::pack_row(row, &mut buf.p_rows[ti * tpairs..][..tpairs]);
-                    }
-                    with_tiles(|| {
-                        for blk in 0..tp / BM {
-                            block(
-                                buf.p_rows.as_ptr().add(blk * BM * tpairs),
-                                tpairs,
-                                BM.min(t - blk * BM),
-                                buf.v_panels.as_ptr(),
-                                d,
-                                (o.get().add((bi * t + blk * BM) * c + hi * d), c),
-                                None,
-                                None,
-                                &mut buf.ctile,
-                            );
-                        }
+                        let own = (o.get().add(bi * t * c + hi * d), c);
+                        let p = buf.p_rows.as_ptr();
+                        product(p, tpairs, t, buf.v_panels.as_ptr(), d, own, &mut buf.ctile);
                     });
                 }
             },
