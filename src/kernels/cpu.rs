@@ -250,44 +250,17 @@ pub mod simd {
     }
 
     dispatch! {
-        /// Rotate interleaved pairs of each `d`-wide row of `x` (rows at stride `x_stride`) by
-        /// the angles in the matching row of `cos`/`sin` and multiply by `scale`, writing the
-        /// rows of `out` (`out.len() / d` of them, as many as the tables hold). Sixteen lanes
-        /// at a time as `x * cos + swap(x) * (-sin, sin, ...)`, which vectorises.
-        fn rope_scale_rows(
-            x: &[f32],
-            x_stride: usize,
-            cos: &[f32],
-            sin: &[f32],
-            scale: f32,
-            out: &mut [f32],
-            d: usize
-        ) {
-            for (r, ((o, c), s)) in out
-                .chunks_exact_mut(d)
-                .zip(cos.chunks_exact(d))
-                .zip(sin.chunks_exact(d))
-                .enumerate()
+        /// Rotate interleaved pairs of `x` (one token, `cos.len()` wide) by the angles in
+        /// `cos`/`sin` and multiply by `scale`, writing `out`.
+        fn rope_scale(x: &[f32], cos: &[f32], sin: &[f32], scale: f32, out: &mut [f32]) {
+            for (((o, x), c), s) in out
+                .chunks_exact_mut(2)
+                .zip(x.chunks_exact(2))
+                .zip(cos.chunks_exact(2))
+                .zip(sin.chunks_exact(2))
             {
-                let x = &x[r * x_stride..r * x_stride + d];
-                let mut lanes = o.chunks_exact_mut(LANES);
-                let mut done = 0;
-                for o in &mut lanes {
-                    let (x, c, s) = (&x[done..done + LANES], &c[done..done + LANES], &s[done..done + LANES]);
-                    let swapped: [f32; LANES] = std::array::from_fn(|i| x[i ^ 1]);
-                    let signed: [f32; LANES] =
-                        std::array::from_fn(|i| if i % 2 == 0 { -s[i] } else { s[i] });
-                    for i in 0..LANES {
-                        o[i] = (x[i] * c[i] + swapped[i] * signed[i]) * scale;
-                    }
-                    done += LANES;
-                }
-                let rest = lanes.into_remainder();
-                for (p, o) in rest.chunks_exact_mut(2).enumerate() {
-                    let i = done + 2 * p;
-                    o[0] = (x[i] * c[i] - x[i + 1] * s[i]) * scale;
-                    o[1] = (x[i + 1] * c[i + 1] + x[i] * s[i + 1]) * scale;
-                }
+                o[0] = (x[0] * c[0] - x[1] * s[0]) * scale;
+                o[1] = (x[1] * c[1] + x[0] * s[1]) * scale;
             }
         }
     }
@@ -392,41 +365,22 @@ impl AttentionShape<'_> {
         let c3 = 3 * c;
         let scale = 1.0 / (d as f32).sqrt();
         let base = &qkv[bi * t * c3..(bi + 1) * t * c3];
-        // The class token (and every token without RoPE tables) only scaled.
-        let plain = if self.cos.is_empty() { t } else { 1 };
-        for ti in 0..plain {
+        for ti in 0..t {
             let row = &base[ti * c3..(ti + 1) * c3];
             let (qs, ks) = (
                 &row[hi * d..(hi + 1) * d],
                 &row[c + hi * d..c + (hi + 1) * d],
             );
-            q[ti * d..(ti + 1) * d]
-                .iter_mut()
-                .zip(qs)
-                .for_each(|(o, &x)| *o = x * scale);
-            k[ti * d..(ti + 1) * d].copy_from_slice(ks);
-        }
-        if plain < t {
-            let (cos, sin) = (self.cos, self.sin);
-            let first = &base[plain * c3..];
-            simd::rope_scale_rows(
-                &first[hi * d..],
-                c3,
-                cos,
-                sin,
-                scale,
-                &mut q[plain * d..],
-                d,
-            );
-            simd::rope_scale_rows(
-                &first[c + hi * d..],
-                c3,
-                cos,
-                sin,
-                1.0,
-                &mut k[plain * d..],
-                d,
-            );
+            let (qd, kd) = (&mut q[ti * d..(ti + 1) * d], &mut k[ti * d..(ti + 1) * d]);
+            if ti == 0 || self.cos.is_empty() {
+                qd.iter_mut().zip(qs).for_each(|(o, &x)| *o = x * scale);
+                kd.copy_from_slice(ks);
+            } else {
+                let cos = &self.cos[(ti - 1) * d..ti * d];
+                let sin = &self.sin[(ti - 1) * d..ti * d];
+                simd::rope_scale(qs, cos, sin, scale, qd);
+                simd::rope_scale(ks, cos, sin, 1.0, kd);
+            }
         }
     }
 
