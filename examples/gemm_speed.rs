@@ -1,6 +1,9 @@
 //! Our matrix product ([`evax::kernels::sgemm`]) beside the `gemm` crate's on the shapes the
 //! models multiply, best of four alternating runs each: `cargo run --release --example
-//! gemm_speed` (`ONLY=fc1` picks shapes by name, `T=1` one thread count).
+//! gemm_speed` (`ONLY=fc1` picks shapes by name, `T=1` one thread count). Then EVA-X-S's dense
+//! layers at batch 16 as the model runs them (bias, residual or SwiGLU; twelve weights in
+//! turn, as the blocks read them): the crate's entry point against the prepacked panels
+//! ([`evax::kernels::prepacked`], AVX-512 CPUs).
 
 use std::time::Instant;
 
@@ -31,6 +34,86 @@ const SHAPES: &[(&str, usize, usize, usize, bool, bool)] = &[
 ];
 
 fn main() {
+    products();
+    dense_layers();
+}
+
+/// EVA-X-S's dense layers (name, tokens, k, n, residual, SwiGLU), 2 threads.
+fn dense_layers() {
+    use evax::kernels::{cpu, prepacked};
+    if !prepacked::available() {
+        println!("no AVX-512: no prepacked dense layers to time");
+        return;
+    }
+    let only = std::env::var("ONLY").ok();
+    let layers: &[(&str, usize, usize, usize, bool, bool)] = &[
+        ("layer qkv", 3152, 384, 1152, false, false),
+        ("layer proj", 3152, 384, 384, true, false),
+        ("layer fc1 swiglu", 3152, 384, 2048, false, true),
+        ("layer fc2", 3152, 1024, 384, true, false),
+    ];
+    for &(name, m, k, n, with_residual, swiglu) in layers {
+        if only.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
+            continue;
+        }
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 * 0.01).collect();
+        let r: Vec<f32> = (0..m * n).map(|i| ((i * 3) % 7) as f32 * 0.01).collect();
+        let b: Vec<f32> = (0..n).map(|i| (i % 5) as f32 * 0.1).collect();
+        let wts: Vec<Vec<f32>> = (0..12)
+            .map(|s| {
+                (0..k * n)
+                    .map(|i| ((i * 5 + s) % 11) as f32 * 0.01)
+                    .collect()
+            })
+            .collect();
+        let packed: Vec<_> = wts
+            .iter()
+            .map(|w| prepacked::PackedWeight::new(w, k, n))
+            .collect();
+        let residual = with_residual.then_some(&r[..]);
+        let flops = 2.0 * (m * n * k) as f64;
+        let mut best = [0f64; 2];
+        for round in 0..6 {
+            let ours = round % 2 == 1;
+            let t = std::time::Instant::now();
+            for i in 0..12 {
+                let y = if ours {
+                    if swiglu {
+                        prepacked::linear_swiglu(&x, &packed[i], Some(&b))
+                    } else {
+                        prepacked::linear(&x, &packed[i], Some(&b), residual)
+                    }
+                } else {
+                    let y = cpu::linear_forward(
+                        &x,
+                        k,
+                        &wts[i],
+                        cpu::WeightLayout::Transposed,
+                        n,
+                        Some(&b),
+                        residual,
+                    );
+                    if swiglu {
+                        cpu::swiglu_forward(&y, n / 2)
+                    } else {
+                        y
+                    }
+                };
+                std::hint::black_box(y);
+            }
+            let rate = flops * 12.0 / t.elapsed().as_secs_f64() / 1e9;
+            let slot = &mut best[usize::from(ours)];
+            *slot = slot.max(rate);
+        }
+        println!(
+            "2 threads {name:18} {m}x{n}x{k}: gemm crate + passes {:6.1}, prepacked {:6.1} GFLOP/s",
+            best[0], best[1]
+        );
+    }
+}
+
+/// The bare products, both ways.
+fn products() {
     let only = std::env::var("ONLY").ok();
     let threads_only = std::env::var("T").ok();
     for threads in [2usize, 1] {

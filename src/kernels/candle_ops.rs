@@ -492,46 +492,44 @@ pub fn linear(
     })
 }
 
-/// `x W^T + b (+ residual)` in bf16 products ([`super::bf16`]), inference only.
-struct Bf16Linear<'a> {
-    w: &'a super::bf16::Bf16Weight,
+/// `x W^T + b (+ residual)` (or SwiGLU after it) from a prepared weight, inference only.
+struct PreparedLinear<'a> {
+    w: &'a super::PreparedWeight,
     bias: Option<&'a [f32]>,
     residual: Option<&'a [f32]>,
     /// SwiGLU after the product (no residual; half the width).
     swiglu: bool,
 }
 
-impl CustomOp1 for Bf16Linear<'_> {
+impl CustomOp1 for PreparedLinear<'_> {
     fn name(&self) -> &'static str {
-        "evax-linear-bf16"
+        "evax-linear-prepared"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, "bf16 linear")?;
-        let y = if self.swiglu {
-            super::bf16::linear_swiglu(x, self.w, self.bias)
-        } else {
-            super::bf16::linear(x, self.w, self.bias, self.residual)
-        }
-        .map_err(candle_core::Error::Msg)?;
+        let x = contiguous_f32(s, l, "prepared linear")?;
+        let y = self
+            .w
+            .linear(x, self.bias, self.residual, self.swiglu)
+            .map_err(candle_core::Error::Msg)?;
         let mut shape = l.shape().dims().to_vec();
         *shape.last_mut().expect("non-scalar") = self.w.n() / if self.swiglu { 2 } else { 1 };
         Ok((CpuStorage::F32(y), Shape::from(shape)))
     }
 }
 
-/// `x W^T + b (+ residual)` for CPU f32 `x` `[..., K]` with the weight prepared for bf16
-/// products, `b` `[N]`, residual `[..., N]` (inference: no backward).
-pub fn linear_bf16(
+/// `x W^T + b (+ residual)` for CPU f32 `x` `[..., K]` with a prepared weight (bf16 products,
+/// or f32 on prepacked panels), `b` `[N]`, residual `[..., N]` (inference: no backward).
+pub fn linear_prepared(
     x: &Tensor,
-    w: &super::bf16::Bf16Weight,
+    w: &super::PreparedWeight,
     b: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
     read_optional(b, |bias| {
         read_optional(residual, |residual| {
-            x.apply_op1_no_bwd(&Bf16Linear {
+            x.apply_op1_no_bwd(&PreparedLinear {
                 w,
                 bias,
                 residual,
@@ -542,15 +540,15 @@ pub fn linear_bf16(
 }
 
 /// SwiGLU after the product: `silu(y1) * y2` for `[y1 | y2] = x W^T + b`, for CPU f32 `x`
-/// `[..., K]` with the weight prepared for bf16 products (inference: no backward).
-pub fn linear_bf16_swiglu(
+/// `[..., K]` with a prepared weight (inference: no backward).
+pub fn linear_prepared_swiglu(
     x: &Tensor,
-    w: &super::bf16::Bf16Weight,
+    w: &super::PreparedWeight,
     b: Option<&Tensor>,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
     read_optional(b, |bias| {
-        x.apply_op1_no_bwd(&Bf16Linear {
+        x.apply_op1_no_bwd(&PreparedLinear {
             w,
             bias,
             residual: None,

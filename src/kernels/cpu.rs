@@ -181,6 +181,33 @@ pub mod simd {
     }
 
     dispatch! {
+        /// `out[i] = a[i] + b[i]`.
+        fn add_into(a: &[f32], b: &[f32], out: &mut [f32]) {
+            for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+                *o = a + b;
+            }
+        }
+    }
+
+    dispatch! {
+        /// `out[i] = a[i] + b[i] + c[i]`.
+        fn add2_into(a: &[f32], b: &[f32], c: &[f32], out: &mut [f32]) {
+            for (((o, &a), &b), &c) in out.iter_mut().zip(a).zip(b).zip(c) {
+                *o = a + b + c;
+            }
+        }
+    }
+
+    dispatch! {
+        /// `x[i] += b[i]`.
+        fn add_in_place(x: &mut [f32], b: &[f32]) {
+            for (x, &b) in x.iter_mut().zip(b) {
+                *x += b;
+            }
+        }
+    }
+
+    dispatch! {
         /// `out[i] = silu(x[i]) * x[h + i]` for each `2h`-long row of `x` into `h`-long rows.
         fn swiglu_rows(x: &[f32], out: &mut [f32], h: usize) {
             for (row, o) in x.chunks_exact(2 * h).zip(out.chunks_exact_mut(h)) {

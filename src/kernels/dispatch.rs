@@ -42,18 +42,23 @@ macro_rules! dispatch {
 #[cfg(target_arch = "x86_64")]
 pub fn has_v4() -> bool {
     use std::arch::is_x86_feature_detected as has;
-    has!("avx512f")
-        && has!("avx512bw")
-        && has!("avx512vl")
-        && has!("avx2")
-        && has!("fma")
-        && has!("bmi1")
-        && has!("bmi2")
+    // Asked per call of every dispatched loop (some per row): seven feature checks, once.
+    static V4: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V4.get_or_init(|| {
+        has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512vl")
+            && has!("avx2")
+            && has!("fma")
+            && has!("bmi1")
+            && has!("bmi2")
+    })
 }
 
 /// The CPU has every feature the AVX2 builds are compiled with (avx2, fma, bmi1, bmi2).
 #[cfg(target_arch = "x86_64")]
 pub fn has_v3() -> bool {
     use std::arch::is_x86_feature_detected as has;
-    has!("avx2") && has!("fma") && has!("bmi1") && has!("bmi2")
+    static V3: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V3.get_or_init(|| has!("avx2") && has!("fma") && has!("bmi1") && has!("bmi2"))
 }

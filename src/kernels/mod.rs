@@ -15,6 +15,7 @@ pub mod conv;
 pub mod cpu;
 pub mod dense_train;
 pub mod dispatch;
+pub mod prepacked;
 pub mod reference;
 pub mod residual_train;
 pub mod sgemm;
@@ -66,6 +67,42 @@ use std::sync::Arc;
 use candle_core::{DType, Result, Tensor};
 
 use crate::model::rope::RopeTables;
+
+/// A dense layer's weight packed once for the CPU's fast inference products.
+#[derive(Debug)]
+pub enum PreparedWeight {
+    /// For bf16 products (`--precision bf16`; [`bf16`]).
+    Bf16(bf16::Bf16Weight),
+    /// For f32 products on AVX-512 ([`prepacked`]).
+    F32(prepacked::PackedWeight),
+}
+
+impl PreparedWeight {
+    /// Outputs of the layer.
+    pub fn n(&self) -> usize {
+        match self {
+            PreparedWeight::Bf16(w) => w.n(),
+            PreparedWeight::F32(w) => w.n(),
+        }
+    }
+
+    /// `x W^T + b (+ residual)` for `x` `[m, k]`; with `swiglu` (no residual), `silu(y1) * y2`
+    /// of the two halves instead (`n / 2` wide).
+    pub fn linear(
+        &self,
+        x: &[f32],
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+        swiglu: bool,
+    ) -> std::result::Result<Vec<f32>, String> {
+        match (self, swiglu) {
+            (PreparedWeight::Bf16(w), false) => bf16::linear(x, w, bias, residual),
+            (PreparedWeight::Bf16(w), true) => bf16::linear_swiglu(x, w, bias),
+            (PreparedWeight::F32(w), false) => Ok(prepacked::linear(x, w, bias, residual)),
+            (PreparedWeight::F32(w), true) => Ok(prepacked::linear_swiglu(x, w, bias)),
+        }
+    }
+}
 
 /// Which implementation of the fused operations a model uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

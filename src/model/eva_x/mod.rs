@@ -217,7 +217,7 @@ pub trait TensorSource {
         if self.bf16_products() {
             l.with_bf16_products()
         } else {
-            Ok(l)
+            l.with_prepacked_products()
         }
     }
 
@@ -297,24 +297,43 @@ pub struct Linear {
     pub(crate) weight_t: Tensor,
     /// `[out]`.
     pub bias: Option<Tensor>,
-    /// The weight prepared for bf16 products on the CPU (`--precision bf16`), if asked for.
-    bf16: Option<Arc<kernels::bf16::Bf16Weight>>,
+    /// The weight packed once for the CPU's fast inference products: bf16 (`--precision
+    /// bf16`) or f32 panels on AVX-512.
+    prepared: Option<Arc<kernels::PreparedWeight>>,
 }
 
 impl Linear {
     /// `x W^T + b` (inference).
     pub fn forward(&self, x: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
-        match &self.bf16 {
-            Some(w) => kernels::candle_ops::linear_bf16(x, w, self.bias.as_ref(), None),
+        match self.prepared_for(x, k) {
+            Some(w) => kernels::candle_ops::linear_prepared(x, w, self.bias.as_ref(), None),
             None => kernels::linear(k, x, &self.weight_t, self.bias.as_ref(), None),
         }
     }
 
+    /// The prepared weight, where it computes `x`: bf16 products always (asked for by the
+    /// model's precision), f32 panels with the fused kernels on CPU f32 input.
+    fn prepared_for(&self, x: &Tensor, k: Kernels) -> Option<&kernels::PreparedWeight> {
+        match self.prepared.as_deref() {
+            Some(w @ kernels::PreparedWeight::Bf16(_)) => Some(w),
+            Some(w @ kernels::PreparedWeight::F32(_)) if k.fused_for(x) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// Whether this layer computes in bf16 products on the CPU.
+    fn bf16_products(&self) -> bool {
+        matches!(
+            self.prepared.as_deref(),
+            Some(kernels::PreparedWeight::Bf16(_))
+        )
+    }
+
     /// `silu(y1) * y2` for `[y1 | y2] = x W^T + b` (inference; fused with the product where
-    /// it computes in bf16).
+    /// the weight is prepared).
     pub fn forward_swiglu(&self, x: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
-        match &self.bf16 {
-            Some(w) => kernels::candle_ops::linear_bf16_swiglu(x, w, self.bias.as_ref()),
+        match self.prepared_for(x, k) {
+            Some(w) => kernels::candle_ops::linear_prepared_swiglu(x, w, self.bias.as_ref()),
             None => kernels::swiglu(k, &self.forward(x, k)?, false),
         }
     }
@@ -323,13 +342,31 @@ impl Linear {
     /// once; see [`kernels::bf16`]).
     pub fn with_bf16_products(mut self) -> candle_core::Result<Self> {
         let (k, n) = self.weight_t.dims2()?;
-        let wt = self
-            .weight_t
+        let wt = self.weight_t_values()?;
+        let w = kernels::bf16::Bf16Weight::new(&wt, k, n);
+        self.prepared = Some(Arc::new(kernels::PreparedWeight::Bf16(w)));
+        Ok(self)
+    }
+
+    /// This layer computing its f32 products on panels packed once, where the CPU has AVX-512
+    /// and the weight is f32 on the CPU (see [`kernels::prepacked`]); unchanged elsewhere.
+    pub fn with_prepacked_products(mut self) -> candle_core::Result<Self> {
+        let w = &self.weight_t;
+        if !(kernels::prepacked::available() && w.device().is_cpu() && w.dtype() == DType::F32) {
+            return Ok(self);
+        }
+        let (k, n) = w.dims2()?;
+        let packed = kernels::prepacked::PackedWeight::new(&self.weight_t_values()?, k, n);
+        self.prepared = Some(Arc::new(kernels::PreparedWeight::F32(packed)));
+        Ok(self)
+    }
+
+    /// `W^T`'s values as f32, row-major `[in, out]`.
+    fn weight_t_values(&self) -> candle_core::Result<Vec<f32>> {
+        self.weight_t
             .to_dtype(DType::F32)?
             .flatten_all()?
-            .to_vec1::<f32>()?;
-        self.bf16 = Some(Arc::new(kernels::bf16::Bf16Weight::new(&wt, k, n)));
-        Ok(self)
+            .to_vec1::<f32>()
     }
 
     /// A layer for the differentiable path only: `W^T` kept as a view of `weight` (no copy; the
@@ -338,7 +375,7 @@ impl Linear {
         Ok(Linear {
             weight_t: weight.t()?,
             bias,
-            bf16: None,
+            prepared: None,
         })
     }
 
@@ -348,7 +385,7 @@ impl Linear {
         Ok(Linear {
             weight_t,
             bias,
-            bf16: None,
+            prepared: None,
         })
     }
 
@@ -369,8 +406,10 @@ impl Linear {
         residual: &Tensor,
         k: Kernels,
     ) -> candle_core::Result<Tensor> {
-        match &self.bf16 {
-            Some(w) => kernels::candle_ops::linear_bf16(x, w, self.bias.as_ref(), Some(residual)),
+        match self.prepared_for(x, k) {
+            Some(w) => {
+                kernels::candle_ops::linear_prepared(x, w, self.bias.as_ref(), Some(residual))
+            }
             None => kernels::linear(k, x, &self.weight_t, self.bias.as_ref(), Some(residual)),
         }
     }
@@ -450,9 +489,9 @@ impl Block {
         let y = self.norm1.forward(x, k)?;
         let qkv = self.qkv.forward(&y, k)?;
         // With bf16 products on the CPU, attention's products are bf16 too where AMX runs them.
-        let bf16 = match self.qkv.bf16 {
-            Some(_) => kernels::candle_ops::attention_bf16(&qkv, self.heads, rope)?,
-            None => None,
+        let bf16 = match self.qkv.bf16_products() {
+            true => kernels::candle_ops::attention_bf16(&qkv, self.heads, rope)?,
+            false => None,
         };
         let a = match bf16 {
             Some(a) => a,

@@ -1,0 +1,357 @@
+//! f32 dense layers on AVX-512 CPUs from weights packed once, when the model is built, into
+//! the layout of the `gemm` crate's AVX-512 micro-kernel (64 output features by the whole
+//! depth), with the bias, the residual or SwiGLU applied to each 64 x 6 tile while it is in
+//! L1.
+//!
+//! Called through the crate's general entry point, the same product packs the weight again on
+//! every call (a strided copy that the profile of EVA-X-S put at about a tenth of the forward)
+//! and needs the output filled with the bias first (one more pass over memory). The loop here
+//! is the BLIS one on already-packed panels: each task takes a run of tokens; for each block
+//! of panels that fits in L2, the tokens go by in groups of six (their rows read in place from
+//! L1), each group against every panel of the block.
+
+use rayon::prelude::*;
+
+use super::sgemm::SendPtr;
+
+/// Output features of one panel (four AVX-512 vectors).
+const MR: usize = 64;
+/// Tokens of one micro-kernel call.
+const NR: usize = 6;
+/// Bytes of packed panels one block keeps in L2.
+const BLOCK_BYTES: usize = 1 << 20;
+/// Token tasks per thread (every task reads the whole weight once).
+const TASKS_PER_THREAD: usize = 4;
+
+/// Whether this CPU takes the prepacked path (AVX-512), unless `EVAX_GEMM=crate` asks for the
+/// `gemm` crate's general entry point everywhere (to compare the two).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| {
+            super::dispatch::has_v4() && std::env::var("EVAX_GEMM").as_deref() != Ok("crate")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A dense layer's weight packed for [`linear`]: for each 64 output features (zeros past the
+/// edge), for each of the `k` inputs, the 64 weights.
+pub struct PackedWeight {
+    k: usize,
+    n: usize,
+    /// The panels, from `start` (64-byte aligned).
+    values: Vec<f32>,
+    start: usize,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedWeight {{ k: {}, n: {} }}", self.k, self.n)
+    }
+}
+
+impl PackedWeight {
+    /// Packs `wt` (`W^T`, `[k, n]` row-major).
+    pub fn new(wt: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(wt.len(), k * n, "packed weight: shape");
+        let panels = n.div_ceil(MR);
+        let mut values = vec![0f32; panels * MR * k + 16];
+        let start = values.as_ptr().align_offset(64).min(16);
+        for p in 0..panels {
+            let (f0, w) = (p * MR, MR.min(n - p * MR));
+            let panel = &mut values[start + p * MR * k..start + (p + 1) * MR * k];
+            for (kk, row) in panel.chunks_exact_mut(MR).enumerate() {
+                row[..w].copy_from_slice(&wt[kk * n + f0..kk * n + f0 + w]);
+            }
+        }
+        PackedWeight {
+            k,
+            n,
+            values,
+            start,
+        }
+    }
+
+    /// Inputs.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Outputs.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Panel `p`'s first value.
+    fn panel(&self, p: usize) -> *const f32 {
+        self.values[self.start + p * MR * self.k..].as_ptr()
+    }
+}
+
+/// What follows the product on each tile.
+#[derive(Clone, Copy)]
+enum Epilogue<'a> {
+    /// `y = x W^T + b (+ residual)`.
+    Plain(Option<&'a [f32]>),
+    /// `silu(y1) * y2` for `[y1 | y2] = x W^T + b`, the halves 64-aligned.
+    Swiglu,
+}
+
+/// `x W^T + b (+ residual)` for `x` `[m, k]` row-major, `b` `[n]`, residual `[m, n]`.
+///
+/// # Panics
+/// If the shapes do not fit, or without AVX-512 ([`available`]).
+pub fn linear(
+    x: &[f32],
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
+    run(x, w, bias, Epilogue::Plain(residual))
+}
+
+/// `silu(y1) * y2` for `[y1 | y2] = x W^T + b` (`n / 2` wide), fused when each half is a
+/// whole number of panels, else as the product then [`super::cpu::swiglu_forward`].
+///
+/// # Panics
+/// As [`linear`], and if `n` is odd.
+pub fn linear_swiglu(x: &[f32], w: &PackedWeight, bias: Option<&[f32]>) -> Vec<f32> {
+    assert!(w.n.is_multiple_of(2), "swiglu: odd width {}", w.n);
+    if (w.n / 2).is_multiple_of(MR) {
+        run(x, w, bias, Epilogue::Swiglu)
+    } else {
+        super::cpu::swiglu_forward(&run(x, w, bias, Epilogue::Plain(None)), w.n / 2)
+    }
+}
+
+/// The micro-kernel for 64 features by `cols` (1 to 6) tokens.
+#[cfg(target_arch = "x86_64")]
+fn kernel(cols: usize) -> gemm_common::microkernel::MicroKernelFn<f32> {
+    gemm_f32::microkernel::avx512f::f32::UKR[MR / 16 - 1][cols - 1]
+}
+
+/// No micro-kernel off x86-64 ([`available`] is false there).
+#[cfg(not(target_arch = "x86_64"))]
+fn kernel(_cols: usize) -> gemm_common::microkernel::MicroKernelFn<f32> {
+    unreachable!("prepacked linear: x86-64 only")
+}
+
+fn run(x: &[f32], w: &PackedWeight, bias: Option<&[f32]>, epilogue: Epilogue) -> Vec<f32> {
+    assert!(available(), "prepacked linear: needs AVX-512");
+    let (k, n) = (w.k, w.n);
+    assert!(k > 0 && x.len().is_multiple_of(k), "linear: input width");
+    let m = x.len() / k;
+    let width = match epilogue {
+        Epilogue::Plain(_) => n,
+        Epilogue::Swiglu => n / 2,
+    };
+    assert!(bias.is_none_or(|b| b.len() == n), "linear: bias width");
+    if let Epilogue::Plain(Some(r)) = epilogue {
+        assert_eq!(r.len(), m * n, "linear: residual shape");
+    }
+    let mut y: Vec<f32> = Vec::with_capacity(m * width);
+    if m == 0 {
+        return y;
+    }
+    let zeros;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zeros = vec![0f32; n];
+            &zeros
+        }
+    };
+    // Panels of one step: one, or a pair (the two halves' panels at the same offset).
+    let (steps, per_step) = match epilogue {
+        Epilogue::Plain(_) => (n.div_ceil(MR), 1),
+        Epilogue::Swiglu => (n / 2 / MR, 2),
+    };
+    let block = (BLOCK_BYTES / (per_step * MR * k * 4)).max(1);
+    let tasks = (rayon::current_num_threads() * TASKS_PER_THREAD).min(m.div_ceil(NR));
+    let rows_per_task = m.div_ceil(tasks).next_multiple_of(NR);
+    let out = SendPtr(y.as_mut_ptr());
+    (0..m.div_ceil(rows_per_task))
+        .into_par_iter()
+        .for_each(|t| {
+            let (r0, r1) = (t * rows_per_task, ((t + 1) * rows_per_task).min(m));
+            // One group's tiles: 6 rows of 64 (or of 64 + 64 for the pair of a SwiGLU step).
+            let mut tile = [0f32; NR * 2 * MR + 16];
+            let off = tile.as_ptr().align_offset(64).min(16);
+            let tile = &mut tile[off..off + NR * 2 * MR];
+            let tile_cs = per_step * MR;
+            for s0 in (0..steps).step_by(block) {
+                for g in (r0..r1).step_by(NR) {
+                    let cols = NR.min(r1 - g);
+                    let ukr = kernel(cols);
+                    for s in s0..(s0 + block).min(steps) {
+                        for half in 0..per_step {
+                            let p = s + half * steps;
+                            // SAFETY: AVX-512 present (asserted); panel p holds 64 x k values, the
+                            // x rows g..g + cols hold k values each, and the tile has room for
+                            // `cols` columns of 64 at stride `tile_cs` from `half * 64`.
+                            unsafe {
+                                ukr(
+                                    MR,
+                                    cols,
+                                    k,
+                                    tile.as_mut_ptr().add(half * MR),
+                                    w.panel(p),
+                                    x.as_ptr().add(g * k),
+                                    tile_cs as isize,
+                                    1,
+                                    MR as isize,
+                                    1,
+                                    k as isize,
+                                    0.0,
+                                    1.0,
+                                    0,
+                                    false,
+                                    false,
+                                    false,
+                                    w.panel(p),
+                                );
+                            }
+                        }
+                        let f0 = s * MR;
+                        for j in 0..cols {
+                            let row = g + j;
+                            let src = &mut tile[j * tile_cs..(j + 1) * tile_cs];
+                            match epilogue {
+                                Epilogue::Plain(residual) => {
+                                    let wd = MR.min(n - f0);
+                                    // SAFETY: row `row` of the output belongs to this task and
+                                    // columns f0..f0 + wd lie inside it.
+                                    let dst = unsafe {
+                                        std::slice::from_raw_parts_mut(
+                                            out.get().add(row * n + f0),
+                                            wd,
+                                        )
+                                    };
+                                    let b = &bias[f0..f0 + wd];
+                                    match residual {
+                                        Some(r) => super::cpu::simd::add2_into(
+                                            &src[..wd],
+                                            b,
+                                            &r[row * n + f0..row * n + f0 + wd],
+                                            dst,
+                                        ),
+                                        None => super::cpu::simd::add_into(&src[..wd], b, dst),
+                                    }
+                                }
+                                Epilogue::Swiglu => {
+                                    let h = n / 2;
+                                    let (a, g2) = src.split_at_mut(MR);
+                                    super::cpu::simd::add_in_place(a, &bias[f0..f0 + MR]);
+                                    super::cpu::simd::add_in_place(g2, &bias[h + f0..h + f0 + MR]);
+                                    // SAFETY: as above, for the n / 2 wide output.
+                                    let dst = unsafe {
+                                        std::slice::from_raw_parts_mut(
+                                            out.get().add(row * h + f0),
+                                            MR,
+                                        )
+                                    };
+                                    super::cpu::simd::swiglu_rows(src, dst, MR);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    // SAFETY: the tasks together wrote every row and column of the m x width output.
+    unsafe { y.set_len(m * width) };
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = crate::rng::Rng::new(seed);
+        (0..n).map(|_| r.unit() as f32 * 2.0 - 1.0).collect()
+    }
+
+    /// `x W^T + b (+ r)` in f64, from `W^T` `[k, n]`.
+    fn definition(x: &[f32], wt: &[f32], b: &[f32], r: Option<&[f32]>, k: usize) -> Vec<f64> {
+        let n = b.len();
+        let m = x.len() / k;
+        let mut y = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = b[j] as f64 + r.map_or(0.0, |r| r[i * n + j] as f64);
+                for p in 0..k {
+                    s += x[i * k + p] as f64 * wt[p * n + j] as f64;
+                }
+                y[i * n + j] = s;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn products_match_the_definition() {
+        if !available() {
+            eprintln!("SKIPPED prepacked products: this CPU has no AVX-512");
+            return;
+        }
+        let mut compared = 0;
+        // Shapes across panel, group, block and task edges (n = 14: a classifier head).
+        for &(m, k, n) in &[
+            (1, 3, 14),
+            (7, 384, 64),
+            (13, 40, 130),
+            (200, 1024, 384),
+            (37, 5, 640),
+        ] {
+            let (x, wt, b, r) = (data(m * k, 1), data(k * n, 2), data(n, 3), data(m * n, 4));
+            let w = PackedWeight::new(&wt, k, n);
+            for residual in [None, Some(&r[..])] {
+                let got = linear(&x, &w, Some(&b), residual);
+                let want = definition(&x, &wt, &b, residual, k);
+                assert_eq!(got.len(), want.len());
+                for (g, e) in got.iter().zip(&want) {
+                    assert!((*g as f64 - e).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + e.abs()));
+                }
+                compared += got.len();
+            }
+        }
+        assert_eq!(
+            compared,
+            2 * (14 + 7 * 64 + 13 * 130 + 200 * 384 + 37 * 640)
+        );
+    }
+
+    #[test]
+    fn swiglu_after_the_product_matches_the_definition() {
+        if !available() {
+            eprintln!("SKIPPED prepacked SwiGLU: this CPU has no AVX-512");
+            return;
+        }
+        let mut compared = 0;
+        // Halves of two panels (fused) and of 40 features (the product, then SwiGLU).
+        for &(m, k, n) in &[(31, 96, 256), (9, 20, 80)] {
+            let (x, wt, b) = (data(m * k, 5), data(k * n, 6), data(n, 7));
+            let w = PackedWeight::new(&wt, k, n);
+            let got = linear_swiglu(&x, &w, Some(&b));
+            let y = definition(&x, &wt, &b, None, k);
+            let h = n / 2;
+            assert_eq!(got.len(), m * h);
+            for i in 0..m {
+                for j in 0..h {
+                    let (a, g) = (y[i * n + j], y[i * n + h + j]);
+                    let want = a / (1.0 + (-a).exp()) * g;
+                    let e = (got[i * h + j] as f64 - want).abs();
+                    assert!(e <= 1e-5 * (k as f64).sqrt() * (1.0 + want.abs()), "{e}");
+                    compared += 1;
+                }
+            }
+        }
+        assert_eq!(compared, 31 * 128 + 9 * 40);
+    }
+}
