@@ -137,11 +137,21 @@ pub mod simd {
                         *s += *v;
                     }
                 }
-                let mut sum: f32 = s.iter().sum();
-                for v in chunks.into_remainder() {
-                    *v = exp_f32(*v - max);
-                    sum += *v;
+                // The last part-vector as one whole vector too (a scalar tail took a third of a
+                // 197-wide row): padding lanes at the maximum (exp 1, no underflow to slow
+                // denormals) are masked out of the sum.
+                let rest = chunks.into_remainder();
+                if !rest.is_empty() {
+                    let (mut tail, mut keep) = ([max; LANES], [0f32; LANES]);
+                    tail[..rest.len()].copy_from_slice(rest);
+                    keep[..rest.len()].fill(1.0);
+                    for ((s, v), &k) in s.iter_mut().zip(tail.iter_mut()).zip(&keep) {
+                        *v = exp_f32(*v - max) * k;
+                        *s += *v;
+                    }
+                    rest.copy_from_slice(&tail[..rest.len()]);
                 }
+                let sum: f32 = s.iter().sum();
                 let inv = 1.0 / sum;
                 row.iter_mut().for_each(|v| *v *= inv);
             }
@@ -419,6 +429,51 @@ impl AttentionShape<'_> {
     }
 }
 
+/// How one head's scores are computed and laid out: on AVX-512 with heads of 64, both of
+/// attention's products run on the dense layers' micro-kernel ([`super::prepacked`]) and the
+/// score rows are padded to whole panels of 64 keys; elsewhere through [`mm`], rows `t` wide.
+fn score_layout(t: usize, d: usize) -> (bool, usize) {
+    let micro = super::prepacked::available() && d == 64;
+    (micro, if micro { t.next_multiple_of(64) } else { t })
+}
+
+/// One head's attention probabilities `softmax(q k^T)` (q already scaled) into `t` rows `ts`
+/// apart, computed the same way wherever they are needed (the forward, and the backward when
+/// it recomputes them); `kp` is scratch.
+fn head_probabilities(
+    q: &[f32],
+    k: &[f32],
+    (t, d): (usize, usize),
+    (micro, ts): (bool, usize),
+    sc: &mut [f32],
+    kp: &mut Vec<f32>,
+) {
+    if micro {
+        super::prepacked::scores(q, k, (t, d), sc, ts, kp);
+    } else {
+        assert!(q.len() == t * d && k.len() == t * d && sc.len() >= t * t);
+        // SAFETY: q and k are t x d and sc holds t x t (asserted).
+        unsafe {
+            mm(
+                t,
+                t,
+                d,
+                sc.as_mut_ptr(),
+                t,
+                q.as_ptr(),
+                d,
+                1,
+                k.as_ptr(),
+                1,
+                d,
+            )
+        };
+    }
+    for row in sc.chunks_exact_mut(ts).take(t) {
+        simd::softmax_rows(&mut row[..t], t);
+    }
+}
+
 /// Multi-head self-attention with RoPE: `qkv` `[b, t, 3c]` (biases added) to `[b, t, c]`, one
 /// GEMM pair per (image, head); an error unless the shapes fit ([`AttentionShape::check`]).
 pub fn attention_forward(qkv: &[f32], shape: &AttentionShape) -> Result<Vec<f32>, String> {
@@ -441,56 +496,48 @@ pub fn attention_forward_keeping(
     let dst = SharedMut(out.as_mut_ptr());
     let mut probs: Vec<f32> = Vec::with_capacity(if keep { b * h * t * t } else { 0 });
     let kept = SharedMut(probs.as_mut_ptr());
+    let (micro, ts) = score_layout(t, d);
     (0..b * h).into_par_iter().for_each_init(
-        || (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * t]),
-        |(q, k, sc), bh| {
+        || {
+            (
+                vec![0f32; t * d],
+                vec![0f32; t * d],
+                vec![0f32; t * ts],
+                Vec::new(),
+            )
+        },
+        |(q, k, sc, kp), bh| {
             let (bi, hi) = (bh / h, bh % h);
             shape.prepare(qkv, bi, hi, q, k);
             let v = shape.v_start(qkv, bi, hi);
-            // SAFETY: q and k are t x d, sc is t x t, all owned by this task.
-            unsafe {
-                mm(
-                    t,
-                    t,
-                    d,
-                    sc.as_mut_ptr(),
-                    t,
-                    q.as_ptr(),
-                    d,
-                    1,
-                    k.as_ptr(),
-                    1,
-                    d,
-                )
-            };
-            simd::softmax_rows(sc, t);
-            if keep {
-                let whole = kept;
-                // SAFETY: each (image, head) task writes its own t * t probabilities; `probs`
-                // holds b * heads * t * t.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(sc.as_ptr(), whole.0.add(bh * t * t), t * t)
-                };
+            head_probabilities(q, k, (t, d), (micro, ts), sc, kp);
+            for (i, row) in sc.chunks_exact_mut(ts).enumerate() {
+                if keep {
+                    let whole = kept;
+                    // SAFETY: each (image, head) task writes its own t * t probabilities;
+                    // `probs` holds b * heads * t * t.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            row.as_ptr(),
+                            whole.0.add((bh * t + i) * t),
+                            t,
+                        )
+                    };
+                }
             }
             let o = dst;
             // SAFETY: each (image, head) task writes its own d columns of its own image's rows
             // of `out` (t rows of stride c); no two tasks overlap, and `out` holds b * t * c;
-            // v is t rows of d values at stride 3c inside `qkv` (b * t * 3c, checked).
+            // v is t rows of d values at stride 3c inside `qkv` (b * t * 3c, checked); sc
+            // holds t rows of t probabilities at stride ts.
             unsafe {
-                mm(
-                    t,
-                    d,
-                    t,
-                    o.0.add(bi * t * c + hi * d),
-                    c,
-                    sc.as_ptr(),
-                    t,
-                    1,
-                    v,
-                    3 * c,
-                    1,
-                )
-            };
+                let o = o.0.add(bi * t * c + hi * d);
+                if micro {
+                    super::prepacked::weighted_values(sc, (t, ts), (v, 3 * c), (o, c));
+                } else {
+                    mm(t, d, t, o, c, sc.as_ptr(), ts, 1, v, 3 * c, 1);
+                }
+            }
         },
     );
     // SAFETY: the (image, head) tasks together wrote all b * t * c elements (and, kept, all
@@ -532,19 +579,17 @@ pub fn attention_backward(
     }
     let mut dqkv: Vec<f32> = vec![0f32; b * t * c3];
     let dst = SharedMut(dqkv.as_mut_ptr());
+    let (micro, ts) = score_layout(t, d);
     (0..b * h).into_par_iter().for_each_init(
         || {
             (
-                vec![0f32; t * d],
-                vec![0f32; t * d],
-                vec![0f32; t * t],
-                vec![0f32; t * t],
-                vec![0f32; t * d],
-                vec![0f32; t * d],
-                vec![0f32; t * d],
+                (vec![0f32; t * d], vec![0f32; t * d]),
+                (vec![0f32; t * t], vec![0f32; t * t]),
+                (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]),
+                (vec![0f32; if ts == t { 0 } else { t * ts }], Vec::new()),
             )
         },
-        |(q, k, p, dp, dv, dq, dk), bh| {
+        |((q, k), (p, dp), (dv, dq, dk), (padded, kp)), bh| {
             let (bi, hi) = (bh / h, bh % h);
             shape.prepare(qkv, bi, hi, q, k);
             let v = shape.v_start(qkv, bi, hi);
@@ -552,23 +597,15 @@ pub fn attention_backward(
             let p: &[f32] = match probs {
                 Some(kept) => &kept[bh * t * t..(bh + 1) * t * t],
                 None => {
-                    // SAFETY: q and k are t x d, p is t x t, all owned by this task.
-                    unsafe {
-                        mm(
-                            t,
-                            t,
-                            d,
-                            p.as_mut_ptr(),
-                            t,
-                            q.as_ptr(),
-                            d,
-                            1,
-                            k.as_ptr(),
-                            1,
-                            d,
-                        )
-                    };
-                    simd::softmax_rows(p, t);
+                    if ts == t {
+                        head_probabilities(q, k, (t, d), (micro, ts), p, kp);
+                    } else {
+                        // Padded rows, then packed t wide for the products below.
+                        head_probabilities(q, k, (t, d), (micro, ts), padded, kp);
+                        for (dst, src) in p.chunks_exact_mut(t).zip(padded.chunks_exact(ts)) {
+                            dst.copy_from_slice(&src[..t]);
+                        }
+                    }
                     p
                 }
             };

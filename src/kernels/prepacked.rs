@@ -268,6 +268,113 @@ fn run(x: &[f32], w: &PackedWeight, bias: Option<&[f32]>, epilogue: Epilogue) ->
     y
 }
 
+/// Attention scores of one head on the micro-kernel: `s[i, j] = q[i] . k[j]` for `q` and `k`
+/// `[t, d]` row-major, into rows of `s` `ts` apart (`ts` a multiple of 64, at least `t`; the
+/// columns from `t` hold zeros). `kp` is scratch for k packed in panels of 64 keys.
+///
+/// # Panics
+/// If the shapes do not fit, or without AVX-512 ([`available`]).
+pub fn scores(
+    q: &[f32],
+    k: &[f32],
+    (t, d): (usize, usize),
+    s: &mut [f32],
+    ts: usize,
+    kp: &mut Vec<f32>,
+) {
+    assert!(available(), "prepacked scores: needs AVX-512");
+    assert!(
+        t > 0 && d > 0 && q.len() == t * d && k.len() == t * d,
+        "scores: q, k shapes"
+    );
+    assert!(
+        ts >= t && ts.is_multiple_of(MR) && s.len() >= (t - 1) * ts + ts,
+        "scores: rows"
+    );
+    let panels = ts / MR;
+    kp.clear();
+    kp.resize(panels * d * MR, 0.0);
+    for (j, row) in k.chunks_exact(d).enumerate() {
+        let (p, jj) = (j / MR, j % MR);
+        for (dd, &v) in row.iter().enumerate() {
+            kp[(p * d + dd) * MR + jj] = v;
+        }
+    }
+    for i0 in (0..t).step_by(NR) {
+        let cols = NR.min(t - i0);
+        let ukr = kernel(cols);
+        for p in 0..panels {
+            // SAFETY: AVX-512 present (asserted); panel p of kp holds d x 64 values, q rows
+            // i0..i0 + cols hold d values each, and s rows i0..i0 + cols hold columns
+            // 64p..64p + 64 (ts >= 64(p + 1)).
+            unsafe {
+                ukr(
+                    MR,
+                    cols,
+                    d,
+                    s.as_mut_ptr().add(i0 * ts + p * MR),
+                    kp.as_ptr().add(p * d * MR),
+                    q.as_ptr().add(i0 * d),
+                    ts as isize,
+                    1,
+                    MR as isize,
+                    1,
+                    d as isize,
+                    0.0,
+                    1.0,
+                    0,
+                    false,
+                    false,
+                    false,
+                    kp.as_ptr(),
+                );
+            }
+        }
+    }
+}
+
+/// One head's output on the micro-kernel: `out[i] = sum_j p[i, j] v[j]` for the
+/// probabilities `p` (`t` rows `ts` apart) and `v` `t` rows of 64 values `v_rs` apart, into
+/// `t` rows of 64 values `out_rs` apart.
+///
+/// # Safety
+/// `v` readable and `out` writable over those rows; `p` holds `t` rows of at least `t`
+/// values at stride `ts`; AVX-512 present ([`available`]).
+pub unsafe fn weighted_values(
+    p: &[f32],
+    (t, ts): (usize, usize),
+    (v, v_rs): (*const f32, usize),
+    (out, out_rs): (*mut f32, usize),
+) {
+    for i0 in (0..t).step_by(NR) {
+        let cols = NR.min(t - i0);
+        // SAFETY: the caller's contract: v is t x 64 (lhs, stride v_rs), p rows i0.. hold t
+        // values (rhs, column stride ts), out rows i0..i0 + cols take 64 values.
+        unsafe {
+            kernel(cols)(
+                MR,
+                cols,
+                t,
+                out.add(i0 * out_rs),
+                v,
+                p.as_ptr().add(i0 * ts),
+                out_rs as isize,
+                1,
+                v_rs as isize,
+                1,
+                ts as isize,
+                0.0,
+                1.0,
+                0,
+                false,
+                false,
+                false,
+                v,
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,5 +460,59 @@ mod tests {
             }
         }
         assert_eq!(compared, 31 * 128 + 9 * 40);
+    }
+    #[test]
+    fn attention_products_match_the_definition() {
+        if !available() {
+            eprintln!("SKIPPED prepacked attention products: this CPU has no AVX-512");
+            return;
+        }
+        // 70 tokens: two panels of keys, the second partly padding; groups of six and a tail.
+        let (t, d) = (70usize, 64usize);
+        let ts = t.next_multiple_of(MR);
+        let (q, k) = (data(t * d, 8), data(t * d, 9));
+        let (mut s, mut kp) = (vec![f32::NAN; t * ts], Vec::new());
+        scores(&q, &k, (t, d), &mut s, ts, &mut kp);
+        let mut compared = 0;
+        for i in 0..t {
+            for j in 0..t {
+                let want: f64 = (0..d)
+                    .map(|p| q[i * d + p] as f64 * k[j * d + p] as f64)
+                    .sum();
+                assert!(
+                    (s[i * ts + j] as f64 - want).abs()
+                        <= 1e-5 * (d as f64).sqrt() * (1.0 + want.abs())
+                );
+                compared += 1;
+            }
+        }
+        // v as the middle 64 of 3 x 64-wide rows (as inside qkv), out rows 100 apart.
+        let (p, vrows) = (data(t * ts, 10), data(t * 3 * d, 11));
+        let mut out = vec![f32::NAN; t * 100];
+        // SAFETY: vrows holds t rows of 3d values (v at offset d), out t rows of 100, p t rows
+        // of ts.
+        unsafe {
+            weighted_values(
+                &p,
+                (t, ts),
+                (vrows[d..].as_ptr(), 3 * d),
+                (out.as_mut_ptr(), 100),
+            )
+        };
+        for i in 0..t {
+            for c in 0..d {
+                let want: f64 = (0..t)
+                    .map(|j| p[i * ts + j] as f64 * vrows[j * 3 * d + d + c] as f64)
+                    .sum();
+                let got = out[i * 100 + c] as f64;
+                assert!((got - want).abs() <= 1e-5 * (t as f64).sqrt() * (1.0 + want.abs()));
+                compared += 1;
+            }
+            assert!(
+                out[i * 100 + d..(i + 1) * 100].iter().all(|v| v.is_nan()),
+                "wrote past 64"
+            );
+        }
+        assert_eq!(compared, t * t + t * d);
     }
 }
