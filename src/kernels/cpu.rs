@@ -25,12 +25,12 @@ pub fn exp_f32(x: f32) -> f32 {
     let r = x - n * LN2_HI - n * LN2_LO;
     let r2 = r * r;
     let p = 1.987_569_1e-4f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
-    let y = p * r2 + r + 1.0;
+    let p = p.mul_add(r, 1.398_199_9e-3);
+    let p = p.mul_add(r, 8.333_452e-3);
+    let p = p.mul_add(r, 4.166_579_6e-2);
+    let p = p.mul_add(r, 1.666_666_5e-1);
+    let p = p.mul_add(r, 5.000_000_1e-1);
+    let y = p.mul_add(r2, r) + 1.0;
     // 2^n by integer addition to the exponent; n is read off the bits of n + 1.5 * 2^23 (exact
     // for |n| < 2^22), which vectorises where a float-to-int cast would not.
     const MAGIC: f32 = 12_582_912.0;
