@@ -960,6 +960,7 @@ mod tests {
             heads,
             cos: &[],
             sin: &[],
+            roped: false,
         };
         let Some(got) = attention(&qkv, &shape).unwrap() else {
             eprintln!("attention_matches_the_definition: no AMX here, skipped");

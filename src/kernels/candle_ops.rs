@@ -183,6 +183,8 @@ fn last(dims: &[usize]) -> usize {
 struct Attention {
     heads: usize,
     rope: Arc<RopeTables>,
+    /// q and k already rotated, q scaled (inference only; see [`linear_qkv_roped`]).
+    roped: bool,
 }
 
 impl Attention {
@@ -194,6 +196,7 @@ impl Attention {
             heads: self.heads,
             cos: &self.rope.cos,
             sin: &self.rope.sin,
+            roped: self.roped,
         }
     }
 }
@@ -231,6 +234,7 @@ pub fn attention(qkv: &Tensor, heads: usize, rope: &Arc<RopeTables>, grad: bool)
     let op = Attention {
         heads,
         rope: rope.clone(),
+        roped: false,
     };
     let qkv = qkv.contiguous()?;
     if grad {
@@ -238,6 +242,49 @@ pub fn attention(qkv: &Tensor, heads: usize, rope: &Arc<RopeTables>, grad: bool)
     } else {
         qkv.apply_op1_no_bwd(&op)
     }
+}
+
+/// Attention (inference) over a CPU f32 `qkv` `[B, T, 3C]` from [`linear_qkv_roped`]: q and k
+/// already rotated, q scaled.
+pub fn attention_roped(qkv: &Tensor, heads: usize, rope: &Arc<RopeTables>) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1_no_bwd(&Attention {
+        heads,
+        rope: rope.clone(),
+        roped: true,
+    })
+}
+
+/// `[q | k | v] = x W^T + b` for attention with heads of 64, q and k rotated by `rope` and q
+/// scaled in the product's epilogue ([`super::prepacked::linear_qkv_roped`]), for CPU f32 `x`
+/// `[B, T, K]`; `None` where that does not apply (no f32 panels, other head widths).
+pub fn linear_qkv_roped(
+    x: &Tensor,
+    w: &super::PreparedWeight,
+    b: Option<&Tensor>,
+    heads: usize,
+    rope: &RopeTables,
+) -> Result<Option<Tensor>> {
+    let super::PreparedWeight::F32(w) = w else {
+        return Ok(None);
+    };
+    let (bsz, t, _) = x.dims3()?;
+    let tables = rope.cos.len() == (t - 1) * 64 && rope.sin.len() == rope.cos.len();
+    if w.n() != 3 * 64 * heads || t == 0 || !(tables || rope.cos.is_empty()) {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let y = read(&x, |xv| {
+        read_optional(b, |bias| {
+            let r = super::prepacked::QkvRope {
+                t,
+                heads,
+                cos: &rope.cos,
+                sin: &rope.sin,
+            };
+            Ok(super::prepacked::linear_qkv_roped(xv, w, bias, &r))
+        })
+    })?;
+    Ok(Some(Tensor::from_vec(y, (bsz, t, w.n()), x.device())?))
 }
 
 /// Attention (inference) with both products in bf16 on AMX tiles over a CPU f32 `qkv` `[B,
@@ -254,6 +301,7 @@ pub fn attention_bf16(
     let op = Attention {
         heads,
         rope: rope.clone(),
+        roped: false,
     };
     let shape = op.shape(b, t, c3);
     let out = read(qkv, |x| {
@@ -1071,6 +1119,7 @@ impl TransformerBlockOp {
                 heads: blk.heads,
                 cos: &blk.rope.cos,
                 sin: &blk.rope.sin,
+                roped: false,
             },
             mlp: blk.mlp,
             eps: blk.eps,

@@ -366,6 +366,9 @@ pub struct AttentionShape<'a> {
     pub cos: &'a [f32],
     /// RoPE sines.
     pub sin: &'a [f32],
+    /// q and k arrive rotated and q scaled (by the qkv layer's epilogue,
+    /// [`super::prepacked::linear_qkv_roped`]; inference only).
+    pub roped: bool,
 }
 
 impl AttentionShape<'_> {
@@ -409,7 +412,11 @@ impl AttentionShape<'_> {
                 &row[c + hi * d..c + (hi + 1) * d],
             );
             let (qd, kd) = (&mut q[ti * d..(ti + 1) * d], &mut k[ti * d..(ti + 1) * d]);
-            if ti == 0 || self.cos.is_empty() {
+            if self.roped {
+                // Rotated and scaled by the qkv layer already.
+                qd.copy_from_slice(qs);
+                kd.copy_from_slice(ks);
+            } else if ti == 0 || self.cos.is_empty() {
                 qd.iter_mut().zip(qs).for_each(|(o, &x)| *o = x * scale);
                 kd.copy_from_slice(ks);
             } else {
@@ -441,18 +448,19 @@ fn score_layout(t: usize, d: usize) -> (bool, usize) {
 /// apart, computed the same way wherever they are needed (the forward, and the backward when
 /// it recomputes them); `kp` is scratch.
 fn head_probabilities(
-    q: &[f32],
-    k: &[f32],
+    (q, q_rs): (&[f32], usize),
+    (k, k_rs): (&[f32], usize),
     (t, d): (usize, usize),
     (micro, ts): (bool, usize),
     sc: &mut [f32],
     kp: &mut Vec<f32>,
 ) {
     if micro {
-        super::prepacked::scores(q, k, (t, d), sc, ts, kp);
+        super::prepacked::scores((q, q_rs), (k, k_rs), (t, d), sc, ts, kp);
     } else {
-        assert!(q.len() == t * d && k.len() == t * d && sc.len() >= t * t);
-        // SAFETY: q and k are t x d and sc holds t x t (asserted).
+        let rows = |v: &[f32], rs: usize| rs >= d && v.len() >= (t - 1) * rs + d;
+        assert!(rows(q, q_rs) && rows(k, k_rs) && sc.len() >= t * t);
+        // SAFETY: q and k hold t rows of d at their strides and sc holds t x t (asserted).
         unsafe {
             mm(
                 t,
@@ -461,11 +469,11 @@ fn head_probabilities(
                 sc.as_mut_ptr(),
                 t,
                 q.as_ptr(),
-                d,
+                q_rs,
                 1,
                 k.as_ptr(),
                 1,
-                d,
+                k_rs,
             )
         };
     }
@@ -508,8 +516,15 @@ pub fn attention_forward_keeping(
         },
         |(q, k, sc, kp), bh| {
             let (bi, hi) = (bh / h, bh % h);
-            shape.prepare(qkv, bi, hi, q, k);
             let v = shape.v_start(qkv, bi, hi);
+            let (q, k) = if shape.roped {
+                // Rotated and scaled already: read in place.
+                let row = bi * t * 3 * c + hi * d;
+                ((&qkv[row..], 3 * c), (&qkv[row + c..], 3 * c))
+            } else {
+                shape.prepare(qkv, bi, hi, q, k);
+                ((&q[..], d), (&k[..], d))
+            };
             head_probabilities(q, k, (t, d), (micro, ts), sc, kp);
             for (i, row) in sc.chunks_exact_mut(ts).enumerate() {
                 if keep {
@@ -598,10 +613,10 @@ pub fn attention_backward(
                 Some(kept) => &kept[bh * t * t..(bh + 1) * t * t],
                 None => {
                     if ts == t {
-                        head_probabilities(q, k, (t, d), (micro, ts), p, kp);
+                        head_probabilities((q, d), (k, d), (t, d), (micro, ts), p, kp);
                     } else {
                         // Padded rows, then packed t wide for the products below.
-                        head_probabilities(q, k, (t, d), (micro, ts), padded, kp);
+                        head_probabilities((q, d), (k, d), (t, d), (micro, ts), padded, kp);
                         for (dst, src) in p.chunks_exact_mut(t).zip(padded.chunks_exact(ts)) {
                             dst.copy_from_slice(&src[..t]);
                         }

@@ -100,6 +100,21 @@ enum Epilogue<'a> {
     Plain(Option<&'a [f32]>),
     /// `silu(y1) * y2` for `[y1 | y2] = x W^T + b`, the halves 64-aligned.
     Swiglu,
+    /// Attention's `[q | k | v] = x W^T + b` with q and k rotated and q scaled.
+    Rope(&'a QkvRope<'a>),
+}
+
+/// What the qkv layer's epilogue applies for attention ([`linear_qkv_roped`]): RoPE on q and k
+/// of every token but the class token (none with empty tables), and q's scale `1 / sqrt(64)`.
+pub struct QkvRope<'a> {
+    /// Tokens per image (token 0 of each is the class token).
+    pub t: usize,
+    /// Heads (of 64 each).
+    pub heads: usize,
+    /// RoPE cosines, `[(t - 1), 64]`.
+    pub cos: &'a [f32],
+    /// RoPE sines, as `cos`.
+    pub sin: &'a [f32],
 }
 
 /// `x W^T + b (+ residual)` for `x` `[m, k]` row-major, `b` `[n]`, residual `[m, n]`.
@@ -129,6 +144,33 @@ pub fn linear_swiglu(x: &[f32], w: &PackedWeight, bias: Option<&[f32]>) -> Vec<f
     }
 }
 
+/// Attention's `[q | k | v] = x W^T + b` for heads of 64 (`n = 3 * 64 * heads`) with RoPE and
+/// q's scale applied as each tile is made, exactly as [`super::cpu::attention_forward`] would
+/// apply them to the plain product (same operations, same order).
+///
+/// # Panics
+/// As [`linear`], and if `n` is not `3 * 64 * heads`, the rows not whole images of `t` tokens
+/// or the tables not `(t - 1) x 64` (or empty).
+pub fn linear_qkv_roped(
+    x: &[f32],
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    rope: &QkvRope,
+) -> Vec<f32> {
+    assert_eq!(w.n, 3 * MR * rope.heads, "qkv: width for heads of 64");
+    assert!(
+        rope.t > 0 && (x.len() / w.k.max(1)).is_multiple_of(rope.t),
+        "qkv: whole images"
+    );
+    let table = (rope.t - 1) * MR;
+    assert!(
+        (rope.cos.len() == table && rope.sin.len() == table)
+            || (rope.cos.is_empty() && rope.sin.is_empty()),
+        "qkv: RoPE tables"
+    );
+    run(x, w, bias, Epilogue::Rope(rope))
+}
+
 /// The micro-kernel for 64 features by `cols` (1 to 6) tokens.
 #[cfg(target_arch = "x86_64")]
 fn kernel(cols: usize) -> gemm_common::microkernel::MicroKernelFn<f32> {
@@ -147,7 +189,7 @@ fn run(x: &[f32], w: &PackedWeight, bias: Option<&[f32]>, epilogue: Epilogue) ->
     assert!(k > 0 && x.len().is_multiple_of(k), "linear: input width");
     let m = x.len() / k;
     let width = match epilogue {
-        Epilogue::Plain(_) => n,
+        Epilogue::Plain(_) | Epilogue::Rope(_) => n,
         Epilogue::Swiglu => n / 2,
     };
     assert!(bias.is_none_or(|b| b.len() == n), "linear: bias width");
@@ -168,7 +210,7 @@ fn run(x: &[f32], w: &PackedWeight, bias: Option<&[f32]>, epilogue: Epilogue) ->
     };
     // Panels of one step: one, or a pair (the two halves' panels at the same offset).
     let (steps, per_step) = match epilogue {
-        Epilogue::Plain(_) => (n.div_ceil(MR), 1),
+        Epilogue::Plain(_) | Epilogue::Rope(_) => (n.div_ceil(MR), 1),
         Epilogue::Swiglu => (n / 2 / MR, 2),
     };
     let block = (BLOCK_BYTES / (per_step * MR * k * 4)).max(1);
@@ -243,6 +285,34 @@ fn run(x: &[f32], w: &PackedWeight, bias: Option<&[f32]>, epilogue: Epilogue) ->
                                         None => super::cpu::simd::add_into(&src[..wd], b, dst),
                                     }
                                 }
+                                Epilogue::Rope(rope) => {
+                                    super::cpu::simd::add_in_place(src, &bias[f0..f0 + MR]);
+                                    // SAFETY: as above (all panels whole: n = 3 * 64 * heads).
+                                    let dst = unsafe {
+                                        std::slice::from_raw_parts_mut(
+                                            out.get().add(row * n + f0),
+                                            MR,
+                                        )
+                                    };
+                                    let (head, token) = (s, row % rope.t);
+                                    let scale = if head < rope.heads { 0.125 } else { 1.0 };
+                                    if head >= 2 * rope.heads {
+                                        dst.copy_from_slice(src);
+                                    } else if token == 0 || rope.cos.is_empty() {
+                                        dst.iter_mut()
+                                            .zip(&*src)
+                                            .for_each(|(o, &v)| *o = v * scale);
+                                    } else {
+                                        let at = (token - 1) * MR..token * MR;
+                                        super::cpu::simd::rope_scale(
+                                            src,
+                                            &rope.cos[at.clone()],
+                                            &rope.sin[at],
+                                            scale,
+                                            dst,
+                                        );
+                                    }
+                                }
                                 Epilogue::Swiglu => {
                                     let h = n / 2;
                                     let (a, g2) = src.split_at_mut(MR);
@@ -269,22 +339,24 @@ fn run(x: &[f32], w: &PackedWeight, bias: Option<&[f32]>, epilogue: Epilogue) ->
 }
 
 /// Attention scores of one head on the micro-kernel: `s[i, j] = q[i] . k[j]` for `q` and `k`
-/// `[t, d]` row-major, into rows of `s` `ts` apart (`ts` a multiple of 64, at least `t`; the
-/// columns from `t` hold zeros). `kp` is scratch for k packed in panels of 64 keys.
+/// given as `t` rows of `d` values at their row strides, into rows of `s` `ts` apart (`ts` a
+/// multiple of 64, at least `t`; the columns from `t` hold zeros). `kp` is scratch for k packed
+/// in panels of 64 keys.
 ///
 /// # Panics
 /// If the shapes do not fit, or without AVX-512 ([`available`]).
 pub fn scores(
-    q: &[f32],
-    k: &[f32],
+    (q, q_rs): (&[f32], usize),
+    (k, k_rs): (&[f32], usize),
     (t, d): (usize, usize),
     s: &mut [f32],
     ts: usize,
     kp: &mut Vec<f32>,
 ) {
     assert!(available(), "prepacked scores: needs AVX-512");
+    let rows = |v: &[f32], rs: usize| rs >= d && v.len() >= (t - 1) * rs + d;
     assert!(
-        t > 0 && d > 0 && q.len() == t * d && k.len() == t * d,
+        t > 0 && d > 0 && rows(q, q_rs) && rows(k, k_rs),
         "scores: q, k shapes"
     );
     assert!(
@@ -294,9 +366,9 @@ pub fn scores(
     let panels = ts / MR;
     kp.clear();
     kp.resize(panels * d * MR, 0.0);
-    for (j, row) in k.chunks_exact(d).enumerate() {
+    for j in 0..t {
         let (p, jj) = (j / MR, j % MR);
-        for (dd, &v) in row.iter().enumerate() {
+        for (dd, &v) in k[j * k_rs..j * k_rs + d].iter().enumerate() {
             kp[(p * d + dd) * MR + jj] = v;
         }
     }
@@ -314,12 +386,12 @@ pub fn scores(
                     d,
                     s.as_mut_ptr().add(i0 * ts + p * MR),
                     kp.as_ptr().add(p * d * MR),
-                    q.as_ptr().add(i0 * d),
+                    q.as_ptr().add(i0 * q_rs),
                     ts as isize,
                     1,
                     MR as isize,
                     1,
-                    d as isize,
+                    q_rs as isize,
                     0.0,
                     1.0,
                     0,
@@ -472,7 +544,7 @@ mod tests {
         let ts = t.next_multiple_of(MR);
         let (q, k) = (data(t * d, 8), data(t * d, 9));
         let (mut s, mut kp) = (vec![f32::NAN; t * ts], Vec::new());
-        scores(&q, &k, (t, d), &mut s, ts, &mut kp);
+        scores((&q, d), (&k, d), (t, d), &mut s, ts, &mut kp);
         let mut compared = 0;
         for i in 0..t {
             for j in 0..t {
@@ -514,5 +586,40 @@ mod tests {
             );
         }
         assert_eq!(compared, t * t + t * d);
+    }
+    #[test]
+    fn rope_in_the_qkv_epilogue_gives_the_same_attention() {
+        if !available() {
+            eprintln!("SKIPPED prepacked qkv with RoPE: this CPU has no AVX-512");
+            return;
+        }
+        use crate::kernels::cpu::{AttentionShape, attention_forward};
+        // 2 images of 9 tokens, 2 heads of 64; RoPE tables for the 8 patch tokens.
+        let (b, t, heads, k) = (2, 9, 2, 48);
+        let n = 3 * MR * heads;
+        let (x, wt, bias) = (data(b * t * k, 12), data(k * n, 13), data(n, 14));
+        let (cos, sin) = (data((t - 1) * MR, 15), data((t - 1) * MR, 16));
+        let w = PackedWeight::new(&wt, k, n);
+        let mut compared = 0;
+        for (cos, sin) in [(&cos[..], &sin[..]), (&[][..], &[][..])] {
+            let shape = |roped| AttentionShape {
+                b,
+                t,
+                c: n / 3,
+                heads,
+                cos,
+                sin,
+                roped,
+            };
+            let plain = attention_forward(&linear(&x, &w, Some(&bias), None), &shape(false));
+            let rope = QkvRope { t, heads, cos, sin };
+            let qkv = linear_qkv_roped(&x, &w, Some(&bias), &rope);
+            let fused = attention_forward(&qkv, &shape(true));
+            let (plain, fused) = (plain.unwrap(), fused.unwrap());
+            assert_eq!(plain.len(), b * t * n / 3);
+            assert_eq!(plain, fused, "the same operations in the same order");
+            compared += plain.len();
+        }
+        assert_eq!(compared, 2 * b * t * n / 3);
     }
 }

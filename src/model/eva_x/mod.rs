@@ -321,6 +321,21 @@ impl Linear {
         }
     }
 
+    /// Attention's `[q | k | v]` with q and k rotated by `rope` and q scaled, where this
+    /// layer's f32 panels compute `x` (see [`kernels::candle_ops::linear_qkv_roped`]).
+    fn forward_qkv_roped(
+        &self,
+        x: &Tensor,
+        k: Kernels,
+        heads: usize,
+        rope: &RopeTables,
+    ) -> candle_core::Result<Option<Tensor>> {
+        match self.prepared_for(x, k) {
+            Some(w) => kernels::candle_ops::linear_qkv_roped(x, w, self.bias.as_ref(), heads, rope),
+            None => Ok(None),
+        }
+    }
+
     /// Whether this layer computes in bf16 products on the CPU.
     fn bf16_products(&self) -> bool {
         matches!(
@@ -487,15 +502,22 @@ impl Block {
     /// `x + attn(norm1(x))`, then `+ mlp(norm2(x))`.
     pub fn forward(&self, x: &Tensor, rope: &Arc<RopeTables>, k: Kernels) -> Result<Tensor> {
         let y = self.norm1.forward(x, k)?;
-        let qkv = self.qkv.forward(&y, k)?;
-        // With bf16 products on the CPU, attention's products are bf16 too where AMX runs them.
-        let bf16 = match self.qkv.bf16_products() {
-            true => kernels::candle_ops::attention_bf16(&qkv, self.heads, rope)?,
-            false => None,
-        };
-        let a = match bf16 {
-            Some(a) => a,
-            None => kernels::attention(k, &qkv, self.heads, rope, false)?,
+        let a = match self.qkv.forward_qkv_roped(&y, k, self.heads, rope)? {
+            // On f32 panels, RoPE and q's scale are applied as the qkv product is made.
+            Some(qkv) => kernels::candle_ops::attention_roped(&qkv, self.heads, rope)?,
+            None => {
+                let qkv = self.qkv.forward(&y, k)?;
+                // With bf16 products on the CPU, attention's products are bf16 too where AMX
+                // runs them.
+                let bf16 = match self.qkv.bf16_products() {
+                    true => kernels::candle_ops::attention_bf16(&qkv, self.heads, rope)?,
+                    false => None,
+                };
+                match bf16 {
+                    Some(a) => a,
+                    None => kernels::attention(k, &qkv, self.heads, rope, false)?,
+                }
+            }
         };
         let x = self.proj.forward_add(&a, x, k)?;
         let y = self.norm2.forward(&x, k)?;
