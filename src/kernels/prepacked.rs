@@ -172,14 +172,20 @@ pub fn linear_qkv_roped(
 }
 
 /// The micro-kernel for 64 features by `cols` (1 to 6) tokens.
-#[cfg(target_arch = "x86_64")]
 fn kernel(cols: usize) -> gemm_common::microkernel::MicroKernelFn<f32> {
-    gemm_f32::microkernel::avx512f::f32::UKR[MR / 16 - 1][cols - 1]
+    narrow_kernel(MR, cols)
+}
+
+/// The micro-kernel for the first `rows` (1 to 64, rounded up to vectors of 16) features of a
+/// panel by `cols` (1 to 6) tokens.
+#[cfg(target_arch = "x86_64")]
+fn narrow_kernel(rows: usize, cols: usize) -> gemm_common::microkernel::MicroKernelFn<f32> {
+    gemm_f32::microkernel::avx512f::f32::UKR[rows.div_ceil(16) - 1][cols - 1]
 }
 
 /// No micro-kernel off x86-64 ([`available`] is false there).
 #[cfg(not(target_arch = "x86_64"))]
-fn kernel(_cols: usize) -> gemm_common::microkernel::MicroKernelFn<f32> {
+fn narrow_kernel(_rows: usize, _cols: usize) -> gemm_common::microkernel::MicroKernelFn<f32> {
     unreachable!("prepacked linear: x86-64 only")
 }
 
@@ -340,8 +346,8 @@ fn run(x: &[f32], w: &PackedWeight, bias: Option<&[f32]>, epilogue: Epilogue) ->
 
 /// Attention scores of one head on the micro-kernel: `s[i, j] = q[i] . k[j]` for `q` and `k`
 /// given as `t` rows of `d` values at their row strides, into rows of `s` `ts` apart (`ts` a
-/// multiple of 64, at least `t`; the columns from `t` hold zeros). `kp` is scratch for k packed
-/// in panels of 64 keys.
+/// multiple of 64, at least `t`; the columns from `t` are left as they were). `kp` is scratch
+/// for k packed in panels of 64 keys.
 ///
 /// # Panics
 /// If the shapes do not fit, or without AVX-512 ([`available`]).
@@ -363,25 +369,29 @@ pub fn scores(
         ts >= t && ts.is_multiple_of(MR) && s.len() >= (t - 1) * ts + ts,
         "scores: rows"
     );
-    let panels = ts / MR;
+    let panels = t.div_ceil(MR);
     kp.clear();
     kp.resize(panels * d * MR, 0.0);
-    for j in 0..t {
-        let (p, jj) = (j / MR, j % MR);
-        for (dd, &v) in k[j * k_rs..j * k_rs + d].iter().enumerate() {
-            kp[(p * d + dd) * MR + jj] = v;
+    // Panel by panel, each row of 64 keys written whole (its 64 key rows stay in L1).
+    for (p, panel) in kp.chunks_exact_mut(d * MR).enumerate() {
+        let keys = MR.min(t.saturating_sub(p * MR));
+        for (dd, row) in panel.chunks_exact_mut(MR).enumerate() {
+            for (jj, v) in row[..keys].iter_mut().enumerate() {
+                *v = k[(p * MR + jj) * k_rs + dd];
+            }
         }
     }
     for i0 in (0..t).step_by(NR) {
         let cols = NR.min(t - i0);
-        let ukr = kernel(cols);
         for p in 0..panels {
+            // The last panel's real keys only (whole vectors of 16 computed, `keys` stored).
+            let keys = MR.min(t - p * MR);
             // SAFETY: AVX-512 present (asserted); panel p of kp holds d x 64 values, q rows
             // i0..i0 + cols hold d values each, and s rows i0..i0 + cols hold columns
             // 64p..64p + 64 (ts >= 64(p + 1)).
             unsafe {
-                ukr(
-                    MR,
+                narrow_kernel(keys, cols)(
+                    keys,
                     cols,
                     d,
                     s.as_mut_ptr().add(i0 * ts + p * MR),
