@@ -237,6 +237,25 @@ fn run(x: &[f32], w: &PackedWeight, bias: Option<&[f32]>, epilogue: Epilogue) ->
                     let cols = NR.min(r1 - g);
                     let ukr = kernel(cols);
                     for s in s0..(s0 + block).min(steps) {
+                        // The residual tile this step's epilogue will read, fetched while the
+                        // kernel runs (six rows 64 wide: strided, missed by the prefetchers).
+                        #[cfg(target_arch = "x86_64")]
+                        if let Epilogue::Plain(Some(r)) = epilogue {
+                            let f0 = s * MR;
+                            for j in 0..cols {
+                                let at = r[(g + j) * n + f0..].as_ptr();
+                                for line in 0..MR.min(n - f0).div_ceil(16) {
+                                    // SAFETY: a prefetch of an address inside `r`.
+                                    unsafe {
+                                        std::arch::x86_64::_mm_prefetch::<
+                                            { std::arch::x86_64::_MM_HINT_T0 },
+                                        >(
+                                            at.add(line * 16) as *const i8
+                                        )
+                                    };
+                                }
+                            }
+                        }
                         for half in 0..per_step {
                             let p = s + half * steps;
                             // SAFETY: AVX-512 present (asserted); panel p holds 64 x k values, the
