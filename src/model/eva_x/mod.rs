@@ -471,12 +471,16 @@ impl Block {
         let proj = ws.linear(&format!("{p}.attn.proj"), c, c);
         let norm2 = ws.layer_norm(&format!("{p}.norm2"), c);
         let (w12, ffn_ln) = if cfg.sub_ln {
-            let w1 = ws.linear(&format!("{p}.mlp.w1"), hdn, c);
-            let w2 = ws.linear(&format!("{p}.mlp.w2"), hdn, c);
-            let w12 = ws.make_linear(
-                Tensor::cat(&[w1.weight()?, w2.weight()?], 0)?,
-                Some(Tensor::cat(&[w1.bias.unwrap(), w2.bias.unwrap()], 0)?),
-            )?;
+            // w1 and w2 as one layer (their tensors joined; no layer made of each alone).
+            let part = |ws: &mut S, name: &str| {
+                (
+                    ws.tensor(&format!("{p}.mlp.{name}.weight"), &[hdn, c]),
+                    ws.tensor(&format!("{p}.mlp.{name}.bias"), &[hdn]),
+                )
+            };
+            let ((w1, b1), (w2, b2)) = (part(ws, "w1"), part(ws, "w2"));
+            let w12 =
+                ws.make_linear(Tensor::cat(&[w1, w2], 0)?, Some(Tensor::cat(&[b1, b2], 0)?))?;
             (w12, Some(ws.layer_norm(&format!("{p}.mlp.ffn_ln"), hdn)))
         } else {
             (ws.linear(&format!("{p}.mlp.w12"), 2 * hdn, c), None)
