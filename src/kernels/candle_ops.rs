@@ -275,6 +275,7 @@ pub fn linear_qkv_roped(
     let x = x.contiguous()?;
     let y = read(&x, |xv| {
         read_optional(b, |bias| {
+            super::prepacked::check(xv, w, bias, None).map_err(candle_core::Error::Msg)?;
             let r = super::prepacked::QkvRope {
                 t,
                 heads,

@@ -98,8 +98,14 @@ impl PreparedWeight {
         match (self, swiglu) {
             (PreparedWeight::Bf16(w), false) => bf16::linear(x, w, bias, residual),
             (PreparedWeight::Bf16(w), true) => bf16::linear_swiglu(x, w, bias),
-            (PreparedWeight::F32(w), false) => Ok(prepacked::linear(x, w, bias, residual)),
-            (PreparedWeight::F32(w), true) => Ok(prepacked::linear_swiglu(x, w, bias)),
+            (PreparedWeight::F32(w), false) => {
+                prepacked::check(x, w, bias, residual)?;
+                Ok(prepacked::linear(x, w, bias, residual))
+            }
+            (PreparedWeight::F32(w), true) => {
+                prepacked::check(x, w, bias, None)?;
+                Ok(prepacked::linear_swiglu(x, w, bias))
+            }
         }
     }
 }

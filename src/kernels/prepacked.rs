@@ -117,6 +117,28 @@ pub struct QkvRope<'a> {
     pub sin: &'a [f32],
 }
 
+/// An error unless `x` is whole rows of `k`, the bias `n` wide and the residual `m x n` (the
+/// checks [`linear`] and [`linear_swiglu`] assert), so a misshapen input is reported, not a
+/// panic.
+pub fn check(
+    x: &[f32],
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Result<(), String> {
+    let (k, n) = (w.k, w.n);
+    if k == 0 || !x.len().is_multiple_of(k) {
+        return Err(format!(
+            "linear: input of {} values is not rows of {k}",
+            x.len()
+        ));
+    }
+    if bias.is_some_and(|b| b.len() != n) || residual.is_some_and(|r| r.len() != x.len() / k * n) {
+        return Err(format!("linear: bias or residual does not fit {n} outputs"));
+    }
+    Ok(())
+}
+
 /// `x W^T + b (+ residual)` for `x` `[m, k]` row-major, `b` `[n]`, residual `[m, n]`.
 ///
 /// # Panics
@@ -650,5 +672,18 @@ mod tests {
             compared += plain.len();
         }
         assert_eq!(compared, 2 * b * t * n / 3);
+    }
+    #[test]
+    fn misshapen_inputs_are_errors() {
+        let w = PackedWeight::new(&data(4 * 3, 17), 4, 3);
+        let x = data(8, 18);
+        assert!(check(&x, &w, Some(&[0.0; 3]), Some(&[0.0; 6])).is_ok());
+        assert!(
+            check(&x[..7], &w, None, None)
+                .unwrap_err()
+                .contains("rows of 4")
+        );
+        assert!(check(&x, &w, Some(&[0.0; 2]), None).is_err());
+        assert!(check(&x, &w, None, Some(&[0.0; 5])).is_err());
     }
 }
