@@ -77,6 +77,20 @@ impl PackedWeight {
         }
     }
 
+    /// `W^T` again (`[k, n]` row-major), as given to [`PackedWeight::new`].
+    pub fn unpack(&self) -> Vec<f32> {
+        let (k, n) = (self.k, self.n);
+        let mut wt = vec![0f32; k * n];
+        for p in 0..n.div_ceil(MR) {
+            let (f0, w) = (p * MR, MR.min(n - p * MR));
+            let panel = &self.values[self.start + p * MR * k..self.start + (p + 1) * MR * k];
+            for (kk, row) in panel.chunks_exact(MR).enumerate() {
+                wt[kk * n + f0..kk * n + f0 + w].copy_from_slice(&row[..w]);
+            }
+        }
+        wt
+    }
+
     /// Inputs.
     pub fn k(&self) -> usize {
         self.k
@@ -522,6 +536,23 @@ mod tests {
             }
         }
         y
+    }
+
+    #[test]
+    fn unpacking_gives_the_weight_back() {
+        let mut compared = 0;
+        for &(k, n) in &[(3, 14), (384, 64), (40, 130)] {
+            let wt = data(k * n, 5);
+            let back = PackedWeight::new(&wt, k, n).unpack();
+            assert_eq!(back.len(), wt.len());
+            assert!(
+                back.iter()
+                    .zip(&wt)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+            compared += back.len();
+        }
+        assert_eq!(compared, 3 * 14 + 384 * 64 + 40 * 130);
     }
 
     #[test]

@@ -161,9 +161,9 @@ impl VitBlock {
         let a = kernels::attention(k, &lin(&y, &self.qkv)?, self.heads, &none, grad)?;
         if !grad {
             // Inference: the residuals ride in the GEMMs' accumulators.
-            let x = kernels::linear(k, &a, &self.proj.weight_t, self.proj.bias.as_ref(), Some(x))?;
+            let x = self.proj.forward_add(&a, x, k)?;
             let h = kernels::gelu(k, &lin(&ln(&x, &self.norm2)?, &self.fc1)?, false)?;
-            return kernels::linear(k, &h, &self.fc2.weight_t, self.fc2.bias.as_ref(), Some(&x));
+            return self.fc2.forward_add(&h, &x, k);
         }
         let mut a = lin(&a, &self.proj)?;
         if let Some((s, _)) = drop {
@@ -226,7 +226,7 @@ impl Weights<'_> {
     fn linear(&mut self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
         let w = self.tensor(&format!("{prefix}.weight"), &[out, inp])?;
         let b = self.tensor(&format!("{prefix}.bias"), &[out])?;
-        Ok(Linear::new(w, Some(b))?)
+        Ok(Linear::new(w, Some(b))?.with_prepacked_products()?)
     }
 
     fn norm(&mut self, prefix: &str, dim: usize) -> Result<LayerNorm> {

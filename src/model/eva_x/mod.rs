@@ -293,8 +293,9 @@ impl LayerNorm {
 /// A dense layer `y = x W^T + b` over the last axis.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `W^T` stored contiguously `[in, out]`: the layout the GEMM reads without repacking.
-    pub(crate) weight_t: Tensor,
+    /// `W^T` stored contiguously `[in, out]`: the layout the GEMM reads without repacking;
+    /// `None` where the f32 panels hold the weight instead (see [`Linear::weight_t`]).
+    weight_t: Option<Tensor>,
     /// `[out]`.
     pub bias: Option<Tensor>,
     /// The weight packed once for the CPU's fast inference products: bf16 (`--precision
@@ -307,7 +308,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
         match self.prepared_for(x, k) {
             Some(w) => kernels::candle_ops::linear_prepared(x, w, self.bias.as_ref(), None),
-            None => kernels::linear(k, x, &self.weight_t, self.bias.as_ref(), None),
+            None => kernels::linear(k, x, &self.weight_t()?, self.bias.as_ref(), None),
         }
     }
 
@@ -356,7 +357,10 @@ impl Linear {
     /// This layer computing its products in bf16 on the CPU (the weight rounded and packed
     /// once; see [`kernels::bf16`]).
     pub fn with_bf16_products(mut self) -> candle_core::Result<Self> {
-        let (k, n) = self.weight_t.dims2()?;
+        // The f32 weight stays for the paths that do not read bf16 panels.
+        let w = self.weight_t()?;
+        let (k, n) = w.dims2()?;
+        self.weight_t = Some(w);
         let wt = self.weight_t_values()?;
         let w = kernels::bf16::Bf16Weight::new(&wt, k, n);
         self.prepared = Some(Arc::new(kernels::PreparedWeight::Bf16(w)));
@@ -364,21 +368,23 @@ impl Linear {
     }
 
     /// This layer computing its f32 products on panels packed once, where the CPU has AVX-512
-    /// and the weight is f32 on the CPU (see [`kernels::prepacked`]); unchanged elsewhere.
+    /// and the weight is f32 on the CPU (see [`kernels::prepacked`]); unchanged elsewhere. The
+    /// panels then hold the only copy of the weight.
     pub fn with_prepacked_products(mut self) -> candle_core::Result<Self> {
-        let w = &self.weight_t;
+        let w = self.weight_t()?;
         if !(kernels::prepacked::available() && w.device().is_cpu() && w.dtype() == DType::F32) {
             return Ok(self);
         }
         let (k, n) = w.dims2()?;
         let packed = kernels::prepacked::PackedWeight::new(&self.weight_t_values()?, k, n);
         self.prepared = Some(Arc::new(kernels::PreparedWeight::F32(packed)));
+        self.weight_t = None;
         Ok(self)
     }
 
     /// `W^T`'s values as f32, row-major `[in, out]`.
     fn weight_t_values(&self) -> candle_core::Result<Vec<f32>> {
-        self.weight_t
+        self.weight_t()?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()
@@ -388,7 +394,7 @@ impl Linear {
     /// fused inference kernels need [`Linear::new`]).
     pub fn new_view(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
         Ok(Linear {
-            weight_t: weight.t()?,
+            weight_t: Some(weight.t()?),
             bias,
             prepared: None,
         })
@@ -398,7 +404,7 @@ impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
         let weight_t = weight.t()?.contiguous()?;
         Ok(Linear {
-            weight_t,
+            weight_t: Some(weight_t),
             bias,
             prepared: None,
         })
@@ -406,12 +412,22 @@ impl Linear {
 
     /// The weight `[out, in]` (a transposed view).
     pub fn weight(&self) -> candle_core::Result<Tensor> {
-        self.weight_t.t()
+        self.weight_t()?.t()
     }
 
-    /// The transposed weight `[in, out]`, contiguous.
-    pub fn weight_t(&self) -> &Tensor {
-        &self.weight_t
+    /// The transposed weight `[in, out]`, contiguous (unpacked from the f32 panels where they
+    /// hold the weight: for the paths that do not read panels, Grad-CAM's and the reference
+    /// kernels').
+    pub fn weight_t(&self) -> candle_core::Result<Tensor> {
+        match (&self.weight_t, self.prepared.as_deref()) {
+            (Some(w), _) => Ok(w.clone()),
+            (None, Some(kernels::PreparedWeight::F32(p))) => {
+                Tensor::from_vec(p.unpack(), (p.k(), p.n()), &candle_core::Device::Cpu)
+            }
+            (None, _) => Err(candle_core::Error::Msg(
+                "linear layer: neither W^T nor f32 panels".into(),
+            )),
+        }
     }
 
     /// `residual + x W^T + b`, fused.
@@ -425,7 +441,7 @@ impl Linear {
             Some(w) => {
                 kernels::candle_ops::linear_prepared(x, w, self.bias.as_ref(), Some(residual))
             }
-            None => kernels::linear(k, x, &self.weight_t, self.bias.as_ref(), Some(residual)),
+            None => kernels::linear(k, x, &self.weight_t()?, self.bias.as_ref(), Some(residual)),
         }
     }
 }
@@ -816,20 +832,21 @@ impl EvaX {
         let c = self.config.dim;
         let p = self.config.patch_size;
         let bias = self.patch.bias.as_ref().expect("patch bias");
-        let tokens = if self.kernels.fused_for(&x) && self.kernels.fused_for(&self.patch.weight_t) {
-            // The fused product with its bias epilogue over the patches as rows.
-            let (gh, gw) = (x.dim(2)? / p, x.dim(3)? / p);
-            let rows = x
-                .reshape((b, 3, gh, p, gw, p))?
-                .permute((0, 2, 4, 1, 3, 5))?
-                .contiguous()?
-                .reshape((b * gh * gw, 3 * p * p))?;
-            self.patch
-                .forward(&rows, self.kernels)?
-                .reshape((b, gh * gw, c))?
-        } else {
-            super::patch_tokens(&x, &self.patch.weight()?, bias, p)?
-        };
+        let tokens =
+            if self.kernels.fused_for(&x) && self.kernels.fused_for(&self.patch.weight_t()?) {
+                // The fused product with its bias epilogue over the patches as rows.
+                let (gh, gw) = (x.dim(2)? / p, x.dim(3)? / p);
+                let rows = x
+                    .reshape((b, 3, gh, p, gw, p))?
+                    .permute((0, 2, 4, 1, 3, 5))?
+                    .contiguous()?
+                    .reshape((b * gh * gw, 3 * p * p))?;
+                self.patch
+                    .forward(&rows, self.kernels)?
+                    .reshape((b, gh * gw, c))?
+            } else {
+                super::patch_tokens(&x, &self.patch.weight()?, bias, p)?
+            };
         let cls = self.cls_token.broadcast_as((b, 1, c))?;
         let state = self.grid_state((gh, gw))?;
         Ok(Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&state.pos_embed)?)
