@@ -791,7 +791,7 @@ mod amx_tiles {
                             scores,
                             &mut buf.ctile,
                         );
-                        crate::kernels::cpu::simd::softmax_rows(&mut buf.scores, t);
+                        crate::kernels::cpu::simd::softmax_rows(&mut buf.scores, t, t);
                         for (ti, row) in buf.scores.chunks_exact(t).enumerate() {
                             avx512::pack_row(row, &mut buf.p_rows[ti * tpairs..][..tpairs]);
                         }

@@ -113,10 +113,21 @@ pub mod simd {
     /// Lanes of the manual reductions (float sums do not auto-vectorise without them).
     const LANES: usize = 16;
 
+    /// In-place softmax of the first `n` values of each row of `x`, rows `stride` apart.
+    pub fn softmax_rows(x: &mut [f32], n: usize, stride: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::dispatch::has_v4() {
+            // SAFETY: AVX-512 present (checked).
+            return unsafe { super::avx512::softmax_rows(x, n, stride) };
+        }
+        softmax_rows_autovec(x, n, stride)
+    }
+
     dispatch! {
-        /// In-place softmax of each `n`-long row of `x`.
-        fn softmax_rows(x: &mut [f32], n: usize) {
-            for row in x.chunks_exact_mut(n) {
+        /// [`softmax_rows`] as loops the compiler vectorises (AVX2 and older CPUs).
+        fn softmax_rows_autovec(x: &mut [f32], n: usize, stride: usize) {
+            for row in x.chunks_mut(stride).filter(|r| r.len() >= n) {
+                let row = &mut row[..n];
                 let mut m = [f32::NEG_INFINITY; LANES];
                 let mut chunks = row.chunks_exact(LANES);
                 for c in &mut chunks {
@@ -303,6 +314,124 @@ pub mod simd {
     }
 }
 
+/// Hand-written AVX-512 forms of the loops the compiler does not vectorise well.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// [`super::exp_f32`] on sixteen lanes, the same operations in the same order (so the same
+    /// values).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::excessive_precision)]
+    fn exp16(x: __m512) -> __m512 {
+        let c = _mm512_set1_ps;
+        // The bounds first: min and max return their second operand for NaN, which passes.
+        let x = _mm512_max_ps(c(-87.3), _mm512_min_ps(c(88.7), x));
+        let n = _mm512_add_ps(_mm512_mul_ps(x, c(std::f32::consts::LOG2_E)), c(0.5));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(n);
+        let r = _mm512_sub_ps(x, _mm512_mul_ps(n, c(0.693_359_4)));
+        let r = _mm512_sub_ps(r, _mm512_mul_ps(n, c(-2.121_944_4e-4)));
+        let r2 = _mm512_mul_ps(r, r);
+        let p = _mm512_fmadd_ps(c(1.987_569_1e-4), r, c(1.398_199_9e-3));
+        let p = _mm512_fmadd_ps(p, r, c(8.333_452e-3));
+        let p = _mm512_fmadd_ps(p, r, c(4.166_579_6e-2));
+        let p = _mm512_fmadd_ps(p, r, c(1.666_666_5e-1));
+        let p = _mm512_fmadd_ps(p, r, c(5.000_000_1e-1));
+        let y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), c(1.0));
+        const MAGIC: f32 = 12_582_912.0;
+        let ni = _mm512_sub_epi32(
+            _mm512_castps_si512(_mm512_add_ps(n, c(MAGIC))),
+            _mm512_set1_epi32(MAGIC.to_bits() as i32),
+        );
+        _mm512_castsi512_ps(_mm512_add_epi32(
+            _mm512_castps_si512(y),
+            _mm512_slli_epi32::<23>(ni),
+        ))
+    }
+
+    /// [`super::simd::softmax_rows`]: the maximum, then `exp` and the sum in one pass, then
+    /// the scale; the last part-vector masked.
+    ///
+    /// # Safety
+    /// AVX-512F present.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn softmax_rows(x: &mut [f32], n: usize, stride: usize) {
+        let (full, rem) = (n / 16, n % 16);
+        let tail: __mmask16 = ((1u32 << rem) - 1) as u16;
+        for row in x.chunks_mut(stride).filter(|r| r.len() >= n) {
+            let p = row.as_mut_ptr();
+            // SAFETY (all accesses below): the row holds n values; whole vectors read and write
+            // 16 at 16 * i < n - rem, the masked ones only the rem values from 16 * full.
+            unsafe {
+                let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+                for i in 0..full {
+                    m = _mm512_max_ps(m, _mm512_loadu_ps(p.add(16 * i)));
+                }
+                if rem > 0 {
+                    let v = _mm512_mask_loadu_ps(m, tail, p.add(16 * full));
+                    m = _mm512_max_ps(m, v);
+                }
+                let max = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+                let mut s = _mm512_setzero_ps();
+                for i in 0..full {
+                    let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(16 * i)), max));
+                    _mm512_storeu_ps(p.add(16 * i), e);
+                    s = _mm512_add_ps(s, e);
+                }
+                if rem > 0 {
+                    // Padding lanes at the maximum (exp 1, no denormals), masked out.
+                    let v = _mm512_mask_loadu_ps(max, tail, p.add(16 * full));
+                    let e = _mm512_maskz_mov_ps(tail, exp16(_mm512_sub_ps(v, max)));
+                    _mm512_mask_storeu_ps(p.add(16 * full), tail, e);
+                    s = _mm512_add_ps(s, e);
+                }
+                let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(s));
+                for i in 0..full {
+                    let v = _mm512_mul_ps(_mm512_loadu_ps(p.add(16 * i)), inv);
+                    _mm512_storeu_ps(p.add(16 * i), v);
+                }
+                if rem > 0 {
+                    let v = _mm512_maskz_loadu_ps(tail, p.add(16 * full));
+                    _mm512_mask_storeu_ps(p.add(16 * full), tail, _mm512_mul_ps(v, inv));
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn exp16_is_exp_f32() {
+            if !crate::kernels::dispatch::has_v4() {
+                eprintln!("SKIPPED exp16: this CPU has no AVX-512");
+                return;
+            }
+            let mut xs: Vec<f32> = (-9000..=9000).map(|i| i as f32 * 0.01).collect();
+            xs.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 1e-30]);
+            xs.resize(xs.len().next_multiple_of(16), 0.5);
+            let mut compared = 0;
+            for c in xs.chunks_exact(16) {
+                let mut got = [0f32; 16];
+                // SAFETY: AVX-512 present (checked); 16 values read and written.
+                unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp16(_mm512_loadu_ps(c.as_ptr()))) };
+                for (&g, &x) in got.iter().zip(c) {
+                    let want = super::super::exp_f32(x);
+                    assert!(
+                        g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                        "{x}"
+                    );
+                    compared += 1;
+                }
+            }
+            assert_eq!(compared, xs.len());
+            assert!(compared >= 18006);
+        }
+    }
+}
+
 /// A raw pointer that may be shared by tasks writing disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);
@@ -446,7 +575,9 @@ fn score_layout(t: usize, d: usize) -> (bool, usize) {
 
 /// One head's attention probabilities `softmax(q k^T)` (q already scaled) into `t` rows `ts`
 /// apart, computed the same way wherever they are needed (the forward, and the backward when
-/// it recomputes them); `kp` is scratch.
+/// it recomputes them); `kp` is scratch. `done` gets each finished run of rows (the first
+/// row's index and the rows): on the micro-kernel, groups of six while they are in L1, so the
+/// forward multiplies them by v there; elsewhere all rows at once.
 fn head_probabilities(
     (q, q_rs): (&[f32], usize),
     (k, k_rs): (&[f32], usize),
@@ -454,9 +585,13 @@ fn head_probabilities(
     (micro, ts): (bool, usize),
     sc: &mut [f32],
     kp: &mut Vec<f32>,
+    mut done: impl FnMut(usize, &mut [f32]),
 ) {
     if micro {
-        super::prepacked::scores((q, q_rs), (k, k_rs), (t, d), sc, ts, kp);
+        super::prepacked::scores((q, q_rs), (k, k_rs), (t, d), (sc, ts), kp, |i0, rows| {
+            simd::softmax_rows(rows, t, ts);
+            done(i0, rows)
+        });
     } else {
         let rows = |v: &[f32], rs: usize| rs >= d && v.len() >= (t - 1) * rs + d;
         assert!(rows(q, q_rs) && rows(k, k_rs) && sc.len() >= t * t);
@@ -476,9 +611,8 @@ fn head_probabilities(
                 k_rs,
             )
         };
-    }
-    for row in sc.chunks_exact_mut(ts).take(t) {
-        simd::softmax_rows(&mut row[..t], t);
+        simd::softmax_rows(&mut sc[..t * ts], t, ts);
+        done(0, &mut sc[..t * ts]);
     }
 }
 
@@ -525,34 +659,36 @@ pub fn attention_forward_keeping(
                 shape.prepare(qkv, bi, hi, q, k);
                 ((&q[..], d), (&k[..], d))
             };
-            head_probabilities(q, k, (t, d), (micro, ts), sc, kp);
-            for (i, row) in sc.chunks_exact_mut(ts).enumerate() {
+            head_probabilities(q, k, (t, d), (micro, ts), sc, kp, |i0, p| {
+                let rows = p.len() / ts;
                 if keep {
-                    let whole = kept;
-                    // SAFETY: each (image, head) task writes its own t * t probabilities;
-                    // `probs` holds b * heads * t * t.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            row.as_ptr(),
-                            whole.0.add((bh * t + i) * t),
-                            t,
-                        )
-                    };
+                    for (i, row) in p.chunks_exact(ts).enumerate() {
+                        let whole = kept;
+                        // SAFETY: each (image, head) task writes its own t * t probabilities;
+                        // `probs` holds b * heads * t * t.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                row.as_ptr(),
+                                whole.0.add((bh * t + i0 + i) * t),
+                                t,
+                            )
+                        };
+                    }
                 }
-            }
-            let o = dst;
-            // SAFETY: each (image, head) task writes its own d columns of its own image's rows
-            // of `out` (t rows of stride c); no two tasks overlap, and `out` holds b * t * c;
-            // v is t rows of d values at stride 3c inside `qkv` (b * t * 3c, checked); sc
-            // holds t rows of t probabilities at stride ts.
-            unsafe {
-                let o = o.0.add(bi * t * c + hi * d);
-                if micro {
-                    super::prepacked::weighted_values(sc, (t, ts), (v, 3 * c), (o, c));
-                } else {
-                    mm(t, d, t, o, c, sc.as_ptr(), ts, 1, v, 3 * c, 1);
+                let o = dst;
+                // SAFETY: each (image, head) task writes its own d columns of its own image's
+                // rows of `out` (t rows of stride c); no two tasks overlap, and `out` holds
+                // b * t * c; v is t rows of d values at stride 3c inside `qkv` (b * t * 3c,
+                // checked); p holds `rows` rows of t probabilities at stride ts.
+                unsafe {
+                    let o = o.0.add((bi * t + i0) * c + hi * d);
+                    if micro {
+                        super::prepacked::weighted_values(p, (rows, t, ts), (v, 3 * c), (o, c));
+                    } else {
+                        mm(rows, d, t, o, c, p.as_ptr(), ts, 1, v, 3 * c, 1);
+                    }
                 }
-            }
+            });
         },
     );
     // SAFETY: the (image, head) tasks together wrote all b * t * c elements (and, kept, all
@@ -613,10 +749,18 @@ pub fn attention_backward(
                 Some(kept) => &kept[bh * t * t..(bh + 1) * t * t],
                 None => {
                     if ts == t {
-                        head_probabilities((q, d), (k, d), (t, d), (micro, ts), p, kp);
+                        head_probabilities((q, d), (k, d), (t, d), (micro, ts), p, kp, |_, _| ());
                     } else {
                         // Padded rows, then packed t wide for the products below.
-                        head_probabilities((q, d), (k, d), (t, d), (micro, ts), padded, kp);
+                        head_probabilities(
+                            (q, d),
+                            (k, d),
+                            (t, d),
+                            (micro, ts),
+                            padded,
+                            kp,
+                            |_, _| (),
+                        );
                         for (dst, src) in p.chunks_exact_mut(t).zip(padded.chunks_exact(ts)) {
                             dst.copy_from_slice(&src[..t]);
                         }
@@ -986,11 +1130,28 @@ mod tests {
     }
 
     #[test]
-    fn softmax_rows_sum_to_one() {
-        let mut x: Vec<f32> = (0..30).map(|i| (i as f32 * 0.7).sin() * 5.0).collect();
-        simd::softmax_rows(&mut x, 10);
-        for r in x.chunks(10) {
-            assert!((r.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    fn softmax_rows_match_the_definition() {
+        // Rows of 37 (two vectors and a part-vector) 48 apart: the padding stays untouched.
+        let (n, stride, rows) = (37, 48, 5);
+        let x: Vec<f32> = (0..rows * stride)
+            .map(|i| (i as f32 * 0.7).sin() * 5.0)
+            .collect();
+        let mut y = x.clone();
+        simd::softmax_rows(&mut y, n, stride);
+        let mut compared = 0;
+        for (yr, xr) in y.chunks(stride).zip(x.chunks(stride)) {
+            let max = xr[..n].iter().fold(f64::MIN, |a, &b| a.max(b as f64));
+            let sum: f64 = xr[..n].iter().map(|&v| (v as f64 - max).exp()).sum();
+            for (&got, &v) in yr[..n].iter().zip(&xr[..n]) {
+                let want = (v as f64 - max).exp() / sum;
+                assert!(
+                    (got as f64 - want).abs() <= 1e-6 * want.max(1e-3),
+                    "{got} {want}"
+                );
+                compared += 1;
+            }
+            assert_eq!(&yr[n..], &xr[n..]);
         }
+        assert_eq!(compared, rows * n);
     }
 }

@@ -402,7 +402,8 @@ fn run(x: &[f32], w: &PackedWeight, bias: Option<&[f32]>, epilogue: Epilogue) ->
 /// Attention scores of one head on the micro-kernel: `s[i, j] = q[i] . k[j]` for `q` and `k`
 /// given as `t` rows of `d` values at their row strides, into rows of `s` `ts` apart (`ts` a
 /// multiple of 64, at least `t`; the columns from `t` are left as they were). `kp` is scratch
-/// for k packed in panels of 64 keys.
+/// for k packed in panels of 64 keys. After each group of (up to) six rows, `each_group` gets
+/// the first row's index and the group's rows (`ts` apart), still in L1.
 ///
 /// # Panics
 /// If the shapes do not fit, or without AVX-512 ([`available`]).
@@ -410,9 +411,9 @@ pub fn scores(
     (q, q_rs): (&[f32], usize),
     (k, k_rs): (&[f32], usize),
     (t, d): (usize, usize),
-    s: &mut [f32],
-    ts: usize,
+    (s, ts): (&mut [f32], usize),
     kp: &mut Vec<f32>,
+    mut each_group: impl FnMut(usize, &mut [f32]),
 ) {
     assert!(available(), "prepacked scores: needs AVX-512");
     let rows = |v: &[f32], rs: usize| rs >= d && v.len() >= (t - 1) * rs + d;
@@ -467,24 +468,25 @@ pub fn scores(
                 );
             }
         }
+        each_group(i0, &mut s[i0 * ts..(i0 + cols) * ts]);
     }
 }
 
-/// One head's output on the micro-kernel: `out[i] = sum_j p[i, j] v[j]` for the
-/// probabilities `p` (`t` rows `ts` apart) and `v` `t` rows of 64 values `v_rs` apart, into
-/// `t` rows of 64 values `out_rs` apart.
+/// Rows of one head's output on the micro-kernel: `out[i] = sum_j p[i, j] v[j]` for the
+/// `rows` rows of probabilities `p` (`ts` apart, over `t` keys) and `v` `t` rows of 64 values
+/// `v_rs` apart, into `rows` rows of 64 values `out_rs` apart.
 ///
 /// # Safety
-/// `v` readable and `out` writable over those rows; `p` holds `t` rows of at least `t`
-/// values at stride `ts`; AVX-512 present ([`available`]).
+/// `v` readable over `t` rows and `out` writable over `rows` rows; `p` holds `rows` rows of
+/// at least `t` values at stride `ts`; AVX-512 present ([`available`]).
 pub unsafe fn weighted_values(
     p: &[f32],
-    (t, ts): (usize, usize),
+    (rows, t, ts): (usize, usize, usize),
     (v, v_rs): (*const f32, usize),
     (out, out_rs): (*mut f32, usize),
 ) {
-    for i0 in (0..t).step_by(NR) {
-        let cols = NR.min(t - i0);
+    for i0 in (0..rows).step_by(NR) {
+        let cols = NR.min(rows - i0);
         // SAFETY: the caller's contract: v is t x 64 (lhs, stride v_rs), p rows i0.. hold t
         // values (rhs, column stride ts), out rows i0..i0 + cols take 64 values.
         unsafe {
@@ -626,7 +628,23 @@ mod tests {
         let ts = t.next_multiple_of(MR);
         let (q, k) = (data(t * d, 8), data(t * d, 9));
         let (mut s, mut kp) = (vec![f32::NAN; t * ts], Vec::new());
-        scores((&q, d), (&k, d), (t, d), &mut s, ts, &mut kp);
+        let mut groups = Vec::new();
+        scores(
+            (&q, d),
+            (&k, d),
+            (t, d),
+            (&mut s, ts),
+            &mut kp,
+            |i0, rows| groups.push((i0, rows.len() / ts)),
+        );
+        // Groups of six rows in order, then the tail of four.
+        assert_eq!(groups.len(), 12);
+        assert!(
+            groups
+                .iter()
+                .enumerate()
+                .all(|(g, &(i0, n))| i0 == 6 * g && n == 6.min(t - i0))
+        );
         let mut compared = 0;
         for i in 0..t {
             for j in 0..t {
@@ -648,7 +666,7 @@ mod tests {
         unsafe {
             weighted_values(
                 &p,
-                (t, ts),
+                (t, t, ts),
                 (vrows[d..].as_ptr(), 3 * d),
                 (out.as_mut_ptr(), 100),
             )
