@@ -91,6 +91,41 @@ impl PackedWeight {
         wt
     }
 
+    /// Packs `A` (`m x k`, `A[i, p]` at `a[i * a_rs + p * a_cs]`) as the weight of `m`
+    /// outputs, 64 x 64 blocks at a time (so a long `k` is read in order and the panels
+    /// written in L1).
+    ///
+    /// # Safety
+    /// `a` readable over those `m x k` values.
+    unsafe fn from_strided(
+        a: *const f32,
+        (a_rs, a_cs): (usize, usize),
+        m: usize,
+        k: usize,
+    ) -> Self {
+        let panels = m.div_ceil(MR);
+        let mut values = vec![0f32; panels * MR * k + 16];
+        let start = values.as_ptr().align_offset(64).min(16);
+        for pi in 0..panels {
+            let panel = &mut values[start + pi * MR * k..start + (pi + 1) * MR * k];
+            for p0 in (0..k).step_by(MR) {
+                for lane in 0..MR.min(m - pi * MR) {
+                    let i = pi * MR + lane;
+                    for p in p0..(p0 + MR).min(k) {
+                        // SAFETY: i < m and p < k (the caller's contract).
+                        panel[p * MR + lane] = unsafe { *a.add(i * a_rs + p * a_cs) };
+                    }
+                }
+            }
+        }
+        PackedWeight {
+            k,
+            n: m,
+            values,
+            start,
+        }
+    }
+
     /// Inputs.
     pub fn k(&self) -> usize {
         self.k
@@ -472,6 +507,115 @@ pub fn scores(
     }
 }
 
+/// Columns of C one task of [`product_made_b`] computes (32 groups of six).
+const MADE_NB: usize = 192;
+/// Rows of B made at a time in [`product_made_b`] (with `MADE_NB` columns, 192 KiB).
+const MADE_KC: usize = 256;
+
+thread_local! {
+    /// Each thread's block of B and block of C for [`product_made_b`].
+    static MADE_BUFS: std::cell::Cell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// `C (+)= A B` for `A` `m x k` (`A[i, p]` at `a[i * a_rs + p * a_cs]`), `B` `k x n` made on the
+/// way by `row(p, j0, out)` (which writes `B[p, j0..j0 + out.len()]`: an im2col matrix, or
+/// activations through BatchNorm + ReLU), and `C` `m x n` at row stride `c_rs`: a convolution
+/// as a product, without ever making B whole. A is packed once into the micro-kernel's
+/// panels; each task makes B a block of 192 columns by 256 rows at a time (row by row, read
+/// in place by the kernel: packing it into slivers of six columns measured slower), sums its
+/// columns of C in a buffer of its own, then adds them in.
+///
+/// # Safety
+/// `a` readable over `m x k` at its strides and `c` writable over `m` rows of `n` values at
+/// stride `c_rs`, neither overlapping what `row` reads; AVX-512 present ([`available`]).
+pub unsafe fn product_made_b(
+    (m, n, k): (usize, usize, usize),
+    (c, c_rs): (*mut f32, usize),
+    accumulate: bool,
+    (a, a_rs, a_cs): (*const f32, usize, usize),
+    row: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the caller's contract for A.
+    let w = unsafe { PackedWeight::from_strided(a, (a_rs, a_cs), m, k) };
+    let panels = m.div_ceil(MR);
+    let mp = panels * MR;
+    let blocks = n.div_ceil(MADE_NB);
+    // Few column blocks (a small feature map): the panels split between tasks as well.
+    let splits = (2 * threads).div_ceil(blocks).clamp(1, panels);
+    let per_split = panels.div_ceil(splits);
+    let out = SendPtr(c);
+    let task = |t: usize| {
+        let (bi, si) = (t / splits, t % splits);
+        let (j0, nb) = (bi * MADE_NB, MADE_NB.min(n - bi * MADE_NB));
+        let ps = (si * per_split).min(panels)..((si + 1) * per_split).min(panels);
+        if ps.is_empty() {
+            return;
+        }
+        let (mut bb, mut cb) = MADE_BUFS.take();
+        bb.resize(MADE_KC * MADE_NB, 0.0);
+        cb.resize(MADE_NB * mp, 0.0);
+        for p0 in (0..k).step_by(MADE_KC) {
+            let kc = MADE_KC.min(k - p0);
+            for p in 0..kc {
+                row(p0 + p, j0, &mut bb[p * nb..(p + 1) * nb]);
+            }
+            for g in (0..nb).step_by(NR) {
+                let cols = NR.min(nb - g);
+                for pi in ps.clone() {
+                    let rows = MR.min(m - pi * MR);
+                    let first = p0 == 0;
+                    // SAFETY: AVX-512 present (the caller's contract); rows p0..p0 + kc of
+                    // panel pi hold 64 values each; B's block holds kc rows of nb values
+                    // (columns g..g + cols read); C's block holds nb columns of mp values
+                    // (rows 64 pi.. of columns g..g + cols written).
+                    unsafe {
+                        narrow_kernel(rows, cols)(
+                            rows,
+                            cols,
+                            kc,
+                            cb.as_mut_ptr().add(g * mp + pi * MR),
+                            w.panel(pi).add(p0 * MR),
+                            bb.as_ptr().add(g),
+                            mp as isize,
+                            1,
+                            MR as isize,
+                            nb as isize,
+                            1,
+                            if first { 0.0 } else { 1.0 },
+                            1.0,
+                            if first { 0 } else { 1 },
+                            false,
+                            false,
+                            false,
+                            w.panel(pi),
+                        );
+                    }
+                }
+            }
+        }
+        for i in ps.start * MR..(ps.end * MR).min(m) {
+            // SAFETY: row i < m of C holds n >= j0 + nb values at stride c_rs; this task
+            // alone writes its columns j0..j0 + nb of rows in its panels.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(i * c_rs + j0), nb) };
+            for (j, d) in dst.iter_mut().enumerate() {
+                let v = cb[j * mp + i];
+                *d = if accumulate { *d + v } else { v };
+            }
+        }
+        MADE_BUFS.set((bb, cb));
+    };
+    if threads > 1 {
+        (0..blocks * splits).into_par_iter().for_each(task);
+    } else {
+        (0..blocks * splits).for_each(task);
+    }
+}
+
 /// Rows of one head's output on the micro-kernel: `out[i] = sum_j p[i, j] v[j]` for the
 /// `rows` rows of probabilities `p` (`ts` apart, over `t` keys) and `v` `t` rows of 64 values
 /// `v_rs` apart, into `rows` rows of 64 values `out_rs` apart.
@@ -555,6 +699,66 @@ mod tests {
             compared += back.len();
         }
         assert_eq!(compared, 3 * 14 + 384 * 64 + 40 * 130);
+    }
+
+    #[test]
+    fn products_with_b_made_on_the_way_match_the_definition() {
+        if !available() {
+            eprintln!("SKIPPED prepacked made-B products: this CPU has no AVX-512");
+            return;
+        }
+        let mut compared = 0;
+        // Edges of panels (70 = 64 + 6), column blocks (200 = 192 + 8), depth blocks
+        // (300 = 256 + 44); tiny; few columns (the panels split between tasks).
+        for &(m, n, k) in &[(70, 200, 300), (5, 13, 7), (300, 10, 40)] {
+            let (a, b, c0) = (data(m * k, 12), data(k * n, 13), data(m * n, 14));
+            let row = |p: usize, j0: usize, out: &mut [f32]| {
+                out.copy_from_slice(&b[p * n + j0..p * n + j0 + out.len()])
+            };
+            // A row-major, then A given transposed (column-major); C with a wider row stride.
+            for (transposed, accumulate, threads) in [(false, false, 2), (true, true, 1)] {
+                let at: Vec<f32> = (0..m * k).map(|i| a[(i % m) * k + i / m]).collect();
+                let (ap, strides) = if transposed {
+                    (&at, (1, m))
+                } else {
+                    (&a, (k, 1))
+                };
+                let c_rs = n + 3;
+                let mut c = vec![f32::NAN; m * c_rs];
+                for i in 0..m {
+                    c[i * c_rs..i * c_rs + n].copy_from_slice(&c0[i * n..(i + 1) * n]);
+                }
+                // SAFETY: A holds m x k at those strides, C m rows of c_rs >= n; AVX-512.
+                unsafe {
+                    product_made_b(
+                        (m, n, k),
+                        (c.as_mut_ptr(), c_rs),
+                        accumulate,
+                        (ap.as_ptr(), strides.0, strides.1),
+                        &row,
+                        threads,
+                    )
+                };
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut want: f64 = (0..k)
+                            .map(|p| a[i * k + p] as f64 * b[p * n + j] as f64)
+                            .sum();
+                        if accumulate {
+                            want += c0[i * n + j] as f64;
+                        }
+                        let got = c[i * c_rs + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + want.abs()),
+                            "{m}x{n}x{k} ({i}, {j}): {got} against {want}"
+                        );
+                        compared += 1;
+                    }
+                    assert!(c[i * c_rs + n..(i + 1) * c_rs].iter().all(|v| v.is_nan()));
+                }
+            }
+        }
+        assert_eq!(compared, 2 * (70 * 200 + 5 * 13 + 300 * 10));
     }
 
     #[test]
