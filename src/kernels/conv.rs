@@ -712,6 +712,21 @@ pub fn dense_layers_forward(
 /// A convolution's gradients: the input's, the weight's and the bias's (each when asked for).
 pub type ConvGrads = (Option<Vec<f32>>, Vec<f32>, Option<Vec<f32>>);
 
+/// Values of im2col the backward makes at a time (32 MiB): whole input channels' rows, so a
+/// large convolution (the segmentation head's, 604 MB of im2col an image) never makes it all.
+/// Small in the unit tests, so that their convolutions cross the blocks' edges.
+#[cfg(not(test))]
+const BACKWARD_COLUMNS: usize = 8 << 20;
+#[cfg(test)]
+const BACKWARD_COLUMNS: usize = 1 << 10;
+
+/// The input channels of each block of im2col rows the backward makes at a time.
+fn channel_blocks(s: &ConvShape) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let per = (BACKWARD_COLUMNS / (s.kh * s.kw * s.out_plane()).max(1)).max(1);
+    let cin = s.cin;
+    (0..cin).step_by(per).map(move |c0| c0..(c0 + per).min(cin))
+}
+
 /// Gradients of a convolution for the output gradient `dy` `[b, cout, ho, wo]`: the input's
 /// (when `want_dx`), the weight's and the bias's (when `want_db`; sums over images in a
 /// fixed order).
@@ -753,7 +768,9 @@ pub fn conv_backward(
                     *d += row.iter().sum::<f32>();
                 }
             }
-            let run = |cols: &[f32], dw: &mut [f32]| {
+            // The rows r0..r0 + cols.len() / plane of im2col, given as `cols`.
+            let run = |cols: &[f32], r0: usize, dw: &mut [f32]| {
+                let n_rows = cols.len() / plane;
                 let (col, col_t) = (
                     Mat {
                         data: cols,
@@ -780,19 +797,24 @@ pub fn conv_backward(
                 );
                 if transposed {
                     // dW^T[r, co] += sum_p col[r, p] dy[co, p]
-                    matmul((rows, s.cout, plane), dw, s.cout, true, col, g_t, par);
+                    let dst = &mut dw[r0 * s.cout..(r0 + n_rows) * s.cout];
+                    matmul((n_rows, s.cout, plane), dst, s.cout, true, col, g_t, par);
                 } else {
                     // dW[co, r] += sum_p dy[co, p] col[r, p]
-                    matmul((s.cout, rows, plane), dw, rows, true, g, col_t, par);
+                    let dst = &mut dw[r0..(s.cout - 1) * rows + r0 + n_rows];
+                    matmul((s.cout, n_rows, plane), dst, rows, true, g, col_t, par);
                 }
             };
             if s.pointwise() {
-                run(xi, &mut dw);
+                run(xi, 0, &mut dw);
             } else {
-                with_columns(rows * plane, |col| {
-                    im2col(xi, s, col);
-                    run(col, &mut dw);
-                });
+                let (kk, plane_in) = (s.kh * s.kw, s.h * s.w);
+                for cs in channel_blocks(s) {
+                    with_columns(cs.len() * kk * plane, |col| {
+                        im2col(&xi[cs.start * plane_in..cs.end * plane_in], s, col);
+                        run(col, cs.start * kk, &mut dw);
+                    });
+                }
             }
         }
         if transposed {
@@ -841,10 +863,19 @@ pub fn conv_backward(
             if s.pointwise() {
                 matmul((rows, plane, s.cout), dxi, plane, false, wt, g, par);
             } else {
-                with_columns(rows * plane, |col| {
-                    matmul((rows, plane, s.cout), col, plane, false, wt, g, par);
-                    col2im(col, s, dxi);
-                });
+                let (kk, plane_in) = (s.kh * s.kw, s.h * s.w);
+                for cs in channel_blocks(s) {
+                    let (r0, n_rows) = (cs.start * kk, cs.len() * kk);
+                    let wt = Mat {
+                        data: &weight[r0..],
+                        rs: 1,
+                        cs: rows,
+                    };
+                    with_columns(n_rows * plane, |col| {
+                        matmul((n_rows, plane, s.cout), col, plane, false, wt, g, par);
+                        col2im(col, s, &mut dxi[cs.start * plane_in..cs.end * plane_in]);
+                    });
+                }
             }
         };
         if across {
@@ -1383,6 +1414,67 @@ mod tests {
             }
         }
         assert_eq!(compared, 13 * (3 * 49 + 64 + 2 * 45));
+    }
+
+    #[test]
+    fn backward_by_channel_blocks_matches_the_definition() {
+        let mut compared = 0;
+        // Several channel blocks (1024 values of im2col at a time in the unit tests): one
+        // channel a block here, with more output channels than im2col rows and fewer.
+        for (i, &(b, cin, h, w, cout, k, stride, pad)) in
+            [(2, 5, 9, 9, 3, 3, 1, 1), (1, 3, 24, 20, 40, 3, 2, 1)]
+                .iter()
+                .enumerate()
+        {
+            let s = ConvShape {
+                b,
+                cin,
+                h,
+                w,
+                cout,
+                kh: k,
+                kw: k,
+                stride,
+                pad,
+            };
+            assert!(channel_blocks(&s).count() > 1);
+            let x = values(b * cin * h * w, 400 + i as u64);
+            let wt = values(cout * cin * k * k, 500 + i as u64);
+            let (ho, wo) = s.out().unwrap();
+            let dy = values(b * cout * ho * wo, 600 + i as u64);
+            let (dx, dw, _) = conv_backward(&x, &wt, &dy, &s, true, false).unwrap();
+            let dx = dx.unwrap();
+            let (mut dx_want, mut dw_want) = (vec![0f64; x.len()], vec![0f64; wt.len()]);
+            for bi in 0..b {
+                for co in 0..cout {
+                    for (oy, ox) in (0..ho).flat_map(|oy| (0..wo).map(move |ox| (oy, ox))) {
+                        let g = dy[((bi * cout + co) * ho + oy) * wo + ox] as f64;
+                        for (ci, ky, kx) in (0..cin).flat_map(|ci| {
+                            (0..k).flat_map(move |ky| (0..k).map(move |kx| (ci, ky, kx)))
+                        }) {
+                            let iy = (oy * stride + ky) as isize - pad as isize;
+                            let ix = (ox * stride + kx) as isize - pad as isize;
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                continue;
+                            }
+                            let xi = ((bi * cin + ci) * h + iy as usize) * w + ix as usize;
+                            let wi = ((co * cin + ci) * k + ky) * k + kx;
+                            dx_want[xi] += g * wt[wi] as f64;
+                            dw_want[wi] += g * x[xi] as f64;
+                        }
+                    }
+                }
+            }
+            assert_eq!((dx.len(), dw.len()), (dx_want.len(), dw_want.len()));
+            for (got, want) in dx.iter().zip(&dx_want).chain(dw.iter().zip(&dw_want)) {
+                assert!(
+                    (*got as f64 - want).abs() < 1e-4,
+                    "shape {i}: {got} vs {want}"
+                );
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 2 * 5 * 81 + 3 * 5 * 9 + 3 * 24 * 20 + 40 * 3 * 9);
     }
 
     #[test]
