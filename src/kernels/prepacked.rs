@@ -59,22 +59,8 @@ impl PackedWeight {
     /// Packs `wt` (`W^T`, `[k, n]` row-major).
     pub fn new(wt: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(wt.len(), k * n, "packed weight: shape");
-        let panels = n.div_ceil(MR);
-        let mut values = vec![0f32; panels * MR * k + 16];
-        let start = values.as_ptr().align_offset(64).min(16);
-        for p in 0..panels {
-            let (f0, w) = (p * MR, MR.min(n - p * MR));
-            let panel = &mut values[start + p * MR * k..start + (p + 1) * MR * k];
-            for (kk, row) in panel.chunks_exact_mut(MR).enumerate() {
-                row[..w].copy_from_slice(&wt[kk * n + f0..kk * n + f0 + w]);
-            }
-        }
-        PackedWeight {
-            k,
-            n,
-            values,
-            start,
-        }
+        // SAFETY: wt holds the n x k values of W at strides (1, n).
+        unsafe { Self::from_strided(wt.as_ptr(), (1, n), n, k) }
     }
 
     /// `W^T` again (`[k, n]` row-major), as given to [`PackedWeight::new`].
@@ -92,8 +78,8 @@ impl PackedWeight {
     }
 
     /// Packs `A` (`m x k`, `A[i, p]` at `a[i * a_rs + p * a_cs]`) as the weight of `m`
-    /// outputs, 64 x 64 blocks at a time (so a long `k` is read in order and the panels
-    /// written in L1).
+    /// outputs: a copy per panel row where A's columns are contiguous, else 64 x 64 blocks
+    /// at a time (so a long `k` is read in order and the panels written in L1).
     ///
     /// # Safety
     /// `a` readable over those `m x k` values.
@@ -108,12 +94,21 @@ impl PackedWeight {
         let start = values.as_ptr().align_offset(64).min(16);
         for pi in 0..panels {
             let panel = &mut values[start + pi * MR * k..start + (pi + 1) * MR * k];
+            let (i0, lanes) = (pi * MR, MR.min(m - pi * MR));
+            if a_rs == 1 {
+                // A's columns contiguous (W^T given row-major): each panel row is one copy.
+                for (p, row) in panel.chunks_exact_mut(MR).enumerate() {
+                    // SAFETY: rows i0..i0 + lanes < m of column p < k (the caller's contract).
+                    let src = unsafe { std::slice::from_raw_parts(a.add(i0 + p * a_cs), lanes) };
+                    row[..lanes].copy_from_slice(src);
+                }
+                continue;
+            }
             for p0 in (0..k).step_by(MR) {
-                for lane in 0..MR.min(m - pi * MR) {
-                    let i = pi * MR + lane;
+                for lane in 0..lanes {
                     for p in p0..(p0 + MR).min(k) {
-                        // SAFETY: i < m and p < k (the caller's contract).
-                        panel[p * MR + lane] = unsafe { *a.add(i * a_rs + p * a_cs) };
+                        // SAFETY: i0 + lane < m and p < k (the caller's contract).
+                        panel[p * MR + lane] = unsafe { *a.add((i0 + lane) * a_rs + p * a_cs) };
                     }
                 }
             }
