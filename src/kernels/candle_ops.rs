@@ -716,6 +716,75 @@ pub fn conv2d(
     x.contiguous()?.apply_op3(&w.contiguous()?, &b, op)
 }
 
+/// The 2 x 2, stride-2 transposed convolution with its bias, with a backward (it keeps only
+/// its input and weight; the step-by-step graph kept three output-sized tensors).
+struct Upsample2xOp;
+
+fn upsample2x_shape(x: &[usize], w: &[usize]) -> Result<conv::Upsample2x> {
+    match (x, w) {
+        (&[b, c, h, ww], &[c2, o, 2, 2]) if c == c2 => Ok(conv::Upsample2x { b, c, h, w: ww, o }),
+        _ => candle_core::bail!(
+            "2x2 transposed convolution: input {x:?} and weight {w:?} do not fit"
+        ),
+    }
+}
+
+impl CustomOp3 for Upsample2xOp {
+    fn name(&self) -> &'static str {
+        "evax-upsample2x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "transposed convolution input")?;
+        let w = contiguous_f32(s2, l2, "transposed convolution weight")?;
+        let b = contiguous_f32(s3, l3, "transposed convolution bias")?;
+        let s = upsample2x_shape(l1.dims(), l2.dims())?;
+        let y = conv::upsample2x_forward(x, w, b, &s).map_err(candle_core::Error::Msg)?;
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((s.b, s.o, 2 * s.h, 2 * s.w)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = upsample2x_shape(x.dims(), w.dims())?;
+        let (dx, dw, db) = read(x, |xv| {
+            read(w, |wv| {
+                read(dy, |g| {
+                    conv::upsample2x_backward(xv, wv, g, &s).map_err(candle_core::Error::Msg)
+                })
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+}
+
+/// A 2 x 2, stride-2 transposed convolution of CPU f32 `x` `[B, C, H, W]` by `w`
+/// `[C, out, 2, 2]` plus `bias` `[out]`, differentiable in all three.
+pub fn upsample2x(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &bias.contiguous()?, Upsample2xOp)
+}
+
 /// BatchNorm in training mode with the batch statistics computed before the op.
 struct BatchNormOp {
     mean: Vec<f32>,

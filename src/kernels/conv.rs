@@ -1256,6 +1256,173 @@ pub fn max_pool_backward(x: &[f32], dy: &[f32], s: &PoolShape) -> Result<Vec<f32
     Ok(dx)
 }
 
+/// The shape of a 2 x 2, stride-2 transposed convolution (the ViTDet pyramid's upsampling):
+/// `[b, c, h, w]` to `[b, o, 2h, 2w]` by a weight `[c, o, 2, 2]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upsample2x {
+    /// Images.
+    pub b: usize,
+    /// Input channels.
+    pub c: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub o: usize,
+}
+
+impl Upsample2x {
+    fn check(&self, x: usize, weight: usize) -> Result<(), String> {
+        if x != self.b * self.c * self.h * self.w || weight != self.c * self.o * 4 {
+            return Err(format!(
+                "2x2 transposed convolution: input or weight does not fit ({self:?})"
+            ));
+        }
+        Ok(())
+    }
+
+    /// One image's products `z` `[o, 2, 2, h, w]` into its output `[o, 2h, 2w]`, plus the bias.
+    fn place(&self, z: &[f32], y: &mut [f32], bias: &[f32]) {
+        let (h, w) = (self.h, self.w);
+        y.par_chunks_mut(4 * h * w)
+            .zip(z.par_chunks(4 * h * w))
+            .zip(bias)
+            .for_each(|((y, z), &add)| {
+                for (d, zd) in z.chunks_exact(h * w).enumerate() {
+                    for (i, zr) in zd.chunks_exact(w).enumerate() {
+                        let yr = &mut y[(2 * i + d / 2) * 2 * w..][..2 * w];
+                        for (yv, zv) in yr.iter_mut().skip(d % 2).step_by(2).zip(zr) {
+                            *yv = zv + add;
+                        }
+                    }
+                }
+            });
+    }
+
+    /// One image's output gradient `[o, 2h, 2w]` in the products' layout `[o, 2, 2, h, w]`.
+    fn gather(&self, y: &[f32], z: &mut [f32]) {
+        let (h, w) = (self.h, self.w);
+        z.par_chunks_mut(4 * h * w)
+            .zip(y.par_chunks(4 * h * w))
+            .for_each(|(z, y)| {
+                for (d, zd) in z.chunks_exact_mut(h * w).enumerate() {
+                    for (i, zr) in zd.chunks_exact_mut(w).enumerate() {
+                        let yr = &y[(2 * i + d / 2) * 2 * w..][..2 * w];
+                        for (zv, yv) in zr.iter_mut().zip(yr.iter().skip(d % 2).step_by(2)) {
+                            *zv = *yv;
+                        }
+                    }
+                }
+            });
+    }
+}
+
+/// A 2 x 2, stride-2 transposed convolution plus `bias` `[o]`: each input pixel writes its
+/// own 2 x 2 block of the output. Per image one product `W^T X` (`[4o, hw]`), then moved into
+/// place with the bias.
+pub fn upsample2x_forward(
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    s: &Upsample2x,
+) -> Result<Vec<f32>, String> {
+    s.check(x.len(), weight.len())?;
+    if bias.len() != s.o {
+        return Err(format!(
+            "2x2 transposed convolution: bias does not fit ({s:?})"
+        ));
+    }
+    let (plane, rows) = (s.h * s.w, 4 * s.o);
+    // SAFETY: `place` writes every value of every image.
+    let mut y = unsafe { unfilled(s.b * rows * plane) };
+    let mut z = vec![0f32; rows * plane];
+    for (xi, yi) in x
+        .chunks_exact(s.c * plane)
+        .zip(y.chunks_exact_mut(rows * plane))
+    {
+        // Z[(o, di, dj), p] = sum_c W[c, (o, di, dj)] X[c, p].
+        let wt = Mat {
+            data: weight,
+            rs: 1,
+            cs: rows,
+        };
+        let xm = Mat {
+            data: xi,
+            rs: plane,
+            cs: 1,
+        };
+        let threads = rayon::current_num_threads();
+        matmul((rows, plane, s.c), &mut z, plane, false, wt, xm, threads);
+        s.place(&z, yi, bias);
+    }
+    Ok(y)
+}
+
+/// The input, weight and bias gradients of [`upsample2x_forward`].
+pub type Upsample2xGrads = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// The gradients of [`upsample2x_forward`] from the output gradient `dy`: input, weight and
+/// bias (the weight's summed over the images in order).
+pub fn upsample2x_backward(
+    x: &[f32],
+    weight: &[f32],
+    dy: &[f32],
+    s: &Upsample2x,
+) -> Result<Upsample2xGrads, String> {
+    s.check(x.len(), weight.len())?;
+    let (plane, rows) = (s.h * s.w, 4 * s.o);
+    if dy.len() != s.b * rows * plane {
+        return Err(format!(
+            "2x2 transposed convolution backward: gradient does not fit ({s:?})"
+        ));
+    }
+    let threads = rayon::current_num_threads();
+    let mut dx = vec![0f32; x.len()];
+    let mut dw = vec![0f32; weight.len()];
+    let mut g = vec![0f32; rows * plane];
+    for (i, ((xi, dxi), gi)) in x
+        .chunks_exact(s.c * plane)
+        .zip(dx.chunks_exact_mut(s.c * plane))
+        .zip(dy.chunks_exact(rows * plane))
+        .enumerate()
+    {
+        s.gather(gi, &mut g);
+        let gm = Mat {
+            data: &g,
+            rs: plane,
+            cs: 1,
+        };
+        // dX[c, p] = sum_r W[c, r] G[r, p].
+        let wm = Mat {
+            data: weight,
+            rs: rows,
+            cs: 1,
+        };
+        matmul((s.c, plane, rows), dxi, plane, false, wm, gm, threads);
+        // dW[c, r] += sum_p X[c, p] G[r, p].
+        let xm = Mat {
+            data: xi,
+            rs: plane,
+            cs: 1,
+        };
+        let gt = Mat {
+            data: &g,
+            rs: 1,
+            cs: plane,
+        };
+        matmul((s.c, rows, plane), &mut dw, rows, i > 0, xm, gt, threads);
+    }
+    let db = (0..s.o)
+        .into_par_iter()
+        .map(|o| {
+            let planes = (0..s.b).map(|i| &dy[(i * s.o + o) * 4 * plane..][..4 * plane]);
+            planes.map(|p| p.iter().sum::<f32>()).sum()
+        })
+        .collect();
+    Ok((dx, dw, db))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1548,6 +1715,60 @@ mod tests {
 
     /// The pooling's choices against the definition (every window position checked against
     /// the plane's bounds), on planes with ties and a NaN, several windows and paddings.
+    #[test]
+    fn upsample2x_matches_the_definition() {
+        let s = Upsample2x {
+            b: 2,
+            c: 3,
+            h: 3,
+            w: 5,
+            o: 4,
+        };
+        let (oh, ow) = (2 * s.h, 2 * s.w);
+        let x = values(s.b * s.c * s.h * s.w, 700);
+        let wt = values(s.c * s.o * 4, 701);
+        let bias = values(s.o, 702);
+        let dy = values(s.b * s.o * oh * ow, 703);
+        let y = upsample2x_forward(&x, &wt, &bias, &s).unwrap();
+        let (dx, dw, db) = upsample2x_backward(&x, &wt, &dy, &s).unwrap();
+        // y[b, o, 2i + di, 2j + dj] = bias[o] + sum_c x[b, c, i, j] w[c, o, di, dj].
+        let mut y_want = vec![0f64; y.len()];
+        let (mut dx_want, mut dw_want) = (vec![0f64; x.len()], vec![0f64; wt.len()]);
+        let mut db_want = vec![0f64; s.o];
+        for bi in 0..s.b {
+            for o in 0..s.o {
+                for (yy, xx) in (0..oh).flat_map(|yy| (0..ow).map(move |xx| (yy, xx))) {
+                    let at = ((bi * s.o + o) * oh + yy) * ow + xx;
+                    let g = dy[at] as f64;
+                    y_want[at] += bias[o] as f64;
+                    db_want[o] += g;
+                    for c in 0..s.c {
+                        let xi = ((bi * s.c + c) * s.h + yy / 2) * s.w + xx / 2;
+                        let wi = ((c * s.o + o) * 2 + yy % 2) * 2 + xx % 2;
+                        y_want[at] += x[xi] as f64 * wt[wi] as f64;
+                        dx_want[xi] += g * wt[wi] as f64;
+                        dw_want[wi] += g * x[xi] as f64;
+                    }
+                }
+            }
+        }
+        let mut compared = 0;
+        for (got, want) in [
+            (&y, &y_want),
+            (&dx, &dx_want),
+            (&dw, &dw_want),
+            (&db, &db_want),
+        ] {
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(want) {
+                assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
+                compared += 1;
+            }
+        }
+        // y, dx, dw and db.
+        assert_eq!(compared, 2 * 4 * 6 * 10 + 2 * 3 * 15 + 3 * 4 * 4 + 4);
+    }
+
     #[test]
     fn max_pool_matches_the_definition() {
         let mut r = crate::rng::Rng::new(5);

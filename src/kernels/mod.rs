@@ -232,6 +232,16 @@ pub fn conv2d(
     }
 }
 
+/// A 2 x 2, stride-2 transposed convolution (weight `[C, out, 2, 2]`, bias `[out]`) of
+/// `[B, C, H, W]` to `[B, out, 2H, 2W]`, differentiable on both paths.
+pub fn upsample2x(k: Kernels, x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if k.fused_for(x) {
+        candle_ops::upsample2x(x, w, bias)
+    } else {
+        reference::upsample2x(x, w, bias)
+    }
+}
+
 /// BatchNorm in training mode over `[B, C, H, W]` (then ReLU if asked): the output
 /// (differentiable) and the batch mean and biased variance `[C]` (for the running statistics).
 pub fn batch_norm_train(
@@ -394,6 +404,15 @@ mod tests {
             assert_eq!(yf.dims(), &[2, 3, 5, 4]);
             assert!(max_diff(&yf, &yr) == 0.0 && max_diff(&gf, &gr) == 0.0);
         }
+    }
+
+    #[test]
+    fn upsample2x_agrees_with_the_reference_path() {
+        let (w, b) = (rand(&[4, 3, 2, 2], 41), rand(&[3], 42));
+        let x = rand(&[2, 4, 3, 5], 43);
+        let [(yf, gf), (yr, gr)] = both(&x, |k, x| upsample2x(k, x, &w, &b));
+        assert_eq!(yf.dims(), &[2, 3, 6, 10]);
+        assert!(max_diff(&yf, &yr) < 1e-6 && max_diff(&gf, &gr) < 1e-6);
     }
 
     #[test]

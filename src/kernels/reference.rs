@@ -231,3 +231,17 @@ pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) ->
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
 }
+
+/// A 2 x 2, stride-2 transposed convolution of `[B, C, H, W]` to `[B, out, 2H, 2W]` (weight
+/// `[C, out, 2, 2]`, bias `[out]`): each input pixel writes its own 2x2 block, one matrix
+/// product.
+pub fn upsample2x(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (b, c, h, wd) = x.dims4()?;
+    let out = w.dim(1)?;
+    let rows = x.permute((0, 2, 3, 1))?.reshape((b * h * wd, c))?;
+    let y = rows.matmul(&w.reshape((c, out * 4))?)?;
+    y.reshape((b, h, wd, out, 2, 2))?
+        .permute((0, 3, 1, 4, 2, 5))?
+        .reshape((b, out, 2 * h, 2 * wd))?
+        .broadcast_add(&bias.reshape((1, out, 1, 1))?)
+}

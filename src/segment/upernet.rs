@@ -39,19 +39,6 @@ pub(crate) const UPSAMPLES: [&str; 3] = ["backbone.fpn1.0", "backbone.fpn1.3", "
 /// The pyramid's BatchNorm.
 pub(crate) const PYRAMID_BN: &str = "backbone.fpn1.1";
 
-/// A 2x2, stride-2 transposed convolution of `[B, C, H, W]` to `[B, out, 2H, 2W]` (weight
-/// `[C, out, 2, 2]`, bias `[out]`): each input pixel writes its own 2x2 block, one matrix product.
-fn upsample2x(x: &Tensor, w: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, c, h, wd) = x.dims4()?;
-    let out = w.dim(1)?;
-    let rows = x.permute((0, 2, 3, 1))?.reshape((b * h * wd, c))?;
-    let y = rows.matmul(&w.reshape((c, out * 4))?)?;
-    y.reshape((b, h, wd, out, 2, 2))?
-        .permute((0, 3, 1, 4, 2, 5))?
-        .reshape((b, out, 2 * h, 2 * wd))?
-        .broadcast_add(&bias.reshape((1, out, 1, 1))?)
-}
-
 /// The convolutions and BatchNorms of the pyramid and head, by mmsegmentation key.
 pub(crate) fn units(laterals: usize) -> Vec<Unit> {
     let conv_bn = |name: String| Unit::ConvBn {
@@ -81,7 +68,7 @@ pub(crate) fn pyramid(
 ) -> candle_core::Result<[Tensor; 4]> {
     let up = |key: &str, x: &Tensor| {
         let (w, b) = upsample(key)?;
-        upsample2x(x, &w, &b)
+        kernels::upsample2x(ops.kernels(), x, &w, &b)
     };
     let h = up(UPSAMPLES[0], map)?;
     let h = ops.bn(&h, PYRAMID_BN)?;
