@@ -166,6 +166,26 @@ fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     }
 }
 
+/// [`read`] of three tensors at once (a backward's input, weight and output gradient).
+fn read3<R>(
+    (a, b, c): (&Tensor, &Tensor, &Tensor),
+    f: impl FnOnce(&[f32], &[f32], &[f32]) -> Result<R>,
+) -> Result<R> {
+    read(a, |av| read(b, |bv| read(c, |cv| f(av, bv, cv))))
+}
+
+/// A three-input op's gradients as tensors shaped like its inputs `x`, `w` and `b`.
+fn grads3(
+    (x, w, b): (&Tensor, &Tensor, &Tensor),
+    (dx, dw, db): (Vec<f32>, Vec<f32>, Vec<f32>),
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    Ok((
+        Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+        Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+        Some(Tensor::from_vec(db, b.shape(), b.device())?),
+    ))
+}
+
 /// [`read`] of an optional tensor (`None` passes `None`).
 fn read_optional<R>(t: Option<&Tensor>, f: impl FnOnce(Option<&[f32]>) -> Result<R>) -> Result<R> {
     match t {
@@ -390,16 +410,10 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = read(x, |xv| {
-            read(w, |wv| {
-                read(dy, |g| Ok(cpu::layer_norm_backward(xv, wv, g, self.eps)))
-            })
+        let grads = read3((x, w, dy), |xv, wv, g| {
+            Ok(cpu::layer_norm_backward(xv, wv, g, self.eps))
         })?;
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
-            Some(Tensor::from_vec(db, w.shape(), w.device())?),
-        ))
+        grads3((x, w, w), grads)
     }
 }
 
@@ -452,16 +466,10 @@ impl CustomOp3 for LinearOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k) = w.dims2()?;
-        let (dx, dw, db) = read(x, |xv| {
-            read(w, |wv| {
-                read(dy, |g| Ok(cpu::linear_backward(xv, wv, g, n, k)))
-            })
+        let grads = read3((x, w, dy), |xv, wv, g| {
+            Ok(cpu::linear_backward(xv, wv, g, n, k))
         })?;
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
-            Some(Tensor::from_vec(db, b.shape(), b.device())?),
-        ))
+        grads3((x, w, b), grads)
     }
 }
 
@@ -675,13 +683,8 @@ impl CustomOp3 for ConvOp {
         } else {
             dy.clone()
         };
-        let (dx, dw, db) = read(x, |xv| {
-            read(w, |wv| {
-                read(&dy, |g| {
-                    conv::conv_backward(xv, wv, g, &s, true, self.bias)
-                        .map_err(candle_core::Error::Msg)
-                })
-            })
+        let (dx, dw, db) = read3((x, w, &dy), |xv, wv, g| {
+            conv::conv_backward(xv, wv, g, &s, true, self.bias).map_err(candle_core::Error::Msg)
         })?;
         Ok((
             dx.map(|d| Tensor::from_vec(d, x.shape(), x.device()))
@@ -763,18 +766,10 @@ impl CustomOp3 for Upsample2xOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let s = upsample2x_shape(x.dims(), w.dims())?;
-        let (dx, dw, db) = read(x, |xv| {
-            read(w, |wv| {
-                read(dy, |g| {
-                    conv::upsample2x_backward(xv, wv, g, &s).map_err(candle_core::Error::Msg)
-                })
-            })
+        let grads = read3((x, w, dy), |xv, wv, g| {
+            conv::upsample2x_backward(xv, wv, g, &s).map_err(candle_core::Error::Msg)
         })?;
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
-            Some(Tensor::from_vec(db, b.shape(), b.device())?),
-        ))
+        grads3((x, w, b), grads)
     }
 }
 
@@ -830,27 +825,19 @@ impl CustomOp3 for BatchNormOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (_, _, plane) = bn_dims(x.dims())?;
-        let (dx, dg, db) = read(x, |xv| {
-            read(g, |gv| {
-                read(dy, |d| {
-                    let stats = (&self.mean[..], &self.var[..]);
-                    let run = |yv: Option<&[f32]>| {
-                        conv::batch_norm_backward(xv, d, gv, stats, plane, self.eps, yv)
-                            .map_err(candle_core::Error::Msg)
-                    };
-                    if self.relu {
-                        read(y, |yv| run(Some(yv)))
-                    } else {
-                        run(None)
-                    }
-                })
-            })
+        let grads = read3((x, g, dy), |xv, gv, d| {
+            let stats = (&self.mean[..], &self.var[..]);
+            let run = |yv: Option<&[f32]>| {
+                conv::batch_norm_backward(xv, d, gv, stats, plane, self.eps, yv)
+                    .map_err(candle_core::Error::Msg)
+            };
+            if self.relu {
+                read(y, |yv| run(Some(yv)))
+            } else {
+                run(None)
+            }
         })?;
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dg, g.shape(), g.device())?),
-            Some(Tensor::from_vec(db, g.shape(), g.device())?),
-        ))
+        grads3((x, g, g), grads)
     }
 }
 
