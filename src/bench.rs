@@ -116,9 +116,11 @@ pub fn run(
 ) -> Result<BenchResult, ModelError> {
     let dev = &target.device;
     if let Some(preset) = model_name.strip_prefix("seg-") {
-        if target.precision != Precision::F32 {
+        if target.precision != Precision::F32 && work != Workload::Forward {
             return Err(ModelError::Input(
-                "the segmentation model computes in f32 only so far".into(),
+                "segmentation training computes in f32 only (reduced precision is for the \
+                 forward pass)"
+                    .into(),
             ));
         }
         return run_seg(model_name, preset, (batch, input), iters, work, target);
@@ -331,6 +333,7 @@ fn run_seg(
         Workload::Forward => {
             let load = LoadOptions {
                 device: dev.clone(),
+                precision: target.precision,
                 ..Default::default()
             };
             let model = UperNet::from_state_dict(&sd, &load)?.0;

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use evax::checkpoint::{Checkpoint, Param};
+use evax::compute::Precision;
 use evax::fixtures::{shared_or_skip, test_device};
 use evax::kernels::Kernels;
 use evax::model::{LoadOptions, Trainable};
@@ -20,10 +21,15 @@ fn reference(sh: &Path) -> BTreeMap<String, Param> {
 }
 
 fn load(sh: &Path, kernels: Kernels) -> UperNet {
+    load_in(sh, kernels, Precision::F32)
+}
+
+fn load_in(sh: &Path, kernels: Kernels, precision: Precision) -> UperNet {
     let ck = Checkpoint::load(sh.join("fixtures/upernet_eva_x_s_d2_seg.pth")).unwrap();
     let opts = LoadOptions {
         kernels,
         device: test_device(),
+        precision,
         ..Default::default()
     };
     let (m, report) = UperNet::from_checkpoint(&ck, &opts).unwrap();
@@ -111,6 +117,66 @@ fn forward_matches_the_original_fused_kernels() {
 #[test]
 fn forward_matches_the_original_reference_path() {
     forward_matches_the_original(Kernels::Reference);
+}
+
+/// Reduced precision (the backbone's products; pyramid and head in f32) against the
+/// original's f32 logits at 512, with the stated tolerances, and the mask it predicts.
+#[test]
+fn reduced_precision_agrees_with_f32() {
+    let Some(sh) = shared_or_skip("segmentation_reduced_precision") else {
+        return;
+    };
+    let r = reference(&sh);
+    let x = r["seg/input"].to_tensor(&test_device()).unwrap();
+    let want = &r["seg/logits512"];
+    let threshold = (0.3f32 / 0.7).ln();
+    // (precision, max |logit diff|, max |probability diff|, mask pixels that may flip)
+    // allowed; measured on the CPU (2026-12-01, Xeon with AMX; logits up to 1.5 in
+    // magnitude, the threshold's logit -0.85 among them): bf16 9.1e-3 / 2.3e-3 / 256 pixels
+    // of 262,144; f16 (candle's f16 products) 2.2e-2 / 5.1e-3 / 540.
+    let cases = [
+        (Precision::Bf16, 5e-2, 1e-2, 1311),
+        (Precision::F16, 1e-1, 2e-2, 1311),
+    ];
+    let mut compared = 0;
+    for (precision, tol_logit, tol_prob, tol_mask) in cases {
+        let m = load_in(&sh, Kernels::Fused, precision);
+        let got = m.logits(&x).unwrap();
+        let d = max_diff(&got, want);
+        let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let sig = |v: f32| 1.0 / (1.0 + (-v).exp());
+        let dp = g
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| (sig(*a) - sig(*b)).abs())
+            .fold(0.0, f32::max);
+        let flipped = g
+            .iter()
+            .zip(&want.data)
+            .filter(|(a, b)| (**a > threshold) != (**b > threshold))
+            .count();
+        let largest = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        eprintln!(
+            "seg/logits512 ({}): max |logit diff| {d:.3e} (tolerance {tol_logit:.0e}, logits up \
+             to {largest:.1}), max |probability diff| {dp:.3e} (tolerance {tol_prob:.0e}), mask \
+             pixels flipped {flipped} of {} (at most {tol_mask})",
+            precision.name(),
+            g.len()
+        );
+        assert!(d <= tol_logit, "{}: logits differ by {d}", precision.name());
+        assert!(
+            dp <= tol_prob,
+            "{}: probabilities differ by {dp}",
+            precision.name()
+        );
+        assert!(
+            flipped <= tol_mask,
+            "{}: {flipped} mask pixels",
+            precision.name()
+        );
+        compared += 1;
+    }
+    assert_eq!(compared, 2);
 }
 
 #[test]
@@ -362,6 +428,40 @@ fn seg_predict_writes_the_original_logits_and_mask() {
     eprintln!("seg predict mask: {wrong} wrong, {excused} differing at ties");
     assert_eq!(wrong, 0);
     assert!(out.join("input_overlay.png").exists());
+    // `--precision bf16`: the backbone's products in bf16 where the CPU has them (otherwise
+    // f32, with a note), within `reduced_precision_agrees_with_f32`'s tolerance.
+    let out = dir.join("out_bf16");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_evax"))
+        .args([
+            "seg",
+            "predict",
+            "--logits",
+            "--no-overlay",
+            "--precision",
+            "bf16",
+        ])
+        .args([
+            "--device",
+            &std::env::var("EVAX_TEST_DEVICE").unwrap_or("cpu".into()),
+        ])
+        .arg("--weights")
+        .arg(sh.join("fixtures/upernet_eva_x_s_d2_seg.pth"))
+        .arg("-o")
+        .arg(&out)
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bytes = std::fs::read(out.join("input_logits.npy")).unwrap();
+    assert_eq!(bytes.len(), 128 + 4 * plane);
+    let d = bytes[128..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("seg predict --precision bf16 logits: {d:.2e}");
+    assert!(d <= 5e-2, "bf16 logits {d}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

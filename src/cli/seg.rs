@@ -171,8 +171,11 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     for n in notes {
         eprintln!("{n}");
     }
-    let mut model =
-        evax::segment::SegTrainable::from_state_dict(&sd, &a.run.device()?, a.run.kernels.into())?;
+    let mut model = evax::segment::SegTrainable::from_state_dict(
+        &sd,
+        &a.run.training_device()?,
+        a.run.kernels.into(),
+    )?;
     let split = |name: &str| evax::segment::read_split(&a.data_dir, &a.data_dir.join(name));
     let (train, mut failures) = split("train.txt")?;
     let (eval, f) = split("test.txt")?;
@@ -243,9 +246,11 @@ fn prepare(a: PrepareArgs) -> anyhow::Result<ExitCode> {
 
 fn load(weights: &std::path::Path, run: &SegCompute) -> anyhow::Result<UperNet> {
     let ck = Checkpoint::load(weights)?;
+    let (device, precision) = run.inference()?;
     let opts = LoadOptions {
         kernels: run.kernels.into(),
-        device: run.device()?,
+        device,
+        precision,
         ..Default::default()
     };
     let (model, report) = UperNet::from_checkpoint(&ck, &opts)?;
@@ -291,24 +296,32 @@ fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
     Ok(finish(&failures, records.len()))
 }
 
-/// How a segmentation command computes: kernels and device (f32 only).
+/// How a segmentation command computes: kernels, device and precision.
 #[derive(clap::Args)]
 pub struct SegCompute {
     /// Kernel implementation.
     #[arg(long, value_enum, default_value = "fused")]
     kernels: KernelsArg,
-    /// Device (the segmentation model computes in f32).
+    /// Device and precision (reduced precision: the backbone's products, for inference; the
+    /// pyramid and head compute in f32).
     #[command(flatten)]
     compute: super::ComputeArgs,
 }
 
 impl SegCompute {
-    /// The device; reduced precision is refused (the segmentation model has f32 only so far).
-    fn device(&self) -> anyhow::Result<Device> {
-        let (device, precision) = self.compute.resolve()?;
+    /// Device and precision for inference (`predict`, `eval`).
+    fn inference(&self) -> anyhow::Result<(Device, evax::compute::Precision)> {
+        Ok(self.compute.resolve()?)
+    }
+
+    /// The device for training, which computes in f32 (on the CPU reduced precision falls
+    /// back to f32 with a note, as for `finetune`; on a GPU it is refused).
+    fn training_device(&self) -> anyhow::Result<Device> {
+        let (device, precision) = self.compute.resolve_training()?;
         if precision != evax::compute::Precision::F32 {
             anyhow::bail!(
-                "--precision {}: the segmentation model computes in f32 only",
+                "--precision {}: segmentation training computes in f32 only so far \
+                 (reduced precision is for seg predict and seg eval)",
                 precision.name()
             );
         }
