@@ -22,7 +22,7 @@ pack() {
     cargo build --release --features cuda
     local tests
     tests=$(cargo test --release --features cuda --no-run --message-format=json \
-        --test parity --test train 2>/dev/null |
+        --test parity --test train --test segment 2>/dev/null |
         python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
@@ -34,7 +34,7 @@ for l in sys.stdin:
     while read -r name exe; do strip -o "$PACK/test-$name" "$exe"; done <<<"$tests"
     xz -T2 -6 "$PACK"/evax "$PACK"/test-*
     for f in reference.safetensors eva_x_ti_cxr14_ft.pth \
-        ti_param_groups.json; do
+        ti_param_groups.json seg_reference.safetensors upernet_eva_x_s_d2_seg.pth; do
         cp "$shared/fixtures/$f" "$PACK/shared/fixtures/"
     done
     du -sh "$PACK" "$PACK"/* "$PACK"/shared/fixtures/*
@@ -65,6 +65,9 @@ run() {
     echo "== 1. parity on cuda (f32, the CPU's tolerances) and the reduced-precision agreement"
     "$bin/test-parity" --test-threads 1 --nocapture ti_ft reduced 2>&1 | grep -Ev "^\s*$"
     "$bin/test-train" --test-threads 1 --nocapture 2>&1 | grep -Ev "^\s*$"
+    # Segmentation: the library-level tests (the CLI ones run the binary at its path here).
+    "$bin/test-segment" --test-threads 1 --nocapture forward_matches_the_original_fused \
+        reduced_precision train_step_matches_the_original_fused 2>&1 | grep -Ev "^\s*$"
     fi
     unset EVAX_TEST_DEVICE
     if [[ " $parts " == *" speed "* ]]; then
@@ -80,6 +83,10 @@ run() {
         echo "pytorch s b64 $prec train: $(python3 bench/torch_gpu_bench.py train s 64 10 $prec) s/step"
     done
     "$evax" bench --device cuda --model s --batch 16 --iters 5 --cam
+    for prec in f32 bf16; do
+        "$evax" bench --device cuda --model seg-s --input-size 512 --batch 4 --iters 5 --precision $prec
+    done
+    "$evax" bench --device cuda --model seg-s --input-size 512 --batch 4 --iters 3 --train
     fi
     if [[ " $parts " == *" demo "* ]]; then
     echo "== 3. a short fine-tuning run on the demo data, on the GPU"
