@@ -5,7 +5,8 @@ tokens as a map; the ViTDet pyramid and mmsegmentation's UPerHead (256 channels,
 6, BN + ReLU, one output channel) are written out here, since mmsegmentation 0.x does not install
 on current PyTorch. The shared torch_bench.py has no segmentation model.
 
-usage: torch_seg_bench.py infer BATCH SIZE ITERS [cuda] | train BATCH SIZE ITERS [cuda]
+usage: torch_seg_bench.py infer BATCH SIZE ITERS [cuda] [bf16] | train BATCH SIZE ITERS [cuda]
+(bf16: inference under torch.autocast with bfloat16, as `evax bench --precision bf16`)
 Prints the median seconds per iteration (a forward pass to logits at the input size, or one AdamW
 step with drop path 0.15 and BCE on a random mask)."""
 import statistics
@@ -71,7 +72,9 @@ class Seg(nn.Module):
 
 def main():
     mode, b, size, iters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    dev = sys.argv[5] if len(sys.argv) > 5 else "cpu"
+    rest = sys.argv[5:]
+    dev = next((a for a in rest if a.startswith("cuda")), "cpu")
+    bf16 = "bf16" in rest
     if dev != "cpu":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -81,7 +84,8 @@ def main():
     ts = []
     if mode == "infer":
         m.eval()
-        with torch.inference_mode():
+        dt = torch.bfloat16 if bf16 else torch.float32
+        with torch.inference_mode(), torch.autocast(dev.split(":")[0], dtype=dt, enabled=bf16):
             m(x)
             sync()
             for _ in range(iters):

@@ -302,8 +302,8 @@ pub struct SegCompute {
     /// Kernel implementation.
     #[arg(long, value_enum, default_value = "fused")]
     kernels: KernelsArg,
-    /// Device and precision (reduced precision: the backbone's products, for inference; the
-    /// pyramid and head compute in f32).
+    /// Device and precision (reduced precision, for inference: the backbone's products, and
+    /// on CPUs with AVX512-BF16 the head's convolutions; the rest computes in f32).
     #[command(flatten)]
     compute: super::ComputeArgs,
 }

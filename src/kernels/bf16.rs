@@ -245,6 +245,111 @@ pub fn linear_swiglu(x: &[f32], w: &Bf16Weight, bias: Option<&[f32]>) -> Result<
     Ok(super::cpu::swiglu_forward(&y, w.n / 2))
 }
 
+/// Output pixels of one block of a bf16 convolution (its im2col rows, `cin * kh * kw` wide,
+/// are made a block at a time).
+const CONV_PIXELS: usize = 512;
+
+/// The weight of a convolution `[cout, cin, kh, kw]` prepared for [`conv_forward`]: `W^T`
+/// with its rows in tap-major order, `[(ky, kx, ci), cout]`, in bf16.
+pub fn conv_weight(w: &[f32], cout: usize, (kh, kw): (usize, usize)) -> Bf16Weight {
+    let k = w.len() / cout.max(1);
+    let cin = k / (kh * kw).max(1);
+    let mut wt = vec![0f32; w.len()];
+    for (co, row) in w.chunks_exact(k).enumerate() {
+        for (r, &v) in row.iter().enumerate() {
+            let (ci, tap) = (r / (kh * kw), r % (kh * kw));
+            wt[(tap * cin + ci) * cout + co] = v;
+        }
+    }
+    Bf16Weight::new(&wt, k, cout)
+}
+
+/// A convolution (NCHW, `s`) with its products in bf16 summed in f32, as [`linear`]: each
+/// image's channels transposed to one row per pixel, then for each block of output pixels
+/// their im2col rows (the taps' channel rows side by side) times the weight
+/// ([`conv_weight`]), then the bias and ReLU, written back as channels. An error unless the
+/// shapes fit.
+pub fn conv_forward(
+    x: &[f32],
+    w: &Bf16Weight,
+    bias: Option<&[f32]>,
+    relu: bool,
+    s: &super::conv::ConvShape,
+) -> Result<Vec<f32>, String> {
+    let (cin, taps) = (s.cin, s.kh * s.kw);
+    let k = cin * taps;
+    let (ho, wo) = s
+        .out()
+        .ok_or_else(|| format!("bf16 convolution: no output ({s:?})"))?;
+    if x.len() != s.b * cin * s.h * s.w || w.k != k || w.n != s.cout {
+        return Err(format!("bf16 convolution: shapes do not fit ({s:?})"));
+    }
+    let (plane, area) = (ho * wo, s.h * s.w);
+    // SAFETY: every value of these is written before it is read: each output channel's
+    // pixels block by block, each input pixel's channels, and each im2col row whole (a copy
+    // or zeros per tap) before its block's product.
+    let (mut y, mut pixels, mut rows) = unsafe {
+        (
+            super::unfilled(s.b * s.cout * plane),
+            super::unfilled(area * cin),
+            super::unfilled(CONV_PIXELS.min(plane) * k),
+        )
+    };
+    for (xi, yi) in x
+        .chunks_exact(cin * area)
+        .zip(y.chunks_exact_mut(s.cout * plane))
+    {
+        // One row of channels per input pixel, 64 pixels a task, 16 channels at a time (a
+        // cache line of each row written whole).
+        pixels
+            .par_chunks_mut(64 * cin)
+            .enumerate()
+            .for_each(|(blk, dst)| {
+                let (p0, np) = (blk * 64, dst.len() / cin);
+                for c0 in (0..cin).step_by(16) {
+                    let nc = 16.min(cin - c0);
+                    for p in 0..np {
+                        let row = &mut dst[p * cin + c0..][..nc];
+                        for (j, v) in row.iter_mut().enumerate() {
+                            *v = xi[(c0 + j) * area + p0 + p];
+                        }
+                    }
+                }
+            });
+        for p0 in (0..plane).step_by(CONV_PIXELS) {
+            let n = CONV_PIXELS.min(plane - p0);
+            let rows = &mut rows[..n * k];
+            rows.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
+                let (oy, ox) = ((p0 + i) / wo, (p0 + i) % wo);
+                for (t, dst) in row.chunks_exact_mut(cin).enumerate() {
+                    let iy = (oy * s.stride + t / s.kw) as isize - s.pad as isize;
+                    let ix = (ox * s.stride + t % s.kw) as isize - s.pad as isize;
+                    if (0..s.h as isize).contains(&iy) && (0..s.w as isize).contains(&ix) {
+                        let at = (iy as usize * s.w + ix as usize) * cin;
+                        dst.copy_from_slice(&pixels[at..at + cin]);
+                    } else {
+                        dst.fill(0.0);
+                    }
+                }
+            });
+            let out = linear(rows, w, bias, None)?;
+            // Back to channels, 16 at a time (a cache line of the block's rows read whole).
+            yi.par_chunks_mut(16 * plane)
+                .enumerate()
+                .for_each(|(blk, yc)| {
+                    let co0 = blk * 16;
+                    for i in 0..n {
+                        let row = &out[i * s.cout + co0..][..yc.len() / plane];
+                        for (j, &o) in row.iter().enumerate() {
+                            yc[j * plane + p0 + i] = if relu { o.max(0.0) } else { o };
+                        }
+                    }
+                });
+        }
+    }
+    Ok(y)
+}
+
 /// Multi-head attention with RoPE over `qkv` `[b, t, 3c]` with both products in bf16 (summed
 /// in f32) on AMX tiles; `None` where this CPU has no AMX or a head is not a multiple of 32
 /// wide (the caller computes in f32 then). An error unless the shapes fit.
@@ -1091,6 +1196,77 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The bf16 convolution against its definition in f64 on bf16-rounded input and weight
+    /// (so every product is exact and only the f32 sums differ): 3x3 with padding at stride 1
+    /// and 2, and 1x1, with depths that fill AMX tile steps (32 channels a tap) and that do
+    /// not (5), over pixel blocks with a partial last one.
+    #[test]
+    fn convolution_matches_the_definition() {
+        let mut compared = 0;
+        for (i, &(b, cin, h, w, cout, k, stride, relu)) in [
+            (2, 32, 23, 25, 40, 3, 1, true),
+            (1, 5, 9, 7, 3, 3, 2, false),
+            (1, 64, 30, 20, 33, 1, 1, false),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let s = super::super::conv::ConvShape {
+                b,
+                cin,
+                h,
+                w,
+                cout,
+                kh: k,
+                kw: k,
+                stride,
+                pad: k / 2,
+            };
+            let seed = 50 + 10 * i as u64;
+            let x: Vec<f32> = data(b * cin * h * w, seed)
+                .iter()
+                .map(|&v| round_bf16(v))
+                .collect();
+            let wt: Vec<f32> = data(cout * cin * k * k, seed + 1)
+                .iter()
+                .map(|&v| round_bf16(v))
+                .collect();
+            let bias = data(cout, seed + 2);
+            let y =
+                conv_forward(&x, &conv_weight(&wt, cout, (k, k)), Some(&bias), relu, &s).unwrap();
+            let (ho, wo) = s.out().unwrap();
+            assert_eq!(y.len(), b * cout * ho * wo);
+            for (at, got) in y.iter().enumerate() {
+                let (bi, co, oy, ox) = (
+                    at / (cout * ho * wo),
+                    at / (ho * wo) % cout,
+                    at / wo % ho,
+                    at % wo,
+                );
+                let mut want = bias[co] as f64;
+                for (ci, ky, kx) in (0..cin)
+                    .flat_map(|ci| (0..k).flat_map(move |ky| (0..k).map(move |kx| (ci, ky, kx))))
+                {
+                    let iy = (oy * stride + ky) as isize - (k / 2) as isize;
+                    let ix = (ox * stride + kx) as isize - (k / 2) as isize;
+                    if iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize {
+                        let xv = x[((bi * cin + ci) * h + iy as usize) * w + ix as usize];
+                        want += xv as f64 * wt[((co * cin + ci) * k + ky) * k + kx] as f64;
+                    }
+                }
+                if relu {
+                    want = want.max(0.0);
+                }
+                assert!(
+                    (*got as f64 - want).abs() < 1e-4,
+                    "case {i} at {at}: {got} vs {want}"
+                );
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 2 * 40 * 23 * 25 + 3 * 5 * 4 + 33 * 30 * 20);
     }
 
     fn data(len: usize, seed: u64) -> Vec<f32> {

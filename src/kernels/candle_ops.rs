@@ -780,6 +780,65 @@ pub fn upsample2x(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
         .apply_op3(&w.contiguous()?, &bias.contiguous()?, Upsample2xOp)
 }
 
+/// A convolution with its products in bf16 (inference only; see [`super::bf16::conv_forward`]).
+struct Bf16Conv<'a> {
+    w: &'a super::bf16::Bf16Weight,
+    bias: Option<&'a [f32]>,
+    kernel: (usize, usize),
+    stride: usize,
+    pad: usize,
+    relu: bool,
+}
+
+impl CustomOp1 for Bf16Conv<'_> {
+    fn name(&self) -> &'static str {
+        "evax-conv2d-bf16"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(st, l, "bf16 convolution input")?;
+        let &[b, cin, h, w] = l.dims() else {
+            candle_core::bail!("bf16 convolution: input {:?} is not [B, C, H, W]", l.dims());
+        };
+        let s = ConvShape {
+            b,
+            cin,
+            h,
+            w,
+            cout: self.w.n(),
+            kh: self.kernel.0,
+            kw: self.kernel.1,
+            stride: self.stride,
+            pad: self.pad,
+        };
+        let y = super::bf16::conv_forward(x, self.w, self.bias, self.relu, &s)
+            .map_err(candle_core::Error::Msg)?;
+        let (ho, wo) = s.out().expect("checked by conv_forward");
+        Ok((CpuStorage::F32(y), Shape::from((b, s.cout, ho, wo))))
+    }
+}
+
+/// Convolution of CPU f32 `x` `[B, Cin, H, W]` by a weight prepared with
+/// [`super::bf16::conv_weight`] (kernel `kh x kw`), plus `bias`, then ReLU: products in bf16,
+/// summed in f32 (inference: no backward).
+pub fn conv2d_bf16(
+    x: &Tensor,
+    w: &super::bf16::Bf16Weight,
+    bias: Option<&[f32]>,
+    kernel: (usize, usize),
+    (stride, pad): (usize, usize),
+    relu: bool,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Bf16Conv {
+        w,
+        bias,
+        kernel,
+        stride,
+        pad,
+        relu,
+    })
+}
+
 /// BatchNorm in training mode with the batch statistics computed before the op.
 struct BatchNormOp {
     mean: Vec<f32>,

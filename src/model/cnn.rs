@@ -140,6 +140,9 @@ pub(crate) struct Folded {
     convs: HashMap<String, Conv>,
     bns: HashMap<String, Bn>,
     kernels: Kernels,
+    /// The convolutions' weights (and biases) prepared for bf16 products, when asked for
+    /// ([`Folded::with_bf16_products`]).
+    bf16: HashMap<String, (kernels::bf16::Bf16Weight, Option<Vec<f32>>)>,
 }
 
 fn missing(what: &str, key: &str) -> candle_core::Error {
@@ -147,6 +150,25 @@ fn missing(what: &str, key: &str) -> candle_core::Error {
 }
 
 impl Folded {
+    /// Convolutions with their products in bf16 (summed in f32) on CPUs with AVX512-BF16, for
+    /// the fused kernels; unchanged elsewhere.
+    pub(crate) fn with_bf16_products(mut self) -> candle_core::Result<Self> {
+        if self.kernels != Kernels::Fused || !kernels::bf16::native() {
+            return Ok(self);
+        }
+        for (name, c) in &self.convs {
+            if !c.weight.device().is_cpu() {
+                return Ok(self);
+            }
+            let w = c.weight.flatten_all()?.to_vec1::<f32>()?;
+            let bias = c.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+            let (cout, _, kh, kw) = c.weight.dims4()?;
+            let prepared = kernels::bf16::conv_weight(&w, cout, (kh, kw));
+            self.bf16.insert(name.clone(), (prepared, bias));
+        }
+        Ok(self)
+    }
+
     fn affine(&self, x: &Tensor, bn: &str, relu: bool) -> candle_core::Result<Tensor> {
         let b = self.bns.get(bn).ok_or_else(|| missing("BatchNorm", bn))?;
         kernels::channel_affine(self.kernels, x, &b.scale, &b.shift, relu)
@@ -166,6 +188,17 @@ impl Ops for Folded {
             .convs
             .get(conv)
             .ok_or_else(|| missing("convolution", conv))?;
+        if let Some((w, bias)) = self.bf16.get(conv) {
+            let (_, _, kh, kw) = c.weight.dims4()?;
+            return kernels::candle_ops::conv2d_bf16(
+                x,
+                w,
+                bias.as_deref(),
+                (kh, kw),
+                (stride, c.pad),
+                relu,
+            );
+        }
         kernels::conv2d(
             self.kernels,
             x,
@@ -378,6 +411,7 @@ impl<'a> Weights<'a> {
             convs,
             bns,
             kernels,
+            bf16: HashMap::new(),
         })
     }
 

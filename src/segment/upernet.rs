@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use candle_core::Tensor;
 
 use crate::checkpoint::{Checkpoint, Param};
+use crate::compute::Precision;
 use crate::kernels;
 use crate::model::cnn::{Folded, Ops, Origin, Unit, Weights};
 use crate::model::interp::{adaptive_avg_matrix, bilinear_matrix, resample};
@@ -222,7 +223,10 @@ impl UperNet {
             channels: upsamples[UPSAMPLES[0]].0.dim(1)?,
         });
         let mut ws = Weights::new(&rest, &opts.device);
-        let ops = ws.folded(&units, opts.kernels)?;
+        let mut ops = ws.folded(&units, opts.kernels)?;
+        if opts.precision == Precision::Bf16 {
+            ops = ops.with_bf16_products()?;
+        }
         let head_report = ws.finish("UperNet head", Origin::default())?;
         let neck_params: usize = UPSAMPLES
             .iter()
