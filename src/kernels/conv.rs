@@ -1274,7 +1274,11 @@ pub struct Upsample2x {
 
 impl Upsample2x {
     fn check(&self, x: usize, weight: usize) -> Result<(), String> {
-        if x != self.b * self.c * self.h * self.w || weight != self.c * self.o * 4 {
+        if self.c == 0
+            || self.o == 0
+            || x != self.b * self.c * self.h * self.w
+            || weight != self.c * self.o * 4
+        {
             return Err(format!(
                 "2x2 transposed convolution: input or weight does not fit ({self:?})"
             ));
@@ -1334,9 +1338,9 @@ pub fn upsample2x_forward(
         ));
     }
     let (plane, rows) = (s.h * s.w, 4 * s.o);
-    // SAFETY: `place` writes every value of every image.
-    let mut y = unsafe { unfilled(s.b * rows * plane) };
-    let mut z = vec![0f32; rows * plane];
+    // SAFETY: `place` writes every value of every image, and each product every value of
+    // the scratch `z` (not accumulating) before `place` reads it.
+    let (mut y, mut z) = unsafe { (unfilled(s.b * rows * plane), unfilled(rows * plane)) };
     for (xi, yi) in x
         .chunks_exact(s.c * plane)
         .zip(y.chunks_exact_mut(rows * plane))
