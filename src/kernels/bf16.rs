@@ -281,7 +281,7 @@ pub fn conv_forward(
     let (ho, wo) = s
         .out()
         .ok_or_else(|| format!("bf16 convolution: no output ({s:?})"))?;
-    if x.len() != s.b * cin * s.h * s.w || w.k != k || w.n != s.cout {
+    if k == 0 || s.cout == 0 || x.len() != s.b * cin * s.h * s.w || w.k != k || w.n != s.cout {
         return Err(format!("bf16 convolution: shapes do not fit ({s:?})"));
     }
     let (plane, area) = (ho * wo, s.h * s.w);
