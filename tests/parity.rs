@@ -1,6 +1,8 @@
 //! Parity of the EVA-X backbones with the original PyTorch code (reference.safetensors), through
 //! both kernel paths: the fused CPU kernels and the reference path from candle primitives.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -256,12 +258,7 @@ fn reduced_precision_agrees_with_f32() {
         let got = m.logits(&input(&r, "input224")).unwrap();
         let d = max_diff(&got, want);
         let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
-        let dp = g
-            .iter()
-            .zip(&want.data)
-            .map(|(a, b)| (sig(*a) - sig(*b)).abs())
-            .fold(0.0, f32::max);
+        let dp = common::max_probability_diff(&g, &want.data);
         eprintln!(
             "ti_ft/logits ({}): max |logit diff| {d:.3e} (tolerance {tol_logit:.0e}), \
              max |probability diff| {dp:.3e} (tolerance {tol_prob:.0e}) over {} values",

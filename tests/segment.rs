@@ -146,12 +146,7 @@ fn reduced_precision_agrees_with_f32() {
         let got = m.logits(&x).unwrap();
         let d = max_diff(&got, want);
         let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let sig = |v: f32| 1.0 / (1.0 + (-v).exp());
-        let dp = g
-            .iter()
-            .zip(&want.data)
-            .map(|(a, b)| (sig(*a) - sig(*b)).abs())
-            .fold(0.0, f32::max);
+        let dp = common::max_probability_diff(&g, &want.data);
         let flipped = g
             .iter()
             .zip(&want.data)
@@ -386,16 +381,23 @@ fn seg_predict_writes_the_original_logits_and_mask() {
     }
     .save_png(&png)
     .unwrap();
-    let out = dir.join("out");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_evax"))
-        .args(["seg", "predict", "--logits", "--weights"])
-        .arg(sh.join("fixtures/upernet_eva_x_s_d2_seg.pth"))
-        .arg("-o")
-        .arg(&out)
-        .arg(&png)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // `seg predict --logits` on the PNG into `dir/<name>`, with more arguments.
+    let predict = |name: &str, more: &[&str]| {
+        let out = dir.join(name);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_evax"))
+            .args(["seg", "predict", "--logits"])
+            .args(more)
+            .arg("--weights")
+            .arg(sh.join("fixtures/upernet_eva_x_s_d2_seg.pth"))
+            .arg("-o")
+            .arg(&out)
+            .arg(&png)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    let out = predict("out", &[]);
     // The .npy: 128-byte header for this shape, then float32 [1, 512, 512].
     let bytes = std::fs::read(out.join("input_logits.npy")).unwrap();
     let header = String::from_utf8_lossy(&bytes[..128]);
@@ -432,28 +434,11 @@ fn seg_predict_writes_the_original_logits_and_mask() {
     assert!(out.join("input_overlay.png").exists());
     // `--precision bf16`: products in bf16 where the CPU has them (otherwise f32, with a
     // note), within `reduced_precision_agrees_with_f32`'s tolerance.
-    let out = dir.join("out_bf16");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_evax"))
-        .args([
-            "seg",
-            "predict",
-            "--logits",
-            "--no-overlay",
-            "--precision",
-            "bf16",
-        ])
-        .args([
-            "--device",
-            &std::env::var("EVAX_TEST_DEVICE").unwrap_or("cpu".into()),
-        ])
-        .arg("--weights")
-        .arg(sh.join("fixtures/upernet_eva_x_s_d2_seg.pth"))
-        .arg("-o")
-        .arg(&out)
-        .arg(&png)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let device = std::env::var("EVAX_TEST_DEVICE").unwrap_or("cpu".into());
+    let out = predict(
+        "out_bf16",
+        &["--no-overlay", "--precision", "bf16", "--device", &device],
+    );
     let bytes = std::fs::read(out.join("input_logits.npy")).unwrap();
     assert_eq!(bytes.len(), 128 + 4 * plane);
     let d = bytes[128..]

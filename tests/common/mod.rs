@@ -195,3 +195,13 @@ impl FuzzTally {
         );
     }
 }
+
+/// The largest difference between the sigmoids of two equally long lists of logits.
+pub fn max_probability_diff(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "logit counts");
+    let sig = |v: f32| 1.0 / (1.0 + (-v).exp());
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (sig(*a) - sig(*b)).abs())
+        .fold(0.0, f32::max)
+}
