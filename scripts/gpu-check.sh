@@ -4,6 +4,8 @@
 #   scripts/gpu-check.sh pack      # here: build with --features cuda, pack binaries + fixtures
 #   scripts/gpu-check.sh run       # on the GPU machine, from the repository root
 #   scripts/gpu-check.sh run parity demo   # only some parts (parity, speed, demo)
+#   scripts/gpu-check.sh pack seg  # the segmentation checks instead (then `run seg`): the two
+#                                  # packs do not fit together in the device's 64 MiB carry
 #
 # `pack` builds `evax` and the parity test binaries with the CUDA toolkit from the package
 # registry (set up as README describes; `CUDA_ENV` names the file that exports its variables),
@@ -21,8 +23,14 @@ pack() {
     local shared=${EVAX_SHARED:-../shared}
     cargo build --release --features cuda
     local tests
+    local which=(--test parity --test train)
+    local fixtures=(reference.safetensors eva_x_ti_cxr14_ft.pth ti_param_groups.json)
+    if [[ "${1:-}" == seg ]]; then
+        which=(--test segment)
+        fixtures=(seg_reference.safetensors upernet_eva_x_s_d2_seg.pth)
+    fi
     tests=$(cargo test --release --features cuda --no-run --message-format=json \
-        --test parity --test train --test segment 2>/dev/null |
+        "${which[@]}" 2>/dev/null |
         python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
@@ -33,8 +41,7 @@ for l in sys.stdin:
     strip -o "$PACK/evax" "$dir/evax"
     while read -r name exe; do strip -o "$PACK/test-$name" "$exe"; done <<<"$tests"
     xz -T2 -6 "$PACK"/evax "$PACK"/test-*
-    for f in reference.safetensors eva_x_ti_cxr14_ft.pth \
-        ti_param_groups.json seg_reference.safetensors upernet_eva_x_s_d2_seg.pth; do
+    for f in "${fixtures[@]}"; do
         cp "$shared/fixtures/$f" "$PACK/shared/fixtures/"
     done
     du -sh "$PACK" "$PACK"/* "$PACK"/shared/fixtures/*
@@ -65,9 +72,16 @@ run() {
     echo "== 1. parity on cuda (f32, the CPU's tolerances) and the reduced-precision agreement"
     "$bin/test-parity" --test-threads 1 --nocapture ti_ft reduced 2>&1 | grep -Ev "^\s*$"
     "$bin/test-train" --test-threads 1 --nocapture 2>&1 | grep -Ev "^\s*$"
-    # Segmentation: the library-level tests (the CLI ones run the binary at its path here).
+    fi
+    if [[ " $parts " == *" seg "* ]]; then
+    echo "== segmentation on cuda (after 'pack seg'): the library-level tests (the CLI ones run"
+    echo "   the binary at its path on the build machine), then bench"
     "$bin/test-segment" --test-threads 1 --nocapture forward_matches_the_original_fused \
         reduced_precision train_step_matches_the_original_fused 2>&1 | grep -Ev "^\s*$"
+    for prec in f32 bf16; do
+        "$evax" bench --device cuda --model seg-s --input-size 512 --batch 4 --iters 5 --precision $prec
+    done
+    "$evax" bench --device cuda --model seg-s --input-size 512 --batch 4 --iters 3 --train
     fi
     unset EVAX_TEST_DEVICE
     if [[ " $parts " == *" speed "* ]]; then
@@ -83,10 +97,6 @@ run() {
         echo "pytorch s b64 $prec train: $(python3 bench/torch_gpu_bench.py train s 64 10 $prec) s/step"
     done
     "$evax" bench --device cuda --model s --batch 16 --iters 5 --cam
-    for prec in f32 bf16; do
-        "$evax" bench --device cuda --model seg-s --input-size 512 --batch 4 --iters 5 --precision $prec
-    done
-    "$evax" bench --device cuda --model seg-s --input-size 512 --batch 4 --iters 3 --train
     fi
     if [[ " $parts " == *" demo "* ]]; then
     echo "== 3. a short fine-tuning run on the demo data, on the GPU"
@@ -99,7 +109,7 @@ run() {
 }
 
 case "${1:-}" in
-pack) pack ;;
+pack) shift; pack "$@" ;;
 run) shift; run "$@" ;;
 *)
     echo "usage: $0 pack|run" >&2
