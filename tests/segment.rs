@@ -160,12 +160,7 @@ fn reduced_precision_agrees_with_f32() {
             precision.name(),
             g.len()
         );
-        assert!(d <= tol_logit, "{}: logits differ by {d}", precision.name());
-        assert!(
-            dp <= tol_prob,
-            "{}: probabilities differ by {dp}",
-            precision.name()
-        );
+        common::assert_within(precision.name(), (d, tol_logit), (dp, tol_prob));
         assert!(
             flipped <= tol_mask,
             "{}: {flipped} mask pixels",

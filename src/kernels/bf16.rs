@@ -1213,17 +1213,7 @@ mod tests {
         .iter()
         .enumerate()
         {
-            let s = super::super::conv::ConvShape {
-                b,
-                cin,
-                h,
-                w,
-                cout,
-                kh: k,
-                kw: k,
-                stride,
-                pad: k / 2,
-            };
+            let s = super::super::conv::ConvShape::square((b, cin, h, w), cout, k, (stride, k / 2));
             let seed = 50 + 10 * i as u64;
             let x: Vec<f32> = data(b * cin * h * w, seed)
                 .iter()

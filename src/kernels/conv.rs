@@ -138,6 +138,26 @@ pub struct ConvShape {
 }
 
 impl ConvShape {
+    /// A `k x k` convolution of `b` images of `cin` channels of `h x w` to `cout` channels.
+    pub fn square(
+        (b, cin, h, w): (usize, usize, usize, usize),
+        cout: usize,
+        k: usize,
+        (stride, pad): (usize, usize),
+    ) -> ConvShape {
+        ConvShape {
+            b,
+            cin,
+            h,
+            w,
+            cout,
+            kh: k,
+            kw: k,
+            stride,
+            pad,
+        }
+    }
+
     /// A DenseNet layer's two convolutions on `b` images of `cin` channels of `h x w`: the 1x1
     /// to `mid` channels, then the "same" `k x k` to `growth`.
     pub fn dense_layer(
@@ -146,17 +166,7 @@ impl ConvShape {
         growth: usize,
         k: usize,
     ) -> (ConvShape, ConvShape) {
-        let first = ConvShape {
-            b,
-            cin,
-            h,
-            w,
-            cout: mid,
-            kh: 1,
-            kw: 1,
-            stride: 1,
-            pad: 0,
-        };
+        let first = ConvShape::square((b, cin, h, w), mid, 1, (1, 0));
         let second = ConvShape {
             cin: mid,
             cout: growth,
@@ -1481,17 +1491,7 @@ mod tests {
         ];
         let mut compared = 0;
         for (i, &(cin, h, w, k, stride, pad)) in shapes.iter().enumerate() {
-            let s = ConvShape {
-                b: 1,
-                cin,
-                h,
-                w,
-                cout: 1,
-                kh: k,
-                kw: k,
-                stride,
-                pad,
-            };
+            let s = ConvShape::square((1, cin, h, w), 1, k, (stride, pad));
             let plane = s.out_plane();
             let x = values(cin * h * w, 500 + i as u64);
             let mut whole = vec![0f32; s.col_rows() * plane];
@@ -1553,17 +1553,8 @@ mod tests {
                 let mut feats = x[i * c0 * plane..(i + 1) * c0 * plane].to_vec();
                 for (l, v) in owned.iter().enumerate() {
                     let cin = c0 + l * growth;
-                    let shape = |cin, cout, k| ConvShape {
-                        b: 1,
-                        cin,
-                        h,
-                        w,
-                        cout,
-                        kh: k,
-                        kw: k,
-                        stride: 1,
-                        pad: k / 2,
-                    };
+                    let shape =
+                        |cin, cout, k| ConvShape::square((1, cin, h, w), cout, k, (1, k / 2));
                     let act: Vec<f32> = feats
                         .iter()
                         .enumerate()
@@ -1597,17 +1588,7 @@ mod tests {
                 .iter()
                 .enumerate()
         {
-            let s = ConvShape {
-                b,
-                cin,
-                h,
-                w,
-                cout,
-                kh: k,
-                kw: k,
-                stride,
-                pad,
-            };
+            let s = ConvShape::square((b, cin, h, w), cout, k, (stride, pad));
             assert!(channel_blocks(&s).count() > 1);
             let x = values(b * cin * h * w, 400 + i as u64);
             let wt = values(cout * cin * k * k, 500 + i as u64);
@@ -1664,17 +1645,7 @@ mod tests {
             (3, 6, 7, 7, 4, 1, 1, 0),
         ];
         for (i, &(b, cin, h, w, cout, k, stride, pad)) in shapes.iter().enumerate() {
-            let s = ConvShape {
-                b,
-                cin,
-                h,
-                w,
-                cout,
-                kh: k,
-                kw: k,
-                stride,
-                pad,
-            };
+            let s = ConvShape::square((b, cin, h, w), cout, k, (stride, pad));
             let x = values(b * cin * h * w, i as u64);
             let wt = values(cout * cin * k * k, 100 + i as u64);
             let y = conv_forward(&x, &wt, None, false, None, &s).unwrap();

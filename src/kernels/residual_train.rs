@@ -96,17 +96,7 @@ fn unit_shape(
             "bottleneck: a unit does not fit {cin} input channels"
         ));
     }
-    let s = ConvShape {
-        b,
-        cin,
-        h,
-        w,
-        cout,
-        kh: k,
-        kw: k,
-        stride,
-        pad: k / 2,
-    };
+    let s = ConvShape::square((b, cin, h, w), cout, k, (stride, k / 2));
     let (ho, wo) = s
         .out()
         .ok_or_else(|| format!("bottleneck: a {k}x{k} kernel does not fit {h}x{w}"))?;

@@ -205,3 +205,13 @@ pub fn max_probability_diff(got: &[f32], want: &[f32]) -> f32 {
         .map(|(a, b)| (sig(*a) - sig(*b)).abs())
         .fold(0.0, f32::max)
 }
+
+/// Asserts a reduced-precision run's largest logit and probability differences against
+/// their tolerances (`what`: the precision, for the message).
+pub fn assert_within(what: &str, (d, tol_logit): (f32, f64), (dp, tol_prob): (f32, f64)) {
+    assert!(d as f64 <= tol_logit, "{what}: logits differ by {d}");
+    assert!(
+        dp as f64 <= tol_prob,
+        "{what}: probabilities differ by {dp}"
+    );
+}
