@@ -854,3 +854,46 @@ fn densenet121_cam_eval_through_the_command_line() {
     assert_eq!(m["boxes_scored"], 2, "{m}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Batches larger than the fixture's, which the CPU computes in slices of images side by side
+/// (one per thread): every family's logits are the reference's for every copy of the input,
+/// and exactly those of the fixture's own batch.
+#[test]
+fn sliced_batches_give_the_reference_logits() {
+    let Some(sh) = shared_or_skip("sliced_batches_give_the_reference_logits") else {
+        return;
+    };
+    let r = reference(&sh);
+    let x = r["input224_others"].to_tensor(&Device::Cpu).unwrap();
+    let n = x.dim(0).unwrap();
+    let batch = Tensor::cat(&[&x, &x, &x, &x], 0).unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut compared = 0;
+    for (file, key) in [
+        ("vit_s_d2_cxr14_ft.pth", "vit_s/logits"),
+        ("resnet50_l1111_cxr14_ft.pth", "r50/logits"),
+        ("densenet121_b2222_cxr14_ft.pth", "dn121/logits"),
+    ] {
+        let ck = Checkpoint::load(sh.join("fixtures").join(file)).unwrap();
+        let m = registry::load(&ck, &LoadOptions::default()).unwrap().0;
+        let own = flat(&m.logits(&x).unwrap());
+        let got = m.logits(&batch).unwrap();
+        assert_eq!(got.dims(), &[4 * n, r[key].shape[1]], "{key}: shape");
+        for copy in 0..4 {
+            let part = got.narrow(0, copy * n, n).unwrap();
+            let d = relative_diff(&part, &r[key]);
+            assert!(d <= 1e-5, "{key}, copy {copy}: {d}");
+            let part = flat(&part);
+            assert_eq!(part.len(), own.len(), "{key}: length");
+            for (a, b) in part.iter().zip(&own) {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{key}, copy {copy}: {a} against {b}"
+                );
+                compared += 1;
+            }
+        }
+    }
+    assert_eq!(compared, 3 * 4 * n * 14);
+}

@@ -268,3 +268,35 @@ fn reduced_precision_agrees_with_f32() {
         common::assert_within(precision.name(), (d, tol_logit), (dp, tol_prob));
     }
 }
+
+/// A batch larger than the fixture's, which the CPU computes in slices of images side by side
+/// (one per thread): every image's logits are the reference's, and exactly those of the
+/// fixture's own batch of two.
+#[test]
+fn sliced_batches_give_the_reference_logits() {
+    let Some(s) = shared_or_skip("sliced_batches_give_the_reference_logits") else {
+        return;
+    };
+    let r = reference(&s);
+    let m = model(&s, "eva_x_ti_cxr14_ft.pth", Kernels::Fused);
+    let x = input(&r, "input224");
+    let pair = m.logits(&x).unwrap();
+    // Eight images, the pair four times (two slices of four on two threads).
+    let batch = Tensor::cat(&[&x, &x, &x, &x], 0).unwrap();
+    let got = m.logits(&batch).unwrap();
+    let want = &r["ti_ft/logits"];
+    assert_eq!(got.dims(), &[8, want.shape[1]], "shape");
+    let pair = pair.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut compared = 0;
+    for copy in 0..4 {
+        let part = got.narrow(0, 2 * copy, 2).unwrap();
+        check(&part, &r, "ti_ft/logits", Kernels::Fused);
+        let part = part.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(part.len(), pair.len(), "length");
+        for (a, b) in part.iter().zip(&pair) {
+            assert_eq!(a.to_bits(), b.to_bits(), "copy {copy}: {a} against {b}");
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 4 * want.data.len());
+}

@@ -322,7 +322,7 @@ impl Backbone for DenseNet {
     /// `pooled`: ReLU and global average of `norm5`'s output; no tokens.
     fn embed(&self, x: &Tensor) -> Result<Representation> {
         Ok(Representation {
-            pooled: self.layout.pooled(&self.ops, &self.input(x)?)?,
+            pooled: super::in_batch_slices(&self.input(x)?, |x| self.layout.pooled(&self.ops, x))?,
             tokens: None,
         })
     }

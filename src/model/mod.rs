@@ -34,6 +34,38 @@ use crate::explain::CamSource;
 use crate::preprocess::Normalization;
 use crate::rng::Rng;
 
+/// Fewest images of one slice in [`in_batch_slices`]: single images measured slower than the
+/// whole batch (each dense layer then streams its weights from L3 for too few tokens).
+const MIN_SLICE_IMAGES: usize = 2;
+
+/// `f` of the batch `x` `[B, ...]`: on the CPU, one slice of images per thread, computed side
+/// by side and joined along the batch axis; elsewhere, or for a batch too small to share, one
+/// call. For inference, whose values for an image do not depend on the rest of its batch.
+///
+/// Each thread then takes its own images through the whole network, its activations in its
+/// own caches and no wait for the other threads at the end of every layer (the layers' own
+/// tasks still go to an idle thread). On EVA-X-S, batch 16, two threads: 8 % faster than
+/// sharing every layer between the threads.
+pub(crate) fn in_batch_slices<E>(
+    x: &Tensor,
+    f: impl Fn(&Tensor) -> Result<Tensor, E> + Sync,
+) -> Result<Tensor, E>
+where
+    E: From<candle_core::Error> + Send,
+{
+    use rayon::prelude::*;
+    let b = x.dims().first().copied().unwrap_or(0);
+    let slice = b.div_ceil(rayon::current_num_threads().max(1));
+    if !x.device().is_cpu() || slice < MIN_SLICE_IMAGES || slice >= b {
+        return f(x);
+    }
+    let parts = (0..b.div_ceil(slice))
+        .into_par_iter()
+        .map(|i| f(&x.narrow(0, i * slice, slice.min(b - i * slice))?))
+        .collect::<Result<Vec<_>, E>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
 /// An image representation.
 #[derive(Debug, Clone)]
 pub struct Representation {

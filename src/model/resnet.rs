@@ -312,7 +312,7 @@ impl Backbone for ResNet {
     /// `pooled`: the global average of `layer4` `[B, 2048]`; no tokens.
     fn embed(&self, x: &Tensor) -> Result<Representation> {
         Ok(Representation {
-            pooled: self.layout.pooled(&self.ops, &self.input(x)?)?,
+            pooled: super::in_batch_slices(&self.input(x)?, |x| self.layout.pooled(&self.ops, x))?,
             tokens: None,
         })
     }

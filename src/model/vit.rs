@@ -370,11 +370,13 @@ impl Vit {
 
     /// Token states after the first `n` blocks.
     pub fn forward_blocks(&self, x: &Tensor, n: usize) -> Result<Tensor> {
-        let mut h = self.embed_tokens(x)?;
-        for b in self.blocks.iter().take(n) {
-            h = b.forward(&h, None, self.kernels, false, None)?;
-        }
-        Ok(h)
+        super::in_batch_slices(x, |x| {
+            let mut h = self.embed_tokens(x)?;
+            for b in self.blocks.iter().take(n) {
+                h = b.forward(&h, None, self.kernels, false, None)?;
+            }
+            Ok(h)
+        })
     }
 
     /// `fc_norm` of the mean patch token, `[B, C]`.

@@ -856,11 +856,13 @@ impl EvaX {
     pub fn forward_blocks(&self, x: &Tensor, n: usize) -> Result<Tensor> {
         let (_, grid) = self.check_input(x)?;
         let rope = self.grid_state(grid)?.rope.clone();
-        let mut h = self.embed_tokens(x)?;
-        for block in self.blocks.iter().take(n) {
-            h = block.forward(&h, &rope, self.kernels)?;
-        }
-        Ok(h)
+        super::in_batch_slices(x, |x| {
+            let mut h = self.embed_tokens(x)?;
+            for block in self.blocks.iter().take(n) {
+                h = block.forward(&h, &rope, self.kernels)?;
+            }
+            Ok(h)
+        })
     }
 
     /// Token states after all blocks, `[B, T, C]`.
