@@ -378,6 +378,46 @@ fn device_and_precision_settings_are_checked() {
             "--features cuda",
             "cuda without the cuda build",
         );
+        expect_clear_error(
+            &[
+                "compare",
+                "--device",
+                "cuda",
+                "--dataset",
+                "cxr14",
+                "--data-dir",
+                ".",
+                "-o",
+                "out",
+                "a.pth",
+            ],
+            "--features cuda",
+            "compare on cuda without the cuda build",
+        );
+    }
+    // Every command that computes takes the device and the precision.
+    let computing: [&[&str]; 13] = [
+        &["predict"],
+        &["embed"],
+        &["eval"],
+        &["cam"],
+        &["cam-eval"],
+        &["compare"],
+        &["finetune"],
+        &["bench"],
+        &["serve"],
+        &["demo"],
+        &["seg", "train"],
+        &["seg", "eval"],
+        &["seg", "predict"],
+    ];
+    for cmd in computing {
+        let o = evax(&[cmd, &["--help"]].concat());
+        assert!(o.status.success(), "{cmd:?}: {}", stderr(&o));
+        let help = String::from_utf8_lossy(&o.stdout);
+        for flag in ["--device", "--precision"] {
+            assert!(help.contains(flag), "{cmd:?} --help lacks {flag}");
+        }
     }
 }
 

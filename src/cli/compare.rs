@@ -7,7 +7,7 @@ use evax::compare::{CompareJob, markdown};
 use evax::model::LoadOptions;
 
 use super::data::DataArgs;
-use super::{KernelsArg, note};
+use super::{ComputeArgs, KernelsArg, note};
 
 /// Evaluate run folders or checkpoints (any family) on the same split: per-class AUROC, mAUC
 /// with bootstrap intervals, a paired bootstrap test of each against the first; writes
@@ -35,16 +35,22 @@ pub struct Args {
     /// Kernel implementation.
     #[arg(long, value_enum, default_value = "fused")]
     kernels: KernelsArg,
+    /// Device and precision.
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 /// Compare and print the table; exit 1 if a model could not be evaluated.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let (device, precision) = a.compute.resolve()?;
     let split = a.data.load()?;
     let job = CompareJob {
         models: a.models,
         split: &split,
         load: LoadOptions {
             kernels: a.kernels.into(),
+            device,
+            precision,
             ..Default::default()
         },
         batch: a.batch,
