@@ -153,7 +153,7 @@ pub fn dense_layers(x: &Tensor, layers: &[DenseLayerWeights]) -> Result<Tensor> 
 }
 
 /// Borrow a CPU tensor's f32 values (copying only when it is not contiguous).
-fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(super) fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let t = if t.is_contiguous() {
         t.clone()
     } else {

@@ -842,6 +842,42 @@ pub fn attention_backward(
     Ok(dqkv)
 }
 
+/// The non-overlapping `p x p` patches of images `x` `[b, ch, h, w]` (sides multiples of `p`)
+/// as rows of `ch * p * p` values (channel, then row, then column), patches in row-major
+/// order: one copy of `p` values at a time.
+pub fn patch_rows(
+    x: &[f32],
+    (b, ch, h, w): (usize, usize, usize, usize),
+    p: usize,
+) -> Result<Vec<f32>, String> {
+    if p == 0 || !h.is_multiple_of(p) || !w.is_multiple_of(p) || x.len() != b * ch * h * w {
+        return Err(format!(
+            "patches: {} values are not images [{b}, {ch}, {h}, {w}] of whole {p} x {p} patches",
+            x.len()
+        ));
+    }
+    let (gh, gw, row) = (h / p, w / p, ch * p * p);
+    // SAFETY: each task below writes every value of its gw rows of patches.
+    let mut out = unsafe { unfilled(b * gh * gw * row) };
+    if out.is_empty() {
+        return Ok(out);
+    }
+    out.par_chunks_mut(gw * row)
+        .enumerate()
+        .for_each(|(band, rows)| {
+            let (bi, gy) = (band / gh, band % gh);
+            for (gx, patch) in rows.chunks_exact_mut(row).enumerate() {
+                for (c, plane) in patch.chunks_exact_mut(p * p).enumerate() {
+                    for (py, dst) in plane.chunks_exact_mut(p).enumerate() {
+                        let at = ((bi * ch + c) * h + gy * p + py) * w + gx * p;
+                        dst.copy_from_slice(&x[at..at + p]);
+                    }
+                }
+            }
+        });
+    Ok(out)
+}
+
 /// `silu(x1) * x2` for each row `[x1 | x2]` of width `2h` of `x`.
 pub fn swiglu_forward(x: &[f32], h: usize) -> Vec<f32> {
     assert!(h > 0 && x.len().is_multiple_of(2 * h), "swiglu: rows of 2h");
@@ -1069,6 +1105,29 @@ pub fn linear_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patches_are_the_definition() {
+        // Two images of 3 channels, 2 x 3 patches of 4 x 4; each value its own index.
+        let (b, ch, p, gh, gw) = (2, 3, 4, 2, 3);
+        let (h, w) = (gh * p, gw * p);
+        let x: Vec<f32> = (0..b * ch * h * w).map(|i| i as f32).collect();
+        let rows = patch_rows(&x, (b, ch, h, w), p).unwrap();
+        assert_eq!(rows.len(), x.len());
+        let mut compared = 0;
+        for (n, row) in rows.chunks_exact(ch * p * p).enumerate() {
+            let (bi, gy, gx) = (n / (gh * gw), n / gw % gh, n % gw);
+            for (i, &v) in row.iter().enumerate() {
+                let (c, py, px) = (i / (p * p), i / p % p, i % p);
+                let at = ((bi * ch + c) * h + gy * p + py) * w + gx * p + px;
+                assert_eq!(v, x[at], "patch {n}, value {i}");
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, b * ch * h * w);
+        assert!(patch_rows(&x, (b, ch, h, w + 1), p).is_err());
+        assert!(patch_rows(&x[1..], (b, ch, h, w), p).is_err());
+    }
 
     #[test]
     fn exp_is_accurate() {

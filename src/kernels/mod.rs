@@ -205,6 +205,21 @@ pub fn linear(
     }
 }
 
+/// The non-overlapping `p x p` patches of images `x` `[B, C, gh * p, gw * p]` as rows
+/// `[B * gh * gw, C * p * p]` (channel, then row, then column within a patch): the input of
+/// a stride-`p` convolution as a matrix product. On the CPU, in f32 and for an input no
+/// gradient flows to (images), [`cpu::patch_rows`]; elsewhere candle's permutation.
+pub fn patch_rows(x: &Tensor, p: usize) -> Result<Tensor> {
+    let (b, ch, h, w) = x.dims4()?;
+    if x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
+        let rows = candle_ops::read(x, |v| {
+            cpu::patch_rows(v, (b, ch, h, w), p).map_err(candle_core::Error::Msg)
+        })?;
+        return Tensor::from_vec(rows, (b * (h / p) * (w / p), ch * p * p), x.device());
+    }
+    reference::patch_rows(x, p)
+}
+
 /// Differentiable `x W^T + b` with `W` `[N, K]` as stored.
 pub fn linear_train(k: Kernels, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     if k.fused_for(x) && k.fused_for(w) {

@@ -456,17 +456,10 @@ pub fn scores(
         "scores: rows"
     );
     let panels = t.div_ceil(MR);
-    kp.clear();
+    // Not cleared: every value the products read is written below (lanes past the last key
+    // hold what an earlier call left, finite, and their scores are not stored).
     kp.resize(panels * d * MR, 0.0);
-    // Panel by panel, each row of 64 keys written whole (its 64 key rows stay in L1).
-    for (p, panel) in kp.chunks_exact_mut(d * MR).enumerate() {
-        let keys = MR.min(t.saturating_sub(p * MR));
-        for (dd, row) in panel.chunks_exact_mut(MR).enumerate() {
-            for (jj, v) in row[..keys].iter_mut().enumerate() {
-                *v = k[(p * MR + jj) * k_rs + dd];
-            }
-        }
-    }
+    pack_keys((k, k_rs), (t, d), kp);
     for i0 in (0..t).step_by(NR) {
         let cols = NR.min(t - i0);
         for p in 0..panels {
@@ -499,6 +492,81 @@ pub fn scores(
             }
         }
         each_group(i0, &mut s[i0 * ts..(i0 + cols) * ts]);
+    }
+}
+
+/// `t` keys of `d` values (`k_rs` apart) into panels of 64 keys: for each panel, for each of
+/// the `d` values, the 64 keys' (lanes past the last key of the last panel as they were).
+fn pack_keys((k, k_rs): (&[f32], usize), (t, d): (usize, usize), kp: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(16) && super::dispatch::has_v4() {
+        // SAFETY: AVX-512 present (checked); k holds t rows of d values at stride k_rs (the
+        // caller's check) and kp the t.div_ceil(64) panels of d x 64.
+        return unsafe { pack_keys_avx512((k, k_rs), (t, d), kp) };
+    }
+    for (p, panel) in kp.chunks_exact_mut(d * MR).take(t.div_ceil(MR)).enumerate() {
+        let keys = MR.min(t - p * MR);
+        for (dd, row) in panel.chunks_exact_mut(MR).enumerate() {
+            for (jj, v) in row[..keys].iter_mut().enumerate() {
+                *v = k[(p * MR + jj) * k_rs + dd];
+            }
+        }
+    }
+}
+
+/// [`pack_keys`] sixteen keys by sixteen values at a time, each block transposed in registers
+/// (lanes of a block past the last key are zero).
+///
+/// # Safety
+/// AVX-512F present; `d` a multiple of 16; `k` holds `t` rows of `d` values `k_rs` apart and
+/// `kp` at least `t.div_ceil(64) * d * 64` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_keys_avx512((k, k_rs): (&[f32], usize), (t, d): (usize, usize), kp: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(t == 0 || k.len() >= (t - 1) * k_rs + d, "pack keys: k");
+    assert!(kp.len() >= t.div_ceil(MR) * d * MR, "pack keys: panels");
+    for key0 in (0..t).step_by(16) {
+        let rows = 16.min(t - key0);
+        // Where the block's first key goes: its panel, then its lane in each row of 64.
+        let at = key0 / MR * d * MR + key0 % MR;
+        for d0 in (0..d).step_by(16) {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (i, v) in r.iter_mut().enumerate().take(rows) {
+                // SAFETY: key key0 + i < t, values d0..d0 + 16 <= d (asserted above).
+                *v = unsafe { _mm512_loadu_ps(k.as_ptr().add((key0 + i) * k_rs + d0)) };
+            }
+            // Pairs of rows interleaved, then fours: each 128-bit lane L of u[4g + c] holds
+            // value 4L + c of keys 4g..4g + 4.
+            let mut u = [_mm512_setzero_ps(); 16];
+            for g in 0..4 {
+                let (a, b, c, e) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
+                let (lo01, hi01) = (_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+                let (lo23, hi23) = (_mm512_unpacklo_ps(c, e), _mm512_unpackhi_ps(c, e));
+                u[4 * g] = _mm512_shuffle_ps::<0x44>(lo01, lo23);
+                u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(lo01, lo23);
+                u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(hi01, hi23);
+                u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(hi01, hi23);
+            }
+            // Then the 4 x 4 blocks of lanes: value 4L + c of all sixteen keys.
+            for c in 0..4 {
+                let v02 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+                let v13 = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
+                let w02 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+                let w13 = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+                let out = [
+                    _mm512_shuffle_f32x4::<0x88>(v02, w02),
+                    _mm512_shuffle_f32x4::<0x88>(v13, w13),
+                    _mm512_shuffle_f32x4::<0xDD>(v02, w02),
+                    _mm512_shuffle_f32x4::<0xDD>(v13, w13),
+                ];
+                for (lane, o) in out.into_iter().enumerate() {
+                    let dd = d0 + 4 * lane + c;
+                    // SAFETY: row dd < d of the block's panel, lanes key0 % 64.. + 16 <= 64.
+                    unsafe { _mm512_storeu_ps(kp.as_mut_ptr().add(at + dd * MR), o) };
+                }
+            }
+        }
     }
 }
 
@@ -885,6 +953,27 @@ mod tests {
             );
         }
         assert_eq!(compared, t * t + t * d);
+    }
+    #[test]
+    fn keys_are_packed_where_the_products_read_them() {
+        // Strided keys (as inside qkv) and contiguous ones, into one buffer reused across
+        // calls (so stale values from the larger call lie past the smaller one's keys).
+        let d = 64;
+        let mut kp = Vec::new();
+        let mut compared = 0;
+        for (t, k_rs) in [(197usize, 3 * 384usize), (70, d), (16, d), (5, 2 * d)] {
+            let k = data((t - 1) * k_rs + d, t as u64);
+            kp.resize(t.div_ceil(MR) * d * MR, 0.0);
+            pack_keys((&k, k_rs), (t, d), &mut kp);
+            for j in 0..t {
+                for dd in 0..d {
+                    let got = kp[j / MR * d * MR + dd * MR + j % MR];
+                    assert_eq!(got.to_bits(), k[j * k_rs + dd].to_bits(), "t {t}, key {j}");
+                    compared += 1;
+                }
+            }
+        }
+        assert_eq!(compared, (197 + 70 + 16 + 5) * d);
     }
     #[test]
     fn rope_in_the_qkv_epilogue_gives_the_same_attention() {

@@ -18,6 +18,19 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor
     xhat.broadcast_mul(w)?.broadcast_add(b)
 }
 
+/// [`super::patch_rows`] as candle's permutation (differentiable).
+pub fn patch_rows(x: &Tensor, p: usize) -> Result<Tensor> {
+    let (b, ch, h, w) = x.dims4()?;
+    if p == 0 || h % p != 0 || w % p != 0 {
+        candle_core::bail!("patches: images {h} x {w} are not whole {p} x {p} patches");
+    }
+    let (gh, gw) = (h / p, w / p);
+    x.reshape((b, ch, gh, p, gw, p))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .contiguous()?
+        .reshape((b * gh * gw, ch * p * p))
+}
+
 /// Softmax over the last axis (the maximum is subtracted as a constant).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let m = x.max_keepdim(D::Minus1)?.detach();

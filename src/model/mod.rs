@@ -352,15 +352,11 @@ pub fn patch_tokens(
     bias: &Tensor,
     p: usize,
 ) -> candle_core::Result<Tensor> {
-    let (b, ch, h, w) = x.dims4()?;
+    let (b, _, h, w) = x.dims4()?;
     let (gh, gw) = (h / p, w / p);
     let c = weight.dim(0)?;
     // The product in the weight's type (reduced precision), the tokens in the bias's.
-    x.to_dtype(weight.dtype())?
-        .reshape((b, ch, gh, p, gw, p))?
-        .permute((0, 2, 4, 1, 3, 5))?
-        .contiguous()?
-        .reshape((b * gh * gw, ch * p * p))?
+    crate::kernels::patch_rows(&x.to_dtype(weight.dtype())?, p)?
         .matmul(&weight.t()?)?
         .to_dtype(bias.dtype())?
         .broadcast_add(bias)?

@@ -835,12 +835,7 @@ impl EvaX {
         let tokens =
             if self.kernels.fused_for(&x) && self.kernels.fused_for(&self.patch.weight_t()?) {
                 // The fused product with its bias epilogue over the patches as rows.
-                let (gh, gw) = (x.dim(2)? / p, x.dim(3)? / p);
-                let rows = x
-                    .reshape((b, 3, gh, p, gw, p))?
-                    .permute((0, 2, 4, 1, 3, 5))?
-                    .contiguous()?
-                    .reshape((b * gh * gw, 3 * p * p))?;
+                let rows = kernels::patch_rows(&x, p)?;
                 self.patch
                     .forward(&rows, self.kernels)?
                     .reshape((b, gh * gw, c))?
