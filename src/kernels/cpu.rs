@@ -728,7 +728,8 @@ pub fn attention_backward(
     if probs.is_some_and(|p| p.len() != b * h * t * t) {
         return Err("attention backward: kept probabilities do not fit".into());
     }
-    let mut dqkv: Vec<f32> = vec![0f32; b * t * c3];
+    // SAFETY: every (image, head) task writes its q, k and v columns of every token below.
+    let mut dqkv = unsafe { unfilled(b * t * c3) };
     let dst = SharedMut(dqkv.as_mut_ptr());
     let (micro, ts) = score_layout(t, d);
     (0..b * h).into_par_iter().for_each_init(
@@ -922,7 +923,12 @@ pub fn layer_norm_backward(
     eps: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let c = w.len();
-    let mut dx = vec![0f32; x.len()];
+    assert!(
+        c > 0 && x.len().is_multiple_of(c) && dy.len() == x.len(),
+        "layer norm backward: rows of {c}"
+    );
+    // SAFETY: each task writes every value of its rows below (whole rows, asserted).
+    let mut dx = unsafe { unfilled(x.len()) };
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(ROWS_PER_TASK * c)
         .zip(x.par_chunks(ROWS_PER_TASK * c))
@@ -1055,7 +1061,8 @@ pub fn linear_backward(
     assert_eq!(g.len(), m * n, "linear backward: output gradient size");
     use super::conv::{Mat, matmul};
     let threads = rayon::current_num_threads();
-    let (mut dx, mut dw) = (vec![0f32; m * k], vec![0f32; n * k]);
+    // SAFETY: the products below overwrite both (dW with zeros where m is 0).
+    let (mut dx, mut dw) = unsafe { (unfilled(m * k), unfilled(n * k)) };
     // dx (m x k) = g (m x n) W (n x k); dW (n x k) = g^T (n x m) x (m x k).
     let gm = Mat {
         data: g,

@@ -267,45 +267,45 @@ impl EvaXTrainable {
     pub fn block_grads(&self, grads: &mut Grads, prefix: &str) -> Result<()> {
         let (c, hidden) = (self.config.dim, self.config.mlp_hidden);
         for (i, parts) in self.block_grads.take() {
-            let mut put = |key: String, v: &[f32]| -> Result<()> {
+            let mut put = |key: String, v: Vec<f32>| -> Result<()> {
                 let var = self.vars.get(&key).ok_or_else(|| {
                     candle_core::Error::Msg(format!("no parameter {key} for a block gradient"))
                 })?;
-                let t = Tensor::from_slice(v, var.shape(), &self.device)?;
+                let t = Tensor::from_vec(v, var.shape(), &self.device)?;
                 grads.insert(format!("{prefix}{key}"), t);
                 Ok(())
             };
             let p = format!("blocks.{i}");
-            put(format!("{p}.norm1.weight"), &parts.norm1.0)?;
-            put(format!("{p}.norm1.bias"), &parts.norm1.1)?;
-            let (qkv_w, qkv_b) = &parts.qkv;
+            put(format!("{p}.norm1.weight"), parts.norm1.0)?;
+            put(format!("{p}.norm1.bias"), parts.norm1.1)?;
+            let (qkv_w, qkv_b) = parts.qkv;
             if self.config.fused_qkv {
                 put(format!("{p}.attn.qkv.weight"), qkv_w)?;
             } else {
                 for (j, part) in ["q", "k", "v"].iter().enumerate() {
                     put(
                         format!("{p}.attn.{part}_proj.weight"),
-                        &qkv_w[j * c * c..(j + 1) * c * c],
+                        qkv_w[j * c * c..(j + 1) * c * c].to_vec(),
                     )?;
                 }
             }
             // The k part of the bias is a constant zero.
-            put(format!("{p}.attn.q_bias"), &qkv_b[..c])?;
-            put(format!("{p}.attn.v_bias"), &qkv_b[2 * c..])?;
-            put(format!("{p}.attn.proj.weight"), &parts.proj.0)?;
-            put(format!("{p}.attn.proj.bias"), &parts.proj.1)?;
-            put(format!("{p}.norm2.weight"), &parts.norm2.0)?;
-            put(format!("{p}.norm2.bias"), &parts.norm2.1)?;
-            let (fc1_w, fc1_b) = &parts.fc1;
-            match &parts.sub_ln {
+            put(format!("{p}.attn.q_bias"), qkv_b[..c].to_vec())?;
+            put(format!("{p}.attn.v_bias"), qkv_b[2 * c..].to_vec())?;
+            put(format!("{p}.attn.proj.weight"), parts.proj.0)?;
+            put(format!("{p}.attn.proj.bias"), parts.proj.1)?;
+            put(format!("{p}.norm2.weight"), parts.norm2.0)?;
+            put(format!("{p}.norm2.bias"), parts.norm2.1)?;
+            let (fc1_w, fc1_b) = parts.fc1;
+            match parts.sub_ln {
                 Some((g, b)) => {
                     for (j, part) in ["w1", "w2"].iter().enumerate() {
                         let rows = j * hidden..(j + 1) * hidden;
                         put(
                             format!("{p}.mlp.{part}.weight"),
-                            &fc1_w[rows.start * c..rows.end * c],
+                            fc1_w[rows.start * c..rows.end * c].to_vec(),
                         )?;
-                        put(format!("{p}.mlp.{part}.bias"), &fc1_b[rows])?;
+                        put(format!("{p}.mlp.{part}.bias"), fc1_b[rows].to_vec())?;
                     }
                     put(format!("{p}.mlp.ffn_ln.weight"), g)?;
                     put(format!("{p}.mlp.ffn_ln.bias"), b)?;
@@ -315,8 +315,8 @@ impl EvaXTrainable {
                     put(format!("{p}.mlp.w12.bias"), fc1_b)?;
                 }
             }
-            put(format!("{p}.mlp.w3.weight"), &parts.fc2.0)?;
-            put(format!("{p}.mlp.w3.bias"), &parts.fc2.1)?;
+            put(format!("{p}.mlp.w3.weight"), parts.fc2.0)?;
+            put(format!("{p}.mlp.w3.bias"), parts.fc2.1)?;
         }
         Ok(())
     }
