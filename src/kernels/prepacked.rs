@@ -6,9 +6,10 @@
 //! Called through the crate's general entry point, the same product packs the weight again on
 //! every call (a strided copy that the profile of EVA-X-S put at about a tenth of the forward)
 //! and needs the output filled with the bias first (one more pass over memory). The loop here
-//! is the BLIS one on already-packed panels: each task takes a run of tokens; for each block
-//! of panels that fits in L2, the tokens go by in groups of six (their rows read in place from
-//! L1), each group against every panel of the block.
+//! is the BLIS one on already-packed panels: each task takes a run of tokens (or, for few
+//! tokens, a run of panels); for each block of panels that fits in L2, the tokens go by in
+//! groups of six (their rows read in place from L1), each group against every panel of the
+//! block.
 
 use rayon::prelude::*;
 
@@ -20,8 +21,12 @@ const MR: usize = 64;
 const NR: usize = 6;
 /// Bytes of packed panels one block keeps in L2.
 const BLOCK_BYTES: usize = 1 << 20;
-/// Token tasks per thread (every task reads the whole weight once).
+/// Tasks per thread (every task of a run of tokens reads the whole weight once).
 const TASKS_PER_THREAD: usize = 4;
+/// Bytes of input rows up to which the tasks split the panels instead of the tokens: one
+/// image's 197 tokens, whose weights were otherwise read once per task (EVA-X-S at batch 1:
+/// 57 -> 48 ms a forward; at batch 16, in slices of eight images, no split and no change).
+const SPLIT_PANELS_UP_TO: usize = 1 << 20;
 
 /// Whether this CPU takes the prepacked path (AVX-512), unless `EVAX_GEMM=crate` asks for the
 /// `gemm` crate's general entry point everywhere (to compare the two).
@@ -286,23 +291,36 @@ fn run(x: &[f32], w: &PackedWeight, bias: Option<&[f32]>, epilogue: Epilogue) ->
         Epilogue::Swiglu => (n / 2 / MR, 2),
     };
     let block = (BLOCK_BYTES / (per_step * MR * k * 4)).max(1);
-    let tasks = (rayon::current_num_threads() * TASKS_PER_THREAD).min(m.div_ceil(NR));
+    let threads = rayon::current_num_threads();
+    // Few tokens (their rows fit in L2): the tasks split the panels, each reading every row,
+    // rather than the rows, each reading every panel.
+    let parts = if m * k * 4 <= SPLIT_PANELS_UP_TO {
+        (threads * TASKS_PER_THREAD).min(steps)
+    } else {
+        1
+    };
+    let tasks = (threads * TASKS_PER_THREAD / parts)
+        .max(1)
+        .min(m.div_ceil(NR));
     let rows_per_task = m.div_ceil(tasks).next_multiple_of(NR);
+    let per_part = steps.div_ceil(parts);
     let out = SendPtr(y.as_mut_ptr());
-    (0..m.div_ceil(rows_per_task))
+    (0..m.div_ceil(rows_per_task) * parts)
         .into_par_iter()
         .for_each(|t| {
+            let (t, part) = (t / parts, t % parts);
+            let (sa, sb) = (part * per_part, ((part + 1) * per_part).min(steps));
             let (r0, r1) = (t * rows_per_task, ((t + 1) * rows_per_task).min(m));
             // One group's tiles: 6 rows of 64 (or of 64 + 64 for the pair of a SwiGLU step).
             let mut tile = [0f32; NR * 2 * MR + 16];
             let off = tile.as_ptr().align_offset(64).min(16);
             let tile = &mut tile[off..off + NR * 2 * MR];
             let tile_cs = per_step * MR;
-            for s0 in (0..steps).step_by(block) {
+            for s0 in (sa..sb).step_by(block) {
                 for g in (r0..r1).step_by(NR) {
                     let cols = NR.min(r1 - g);
                     let ukr = kernel(cols);
-                    for s in s0..(s0 + block).min(steps) {
+                    for s in s0..(s0 + block).min(sb) {
                         // The residual tile this step's epilogue will read, fetched while the
                         // kernel runs (six rows 64 wide: strided, missed by the prefetchers).
                         #[cfg(target_arch = "x86_64")]
