@@ -94,16 +94,17 @@ impl ComputeArgs {
 }
 
 impl ComputeArgs {
-    /// [`ComputeArgs::resolve`] for a command that trains: the CPU's bf16 products are for
-    /// inference only (no bf16 backward kernels), so CPU training computes in f32.
+    /// [`ComputeArgs::resolve`] for a command that trains. On the CPU, bf16 training runs the
+    /// EVA-X blocks' dense layers in bf16 products (weights kept f32); other families, and
+    /// everything else, compute in f32 (a note says so).
     pub fn resolve_training(&self) -> evax::Result<(Device, Precision)> {
         let (device, precision) = self.resolve()?;
         if device.is_cpu() && precision == Precision::Bf16 {
             eprintln!(
-                "note: --precision bf16 trains in f32 on the CPU (its bf16 products are for \
-                 inference only so far)"
+                "note: --precision bf16 on the CPU trains EVA-X's transformer blocks with their \
+                 dense layers in bf16 products (f32 sums and master weights); other families, \
+                 and the rest of each step, compute in f32"
             );
-            return Ok((device, Precision::F32));
         }
         Ok((device, precision))
     }

@@ -317,7 +317,14 @@ impl SegCompute {
     /// The device for training, which computes in f32 (on the CPU reduced precision falls
     /// back to f32 with a note, as for `finetune`; on a GPU it is refused).
     fn training_device(&self) -> anyhow::Result<Device> {
-        let (device, precision) = self.compute.resolve_training()?;
+        let (device, precision) = self.compute.resolve()?;
+        if precision != evax::compute::Precision::F32 && device.is_cpu() {
+            eprintln!(
+                "note: --precision {}: segmentation training computes in f32 on the CPU",
+                precision.name()
+            );
+            return Ok(device);
+        }
         if precision != evax::compute::Precision::F32 {
             anyhow::bail!(
                 "--precision {}: segmentation training computes in f32 only so far \

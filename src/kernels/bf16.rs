@@ -133,32 +133,55 @@ impl Bf16Weight {
     /// f32 values.
     pub fn with_panels(wt: &[f32], k: usize, n: usize, panels: bool) -> Self {
         assert_eq!(wt.len(), k * n, "bf16 weight: shape");
+        Self::packed(k, n, panels, |r, c| wt[r * n + c])
+    }
+
+    /// Prepares `W` `[n, k]` row-major, as a dense layer stores it (a training step's
+    /// weights, packed again after every update), for this CPU.
+    pub fn from_stored(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), k * n, "bf16 weight: shape");
+        Self::packed(k, n, native(), |r, c| w[c * k + r])
+    }
+
+    /// `W^T` `[k, n]` given by `at(row, column)`, packed or rounded.
+    fn packed(k: usize, n: usize, panels: bool, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
         if !panels {
+            let mut rounded = vec![0f32; k * n];
+            rounded
+                .par_chunks_mut(n.max(1))
+                .enumerate()
+                .for_each(|(r, row)| {
+                    row.iter_mut()
+                        .enumerate()
+                        .for_each(|(c, v)| *v = round_bf16(at(r, c)))
+                });
             return Bf16Weight {
                 k,
                 n,
                 panels: Vec::new(),
-                rounded: wt.iter().map(|&v| round_bf16(v)).collect(),
+                rounded,
             };
         }
         let pairs = k.div_ceil(2);
         let npanels = n.div_ceil(NP);
         let mut out = vec![0u32; npanels * pairs * NP];
-        let at = |r: usize, c: usize| {
+        let bits = |r: usize, c: usize| {
             if r < k && c < n {
-                bf16_bits(wt[r * n + c]) as u32
+                bf16_bits(at(r, c)) as u32
             } else {
                 0
             }
         };
-        for (j, panel) in out.chunks_exact_mut(pairs * NP).enumerate() {
-            for (p, row) in panel.chunks_exact_mut(NP).enumerate() {
-                for (l, w) in row.iter_mut().enumerate() {
-                    let c = j * NP + l;
-                    *w = at(2 * p, c) | (at(2 * p + 1, c) << 16);
+        out.par_chunks_mut((pairs * NP).max(1))
+            .enumerate()
+            .for_each(|(j, panel)| {
+                for (p, row) in panel.chunks_exact_mut(NP).enumerate() {
+                    for (l, w) in row.iter_mut().enumerate() {
+                        let c = j * NP + l;
+                        *w = bits(2 * p, c) | (bits(2 * p + 1, c) << 16);
+                    }
                 }
-            }
-        }
+            });
         Bf16Weight {
             k,
             n,

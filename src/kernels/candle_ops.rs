@@ -1208,6 +1208,8 @@ pub struct TrainingBlock {
     pub rope: Arc<RopeTables>,
     /// Per-image drop-path scales of the attention and MLP branches.
     pub drop: Option<(Vec<f32>, Vec<f32>)>,
+    /// The dense layers' products in bf16 ([`BlockShape::bf16`]).
+    pub bf16: bool,
 }
 
 struct TransformerBlockOp {
@@ -1239,6 +1241,7 @@ impl TransformerBlockOp {
             },
             mlp: blk.mlp,
             eps: blk.eps,
+            bf16: blk.bf16,
         };
         with_values(
             &blk.weights.as_ref().into_list(),

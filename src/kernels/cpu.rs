@@ -1093,6 +1093,45 @@ pub fn linear_backward(
         || matmul((m, k, n), &mut dx, k, false, gm, wm, par),
         || matmul((n, k, m), &mut dw, k, false, gt, xm, par),
     );
+    (dx, dw, bias_grad(g, n))
+}
+
+/// The parameter gradients `(dW, db)` of [`linear_forward`] alone (the input gradient computed
+/// elsewhere, e.g. in bf16 products).
+pub fn linear_param_grads(x: &[f32], g: &[f32], n: usize, k: usize) -> (Vec<f32>, Vec<f32>) {
+    assert!(
+        k > 0 && n > 0 && x.len().is_multiple_of(k),
+        "linear: shapes"
+    );
+    let m = x.len() / k;
+    assert_eq!(g.len(), m * n, "linear backward: output gradient size");
+    use super::conv::{Mat, matmul};
+    // SAFETY: the product overwrites it (with zeros where m is 0).
+    let mut dw = unsafe { unfilled(n * k) };
+    let gt = Mat {
+        data: g,
+        rs: 1,
+        cs: n,
+    };
+    let xm = Mat {
+        data: x,
+        rs: k,
+        cs: 1,
+    };
+    matmul(
+        (n, k, m),
+        &mut dw,
+        k,
+        false,
+        gt,
+        xm,
+        rayon::current_num_threads(),
+    );
+    (dw, bias_grad(g, n))
+}
+
+/// The bias gradient: the column sums of `g` (rows of `n`), in a fixed order.
+fn bias_grad(g: &[f32], n: usize) -> Vec<f32> {
     let partials: Vec<Vec<f32>> = g
         .par_chunks(ROWS_PER_TASK * n)
         .map(|c| {
@@ -1106,7 +1145,7 @@ pub fn linear_backward(
     partials
         .iter()
         .for_each(|p| db.iter_mut().zip(p).for_each(|(a, v)| *a += v));
-    (dx, dw, db)
+    db
 }
 
 #[cfg(test)]

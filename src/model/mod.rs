@@ -154,7 +154,10 @@ pub trait Trainable: Send {
 
     /// Compute the forward in `precision` (see [`Trainable::precision`]).
     fn set_precision(&mut self, precision: crate::compute::Precision) -> Result<(), ModelError> {
-        if precision == crate::compute::Precision::F32 {
+        use crate::compute::Precision;
+        // bf16 on the CPU trains these families in f32 (the command line says so).
+        let cpu_bf16 = precision == Precision::Bf16 && self.device().is_cpu();
+        if precision == Precision::F32 || cpu_bf16 {
             Ok(())
         } else {
             Err(ModelError::Input(format!(

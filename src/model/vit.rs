@@ -711,6 +711,7 @@ impl Trainable for VitTrainable {
                     eps: LN_EPS,
                     rope: Arc::new(RopeTables::none(c / cfg.heads)),
                     drop,
+                    bf16: false,
                 };
                 hs = transformer_block_train(&hs, block, &self.block_grads)?;
                 continue;

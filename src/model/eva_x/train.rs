@@ -177,6 +177,25 @@ impl EvaXTrainable {
         Ok(EvaX::from_eva_state_dict(&sd, &opts)?.0)
     }
 
+    /// Whether the blocks' dense layers compute in bf16 products on this CPU (`--precision
+    /// bf16` with AVX512-BF16 and the fused kernels): the tensors then stay f32.
+    fn cpu_bf16_products(&self) -> bool {
+        self.precision == Precision::Bf16
+            && self.device.is_cpu()
+            && self.kernels == Kernels::Fused
+            && crate::kernels::bf16::native()
+    }
+
+    /// The type the forward casts the parameters to: the precision's, f32 where the CPU's
+    /// bf16 products take bf16 inside the kernels.
+    fn tensor_dtype(&self) -> DType {
+        if self.cpu_bf16_products() {
+            DType::F32
+        } else {
+            self.precision.dtype()
+        }
+    }
+
     fn var(&self, k: &str) -> &Tensor {
         self.vars[k].as_tensor()
     }
@@ -213,7 +232,7 @@ impl EvaXTrainable {
         let pw = self
             .var("patch_embed.proj.weight")
             .reshape((c, 3 * p * p))?
-            .to_dtype(self.precision.dtype())?;
+            .to_dtype(self.tensor_dtype())?;
         let tokens = crate::model::patch_tokens(x, &pw, self.var("patch_embed.proj.bias"), p)?;
         let cls = self.var("cls_token").broadcast_as((b, 1, c))?;
         let pos = self.pos_embed((gh, gw))?;
@@ -222,11 +241,13 @@ impl EvaXTrainable {
             Some((grid, tables)) if *grid == (gh, gw) => tables.clone(),
             _ => std::sync::Arc::new(RopeTables::new((gh, gw), cfg.rope_grid, 64)),
         };
-        let mut src = VarSource(&self.vars, self.precision.dtype());
+        let mut src = VarSource(&self.vars, self.tensor_dtype());
         let masks = training::drop_path_schedule(rng, drop_path, cfg.depth, b, &self.device)?;
-        // Whole blocks as single ops where the fused kernels run in f32 (their parameter
-        // gradients come back through `block_grads`), else step by step.
-        let whole = self.kernels.fused_for(&hs) && self.precision == Precision::F32;
+        // Whole blocks as single ops where the fused kernels run in f32, their dense layers in
+        // bf16 products with `--precision bf16` (their parameter gradients come back through
+        // `block_grads`), else step by step.
+        let bf16 = self.cpu_bf16_products();
+        let whole = self.kernels.fused_for(&hs) && (self.precision == Precision::F32 || bf16);
         self.block_grads.take();
         for (i, masks) in masks.iter().enumerate() {
             let block = Block::load(&mut src, i, cfg)
@@ -246,6 +267,7 @@ impl EvaXTrainable {
                     eps: LN_EPS,
                     rope: rope.clone(),
                     drop,
+                    bf16,
                 };
                 hs = transformer_block_train(&hs, op, &self.block_grads)?;
                 continue;
