@@ -115,6 +115,12 @@ pub fn run(
     target: &Target,
 ) -> Result<BenchResult, ModelError> {
     let dev = &target.device;
+    if batch == 0 || iters == 0 {
+        return Err(ModelError::Input(format!(
+            "bench needs at least one image a batch and one timed iteration (got --batch {batch}, \
+             --iters {iters})"
+        )));
+    }
     if let Some(preset) = model_name.strip_prefix("seg-") {
         if target.precision != Precision::F32 && work != Workload::Forward {
             return Err(ModelError::Input(

@@ -367,6 +367,12 @@ fn device_and_precision_settings_are_checked() {
         "expected cpu, cuda or cuda:N",
         "unknown device",
     );
+    expect_clear_error(&["bench", "--batch", "0"], "--batch 0", "an empty batch");
+    expect_clear_error(
+        &["bench", "--iters", "0"],
+        "--iters 0",
+        "no timed iteration",
+    );
     expect_clear_error(
         &["bench", "--precision", "int8"],
         "int8",

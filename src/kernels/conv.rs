@@ -21,7 +21,25 @@ pub(crate) struct Mat<'a> {
     pub(crate) cs: usize,
 }
 
-impl Mat<'_> {
+impl<'a> Mat<'a> {
+    /// `data` as a row-major matrix of `cols` columns.
+    pub(crate) fn rows(data: &'a [f32], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of [`Mat::rows`]: `data`'s rows of `cols` values read as columns.
+    pub(crate) fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: 1,
+            cs: cols,
+        }
+    }
+
     /// Whether a `rows x cols` matrix at these strides lies inside the slice.
     fn fits(&self, rows: usize, cols: usize) -> bool {
         rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()

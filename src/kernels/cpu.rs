@@ -1063,35 +1063,24 @@ pub fn linear_backward(
     let threads = rayon::current_num_threads();
     // SAFETY: the products below overwrite both (dW with zeros where m is 0).
     let (mut dx, mut dw) = unsafe { (unfilled(m * k), unfilled(n * k)) };
-    // dx (m x k) = g (m x n) W (n x k); dW (n x k) = g^T (n x m) x (m x k).
-    let gm = Mat {
-        data: g,
-        rs: n,
-        cs: 1,
-    };
-    let gt = Mat {
-        data: g,
-        rs: 1,
-        cs: n,
-    };
-    let wm = Mat {
-        data: w,
-        rs: k,
-        cs: 1,
-    };
-    let xm = Mat {
-        data: x,
-        rs: k,
-        cs: 1,
-    };
     // The two products side by side, each on half the threads (measured ~8 % faster on a
     // ViT-S training step than one after the other, each split across all threads; with one
     // thread, join runs them in turn).
-    let half = threads / 2;
-    let par = half.max(1);
+    let par = (threads / 2).max(1);
     rayon::join(
-        || matmul((m, k, n), &mut dx, k, false, gm, wm, par),
-        || matmul((n, k, m), &mut dw, k, false, gt, xm, par),
+        // dx (m x k) = g (m x n) W (n x k).
+        || {
+            matmul(
+                (m, k, n),
+                &mut dx,
+                k,
+                false,
+                Mat::rows(g, n),
+                Mat::rows(w, k),
+                par,
+            )
+        },
+        || weight_grad(x, g, (m, n, k), &mut dw, par),
     );
     (dx, dw, bias_grad(g, n))
 }
@@ -1105,29 +1094,30 @@ pub fn linear_param_grads(x: &[f32], g: &[f32], n: usize, k: usize) -> (Vec<f32>
     );
     let m = x.len() / k;
     assert_eq!(g.len(), m * n, "linear backward: output gradient size");
-    use super::conv::{Mat, matmul};
     // SAFETY: the product overwrites it (with zeros where m is 0).
     let mut dw = unsafe { unfilled(n * k) };
-    let gt = Mat {
-        data: g,
-        rs: 1,
-        cs: n,
-    };
-    let xm = Mat {
-        data: x,
-        rs: k,
-        cs: 1,
-    };
+    weight_grad(x, g, (m, n, k), &mut dw, rayon::current_num_threads());
+    (dw, bias_grad(g, n))
+}
+
+/// `dW (n x k) = g^T (n x m) x (m x k)` into `dw`, on `threads` threads.
+fn weight_grad(
+    x: &[f32],
+    g: &[f32],
+    (m, n, k): (usize, usize, usize),
+    dw: &mut [f32],
+    threads: usize,
+) {
+    use super::conv::{Mat, matmul};
     matmul(
         (n, k, m),
-        &mut dw,
+        dw,
         k,
         false,
-        gt,
-        xm,
-        rayon::current_num_threads(),
+        Mat::transposed(g, n),
+        Mat::rows(x, k),
+        threads,
     );
-    (dw, bias_grad(g, n))
 }
 
 /// The bias gradient: the column sums of `g` (rows of `n`), in a fixed order.
