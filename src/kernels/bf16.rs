@@ -133,6 +133,13 @@ impl Bf16Weight {
     /// f32 values.
     pub fn with_panels(wt: &[f32], k: usize, n: usize, panels: bool) -> Self {
         assert_eq!(wt.len(), k * n, "bf16 weight: shape");
+        #[cfg(target_arch = "x86_64")]
+        if panels && native() {
+            // SAFETY: AVX512-BF16 present; wt holds k rows of n values.
+            return unsafe {
+                Self::from_panels(k, n, |out| avx512::panels_from_rows(wt, k, n, out))
+            };
+        }
         Self::packed(k, n, panels, |r, c| wt[r * n + c])
     }
 
@@ -140,7 +147,31 @@ impl Bf16Weight {
     /// weights, packed again after every update), for this CPU.
     pub fn from_stored(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), k * n, "bf16 weight: shape");
+        #[cfg(target_arch = "x86_64")]
+        if native() {
+            // SAFETY: AVX512-BF16 present; w holds n rows of k values.
+            return unsafe {
+                Self::from_panels(k, n, |out| avx512::panels_from_stored(w, n, k, out))
+            };
+        }
         Self::packed(k, n, native(), |r, c| w[c * k + r])
+    }
+
+    /// Panels for `W^T` `[k, n]` written whole by `fill` (given the uninitialised words).
+    ///
+    /// # Safety
+    /// `fill` writes every word of the panels (see the `panels` field).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn from_panels(k: usize, n: usize, fill: impl FnOnce(&mut [u32])) -> Self {
+        // SAFETY: `fill` overwrites every word (the contract).
+        let mut panels = unsafe { super::unfilled(n.div_ceil(NP) * k.div_ceil(2) * NP) };
+        fill(&mut panels);
+        Bf16Weight {
+            k,
+            n,
+            panels,
+            rounded: Vec::new(),
+        }
     }
 
     /// `W^T` `[k, n]` given by `at(row, column)`, packed or rounded.
@@ -246,6 +277,28 @@ pub fn linear(
         }
     }
     Err("bf16 linear: packed weights need a CPU with AVX512-BF16".into())
+}
+
+/// A dense layer's weight gradient `dW = g^T x` (`[n, k]`) from its output gradient `g`
+/// (`[m, n]`) and input `x` (`[m, k]`), in bf16 products summed in f32 (as PyTorch's CPU
+/// autocast computes it) on AMX tiles; `None` on CPUs without AMX (the caller sums in f32).
+/// An error unless the shapes fit.
+pub fn weight_grad(x: &[f32], g: &[f32], n: usize, k: usize) -> Result<Option<Vec<f32>>, String> {
+    if k == 0 || n == 0 || !x.len().is_multiple_of(k) || g.len() != x.len() / k * n {
+        return Err(format!(
+            "bf16 weight gradient: {} inputs and {} output gradients do not fit widths {k} and {n}",
+            x.len(),
+            g.len()
+        ));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if amx() {
+        // SAFETY: AMX usable; the shapes were checked above.
+        return Ok(Some(unsafe {
+            amx_tiles::weight_grad(x, g, (x.len() / k, n, k))
+        }));
+    }
+    Ok(None)
 }
 
 /// `silu(y1) * y2` for `[y1 | y2] = x W^T + bias` (SwiGLU after its packed dense layer), the
@@ -466,6 +519,83 @@ mod avx512 {
         }
     }
 
+    /// Panels of `W^T` (see [`Bf16Weight`]) from `wt` `[k, n]` row-major: each row of a
+    /// panel a pair of rows of `wt`. Writes every word of `out`.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512-BF16; `wt` holds `k * n` values and `out`
+    /// `ceil(n / 32) * ceil(k / 2) * 32` words.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn panels_from_rows(wt: &[f32], k: usize, n: usize, out: &mut [u32]) {
+        let pairs = k.div_ceil(2);
+        assert!(wt.len() == k * n && out.len() == n.div_ceil(NP) * pairs * NP);
+        out.par_chunks_mut(pairs * NP)
+            .enumerate()
+            .for_each(|(j, panel)| {
+                let (c0, cols) = (j * NP, NP.min(n - j * NP));
+                for (p, row) in panel.chunks_exact_mut(NP).enumerate() {
+                    let r1 = (2 * p + 1 < k).then(|| wt[(2 * p + 1) * n + c0..].as_ptr());
+                    // SAFETY: AVX512-BF16 present; rows 2p (and 2p + 1) < k hold `cols` values
+                    // from column c0.
+                    unsafe { pack_pair_rows(wt[2 * p * n + c0..].as_ptr(), r1, cols, row) };
+                    row[cols..].fill(0);
+                }
+            });
+    }
+
+    /// Panels of `W^T` (see [`Bf16Weight`]) from `W` `[n, k]` row-major: sixteen rows of W
+    /// by sixteen pairs at a time, each row's pairs converted in one step and the sixteen
+    /// turned into panel rows by a 16 x 16 register transpose. Writes every word of `out`.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512-BF16; `w` holds `n * k` values and `out`
+    /// `ceil(n / 32) * ceil(k / 2) * 32` words.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn panels_from_stored(w: &[f32], n: usize, k: usize, out: &mut [u32]) {
+        let pairs = k.div_ceil(2);
+        assert!(w.len() == k * n && out.len() == n.div_ceil(NP) * pairs * NP);
+        out.par_chunks_mut(pairs * NP)
+            .enumerate()
+            .for_each(|(j, panel)| {
+                for half in 0..2 {
+                    let c0 = j * NP + 16 * half;
+                    for p0 in (0..pairs).step_by(16) {
+                        // Values 2 p0.. of each of the sixteen rows, masked at k.
+                        let live = k - 2 * p0;
+                        let mask = |from: usize| -> __mmask16 {
+                            let n = live.saturating_sub(from).min(16);
+                            ((1u32 << n) - 1) as u16
+                        };
+                        let mut v = [_mm512_setzero_ps(); 16];
+                        for (l, v) in v.iter_mut().enumerate() {
+                            let c = c0 + l;
+                            if c >= n {
+                                break;
+                            }
+                            // SAFETY: row c < n of w, values 2 p0.. masked at k; the transmute
+                            // reinterprets 512 bits.
+                            unsafe {
+                                let at = w.as_ptr().add(c * k + 2 * p0);
+                                let lo = _mm512_maskz_loadu_ps(mask(0), at);
+                                let hi = _mm512_maskz_loadu_ps(mask(16), at.add(16));
+                                *v = std::mem::transmute::<__m512bh, __m512>(_mm512_cvtne2ps_pbh(
+                                    hi, lo,
+                                ));
+                            }
+                        }
+                        let rows = crate::kernels::cpu::avx512::transpose16(&v);
+                        for (pp, row) in rows.iter().enumerate().take(pairs - p0) {
+                            // SAFETY: 16 words of panel row p0 + pp < pairs, columns 16 half..
+                            unsafe {
+                                let at = panel.as_mut_ptr().add((p0 + pp) * NP + 16 * half);
+                                _mm512_storeu_ps(at as *mut f32, *row)
+                            };
+                        }
+                    }
+                }
+            });
+    }
+
     /// One 8 x 32 tile: rows `a` (8 rows of `pairs` words at stride `pairs`) times one panel,
     /// plus `bias` and the residual rows, into the first `rows` rows and `cols` columns of
     /// `c` (row stride `n`).
@@ -599,17 +729,18 @@ mod amx_tiles {
     }
 
     /// One block of 32 rows of C: `c[r, j] = sum_p A[r, p] B[p, j] (+ bias[j] + residual[r, j])`
-    /// for `r < rows` (at most 32) and `j < n`, from A's 32 rows of `pairs` words (bf16 pairs,
-    /// rows past `rows` zero) at `a` and the 32-column panels of B (`pairs` rows of 32 words
-    /// each, zero past `n`) at `panels`. Each panel takes four accumulator tiles (tmm0..4) fed
-    /// by two A tiles (tmm4, tmm5: rows 0..16 and 16..32 of 32 steps) and two B tiles (tmm6,
-    /// tmm7: the panel's left and right 16 columns), stored through `ctile`.
+    /// (with `accumulate`, `c[r, j] += sum_p A[r, p] B[p, j]`) for `r < rows` (at most 32) and
+    /// `j < n`, from A's 32 rows of `pairs` words (bf16 pairs, rows past `rows` zero) at `a`
+    /// and the 32-column panels of B (`pairs` rows of 32 words each, zero past `n`) at
+    /// `panels`. Each panel takes four accumulator tiles (tmm0..4) fed by two A tiles (tmm4,
+    /// tmm5: rows 0..16 and 16..32 of 32 steps) and two B tiles (tmm6, tmm7: the panel's left
+    /// and right 16 columns), stored through `ctile`.
     ///
     /// # Safety
     /// The tiles configured on this thread ([`with_tiles`]); `pairs` a multiple of 16; `a`
     /// readable for 32 * pairs words, `panels` for `ceil(n / 32) * pairs * 32`; `c` (and the
     /// residual, at its own row stride) writable (readable) for `rows` rows of `n` values at
-    /// row stride `c_rs`; `bias` holds `n`.
+    /// row stride `c_rs`; `bias` holds `n`; with `accumulate`, neither bias nor residual.
     #[allow(clippy::too_many_arguments)]
     unsafe fn block(
         a: *const u32,
@@ -620,29 +751,41 @@ mod amx_tiles {
         (c, c_rs): (*mut f32, usize),
         bias: Option<*const f32>,
         residual: Option<(*const f32, usize)>,
+        accumulate: bool,
         ctile: &mut [f32; BM * NP],
     ) {
+        debug_assert!(!accumulate || (bias.is_none() && residual.is_none()));
         let a1 = a.wrapping_add(16 * pairs);
-        // SAFETY: every tile load reads 16 rows of 64 bytes inside A's 32 rows or inside a
-        // panel (pairs rows of 128 bytes), every store writes inside `ctile`, the epilogue
-        // inside the caller's rows and columns (the contract).
+        // SAFETY: every tile load reads 16 rows of 64 bytes inside A's 32 rows, inside a
+        // panel (pairs rows of 128 bytes) or inside C's block, every store writes inside
+        // `ctile` or C's block, the epilogue inside the caller's rows and columns (the
+        // contract).
         unsafe {
             for j in 0..n.div_ceil(NP) {
                 let panel = panels.add(j * pairs * NP);
                 let c0 = j * NP;
                 let whole_cols = c0 + NP <= n;
-                // The bias starts the accumulators where the panel is whole (a load with row
-                // stride 0 repeats it down the tile); elsewhere the epilogue adds it.
-                let preload = bias.filter(|_| whole_cols);
+                // Where the panel is whole, the accumulators start from C's sums (a whole
+                // block) or from the bias (a load with row stride 0 repeats it down the
+                // tile); elsewhere the epilogue adds them.
+                let preload = match (accumulate, bias) {
+                    (true, _) => {
+                        (whole_cols && rows == BM).then(|| (c.add(c0) as *const f32, c_rs))
+                    }
+                    (false, Some(b)) => whole_cols.then(|| (b.add(c0), 0)),
+                    (false, None) => None,
+                };
                 match preload {
-                    Some(b) => asm!(
-                        "tileloadd tmm0, [{b0} + {zero}*1]",
-                        "tileloadd tmm1, [{b1} + {zero}*1]",
-                        "tileloadd tmm2, [{b0} + {zero}*1]",
-                        "tileloadd tmm3, [{b1} + {zero}*1]",
-                        b0 = in(reg) b.add(c0),
-                        b1 = in(reg) b.add(c0 + 16),
-                        zero = in(reg) 0usize,
+                    Some((s, s_rs)) => asm!(
+                        "tileloadd tmm0, [{s0} + {ss}*1]",
+                        "tileloadd tmm1, [{s1} + {ss}*1]",
+                        "tileloadd tmm2, [{s2} + {ss}*1]",
+                        "tileloadd tmm3, [{s3} + {ss}*1]",
+                        s0 = in(reg) s,
+                        s1 = in(reg) s.add(16),
+                        s2 = in(reg) s.add(16 * s_rs),
+                        s3 = in(reg) s.add(16 * s_rs + 16),
+                        ss = in(reg) s_rs * 4,
                         options(nostack, readonly)
                     ),
                     None => asm!(
@@ -685,7 +828,11 @@ mod amx_tiles {
                     );
                 }
                 // A whole block with nothing left to add goes straight to C; any other
-                // through `ctile` and the epilogue.
+                // through `ctile` and the epilogue (C's own sums its residual).
+                let residual = match accumulate {
+                    true => preload.is_none().then_some((c.add(c0) as *const f32, c_rs)),
+                    false => residual.map(|(r, rs)| (r.add(c0), rs)),
+                };
                 let direct = rows == BM && whole_cols && residual.is_none();
                 let (t, ts) = if direct {
                     (c.add(c0), c_rs)
@@ -711,7 +858,7 @@ mod amx_tiles {
                         rows,
                         NP.min(n - c0),
                         bias.filter(|_| preload.is_none()).map(|b| b.add(c0)),
-                        residual.map(|(r, rs)| (r.add(c0), rs)),
+                        residual,
                     );
                 }
             }
@@ -737,7 +884,18 @@ mod amx_tiles {
             // SAFETY: the caller's contract, block by block.
             unsafe {
                 let (a, c) = (a.add(blk * BM * pairs), c.add(blk * BM * c_rs));
-                block(a, pairs, live, panels, n, (c, c_rs), None, None, ctile);
+                block(
+                    a,
+                    pairs,
+                    live,
+                    panels,
+                    n,
+                    (c, c_rs),
+                    None,
+                    None,
+                    false,
+                    ctile,
+                );
             }
         }
     }
@@ -809,6 +967,7 @@ mod amx_tiles {
                                     (dst, n),
                                     bias.map(|b| b.as_ptr()),
                                     residual.map(|r| (r.as_ptr().add(r0 * n), n)),
+                                    false,
                                     &mut ctile,
                                 );
                                 if swiglu {
@@ -830,6 +989,170 @@ mod amx_tiles {
         // SAFETY: the tasks together wrote every row and column of the m x width output.
         unsafe { y.set_len(m * width) };
         y
+    }
+
+    /// Tokens summed in one step of [`weight_grad`]: a 32-row block of A and a panel of B
+    /// for this many tokens (32 KiB each) stay in L1 while the block's panels go by.
+    const GRAD_DEPTH: usize = 512;
+
+    thread_local! {
+        /// [`weight_grad`]'s packed `x` (B), kept by the calling thread from one call to
+        /// the next (fresh pages each time cost as much as the packing).
+        static GRAD_PANELS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+
+    /// `dW = g^T x` (`[n, k]` row-major) for `g` `[m, n]` and `x` `[m, k]` (see
+    /// [`super::weight_grad`]): `x`'s pairs of rows packed as panels (B) once, then tasks
+    /// of 32 rows of dW, each summing [`GRAD_DEPTH`] tokens at a time: its 32 columns of
+    /// `g` for those tokens packed as rows of token pairs (A), then multiplied while they
+    /// are in cache.
+    ///
+    /// # Safety
+    /// AMX usable in this process ([`super::amx`]) with AVX512-BF16; `x` holds `m * k` values
+    /// and `g` `m * n`.
+    pub(super) unsafe fn weight_grad(
+        x: &[f32],
+        g: &[f32],
+        (m, n, k): (usize, usize, usize),
+    ) -> Vec<f32> {
+        assert!(
+            x.len() == m * k && g.len() == m * n,
+            "bf16 weight gradient: shapes"
+        );
+        // Tokens padded with zeros to whole tile steps, then cut into steps of GRAD_DEPTH
+        // (the last may be shorter); B is laid out step after step.
+        let tokens = m.div_ceil(K_STEP) * K_STEP;
+        let npanels = k.div_ceil(NP);
+        let mut b = GRAD_PANELS.take();
+        // Written whole below (padding included), whatever it held.
+        b.resize(tokens / 2 * npanels * NP, 0);
+        pack_row_pairs(x, (m, k), tokens, &mut b);
+        let mut dw: Vec<f32> = Vec::with_capacity(n * k);
+        let out = SendPtr(dw.as_mut_ptr());
+        let panels = &b;
+        (0..n.div_ceil(BM)).into_par_iter().for_each_init(
+            || (vec![0u32; BM * GRAD_DEPTH / 2], [0f32; BM * NP]),
+            |(a, ctile), blk| {
+                let o0 = blk * BM;
+                let live = BM.min(n - o0);
+                for (si, t0) in (0..tokens).step_by(GRAD_DEPTH).enumerate() {
+                    let pairs = GRAD_DEPTH.min(tokens - t0) / 2;
+                    // SAFETY (both): AVX512-BF16 and AMX usable; g's columns o0..o0 + live
+                    // into this step's 32 rows of A (32 x pairs words); those rows and the
+                    // step's panels (npanels x pairs x 32 words) into rows o0..o0 + live of
+                    // dW, this task's own, the first step writing them whole before the
+                    // others add to them.
+                    unsafe { pack_gradient_columns(g, (m, n), (o0, t0), &mut a[..BM * pairs]) };
+                    unsafe {
+                        with_tiles(|| {
+                            block(
+                                a.as_ptr(),
+                                pairs,
+                                live,
+                                panels.as_ptr().add(t0 / 2 * npanels * NP),
+                                k,
+                                (out.get().add(o0 * k), k),
+                                None,
+                                None,
+                                si > 0,
+                                ctile,
+                            )
+                        })
+                    };
+                }
+            },
+        );
+        GRAD_PANELS.set(b);
+        // SAFETY: the row blocks together wrote all n rows of k values.
+        unsafe { dw.set_len(n * k) };
+        dw
+    }
+
+    /// `x` (`[m, k]`) as B for [`weight_grad`]: step by step ([`GRAD_DEPTH`] tokens of the
+    /// padded `tokens`), panel by panel (32 columns), each row of a panel a pair of tokens
+    /// `bf16(x[2p, j]) | bf16(x[2p + 1, j]) << 16`; zero past `m` and `k`. Writes all of `b`.
+    fn pack_row_pairs(x: &[f32], (m, k): (usize, usize), tokens: usize, b: &mut [u32]) {
+        let npanels = k.div_ceil(NP);
+        b.par_chunks_mut(GRAD_DEPTH / 2 * npanels * NP)
+            .enumerate()
+            .for_each(|(si, step)| {
+                let pairs = GRAD_DEPTH.min(tokens - si * GRAD_DEPTH) / 2;
+                step.par_chunks_mut(pairs * NP)
+                    .enumerate()
+                    .for_each(|(j, panel)| {
+                        let cols = NP.min(k - j * NP);
+                        for (pp, row) in panel.chunks_exact_mut(NP).enumerate() {
+                            let t = si * GRAD_DEPTH + 2 * pp;
+                            row[cols..].fill(0);
+                            if t >= m {
+                                row.fill(0);
+                                continue;
+                            }
+                            let r1 = (t + 1 < m).then(|| x[(t + 1) * k + j * NP..].as_ptr());
+                            // SAFETY: AVX512-BF16 present; rows t (and t + 1) < m of x hold
+                            // `cols` values from column 32 j.
+                            unsafe {
+                                avx512::pack_pair_rows(
+                                    x[t * k + j * NP..].as_ptr(),
+                                    r1,
+                                    cols,
+                                    &mut row[..cols],
+                                )
+                            };
+                        }
+                    });
+            });
+    }
+
+    /// Columns `o0..o0 + 32` of `g` (`[m, n]`) for the tokens from `t0` as A for
+    /// [`weight_grad`]: 32 rows of `a.len() / 32` words, each a column's token pairs
+    /// `bf16(g[2p, o]) | bf16(g[2p + 1, o]) << 16`; zero past `m` and `n`. Sixteen tokens'
+    /// pairs by sixteen columns at a time, turned into rows by a 16 x 16 register transpose.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 present; `g` holds `m * n` values; `a.len()` a multiple of
+    /// 32 x 16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn pack_gradient_columns(
+        g: &[f32],
+        (m, n): (usize, usize),
+        (o0, t0): (usize, usize),
+        a: &mut [u32],
+    ) {
+        let width = a.len() / BM;
+        assert!(width.is_multiple_of(16), "bf16 weight gradient: A");
+        for half in 0..2 {
+            let o = o0 + 16 * half;
+            let cols = n.saturating_sub(o).min(16);
+            let mask: __mmask16 = ((1u32 << cols) - 1) as u16;
+            // Sixteen columns of token t, as bf16 in the low halves of sixteen words.
+            let word = |t: usize| {
+                if t >= m || cols == 0 {
+                    return _mm512_setzero_si512();
+                }
+                // SAFETY: row t < m of g; the masked columns o.. lie below n; the transmute
+                // reinterprets 256 bits.
+                unsafe {
+                    let v = _mm512_maskz_loadu_ps(mask, g.as_ptr().add(t * n + o));
+                    let v = _mm512_cvtneps_pbh(v);
+                    _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(v))
+                }
+            };
+            for p0 in (0..width).step_by(16) {
+                let mut w = [_mm512_setzero_ps(); 16];
+                for (pp, v) in w.iter_mut().enumerate() {
+                    let t = t0 + 2 * (p0 + pp);
+                    let pair = _mm512_or_si512(word(t), _mm512_slli_epi32::<16>(word(t + 1)));
+                    *v = _mm512_castsi512_ps(pair);
+                }
+                let rows = crate::kernels::cpu::avx512::transpose16(&w);
+                for (r, row) in rows.iter().enumerate() {
+                    let at = (16 * half + r) * width + p0;
+                    // SAFETY: 16 words of row 16 half + r (a holds 32 rows of width).
+                    unsafe { _mm512_storeu_ps(a.as_mut_ptr().add(at) as *mut f32, *row) };
+                }
+            }
+        }
     }
 
     /// Multi-head attention with RoPE (see [`crate::kernels::cpu::attention_forward`]) with
@@ -1367,5 +1690,81 @@ mod tests {
         let w = Bf16Weight::with_panels(&data(6, 1), 3, 2, false);
         assert!(linear(&data(5, 1), &w, None, None).is_err());
         assert!(linear(&data(6, 1), &w, Some(&[0.0]), None).is_err());
+    }
+
+    /// The AVX-512 packings of a weight (from `W^T` and from `W` as stored) give the scalar
+    /// packing's panels word for word, on shapes with odd k, k not a multiple of 32, and n
+    /// not a multiple of 16 or 32. Skipped, with a message, without AVX512-BF16.
+    #[test]
+    fn weights_are_packed_as_the_scalar_packing() {
+        if !native() {
+            eprintln!("weights_are_packed_as_the_scalar_packing: no AVX512-BF16 here, skipped");
+            return;
+        }
+        let shapes = [(1, 1), (3, 5), (33, 17), (64, 48), (100, 70), (384, 1152)];
+        let mut words = 0;
+        for &(k, n) in &shapes {
+            let wt = data(k * n, 9);
+            let w: Vec<f32> = (0..n * k).map(|i| wt[(i % k) * n + i / k]).collect();
+            let scalar = Bf16Weight::packed(k, n, true, |r, c| wt[r * n + c]);
+            let len = n.div_ceil(NP) * k.div_ceil(2) * NP;
+            assert_eq!(scalar.panels.len(), len, "{k}x{n}");
+            let rows = Bf16Weight::with_panels(&wt, k, n, true);
+            let stored = Bf16Weight::from_stored(&w, n, k);
+            assert_eq!(rows.panels.len(), len, "{k}x{n}");
+            assert_eq!(stored.panels.len(), len, "{k}x{n}");
+            for (i, want) in scalar.panels.iter().enumerate() {
+                assert_eq!(rows.panels[i], *want, "{k}x{n} from W^T, word {i}");
+                assert_eq!(stored.panels[i], *want, "{k}x{n} from W, word {i}");
+            }
+            words += len;
+        }
+        assert_eq!(
+            words,
+            32 + 2 * 32 + 17 * 32 + 2 * 32 * 32 + 3 * 50 * 32 + 36 * 192 * 32
+        );
+    }
+
+    /// The weight gradient against its definition in f64 from the bf16-rounded operands, on
+    /// shapes with every kind of edge (tokens not a whole tile step, several summation steps
+    /// and a short last one, n not a multiple of 32 or 16, k not a multiple of 32 or 16):
+    /// within f32 summation error. Skipped, with a message, without AMX; bad shapes are an
+    /// error everywhere.
+    #[test]
+    fn weight_gradient_matches_the_definition() {
+        assert!(weight_grad(&data(6, 1), &data(4, 2), 4, 3).is_err());
+        assert!(weight_grad(&data(6, 1), &data(6, 2), 3, 4).is_err());
+        if !amx() {
+            eprintln!("weight_gradient_matches_the_definition: no AMX here, skipped");
+            return;
+        }
+        let shapes = [
+            (1, 1, 1),
+            (33, 40, 48),
+            (77, 16, 20),
+            (1100, 70, 96),
+            (1576, 64, 32),
+        ];
+        let mut values = 0;
+        for &(m, n, k) in &shapes {
+            let (x, g) = (data(m * k, 7), data(m * n, 8));
+            let got = weight_grad(&x, &g, n, k).unwrap().expect("AMX present");
+            assert_eq!(got.len(), n * k, "{m}x{n}x{k}");
+            let tol = 1e-5 * (m as f32).sqrt();
+            for o in 0..n {
+                for i in 0..k {
+                    let want: f64 = (0..m)
+                        .map(|t| round_bf16(g[t * n + o]) as f64 * round_bf16(x[t * k + i]) as f64)
+                        .sum();
+                    let have = got[o * k + i];
+                    assert!(
+                        (have as f64 - want).abs() <= tol as f64,
+                        "{m}x{n}x{k} [{o}, {i}]: {have} vs {want}"
+                    );
+                    values += 1;
+                }
+            }
+        }
+        assert_eq!(values, 1 + 40 * 48 + 16 * 20 + 70 * 96 + 64 * 32);
     }
 }

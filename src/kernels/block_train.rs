@@ -108,9 +108,9 @@ pub struct BlockShape<'a> {
     pub mlp: Mlp,
     /// LayerNorm epsilon.
     pub eps: f32,
-    /// The dense layers' forward products and input gradients in bf16 (inputs and weights
-    /// rounded, sums in f32, as PyTorch's CPU autocast; [`super::bf16`]); their weight
-    /// gradients, and everything else, in f32.
+    /// The dense layers' products in bf16 (operands rounded, sums in f32, as PyTorch's CPU
+    /// autocast; [`super::bf16`]): forward, input gradients and, with AMX, weight gradients;
+    /// everything else in f32.
     pub bf16: bool,
 }
 
@@ -145,8 +145,9 @@ fn dense(
 /// A dense layer's gradients `(dx, dW, db)`.
 type DenseGrads = (Vec<f32>, Vec<f32>, Vec<f32>);
 
-/// The gradients `(dx, dW, db)` of [`dense`] given the output gradient `g`: `dx = g W` in
-/// bf16 products where the forward's were, the parameter gradients in f32.
+/// The gradients `(dx, dW, db)` of [`dense`] given the output gradient `g`: `dx = g W` and
+/// `dW = g^T x` in bf16 products where the forward's were (`dW` in f32 on CPUs without AMX),
+/// `db` in f32.
 fn dense_backward(
     x: &[f32],
     w: &[f32],
@@ -159,7 +160,10 @@ fn dense_backward(
     }
     // W [n, k] row-major is the W^T of the layer taking g's n values to dx's k.
     let dx = super::bf16::linear(g, &super::bf16::Bf16Weight::new(w, n, k), None, None)?;
-    let (dw, db) = cpu::linear_param_grads(x, g, n, k);
+    let (dw, db) = match super::bf16::weight_grad(x, g, n, k)? {
+        Some(dw) => (dw, cpu::bias_grad(g, n)),
+        None => cpu::linear_param_grads(x, g, n, k),
+    };
     Ok((dx, dw, db))
 }
 

@@ -316,8 +316,40 @@ pub mod simd {
 
 /// Hand-written AVX-512 forms of the loops the compiler does not vectorise well.
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(super) mod avx512 {
     use std::arch::x86_64::*;
+
+    /// The 16 x 16 transpose of sixteen rows of sixteen 32-bit lanes: `out[j]` holds lane `j`
+    /// of every row, row `i` in lane `i`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
+        // Pairs of rows interleaved, then fours: each 128-bit lane L of u[4g + c] holds value
+        // 4L + c of rows 4g..4g + 4.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            let (a, b, c, e) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
+            let (lo01, hi01) = (_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+            let (lo23, hi23) = (_mm512_unpacklo_ps(c, e), _mm512_unpackhi_ps(c, e));
+            u[4 * g] = _mm512_shuffle_ps::<0x44>(lo01, lo23);
+            u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(lo01, lo23);
+            u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(hi01, hi23);
+            u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(hi01, hi23);
+        }
+        // Then the 4 x 4 blocks of lanes: value 4L + c of all sixteen rows.
+        let mut out = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            let v02 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let v13 = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
+            let w02 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let w13 = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+            out[c] = _mm512_shuffle_f32x4::<0x88>(v02, w02);
+            out[4 + c] = _mm512_shuffle_f32x4::<0x88>(v13, w13);
+            out[8 + c] = _mm512_shuffle_f32x4::<0xDD>(v02, w02);
+            out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(v13, w13);
+        }
+        out
+    }
 
     /// [`super::exp_f32`] on sixteen lanes, the same operations in the same order (so the same
     /// values).
@@ -1121,7 +1153,7 @@ fn weight_grad(
 }
 
 /// The bias gradient: the column sums of `g` (rows of `n`), in a fixed order.
-fn bias_grad(g: &[f32], n: usize) -> Vec<f32> {
+pub(super) fn bias_grad(g: &[f32], n: usize) -> Vec<f32> {
     let partials: Vec<Vec<f32>> = g
         .par_chunks(ROWS_PER_TASK * n)
         .map(|c| {

@@ -28,10 +28,10 @@ pub mod sgemm;
 /// Every value must be written before it is read (by the caller or whoever it hands the
 /// vector to).
 #[allow(clippy::uninit_vec)]
-pub(crate) unsafe fn unfilled(n: usize) -> Vec<f32> {
+pub(crate) unsafe fn unfilled<T: Copy>(n: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
-    // SAFETY: the capacity is `n`; f32 needs no drop, and the caller writes every value
-    // before any is read.
+    // SAFETY: the capacity is `n`; plain values need no drop, and the caller writes every
+    // value before any is read.
     unsafe { v.set_len(n) };
     v
 }

@@ -554,35 +554,9 @@ unsafe fn pack_keys_avx512((k, k_rs): (&[f32], usize), (t, d): (usize, usize), k
                 // SAFETY: key key0 + i < t, values d0..d0 + 16 <= d (asserted above).
                 *v = unsafe { _mm512_loadu_ps(k.as_ptr().add((key0 + i) * k_rs + d0)) };
             }
-            // Pairs of rows interleaved, then fours: each 128-bit lane L of u[4g + c] holds
-            // value 4L + c of keys 4g..4g + 4.
-            let mut u = [_mm512_setzero_ps(); 16];
-            for g in 0..4 {
-                let (a, b, c, e) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
-                let (lo01, hi01) = (_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-                let (lo23, hi23) = (_mm512_unpacklo_ps(c, e), _mm512_unpackhi_ps(c, e));
-                u[4 * g] = _mm512_shuffle_ps::<0x44>(lo01, lo23);
-                u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(lo01, lo23);
-                u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(hi01, hi23);
-                u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(hi01, hi23);
-            }
-            // Then the 4 x 4 blocks of lanes: value 4L + c of all sixteen keys.
-            for c in 0..4 {
-                let v02 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
-                let v13 = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
-                let w02 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
-                let w13 = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
-                let out = [
-                    _mm512_shuffle_f32x4::<0x88>(v02, w02),
-                    _mm512_shuffle_f32x4::<0x88>(v13, w13),
-                    _mm512_shuffle_f32x4::<0xDD>(v02, w02),
-                    _mm512_shuffle_f32x4::<0xDD>(v13, w13),
-                ];
-                for (lane, o) in out.into_iter().enumerate() {
-                    let dd = d0 + 4 * lane + c;
-                    // SAFETY: row dd < d of the block's panel, lanes key0 % 64.. + 16 <= 64.
-                    unsafe { _mm512_storeu_ps(kp.as_mut_ptr().add(at + dd * MR), o) };
-                }
+            for (dd, col) in super::cpu::avx512::transpose16(&r).into_iter().enumerate() {
+                // SAFETY: row d0 + dd < d of the block's panel, lanes key0 % 64.. + 16 <= 64.
+                unsafe { _mm512_storeu_ps(kp.as_mut_ptr().add(at + (d0 + dd) * MR), col) };
             }
         }
     }
