@@ -430,11 +430,58 @@ pub fn conv_forward(
 /// in f32) on AMX tiles; `None` where this CPU has no AMX or a head is not a multiple of 32
 /// wide (the caller computes in f32 then). An error unless the shapes fit.
 pub fn attention(qkv: &[f32], shape: &AttentionShape) -> Result<Option<Vec<f32>>, String> {
+    Ok(attention_keeping(qkv, shape, false)?.map(|(out, _)| out))
+}
+
+/// Whether [`attention`] and its backward run on this CPU for heads of width `d`.
+fn amx_attention(d: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx() && d.is_multiple_of(amx_tiles::K_STEP)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = d;
+        false
+    }
+}
+
+/// Attention's output and the probabilities it kept (empty when not asked to).
+pub type AttentionKept = (Vec<f32>, Vec<f32>);
+
+/// [`attention`] for training: also the f32 probabilities `[b, heads, t, t]` when `keep`
+/// (else an empty vector), as [`crate::kernels::cpu::attention_forward_keeping`].
+pub fn attention_keeping(
+    qkv: &[f32],
+    shape: &AttentionShape,
+    keep: bool,
+) -> Result<Option<AttentionKept>, String> {
     shape.check(qkv.len())?;
     #[cfg(target_arch = "x86_64")]
-    if amx() && (shape.c / shape.heads).is_multiple_of(amx_tiles::K_STEP) {
+    if amx_attention(shape.c / shape.heads) {
         // SAFETY: AMX usable; the head width is a multiple of 32; the shape was checked.
-        return Ok(Some(unsafe { amx_tiles::attention(qkv, shape) }));
+        return Ok(Some(unsafe { amx_tiles::attention(qkv, shape, keep) }));
+    }
+    Ok(None)
+}
+
+/// The gradient of [`attention_keeping`] with respect to `qkv`, given the output gradient
+/// `dy` `[b, t, c]`, its four products in bf16 (summed in f32) on AMX tiles; the
+/// probabilities those kept, or made again; `None` where [`attention`] is (the caller computes
+/// in f32). An error unless the shapes fit.
+pub fn attention_backward(
+    qkv: &[f32],
+    dy: &[f32],
+    shape: &AttentionShape,
+    probs: Option<&[f32]>,
+) -> Result<Option<Vec<f32>>, String> {
+    shape.check_backward(qkv.len(), dy.len(), probs.map(<[f32]>::len))?;
+    #[cfg(target_arch = "x86_64")]
+    if amx_attention(shape.c / shape.heads) {
+        // SAFETY: AMX usable; the head width is a multiple of 32; the shapes were checked.
+        return Ok(Some(unsafe {
+            amx_tiles::attention_backward(qkv, dy, shape, probs)
+        }));
     }
     Ok(None)
 }
@@ -1158,117 +1205,314 @@ mod amx_tiles {
     /// Multi-head attention with RoPE (see [`crate::kernels::cpu::attention_forward`]) with
     /// both products in bf16 on AMX tiles, summed in f32: the roped, scaled q against the roped
     /// k, then the f32 softmax's probabilities against v, each operand rounded to bf16 (as
-    /// PyTorch's autocast computes them); tokens padded with zeros to a multiple of 32.
+    /// PyTorch's autocast computes them); tokens padded with zeros to a multiple of 32. With
+    /// `keep`, also the f32 probabilities `[b, heads, t, t]` (else an empty vector).
     ///
     /// # Safety
     /// AMX usable in this process ([`super::amx`]) with AVX512-BF16; the head width `c /
     /// heads` a multiple of 32; the shape checked against `qkv`
     /// ([`crate::kernels::cpu::AttentionShape::check`]).
-    pub(super) unsafe fn attention(qkv: &[f32], shape: &AttentionShape) -> Vec<f32> {
+    pub(super) unsafe fn attention(
+        qkv: &[f32],
+        shape: &AttentionShape,
+        keep: bool,
+    ) -> AttentionKept {
         let AttentionShape {
             b, t, c, heads: h, ..
         } = *shape;
         let d = c / h;
-        // Tokens padded to whole blocks; pairs across the head width and across the tokens.
-        let tp = t.div_ceil(BM) * BM;
-        let (dpairs, tpairs) = (d / 2, tp / 2);
-        let mut out: Vec<f32> = Vec::with_capacity(b * t * c);
-        let dst = SendPtr(out.as_mut_ptr());
+        // SAFETY: the (image, head) tasks together write all of both below.
+        let (mut out, mut probs): (Vec<f32>, Vec<f32>) = unsafe {
+            (
+                crate::kernels::unfilled(b * t * c),
+                crate::kernels::unfilled(if keep { b * h * t * t } else { 0 }),
+            )
+        };
+        let (dst, kept) = (SendPtr(out.as_mut_ptr()), SendPtr(probs.as_mut_ptr()));
         (0..b * h).into_par_iter().for_each_init(
-            || AttentionBuffers {
-                q: vec![0f32; t * d],
-                k: vec![0f32; t * d],
-                scores: vec![0f32; t * t],
-                q_rows: vec![0u32; tp * dpairs],
-                k_row: vec![0u32; dpairs],
-                k_panels: vec![0u32; tp * dpairs],
-                p_rows: vec![0u32; tp * tpairs],
-                v_panels: vec![0u32; d * tpairs],
-                ctile: [0f32; BM * NP],
-            },
+            || HeadBuffers::new(t, d),
             |buf, bh| {
                 let (bi, hi) = (bh / h, bh % h);
                 shape.prepare(qkv, bi, hi, &mut buf.q, &mut buf.k);
-                // Rows past t of every packed operand stay zero from the start.
-                // SAFETY (all packing): AVX512-BF16 present; each row is `d` or `t` values.
-                for (ti, row) in buf.q.chunks_exact(d).enumerate() {
-                    unsafe { avx512::pack_row(row, &mut buf.q_rows[ti * dpairs..][..dpairs]) };
-                }
-                for (ti, row) in buf.k.chunks_exact(d).enumerate() {
-                    unsafe { avx512::pack_row(row, &mut buf.k_row) };
-                    let (panel, l) = (ti / NP, ti % NP);
-                    let at = panel * dpairs * NP + l;
-                    for (p, &word) in buf.k_row.iter().enumerate() {
-                        buf.k_panels[at + p * NP] = word;
-                    }
+                // SAFETY: AMX usable; the buffers are this task's and sized for (t, d).
+                unsafe { buf.probabilities(t, d) };
+                if keep {
+                    // SAFETY: this task's own t * t probabilities of b * heads * t * t.
+                    let own = unsafe {
+                        std::slice::from_raw_parts_mut(kept.get().add(bh * t * t), t * t)
+                    };
+                    own.copy_from_slice(&buf.p);
                 }
                 let v = shape.v_start(qkv, bi, hi);
-                for p in 0..t.div_ceil(2) {
-                    let rows = (2 * p, 2 * p + 1);
-                    // SAFETY: v holds t rows of d values at stride 3c (the shape's check).
-                    let (r0, r1) = unsafe {
-                        (
-                            v.add(rows.0 * 3 * c),
-                            (rows.1 < t).then(|| v.add(rows.1 * 3 * c)),
-                        )
-                    };
-                    for panel in 0..d / NP {
-                        let at = panel * tpairs * NP + p * NP;
-                        // SAFETY: 32 values of each row from column 32 * panel < d.
-                        unsafe {
-                            avx512::pack_pair_rows(
-                                r0.add(panel * NP),
-                                r1.map(|r| r.add(panel * NP)),
-                                NP,
-                                &mut buf.v_panels[at..at + NP],
-                            )
-                        };
-                    }
-                }
-                let o = dst;
-                // SAFETY: AMX usable; the blocks read the packed operands (tp rows each, zero
-                // past t) and write the scores (t x t) and then this (image, head)'s own d
+                // SAFETY: AVX512-BF16 and AMX usable; v holds t rows of d values at stride
+                // 3c (the shape's check); the product writes this (image, head)'s own d
                 // columns of its image's t rows of `out` (b * t * c values).
                 unsafe {
+                    let (tpairs, panels) = buf.operands(t, d);
+                    pack_rows(
+                        (buf.p.as_ptr(), t),
+                        t,
+                        t,
+                        &mut buf.rows[..t.div_ceil(BM) * BM * tpairs],
+                    );
+                    pack_row_pair_panels((v, 3 * c), t, d, &mut buf.panels[..panels]);
+                    let own = (dst.get().add(bi * t * c + hi * d), c);
                     with_tiles(|| {
-                        let scores = (buf.scores.as_mut_ptr(), t);
-                        let q = buf.q_rows.as_ptr();
                         product(
-                            q,
-                            dpairs,
+                            buf.rows.as_ptr(),
+                            tpairs,
                             t,
-                            buf.k_panels.as_ptr(),
-                            t,
-                            scores,
+                            buf.panels.as_ptr(),
+                            d,
+                            own,
                             &mut buf.ctile,
-                        );
-                        crate::kernels::cpu::simd::softmax_rows(&mut buf.scores, t, t);
-                        for (ti, row) in buf.scores.chunks_exact(t).enumerate() {
-                            avx512::pack_row(row, &mut buf.p_rows[ti * tpairs..][..tpairs]);
-                        }
-                        let own = (o.get().add(bi * t * c + hi * d), c);
-                        let p = buf.p_rows.as_ptr();
-                        product(p, tpairs, t, buf.v_panels.as_ptr(), d, own, &mut buf.ctile);
+                        )
                     });
                 }
             },
         );
-        // SAFETY: the (image, head) tasks together wrote all b * t * c values.
-        unsafe { out.set_len(b * t * c) };
-        out
+        (out, probs)
     }
 
-    /// One attention task's working memory.
-    struct AttentionBuffers {
+    /// The gradient of [`attention`] with respect to `qkv` (see
+    /// [`crate::kernels::cpu::attention_backward`]), its four products in bf16 on AMX tiles
+    /// summed in f32 (`dV = P^T dO`, `dP = dO V^T`, `dQ = dS K`, `dK = dS^T Q`), the softmax's
+    /// backward in f32; the probabilities those kept by [`attention`], or made again as it
+    /// makes them.
+    ///
+    /// # Safety
+    /// As [`attention`]; `dy` `[b, t, c]` and the kept probabilities `[b, heads, t, t]`
+    /// (checked by [`crate::kernels::cpu::AttentionShape::check_backward`]).
+    pub(super) unsafe fn attention_backward(
+        qkv: &[f32],
+        dy: &[f32],
+        shape: &AttentionShape,
+        probs: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let AttentionShape {
+            b, t, c, heads: h, ..
+        } = *shape;
+        let d = c / h;
+        // SAFETY: every (image, head) task writes its q, k and v columns of every token.
+        let mut dqkv: Vec<f32> = unsafe { crate::kernels::unfilled(b * t * 3 * c) };
+        let dst = SendPtr(dqkv.as_mut_ptr());
+        (0..b * h).into_par_iter().for_each_init(
+            || {
+                (
+                    HeadBuffers::new(t, d),
+                    vec![0f32; t * t],
+                    [vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]],
+                )
+            },
+            |(buf, ds, [dq, dk, dv]), bh| {
+                let (bi, hi) = (bh / h, bh % h);
+                shape.prepare(qkv, bi, hi, &mut buf.q, &mut buf.k);
+                match probs {
+                    Some(kept) => buf.p.copy_from_slice(&kept[bh * t * t..(bh + 1) * t * t]),
+                    // SAFETY: AMX usable; the buffers are this task's and sized for (t, d).
+                    None => unsafe { buf.probabilities(t, d) },
+                }
+                let v = shape.v_start(qkv, bi, hi);
+                let dout = dy[bi * t * c + hi * d..].as_ptr();
+                let (tpairs, panels) = buf.operands(t, d);
+                let (rows_t, rows_d) = (t.div_ceil(BM) * BM * tpairs, t.div_ceil(BM) * BM * d / 2);
+                // SAFETY: AVX512-BF16 and AMX usable; dout and v hold t rows of d values at
+                // strides c and 3c (the shape's check); every operand is packed whole into
+                // this task's buffers before a product reads it, and every product writes
+                // this task's own t x d or t x t buffer.
+                unsafe {
+                    let HeadBuffers {
+                        q,
+                        k,
+                        p,
+                        rows,
+                        panels: b_buf,
+                        ctile,
+                    } = buf;
+                    let (a, b) = (rows.as_mut_ptr(), b_buf.as_mut_ptr());
+                    // Each operand packed whole, then read by its product, one at a time.
+                    let a_rows = |len: usize| std::slice::from_raw_parts_mut(a, len);
+                    let b_panels = || std::slice::from_raw_parts_mut(b, panels);
+                    with_tiles(|| {
+                        // dV = P^T dO.
+                        pack_columns(p, t, a_rows(rows_t));
+                        pack_row_pair_panels((dout, c), t, d, b_panels());
+                        product(a, tpairs, t, b, d, (dv.as_mut_ptr(), d), ctile);
+                        // dP = dO V^T, then dS in place.
+                        pack_rows((dout, c), t, d, a_rows(rows_d));
+                        pack_column_panels((v, 3 * c), t, d, b_panels());
+                        product(a, d / 2, t, b, t, (ds.as_mut_ptr(), t), ctile);
+                        crate::kernels::cpu::softmax_backward_rows(ds, p, t);
+                        // dQ = dS K (q's scale and RoPE are undone by `write_gradients`).
+                        pack_rows((ds.as_ptr(), t), t, t, a_rows(rows_t));
+                        pack_row_pair_panels((k.as_ptr(), d), t, d, b_panels());
+                        product(a, tpairs, t, b, d, (dq.as_mut_ptr(), d), ctile);
+                        // dK = dS^T Q.
+                        pack_columns(ds, t, a_rows(rows_t));
+                        pack_row_pair_panels((q.as_ptr(), d), t, d, b_panels());
+                        product(a, tpairs, t, b, d, (dk.as_mut_ptr(), d), ctile);
+                    });
+                    shape.write_gradients(dst.get(), (bi, hi), (dq, dk, dv));
+                }
+            },
+        );
+        dqkv
+    }
+
+    /// One (image, head) task's working memory for [`attention`] and
+    /// [`attention_backward`]: q and k prepared, the probabilities, and room for any of the
+    /// packed operands (tokens padded to whole blocks of 32).
+    struct HeadBuffers {
         q: Vec<f32>,
         k: Vec<f32>,
-        scores: Vec<f32>,
-        q_rows: Vec<u32>,
-        k_row: Vec<u32>,
-        k_panels: Vec<u32>,
-        p_rows: Vec<u32>,
-        v_panels: Vec<u32>,
+        p: Vec<f32>,
+        rows: Vec<u32>,
+        panels: Vec<u32>,
         ctile: [f32; BM * NP],
+    }
+
+    impl HeadBuffers {
+        fn new(t: usize, d: usize) -> Self {
+            let tp = t.div_ceil(BM) * BM;
+            HeadBuffers {
+                q: vec![0f32; t * d],
+                k: vec![0f32; t * d],
+                p: vec![0f32; t * t],
+                rows: vec![0u32; tp * tp.max(d) / 2],
+                panels: vec![0u32; tp * d.div_ceil(NP) * NP / 2],
+                ctile: [0f32; BM * NP],
+            }
+        }
+
+        /// The depth in pairs of a product over the tokens, and the words of one set of
+        /// panels (tokens by d, or d by tokens: the same count).
+        fn operands(&self, t: usize, d: usize) -> (usize, usize) {
+            let tp = t.div_ceil(BM) * BM;
+            (tp / 2, tp * d / 2)
+        }
+
+        /// The probabilities `softmax(q k^T)` into `p` from the prepared q and k, the scores
+        /// a bf16 product (see [`attention`]).
+        ///
+        /// # Safety
+        /// AMX usable with AVX512-BF16; `d` a multiple of 32; the buffers from [`Self::new`]
+        /// for (t, d).
+        unsafe fn probabilities(&mut self, t: usize, d: usize) {
+            let (_, panels) = self.operands(t, d);
+            let rows_d = t.div_ceil(BM) * BM * d / 2;
+            // SAFETY: the contract; q and k hold t rows of d values, the buffers their
+            // packings, p the t x t scores.
+            unsafe {
+                pack_rows((self.q.as_ptr(), d), t, d, &mut self.rows[..rows_d]);
+                pack_column_panels((self.k.as_ptr(), d), t, d, &mut self.panels[..panels]);
+                let (a, b, c) = (
+                    self.rows.as_ptr(),
+                    self.panels.as_ptr(),
+                    self.p.as_mut_ptr(),
+                );
+                let ctile = &mut self.ctile;
+                with_tiles(|| product(a, d / 2, t, b, t, (c, t), ctile));
+            }
+            crate::kernels::cpu::simd::softmax_rows(&mut self.p, t, t);
+        }
+    }
+
+    /// `rows` rows of `len` values (at `src`, row stride `rs`) as A rows of bf16 pairs, each
+    /// `ceil(len / 2)` words padded with zeros to whole tile steps; the rows past `rows` (to
+    /// the end of `out`) zero. Writes all of `out`.
+    ///
+    /// # Safety
+    /// AVX512-BF16 present; `src` readable for `rows` rows of `len` values at stride `rs`.
+    unsafe fn pack_rows((src, rs): (*const f32, usize), rows: usize, len: usize, out: &mut [u32]) {
+        let pairs = len.div_ceil(2).div_ceil(K_STEP / 2) * (K_STEP / 2);
+        for (r, dst) in out.chunks_exact_mut(pairs).enumerate() {
+            if r < rows {
+                // SAFETY: row r < rows of the source (the contract).
+                unsafe { avx512::pack_row(std::slice::from_raw_parts(src.add(r * rs), len), dst) };
+            } else {
+                dst.fill(0);
+            }
+        }
+    }
+
+    /// `rows` rows of `cols` values (at `src`, row stride `rs`) as B panels whose steps are
+    /// the rows: 32 columns a panel, each panel row the pair of source rows `(2p, 2p + 1)`;
+    /// `out.len() / (32 * ceil(cols / 32))` pairs, zero past `rows`. Writes all of `out`.
+    ///
+    /// # Safety
+    /// AVX512-BF16 present; `src` readable for `rows` rows of `cols` values at stride `rs`.
+    unsafe fn pack_row_pair_panels(
+        (src, rs): (*const f32, usize),
+        rows: usize,
+        cols: usize,
+        out: &mut [u32],
+    ) {
+        let npanels = cols.div_ceil(NP);
+        let pairs = out.len() / (npanels * NP);
+        for (j, panel) in out.chunks_exact_mut(pairs * NP).enumerate() {
+            let (c0, live) = (j * NP, NP.min(cols - j * NP));
+            for (p, row) in panel.chunks_exact_mut(NP).enumerate() {
+                row[live..].fill(0);
+                if 2 * p >= rows {
+                    row.fill(0);
+                    continue;
+                }
+                // SAFETY: rows 2p (and 2p + 1) < rows of the source, `live` values from c0.
+                unsafe {
+                    let r1 = (2 * p + 1 < rows).then(|| src.add((2 * p + 1) * rs + c0));
+                    avx512::pack_pair_rows(src.add(2 * p * rs + c0), r1, live, &mut row[..live]);
+                }
+            }
+        }
+    }
+
+    /// `rows` rows of `len` values (at `src`, row stride `rs`) as B panels whose columns are
+    /// the rows (as k for `q k^T`): 32 source rows a panel, each panel row a pair of values
+    /// along the source rows; `out.len() / (len / 2 * 32)` panels, zero past `rows`. Writes
+    /// all of `out`.
+    ///
+    /// # Safety
+    /// AVX512-BF16 present; `len` even; `src` readable for `rows` rows of `len` values at
+    /// stride `rs`.
+    unsafe fn pack_column_panels(
+        (src, rs): (*const f32, usize),
+        rows: usize,
+        len: usize,
+        out: &mut [u32],
+    ) {
+        let pairs = len / 2;
+        let mut words = [0u32; 512];
+        for (j, panel) in out.chunks_exact_mut(pairs * NP).enumerate() {
+            for l in 0..NP {
+                let r = j * NP + l;
+                let word = &mut words[..pairs];
+                if r < rows {
+                    // SAFETY: row r < rows of the source (the contract).
+                    unsafe {
+                        avx512::pack_row(std::slice::from_raw_parts(src.add(r * rs), len), word)
+                    };
+                } else {
+                    word.fill(0);
+                }
+                for (p, &w) in word.iter().enumerate() {
+                    panel[p * NP + l] = w;
+                }
+            }
+        }
+    }
+
+    /// The columns of `src` (`t` x `t`) as A rows of pairs along its rows (the A of `P^T dO`
+    /// and `dS^T Q`): blocks of 32 columns by [`pack_gradient_columns`], zero past `t`.
+    /// Writes all of `out` (whole blocks of 32 rows).
+    ///
+    /// # Safety
+    /// AVX512-BF16 present; `src` holds `t * t` values.
+    unsafe fn pack_columns(src: &[f32], t: usize, out: &mut [u32]) {
+        let width = out.len() / (t.div_ceil(BM) * BM);
+        for (blk, a) in out.chunks_exact_mut(BM * width).enumerate() {
+            // SAFETY: the contract.
+            unsafe { pack_gradient_columns(src, (t, t), (blk * BM, 0), a) };
+        }
     }
 
     /// Writes the first `rows` x `cols` of a 32 x 32 block, plus `bias` and the residual rows
@@ -1461,6 +1705,66 @@ mod tests {
         eprintln!("attention_matches_the_definition: largest difference {worst:.2e}");
         let bad = AttentionShape { t: 44, ..shape };
         assert!(attention(&qkv, &bad).is_err());
+    }
+
+    /// Training attention in bf16 products against the f32 kernels on 2 images of 45 tokens
+    /// (not a whole tile), 2 heads of 64 and RoPE: the kept probabilities within 1e-2 of
+    /// f32's (bf16 scores), the output and the gradient with respect to qkv within 2e-2 of
+    /// their largest values (bf16 operands: 2^-9 relative each); the backward from kept
+    /// probabilities and from probabilities made again bit for bit the same. Skipped, with a
+    /// message, without AMX.
+    #[test]
+    fn training_attention_agrees_with_f32() {
+        let (b, t, heads, d) = (2, 45, 2, 64);
+        let c = heads * d;
+        let (qkv, dy) = (data(b * t * 3 * c, 11), data(b * t * c, 12));
+        let angles: Vec<f32> = (0..(t - 1) * d).map(|i| i as f32 * 0.37).collect();
+        let (cos, sin): (Vec<f32>, Vec<f32>) = angles.iter().map(|a| (a.cos(), a.sin())).unzip();
+        let shape = AttentionShape {
+            b,
+            t,
+            c,
+            heads,
+            cos: &cos,
+            sin: &sin,
+            roped: false,
+        };
+        let Some((out, probs)) = attention_keeping(&qkv, &shape, true).unwrap() else {
+            eprintln!("training_attention_agrees_with_f32: no AMX here, skipped");
+            return;
+        };
+        let (out32, probs32) =
+            crate::kernels::cpu::attention_forward_keeping(&qkv, &shape, true).unwrap();
+        let kept = attention_backward(&qkv, &dy, &shape, Some(&probs))
+            .unwrap()
+            .unwrap();
+        let again = attention_backward(&qkv, &dy, &shape, None)
+            .unwrap()
+            .unwrap();
+        let grad32 = crate::kernels::cpu::attention_backward(&qkv, &dy, &shape, None).unwrap();
+        assert_eq!(kept, again, "kept and recomputed probabilities");
+        let relative = |got: &[f32], want: &[f32]| {
+            assert_eq!(got.len(), want.len());
+            let top = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            got.iter()
+                .zip(want)
+                .fold(0f32, |m, (g, w)| m.max((g - w).abs()))
+                / top
+        };
+        let (p, o, g) = (
+            relative(&probs, &probs32),
+            relative(&out, &out32),
+            relative(&kept, &grad32),
+        );
+        eprintln!(
+            "training attention in bf16: probabilities {p:.2e}, output {o:.2e}, gradient {g:.2e}"
+        );
+        assert_eq!(
+            (probs.len(), out.len(), kept.len()),
+            (b * heads * t * t, b * t * c, b * t * 3 * c)
+        );
+        assert!(p <= 1e-2 && o <= 2e-2 && g <= 2e-2, "{p} {o} {g}");
+        assert!(attention_backward(&qkv, &dy[1..], &shape, None).is_err());
     }
 
     /// SwiGLU after the product (fused per block of rows on AMX, after the whole product

@@ -109,8 +109,8 @@ pub struct BlockShape<'a> {
     /// LayerNorm epsilon.
     pub eps: f32,
     /// The dense layers' products in bf16 (operands rounded, sums in f32, as PyTorch's CPU
-    /// autocast; [`super::bf16`]): forward, input gradients and, with AMX, weight gradients;
-    /// everything else in f32.
+    /// autocast; [`super::bf16`]): forward, input gradients and, with AMX, weight gradients
+    /// and attention's products; everything else in f32.
     pub bf16: bool,
 }
 
@@ -282,7 +282,14 @@ pub fn forward(
     let y1 = cpu::layer_norm_forward(x, w.norm1.0, w.norm1.1, eps);
     let qkv = linear(&y1, w.qkv, c, 3 * c)?;
     let keep = keeps_probabilities(a, hidden, fc1_out, w.sub_ln.is_some());
-    let (attn, probs) = cpu::attention_forward_keeping(&qkv, a, keep)?;
+    let bf16_attention = match shape.bf16 {
+        true => super::bf16::attention_keeping(&qkv, a, keep)?,
+        false => None,
+    };
+    let (attn, probs) = match bf16_attention {
+        Some(both) => both,
+        None => cpu::attention_forward_keeping(&qkv, a, keep)?,
+    };
     let probs = keep.then_some(probs);
     let mut x1 = linear(&attn, w.proj, c, c)?;
     join_branch(x, &mut x1, scales.map(|d| d.0), image);
@@ -354,7 +361,15 @@ pub fn backward(
     let da = scaled(&dx1, scales.map(|d| d.0), image);
     let (dattn, dproj_w, dproj_b) = dense_backward(&saved.attn, w.proj.0, &da, (c, c), bf16)?;
     drop(da);
-    let dqkv = cpu::attention_backward(&saved.qkv, &dattn, a, saved.probs.as_deref())?;
+    let probs = saved.probs.as_deref();
+    let bf16_attention = match bf16 {
+        true => super::bf16::attention_backward(&saved.qkv, &dattn, a, probs)?,
+        false => None,
+    };
+    let dqkv = match bf16_attention {
+        Some(dqkv) => dqkv,
+        None => cpu::attention_backward(&saved.qkv, &dattn, a, probs)?,
+    };
     drop(dattn);
     let (dy1, dqkv_w, dqkv_b) = dense_backward(&saved.y1, w.qkv.0, &dqkv, (3 * c, c), bf16)?;
     drop(dqkv);

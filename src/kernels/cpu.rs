@@ -589,6 +589,71 @@ impl AttentionShape<'_> {
         }
     }
 
+    /// [`Self::check`] for the backward: the output gradient `[b, t, c]` and, kept, the
+    /// probabilities `[b, heads, t, t]` must fit too.
+    pub fn check_backward(
+        &self,
+        qkv_len: usize,
+        dy_len: usize,
+        probs_len: Option<usize>,
+    ) -> Result<(), String> {
+        self.check(qkv_len)?;
+        let (b, t, c) = (self.b, self.t, self.c);
+        if dy_len != b * t * c {
+            return Err(format!(
+                "attention backward: output gradient holds {dy_len} values, expected {}",
+                b * t * c
+            ));
+        }
+        if probs_len.is_some_and(|n| n != b * self.heads * t * t) {
+            return Err("attention backward: kept probabilities do not fit".into());
+        }
+        Ok(())
+    }
+
+    /// Writes one (image, head)'s gradients with respect to its prepared q and k and its v
+    /// (`t` rows of `d` each) into its columns of `dqkv` (`[b, t, 3c]`): back through RoPE
+    /// and q's scale, the inverse of [`Self::prepare`].
+    ///
+    /// # Safety
+    /// `dqkv` writable for `b * t * 3c` values; no other thread writes this (image, head)'s
+    /// columns meanwhile.
+    pub(super) unsafe fn write_gradients(
+        &self,
+        dqkv: *mut f32,
+        (bi, hi): (usize, usize),
+        (dq, dk, dv): (&[f32], &[f32], &[f32]),
+    ) {
+        let (t, c) = (self.t, self.c);
+        let d = c / self.heads;
+        let (c3, scale) = (3 * c, 1.0 / (d as f32).sqrt());
+        // SAFETY: every slice made here is d elements of this (image, head)'s own q, k or v
+        // columns inside `dqkv` (the contract).
+        let seg = |ti: usize, part: usize| unsafe {
+            std::slice::from_raw_parts_mut(dqkv.add(bi * t * c3 + ti * c3 + part * c + hi * d), d)
+        };
+        for ti in 0..t {
+            let (gq, gk) = (&dq[ti * d..(ti + 1) * d], &dk[ti * d..(ti + 1) * d]);
+            if self.roped {
+                // The qkv layer rotated and scaled: its gradient as it is.
+                seg(ti, 0).copy_from_slice(gq);
+                seg(ti, 1).copy_from_slice(gk);
+            } else if ti == 0 || self.cos.is_empty() {
+                seg(ti, 0)
+                    .iter_mut()
+                    .zip(gq)
+                    .for_each(|(o, &g)| *o = g * scale);
+                seg(ti, 1).copy_from_slice(gk);
+            } else {
+                let cos = &self.cos[(ti - 1) * d..ti * d];
+                let sin = &self.sin[(ti - 1) * d..ti * d];
+                simd::rope_back(gq, cos, sin, scale, seg(ti, 0));
+                simd::rope_back(gk, cos, sin, 1.0, seg(ti, 1));
+            }
+            seg(ti, 2).copy_from_slice(&dv[ti * d..(ti + 1) * d]);
+        }
+    }
+
     /// Where v of one (image, head) starts in `qkv`: `t` rows of `d` values at stride `3c`
     /// (read in place by the products).
     pub(super) fn v_start(&self, qkv: &[f32], bi: usize, hi: usize) -> *const f32 {
@@ -743,23 +808,12 @@ pub fn attention_backward(
     shape: &AttentionShape,
     probs: Option<&[f32]>,
 ) -> Result<Vec<f32>, String> {
-    shape.check(qkv.len())?;
+    shape.check_backward(qkv.len(), dy.len(), probs.map(<[f32]>::len))?;
     let AttentionShape {
         b, t, c, heads: h, ..
     } = *shape;
     let d = c / h;
     let c3 = 3 * c;
-    let scale = 1.0 / (d as f32).sqrt();
-    if dy.len() != b * t * c {
-        return Err(format!(
-            "attention backward: output gradient holds {} values, expected {}",
-            dy.len(),
-            b * t * c
-        ));
-    }
-    if probs.is_some_and(|p| p.len() != b * h * t * t) {
-        return Err("attention backward: kept probabilities do not fit".into());
-    }
     // SAFETY: every (image, head) task writes its q, k and v columns of every token below.
     let mut dqkv = unsafe { unfilled(b * t * c3) };
     let dst = SharedMut(dqkv.as_mut_ptr());
@@ -809,13 +863,7 @@ pub fn attention_backward(
                 mm(t, d, t, dv.as_mut_ptr(), d, p.as_ptr(), 1, t, dout, c, 1);
                 mm(t, t, d, dp.as_mut_ptr(), t, dout, c, 1, v, 1, 3 * c);
             }
-            // dS = P * (dP - rowsum(dP * P)), in place in dp.
-            for (dpr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-                let dot: f32 = dpr.iter().zip(pr.iter()).map(|(a, b)| a * b).sum();
-                dpr.iter_mut()
-                    .zip(pr.iter())
-                    .for_each(|(g, &pv)| *g = pv * (*g - dot));
-            }
+            softmax_backward_rows(dp, p, t);
             // SAFETY: as above; dQs = dS K; dK' = dS^T Qs.
             unsafe {
                 mm(
@@ -846,33 +894,22 @@ pub fn attention_backward(
                 );
             }
             let whole = dst; // the whole wrapper (not its field) is moved into the closure
-            // SAFETY: every slice made here is d elements of this (image, head)'s own q, k or
-            // v columns inside `dqkv`; slices of different tasks never overlap.
-            let seg = |ti: usize, part: usize| unsafe {
-                std::slice::from_raw_parts_mut(
-                    whole.0.add(bi * t * c3 + ti * c3 + part * c + hi * d),
-                    d,
-                )
-            };
-            for ti in 0..t {
-                let (gq, gk) = (&dq[ti * d..(ti + 1) * d], &dk[ti * d..(ti + 1) * d]);
-                if ti == 0 || shape.cos.is_empty() {
-                    seg(ti, 0)
-                        .iter_mut()
-                        .zip(gq)
-                        .for_each(|(o, &g)| *o = g * scale);
-                    seg(ti, 1).copy_from_slice(gk);
-                } else {
-                    let cos = &shape.cos[(ti - 1) * d..ti * d];
-                    let sin = &shape.sin[(ti - 1) * d..ti * d];
-                    simd::rope_back(gq, cos, sin, scale, seg(ti, 0));
-                    simd::rope_back(gk, cos, sin, 1.0, seg(ti, 1));
-                }
-                seg(ti, 2).copy_from_slice(&dv[ti * d..(ti + 1) * d]);
-            }
+            // SAFETY: `dqkv` holds b * t * 3c values; this task writes its own columns.
+            unsafe { shape.write_gradients(whole.0, (bi, hi), (dq, dk, dv)) };
         },
     );
     Ok(dqkv)
+}
+
+/// The softmax's backward in place, row by row: `dS = P * (dP - rowsum(dP * P))` for `dp`
+/// holding dP and `p` the probabilities (rows of `t`).
+pub(super) fn softmax_backward_rows(dp: &mut [f32], p: &[f32], t: usize) {
+    for (dpr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+        let dot: f32 = dpr.iter().zip(pr.iter()).map(|(a, b)| a * b).sum();
+        dpr.iter_mut()
+            .zip(pr.iter())
+            .for_each(|(g, &pv)| *g = pv * (*g - dot));
+    }
 }
 
 /// The non-overlapping `p x p` patches of images `x` `[b, ch, h, w]` (sides multiples of `p`)
