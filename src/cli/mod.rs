@@ -66,7 +66,8 @@ pub struct ComputeArgs {
     pub device: String,
     /// Arithmetic of matrix products and attention: f32, bf16 or f16 (EVA-X models; norms,
     /// residuals and outputs stay f32). On the CPU, bf16 runs the dense layers' products in
-    /// bf16 where the CPU has AVX512-BF16; elsewhere (and for f16) it falls back to f32.
+    /// bf16 where the CPU has AMX, or AVX512-BF16 faster than its f32; elsewhere (and for
+    /// f16) it falls back to f32.
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     pub precision: Precision,
 }
@@ -80,6 +81,15 @@ impl ComputeArgs {
                 eprintln!(
                     "note: --precision bf16 computes in f32 on this CPU (bf16 products need \
                      AVX512-BF16, which it lacks; emulating them would be slower than f32)"
+                );
+                Precision::F32
+            }
+            Precision::Bf16 if device.is_cpu() && !evax::kernels::bf16::faster_than_f32() => {
+                let (f32_rate, bf16_rate) = evax::kernels::bf16::measured_rates();
+                eprintln!(
+                    "note: --precision bf16 computes in f32 on this CPU: it runs without AMX, and its \
+                     AVX512-BF16 products measured {bf16_rate:.0} GFLOP/s a core against \
+                     {f32_rate:.0} for f32 (EVAX_BF16=1 uses them anyway)"
                 );
                 Precision::F32
             }

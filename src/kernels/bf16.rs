@@ -1,8 +1,10 @@
 //! bf16 matrix products for inference on the CPU (`--precision bf16`): `x W^T + b (+ r)` with
 //! `x` and `W` rounded to bf16 (round to nearest even) and every product summed in f32, as
 //! PyTorch's CPU autocast computes a linear layer. On CPUs with AVX512-BF16 (`vdpbf16ps`: two
-//! bf16 products per f32 lane and instruction, twice the f32 FMA rate) the weights are packed
-//! once into 32-column panels of bf16 pairs and the product runs in an 8 x 32 register tile;
+//! bf16 products per f32 lane and instruction; twice the f32 FMA rate where the CPU issues it
+//! as often as an FMA, half of it on Intel Xeons that issue it every other cycle, see
+//! [`faster_than_f32`]) the weights are packed once into 32-column panels of bf16 pairs and
+//! the product runs in an 8 x 32 register tile;
 //! on CPUs with AMX (Xeon since Sapphire Rapids) the same panels feed `tdpbf16ps` tile
 //! products (16 x 16 x 32 per instruction) where k is a multiple of 32, as it is in every
 //! EVA-X layer; elsewhere the rounded values go through the f32 product, which gives the same
@@ -97,6 +99,46 @@ pub fn amx() -> bool {
     {
         false
     }
+}
+
+/// Whether bf16 products are faster than f32 ones on this CPU, so that `--precision bf16`
+/// computes in them: with AMX, or with AVX512-BF16 whose `vdpbf16ps` measures at least 1.25
+/// times this core's f32 FMA rate ([`measured_rates`]; on Intel Xeons it runs at half of it,
+/// and without AMX bf16 there is slower than f32). `EVAX_BF16=1` takes the AVX512-BF16
+/// products regardless (to compare them).
+pub fn faster_than_f32() -> bool {
+    static FASTER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FASTER.get_or_init(|| {
+        amx()
+            || (native()
+                && (std::env::var("EVAX_BF16").as_deref() == Ok("1") || {
+                    let (f32_rate, bf16_rate) = measured_rates();
+                    bf16_rate >= 1.25 * f32_rate
+                }))
+    })
+}
+
+/// This core's peak rates in GFLOP/s as measured once (well under a millisecond): f32 FMAs
+/// (`vfmadd231ps`) and bf16 products (`vdpbf16ps`), each the best of five runs of twelve
+/// independent accumulators; `(0, 0)` without AVX512-BF16.
+pub fn measured_rates() -> (f64, f64) {
+    static RATES: std::sync::OnceLock<(f64, f64)> = std::sync::OnceLock::new();
+    *RATES.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if native() {
+            const ITERS: usize = 20_000;
+            let (mut f, mut b) = (f64::MAX, f64::MAX);
+            for _ in 0..5 {
+                // SAFETY: AVX-512F and AVX512-BF16 present (checked).
+                let (tf, tb) = unsafe { avx512::rate_loops(ITERS) };
+                (f, b) = (f.min(tf), b.min(tb));
+            }
+            // Twelve accumulators of sixteen lanes: 2 (f32) or 4 (bf16) operations a lane.
+            let ops = (ITERS * 12 * 16) as f64;
+            return (2.0 * ops / f / 1e9, 4.0 * ops / b / 1e9);
+        }
+        (0.0, 0.0)
+    })
 }
 
 /// Which unit computes the CPU's bf16 products here (for reports): `AMX`, `AVX512-BF16`, or
@@ -490,6 +532,39 @@ pub fn attention_backward(
 mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
+
+    /// Seconds for `iters` rounds of twelve independent `vfmadd231ps`, then of twelve
+    /// `vdpbf16ps` (see [`super::measured_rates`]).
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn rate_loops(iters: usize) -> (f64, f64) {
+        let seed = std::hint::black_box(1.0f32);
+        let (a, b) = (_mm512_set1_ps(seed * 1e-7), _mm512_set1_ps(seed));
+        let start: [__m512; 12] = std::array::from_fn(|j| _mm512_set1_ps(seed * j as f32));
+        let mut acc = start;
+        let t = std::time::Instant::now();
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_fmadd_ps(a, b, *v);
+            }
+        }
+        std::hint::black_box(&acc);
+        let f32_s = t.elapsed().as_secs_f64();
+        // SAFETY: the transmutes reinterpret 512 bits.
+        let (ah, bh): (__m512bh, __m512bh) =
+            unsafe { (std::mem::transmute(a), std::mem::transmute(b)) };
+        let mut acc = start;
+        let t = std::time::Instant::now();
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_dpbf16_ps(*v, ah, bh);
+            }
+        }
+        std::hint::black_box(&acc);
+        (f32_s, t.elapsed().as_secs_f64())
+    }
 
     /// Row `x` (k values) as bf16 in natural order into `out` (`2 * pairs` halves, the last
     /// zero when k is odd), i.e. `pairs` words `bf16(x[2p]) | bf16(x[2p + 1]) << 16`.
@@ -2027,6 +2102,23 @@ mod tests {
             words,
             32 + 2 * 32 + 17 * 32 + 2 * 32 * 32 + 3 * 50 * 32 + 36 * 192 * 32
         );
+    }
+
+    /// The probe of the two product rates measures plausible figures for one core (between
+    /// 1 GFLOP/s and 10 TFLOP/s each), and AMX always counts as faster than f32.
+    #[test]
+    fn product_rates_are_measured() {
+        let (f32_rate, bf16_rate) = measured_rates();
+        if !native() {
+            assert_eq!((f32_rate, bf16_rate), (0.0, 0.0));
+            assert!(!faster_than_f32());
+            return;
+        }
+        eprintln!("product rates: f32 {f32_rate:.0}, bf16 {bf16_rate:.0} GFLOP/s a core");
+        for rate in [f32_rate, bf16_rate] {
+            assert!((1.0..1e4).contains(&rate), "{rate}");
+        }
+        assert!(!amx() || faster_than_f32());
     }
 
     /// The weight gradient against its definition in f64 from the bf16-rounded operands, on
