@@ -553,8 +553,12 @@ mod avx512 {
         std::hint::black_box(&acc);
         let f32_s = t.elapsed().as_secs_f64();
         // SAFETY: the transmutes reinterpret 512 bits.
-        let (ah, bh): (__m512bh, __m512bh) =
-            unsafe { (std::mem::transmute(a), std::mem::transmute(b)) };
+        let (ah, bh) = unsafe {
+            (
+                std::mem::transmute::<__m512, __m512bh>(a),
+                std::mem::transmute::<__m512, __m512bh>(b),
+            )
+        };
         let mut acc = start;
         let t = std::time::Instant::now();
         for _ in 0..iters {
