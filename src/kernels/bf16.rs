@@ -323,8 +323,8 @@ pub fn linear(
 
 /// A dense layer's weight gradient `dW = g^T x` (`[n, k]`) from its output gradient `g`
 /// (`[m, n]`) and input `x` (`[m, k]`), in bf16 products summed in f32 (as PyTorch's CPU
-/// autocast computes it) on AMX tiles; `None` on CPUs without AMX (the caller sums in f32).
-/// An error unless the shapes fit.
+/// autocast computes it) on AMX tiles, or AVX512-BF16 register tiles without them; `None` on
+/// CPUs without AVX512-BF16 (the caller sums in f32). An error unless the shapes fit.
 pub fn weight_grad(x: &[f32], g: &[f32], n: usize, k: usize) -> Result<Option<Vec<f32>>, String> {
     if k == 0 || n == 0 || !x.len().is_multiple_of(k) || g.len() != x.len() / k * n {
         return Err(format!(
@@ -334,10 +334,10 @@ pub fn weight_grad(x: &[f32], g: &[f32], n: usize, k: usize) -> Result<Option<Ve
         ));
     }
     #[cfg(target_arch = "x86_64")]
-    if amx() {
-        // SAFETY: AMX usable; the shapes were checked above.
+    if native() {
+        // SAFETY: AVX512-BF16 present, AMX usable where asked for; the shapes were checked.
         return Ok(Some(unsafe {
-            amx_tiles::weight_grad(x, g, (x.len() / k, n, k))
+            amx_tiles::weight_grad(x, g, (x.len() / k, n, k), amx())
         }));
     }
     Ok(None)
@@ -1131,15 +1131,17 @@ mod amx_tiles {
     /// [`super::weight_grad`]): `x`'s pairs of rows packed as panels (B) once, then tasks
     /// of 32 rows of dW, each summing [`GRAD_DEPTH`] tokens at a time: its 32 columns of
     /// `g` for those tokens packed as rows of token pairs (A), then multiplied while they
-    /// are in cache.
+    /// are in cache, on AMX tiles (`on_tiles`) or in AVX512-BF16 register tiles. The packing
+    /// needs only AVX512-BF16.
     ///
     /// # Safety
-    /// AMX usable in this process ([`super::amx`]) with AVX512-BF16; `x` holds `m * k` values
-    /// and `g` `m * n`.
+    /// AVX512-BF16 present, and with `on_tiles` AMX usable in this process
+    /// ([`super::amx`]); `x` holds `m * k` values and `g` `m * n`.
     pub(super) unsafe fn weight_grad(
         x: &[f32],
         g: &[f32],
         (m, n, k): (usize, usize, usize),
+        on_tiles: bool,
     ) -> Vec<f32> {
         assert!(
             x.len() == m * k && g.len() == m * n,
@@ -1163,28 +1165,56 @@ mod amx_tiles {
                 let live = BM.min(n - o0);
                 for (si, t0) in (0..tokens).step_by(GRAD_DEPTH).enumerate() {
                     let pairs = GRAD_DEPTH.min(tokens - t0) / 2;
-                    // SAFETY (both): AVX512-BF16 and AMX usable; g's columns o0..o0 + live
-                    // into this step's 32 rows of A (32 x pairs words); those rows and the
-                    // step's panels (npanels x pairs x 32 words) into rows o0..o0 + live of
-                    // dW, this task's own, the first step writing them whole before the
-                    // others add to them.
+                    // SAFETY: AVX512-BF16 present; g's columns o0..o0 + live into this
+                    // step's 32 rows of A (32 x pairs words).
                     unsafe { pack_gradient_columns(g, (m, n), (o0, t0), &mut a[..BM * pairs]) };
-                    unsafe {
-                        with_tiles(|| {
-                            block(
-                                a.as_ptr(),
-                                pairs,
-                                live,
-                                panels.as_ptr().add(t0 / 2 * npanels * NP),
-                                k,
-                                (out.get().add(o0 * k), k),
-                                None,
-                                None,
-                                si > 0,
-                                ctile,
-                            )
-                        })
-                    };
+                    // Those rows and the step's panels (npanels x pairs x 32 words) into rows
+                    // o0..o0 + live of dW, this task's own, the first step writing them whole
+                    // before the others add to them.
+                    let b = panels[t0 / 2 * npanels * NP..].as_ptr();
+                    let c = out.get().wrapping_add(o0 * k);
+                    if on_tiles {
+                        // SAFETY: AMX usable; the ranges above.
+                        unsafe {
+                            with_tiles(|| {
+                                block(
+                                    a.as_ptr(),
+                                    pairs,
+                                    live,
+                                    b,
+                                    k,
+                                    (c, k),
+                                    None,
+                                    None,
+                                    si > 0,
+                                    ctile,
+                                )
+                            })
+                        };
+                        continue;
+                    }
+                    for j in 0..npanels {
+                        for r0 in (0..live).step_by(MR) {
+                            // SAFETY: AVX512-BF16 present; 8 rows of A from r0, panel j of
+                            // the step, and rows r0.. (at most 8) and columns 32 j.. of this
+                            // task's rows of dW (row stride k), read back to add to them
+                            // after the first step.
+                            unsafe {
+                                let cr = c.add(r0 * k + j * NP);
+                                avx512::tile(
+                                    a.as_ptr().add(r0 * pairs),
+                                    pairs,
+                                    b.add(j * pairs * NP),
+                                    cr,
+                                    k,
+                                    MR.min(live - r0),
+                                    NP.min(k - j * NP),
+                                    None,
+                                    (si > 0).then_some(cr as *const f32),
+                                )
+                            };
+                        }
+                    }
                 }
             },
         );
@@ -2134,9 +2164,12 @@ mod tests {
     fn weight_gradient_matches_the_definition() {
         assert!(weight_grad(&data(6, 1), &data(4, 2), 4, 3).is_err());
         assert!(weight_grad(&data(6, 1), &data(6, 2), 3, 4).is_err());
-        if !amx() {
-            eprintln!("weight_gradient_matches_the_definition: no AMX here, skipped");
+        if !native() {
+            eprintln!("weight_gradient_matches_the_definition: no AVX512-BF16 here, skipped");
             return;
+        }
+        if !amx() {
+            eprintln!("weight_gradient_matches_the_definition: no AMX here, its tiles skipped");
         }
         let shapes = [
             (1, 1, 1),
@@ -2145,10 +2178,15 @@ mod tests {
             (1100, 70, 96),
             (1576, 64, 32),
         ];
+        let units: &[bool] = if amx() { &[true, false] } else { &[false] };
         let mut values = 0;
-        for &(m, n, k) in &shapes {
+        for (&(m, n, k), &on_tiles) in shapes
+            .iter()
+            .flat_map(|s| units.iter().map(move |u| (s, u)))
+        {
             let (x, g) = (data(m * k, 7), data(m * n, 8));
-            let got = weight_grad(&x, &g, n, k).unwrap().expect("AMX present");
+            // SAFETY: AVX512-BF16 present, AMX where asked for (both checked above).
+            let got = unsafe { amx_tiles::weight_grad(&x, &g, (m, n, k), on_tiles) };
             assert_eq!(got.len(), n * k, "{m}x{n}x{k}");
             let tol = 1e-5 * (m as f32).sqrt();
             for o in 0..n {
@@ -2159,12 +2197,18 @@ mod tests {
                     let have = got[o * k + i];
                     assert!(
                         (have as f64 - want).abs() <= tol as f64,
-                        "{m}x{n}x{k} [{o}, {i}]: {have} vs {want}"
+                        "{m}x{n}x{k} [{o}, {i}] (AMX {on_tiles}): {have} vs {want}"
                     );
                     values += 1;
                 }
             }
         }
-        assert_eq!(values, 1 + 40 * 48 + 16 * 20 + 70 * 96 + 64 * 32);
+        let per_unit = 1 + 40 * 48 + 16 * 20 + 70 * 96 + 64 * 32;
+        assert_eq!(values, per_unit * units.len());
+        assert!(
+            weight_grad(&data(6, 1), &data(4, 1), 2, 3)
+                .unwrap()
+                .is_some()
+        );
     }
 }
