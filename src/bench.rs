@@ -122,13 +122,6 @@ pub fn run(
         )));
     }
     if let Some(preset) = model_name.strip_prefix("seg-") {
-        if target.precision != Precision::F32 && work != Workload::Forward {
-            return Err(ModelError::Input(
-                "segmentation training computes in f32 only (reduced precision is for the \
-                 forward pass)"
-                    .into(),
-            ));
-        }
         return run_seg(model_name, preset, (batch, input), iters, work, target);
     }
     let unknown = || {
@@ -317,7 +310,8 @@ fn run_seg(
     let x = Tensor::randn(0f32, 1f32, (batch, 3, input, input), dev)?;
     let (mean, min, n) = match work {
         Workload::Train => {
-            let model = SegTrainable::from_state_dict(&sd, dev, Default::default())?;
+            let mut model = SegTrainable::from_state_dict(&sd, dev, Default::default())?;
+            model.set_precision(target.precision)?;
             let targets = Tensor::rand(0f32, 1f32, (batch, 1, input, input), dev)?
                 .ge(0.5)?
                 .to_dtype(candle_core::DType::F32)?;

@@ -502,6 +502,7 @@ pub fn run_seg(o: &DemoOptions, note: &mut dyn FnMut(&str)) -> crate::Result<Seg
         &candle_core::Device::Cpu,
         Default::default(),
     )?;
+    crate::model::Trainable::set_precision(&mut model, o.precision)?;
     let read = |f: &str| crate::segment::read_split(&data, &data.join(f));
     let (train_s, _) = read("train.txt")?;
     let (test_s, _) = read("test.txt")?;

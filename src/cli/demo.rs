@@ -32,7 +32,8 @@ pub struct Args {
     /// Which demo: classification (findings) or seg (lung fields).
     #[arg(long, default_value = "classification")]
     task: String,
-    /// Device and precision (classification).
+    /// Device and precision (the seg demo trains on the CPU, with bf16 the backbone's blocks in
+    /// bf16 products).
     #[command(flatten)]
     compute: super::ComputeArgs,
 }

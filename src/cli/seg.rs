@@ -171,11 +171,10 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     for n in notes {
         eprintln!("{n}");
     }
-    let mut model = evax::segment::SegTrainable::from_state_dict(
-        &sd,
-        &a.run.training_device()?,
-        a.run.kernels.into(),
-    )?;
+    let (device, precision) = a.run.training()?;
+    let mut model =
+        evax::segment::SegTrainable::from_state_dict(&sd, &device, a.run.kernels.into())?;
+    evax::model::Trainable::set_precision(&mut model, precision)?;
     let split = |name: &str| evax::segment::read_split(&a.data_dir, &a.data_dir.join(name));
     let (train, mut failures) = split("train.txt")?;
     let (eval, f) = split("test.txt")?;
@@ -303,7 +302,8 @@ pub struct SegCompute {
     #[arg(long, value_enum, default_value = "fused")]
     kernels: KernelsArg,
     /// Device and precision (reduced precision, for inference: the backbone's products, and
-    /// on CPUs with AVX512-BF16 the head's convolutions; the rest computes in f32).
+    /// on CPUs with AVX512-BF16 the head's convolutions; for training, bf16 on the CPU: the
+    /// backbone's blocks; the rest computes in f32).
     #[command(flatten)]
     compute: super::ComputeArgs,
 }
@@ -314,24 +314,25 @@ impl SegCompute {
         Ok(self.compute.resolve()?)
     }
 
-    /// The device for training, which computes in f32 (on the CPU reduced precision falls
-    /// back to f32 with a note, as for `finetune`; on a GPU it is refused).
-    fn training_device(&self) -> anyhow::Result<Device> {
+    /// The device and precision for training: f32, or on the CPU bf16 for the backbone's
+    /// transformer blocks (a note says so; f16 on the CPU falls back to f32 with a note, as
+    /// for `finetune`); reduced precision on a GPU is refused.
+    fn training(&self) -> anyhow::Result<(Device, evax::compute::Precision)> {
+        use evax::compute::Precision;
         let (device, precision) = self.compute.resolve()?;
-        if precision != evax::compute::Precision::F32 && device.is_cpu() {
-            eprintln!(
-                "note: --precision {}: segmentation training computes in f32 on the CPU",
-                precision.name()
-            );
-            return Ok(device);
-        }
-        if precision != evax::compute::Precision::F32 {
-            anyhow::bail!(
-                "--precision {}: segmentation training computes in f32 only so far \
+        match precision {
+            Precision::Bf16 if device.is_cpu() => eprintln!(
+                "note: --precision bf16: segmentation training computes the backbone's \
+                 transformer blocks in bf16 products (f32 sums and master weights), the \
+                 pyramid and the head in f32"
+            ),
+            Precision::F32 => {}
+            p => anyhow::bail!(
+                "--precision {}: segmentation training computes in f32 only so far on a GPU \
                  (reduced precision is for seg predict and seg eval)",
-                precision.name()
-            );
+                p.name()
+            ),
         }
-        Ok(device)
+        Ok((device, precision))
     }
 }

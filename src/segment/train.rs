@@ -198,6 +198,28 @@ impl crate::model::Trainable for SegTrainable {
         self.ops.set_training(training);
     }
 
+    /// f32, or bf16 on the CPU: the backbone's transformer blocks then compute their products
+    /// in bf16 (as `finetune`'s), the pyramid and the head in f32.
+    fn set_precision(
+        &mut self,
+        precision: crate::compute::Precision,
+    ) -> std::result::Result<(), ModelError> {
+        use crate::compute::Precision;
+        match precision {
+            Precision::F32 => {}
+            Precision::Bf16 if self.device.is_cpu() => {}
+            p => {
+                return Err(ModelError::Input(format!(
+                    "--precision {}: segmentation training computes in f32 only so far, or \
+                     with the backbone's products in bf16 on the CPU (reduced precision on a \
+                     GPU is for seg predict and seg eval)",
+                    p.name()
+                )));
+            }
+        }
+        self.backbone.set_precision(precision)
+    }
+
     /// Logits at the input's size `[B, classes, H, W]` (see [`SegTrainable::forward_seg`]).
     fn forward_train(
         &self,
