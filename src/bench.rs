@@ -182,13 +182,12 @@ pub fn run(
             t.precision = target.precision;
             Some(Box::new(t))
         }
-        (Workload::Train, None, Some(b)) => Some(registry::load_trainable(
-            &b.random_checkpoint(0),
-            14,
-            0,
-            dev,
-            Default::default(),
-        )?),
+        (Workload::Train, None, Some(b)) => {
+            let mut t =
+                registry::load_trainable(&b.random_checkpoint(0), 14, 0, dev, Default::default())?;
+            t.set_precision(target.precision)?;
+            Some(t)
+        }
         _ => None,
     };
     let targets = Tensor::rand(0f32, 1f32, (batch, 14), dev)?

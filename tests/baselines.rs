@@ -110,6 +110,96 @@ fn vit_s_prelogits_logits_and_mae_initialisation() {
     }
 }
 
+/// ViT-S/16 with `--precision bf16` on the CPU (the blocks' dense layers in bf16 products,
+/// the rest f32) against the original's f32 logits, with the EVA-X test's tolerances (0.1 /
+/// 0.02; `tests/parity.rs`). Skipped, with a message, without AVX512-BF16.
+#[test]
+fn vit_s_bf16_logits_agree_with_f32() {
+    let Some(sh) = shared_or_skip("vit_s_bf16_logits_agree_with_f32") else {
+        return;
+    };
+    if !evax::kernels::bf16::native() {
+        eprintln!("SKIPPED ViT bf16 logits: needs a CPU with AVX512-BF16");
+        return;
+    }
+    let r = reference(&sh);
+    let ck = Checkpoint::load(sh.join("fixtures/vit_s_d2_cxr14_ft.pth")).unwrap();
+    let opts = LoadOptions {
+        precision: evax::compute::Precision::Bf16,
+        ..Default::default()
+    };
+    let m = registry::load(&ck, &opts).unwrap().0;
+    let x = r["input224_others"].to_tensor(&Device::Cpu).unwrap();
+    let got = m.logits(&x).unwrap();
+    let want = &r["vit_s/logits"];
+    let d = max_diff(&got, want);
+    let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let dp = common::max_probability_diff(&g, &want.data);
+    eprintln!(
+        "vit_s/logits (bf16): max |logit diff| {d:.3e}, max |probability diff| {dp:.3e} over {} \
+         values",
+        g.len()
+    );
+    common::assert_within("bf16", (d, 1e-1), (dp, 2e-2));
+}
+
+/// ViT-S/16's training step with `--precision bf16` on the CPU (every product of the blocks
+/// in bf16, f32 sums and master weights) against the original's f32 step (see
+/// [`train_step`], whose leftover Grad-CAM gradient it adds the same way): the loss within
+/// 5e-3 and each of the 7 recorded gradients within 5e-2 of its largest value, as EVA-X's
+/// bf16 step (`tests/train.rs`). Skipped, with a message, without AVX512-BF16.
+#[test]
+fn vit_s_train_step_in_bf16_products_agrees_with_the_original() {
+    let Some(sh) = shared_or_skip("vit_s_train_step_bf16") else {
+        return;
+    };
+    if !evax::kernels::bf16::native() {
+        eprintln!("SKIPPED ViT bf16 training step: needs a CPU with AVX512-BF16");
+        return;
+    }
+    let r = reference(&sh);
+    let ck = Checkpoint::load(sh.join("fixtures/vit_s_d2_cxr14_ft.pth")).unwrap();
+    let mut model = registry::load_trainable(&ck, 14, 0, &Device::Cpu, Kernels::Fused).unwrap();
+    model.set_precision(evax::compute::Precision::Bf16).unwrap();
+    let img = Image::open(sh.join("data/nih/00003440_000.png")).unwrap();
+    let cam_input = cam_eval_input(&img, (224, 224), Normalization::OTHERS);
+    let cam_x = Tensor::from_vec(cam_input, (1, 3, 224, 224), &Device::Cpu).unwrap();
+    model.set_training(false);
+    let cam_logit = model
+        .forward_train(&cam_x, 0.0, None)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(13)
+        .unwrap();
+    let leftover = model.grads(&cam_logit.backward().unwrap()).unwrap();
+    model.set_training(true);
+    let x = r["input224_others"].to_tensor(&Device::Cpu).unwrap();
+    let y = r["targets"].to_tensor(&Device::Cpu).unwrap();
+    let loss = bce_with_logits(&model.forward_train(&x, 0.0, None).unwrap(), &y).unwrap();
+    let l = loss.to_scalar::<f32>().unwrap();
+    let want = r["vit_s_train/loss"].data[0];
+    eprintln!(
+        "vit_s bf16 loss {l} (reference {want}): diff {:.2e}",
+        (l - want).abs()
+    );
+    assert!((l - want).abs() <= 5e-3, "loss {l} vs {want}");
+    let step = model.grads(&loss.backward().unwrap()).unwrap();
+    let mut compared = 0;
+    for (key, want) in r.iter() {
+        let Some(name) = key.strip_prefix("vit_s_train/grad/") else {
+            continue;
+        };
+        let got = (&step[name] + &leftover[name]).unwrap();
+        let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = max_diff(&got, want) / scale;
+        eprintln!("vit_s bf16 grad {name}: {d:.2e} of its largest value");
+        assert!(d <= 5e-2, "{name}: {d:.2e}");
+        compared += 1;
+    }
+    assert_eq!(compared, 7, "gradients compared");
+}
+
 #[test]
 fn vit_s_gradcam_matches_pytorch_grad_cam() {
     let Some(sh) = shared_or_skip("vit_s_gradcam_matches_pytorch_grad_cam") else {

@@ -64,10 +64,10 @@ pub struct ComputeArgs {
     /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Arithmetic of matrix products and attention: f32, bf16 or f16 (EVA-X models; norms,
-    /// residuals and outputs stay f32). On the CPU, bf16 runs the dense layers' products in
-    /// bf16 where the CPU has AMX, or AVX512-BF16 faster than its f32; elsewhere (and for
-    /// f16) it falls back to f32.
+    /// Arithmetic of matrix products and attention: f32, bf16 or f16 (EVA-X models, and ViT
+    /// in bf16 on the CPU; norms, residuals and outputs stay f32). On the CPU, bf16 runs the
+    /// dense layers' products in bf16 where the CPU has AMX, or AVX512-BF16 faster than its
+    /// f32; elsewhere (and for f16) it falls back to f32.
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     pub precision: Precision,
 }
@@ -105,15 +105,15 @@ impl ComputeArgs {
 
 impl ComputeArgs {
     /// [`ComputeArgs::resolve`] for a command that trains. On the CPU, bf16 training runs the
-    /// EVA-X blocks' dense layers in bf16 products (weights kept f32); other families, and
-    /// everything else, compute in f32 (a note says so).
+    /// EVA-X and ViT blocks' products in bf16 (weights kept f32); the CNNs, and everything
+    /// else, compute in f32 (a note says so).
     pub fn resolve_training(&self) -> evax::Result<(Device, Precision)> {
         let (device, precision) = self.resolve()?;
         if device.is_cpu() && precision == Precision::Bf16 {
             eprintln!(
-                "note: --precision bf16 on the CPU trains EVA-X's transformer blocks with their \
-                 dense layers in bf16 products (f32 sums and master weights); other families, \
-                 and the rest of each step, compute in f32"
+                "note: --precision bf16 on the CPU trains EVA-X's and ViT's transformer blocks \
+                 in bf16 products (f32 sums and master weights); ResNet and DenseNet, and the \
+                 rest of each step, compute in f32"
             );
         }
         Ok((device, precision))

@@ -83,9 +83,14 @@ pub fn load(
     opts: &LoadOptions,
 ) -> Result<(Box<dyn Classifier>, LoadReport), ModelError> {
     let family = recognise(ck)?;
-    if family != Family::EvaX && opts.precision != crate::compute::Precision::F32 {
+    // ViT also computes in bf16 products on the CPU.
+    let vit_cpu_bf16 = family == Family::Vit
+        && opts.precision == crate::compute::Precision::Bf16
+        && opts.device.is_cpu();
+    if family != Family::EvaX && opts.precision != crate::compute::Precision::F32 && !vit_cpu_bf16 {
         return Err(ModelError::Input(format!(
-            "--precision {} is implemented for EVA-X models only; this is a {family:?} checkpoint",
+            "--precision {} is implemented for EVA-X models (and ViT in bf16 on the CPU) only; \
+             this is a {family:?} checkpoint",
             opts.precision.name()
         )));
     }

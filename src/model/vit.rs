@@ -202,6 +202,8 @@ pub struct Vit {
 struct Weights<'a> {
     sd: &'a BTreeMap<String, Param>,
     device: &'a Device,
+    /// bf16 on the CPU: the blocks' dense layers in bf16 products (tensors f32).
+    bf16_cpu: bool,
     used: BTreeSet<String>,
     problems: Vec<String>,
 }
@@ -229,6 +231,16 @@ impl Weights<'_> {
         Ok(Linear::new(w, Some(b))?.with_prepacked_products()?)
     }
 
+    /// A block's dense layer: as [`Self::linear`], or in bf16 products (`bf16_cpu`).
+    fn block_linear(&mut self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
+        if !self.bf16_cpu {
+            return self.linear(prefix, out, inp);
+        }
+        let w = self.tensor(&format!("{prefix}.weight"), &[out, inp])?;
+        let b = self.tensor(&format!("{prefix}.bias"), &[out])?;
+        Ok(Linear::new(w, Some(b))?.with_bf16_products()?)
+    }
+
     fn norm(&mut self, prefix: &str, dim: usize) -> Result<LayerNorm> {
         Ok(LayerNorm {
             weight: self.tensor(&format!("{prefix}.weight"), &[dim])?,
@@ -252,9 +264,14 @@ impl Vit {
     ) -> Result<(Self, LoadReport)> {
         let config = infer_config(sd)?;
         let (c, p, hdn) = (config.dim, config.patch_size, config.mlp_hidden);
+        let bf16_cpu = opts.precision == crate::compute::Precision::Bf16
+            && opts.device.is_cpu()
+            && opts.kernels == Kernels::Fused
+            && kernels::bf16::native();
         let mut w = Weights {
             sd,
             device: &opts.device,
+            bf16_cpu,
             used: BTreeSet::new(),
             problems: Vec::new(),
         };
@@ -272,11 +289,11 @@ impl Vit {
             let b = format!("blocks.{i}");
             blocks.push(VitBlock {
                 norm1: w.norm(&format!("{b}.norm1"), c)?,
-                qkv: w.linear(&format!("{b}.attn.qkv"), 3 * c, c)?,
-                proj: w.linear(&format!("{b}.attn.proj"), c, c)?,
+                qkv: w.block_linear(&format!("{b}.attn.qkv"), 3 * c, c)?,
+                proj: w.block_linear(&format!("{b}.attn.proj"), c, c)?,
                 norm2: w.norm(&format!("{b}.norm2"), c)?,
-                fc1: w.linear(&format!("{b}.mlp.fc1"), hdn, c)?,
-                fc2: w.linear(&format!("{b}.mlp.fc2"), c, hdn)?,
+                fc1: w.block_linear(&format!("{b}.mlp.fc1"), hdn, c)?,
+                fc2: w.block_linear(&format!("{b}.mlp.fc2"), c, hdn)?,
                 heads: config.heads,
             });
         }
@@ -530,6 +547,8 @@ pub struct VitTrainable {
     pub vars: BTreeMap<String, Var>,
     device: Device,
     kernels: Kernels,
+    /// The arithmetic: f32, or bf16 products in the blocks on the CPU.
+    precision: crate::compute::Precision,
     notes: Vec<String>,
     /// Gradients of the blocks trained as single ops.
     block_grads: BlockGradSink,
@@ -607,6 +626,7 @@ impl VitTrainable {
             vars,
             device: device.clone(),
             kernels,
+            precision: crate::compute::Precision::F32,
             notes,
             block_grads: BlockGradSink::default(),
         })
@@ -671,6 +691,31 @@ impl Trainable for VitTrainable {
         &self.vars
     }
 
+    fn precision(&self) -> crate::compute::Precision {
+        self.precision
+    }
+
+    /// f32, or bf16 on the CPU: the blocks' dense layers and attention then compute in bf16
+    /// products (as EVA-X's; f32 where the CPU lacks AVX512-BF16), the rest in f32.
+    fn set_precision(
+        &mut self,
+        precision: crate::compute::Precision,
+    ) -> std::result::Result<(), ModelError> {
+        use crate::compute::Precision;
+        match precision {
+            Precision::F32 => {}
+            Precision::Bf16 if self.device.is_cpu() => {}
+            p => {
+                return Err(ModelError::Input(format!(
+                    "--precision {} for ViT: f32, or bf16 on the CPU",
+                    p.name()
+                )));
+            }
+        }
+        self.precision = precision;
+        Ok(())
+    }
+
     fn forward_train(
         &self,
         x: &Tensor,
@@ -711,7 +756,9 @@ impl Trainable for VitTrainable {
                     eps: LN_EPS,
                     rope: Arc::new(RopeTables::none(c / cfg.heads)),
                     drop,
-                    bf16: false,
+                    bf16: self.precision == crate::compute::Precision::Bf16
+                        && self.device.is_cpu()
+                        && kernels::bf16::native(),
                 };
                 hs = transformer_block_train(&hs, block, &self.block_grads)?;
                 continue;

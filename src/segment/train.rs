@@ -198,6 +198,10 @@ impl crate::model::Trainable for SegTrainable {
         self.ops.set_training(training);
     }
 
+    fn precision(&self) -> crate::compute::Precision {
+        crate::model::Trainable::precision(&self.backbone)
+    }
+
     /// f32, or bf16 on the CPU: the backbone's transformer blocks then compute their products
     /// in bf16 (as `finetune`'s), the pyramid and the head in f32.
     fn set_precision(
