@@ -12,7 +12,7 @@ use evax::explain::cam_maps;
 use evax::fixtures::shared_or_skip;
 use evax::kernels::Kernels;
 use evax::model::registry::{self, Family};
-use evax::model::{Classifier, LoadOptions};
+use evax::model::{Classifier, LoadOptions, Trainable};
 use evax::preprocess::{Image, Normalization, cam_eval_input};
 use evax::train::bce_with_logits;
 use evax::train::optim::AdamW;
@@ -161,19 +161,7 @@ fn vit_s_train_step_in_bf16_products_agrees_with_the_original() {
     let ck = Checkpoint::load(sh.join("fixtures/vit_s_d2_cxr14_ft.pth")).unwrap();
     let mut model = registry::load_trainable(&ck, 14, 0, &Device::Cpu, Kernels::Fused).unwrap();
     model.set_precision(evax::compute::Precision::Bf16).unwrap();
-    let img = Image::open(sh.join("data/nih/00003440_000.png")).unwrap();
-    let cam_input = cam_eval_input(&img, (224, 224), Normalization::OTHERS);
-    let cam_x = Tensor::from_vec(cam_input, (1, 3, 224, 224), &Device::Cpu).unwrap();
-    model.set_training(false);
-    let cam_logit = model
-        .forward_train(&cam_x, 0.0, None)
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .get(13)
-        .unwrap();
-    let leftover = model.grads(&cam_logit.backward().unwrap()).unwrap();
-    model.set_training(true);
+    let leftover = cam_leftover(&sh, model.as_mut());
     let x = r["input224_others"].to_tensor(&Device::Cpu).unwrap();
     let y = r["targets"].to_tensor(&Device::Cpu).unwrap();
     let loss = bce_with_logits(&model.forward_train(&x, 0.0, None).unwrap(), &y).unwrap();
@@ -270,6 +258,26 @@ fn vit_s_through_the_command_line() {
     assert_eq!(i["unused_keys"].as_array().unwrap().len(), 5);
 }
 
+/// The gradients the fixture generator left in the parameters before its training step
+/// (see [`train_step`]): Grad-CAM's last backward, the logit of class 13 for get_cams.py's
+/// input of 00003440_000.png with the model in evaluation mode (left in training mode after).
+fn cam_leftover(sh: &Path, model: &mut dyn Trainable) -> evax::train::optim::Grads {
+    let img = Image::open(sh.join("data/nih/00003440_000.png")).unwrap();
+    let cam_input = cam_eval_input(&img, (224, 224), Normalization::OTHERS);
+    let cam_x = Tensor::from_vec(cam_input, (1, 3, 224, 224), &Device::Cpu).unwrap();
+    model.set_training(false);
+    let cam_logit = model
+        .forward_train(&cam_x, 0.0, None)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(13)
+        .unwrap();
+    let leftover = model.grads(&cam_logit.backward().unwrap()).unwrap();
+    model.set_training(true);
+    leftover
+}
+
 /// One training step of the seed's recipes as the fixture generator ran it (`tag`: `r50`,
 /// `dn121` or `vit_s`): BCE-with-logits on `input224_others` / `targets`, BatchNorm in training
 /// mode, drop path 0, AdamW at 2.5e-4 (x the ViT's layer-decay scale), weight decay 0.05 except
@@ -319,20 +327,7 @@ fn train_step(file: &str, tag: &str, family: Family, kernels: Kernels) {
             assert_eq!(groups[&format!("{head}.bias")], (1.0, 0.0));
         }
     }
-    // The leftover: Grad-CAM's last backward, in evaluation mode.
-    let img = Image::open(sh.join("data/nih/00003440_000.png")).unwrap();
-    let cam_input = cam_eval_input(&img, (224, 224), Normalization::OTHERS);
-    let cam_x = Tensor::from_vec(cam_input, (1, 3, 224, 224), &Device::Cpu).unwrap();
-    model.set_training(false);
-    let cam_logit = model
-        .forward_train(&cam_x, 0.0, None)
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .get(13)
-        .unwrap();
-    let leftover = model.grads(&cam_logit.backward().unwrap()).unwrap();
-    model.set_training(true);
+    let leftover = cam_leftover(&sh, model.as_mut());
     // The step itself.
     let x = r["input224_others"].to_tensor(&Device::Cpu).unwrap();
     let y = r["targets"].to_tensor(&Device::Cpu).unwrap();

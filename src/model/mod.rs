@@ -116,6 +116,24 @@ pub trait Classifier: Backbone + CamSource {
     fn logits(&self, x: &Tensor) -> Result<Tensor, ModelError>;
 }
 
+/// Checks a training precision for a model that computes in f32, or in bf16 products on the
+/// CPU: otherwise an error, `--precision P` followed by `what`.
+pub(crate) fn f32_or_cpu_bf16(
+    precision: crate::compute::Precision,
+    device: &Device,
+    what: &str,
+) -> Result<(), ModelError> {
+    use crate::compute::Precision;
+    match precision {
+        Precision::F32 => Ok(()),
+        Precision::Bf16 if device.is_cpu() => Ok(()),
+        p => Err(ModelError::Input(format!(
+            "--precision {} {what}",
+            p.name()
+        ))),
+    }
+}
+
 /// A classifier being trained: its parameters as variables, a differentiable forward, and the
 /// family's rules for the optimiser's parameter groups. The training engine
 /// ([`crate::train::engine`]) sees only this.

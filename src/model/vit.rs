@@ -701,17 +701,7 @@ impl Trainable for VitTrainable {
         &mut self,
         precision: crate::compute::Precision,
     ) -> std::result::Result<(), ModelError> {
-        use crate::compute::Precision;
-        match precision {
-            Precision::F32 => {}
-            Precision::Bf16 if self.device.is_cpu() => {}
-            p => {
-                return Err(ModelError::Input(format!(
-                    "--precision {} for ViT: f32, or bf16 on the CPU",
-                    p.name()
-                )));
-            }
-        }
+        super::f32_or_cpu_bf16(precision, &self.device, "for ViT: f32, or bf16 on the CPU")?;
         self.precision = precision;
         Ok(())
     }

@@ -208,19 +208,12 @@ impl crate::model::Trainable for SegTrainable {
         &mut self,
         precision: crate::compute::Precision,
     ) -> std::result::Result<(), ModelError> {
-        use crate::compute::Precision;
-        match precision {
-            Precision::F32 => {}
-            Precision::Bf16 if self.device.is_cpu() => {}
-            p => {
-                return Err(ModelError::Input(format!(
-                    "--precision {}: segmentation training computes in f32 only so far, or \
-                     with the backbone's products in bf16 on the CPU (reduced precision on a \
-                     GPU is for seg predict and seg eval)",
-                    p.name()
-                )));
-            }
-        }
+        crate::model::f32_or_cpu_bf16(
+            precision,
+            &self.device,
+            "for segmentation training: f32, or bf16 on the CPU for the backbone's products \
+             (reduced precision on a GPU is for seg predict and seg eval)",
+        )?;
         self.backbone.set_precision(precision)
     }
 
