@@ -109,8 +109,8 @@ pub struct BlockShape<'a> {
     /// LayerNorm epsilon.
     pub eps: f32,
     /// The dense layers' products in bf16 (operands rounded, sums in f32, as PyTorch's CPU
-    /// autocast; [`super::bf16`]): forward, input gradients and, with AMX, weight gradients
-    /// and attention's products; everything else in f32.
+    /// autocast; [`super::bf16`]): forward, input gradients, weight gradients and, with AMX,
+    /// attention's products; everything else in f32.
     pub bf16: bool,
 }
 
@@ -146,8 +146,8 @@ fn dense(
 type DenseGrads = (Vec<f32>, Vec<f32>, Vec<f32>);
 
 /// The gradients `(dx, dW, db)` of [`dense`] given the output gradient `g`: `dx = g W` and
-/// `dW = g^T x` in bf16 products where the forward's were (`dW` in f32 on CPUs without AMX),
-/// `db` in f32.
+/// `dW = g^T x` in bf16 products where the forward's were (`dW` in f32 on CPUs without
+/// AVX512-BF16), `db` in f32.
 fn dense_backward(
     x: &[f32],
     w: &[f32],
@@ -282,9 +282,10 @@ pub fn forward(
     let y1 = cpu::layer_norm_forward(x, w.norm1.0, w.norm1.1, eps);
     let qkv = linear(&y1, w.qkv, c, 3 * c)?;
     let keep = keeps_probabilities(a, hidden, fc1_out, w.sub_ln.is_some());
-    let bf16_attention = match shape.bf16 {
-        true => super::bf16::attention_keeping(&qkv, a, keep)?,
-        false => None,
+    let bf16_attention = if shape.bf16 {
+        super::bf16::attention_keeping(&qkv, a, keep)?
+    } else {
+        None
     };
     let (attn, probs) = match bf16_attention {
         Some(both) => both,
@@ -362,9 +363,10 @@ pub fn backward(
     let (dattn, dproj_w, dproj_b) = dense_backward(&saved.attn, w.proj.0, &da, (c, c), bf16)?;
     drop(da);
     let probs = saved.probs.as_deref();
-    let bf16_attention = match bf16 {
-        true => super::bf16::attention_backward(&saved.qkv, &dattn, a, probs)?,
-        false => None,
+    let bf16_attention = if bf16 {
+        super::bf16::attention_backward(&saved.qkv, &dattn, a, probs)?
+    } else {
+        None
     };
     let dqkv = match bf16_attention {
         Some(dqkv) => dqkv,

@@ -226,19 +226,25 @@ impl Weights<'_> {
     }
 
     fn linear(&mut self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
-        let w = self.tensor(&format!("{prefix}.weight"), &[out, inp])?;
-        let b = self.tensor(&format!("{prefix}.bias"), &[out])?;
-        Ok(Linear::new(w, Some(b))?.with_prepacked_products()?)
+        self.dense(prefix, out, inp, false)
     }
 
     /// A block's dense layer: as [`Self::linear`], or in bf16 products (`bf16_cpu`).
     fn block_linear(&mut self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
-        if !self.bf16_cpu {
-            return self.linear(prefix, out, inp);
-        }
+        let bf16 = self.bf16_cpu;
+        self.dense(prefix, out, inp, bf16)
+    }
+
+    /// A dense layer, its weight packed once for f32 or for bf16 products.
+    fn dense(&mut self, prefix: &str, out: usize, inp: usize, bf16: bool) -> Result<Linear> {
         let w = self.tensor(&format!("{prefix}.weight"), &[out, inp])?;
         let b = self.tensor(&format!("{prefix}.bias"), &[out])?;
-        Ok(Linear::new(w, Some(b))?.with_bf16_products()?)
+        let l = Linear::new(w, Some(b))?;
+        Ok(if bf16 {
+            l.with_bf16_products()?
+        } else {
+            l.with_prepacked_products()?
+        })
     }
 
     fn norm(&mut self, prefix: &str, dim: usize) -> Result<LayerNorm> {
